@@ -1,0 +1,49 @@
+"""The ``concierge`` command line. Verbs are loaded lazily so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+#: verb -> "module:attribute" of a click command or group.
+VERBS: dict[str, str] = {
+    "broker": "infra.cli:broker",
+    "topics": "infra.cli:topics",
+    "ingest": "fhir_adapters.cli:ingest",
+    "api": "concierge.api_cli:api",
+    "worker": "surveillance_stream.cli:worker",
+    "generate": "fhir_adapters.synthetic.cli:generate",
+    "stats": "surveillance_stream.statistics.cli:stats",
+    "demo": "concierge.demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(VERBS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = VERBS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a verb whose package is not built yet
+            if exc.name and module_name.startswith(exc.name):
+                return None
+            raise
+        command: click.Command = getattr(module, attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trial-concierge")
+def main(**_: Any) -> None:
+    """Clinical trial feasibility and recruitment concierge with a streaming surveillance core.
+
+    Configuration is by environment variables (CONCIERGE_*, KAFKA_BOOTSTRAP_SERVERS); see the
+    README.
+    """

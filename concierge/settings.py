@@ -1,0 +1,67 @@
+"""All configuration, in one pydantic-settings class, read from environment variables.
+
+Every variable is prefixed ``CONCIERGE_`` except the Kafka bootstrap list, which also accepts the
+conventional ``KAFKA_BOOTSTRAP_SERVERS`` so any Kafka-protocol cluster can be pointed at.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "concierge"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONCIERGE_", extra="ignore")
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    #: Prepended to every topic name; tests use it to get topics of their own.
+    topic_prefix: str = ""
+    #: Where local state lives (broker data, identity vault, worker tables).
+    home: Path = Field(default_factory=_default_home)
+
+    # --- the site: pseudonymisation key and identity vault never leave it ---
+    site_id: str = "site-local"
+    #: Key of the HMAC that turns source identifiers into patient pseudonyms. Keep it secret.
+    pseudonym_key: SecretStr = SecretStr("change-me-this-is-a-development-key")
+    #: The site-local identity vault (SQLAlchemy URL). Defaults to SQLite under ``home``.
+    vault_url: str | None = None
+    #: Default ``source system`` recorded in provenance when a resource does not say.
+    source_system: str = "urn:concierge:source:default"
+
+    # --- adapters ---
+    #: ``fast``: checked extraction of every element the product uses; fhir.resources runs only to
+    #: explain a rejection. ``full``: fhir.resources validates every resource before extraction.
+    validation_mode: Literal["fast", "full"] = "fast"
+    #: Resources larger than this many bytes are dead-lettered.
+    max_resource_bytes: int = 1_000_000
+
+    # --- services ---
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    worker_web_port: int = 6066
+    worker_id: str = "concierge-stream"
+
+    def resolved_vault_url(self) -> str:
+        if self.vault_url:
+            return self.vault_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'identity-vault.sqlite'}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Local Apache Kafka (KRaft) broker, topic definitions and deployment settings."""

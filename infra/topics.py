@@ -1,0 +1,46 @@
+"""Topic definitions: the log of record.
+
+Fact topics are keyed by patient pseudonym so one patient's facts stay in order on one partition;
+reference data is compacted so the latest version of each key is kept forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+FACTS = "concierge.facts.v1"
+REFERENCE = "concierge.reference.v1"
+DEADLETTER = "concierge.deadletter.v1"
+
+_WEEK_MS = str(7 * 24 * 3600 * 1000)
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        FACTS,
+        partitions=6,
+        config={"cleanup.policy": "delete", "retention.ms": "-1", "max.message.bytes": "2097152"},
+        doc="Resource fact envelopes keyed by patient pseudonym; kept forever (the log of record).",
+    ),
+    TopicSpec(
+        REFERENCE,
+        partitions=3,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        doc="Practitioners, roles, organisations and devices keyed by source/type/id; compacted.",
+    ),
+    TopicSpec(
+        DEADLETTER,
+        partitions=1,
+        config={"cleanup.policy": "delete", "retention.ms": str(90 * 24 * 3600 * 1000),
+                "max.message.bytes": "10485760"},
+        doc="Rejected input: an OperationOutcome and the original payload, kept 90 days.",
+    ),
+)
+
+__all__ = ["DEADLETTER", "FACTS", "REFERENCE", "TOPICS", "TopicSpec"]

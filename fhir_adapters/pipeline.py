@@ -1,0 +1,801 @@
+"""The ingest pipeline: validate, normalise, pseudonymise, order versions, publish, dead-letter.
+
+One :class:`Ingestor` serves every input (files, Bundles, NDJSON, the REST endpoint, Subscription
+notifications). Every resource it is given ends in exactly one of four outcomes, counted in
+:class:`IngestStats`:
+
+* ``accepted``: a new resource version was published (facts or reference record);
+* ``unchanged``: the same version (or identical content, or an older version) was seen before;
+* ``skipped``: a valid resource type the product does not use (Claim, Encounter, ...);
+* ``dead_lettered``: invalid; an OperationOutcome and the original payload went to the
+  dead-letter topic.
+
+Work is done in batches: the resource index is read once per batch, messages are published, the
+producer is flushed (every message acknowledged) and only then is the index committed. A crash in
+between re-publishes the same ``seq`` for the same version on the next run, which consumers ignore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from .extract import (
+    EXTRACTORS,
+    PATIENT_SCOPED,
+    SUPPORTED,
+    Extracted,
+    FhirVersion,
+    UnknownReference,
+    check_resource_header,
+    extract_device,
+    extract_patient,
+)
+from .facts import (
+    DeviceDescription,
+    DeviceRecord,
+    OrganizationRecord,
+    Provenance,
+    ReferenceRecord,
+    ResourceFacts,
+    resource_key,
+)
+from .outcome import Issue, model_class, operation_outcome, validate_with_models
+from .primitives import InvalidElement, parse_instant
+from .pseudonym import Pseudonymiser
+from .sinks import DeadLetter, FactSink
+from .vault import IndexEntry, Vault
+
+log = logging.getLogger(__name__)
+
+Status = Literal["accepted", "unchanged", "skipped", "dead_lettered"]
+STATUSES: tuple[Status, ...] = ("accepted", "unchanged", "skipped", "dead_lettered")
+
+#: Order in which a Bundle's entries are processed, so references resolve.
+_TYPE_ORDER = {
+    "Organization": 0,
+    "Practitioner": 1,
+    "PractitionerRole": 2,
+    "Patient": 3,
+    "Device": 4,
+}
+
+
+@dataclass
+class Outcome:
+    status: Status
+    resource_type: str
+    resource_id: str | None = None
+    key: str | None = None
+    seq: int | None = None
+    reason: str | None = None
+    outcome: dict[str, Any] | None = None
+
+
+@dataclass
+class IngestStats:
+    counts: Counter[str] = field(default_factory=Counter)
+    by_type: dict[str, Counter[str]] = field(default_factory=dict)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, outcome: Outcome) -> None:
+        self.counts[outcome.status] += 1
+        self.by_type.setdefault(outcome.resource_type, Counter())[outcome.status] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **{status: self.counts.get(status, 0) for status in STATUSES},
+            "total": self.total,
+            "by_resource_type": {
+                rtype: {status: counts.get(status, 0) for status in STATUSES}
+                for rtype, counts in sorted(self.by_type.items())
+            },
+            "subscription_gaps": self.gaps,
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+
+
+class _Context:
+    """Reference resolution for one resource (bundle-aware)."""
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        version: FhirVersion,
+        bundle_refs: Mapping[str, tuple[str, str]] | None,
+    ) -> None:
+        self.ingestor = ingestor
+        self.fhir_version = version
+        self.bundle_refs = bundle_refs or {}
+
+    def key_for(self, reference: str, expected_type: str | None = None) -> str | None:
+        source = self.ingestor.source
+        target = self.bundle_refs.get(reference)
+        if target is not None:
+            return resource_key(source, *target)
+        if reference.startswith("#") or "?" in reference or reference.startswith("urn:"):
+            return None
+        parts = reference.rstrip("/").split("/")
+        if len(parts) >= 4 and parts[-2] == "_history":
+            parts = parts[:-2]
+        if len(parts) < 2:
+            return None
+        rtype, rid = parts[-2], parts[-1]
+        if expected_type and rtype != expected_type:
+            return None
+        return resource_key(source, rtype, rid)
+
+    def patient_for(self, reference: str | None, identifier: str | None, expression: str) -> str:
+        ingestor = self.ingestor
+        if reference and "?" in reference:
+            rtype, _, query = reference.partition("?")
+            if rtype != "Patient" or not query.startswith("identifier="):
+                raise InvalidElement(expression, f"unsupported conditional reference {reference!r}")
+            identifier = query[len("identifier=") :]
+            reference = None
+        if reference:
+            key = self.key_for(reference)
+            if key is None or "|Patient|" not in key:
+                raise UnknownReference(
+                    expression,
+                    f"reference {reference!r} does not resolve to a Patient"
+                    + (" in this Bundle" if reference.startswith("urn:") else ""),
+                )
+            pseudonym = ingestor.patient_by_key(key)
+            if pseudonym is None:
+                raise UnknownReference(
+                    expression,
+                    f"unknown patient {reference!r}: ingest the "
+                    "Patient first (or in the same Bundle)",
+                )
+            return pseudonym
+        if identifier:
+            pseudonym = ingestor.vault.patient_by_identifier(
+                ingestor.pseudonymiser.token(identifier)
+            )
+            if pseudonym is None:
+                raise UnknownReference(expression, "no patient known with that identifier")
+            return pseudonym
+        raise InvalidElement(expression, "reference has neither reference nor identifier")
+
+    def organization(self, key: str) -> OrganizationRecord | None:
+        return self.ingestor.vault.get_organization(key)
+
+    def device(self, key: str) -> DeviceDescription | None:
+        return self.ingestor.vault.get_device(key)
+
+
+def content_hash(resource: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in resource.items() if k != "meta"}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _version_of(resource: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    meta = resource.get("meta")
+    if not isinstance(meta, dict):
+        return None, None
+    version = meta.get("versionId")
+    updated = meta.get("lastUpdated")
+    return (
+        str(version) if version is not None else None,
+        str(updated) if updated is not None else None,
+    )
+
+
+def _is_older(version: str | None, updated: str | None, entry: IndexEntry) -> bool:
+    """Is the incoming version older than (or the same as) the one indexed?"""
+    if updated and entry.last_updated:
+        new = parse_instant(updated, "meta.lastUpdated")
+        old = parse_instant(entry.last_updated, "meta.lastUpdated")
+        if new != old:
+            return new < old
+    if version is not None and entry.version_id is not None:
+        if version.isdigit() and entry.version_id.isdigit():
+            return int(version) <= int(entry.version_id)
+        return version == entry.version_id
+    return False
+
+
+class Ingestor:
+    def __init__(
+        self,
+        vault: Vault,
+        sink: FactSink,
+        pseudonymiser: Pseudonymiser,
+        source: str,
+        validation_mode: Literal["fast", "full"] = "fast",
+        max_resource_bytes: int = 1_000_000,
+        batch_size: int = 2000,
+    ) -> None:
+        self.vault = vault
+        self.sink = sink
+        self.pseudonymiser = pseudonymiser
+        self.source = source
+        self.validation_mode = validation_mode
+        self.max_resource_bytes = max_resource_bytes
+        self.batch_size = batch_size
+        self.stats = IngestStats()
+        self._pending: dict[str, IndexEntry] = {}
+        self._prefetched: dict[str, IndexEntry] = {}
+        self._patients: OrderedDict[str, str] = OrderedDict()
+        self._since_commit = 0
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def _entry(self, key: str) -> IndexEntry | None:
+        entry = self._pending.get(key) or self._prefetched.get(key)
+        if entry is None:
+            entry = self.vault.get_index([key]).get(key)
+        return entry
+
+    def patient_by_key(self, key: str) -> str | None:
+        cached = self._patients.get(key)
+        if cached is not None:
+            return cached
+        entry = self._entry(key)
+        if entry is None or entry.patient is None or entry.retracted:
+            return None
+        self._remember_patient(key, entry.patient)
+        return entry.patient
+
+    def _remember_patient(self, key: str, pseudonym: str) -> None:
+        self._patients[key] = pseudonym
+        if len(self._patients) > 200_000:
+            self._patients.popitem(last=False)
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        missing = [k for k in keys if k not in self._pending]
+        if missing:
+            self._prefetched.update(self.vault.get_index(missing))
+
+    # --- batching --------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make everything published so far durable: flush the producer, then the index."""
+        self.sink.flush()
+        self.vault.put_index(self._pending.values())
+        self.vault.commit()
+        self._pending.clear()
+        self._prefetched.clear()
+        self._since_commit = 0
+
+    def _count(self, outcome: Outcome) -> Outcome:
+        self.stats.add(outcome)
+        self._since_commit += 1
+        if self._since_commit >= self.batch_size:
+            self.commit()
+        return outcome
+
+    # --- dead letters ----------------------------------------------------------------------
+
+    def dead_letter(
+        self,
+        payload: bytes | str | Mapping[str, Any],
+        issues: list[Issue],
+        origin: str,
+        resource_type: str = "(unparsed)",
+        resource_id: str | None = None,
+    ) -> Outcome:
+        if isinstance(payload, Mapping):
+            raw = orjson.dumps(payload).decode()
+        elif isinstance(payload, bytes):
+            raw = payload.decode("utf-8", errors="replace")
+        else:
+            raw = payload
+        outcome = operation_outcome(issues)
+        letter = {
+            "schema": "concierge.deadletter/1",
+            "received_at": datetime.now(UTC).isoformat(),
+            "source": self.source,
+            "origin": origin,
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "operation_outcome": outcome,
+            "payload": raw,
+        }
+        self.sink.dead_letter(DeadLetter(key=origin, value=orjson.dumps(letter)))
+        log.info(
+            "dead-lettered %s from %s: %s",
+            resource_type,
+            origin,
+            issues[0].diagnostics if issues else "",
+        )
+        return self._count(
+            Outcome(
+                "dead_lettered",
+                resource_type,
+                resource_id,
+                reason=issues[0].diagnostics if issues else None,
+                outcome=outcome,
+            )
+        )
+
+    # --- entry points ----------------------------------------------------------------------
+
+    def ingest_text(
+        self, text: bytes | str, origin: str, fhir_version: FhirVersion | None = None
+    ) -> list[Outcome]:
+        """A JSON document: one resource or a Bundle."""
+        size = len(text)
+        try:
+            document = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            return [self.dead_letter(text, [Issue("structure", f"invalid JSON: {exc}")], origin)]
+        if not isinstance(document, dict):
+            return [
+                self.dead_letter(
+                    text, [Issue("structure", "a FHIR resource must be a JSON object")], origin
+                )
+            ]
+        if document.get("resourceType") == "Bundle":
+            return self.ingest_bundle(document, origin, fhir_version)
+        if size > self.max_resource_bytes:
+            return [self._oversize(document, size, origin)]
+        return [self.ingest_resource(document, origin, fhir_version)]
+
+    def _oversize(self, resource: Mapping[str, Any], size: int, origin: str) -> Outcome:
+        return self.dead_letter(
+            resource,
+            [
+                Issue(
+                    "too-long",
+                    f"resource is {size} bytes; the limit is "
+                    f"{self.max_resource_bytes} (CONCIERGE_MAX_RESOURCE_BYTES)",
+                )
+            ],
+            origin,
+            str(resource.get("resourceType", "(unknown)")),
+            str(resource.get("id")) if resource.get("id") else None,
+        )
+
+    def ingest_resource(
+        self,
+        resource: Mapping[str, Any],
+        origin: str,
+        fhir_version: FhirVersion | None = None,
+        bundle_refs: Mapping[str, tuple[str, str]] | None = None,
+        entry_request: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        rtype = resource.get("resourceType")
+        rid = resource.get("id") if isinstance(resource.get("id"), str) else None
+        if not isinstance(rtype, str):
+            return self.dead_letter(
+                resource,
+                [Issue("required", "resourceType is missing or not a string", "resourceType")],
+                origin,
+            )
+        version: FhirVersion = fhir_version or ("R5" if rtype in ("DeviceUsage",) else "R4")
+        if model_class(rtype, version) is None:
+            return self.dead_letter(
+                resource,
+                [
+                    Issue(
+                        "not-supported",
+                        f"unknown resource type {rtype!r} in FHIR {version}",
+                        "resourceType",
+                    )
+                ],
+                origin,
+                rtype,
+                rid,
+            )
+        if rtype not in SUPPORTED:
+            return self._count(
+                Outcome("skipped", rtype, rid, reason=f"{rtype} is not used by the product")
+            )
+        if rid is None:
+            return self.dead_letter(
+                resource,
+                [Issue("required", "resource id is required to track versions", f"{rtype}.id")],
+                origin,
+                rtype,
+            )
+        if self.validation_mode == "full":
+            issues = validate_with_models(dict(resource), version)
+            if issues:
+                return self.dead_letter(resource, issues, origin, rtype, rid)
+        ctx = _Context(self, version, bundle_refs)
+        key = resource_key(self.source, rtype, rid)
+        try:
+            check_resource_header(resource, rtype)
+            extracted = self._extract(resource, rtype, key, ctx)
+        except InvalidElement as exc:
+            return self._reject(resource, exc, version, origin, rtype, rid)
+        return self._publish(resource, extracted, key, rid, version, origin)
+
+    def _reject(
+        self,
+        resource: Mapping[str, Any],
+        exc: InvalidElement,
+        version: FhirVersion,
+        origin: str,
+        rtype: str,
+        rid: str | None,
+    ) -> Outcome:
+        ours = Issue(
+            "not-found" if isinstance(exc, UnknownReference) else "invalid",
+            exc.message,
+            exc.expression,
+        )
+        # Explain with the full models too, so the reason is as precise as they would give.
+        theirs = (
+            []
+            if isinstance(exc, UnknownReference) or self.validation_mode == "full"
+            else validate_with_models(dict(resource), version)
+        )
+        return self.dead_letter(resource, [*theirs, ours], origin, rtype, rid)
+
+    def _extract(
+        self, resource: Mapping[str, Any], rtype: str, key: str, ctx: _Context
+    ) -> Extracted:
+        if rtype == "Patient":
+            entry = self._entry(key)
+            if entry is not None and entry.patient:
+                pseudonym = entry.patient
+            else:
+                identifiers = _identifier_tokens(resource)
+                pseudonym = self.pseudonymiser.for_patient(
+                    identifiers, self.source, str(resource["id"])
+                )
+            return extract_patient(resource, ctx, pseudonym)
+        if rtype == "Device":
+            return extract_device(resource, ctx, key)
+        return EXTRACTORS[rtype](resource, ctx)
+
+    def _publish(
+        self,
+        resource: Mapping[str, Any],
+        extracted: Extracted,
+        key: str,
+        rid: str,
+        version: FhirVersion,
+        origin: str,
+    ) -> Outcome:
+        rtype = extracted.resource_type
+        version_id, last_updated = _version_of(resource)
+        digest = content_hash(resource)
+        entry = self._entry(key)
+        if entry is not None:
+            if digest == entry.content_hash or (
+                entry.has_seen(digest) and not version_id and not last_updated
+            ):
+                return self._count(
+                    Outcome(
+                        "unchanged",
+                        rtype,
+                        rid,
+                        key,
+                        entry.seq,
+                        reason="same content already ingested",
+                    )
+                )
+            if _is_older(version_id, last_updated, entry):
+                return self._count(
+                    Outcome(
+                        "unchanged",
+                        rtype,
+                        rid,
+                        key,
+                        entry.seq,
+                        reason="an equal or newer version was already ingested",
+                    )
+                )
+        seq = (entry.seq if entry else 0) + 1
+        provenance = Provenance(
+            source=self.source,
+            resource_type=rtype,
+            resource_id=rid,
+            version=version_id or f"sha256:{digest[:16]}",
+            last_updated=parse_instant(last_updated, "meta.lastUpdated") if last_updated else None,
+            ingested_at=datetime.now(UTC),
+            fhir_version=version,
+        )
+        retract = extracted.entered_in_error
+        patient = extracted.patient
+        if (
+            entry is not None
+            and entry.patient
+            and patient
+            and entry.patient != patient
+            and not entry.retracted
+        ):
+            # The resource moved to another patient: retract it from the old one first.
+            self.sink.facts(
+                ResourceFacts(
+                    key=key, patient=entry.patient, seq=seq, retracted=True, provenance=provenance
+                )
+            )
+            seq += 1
+        if extracted.route == "reference" and extracted.record is not None:
+            self.sink.reference(
+                ReferenceRecord(
+                    key=key,
+                    seq=seq,
+                    retracted=retract,
+                    provenance=provenance,
+                    record=None if retract else extracted.record,
+                )
+            )
+            if isinstance(extracted.record, OrganizationRecord):
+                self.vault.put_organization(key, extracted.record)
+            elif isinstance(extracted.record, DeviceRecord):
+                self.vault.put_device(key, extracted.record.description)
+        if patient is not None and (extracted.route == "facts" or extracted.also_facts):
+            self.sink.facts(
+                ResourceFacts(
+                    key=key,
+                    patient=patient,
+                    seq=seq,
+                    retracted=retract,
+                    provenance=provenance,
+                    facts=() if retract else extracted.facts,
+                )
+            )
+        if extracted.identity is not None and patient is not None:
+            hashes = [self.pseudonymiser.token(t) for t in extracted.identity.identifiers]
+            self.vault.put_identity(patient, self.source, extracted.identity, hashes)
+            self._remember_patient(key, patient)
+        self._pending[key] = IndexEntry(
+            key,
+            patient,
+            seq,
+            digest,
+            last_updated,
+            version_id,
+            retract,
+            entry.seen_with(digest) if entry else digest[:16],
+        )
+        return self._count(
+            Outcome(
+                "accepted",
+                rtype,
+                rid,
+                key,
+                seq,
+                reason="retracted (entered-in-error)" if retract else None,
+            )
+        )
+
+    def delete(self, rtype: str, rid: str, origin: str) -> Outcome:
+        """Retract a resource (FHIR DELETE): every count its last version moved moves back."""
+        key = resource_key(self.source, rtype, rid)
+        entry = self._entry(key)
+        if entry is None or entry.retracted:
+            return self._count(
+                Outcome(
+                    "unchanged",
+                    rtype,
+                    rid,
+                    key,
+                    entry.seq if entry else None,
+                    reason="nothing to delete",
+                )
+            )
+        seq = entry.seq + 1
+        provenance = Provenance(
+            source=self.source,
+            resource_type=rtype,
+            resource_id=rid,
+            version=f"deleted-{seq}",
+            ingested_at=datetime.now(UTC),
+        )
+        if entry.patient and (rtype in PATIENT_SCOPED or rtype == "Device"):
+            self.sink.facts(
+                ResourceFacts(
+                    key=key, patient=entry.patient, seq=seq, retracted=True, provenance=provenance
+                )
+            )
+        if rtype not in PATIENT_SCOPED:
+            self.sink.reference(
+                ReferenceRecord(key=key, seq=seq, retracted=True, provenance=provenance)
+            )
+        self._pending[key] = IndexEntry(
+            key, entry.patient, seq, "deleted", None, None, True, entry.seen
+        )
+        return self._count(Outcome("accepted", rtype, rid, key, seq, reason="deleted"))
+
+    # --- bundles ---------------------------------------------------------------------------
+
+    def ingest_bundle(
+        self, bundle: Mapping[str, Any], origin: str, fhir_version: FhirVersion | None = None
+    ) -> list[Outcome]:
+        from .subscriptions import notification_of
+
+        btype = bundle.get("type")
+        entries = bundle.get("entry", [])
+        if not isinstance(entries, list) or not isinstance(btype, str):
+            return [
+                self.dead_letter(
+                    bundle,
+                    [
+                        Issue(
+                            "structure",
+                            "Bundle.type and Bundle.entry must be a code and an array",
+                            "Bundle",
+                        )
+                    ],
+                    origin,
+                    "Bundle",
+                )
+            ]
+        if btype == "subscription-notification":
+            fhir_version = "R5"
+        accepted_types = {
+            "collection",
+            "transaction",
+            "batch",
+            "searchset",
+            "history",
+            "subscription-notification",
+            "document",
+            "message",
+        }
+        if btype not in accepted_types:
+            return [
+                self.dead_letter(
+                    bundle,
+                    [
+                        Issue(
+                            "not-supported", f"Bundle type {btype!r} is not an input", "Bundle.type"
+                        )
+                    ],
+                    origin,
+                    "Bundle",
+                )
+            ]
+        notification = notification_of(bundle)
+        if notification is not None:
+            entries = entries[1:]
+            gap = notification.check_gap(self.vault)
+            if gap is not None:
+                self.stats.gaps.append(gap)
+        refs: dict[str, tuple[str, str]] = {}
+        work: list[tuple[int, int, dict[str, Any] | None, Mapping[str, Any] | None, str]] = []
+        outcomes: list[Outcome] = []
+        for index, entry in enumerate(entries):
+            where = f"{origin}#entry[{index}]"
+            if not isinstance(entry, dict):
+                outcomes.append(
+                    self.dead_letter(
+                        entry if isinstance(entry, dict) else orjson.dumps(entry),
+                        [
+                            Issue(
+                                "structure",
+                                "Bundle entry must be an object",
+                                f"Bundle.entry[{index}]",
+                            )
+                        ],
+                        where,
+                    )
+                )
+                continue
+            resource = entry.get("resource")
+            request = entry.get("request") if isinstance(entry.get("request"), dict) else None
+            if resource is None:
+                work.append((9, index, None, request, where))
+                continue
+            if not isinstance(resource, dict):
+                outcomes.append(
+                    self.dead_letter(
+                        orjson.dumps(entry),
+                        [
+                            Issue(
+                                "structure",
+                                "Bundle.entry.resource must be an object",
+                                f"Bundle.entry[{index}].resource",
+                            )
+                        ],
+                        where,
+                    )
+                )
+                continue
+            rtype, rid = resource.get("resourceType"), resource.get("id")
+            full_url = entry.get("fullUrl")
+            if isinstance(rtype, str) and isinstance(full_url, str):
+                if rid is None and full_url.startswith("urn:uuid:"):
+                    resource = {**resource, "id": full_url[len("urn:uuid:") :]}
+                    rid = resource["id"]
+                if isinstance(rid, str):
+                    refs[full_url] = (rtype, rid)
+            if isinstance(rtype, str) and isinstance(rid, str):
+                refs.setdefault(f"{rtype}/{rid}", (rtype, rid))
+            work.append((_TYPE_ORDER.get(str(rtype), 5), index, resource, request, where))
+        work.sort(key=lambda item: (item[0], item[1]))
+        big = len(orjson.dumps(bundle)) > self.max_resource_bytes if entries else False
+        for _, _, resource, request, where in work:
+            if resource is None:
+                outcomes.append(self._entry_without_resource(request, where, notification))
+                continue
+            if big:
+                size = len(orjson.dumps(resource))
+                if size > self.max_resource_bytes:
+                    outcomes.append(self._oversize(resource, size, where))
+                    continue
+            outcomes.append(self.ingest_resource(resource, where, fhir_version, refs, request))
+        return outcomes
+
+    def _entry_without_resource(
+        self, request: Mapping[str, Any] | None, where: str, notification: Any
+    ) -> Outcome:
+        if request and request.get("method") == "DELETE" and isinstance(request.get("url"), str):
+            parts = str(request["url"]).split("?")[0].strip("/").split("/")
+            if len(parts) == 2 and model_class(parts[0], "R4") is not None:
+                return self.delete(parts[0], parts[1], where)
+        if notification is not None:
+            return self._count(
+                Outcome(
+                    "skipped", "(reference only)", reason="id-only notification: nothing to ingest"
+                )
+            )
+        return self.dead_letter(
+            {"request": dict(request or {})},
+            [Issue("required", "Bundle entry has no resource", "Bundle.entry.resource")],
+            where,
+        )
+
+    # --- NDJSON ----------------------------------------------------------------------------
+
+    def ingest_ndjson_lines(
+        self, lines: Iterable[bytes], origin: str, fhir_version: FhirVersion | None = None
+    ) -> Iterator[Outcome]:
+        """Bulk Data NDJSON, streamed: one resource per line, never loaded whole."""
+        for number, line in enumerate(lines, start=1):
+            stripped = line.strip()
+            if not stripped:
+                continue
+            where = f"{origin}:{number}"
+            if len(stripped) > self.max_resource_bytes:
+                yield self.dead_letter(
+                    stripped[:10_000],
+                    [
+                        Issue(
+                            "too-long",
+                            f"line is {len(stripped)} bytes; the limit is "
+                            f"{self.max_resource_bytes} (payload truncated to 10 kB)",
+                        )
+                    ],
+                    where,
+                )
+                continue
+            try:
+                document = orjson.loads(stripped)
+            except orjson.JSONDecodeError as exc:
+                yield self.dead_letter(
+                    stripped, [Issue("structure", f"invalid JSON: {exc}")], where
+                )
+                continue
+            if not isinstance(document, dict):
+                yield self.dead_letter(
+                    stripped, [Issue("structure", "an NDJSON line must be a JSON object")], where
+                )
+                continue
+            if document.get("resourceType") == "Bundle":
+                yield from self.ingest_bundle(document, where, fhir_version)
+            else:
+                yield self.ingest_resource(document, where, fhir_version)
+
+
+def _identifier_tokens(resource: Mapping[str, Any]) -> list[str]:
+    from .primitives import read_identifier_token
+
+    tokens = []
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, list):
+        for index, item in enumerate(identifiers):
+            token = read_identifier_token(item, f"Patient.identifier[{index}]")
+            if token:
+                tokens.append(token)
+    return tokens

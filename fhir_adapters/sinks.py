@@ -1,0 +1,114 @@
+"""Where normalised output goes: Kafka in the product, a list in unit tests.
+
+The Kafka sink uses an idempotent producer (acks=all, enable.idempotence) so a retried send
+cannot duplicate a message, and ``flush`` raises if any message failed: the adapter commits its
+resource index only after the broker has acknowledged everything it published.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from infra.topics import DEADLETTER, FACTS, REFERENCE
+
+from .facts import ReferenceRecord, ResourceFacts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    key: str
+    value: bytes
+
+
+class FactSink(Protocol):
+    def facts(self, envelope: ResourceFacts) -> None: ...
+    def reference(self, record: ReferenceRecord) -> None: ...
+    def dead_letter(self, letter: DeadLetter) -> None: ...
+    def flush(self) -> None: ...
+
+
+class DeliveryFailed(RuntimeError):
+    pass
+
+
+class KafkaSink:
+    def __init__(
+        self, bootstrap: str, prefix: str = "", extra: dict[str, Any] | None = None
+    ) -> None:
+        config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "batch.num.messages": 10000,
+            "compression.type": "lz4",
+            "message.max.bytes": 10_000_000,
+            "queue.buffering.max.messages": 500_000,
+        }
+        config.update(extra or {})
+        self._producer = Producer(config)
+        self.facts_topic = prefix + FACTS
+        self.reference_topic = prefix + REFERENCE
+        self.deadletter_topic = prefix + DEADLETTER
+        self._errors: list[str] = []
+        self.sent = 0
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+
+    def _produce(self, topic: str, key: str, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key.encode(), on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+        self.sent += 1
+        if self.sent % 1000 == 0:
+            self._producer.poll(0)
+
+    def facts(self, envelope: ResourceFacts) -> None:
+        self._produce(self.facts_topic, envelope.patient, envelope.to_json())
+
+    def reference(self, record: ReferenceRecord) -> None:
+        self._produce(self.reference_topic, record.key, record.to_json())
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self._produce(self.deadletter_topic, letter.key, letter.value)
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(60)
+        if remaining:
+            raise DeliveryFailed(f"{remaining} messages not delivered within 60 s")
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise DeliveryFailed("; ".join(errors[:5]))
+
+
+@dataclass
+class MemorySink:
+    published_facts: list[ResourceFacts] = field(default_factory=list)
+    published_references: list[ReferenceRecord] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    flushes: int = 0
+
+    def facts(self, envelope: ResourceFacts) -> None:
+        self.published_facts.append(envelope)
+
+    def reference(self, record: ReferenceRecord) -> None:
+        self.published_references.append(record)
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self.dead_letters.append(letter)
+
+    def flush(self) -> None:
+        self.flushes += 1

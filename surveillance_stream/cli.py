@@ -1,0 +1,43 @@
+"""``concierge worker``: run the stream processor (a Faust worker)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option(
+    "--web-port",
+    type=int,
+    default=None,
+    help="Port of the worker's status pages (default CONCIERGE_WORKER_WEB_PORT).",
+)
+@click.option(
+    "--store", default=None, help="Faust table store URL, e.g. memory:// (default) or rocksdb://."
+)
+@click.option(
+    "--loglevel",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
+    """Run the stream worker: per-patient state from the facts topic, kept per event.
+
+    State survives restarts through Kafka changelog topics; several workers with the same
+    CONCIERGE_WORKER_ID share the partitions between them. Status pages: /health,
+    /state/digest, /state/patients/{pseudonym} on the web port.
+    """
+    from faust.worker import Worker
+
+    from concierge.settings import get_settings
+
+    from .app import create_app
+
+    settings = get_settings()
+    if web_port is not None:
+        settings = settings.model_copy(update={"worker_web_port": web_port})
+    stream = create_app(settings, store)
+    Worker(
+        stream.app, loglevel=loglevel, web_port=settings.worker_web_port, web_host="127.0.0.1"
+    ).execute_from_commandline()

@@ -1,0 +1,188 @@
+"""``concierge demo``: the whole product, live, on this machine.
+
+Starts the broker (if none answers), creates topics, starts the stream worker and the API, loads
+part of a synthetic population in bulk and then streams the rest in through the FHIR REST endpoint
+as a source system would, printing what the stream sees as it goes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "concierge", *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise click.ClickException(f"{url} died during start-up; log {log}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise click.ClickException(f"{url} did not answer within {timeout:.0f} s (see {log})")
+
+
+def _bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"{r['resourceType']}/{r['id']}",
+                "resource": r,
+                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
+            }
+            for r in resources
+        ],
+    }
+
+
+@click.command()
+@click.option("--patients", default=3000, show_default=True, help="Population size.")
+@click.option("--seed", default=42, show_default=True, help="Generator seed.")
+@click.option(
+    "--bulk-fraction",
+    default=0.6,
+    show_default=True,
+    help="Share of the population loaded in bulk before the live stream starts.",
+)
+@click.option(
+    "--rate",
+    default=20.0,
+    show_default=True,
+    help="Patients per second streamed live through POST /fhir afterwards.",
+)
+@click.option(
+    "--duration",
+    default=0.0,
+    show_default=True,
+    help="Stop after this many seconds (0: run until Ctrl-C).",
+)
+@click.option("--reset", is_flag=True, help="Start from an empty broker and vault.")
+def demo(
+    patients: int, seed: int, bulk_fraction: float, rate: float, duration: float, reset: bool
+) -> None:
+    """Run the product live: broker, worker, API and a synthetic population streaming in."""
+    from concierge.settings import get_settings
+    from fhir_adapters.service import build_ingestor
+    from fhir_adapters.synthetic.generator import (
+        GeneratorConfig,
+        iter_patients,
+        iter_reference_resources,
+    )
+
+    settings = get_settings()
+    home = settings.home
+    logs = home / "logs"
+    env = {**os.environ, "CONCIERGE_HOME": str(home)}
+    concierge = [sys.executable, "-m", "concierge"]
+    if reset:
+        subprocess.run([*concierge, "broker", "stop"], env=env, check=False)
+        for stale in (home / "identity-vault.sqlite",):
+            stale.unlink(missing_ok=True)
+        subprocess.run([*concierge, "broker", "start", "--reset"], env=env, check=True)
+    else:
+        subprocess.run([*concierge, "broker", "start"], env=env, check=True)
+    subprocess.run([*concierge, "topics", "create"], env=env, check=True)
+
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        worker = _spawn(["worker"], logs / "worker.log", env)
+        children.append(worker)
+        api = _spawn(["api"], logs / "api.log", env)
+        children.append(api)
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        worker_url = f"http://127.0.0.1:{settings.worker_web_port}"
+        _wait_http(f"{api_url}/healthz", 60, api, logs / "api.log")
+        _wait_http(f"{worker_url}/health", 120, worker, logs / "worker.log")
+        click.echo("\nThe concierge is up:")
+        click.echo(f"  API and OpenAPI docs    {api_url}/docs")
+        click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
+        click.echo(f"  stream worker state     {worker_url}/state/digest")
+        click.echo(f"  logs                    {logs}")
+        click.echo("")
+
+        config = GeneratorConfig(patients=patients, seed=seed)
+        ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
+        reference = list(iter_reference_resources(config))
+        ingestor.ingest_bundle(_bundle(reference), "demo:reference")
+        population: Iterator[list[dict[str, Any]]] = iter_patients(config)
+        bulk = int(patients * bulk_fraction)
+        started = time.perf_counter()
+        for record in islice(population, bulk):
+            ingestor.ingest_bundle(_bundle(record), "demo:bulk")
+        ingestor.commit()
+        ingestor.vault.close()
+        click.echo(
+            f"Loaded {bulk} patients in bulk ({ingestor.stats.counts['accepted']} "
+            f"resources) in {time.perf_counter() - started:.1f} s; streaming the rest "
+            f"live at {rate:g} patients/s through POST /fhir."
+        )
+        deadline = time.monotonic() + duration if duration else None
+        sent = 0
+        with httpx.Client(base_url=api_url, timeout=30) as client:
+            next_report = time.monotonic()
+            for record in population:
+                if deadline and time.monotonic() > deadline:
+                    break
+                response = client.post(
+                    "/fhir",
+                    content=_json(_bundle(record)),
+                    headers={"Content-Type": "application/fhir+json"},
+                )
+                response.raise_for_status()
+                sent += 1
+                time.sleep(1 / rate if rate > 0 else 0)
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + 5
+                    state = httpx.get(f"{worker_url}/state/digest", timeout=10).json()
+                    click.echo(
+                        f"  live: {bulk + sent} patients sent; the stream holds "
+                        f"{state['patients']} patients, {state['entries']} resources"
+                    )
+        click.echo(f"Population streamed ({bulk + sent} patients).")
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        click.echo("\nstopping")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    import orjson
+
+    return orjson.dumps(document)

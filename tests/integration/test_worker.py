@@ -1,0 +1,197 @@
+"""The Faust worker on the real broker: state from facts, updates, retractions, SIGKILL."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from concierge.settings import Settings
+from fhir_adapters.facts import ObservationFact, Provenance, ResourceFacts, decode_resource_facts
+from fhir_adapters.service import build_ingestor
+from fhir_adapters.sources import expand, ingest_file
+from infra.topics import FACTS
+from surveillance_stream import patient_state
+
+from .test_ingest_kafka import SAMPLES, read_all
+from .worker_proc import WorkerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Settings:
+    return Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        home=tmp_path / "home",
+        source_system="urn:test:synthea",
+    )
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    proc = WorkerProcess(
+        settings.kafka_bootstrap_servers,
+        settings.topic_prefix,
+        tmp_path / "worker-home",
+        tmp_path / "worker.log",
+    )
+    yield proc
+    proc.stop()
+
+
+def expected_digest(settings: Settings) -> dict[str, object]:
+    envelopes = [
+        decode_resource_facts(v)
+        for _, v in read_all(settings.kafka_bootstrap_servers, settings.topic(FACTS))
+    ]
+    return patient_state.digest(patient_state.fold(envelopes).items())
+
+
+def test_worker_state_follows_updates_and_retractions(
+    settings: Settings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    samples = tmp_path / "samples"
+    shutil.copytree(SAMPLES, samples)
+    worker.start()
+    ingestor = build_ingestor(settings)
+    for path in expand([samples]):
+        list(ingest_file(ingestor, path))
+    ingestor.commit()
+    want = expected_digest(settings)
+    assert want["patients"] == 18
+    worker.wait_until(lambda d: d == want, timeout=120)
+
+    # A new version of an observation, an entered-in-error condition and a DELETE.
+    bundle = orjson.loads((samples / "patient-p017.json").read_bytes())
+    patient_ref = next(
+        e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    patient_id = patient_ref.removeprefix("urn:uuid:")
+    observation = next(
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "Observation" and "valueQuantity" in e["resource"]
+    )
+    condition = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Condition"
+    )
+    procedure = next(
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Procedure"
+    )
+    updated = {
+        **observation,
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "meta": {"versionId": "2", "lastUpdated": "2026-01-01T00:00:00Z"},
+        "valueQuantity": {**observation["valueQuantity"], "value": 999.5},
+    }
+    in_error = {
+        **condition,
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "verificationStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                    "code": "entered-in-error",
+                }
+            ]
+        },
+    }
+    outcomes = [
+        ingestor.ingest_resource(updated, "test"),
+        ingestor.ingest_resource(in_error, "test"),
+        ingestor.delete("Procedure", procedure["id"], "test"),
+    ]
+    ingestor.commit()
+    assert [o.status for o in outcomes] == ["accepted"] * 3
+    assert [o.seq for o in outcomes] == [2, 2, 2]
+    pseudonym = ingestor.patient_by_key(f"urn:test:synthea|Patient|{patient_id}")
+    ingestor.vault.close()
+    want = expected_digest(settings)
+    worker.wait_until(lambda d: d == want, timeout=60)
+    resources = worker.get(f"/state/patients/{pseudonym}")["resources"]
+    obs = resources[f"urn:test:synthea|Observation|{observation['id']}"]
+    assert obs["seq"] == 2 and obs["facts"][0]["value"] == 999.5
+    cond = resources[f"urn:test:synthea|Condition|{condition['id']}"]
+    assert cond["retracted"] is True and cond["facts"] == []
+    proc = resources[f"urn:test:synthea|Procedure|{procedure['id']}"]
+    assert proc["retracted"] is True and proc["facts"] == []
+
+
+def synthetic_envelopes(count: int, seed: int) -> list[ResourceFacts]:
+    """Envelopes with duplicates and out-of-order versions; content is a function of key+seq."""
+    rng = random.Random(seed)
+    keys = [f"urn:test|Observation|o{i}" for i in range(count // 4)]
+    owner = {key: f"p-{rng.randrange(400):032x}" for key in keys}
+    out = []
+    for _ in range(count):
+        key = rng.choice(keys)
+        seq = rng.randint(1, 4)
+        retracted = seq == 4 and rng.random() < 0.5
+        value = (zlib.crc32(f"{key}:{seq}".encode()) % 10_000) / 10
+        out.append(
+            ResourceFacts(
+                key=key,
+                patient=owner[key],
+                seq=seq,
+                retracted=retracted,
+                provenance=Provenance(
+                    source="urn:test",
+                    resource_type="Observation",
+                    resource_id=key.rsplit("|", 1)[1],
+                    version=str(seq),
+                    ingested_at=datetime.now(UTC),
+                ),
+                facts=()
+                if retracted
+                else (ObservationFact(codes=(), status="final", value=value, unit="mmol/L"),),
+            )
+        )
+    return out
+
+
+def test_sigkill_mid_stream_loses_and_doubles_nothing(
+    settings: Settings, worker: WorkerProcess
+) -> None:
+    envelopes = synthetic_envelopes(24_000, seed=7)
+    want = patient_state.digest(patient_state.fold(envelopes).items())
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+        }
+    )
+    topic = settings.topic(FACTS)
+    done = threading.Event()
+
+    def produce() -> None:
+        for index, envelope in enumerate(envelopes):
+            producer.produce(topic, key=envelope.patient.encode(), value=envelope.to_json())
+            if index % 500 == 0:
+                producer.poll(0)
+                time.sleep(0.1)  # ~5k/s: the stream is still flowing when the worker dies
+        producer.flush(30)
+        done.set()
+
+    worker.start()
+    worker.wait_until(lambda h: h.get("ok") is True, timeout=90, path="/health")
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    worker.wait_until(lambda h: h["applied"] > 2_000, timeout=90, path="/health")
+    worker.kill()
+    assert not done.is_set(), "the producer finished before the kill: not mid-stream"
+    worker.start()
+    thread.join(60)
+    assert done.is_set()
+    got = worker.wait_until(lambda d: d == want, timeout=180)
+    assert got["entries"] == len({e.key for e in envelopes})

@@ -24,6 +24,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any, Literal
 
 import orjson
@@ -229,16 +230,21 @@ class Ingestor:
         self.batch_size = batch_size
         self.stats = IngestStats()
         self._pending: dict[str, IndexEntry] = {}
-        self._prefetched: dict[str, IndexEntry] = {}
+        #: Index entries read ahead for the current batch; None marks a key known to be absent.
+        self._prefetched: dict[str, IndexEntry | None] = {}
         self._patients: OrderedDict[str, str] = OrderedDict()
         self._since_commit = 0
 
     # --- lookups ---------------------------------------------------------------------------
 
     def _entry(self, key: str) -> IndexEntry | None:
-        entry = self._pending.get(key) or self._prefetched.get(key)
-        if entry is None:
-            entry = self.vault.get_index([key]).get(key)
+        entry = self._pending.get(key)
+        if entry is not None:
+            return entry
+        if key in self._prefetched:
+            return self._prefetched[key]
+        entry = self.vault.get_index([key]).get(key)
+        self._prefetched[key] = entry
         return entry
 
     def patient_by_key(self, key: str) -> str | None:
@@ -257,9 +263,12 @@ class Ingestor:
             self._patients.popitem(last=False)
 
     def prefetch(self, keys: Iterable[str]) -> None:
-        missing = [k for k in keys if k not in self._pending]
+        """Read the index entries of a batch's keys in one query (absent keys remembered too)."""
+        missing = [k for k in keys if k not in self._pending and k not in self._prefetched]
         if missing:
-            self._prefetched.update(self.vault.get_index(missing))
+            found = self.vault.get_index(missing)
+            for key in missing:
+                self._prefetched[key] = found.get(key)
 
     # --- batching --------------------------------------------------------------------------
 
@@ -268,8 +277,10 @@ class Ingestor:
         self.sink.flush()
         self.vault.put_index(self._pending.values())
         self.vault.commit()
+        if len(self._prefetched) > 100_000:
+            self._prefetched.clear()
+        self._prefetched.update(self._pending)
         self._pending.clear()
-        self._prefetched.clear()
         self._since_commit = 0
 
     def _count(self, outcome: Outcome) -> Outcome:
@@ -714,6 +725,11 @@ class Ingestor:
                 refs.setdefault(f"{rtype}/{rid}", (rtype, rid))
             work.append((_TYPE_ORDER.get(str(rtype), 5), index, resource, request, where))
         work.sort(key=lambda item: (item[0], item[1]))
+        self.prefetch(
+            resource_key(self.source, str(r.get("resourceType")), str(r.get("id")))
+            for _, _, r, _, _ in work
+            if r is not None
+        )
         big = len(orjson.dumps(bundle)) > self.max_resource_bytes if entries else False
         for _, _, resource, request, where in work:
             if resource is None:
@@ -751,41 +767,66 @@ class Ingestor:
     def ingest_ndjson_lines(
         self, lines: Iterable[bytes], origin: str, fhir_version: FhirVersion | None = None
     ) -> Iterator[Outcome]:
-        """Bulk Data NDJSON, streamed: one resource per line, never loaded whole."""
-        for number, line in enumerate(lines, start=1):
-            stripped = line.strip()
-            if not stripped:
-                continue
-            where = f"{origin}:{number}"
-            if len(stripped) > self.max_resource_bytes:
-                yield self.dead_letter(
-                    stripped[:10_000],
-                    [
-                        Issue(
-                            "too-long",
-                            f"line is {len(stripped)} bytes; the limit is "
-                            f"{self.max_resource_bytes} (payload truncated to 10 kB)",
+        """Bulk Data NDJSON, streamed: one resource per line, never loaded whole.
+
+        Lines are parsed in chunks so the resource index (and the patients referenced) is read
+        once per chunk; memory stays bounded by the chunk size whatever the file size.
+        """
+        numbered = enumerate(lines, start=1)
+        while True:
+            chunk = list(islice(numbered, self.batch_size))
+            if not chunk:
+                return
+            parsed: list[tuple[str, dict[str, Any] | Outcome]] = []
+            keys: list[str] = []
+            for number, line in chunk:
+                stripped = line.strip()
+                if not stripped:
+                    continue
+                where = f"{origin}:{number}"
+                item = self._parse_line(stripped, where)
+                parsed.append((where, item))
+                if isinstance(item, dict):
+                    keys.append(
+                        resource_key(
+                            self.source, str(item.get("resourceType")), str(item.get("id"))
                         )
-                    ],
-                    where,
-                )
-                continue
-            try:
-                document = orjson.loads(stripped)
-            except orjson.JSONDecodeError as exc:
-                yield self.dead_letter(
-                    stripped, [Issue("structure", f"invalid JSON: {exc}")], where
-                )
-                continue
-            if not isinstance(document, dict):
-                yield self.dead_letter(
-                    stripped, [Issue("structure", "an NDJSON line must be a JSON object")], where
-                )
-                continue
-            if document.get("resourceType") == "Bundle":
-                yield from self.ingest_bundle(document, where, fhir_version)
-            else:
-                yield self.ingest_resource(document, where, fhir_version)
+                    )
+                    subject = item.get("subject") or item.get("patient")
+                    reference = subject.get("reference") if isinstance(subject, dict) else None
+                    if isinstance(reference, str) and reference.startswith("Patient/"):
+                        keys.append(resource_key(self.source, "Patient", reference[8:]))
+            self.prefetch(keys)
+            for where, item in parsed:
+                if isinstance(item, Outcome):
+                    yield item
+                elif item.get("resourceType") == "Bundle":
+                    yield from self.ingest_bundle(item, where, fhir_version)
+                else:
+                    yield self.ingest_resource(item, where, fhir_version)
+
+    def _parse_line(self, line: bytes, where: str) -> dict[str, Any] | Outcome:
+        if len(line) > self.max_resource_bytes:
+            return self.dead_letter(
+                line[:10_000],
+                [
+                    Issue(
+                        "too-long",
+                        f"line is {len(line)} bytes; the limit is "
+                        f"{self.max_resource_bytes} (payload truncated to 10 kB)",
+                    )
+                ],
+                where,
+            )
+        try:
+            document = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            return self.dead_letter(line, [Issue("structure", f"invalid JSON: {exc}")], where)
+        if not isinstance(document, dict):
+            return self.dead_letter(
+                line, [Issue("structure", "an NDJSON line must be a JSON object")], where
+            )
+        return document
 
 
 def _identifier_tokens(resource: Mapping[str, Any]) -> list[str]:

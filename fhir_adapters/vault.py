@@ -146,6 +146,7 @@ class SqlVault:
         self._conn = self.engine.connect()
         if url.startswith("sqlite"):
             self._conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            self._conn.commit()
         self._tx = self._conn.begin()
         self._orgs: dict[str, OrganizationRecord | None] = {}
         self._devices: dict[str, DeviceDescription | None] = {}

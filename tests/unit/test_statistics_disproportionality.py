@@ -66,7 +66,9 @@ def test_confidence_level_is_respected() -> None:
     assert lo90 == pytest.approx(5.0 * math.exp(-stats.norm.ppf(0.95) * se))
 
 
-@pytest.mark.parametrize("table", [(10, 90, 20, 980), (0, 50, 3, 800), (4, 6, 0, 1000), (1, 0, 0, 5)])
+@pytest.mark.parametrize(
+    "table", [(10, 90, 20, 980), (0, 50, 3, 800), (4, 6, 0, 1000), (1, 0, 0, 5)]
+)
 def test_information_component_matches_gamma_quantiles(table: tuple[int, int, int, int]) -> None:
     a, b, c, d = table
     n = a + b + c + d

@@ -7,8 +7,9 @@ log-lambda scale, and finds quantiles by root-finding on that integral.
 
 from __future__ import annotations
 
+import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ class Oracle:
         pts = [self.mode - 2, self.mode, self.mode + 2]
         total = 0.0
         edges = [lo, *[p for p in pts if lo < p < hi], hi]
-        for left, right in zip(edges[:-1], edges[1:], strict=True):
+        for left, right in itertools.pairwise(edges):
             total += integrate.quad(f, left, right, limit=400, epsabs=0, epsrel=1e-11)[0]
         return total
 
@@ -84,7 +85,7 @@ class Oracle:
         return float(optimize.brentq(lambda x: self.cdf(x) - prob, 1e-9, 1e4, xtol=1e-12))
 
 
-@lru_cache(maxsize=None)
+@cache
 def oracle(n: int, e: float, prior: GammaMixturePrior) -> Oracle:
     return Oracle(n, e, prior)
 

@@ -124,7 +124,10 @@ def get_decimal(parent: Mapping[str, Any], name: str, path: str) -> float | None
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidElement(f"{path}.{name}", f"expected a JSON number, got {_type_name(value)}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        raise InvalidElement(f"{path}.{name}", "decimal is out of range") from None
     if not math.isfinite(result):
         raise InvalidElement(f"{path}.{name}", "decimal must be finite")
     return result

@@ -738,7 +738,6 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
     patient = _subject(resource, "subject" if r5 else "patient", path, ctx)
     scope = () if r5 else get_codeable_concept(resource, "scope", path)
     category = get_codeable_concepts(resource, "category", path)
-    provision = get_object(resource, "provision", path)
     purposes: list[str] = []
     if r5:
         decision = get_code(resource, "decision", path, frozenset({"deny", "permit"}))
@@ -750,6 +749,7 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
                 )
     else:
         decision = None
+        provision = get_object(resource, "provision", path)
         if provision is not None:
             decision = get_code(
                 provision, "type", f"{path}.provision", frozenset({"deny", "permit"})

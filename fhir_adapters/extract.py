@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
 from .facts import (
@@ -763,7 +763,7 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
     when = get_datetime(resource, "dateTime", path)
     if r5 and when is None:
         day = get_date(resource, "date", path)
-        when = datetime(day.year, day.month, day.day) if day else None
+        when = datetime(day.year, day.month, day.day, tzinfo=UTC) if day else None
     fact = ConsentFact(
         status=status,
         research_opt_out=research and decision == "deny" and status == "active",

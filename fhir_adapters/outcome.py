@@ -41,13 +41,20 @@ def model_class(resource_type: str, version: FhirVersion) -> Any | None:
     try:
         if version == "R5":
             from fhir.resources import get_fhir_model_class as get_r5
+            from fhir.resources.resource import Resource as base
 
-            return get_r5(resource_type)
-        from fhir.resources.R4B import get_fhir_model_class as get_r4b
+            cls = get_r5(resource_type)
+        else:
+            from fhir.resources.R4B import get_fhir_model_class as get_r4b
+            from fhir.resources.R4B.resource import Resource as base  # type: ignore[assignment]
 
-        return get_r4b(resource_type)
+            cls = get_r4b(resource_type)
     except (ValueError, KeyError, ImportError, AttributeError):
         return None
+    # Datatypes (Coding, Quantity, ...) and the abstract Resource/DomainResource are models too.
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        return None
+    return None if resource_type in ("Resource", "DomainResource") else cls
 
 
 def _expression(resource_type: str, loc: tuple[Any, ...]) -> str:

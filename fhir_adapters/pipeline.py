@@ -596,6 +596,8 @@ class Ingestor:
                 )
             )
         seq = entry.seq + 1
+        # A deleted Patient no longer resolves (the index says retracted; the cache must agree).
+        self._patients.pop(key, None)
         provenance = Provenance(
             source=self.source,
             resource_type=rtype,

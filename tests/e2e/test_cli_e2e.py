@@ -1,0 +1,97 @@
+"""The CLI as a user runs it: `concierge ingest` and `concierge demo` against the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.test_ingest_kafka import SAMPLES
+from tests.integration.worker_proc import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+
+
+def _env(kafka_bootstrap: str, topic_prefix: str, home: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "CONCIERGE_TOPIC_PREFIX": topic_prefix,
+        "CONCIERGE_HOME": str(home),
+        **extra,
+    }
+
+
+def test_ingest_command_prints_summary_json(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    samples = tmp_path / "samples"
+    shutil.copytree(SAMPLES, samples)
+    (samples / "broken.ndjson").write_text('{"resourceType": "Observation", "id": "x"}\nnope\n')
+    env = _env(kafka_bootstrap, topic_prefix, tmp_path / "home")
+    run = subprocess.run(
+        [sys.executable, "-m", "concierge", "ingest", str(samples), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["files"] == 21
+    assert summary["dead_lettered"] == 2
+    assert summary["accepted"] > 1000
+    assert summary["total"] == (
+        summary["accepted"] + summary["unchanged"] + summary["skipped"] + summary["dead_lettered"]
+    )
+    human = subprocess.run(
+        [sys.executable, "-m", "concierge", "ingest", str(samples)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert human.returncode == 0, human.stderr
+    assert "accepted 0," in human.stdout  # the replay changed nothing
+    assert "Observation" in human.stdout
+
+
+def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    api_port, worker_port = free_port(), free_port()
+    env = _env(
+        kafka_bootstrap,
+        topic_prefix,
+        tmp_path / "home",
+        CONCIERGE_API_PORT=str(api_port),
+        CONCIERGE_WORKER_WEB_PORT=str(worker_port),
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "concierge",
+            "demo",
+            "--patients",
+            "120",
+            "--rate",
+            "40",
+            "--duration",
+            "25",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"http://127.0.0.1:{api_port}/docs" in run.stdout
+    assert "streaming the rest live" in run.stdout
+    assert "the stream holds" in run.stdout
+    with pytest.raises(httpx.HTTPError):  # everything the demo started is stopped again
+        httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2)

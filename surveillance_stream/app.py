@@ -9,13 +9,14 @@ version (see :mod:`surveillance_stream.patient_state`). We deliberately do not r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import faust
 from pydantic import ValidationError
 
 from concierge.settings import Settings
-from fhir_adapters.facts import decode_resource_facts
+from fhir_adapters.facts import ResourceFacts, decode_resource_facts
 from infra.topics import FACTS
 
 from . import patient_state
@@ -26,7 +27,12 @@ log = logging.getLogger(__name__)
 class StreamApp:
     """A Faust app and its tables, built from settings (one per worker process)."""
 
-    def __init__(self, settings: Settings, store: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: str | None = None,
+        extensions: list[Callable[[StreamApp], None]] | None = None,
+    ) -> None:
         self.settings = settings
         app_id = f"{settings.topic_prefix}{settings.worker_id}"
         datadir = settings.home / "worker" / app_id
@@ -66,7 +72,14 @@ class StreamApp:
         self.applied = 0
         self.ignored = 0
         self.rejected = 0
+        #: Called after a patient's state changed, inside the same stream iteration (so tables
+        #: they update stay co-partitioned with the facts topic): (envelope, old entry, new entry).
+        self.on_change: list[
+            Callable[[ResourceFacts, dict[str, Any] | None, dict[str, Any]], None]
+        ] = []
         self._register()
+        for extension in extensions or ():
+            extension(self)
 
     def _register(self) -> None:
         app = self.app
@@ -109,14 +122,33 @@ class StreamApp:
             self.rejected += 1
             log.error("undecodable facts message skipped: %s", exc.errors()[:1])
             return
-        if patient_state.apply(self.state, envelope):
-            self.applied += 1
-        else:
+        key = patient_state.state_key(envelope.patient, envelope.key)
+        old = self.state.get(key)
+        if not patient_state.should_apply(old, envelope):
             self.ignored += 1
+            return
+        new = patient_state.entry_of(envelope)
+        self.state[key] = new
+        self.applied += 1
+        for hook in self.on_change:
+            hook(envelope, old, new)
 
     def digest(self) -> dict[str, Any]:
         return patient_state.digest(self.state.items())
 
 
+#: Dotted paths of extension functions ``f(stream_app)`` that add agents, tables, pages and
+#: on_change hooks (live cohorts, device counters). Each must be importable on its own.
+EXTENSIONS: list[str] = []
+
+
+def _load(path: str) -> Callable[[StreamApp], None]:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    function: Callable[[StreamApp], None] = getattr(importlib.import_module(module), attr)
+    return function
+
+
 def create_app(settings: Settings, store: str | None = None) -> StreamApp:
-    return StreamApp(settings, store)
+    return StreamApp(settings, store, [_load(path) for path in EXTENSIONS])

@@ -342,7 +342,7 @@ class Ingestor:
         """A JSON document: one resource or a Bundle."""
         size = len(text)
         try:
-            document = orjson.loads(text)
+            document = loads(text)
         except orjson.JSONDecodeError as exc:
             return [self.dead_letter(text, [Issue("structure", f"invalid JSON: {exc}")], origin)]
         if not isinstance(document, dict):
@@ -821,7 +821,7 @@ class Ingestor:
                 where,
             )
         try:
-            document = orjson.loads(line)
+            document = loads(line)
         except orjson.JSONDecodeError as exc:
             return self.dead_letter(line, [Issue("structure", f"invalid JSON: {exc}")], where)
         if not isinstance(document, dict):
@@ -829,6 +829,17 @@ class Ingestor:
                 line, [Issue("structure", "an NDJSON line must be a JSON object")], where
             )
         return document
+
+
+def loads(text: bytes | str) -> Any:
+    """``orjson.loads``, refusing documents nested deeper than orjson can write back (254 levels;
+    it reads up to 1024), since every resource is re-serialised for hashing and dead letters."""
+    document = orjson.loads(text)
+    try:
+        orjson.dumps(document)
+    except orjson.JSONEncodeError as exc:
+        raise orjson.JSONDecodeError(f"nested too deeply ({exc})", "", 0) from None
+    return document
 
 
 def _identifier_tokens(resource: Mapping[str, Any]) -> list[str]:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from .extract import FhirVersion
 from .outcome import Issue, operation_outcome
-from .pipeline import Ingestor, Outcome
+from .pipeline import Ingestor, Outcome, loads
 
 FHIR_JSON = "application/fhir+json"
 
@@ -196,7 +196,7 @@ def _ingest_one(
             )
             return _fhir(outcome.outcome or {}, 413)
         try:
-            resource = orjson.loads(body)
+            resource = loads(body)
         except orjson.JSONDecodeError as exc:
             outcome = ingestor.dead_letter(
                 body, [Issue("structure", f"invalid JSON: {exc}")], origin

@@ -305,7 +305,8 @@ class Ingestor:
         elif isinstance(payload, bytes):
             raw = payload.decode("utf-8", errors="replace")
         else:
-            raw = payload
+            # A str may hold lone surrogates (not UTF-8, so not JSON): keep what can be kept.
+            raw = payload.encode("utf-8", errors="replace").decode()
         outcome = operation_outcome(issues)
         letter = {
             "schema": "concierge.deadletter/1",

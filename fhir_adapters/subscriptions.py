@@ -10,6 +10,7 @@ received, so an operator can re-query the source for them.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +23,15 @@ log = logging.getLogger(__name__)
 def _int64(value: object) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", value):
+        value = int(value)
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
     return None
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 @dataclass
@@ -93,7 +98,7 @@ def _from_parameters(parameters: Mapping[str, Any]) -> Notification:
     kind = "event-notification"
     since = None
     numbers: list[int] = []
-    for param in parameters.get("parameter", []) or []:
+    for param in _list(parameters.get("parameter")):
         if not isinstance(param, dict):
             continue
         name = param.get("name")
@@ -106,7 +111,7 @@ def _from_parameters(parameters: Mapping[str, Any]) -> Notification:
                 param.get("valueString", param.get("valueInteger64", param.get("valueUnsignedInt")))
             )
         elif name == "notification-event":
-            for part in param.get("part", []) or []:
+            for part in _list(param.get("part")):
                 if isinstance(part, dict) and part.get("name") == "event-number":
                     number = _int64(
                         part.get(
@@ -132,7 +137,7 @@ def notification_of(bundle: Mapping[str, Any]) -> Notification | None:
     if first.get("resourceType") == "SubscriptionStatus":
         return _from_status(first)
     if first.get("resourceType") == "Parameters" and btype == "history":
-        names = {p.get("name") for p in first.get("parameter", []) or [] if isinstance(p, dict)}
+        names = [p.get("name") for p in _list(first.get("parameter")) if isinstance(p, dict)]
         if "subscription" in names:
             return _from_parameters(first)
     return None

@@ -6,7 +6,9 @@ with an OperationOutcome (and is dead-lettered, so nothing is lost), Bundles ans
 ``batch-response`` Bundle giving each entry's outcome.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: FastAPI resolves string annotations against the
+# module globals, so the ``Service`` dependency alias local to build_router would be read as a
+# query parameter and every request would answer 422.
 
 import threading
 import uuid

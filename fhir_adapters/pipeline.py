@@ -678,22 +678,21 @@ class Ingestor:
                 self.stats.gaps.append(gap)
         refs: dict[str, tuple[str, str]] = {}
         work: list[tuple[int, int, dict[str, Any] | None, Mapping[str, Any] | None, str]] = []
-        outcomes: list[Outcome] = []
+        #: By entry index: a batch/transaction response answers in the order of the request.
+        outcomes: dict[int, Outcome] = {}
         for index, entry in enumerate(entries):
             where = f"{origin}#entry[{index}]"
             if not isinstance(entry, dict):
-                outcomes.append(
-                    self.dead_letter(
-                        entry if isinstance(entry, dict) else orjson.dumps(entry),
-                        [
-                            Issue(
-                                "structure",
-                                "Bundle entry must be an object",
-                                f"Bundle.entry[{index}]",
-                            )
-                        ],
-                        where,
-                    )
+                outcomes[index] = self.dead_letter(
+                    entry if isinstance(entry, dict) else orjson.dumps(entry),
+                    [
+                        Issue(
+                            "structure",
+                            "Bundle entry must be an object",
+                            f"Bundle.entry[{index}]",
+                        )
+                    ],
+                    where,
                 )
                 continue
             resource = entry.get("resource")
@@ -702,18 +701,16 @@ class Ingestor:
                 work.append((9, index, None, request, where))
                 continue
             if not isinstance(resource, dict):
-                outcomes.append(
-                    self.dead_letter(
-                        orjson.dumps(entry),
-                        [
-                            Issue(
-                                "structure",
-                                "Bundle.entry.resource must be an object",
-                                f"Bundle.entry[{index}].resource",
-                            )
-                        ],
-                        where,
-                    )
+                outcomes[index] = self.dead_letter(
+                    orjson.dumps(entry),
+                    [
+                        Issue(
+                            "structure",
+                            "Bundle.entry.resource must be an object",
+                            f"Bundle.entry[{index}].resource",
+                        )
+                    ],
+                    where,
                 )
                 continue
             rtype, rid = resource.get("resourceType"), resource.get("id")
@@ -734,17 +731,17 @@ class Ingestor:
             if r is not None
         )
         big = len(orjson.dumps(bundle)) > self.max_resource_bytes if entries else False
-        for _, _, resource, request, where in work:
+        for _, index, resource, request, where in work:
             if resource is None:
-                outcomes.append(self._entry_without_resource(request, where, notification))
+                outcomes[index] = self._entry_without_resource(request, where, notification)
                 continue
             if big:
                 size = len(orjson.dumps(resource))
                 if size > self.max_resource_bytes:
-                    outcomes.append(self._oversize(resource, size, where))
+                    outcomes[index] = self._oversize(resource, size, where)
                     continue
-            outcomes.append(self.ingest_resource(resource, where, fhir_version, refs, request))
-        return outcomes
+            outcomes[index] = self.ingest_resource(resource, where, fhir_version, refs, request)
+        return [outcomes[index] for index in sorted(outcomes)]
 
     def _entry_without_resource(
         self, request: Mapping[str, Any] | None, where: str, notification: Any

@@ -408,13 +408,14 @@ def test_bundle_resolves_urn_uuid_and_orders_entries() -> None:
         ],
     }
     outcomes = ingestor.ingest_text(orjson.dumps(bundle), "b")
+    # Processed Patient first, but answered in the order of the request.
     assert [(o.status, o.resource_type) for o in outcomes] == [
-        ("accepted", "Patient"),
         ("accepted", "Observation"),
+        ("accepted", "Patient"),
     ]
-    assert outcomes[1].resource_id == observation_urn.removeprefix("urn:uuid:")
-    [pat_facts] = published(ingestor, outcomes[0].key or "")
-    [obs_facts] = published(ingestor, outcomes[1].key or "")
+    assert outcomes[0].resource_id == observation_urn.removeprefix("urn:uuid:")
+    [obs_facts] = published(ingestor, outcomes[0].key or "")
+    [pat_facts] = published(ingestor, outcomes[1].key or "")
     assert obs_facts.patient == pat_facts.patient
 
 

@@ -94,6 +94,6 @@ def validate_with_models(resource: dict[str, Any], version: FhirVersion) -> list
             )
             for err in exc.errors()[:20]
         ]
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # its validators raise KeyError etc. on some garbage: still invalid
         return [Issue("invalid", f"{exc} (fhir.resources {version})", str(resource_type))]
     return []

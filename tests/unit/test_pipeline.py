@@ -815,3 +815,86 @@ def test_dead_letter_value_is_json_with_a_schema(ingestor: Ingestor) -> None:
     body = orjson.loads(dead.value)
     assert body["schema"] == "concierge.deadletter/1"
     assert {"received_at", "source", "origin", "operation_outcome", "payload"} <= set(body)
+
+
+# --- regressions: inputs that used to raise out of the Ingestor --------------------------------
+
+
+@pytest.mark.parametrize("depth", [254, 255, 300, 1000])
+def test_json_nested_deeper_than_orjson_writes_is_dead_lettered(
+    ingestor: Ingestor, depth: int
+) -> None:
+    garbage = "[" * depth + "]" * depth
+    text = ('{"resourceType": "Observation", "id": "deep", "extension": ' + garbage + "}").encode()
+    bundle = (
+        '{"resourceType": "Bundle", "type": "batch", "entry": [{"resource": '
+        + text.decode()
+        + "}]}"
+    ).encode()
+    for document in (text, bundle):
+        [outcome] = ingestor.ingest_text(document, "deep")
+        assert outcome.status == "dead_lettered"
+    [line] = list(ingestor.ingest_ndjson_lines([text], "deep.ndjson"))
+    assert line.status == "dead_lettered"
+    assert letter(ingestor)["payload"] == text.decode()
+
+
+def test_str_input_with_a_lone_surrogate_is_dead_lettered(ingestor: Ingestor) -> None:
+    [outcome] = ingestor.ingest_text('{"resourceType": "Patient", "id": "\ud800"}', "str")
+    assert outcome.status == "dead_lettered"
+    assert letter(ingestor)["payload"].startswith('{"resourceType"')
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+@pytest.mark.parametrize("contained_type", ["Type", "Coding", 5, None])
+def test_contained_resource_of_unknown_type(mode: str, contained_type: Any) -> None:
+    ingestor = make(validation_mode=mode)
+    one(ingestor, patient())
+    resource = {**observation(), "status": "bogus", "contained": [{"resourceType": contained_type}]}
+    outcome = one(ingestor, resource)
+    assert outcome.status == "dead_lettered"
+    assert outcome.outcome is not None and outcome.outcome["issue"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"resourceType": "Parameters", "parameter": 5},
+        {"resourceType": "Parameters", "parameter": [{"name": ["subscription"]}]},
+        {
+            "resourceType": "Parameters",
+            "parameter": [{"name": "subscription"}, {"name": "notification-event", "part": 7}],
+        },
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "subscription", "valueReference": {"reference": "Subscription/x"}},
+                {"name": "events-since-subscription-start", "valueString": "--5"},
+            ],
+        },
+        {"resourceType": "SubscriptionStatus", "eventsSinceSubscriptionStart": "²"},
+        {"resourceType": "SubscriptionStatus", "notificationEvent": [{"eventNumber": "1e3"}]},
+        {"resourceType": "SubscriptionStatus", "notificationEvent": [{"eventNumber": 2**64 - 1}]},
+        {"resourceType": "SubscriptionStatus", "notificationEvent": {"eventNumber": "1"}},
+    ],
+)
+@pytest.mark.parametrize("vault_kind", ["memory", "sql"])
+def test_malformed_notification_headers_do_not_raise(
+    header: dict[str, Any], vault_kind: str, tmp_path: Path
+) -> None:
+    vault: Vault = (
+        MemoryVault() if vault_kind == "memory" else SqlVault(f"sqlite:///{tmp_path / 'v.sqlite'}")
+    )
+    ingestor = make(vault)
+    one(ingestor, patient())
+    for btype in ("history", "subscription-notification"):
+        bundle = {
+            "resourceType": "Bundle",
+            "type": btype,
+            "entry": [{"resource": header}, {"resource": observation(f"n-{btype}")}],
+        }
+        outcomes = ingestor.ingest_text(orjson.dumps(bundle), "n")
+        assert outcomes[-1].status == "accepted"
+        assert ingestor.stats.gaps == []
+    ingestor.commit()
+    vault.close()

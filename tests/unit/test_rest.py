@@ -1,0 +1,372 @@
+"""The FHIR REST endpoint, through FastAPI's TestClient, on an in-memory Ingestor (no Kafka)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+with warnings.catch_warnings():
+    # starlette asks for the httpx2 fork; the project depends on httpx. Not ours to change here.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+from concierge.api import create_app
+from concierge.settings import Settings
+from fhir_adapters.facts import decode_resource_facts
+from fhir_adapters.pipeline import Ingestor
+from fhir_adapters.pseudonym import Pseudonymiser
+from fhir_adapters.rest import IngestService
+from fhir_adapters.sinks import MemorySink
+from fhir_adapters.vault import MemoryVault
+
+SOURCE = "urn:rest"
+FHIR = "application/fhir+json"
+R5 = "application/fhir+json; fhirVersion=5.0"
+NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+class Api:
+    def __init__(self, client: TestClient, ingestor: Ingestor) -> None:
+        self.client = client
+        self.ingestor = ingestor
+
+    @property
+    def sink(self) -> MemorySink:
+        assert isinstance(self.ingestor.sink, MemorySink)
+        return self.ingestor.sink
+
+    def send(
+        self, method: str, path: str, body: Any, content_type: str = FHIR
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        response = self.client.request(
+            method, path, content=content, headers={"Content-Type": content_type}
+        )
+        assert response.headers["content-type"].startswith(FHIR)
+        return response.status_code, response.json(), dict(response.headers)
+
+    def last_letter(self) -> dict[str, Any]:
+        return orjson.loads(self.sink.dead_letters[-1].value)
+
+
+@pytest.fixture
+def api() -> Iterator[Api]:
+    ingestor = Ingestor(MemoryVault(), MemorySink(), Pseudonymiser(b"r" * 32), SOURCE)
+    settings = Settings(max_resource_bytes=20_000, kafka_bootstrap_servers="127.0.0.1:1")
+    app = create_app(settings, ingest_service=IngestService(ingestor))
+    with TestClient(app) as client:
+        yield Api(client, ingestor)
+
+
+def patient(rid: str = "pat1") -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": rid,
+        "identifier": [{"system": NHS_SYSTEM, "value": "9434765919"}],
+        "name": [{"family": "Restful"}],
+    }
+
+
+def observation(rid: str = "obs1", subject: str = "Patient/pat1", **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": rid,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "subject": {"reference": subject},
+        "valueQuantity": {"value": 5.5, "system": "http://unitsofmeasure.org", "code": "mmol/L"},
+        **extra,
+    }
+
+
+def entry(resource: dict[str, Any]) -> dict[str, Any]:
+    path = f"{resource['resourceType']}/{resource['id']}"
+    return {"resource": resource, "request": {"method": "PUT", "url": path}}
+
+
+# --- Bundles ----------------------------------------------------------------------------------
+
+
+def test_post_bundle_answers_a_batch_response_per_entry_in_request_order(api: Api) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            entry(observation()),  # refers to the Patient further down: still resolves
+            entry({"resourceType": "Claim", "id": "claim1"}),
+            "not an entry",
+            entry(observation("obs-bad", effectiveDateTime="2023-02-29")),
+            entry(patient()),
+            {"request": {"method": "DELETE", "url": "Observation/never"}},
+        ],
+    }
+    status, body, _ = api.send("POST", "/fhir", bundle)
+    assert status == 200
+    assert (body["resourceType"], body["type"]) == ("Bundle", "batch-response")
+    responses = [e["response"] for e in body["entry"]]
+    assert [r["status"] for r in responses] == [
+        "201 Created",
+        "200 OK",
+        "422 Unprocessable Entity",
+        "422 Unprocessable Entity",
+        "201 Created",
+        "200 OK",
+    ]
+    assert responses[0]["location"] == "Observation/obs1/_history/1"
+    assert responses[4]["location"] == "Patient/pat1/_history/1"
+    assert "location" not in responses[1]
+    bad = responses[3]["outcome"]
+    assert bad["resourceType"] == "OperationOutcome"
+    assert bad["issue"][-1]["expression"] == ["Observation.effectiveDateTime"]
+    assert responses[2]["outcome"]["issue"][0]["expression"] == ["Bundle.entry[2]"]
+    assert len(api.sink.dead_letters) == 2
+    # The same Bundle again: nothing new.
+    status, again, _ = api.send("POST", "/fhir", bundle)
+    statuses = [e["response"]["status"] for e in again["entry"]]
+    assert "201 Created" not in statuses
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[1, 2]", b'{"resourceType": "Bundle", "type": "bogus", "entry": []}'],
+)
+def test_post_unusable_document_is_400_and_dead_lettered(api: Api, body: bytes) -> None:
+    status, outcome, _ = api.send("POST", "/fhir", body)
+    assert status == 400
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"]
+    letter = api.last_letter()
+    assert letter["payload"] == body.decode() or orjson.loads(letter["payload"]) == orjson.loads(
+        body
+    )
+    assert letter["origin"] == "http:POST /fhir"
+
+
+def test_post_single_resource_to_the_base(api: Api) -> None:
+    status, body, _ = api.send("POST", "/fhir", patient())
+    assert status == 200
+    assert [e["response"]["status"] for e in body["entry"]] == ["201 Created"]
+
+
+# --- single resources -------------------------------------------------------------------------
+
+
+def test_post_resource_creates_with_location(api: Api) -> None:
+    status, body, headers = api.send("POST", "/fhir/Patient", patient())
+    assert status == 201
+    assert headers["location"] == "Patient/pat1/_history/1"
+    assert body["resourceType"] == "OperationOutcome"
+    [envelope] = api.sink.published_facts
+    assert decode_resource_facts(envelope.to_json()) == envelope
+
+
+def test_post_resource_without_id_gets_one(api: Api) -> None:
+    anonymous = {k: v for k, v in patient().items() if k != "id"}
+    status, _, headers = api.send("POST", "/fhir/Patient", anonymous)
+    assert status == 201
+    rtype, rid, history, version = headers["location"].split("/")
+    assert (rtype, history, version) == ("Patient", "_history", "1")
+    assert len(rid) == 36
+
+
+def test_put_creates_then_updates_then_is_unchanged(api: Api) -> None:
+    api.send("PUT", "/fhir/Patient/pat1", patient())
+    status, _, headers = api.send("PUT", "/fhir/Observation/obs1", observation())
+    assert (status, headers["location"]) == (201, "Observation/obs1/_history/1")
+    changed = observation(valueQuantity={"value": 7.0, "unit": "mmol/L"})
+    status, _, headers = api.send("PUT", "/fhir/Observation/obs1", changed)
+    assert (status, headers["location"]) == (200, "Observation/obs1/_history/2")
+    status, body, _ = api.send("PUT", "/fhir/Observation/obs1", changed)
+    assert status == 200
+    assert body["issue"][0]["diagnostics"] == "same content already ingested"
+    assert len(api.sink.published_facts) == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "resource", "expression"),
+    [
+        ("/fhir/Observation/other", observation(), "Observation.id"),
+        ("/fhir/Observation/obs1", {**observation(), "id": None}, "Observation.id"),
+        ("/fhir/Condition/obs1", observation(), "resourceType"),
+    ],
+)
+def test_put_with_mismatched_url_is_400_and_dead_lettered(
+    api: Api, path: str, resource: dict[str, Any], expression: str
+) -> None:
+    status, outcome, _ = api.send("PUT", path, resource)
+    assert status == 400
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "invalid"
+    assert outcome["issue"][0]["expression"] == [expression]
+    letter = api.last_letter()
+    assert orjson.loads(letter["payload"]) == resource
+    assert letter["operation_outcome"] == outcome
+    assert letter["origin"] == f"http:PUT {path}"
+    assert api.sink.published_facts == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"resourceType": "Patient", "id": "pat1"',
+        b"\xff\xfe",
+        b"",
+        b'"Patient"',
+        b'{"resourceType": "Patient", "id": "pat1", "x": ' + b"[" * 300 + b"]" * 300 + b"}",
+    ],
+    ids=["truncated", "not-utf8", "empty", "not-an-object", "nested-too-deep"],
+)
+def test_put_invalid_json_is_400_and_dead_lettered(api: Api, body: bytes) -> None:
+    status, outcome, _ = api.send("PUT", "/fhir/Patient/pat1", body)
+    assert status == 400
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == "structure"
+    assert len(api.sink.dead_letters) == 1
+    assert api.last_letter()["payload"] == body.decode("utf-8", errors="replace")
+
+
+def test_invalid_resource_is_422_with_the_reason(api: Api) -> None:
+    api.send("PUT", "/fhir/Patient/pat1", patient())
+    status, outcome, _ = api.send(
+        "PUT", "/fhir/Observation/o2", observation("o2", "Patient/nobody")
+    )
+    assert status == 422
+    assert outcome["issue"][-1]["code"] == "not-found"
+    assert outcome["issue"][-1]["expression"] == ["Observation.subject"]
+    assert orjson.loads(api.last_letter()["payload"]) == observation("o2", "Patient/nobody")
+
+
+def test_oversize_body_is_413_and_dead_lettered(api: Api) -> None:
+    huge = {**patient(), "text": {"status": "generated", "div": "x" * 250_000}}
+    status, outcome, _ = api.send("PUT", "/fhir/Patient/pat1", huge)
+    assert status == 413
+    assert outcome["issue"][0]["code"] == "too-long"
+    assert len(api.last_letter()["payload"]) == 10_000
+
+
+def test_skipped_resource_is_200(api: Api) -> None:
+    status, body, _ = api.send(
+        "PUT", "/fhir/Encounter/e1", {"resourceType": "Encounter", "id": "e1"}
+    )
+    assert status == 200
+    assert "not used" in body["issue"][0]["diagnostics"]
+    assert api.sink.published_facts == []
+
+
+# --- DELETE -----------------------------------------------------------------------------------
+
+
+def test_delete_retracts(api: Api) -> None:
+    api.send("PUT", "/fhir/Patient/pat1", patient())
+    api.send("PUT", "/fhir/Observation/obs1", observation())
+    response = api.client.delete("/fhir/Observation/obs1")
+    assert response.status_code == 200
+    assert response.json()["resourceType"] == "OperationOutcome"
+    retraction = api.sink.published_facts[-1]
+    assert retraction.key == f"{SOURCE}|Observation|obs1"
+    assert (retraction.retracted, retraction.seq, retraction.facts) == (True, 2, ())
+    again = api.client.delete("/fhir/Observation/obs1")
+    assert again.status_code == 200
+    assert again.json()["issue"][0]["diagnostics"] == "nothing to delete"
+    assert api.sink.published_facts[-1] is retraction
+
+
+# --- FHIR versions ----------------------------------------------------------------------------
+
+
+def test_r5_by_content_type(api: Api) -> None:
+    api.send("PUT", "/fhir/Patient/pat1", patient())
+    statement = {
+        "resourceType": "MedicationStatement",
+        "id": "ms1",
+        "status": "recorded",  # an R5 status: invalid in R4
+        "medication": {"concept": {"coding": [{"system": "https://dmd.nhs.uk", "code": "1"}]}},
+        "subject": {"reference": "Patient/pat1"},
+    }
+    status, outcome, _ = api.send("PUT", "/fhir/MedicationStatement/ms1", statement)
+    assert status == 422
+    assert outcome["issue"][-1]["expression"] == ["MedicationStatement.status"]
+    status, _, _ = api.send("PUT", "/fhir/MedicationStatement/ms1", statement, R5)
+    assert status == 201
+    envelope = api.sink.published_facts[-1]
+    assert envelope.provenance.fhir_version == "R5"
+    r4 = "application/fhir+json; fhirVersion=4.0"
+    status, _, _ = api.send("PUT", "/fhir/Observation/obs1", observation(), r4)
+    assert status == 201
+    assert api.sink.published_facts[-1].provenance.fhir_version == "R4"
+
+
+def test_r5_bundle_by_content_type(api: Api) -> None:
+    usage = {
+        "resourceType": "DeviceUsage",
+        "id": "du1",
+        "status": "active",
+        "patient": {"reference": "Patient/pat1"},
+        "device": {"concept": {"text": "insulin pump"}},
+    }
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [entry(patient()), entry(usage)]}
+    status, body, _ = api.send("POST", "/fhir", bundle, R5)
+    assert status == 200
+    assert [e["response"]["status"] for e in body["entry"]] == ["201 Created", "201 Created"]
+    assert {e.provenance.fhir_version for e in api.sink.published_facts} == {"R5"}
+
+
+# --- Subscription notifications ----------------------------------------------------------------
+
+
+def notification(events: list[int]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "subscription-notification",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:3c3c3c3c-0000-4000-8000-000000000000",
+                "resource": {
+                    "resourceType": "SubscriptionStatus",
+                    "status": "active",
+                    "type": "event-notification",
+                    "subscription": {"reference": "Subscription/labs"},
+                    "topic": "http://example.org/topics/labs",
+                    "eventsSinceSubscriptionStart": str(max(events)),
+                    "notificationEvent": [
+                        {"eventNumber": str(n), "focus": {"reference": f"Observation/ev{n}"}}
+                        for n in events
+                    ],
+                },
+            },
+            *(entry(observation(f"ev{n}")) for n in events),
+        ],
+    }
+
+
+def test_subscription_notification_with_a_gap_is_reported(api: Api) -> None:
+    api.send("PUT", "/fhir/Patient/pat1", patient())
+    status, first, _ = api.send("POST", "/fhir", notification([1, 2]), R5)
+    assert status == 200
+    assert "meta" not in first
+    assert [e["response"]["status"] for e in first["entry"]] == ["201 Created"] * 2
+    status, second, _ = api.send("POST", "/fhir", notification([5]), R5)
+    assert status == 200
+    assert [e["response"]["status"] for e in second["entry"]] == ["201 Created"]
+    [tag] = second["meta"]["tag"]
+    assert (tag["system"], tag["code"]) == ("urn:concierge:subscription-gap", "gap")
+    [gap] = orjson.loads(tag["display"])
+    assert gap == {
+        "subscription": "Subscription/labs",
+        "expected_event": 3,
+        "received_event": 5,
+        "missing": 2,
+    }
+    status, third, _ = api.send("POST", "/fhir", notification([6]), R5)
+    assert "meta" not in third
+
+
+def test_every_request_is_committed(api: Api) -> None:
+    api.send("PUT", "/fhir/Patient/pat1", patient())
+    assert isinstance(api.ingestor.vault, MemoryVault)
+    assert f"{SOURCE}|Patient|pat1" in api.ingestor.vault.index
+    assert api.sink.flushes >= 1

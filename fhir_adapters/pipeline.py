@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import orjson
 
@@ -145,7 +146,7 @@ class _Context:
             rtype, _, query = reference.partition("?")
             if rtype != "Patient" or not query.startswith("identifier="):
                 raise InvalidElement(expression, f"unsupported conditional reference {reference!r}")
-            identifier = query[len("identifier=") :]
+            identifier = unquote(query[len("identifier=") :])  # a search URL: %7C is "|"
             reference = None
         if reference:
             key = self.key_for(reference)

@@ -13,6 +13,7 @@ import hmac
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -1103,11 +1104,21 @@ def test_unknown_resource_type_is_dead_lettered(world: Ingestor, rtype: str, ver
     [
         {"reference": f"Patient?identifier={NHS_SYSTEM}|{NHS_NUMBER}"},
         {"reference": "Patient?identifier=urn:spec:mrn|MRN-0042"},
+        {"reference": f"Patient?identifier={NHS_SYSTEM}%7C{NHS_NUMBER}"},
+        {"reference": "Patient?identifier=" + quote(f"{NHS_SYSTEM}|{NHS_NUMBER}", safe="")},
         {"identifier": {"system": NHS_SYSTEM, "value": NHS_NUMBER}},
         {"reference": "Patient/pat1/_history/1"},
         {"reference": "https://fhir.example.org/r4/Patient/pat1"},
     ],
-    ids=["conditional-nhs", "conditional-mrn", "logical-identifier", "versioned", "absolute"],
+    ids=[
+        "conditional-nhs",
+        "conditional-mrn",
+        "conditional-pipe-encoded",
+        "conditional-url-encoded",
+        "logical-identifier",
+        "versioned",
+        "absolute",
+    ],
 )
 def test_subject_reference_forms_resolve(world: Ingestor, subject: dict[str, Any]) -> None:
     observation = {

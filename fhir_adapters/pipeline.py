@@ -278,9 +278,9 @@ class Ingestor:
         self.sink.flush()
         self.vault.put_index(self._pending.values())
         self.vault.commit()
-        if len(self._prefetched) > 100_000:
-            self._prefetched.clear()
-        self._prefetched.update(self._pending)
+        # Forget what was read ahead: another process (the CLI beside the API) may write the
+        # same vault, and a key remembered as absent must be looked up again next batch.
+        self._prefetched.clear()
         self._pending.clear()
         self._since_commit = 0
 
@@ -507,17 +507,21 @@ class Ingestor:
                     )
                 )
         seq = (entry.seq if entry else 0) + 1
+        patient = extracted.patient
+        # A Patient's own logical id can be an identifier at the source (some systems use the
+        # NHS number): downstream, a Patient resource is known by its pseudonym only.
+        public_id = patient if rtype == "Patient" and patient else rid
+        public_key = resource_key(self.source, rtype, public_id)
         provenance = Provenance(
             source=self.source,
             resource_type=rtype,
-            resource_id=rid,
+            resource_id=public_id,
             version=version_id or f"sha256:{digest[:16]}",
             last_updated=parse_instant(last_updated, "meta.lastUpdated") if last_updated else None,
             ingested_at=datetime.now(UTC),
             fhir_version=version,
         )
         retract = extracted.entered_in_error
-        patient = extracted.patient
         if (
             entry is not None
             and entry.patient
@@ -549,7 +553,7 @@ class Ingestor:
         if patient is not None and (extracted.route == "facts" or extracted.also_facts):
             self.sink.facts(
                 ResourceFacts(
-                    key=key,
+                    key=public_key,
                     patient=patient,
                     seq=seq,
                     retracted=retract,
@@ -600,17 +604,22 @@ class Ingestor:
         seq = entry.seq + 1
         # A deleted Patient no longer resolves (the index says retracted; the cache must agree).
         self._patients.pop(key, None)
+        public_id = entry.patient if rtype == "Patient" and entry.patient else rid
         provenance = Provenance(
             source=self.source,
             resource_type=rtype,
-            resource_id=rid,
+            resource_id=public_id,
             version=f"deleted-{seq}",
             ingested_at=datetime.now(UTC),
         )
         if entry.patient and (rtype in PATIENT_SCOPED or rtype == "Device"):
             self.sink.facts(
                 ResourceFacts(
-                    key=key, patient=entry.patient, seq=seq, retracted=True, provenance=provenance
+                    key=resource_key(self.source, rtype, public_id),
+                    patient=entry.patient,
+                    seq=seq,
+                    retracted=True,
+                    provenance=provenance,
                 )
             )
         if rtype not in PATIENT_SCOPED:
@@ -677,6 +686,7 @@ class Ingestor:
             gap = notification.check_gap(self.vault)
             if gap is not None:
                 self.stats.gaps.append(gap)
+                del self.stats.gaps[:-1000]  # a long-running API keeps the latest only
         refs: dict[str, tuple[str, str]] = {}
         work: list[tuple[int, int, dict[str, Any] | None, Mapping[str, Any] | None, str]] = []
         #: By entry index: a batch/transaction response answers in the order of the request.

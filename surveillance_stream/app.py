@@ -36,6 +36,7 @@ class StreamApp:
         self.settings = settings
         app_id = f"{settings.topic_prefix}{settings.worker_id}"
         datadir = settings.home / "worker" / app_id
+        datadir.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
             app_id,
             broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
@@ -64,9 +65,6 @@ class StreamApp:
             "patient-facts",
             default=None,
             key_type=str,
-            value_type=dict,
-            key_serializer="raw",
-            value_serializer="json",
             partitions=6,
         )
         self.applied = 0

@@ -38,6 +38,4 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     if web_port is not None:
         settings = settings.model_copy(update={"worker_web_port": web_port})
     stream = create_app(settings, store)
-    Worker(
-        stream.app, loglevel=loglevel, web_port=settings.worker_web_port, web_host="127.0.0.1"
-    ).execute_from_commandline()
+    Worker(stream.app, loglevel=loglevel).execute_from_commandline()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
 from concierge.settings import Settings
 from fhir_adapters.facts import decode_reference, decode_resource_facts
@@ -21,33 +22,42 @@ pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "fhir-samples" / "synthea-r4"
 
 
-def read_all(
-    bootstrap: str, topic: str, expect_at_least: int = 0, idle: float = 3.0
-) -> list[tuple[bytes, bytes]]:
+def read_all(bootstrap: str, topic: str, expect_at_least: int = 0) -> list[tuple[bytes, bytes]]:
+    """Every message now in a topic: partitions assigned directly and read to their high
+    watermarks (no consumer group, so no rebalance to wait for)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"test-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
         }
     )
-    consumer.subscribe([topic])
     out: list[tuple[bytes, bytes]] = []
-    idle_polls = 0
     try:
-        while idle_polls < idle / 0.5 or len(out) < expect_at_least:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                idle_polls += 1
-                if idle_polls > 120:
-                    break
+        deadline = time.monotonic() + 60
+        while True:
+            metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+            ends = {}
+            for partition in metadata.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10
+                )
+                if high > low:
+                    ends[partition] = (low, high)
+            total = sum(high - low for low, high in ends.values())
+            if total >= expect_at_least or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
+        remaining = {p: high for p, (_, high) in ends.items()}
+        while remaining and time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
                 continue
-            if msg.error():
-                continue
-            idle_polls = 0
             out.append((msg.key() or b"", msg.value() or b""))
+            if msg.offset() + 1 >= remaining.get(msg.partition(), 0):
+                remaining.pop(msg.partition(), None)
     finally:
         consumer.close()
     return out

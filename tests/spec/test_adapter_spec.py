@@ -45,6 +45,7 @@ from fhir_adapters.pipeline import Ingestor, Outcome
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import MemorySink
 from fhir_adapters.vault import MemoryVault
+from tests.adapter_helpers import public_key
 
 KEY = b"spec-pseudonym-key-0123456789abc"
 SOURCE = "urn:spec"
@@ -204,6 +205,7 @@ def accept(ingestor: Ingestor, resource: dict[str, Any], version: str | None = N
 
 def envelope(ingestor: Ingestor, resource_key: str) -> ResourceFacts:
     """The latest facts envelope published for a key, re-decoded from its wire form."""
+    resource_key = public_key(ingestor, resource_key)
     published = [e for e in sink_of(ingestor).published_facts if e.key == resource_key]
     assert published, f"nothing published for {resource_key}"
     latest = max(published, key=lambda e: e.seq)

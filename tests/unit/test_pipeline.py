@@ -17,6 +17,7 @@ from fhir_adapters.pipeline import STATUSES, Ingestor, Outcome
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import DeadLetter, MemorySink
 from fhir_adapters.vault import MemoryVault, SqlVault, Vault
+from tests.adapter_helpers import public_key
 
 SOURCE = "urn:test"
 SECRET = b"k" * 32
@@ -72,6 +73,7 @@ def one(
 
 
 def published(ingestor: Ingestor, rkey: str) -> list[ResourceFacts]:
+    rkey = public_key(ingestor, rkey)
     return [e for e in sink(ingestor).published_facts if e.key == rkey]
 
 

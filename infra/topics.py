@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
     partitions: int
     config: dict[str, str] = field(default_factory=dict)
     doc: str = ""
+
 
 FACTS = "concierge.facts.v1"
 REFERENCE = "concierge.reference.v1"
@@ -37,8 +39,11 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(
         DEADLETTER,
         partitions=1,
-        config={"cleanup.policy": "delete", "retention.ms": str(90 * 24 * 3600 * 1000),
-                "max.message.bytes": "10485760"},
+        config={
+            "cleanup.policy": "delete",
+            "retention.ms": str(90 * 24 * 3600 * 1000),
+            "max.message.bytes": "10485760",
+        },
         doc="Rejected input: an OperationOutcome and the original payload, kept 90 days.",
     ),
 )

@@ -8,6 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from concierge.audit import AuditLog
+from concierge.http import install_audit, install_problem_details
 from concierge.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
 
@@ -39,6 +41,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ingest = ingest_service
+    app.state.token_key = settings.token_key.get_secret_value().encode()
+    app.state.audit = AuditLog(settings.resolved_audit_url())
+    app.state.settings = settings
+    install_problem_details(app)
+    install_audit(app)
 
     def get_ingest(request: Request) -> IngestService:
         service: IngestService = request.app.state.ingest

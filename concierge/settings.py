@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     #: Default ``source system`` recorded in provenance when a resource does not say.
     source_system: str = "urn:concierge:source:default"
 
+    #: Key that signs API tokens (HS256). Keep it secret; rotate by issuing new tokens.
+    token_key: SecretStr = SecretStr("change-me-this-is-a-development-token-key")
+    #: The audit log (SQLAlchemy URL). Defaults to SQLite under ``home``.
+    audit_url: str | None = None
+
     # --- adapters ---
     #: ``fast``: checked extraction of every element the product uses; fhir.resources runs only to
     #: explain a rejection. ``full``: fhir.resources validates every resource before extraction.
@@ -59,6 +64,12 @@ class Settings(BaseSettings):
             return self.vault_url
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'identity-vault.sqlite'}"
+
+    def resolved_audit_url(self) -> str:
+        if self.audit_url:
+            return self.audit_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'audit.sqlite'}"
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

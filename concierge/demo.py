@@ -48,21 +48,6 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
     raise click.ClickException(f"{url} did not answer within {timeout:.0f} s (see {log})")
 
 
-def _bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [
-            {
-                "fullUrl": f"{r['resourceType']}/{r['id']}",
-                "resource": r,
-                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
-            }
-            for r in resources
-        ],
-    }
-
-
 @click.command()
 @click.option("--patients", default=3000, show_default=True, help="Population size.")
 @click.option("--seed", default=42, show_default=True, help="Generator seed.")
@@ -91,6 +76,7 @@ def demo(
     """Run the product live: broker, worker, API and a synthetic population streaming in."""
     from concierge.settings import get_settings
     from fhir_adapters.service import build_ingestor
+    from fhir_adapters.synthetic.cli import bundle
     from fhir_adapters.synthetic.generator import (
         GeneratorConfig,
         iter_patients,
@@ -131,12 +117,12 @@ def demo(
         config = GeneratorConfig(patients=patients, seed=seed)
         ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
         reference = list(iter_reference_resources(config))
-        ingestor.ingest_bundle(_bundle(reference), "demo:reference")
+        ingestor.ingestbundle(bundle(reference), "demo:reference")
         population: Iterator[list[dict[str, Any]]] = iter_patients(config)
         bulk = int(patients * bulk_fraction)
         started = time.perf_counter()
         for record in islice(population, bulk):
-            ingestor.ingest_bundle(_bundle(record), "demo:bulk")
+            ingestor.ingestbundle(bundle(record), "demo:bulk")
         ingestor.commit()
         ingestor.vault.close()
         click.echo(
@@ -153,7 +139,7 @@ def demo(
                     break
                 response = client.post(
                     "/fhir",
-                    content=_json(_bundle(record)),
+                    content=_json(bundle(record)),
                     headers={"Content-Type": "application/fhir+json"},
                 )
                 response.raise_for_status()

@@ -117,12 +117,12 @@ def demo(
         config = GeneratorConfig(patients=patients, seed=seed)
         ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
         reference = list(iter_reference_resources(config))
-        ingestor.ingestbundle(bundle(reference), "demo:reference")
+        ingestor.ingest_bundle(bundle(reference), "demo:reference")
         population: Iterator[list[dict[str, Any]]] = iter_patients(config)
         bulk = int(patients * bulk_fraction)
         started = time.perf_counter()
         for record in islice(population, bulk):
-            ingestor.ingestbundle(bundle(record), "demo:bulk")
+            ingestor.ingest_bundle(bundle(record), "demo:bulk")
         ingestor.commit()
         ingestor.vault.close()
         click.echo(

@@ -233,6 +233,8 @@ class Ingestor:
         self._pending: dict[str, IndexEntry] = {}
         #: Index entries read ahead for the current batch; None marks a key known to be absent.
         self._prefetched: dict[str, IndexEntry | None] = {}
+        #: >0 while a read-ahead batch (NDJSON chunk, Bundle) is being processed.
+        self._batch_depth = 0
         self._patients: OrderedDict[str, str] = OrderedDict()
         self._since_commit = 0
 
@@ -280,7 +282,11 @@ class Ingestor:
         self.vault.commit()
         # Forget what was read ahead: another process (the CLI beside the API) may write the
         # same vault, and a key remembered as absent must be looked up again next batch.
-        self._prefetched.clear()
+        if self._batch_depth:
+            # Mid-batch: what was read ahead (and just written) stays valid for the rest of it.
+            self._prefetched.update(self._pending)
+        else:
+            self._prefetched.clear()
         self._pending.clear()
         self._since_commit = 0
 
@@ -742,16 +748,20 @@ class Ingestor:
             if r is not None
         )
         big = len(orjson.dumps(bundle)) > self.max_resource_bytes if entries else False
-        for _, index, resource, request, where in work:
-            if resource is None:
-                outcomes[index] = self._entry_without_resource(request, where, notification)
-                continue
-            if big:
-                size = len(orjson.dumps(resource))
-                if size > self.max_resource_bytes:
-                    outcomes[index] = self._oversize(resource, size, where)
+        self._batch_depth += 1
+        try:
+            for _, index, resource, request, where in work:
+                if resource is None:
+                    outcomes[index] = self._entry_without_resource(request, where, notification)
                     continue
-            outcomes[index] = self.ingest_resource(resource, where, fhir_version, refs, request)
+                if big:
+                    size = len(orjson.dumps(resource))
+                    if size > self.max_resource_bytes:
+                        outcomes[index] = self._oversize(resource, size, where)
+                        continue
+                outcomes[index] = self.ingest_resource(resource, where, fhir_version, refs, request)
+        finally:
+            self._batch_depth -= 1
         return [outcomes[index] for index in sorted(outcomes)]
 
     def _entry_without_resource(
@@ -807,14 +817,20 @@ class Ingestor:
                     reference = subject.get("reference") if isinstance(subject, dict) else None
                     if isinstance(reference, str) and reference.startswith("Patient/"):
                         keys.append(resource_key(self.source, "Patient", reference[8:]))
+            if not self._batch_depth:
+                self._prefetched.clear()
             self.prefetch(keys)
-            for where, item in parsed:
-                if isinstance(item, Outcome):
-                    yield item
-                elif item.get("resourceType") == "Bundle":
-                    yield from self.ingest_bundle(item, where, fhir_version)
-                else:
-                    yield self.ingest_resource(item, where, fhir_version)
+            self._batch_depth += 1
+            try:
+                for where, item in parsed:
+                    if isinstance(item, Outcome):
+                        yield item
+                    elif item.get("resourceType") == "Bundle":
+                        yield from self.ingest_bundle(item, where, fhir_version)
+                    else:
+                        yield self.ingest_resource(item, where, fhir_version)
+            finally:
+                self._batch_depth -= 1
 
     def _parse_line(self, line: bytes, where: str) -> dict[str, Any] | Outcome:
         if len(line) > self.max_resource_bytes:

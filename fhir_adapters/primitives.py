@@ -206,7 +206,8 @@ def read_coding(value: object, expression: str) -> Coding | None:
     display = get_string(value, "display", expression)
     if code is None:
         return None
-    return Coding(system=system or "", code=code, display=display)
+    # Every field was checked above: skip re-validation on this hot path.
+    return Coding.model_construct(system=system or "", code=code, display=display)
 
 
 def read_codeable_concept(value: object, expression: str) -> tuple[Coding, ...]:
@@ -240,6 +241,9 @@ def first_code(codings: tuple[Coding, ...]) -> str | None:
     return codings[0].code if codings else None
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
 def read_reference(value: object, expression: str) -> str | None:
     """The ``reference`` string of a Reference (or None when it carries only an identifier)."""
     if value is None:
@@ -247,7 +251,7 @@ def read_reference(value: object, expression: str) -> str | None:
     if not isinstance(value, dict):
         raise InvalidElement(expression, f"expected a Reference object, got {_type_name(value)}")
     reference = get_string(value, "reference", expression)
-    if reference is not None and any(ch.isspace() for ch in reference):
+    if reference is not None and _WHITESPACE.search(reference):
         raise InvalidElement(f"{expression}.reference", f"invalid reference {reference!r}")
     return reference
 

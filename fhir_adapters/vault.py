@@ -149,6 +149,9 @@ class SqlVault:
             self._conn.commit()
         self._tx = self._conn.begin()
         self._orgs: dict[str, OrganizationRecord | None] = {}
+        self._statements: dict[str, Any] = {}
+        self._identity_buffer: dict[str, dict[str, Any]] = {}
+        self._identifier_buffer: dict[str, str] = {}
         self._devices: dict[str, DeviceDescription | None] = {}
 
     # -- index --
@@ -179,6 +182,13 @@ class SqlVault:
         self._upsert(resource_index_table, rows, "key")
 
     def _upsert(self, table: sa.Table, rows: list[dict[str, Any]], pk: str) -> None:
+        stmt = self._statements.get(table.name)
+        if stmt is None:
+            stmt = self._statements[table.name] = self._upsert_statement(table, pk)
+        self._conn.execute(stmt, rows)
+
+    def _upsert_statement(self, table: sa.Table, pk: str) -> Any:
+        """INSERT .. ON CONFLICT DO UPDATE, built once per table (building it is costly)."""
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -198,7 +208,7 @@ class SqlVault:
             )
         else:  # pragma: no cover - other databases are not supported targets
             raise RuntimeError(f"unsupported database {dialect}")
-        self._conn.execute(stmt, rows)
+        return stmt
 
     # -- identity --
     def put_identity(
@@ -220,15 +230,14 @@ class SqlVault:
             "identifiers_json": json.dumps(identity.identifiers),
             "updated_at": _now(),
         }
-        self._upsert(identity_table, [row], "pseudonym")
-        if identifier_hashes:
-            self._upsert(
-                patient_identifier_table,
-                [{"identifier_hash": h, "pseudonym": pseudonym} for h in identifier_hashes],
-                "identifier_hash",
-            )
+        # Buffered and written in one statement per batch at commit(); reads see the buffer.
+        self._identity_buffer[pseudonym] = row
+        for h in identifier_hashes:
+            self._identifier_buffer[h] = pseudonym
 
     def patient_by_identifier(self, identifier_hash: str) -> str | None:
+        if identifier_hash in self._identifier_buffer:
+            return self._identifier_buffer[identifier_hash]
         t = patient_identifier_table
         row = self._conn.execute(
             sa.select(t.c.pseudonym).where(t.c.identifier_hash == identifier_hash)
@@ -236,6 +245,8 @@ class SqlVault:
         return row.pseudonym if row else None
 
     def get_identity(self, pseudonym: str) -> dict[str, Any] | None:
+        if pseudonym in self._identity_buffer:
+            return dict(self._identity_buffer[pseudonym])
         t = identity_table
         row = self._conn.execute(sa.select(t).where(t.c.pseudonym == pseudonym)).first()
         return dict(row._mapping) if row else None
@@ -289,18 +300,37 @@ class SqlVault:
             "subscription",
         )
 
+    def _flush_buffers(self) -> None:
+        if self._identity_buffer:
+            self._upsert(identity_table, list(self._identity_buffer.values()), "pseudonym")
+            self._identity_buffer.clear()
+        if self._identifier_buffer:
+            self._upsert(
+                patient_identifier_table,
+                [
+                    {"identifier_hash": h, "pseudonym": p}
+                    for h, p in self._identifier_buffer.items()
+                ],
+                "identifier_hash",
+            )
+            self._identifier_buffer.clear()
+
     def commit(self) -> None:
+        self._flush_buffers()
         self._tx.commit()
         self._tx = self._conn.begin()
 
     def rollback(self) -> None:
         self._tx.rollback()
+        self._identity_buffer.clear()
+        self._identifier_buffer.clear()
         self._orgs.clear()
         self._devices.clear()
         self._tx = self._conn.begin()
 
     def close(self) -> None:
         if self._tx.is_active:
+            self._flush_buffers()
             self._tx.commit()
         self._conn.close()
         self.engine.dispose()

@@ -88,9 +88,11 @@ def write_population(
 
     meter = _Progress(config.patients, progress)
     try:
-        reference = list(iter_reference_resources(config))  # bounded: at most 200 sites
-        for resource in reference:
+        reference: list[dict[str, Any]] = []  # kept only for the reference Bundle
+        for resource in iter_reference_resources(config):
             emit(resource)
+            if bundles:
+                reference.append(resource)
         if bundles:
             (out / "bundles").mkdir(exist_ok=True)
             (out / "bundles" / "reference.json").write_bytes(dumps(bundle(reference)))

@@ -20,6 +20,14 @@ class TopicSpec:
 FACTS = "concierge.facts.v1"
 REFERENCE = "concierge.reference.v1"
 DEADLETTER = "concierge.deadletter.v1"
+#: Saved questions (registered trials), keyed by trial id; compacted: the registry of record.
+TRIALS = "concierge.trials.v1"
+#: Stream control, co-partitioned with the facts topic: stream-time ticks and trial changes,
+#: sent to every partition so each partition's state moves with them.
+CONTROL = "concierge.control.v1"
+#: Cohort membership per trial and patient (``trial|patient``), written by the stream worker on
+#: the patient's partition; compacted, so it holds each patient's latest membership.
+COHORT = "concierge.cohort.v1"
 
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
 
@@ -37,6 +45,24 @@ TOPICS: tuple[TopicSpec, ...] = (
         doc="Practitioners, roles, organisations and devices keyed by source/type/id; compacted.",
     ),
     TopicSpec(
+        TRIALS,
+        partitions=1,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        doc="Saved questions (trial registrations) keyed by trial id; compacted.",
+    ),
+    TopicSpec(
+        CONTROL,
+        partitions=6,
+        config={"cleanup.policy": "delete", "retention.ms": str(30 * 24 * 3600 * 1000)},
+        doc="Stream-time ticks and trial changes, one per facts partition; kept 30 days.",
+    ),
+    TopicSpec(
+        COHORT,
+        partitions=6,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        doc="Cohort membership keyed trial|patient on the patient's partition; compacted.",
+    ),
+    TopicSpec(
         DEADLETTER,
         partitions=1,
         config={
@@ -48,4 +74,4 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
 )
 
-__all__ = ["DEADLETTER", "FACTS", "REFERENCE", "TOPICS", "TopicSpec"]
+__all__ = ["COHORT", "CONTROL", "DEADLETTER", "FACTS", "REFERENCE", "TOPICS", "TRIALS", "TopicSpec"]

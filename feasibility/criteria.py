@@ -1,0 +1,562 @@
+"""The criteria model: what a feasibility question or a saved question asks, as JSON.
+
+The shape follows the structured-query convention: **inclusion** is an AND of steps, each step an
+OR of criteria; **exclusion** is an OR of steps, each step an AND of criteria; the cohort is
+inclusion AND NOT exclusion. Each step is one line of the attrition funnel. Inside a step,
+criteria nest freely with ``all_of`` / ``any_of`` / ``not``.
+
+Every criterion evaluates per patient to TRUE, FALSE or UNKNOWN (no data to decide), with
+Kleene's three-valued logic for the connectives. A patient is in the cohort when every inclusion
+step is TRUE and no exclusion step is TRUE (with ``exclusion_unknown: "exclude"``, an UNKNOWN
+exclusion step also excludes).
+
+Time: every question has an **index instant** T: ``index_date`` (the end of that day, UTC) or,
+when absent, the evaluation time ("now", which moves for saved questions). Events after T are
+never considered. A window ``{"start": -180, "end": 0}`` keeps events whose date lies in
+``[anchor + start days, anchor + end days]`` (both ends inclusive), where the anchor is T or,
+with ``"anchor": "<criterion id>"``, the earliest qualifying event of that criterion ("after
+diagnosis"). ``{"days_before": 180}`` is shorthand for ``{"start": -180, "end": 0}``.
+
+The model is the single source of truth; engines (:mod:`feasibility.engines`), checks
+(:mod:`feasibility.checks`) and rendering (:mod:`feasibility.render`) are separate readers of it.
+The JSON schema is versioned by ``schema``: ``concierge.criteria/1``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from . import terminology
+
+SCHEMA = "concierge.criteria/1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- codes
+
+
+class Code(_Model):
+    """A coded term: exactly one of ``code``, ``prefix``, ``range`` (with a system) or
+    ``concept`` (a named code group from :data:`feasibility.terminology.CONCEPTS`)."""
+
+    system: str | None = None
+    code: str | None = None
+    prefix: str | None = None
+    range: str | None = Field(default=None, description="Inclusive, e.g. 'E10-E14'")
+    concept: str | None = None
+    display: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Code:
+        given = [n for n in ("code", "prefix", "range", "concept") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(
+                "a code needs exactly one of code, prefix, range or concept"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.concept is not None:
+            if self.concept not in terminology.CONCEPTS:
+                raise ValueError(
+                    f"unknown concept {self.concept!r}; known: "
+                    + ", ".join(sorted(terminology.CONCEPTS))
+                )
+            return self
+        if not self.system:
+            raise ValueError("a code, prefix or range needs a system (e.g. 'icd10', a URI)")
+        system = terminology.canonical_system(self.system)
+        if (self.prefix or self.range) and system not in terminology.CLASSIFICATIONS:
+            raise ValueError(
+                f"prefix and range matching is for ICD-10 and OPCS-4 codes, not {self.system}"
+            )
+        if self.range is not None:
+            low, sep, high = self.range.partition("-")
+            lo = terminology.normalise_code(system, low)
+            hi = terminology.normalise_code(system, high)
+            if not sep or not lo or not hi or len(lo) != len(hi) or lo > hi:
+                raise ValueError(
+                    f"range {self.range!r} must be 'LOW-HIGH' with bounds of equal length, "
+                    "LOW <= HIGH (e.g. 'E10-E14')"
+                )
+        return self
+
+    @property
+    def canonical_system(self) -> str:
+        assert self.system is not None
+        return terminology.canonical_system(self.system)
+
+
+Codes = Annotated[list[Code], Field(min_length=1)]
+
+
+# --------------------------------------------------------------------------- time
+
+
+class Window(_Model):
+    """Days relative to the anchor (T, or another criterion's first event); None: unbounded."""
+
+    start: int | None = None
+    end: int | None = 0
+    anchor: str = "index"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "days_before" in data:
+            data = dict(data)
+            days = data.pop("days_before")
+            if "start" in data or "end" in data:
+                raise ValueError("days_before cannot be combined with start/end")
+            if not isinstance(days, int) or isinstance(days, bool) or days < 0:
+                raise ValueError("days_before must be a non-negative whole number of days")
+            data["start"], data["end"] = -days, 0
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.start is not None and self.end is not None and self.start > self.end:
+            raise ValueError(f"window start ({self.start}) is after its end ({self.end})")
+        return self
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+class _Criterion(_Model):
+    #: Names the criterion so a window can be anchored on it.
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+    label: str | None = None
+
+
+class _Events(_Criterion):
+    window: Window | None = None
+    min_count: int = Field(default=1, ge=1, description="At least this many qualifying records")
+
+
+class ConditionCriterion(_Events):
+    type: Literal["condition"] = "condition"
+    codes: Codes
+    #: Clinical statuses that count (None: any). Refuted and entered-in-error never count.
+    clinical_status: list[str] | None = None
+
+
+class ValueTest(_Model):
+    """Bounds on a numeric value in ``unit`` (UCUM); values in other units are converted."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    eq: float | None = None
+    unit: str | None = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> ValueTest:
+        if all(getattr(self, b) is None for b in ("gt", "ge", "lt", "le", "eq")):
+            raise ValueError("a value test needs at least one of gt, ge, lt, le, eq")
+        return self
+
+    def passes(self, value: float) -> bool:
+        return (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+            and (self.eq is None or value == self.eq)
+        )
+
+
+class ObservationCriterion(_Events):
+    """A measurement or coded result. Without a test it asks whether one exists; with a test
+    (value, value_codes, interpretation) the test applies to the ``select``-ed observation:
+    ``latest`` (default; most recent in the window that can be tested), ``any`` (at least
+    ``min_count`` pass), ``min`` / ``max`` (extreme converted value). No testable observation
+    in the window: UNKNOWN."""
+
+    type: Literal["observation"] = "observation"
+    codes: Codes
+    #: Test a component (e.g. systolic 8480-6 of a blood pressure panel) instead of the value.
+    component: list[Code] | None = None
+    value: ValueTest | None = None
+    value_codes: list[Code] | None = None
+    #: Interpretation codes (v3-ObservationInterpretation: H, L, N, A, ...).
+    interpretation: list[str] | None = None
+    select: Literal["latest", "any", "min", "max"] = "latest"
+
+    @model_validator(mode="after")
+    def _select_needs_value(self) -> ObservationCriterion:
+        if self.select in ("min", "max") and self.value is None:
+            raise ValueError(f"select '{self.select}' needs a value test")
+        if self.has_test and self.select != "any" and self.min_count > 1:
+            raise ValueError(
+                f"min_count applies to existence or select 'any', not select '{self.select}'"
+            )
+        return self
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.value or self.value_codes or self.interpretation)
+
+
+class MedicationCriterion(_Events):
+    type: Literal["medication"] = "medication"
+    codes: Codes
+    #: Statuses that count (None: all but entered-in-error, cancelled, not-taken).
+    status: list[str] | None = None
+
+
+class ProcedureCriterion(_Events):
+    type: Literal["procedure"] = "procedure"
+    codes: Codes
+    status: list[str] | None = None
+
+
+class DeviceCriterion(_Events):
+    """Exposure to a device, by type code, manufacturer and/or model (any that is given must
+    match; names compare case-insensitively)."""
+
+    type: Literal["device"] = "device"
+    device_types: list[Code] | None = None
+    manufacturer: list[str] | None = None
+    model: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> DeviceCriterion:
+        if not (self.device_types or self.manufacturer or self.model):
+            raise ValueError("a device criterion needs device_types, manufacturer or model")
+        return self
+
+
+class AgeCriterion(_Criterion):
+    """Age in completed years at the index instant, bounds inclusive."""
+
+    type: Literal["age"] = "age"
+    min: int | None = Field(default=None, ge=0, le=150)
+    max: int | None = Field(default=None, ge=0, le=150)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AgeCriterion:
+        if self.min is None and self.max is None:
+            raise ValueError("an age criterion needs min and/or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"age min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class SexCriterion(_Criterion):
+    type: Literal["sex"] = "sex"
+    values: Annotated[list[Literal["male", "female", "other"]], Field(min_length=1)]
+
+
+class SiteCriterion(_Criterion):
+    type: Literal["site"] = "site"
+    sites: Annotated[list[str], Field(min_length=1)]
+
+
+class RegionCriterion(_Criterion):
+    type: Literal["region"] = "region"
+    regions: Annotated[list[str], Field(min_length=1)]
+
+
+class CancerStageCriterion(_Events):
+    """The latest recorded stage group (AJCC) is one of ``stages``; "III" covers IIIA-IIIC."""
+
+    type: Literal["cancer_stage"] = "cancer_stage"
+    stages: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("stages")
+    @classmethod
+    def _known(cls, stages: list[str]) -> list[str]:
+        out = []
+        for stage in stages:
+            s = stage.strip().upper().removeprefix("STAGE ").strip()
+            if s not in terminology.STAGES:
+                raise ValueError(f"unknown stage {stage!r}; one of {', '.join(terminology.STAGES)}")
+            out.append(s)
+        return out
+
+
+class MolecularMarkerCriterion(_Events):
+    """The latest result of a marker test (EGFR, KRAS, BRAF, ALK mutation; HER2 expression)."""
+
+    type: Literal["molecular_marker"] = "molecular_marker"
+    marker: str
+    status: str
+
+    @model_validator(mode="after")
+    def _known(self) -> MolecularMarkerCriterion:
+        marker = terminology.MARKERS.get(self.marker.upper())
+        if marker is None:
+            raise ValueError(
+                f"unknown marker {self.marker!r}; one of {', '.join(terminology.MARKERS)}"
+            )
+        if self.status not in marker.answers:
+            raise ValueError(
+                f"{marker.name} status must be one of {', '.join(marker.answers)}, "
+                f"not {self.status!r}"
+            )
+        return self
+
+
+class AllOf(_Criterion):
+    type: Literal["all_of"] = "all_of"
+    criteria: Annotated[list[Criterion], Field(min_length=1)]
+
+
+class AnyOf(_Criterion):
+    type: Literal["any_of"] = "any_of"
+    criteria: Annotated[list[Criterion], Field(min_length=1)]
+
+
+class Not(_Criterion):
+    type: Literal["not"] = "not"
+    criterion: Criterion
+
+
+Criterion = Annotated[
+    Union[  # noqa: UP007 (a discriminated union of forward references reads better this way)
+        ConditionCriterion,
+        ObservationCriterion,
+        MedicationCriterion,
+        ProcedureCriterion,
+        DeviceCriterion,
+        AgeCriterion,
+        SexCriterion,
+        SiteCriterion,
+        RegionCriterion,
+        CancerStageCriterion,
+        MolecularMarkerCriterion,
+        AllOf,
+        AnyOf,
+        Not,
+    ],
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES = (
+    ConditionCriterion,
+    ObservationCriterion,
+    MedicationCriterion,
+    ProcedureCriterion,
+    DeviceCriterion,
+    CancerStageCriterion,
+    MolecularMarkerCriterion,
+)
+
+AllOf.model_rebuild()
+AnyOf.model_rebuild()
+Not.model_rebuild()
+
+
+# --------------------------------------------------------------------------- steps, question
+
+
+def _wrap_step(data: Any, key: str) -> Any:
+    """A step given as a bare criterion becomes a step of one criterion."""
+    if isinstance(data, dict) and key not in data and "type" in data:
+        return {"criteria_key_": key, key: [data], "label": data.get("label")}
+    return data
+
+
+class InclusionStep(_Model):
+    """Patients pass when ANY of the criteria is TRUE."""
+
+    label: str | None = None
+    any_of: Annotated[list[Criterion], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, data: Any) -> Any:
+        data = _wrap_step(data, "any_of")
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "criteria_key_"}
+        return data
+
+
+class ExclusionStep(_Model):
+    """Patients are excluded when ALL of the criteria are TRUE."""
+
+    label: str | None = None
+    all_of: Annotated[list[Criterion], Field(min_length=1)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare(cls, data: Any) -> Any:
+        data = _wrap_step(data, "all_of")
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "criteria_key_"}
+        return data
+
+
+class Question(_Model):
+    """A feasibility question: the criteria of a trial's cohort."""
+
+    schema_: Literal["concierge.criteria/1"] = Field(default="concierge.criteria/1", alias="schema")
+    title: str | None = None
+    description: str | None = None
+    #: The index date (its end, UTC). None: the evaluation time.
+    index_date: date | None = None
+    inclusion: Annotated[list[InclusionStep], Field(min_length=1)]
+    exclusion: list[ExclusionStep] = Field(default_factory=list)
+    #: Whether an exclusion step that is UNKNOWN keeps the patient (default) or excludes them.
+    exclusion_unknown: Literal["keep", "exclude"] = "keep"
+
+    @model_validator(mode="after")
+    def _anchors(self) -> Question:
+        ids: dict[str, Any] = {}
+        for criterion in iter_criteria(self):
+            if criterion.id is not None:
+                if criterion.id in ids:
+                    raise ValueError(f"criterion id {criterion.id!r} is used twice")
+                ids[criterion.id] = criterion
+        for criterion in iter_criteria(self):
+            window = getattr(criterion, "window", None)
+            if window is None or window.anchor == "index":
+                continue
+            anchor = ids.get(window.anchor)
+            if anchor is None:
+                raise ValueError(
+                    f"window anchor {window.anchor!r} names no criterion "
+                    f"(ids: {', '.join(sorted(ids)) or 'none'})"
+                )
+            if not isinstance(anchor, EVENT_TYPES):
+                raise ValueError(f"window anchor {window.anchor!r} must be an event criterion")
+            if anchor is criterion:
+                raise ValueError(f"criterion {window.anchor!r} is anchored on itself")
+            anchor_window = getattr(anchor, "window", None)
+            if anchor_window is not None and anchor_window.anchor != "index":
+                raise ValueError(
+                    f"anchor {window.anchor!r} is itself anchored; anchors must be one level"
+                )
+        return self
+
+    @property
+    def steps(self) -> list[InclusionStep | ExclusionStep]:
+        return [*self.inclusion, *self.exclusion]
+
+    def index_instant(self, evaluation_time: datetime) -> datetime:
+        """T: the end of ``index_date`` (UTC) or the evaluation time."""
+        if self.index_date is None:
+            if evaluation_time.tzinfo is None:
+                return evaluation_time.replace(tzinfo=UTC)
+            return evaluation_time.astimezone(UTC)
+        return datetime.combine(self.index_date + timedelta(days=1), time(), UTC) - timedelta(
+            microseconds=1
+        )
+
+    def to_json(self) -> str:
+        # None is meaningful (an open window end), so it is written out
+        return self.model_dump_json(by_alias=True)
+
+
+def iter_criteria(question: Question) -> list[Any]:
+    """Every criterion in the question, depth first, in order."""
+    out: list[Any] = []
+
+    def walk(criterion: Any) -> None:
+        out.append(criterion)
+        if isinstance(criterion, AllOf | AnyOf):
+            for child in criterion.criteria:
+                walk(child)
+        elif isinstance(criterion, Not):
+            walk(criterion.criterion)
+
+    for step in question.inclusion:
+        for criterion in step.any_of:
+            walk(criterion)
+    for xstep in question.exclusion:
+        for criterion in xstep.all_of:
+            walk(criterion)
+    return out
+
+
+def step_label(step: InclusionStep | ExclusionStep, index: int) -> str:
+    if step.label:
+        return step.label
+    criteria = step.any_of if isinstance(step, InclusionStep) else step.all_of
+    first = criteria[0]
+    name = first.label or first.type.replace("_", " ")
+    joiner = " or " if isinstance(step, InclusionStep) else " and "
+    more = f"{joiner}{len(criteria) - 1} more" if len(criteria) > 1 else ""
+    kind = "include" if isinstance(step, InclusionStep) else "exclude"
+    return f"{index + 1}. {kind}: {name}{more}"
+
+
+_QUESTION = TypeAdapter(Question)
+
+
+class CriteriaError(ValueError):
+    """Malformed criteria, with one readable line per problem (``errors``)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__(
+            "invalid criteria:\n"
+            + "\n".join(f"  {e['loc'] or '(root)'}: {e['msg']}" for e in errors)
+        )
+
+
+def parse_question(data: str | bytes | dict[str, Any]) -> Question:
+    """Parse criteria JSON (text or an object); raises :class:`CriteriaError`."""
+    try:
+        if isinstance(data, str | bytes):
+            return _QUESTION.validate_json(data)
+        return _QUESTION.validate_python(data)
+    except ValidationError as exc:
+        raise CriteriaError(
+            [
+                {
+                    "loc": ".".join(str(p) for p in e["loc"]),
+                    "msg": e["msg"].removeprefix("Value error, "),
+                }
+                for e in exc.errors()
+            ]
+        ) from None
+
+
+def json_schema() -> dict[str, Any]:
+    return _QUESTION.json_schema(by_alias=True)
+
+
+__all__ = [
+    "SCHEMA",
+    "AgeCriterion",
+    "AllOf",
+    "AnyOf",
+    "CancerStageCriterion",
+    "Code",
+    "ConditionCriterion",
+    "CriteriaError",
+    "Criterion",
+    "DeviceCriterion",
+    "ExclusionStep",
+    "InclusionStep",
+    "MedicationCriterion",
+    "MolecularMarkerCriterion",
+    "Not",
+    "ObservationCriterion",
+    "ProcedureCriterion",
+    "Question",
+    "RegionCriterion",
+    "SexCriterion",
+    "SiteCriterion",
+    "ValueTest",
+    "Window",
+    "iter_criteria",
+    "json_schema",
+    "parse_question",
+    "step_label",
+]

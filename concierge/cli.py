@@ -17,6 +17,7 @@ VERBS: dict[str, str] = {
     "generate": "fhir_adapters.synthetic.cli:generate",
     "stats": "surveillance_stream.statistics.cli:stats",
     "demo": "concierge.demo:demo",
+    "feasibility": "feasibility.cli:feasibility",
     "token": "concierge.admin_cli:token",
     "audit": "concierge.admin_cli:audit",
 }

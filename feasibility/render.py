@@ -1,0 +1,124 @@
+"""Human-readable rendering of criteria: a reader of the criteria model, like the engines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .criteria import (
+    AgeCriterion,
+    AllOf,
+    AnyOf,
+    CancerStageCriterion,
+    Code,
+    ConditionCriterion,
+    DeviceCriterion,
+    MedicationCriterion,
+    MolecularMarkerCriterion,
+    Not,
+    ObservationCriterion,
+    ProcedureCriterion,
+    Question,
+    RegionCriterion,
+    SexCriterion,
+    SiteCriterion,
+    ValueTest,
+    Window,
+    step_label,
+)
+from .terminology import CONCEPTS
+
+
+def code(c: Code) -> str:
+    if c.concept:
+        return CONCEPTS[c.concept].display
+    what = c.code or (f"{c.prefix}*" if c.prefix else c.range)
+    label = f" ({c.display})" if c.display else ""
+    return f"{c.system} {what}{label}"
+
+
+def codes(cs: list[Code]) -> str:
+    return " or ".join(code(c) for c in cs)
+
+
+def window(w: Window | None) -> str:
+    if w is None:
+        return "ever"
+    anchor = "the index date" if w.anchor == "index" else f"the first {w.anchor}"
+    if w.start is not None and w.end == 0 and w.start <= 0 and w.anchor == "index":
+        return f"in the {-w.start} days before {anchor}"
+    start = "any time" if w.start is None else f"{w.start:+d} days"
+    end = "the index date" if w.end is None else f"{w.end:+d} days"
+    return f"from {start} to {end} relative to {anchor}"
+
+
+def value(v: ValueTest) -> str:
+    parts = []
+    for name, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("eq", "=")):
+        bound = getattr(v, name)
+        if bound is not None:
+            parts.append(f"{symbol} {bound:g}")
+    return " and ".join(parts) + (f" {v.unit}" if v.unit else "")
+
+
+def criterion(c: Any) -> str:
+    count = f"at least {c.min_count} records of " if getattr(c, "min_count", 1) > 1 else ""
+    if isinstance(c, ConditionCriterion):
+        return f"{count}diagnosis of {codes(c.codes)}, {window(c.window)}"
+    if isinstance(c, MedicationCriterion):
+        return f"{count}medicine {codes(c.codes)}, {window(c.window)}"
+    if isinstance(c, ProcedureCriterion):
+        return f"{count}procedure {codes(c.codes)}, {window(c.window)}"
+    if isinstance(c, DeviceCriterion):
+        what = [codes(c.device_types) if c.device_types else "", ", ".join(c.model or ()),
+                ", ".join(c.manufacturer or ())]  # fmt: skip
+        return f"{count}device {' / '.join(w for w in what if w)}, {window(c.window)}"
+    if isinstance(c, ObservationCriterion):
+        subject = codes(c.codes) + (f" ({codes(c.component)})" if c.component else "")
+        tests = []
+        if c.value:
+            tests.append(value(c.value))
+        if c.value_codes:
+            tests.append("result " + codes(c.value_codes))
+        if c.interpretation:
+            tests.append("flagged " + "/".join(c.interpretation))
+        if not tests:
+            return f"{count}a {subject} result, {window(c.window)}"
+        return f"{c.select} {subject} {' and '.join(tests)}, {window(c.window)}"
+    if isinstance(c, AgeCriterion):
+        if c.min is not None and c.max is not None:
+            return f"aged {c.min} to {c.max}"
+        return f"aged {c.min} or over" if c.min is not None else f"aged {c.max} or under"
+    if isinstance(c, SexCriterion):
+        return "sex " + " or ".join(c.values)
+    if isinstance(c, SiteCriterion):
+        return "at site " + ", ".join(c.sites)
+    if isinstance(c, RegionCriterion):
+        return "in " + ", ".join(c.regions)
+    if isinstance(c, CancerStageCriterion):
+        return "latest stage " + ", ".join(c.stages)
+    if isinstance(c, MolecularMarkerCriterion):
+        return f"latest {c.marker} {c.status.replace('_', ' ')}"
+    if isinstance(c, AllOf):
+        return "all of (" + "; ".join(criterion(x) for x in c.criteria) + ")"
+    if isinstance(c, AnyOf):
+        return "any of (" + "; ".join(criterion(x) for x in c.criteria) + ")"
+    if isinstance(c, Not):
+        return "not (" + criterion(c.criterion) + ")"
+    raise TypeError(type(c).__name__)
+
+
+def render(question: Question) -> str:
+    lines = [question.title or "Feasibility question"]
+    when = question.index_date.isoformat() if question.index_date else "the time of asking"
+    lines.append(f"Index date: {when}")
+    for i, step in enumerate(question.steps):
+        items = step.any_of if hasattr(step, "any_of") else step.all_of
+        joiner = " OR " if hasattr(step, "any_of") else " AND "
+        lines.append(f"  {step_label(step, i)}: " + joiner.join(criterion(c) for c in items))
+    if question.exclusion:
+        keep = "kept" if question.exclusion_unknown == "keep" else "excluded"
+        lines.append(f"Patients whose exclusion criteria cannot be decided are {keep}.")
+    return "\n".join(lines)
+
+
+__all__ = ["render"]

@@ -1,0 +1,235 @@
+"""Saved questions: trials registered by sponsors, kept on the compacted trials topic.
+
+The trials topic is the registry of record (``docs/reference/cohort-events.md``). The API
+writes a new version of a trial's record for each registration, change or retirement and reads
+the topic back into a :class:`SavedQuestions` view, so every API process agrees on the registry
+and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from pydantic import BaseModel, ConfigDict, Field
+
+from .criteria import Question
+
+log = logging.getLogger(__name__)
+
+TRIAL_SCHEMA = "concierge.trial/1"
+
+
+class TrialCreate(BaseModel):
+    """What a sponsor sends to register (or change) a saved question."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{2,63}$", description="Slug, e.g. t2dm-sglt2-001")
+    title: str = Field(min_length=1, max_length=300)
+    criteria: Question
+    recruiting_sites: list[str] = Field(default_factory=list, description="ODS codes")
+    target: int | None = Field(default=None, ge=1)
+    site_targets: dict[str, int] = Field(default_factory=dict)
+    #: Site ODS code -> Practitioner reference key of the site's named recruiter.
+    recruiters: dict[str, str] = Field(default_factory=dict)
+
+
+class TrialRecord(TrialCreate):
+    """A saved question as kept on the trials topic."""
+
+    schema_: Literal["concierge.trial/1"] = Field(default="concierge.trial/1", alias="schema")
+    version: int = Field(ge=1)
+    sponsor: str
+    status: Literal["active", "retired"] = "active"
+    registered_at: datetime
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class TrialPublic(BaseModel):
+    """A saved question as its sponsor sees it."""
+
+    id: str
+    version: int
+    title: str
+    status: str
+    criteria: dict[str, Any]
+    recruiting_sites: list[str]
+    target: int | None
+    site_targets: dict[str, int]
+    registered_at: datetime
+
+    @classmethod
+    def of(cls, record: TrialRecord) -> TrialPublic:
+        return cls(
+            id=record.id,
+            version=record.version,
+            title=record.title,
+            status=record.status,
+            criteria=orjson.loads(record.criteria.to_json()),
+            recruiting_sites=record.recruiting_sites,
+            target=record.target,
+            site_targets=record.site_targets,
+            registered_at=record.registered_at,
+        )
+
+
+class NotYours(PermissionError):
+    pass
+
+
+class SavedQuestions:
+    """The registry view: a background reader of the trials topic plus a writer."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.trials: dict[str, TrialRecord] = {}
+        self._lock = threading.Lock()
+        self._producer: Producer | None = None
+        self._stop = threading.Event()
+        self._loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    def start(self) -> SavedQuestions:
+        self._thread = threading.Thread(target=self._run, name="trials-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._producer is not None:
+            self._producer.flush(10)
+
+    def wait_loaded(self, timeout: float) -> bool:
+        return self._loaded.wait(timeout)
+
+    def _run(self) -> None:
+        try:
+            consumer = Consumer(
+                {
+                    "bootstrap.servers": self.bootstrap,
+                    "group.id": "concierge-trials-unused",
+                    "enable.auto.commit": False,
+                }
+            )
+            metadata = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
+            if metadata is None or metadata.error is not None:
+                raise RuntimeError(f"topic {self.topic} is not available")
+            partitions = sorted(metadata.partitions)
+            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
+            ends = {
+                p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                for p in partitions
+            }
+            seen = {p: 0 for p in partitions}
+            if all(v == 0 for v in ends.values()):
+                self._loaded.set()
+            while not self._stop.is_set():
+                for message in consumer.consume(500, timeout=0.2):
+                    value, offset = message.value(), message.offset()
+                    if message.error() is not None or value is None or offset is None:
+                        continue
+                    self._absorb(value)
+                    seen[message.partition()] = offset + 1
+                if not self._loaded.is_set() and all(seen[p] >= ends[p] for p in partitions):
+                    self._loaded.set()
+            consumer.close()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("trials feed stopped: %s", self.error)
+
+    def _absorb(self, value: bytes) -> None:
+        try:
+            record = TrialRecord.model_validate_json(value)
+        except ValueError as exc:
+            log.error("unreadable trial record skipped: %s", exc)
+            return
+        with self._lock:
+            current = self.trials.get(record.id)
+            if current is None or current.version < record.version:
+                self.trials[record.id] = record
+
+    def _publish(self, record: TrialRecord) -> None:
+        if self._producer is None:
+            self._producer = Producer(
+                {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "acks": "all"}
+            )
+        errors: list[str] = []
+        self._producer.produce(
+            self.topic,
+            key=record.id.encode(),
+            value=record.to_json(),
+            on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+        )
+        remaining = self._producer.flush(30)
+        if remaining or errors:
+            raise RuntimeError(f"trial record not delivered: {errors or remaining}")
+        self._absorb(record.to_json())
+
+    def register(self, create: TrialCreate, sponsor: str) -> TrialRecord:
+        with self._lock:
+            current = self.trials.get(create.id)
+        if current is not None and current.sponsor != sponsor:
+            raise NotYours(f"trial {create.id} belongs to another sponsor")
+        record = TrialRecord(
+            **create.model_dump(),
+            version=(current.version + 1) if current else 1,
+            sponsor=sponsor,
+            status="active",
+            registered_at=datetime.now(UTC),
+        )
+        self._publish(record)
+        return record
+
+    def retire(self, trial_id: str, sponsor: str) -> TrialRecord:
+        current = self.get(trial_id, sponsor)
+        record = current.model_copy(
+            update={
+                "version": current.version + 1,
+                "status": "retired",
+                "registered_at": datetime.now(UTC),
+            }
+        )
+        self._publish(record)
+        return record
+
+    def get(self, trial_id: str, sponsor: str | None = None) -> TrialRecord:
+        with self._lock:
+            record = self.trials.get(trial_id)
+        if record is None:
+            raise KeyError(trial_id)
+        if sponsor is not None and record.sponsor != sponsor:
+            raise NotYours(f"trial {trial_id} belongs to another sponsor")
+        return record
+
+    def of_sponsor(self, sponsor: str) -> list[TrialRecord]:
+        with self._lock:
+            return sorted(
+                (r for r in self.trials.values() if r.sponsor == sponsor), key=lambda r: r.id
+            )
+
+    def wait_version(self, trial_id: str, version: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                record = self.trials.get(trial_id)
+            if record is not None and record.version >= version:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+__all__ = ["NotYours", "SavedQuestions", "TrialCreate", "TrialPublic", "TrialRecord"]

@@ -270,3 +270,22 @@ def decode_reference(data: bytes | str) -> ReferenceRecord:
 
 def resource_key(source: str, resource_type: str, resource_id: str) -> str:
     return f"{source}|{resource_type}|{resource_id}"
+
+
+BATCH_SCHEMA = "concierge.factbatch/1"
+
+
+def envelopes_of(value: bytes | str) -> list[dict[str, object]]:
+    """The envelopes in one facts-topic message, as plain objects (no validation).
+
+    A message holds one ``ResourceFacts`` envelope, or a batch of one patient's envelopes
+    (``{"schema": "concierge.factbatch/1", "patient": ..., "envelopes": [...]}``). Consumers
+    downstream of the adapters read messages with this, so they accept both shapes.
+    """
+    import orjson
+
+    document = orjson.loads(value)
+    if isinstance(document, dict) and document.get("schema") == BATCH_SCHEMA:
+        envelopes = document.get("envelopes")
+        return list(envelopes) if isinstance(envelopes, list) else []
+    return [document] if isinstance(document, dict) else []

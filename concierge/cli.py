@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "stats": "surveillance_stream.statistics.cli:stats",
     "demo": "concierge.demo:demo",
     "feasibility": "feasibility.cli:feasibility",
+    "recruitment": "recruitment.cli:recruitment",
     "token": "concierge.admin_cli:token",
     "audit": "concierge.admin_cli:audit",
 }

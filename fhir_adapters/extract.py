@@ -859,6 +859,12 @@ def extract_practitioner_role(resource: Mapping[str, Any], ctx: ExtractionContex
         practitioner=ctx.key_for(practitioner, "Practitioner") if practitioner else None,
         organization=ctx.key_for(organization, "Organization") if organization else None,
         codes=get_codeable_concepts(resource, "code", path),
+        texts=tuple(
+            text
+            for i, concept in enumerate(get_list(resource, "code", path))
+            if isinstance(concept, Mapping)
+            and (text := get_string(concept, "text", f"{path}.code[{i}]"))
+        ),
         specialties=get_codeable_concepts(resource, "specialty", path),
         email=_email(resource, path),
         active=get_bool(resource, "active", path) is not False,

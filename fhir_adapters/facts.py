@@ -219,6 +219,9 @@ class PractitionerRoleRecord(_Frozen):
     practitioner: str | None = None
     organization: str | None = None
     codes: tuple[Coding, ...] = ()
+    #: Free-text role descriptions (``code[].text``), e.g. "Research nurse - clinical trial
+    #: recruiter": roles that no code describes are often only said in words.
+    texts: tuple[str, ...] = ()
     specialties: tuple[Coding, ...] = ()
     email: str | None = None
     active: bool = True

@@ -1,0 +1,16 @@
+"""Recruitment: cohort entries become candidates, routed to the patient's own clinician.
+
+Layers, each usable alone:
+
+* :mod:`recruitment.lifecycle` and :mod:`recruitment.rules`, :mod:`recruitment.routing`: the
+  invitation state machine, the rules that hold candidates back, and routing, as pure functions;
+* :mod:`recruitment.models`, :mod:`recruitment.db`: the database (SQLAlchemy 2, Alembic);
+* :mod:`recruitment.service`: applies topic messages and clinician actions, idempotently;
+* :mod:`recruitment.consumer`: the Kafka consumer (one transaction per batch, offsets with it);
+* :mod:`recruitment.notify`, :mod:`recruitment.scheduler`: the outbox, delivery, scheduled work;
+* :mod:`recruitment.api`, :mod:`recruitment.access`: the clinician API and who sees whom;
+* :mod:`recruitment.cli`: ``concierge recruitment run | migrate | dispatch | funnel``.
+
+Identifiable data is read only by :mod:`recruitment.api`, from the identity vault, for the
+clinician's own patients; nothing here logs it or stores it.
+"""

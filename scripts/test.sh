@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: install, start a real Kafka broker, lint, type-check,
-# run every test tier. Extra arguments go to pytest (e.g. scripts/test.sh -k worker).
+# The whole test suite on a fresh machine: install, start a real Kafka broker and PostgreSQL,
+# lint, type-check, run every test tier. Extra arguments go to pytest (e.g. scripts/test.sh -k worker).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,23 +9,34 @@ export CONCIERGE_HOME="${CONCIERGE_HOME:-$root/var/test-home}"
 export CONCIERGE_BROKER_PORT="${CONCIERGE_BROKER_PORT:-19092}"
 export CONCIERGE_CONTROLLER_PORT="${CONCIERGE_CONTROLLER_PORT:-19093}"
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$CONCIERGE_BROKER_PORT}"
+# Tests that need the broker or PostgreSQL fail rather than skip when either is missing.
+export CI="${CI:-true}"
 
 started_broker=0
-if ! concierge broker status --quiet >/dev/null 2>&1; then
-  echo "== starting the Kafka broker ($KAFKA_BOOTSTRAP_SERVERS)"
-  concierge broker start
-  started_broker=1
-fi
+started_postgres=0
 cleanup() {
   if [ "$started_broker" = 1 ]; then concierge broker stop >/dev/null 2>&1 || true; fi
+  if [ "$started_postgres" = 1 ]; then bash scripts/postgres.sh stop >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
+
+if ! concierge broker status --quiet >/dev/null 2>&1; then
+  echo "== starting the Kafka broker ($KAFKA_BOOTSTRAP_SERVERS)"
+  started_broker=1
+  concierge broker start
+fi
+if [ -z "${CONCIERGE_TEST_POSTGRES_URL:-}" ]; then
+  echo "== starting PostgreSQL (installed from Debian's packages if missing)"
+  started_postgres=1
+  CONCIERGE_TEST_POSTGRES_URL="$(bash scripts/postgres.sh start)"
+  export CONCIERGE_TEST_POSTGRES_URL
+fi
 
 echo "== ruff"
 ruff check .
 ruff format --check .
 echo "== mypy"
-mypy concierge fhir_adapters feasibility surveillance_stream infra
+mypy concierge fhir_adapters feasibility surveillance_stream infra recruitment
 echo "== pytest"
 mkdir -p test-artifacts
 pytest -p no:cacheprovider "$@"

@@ -1,0 +1,347 @@
+"""The recruitment consumer: trials, cohort, facts and reference topics into the database.
+
+Exactly-once effect, the simple way:
+
+* each batch of messages is applied in **one database transaction**, together with the next
+  offset of every partition it read (table ``consumer_offsets``);
+* the Kafka offsets are committed (``enable.auto.commit=false``) only **after** that transaction
+  commits;
+* on (re)assignment the consumer seeks to the offsets in the database when it has them, so a crash
+  between the two commits replays nothing; and every input carries a counter (cohort ``change``,
+  facts ``seq``, trial ``version``, reference ``seq``) that makes a replayed message a no-op
+  anyway.
+
+A message that cannot be read (bad JSON, an unknown schema) is recorded in ``skipped_messages``
+with the reason and the consumer moves on; a database error rolls the batch back, seeks back to
+its first offsets and tries again, and gives up (raises) after a few failures in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from sqlalchemy.orm import Session
+
+from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
+
+from .contracts import (
+    MessageError,
+    decode_cohort,
+    decode_facts,
+    decode_reference_record,
+    decode_trial,
+    split_cohort_key,
+)
+from .models import ConsumerOffset, SkippedMessage
+from .service import Applier, RecruitmentService
+
+log = logging.getLogger(__name__)
+
+#: Topic (without prefix) -> what it carries.
+TOPIC_KINDS: dict[str, str] = {
+    TRIALS: "trials",
+    COHORT: "cohort",
+    FACTS: "facts",
+    REFERENCE: "reference",
+}
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    messages: int = 0
+    applied: int = 0
+    skipped: int = 0
+
+
+class RecruitmentConsumer:
+    def __init__(
+        self,
+        service: RecruitmentService,
+        bootstrap: str,
+        prefix: str = "",
+        group: str = "concierge-recruitment",
+        batch_size: int = 500,
+        poll_timeout: float = 1.0,
+        kinds: Iterable[str] = ("trials", "cohort", "facts", "reference"),
+        config: dict[str, Any] | None = None,
+        max_failures: int = 5,
+    ) -> None:
+        self.service = service
+        self.group = group
+        self.batch_size = batch_size
+        self.poll_timeout = poll_timeout
+        self.max_failures = max_failures
+        wanted = set(kinds)
+        self.topics = {prefix + name: kind for name, kind in TOPIC_KINDS.items() if kind in wanted}
+        settings: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+        }
+        settings.update(config or {})
+        self.consumer = Consumer(settings)
+        self.consumer.subscribe(
+            list(self.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        self._failures = 0
+        self.total = BatchResult()
+        self.assigned = False
+
+    # -- assignment --
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        stored = self._stored_offsets(partitions)
+        for tp in partitions:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is not None:
+                tp.offset = offset
+        log.info(
+            "assigned %d partition(s), %d resumed from the database", len(partitions), len(stored)
+        )
+        consumer.assign(partitions)
+        self.assigned = bool(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = False
+        consumer.unassign()
+
+    def _stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[tuple[str, int], int]:
+        topics = sorted({tp.topic for tp in partitions})
+        if not topics:
+            return {}
+        with self.service.sessions() as session:
+            rows = session.execute(
+                sa.select(
+                    ConsumerOffset.topic, ConsumerOffset.kafka_partition, ConsumerOffset.next_offset
+                ).where(ConsumerOffset.group_id == self.group, ConsumerOffset.topic.in_(topics))
+            )
+            wanted = {(tp.topic, tp.partition) for tp in partitions}
+            return {(t, p): int(o) for t, p, o in rows if (t, p) in wanted}
+
+    # -- the loop --
+    def poll(self) -> BatchResult:
+        """Read and apply one batch (possibly empty)."""
+        messages = self.consumer.consume(self.batch_size, self.poll_timeout)
+        readable = [m for m in messages if self._readable(m)]
+        if not readable:
+            return BatchResult()
+        try:
+            result = self.process(readable)
+        except Exception:
+            self._failures += 1
+            self._rewind(readable)
+            if self._failures >= self.max_failures:
+                raise
+            log.exception(
+                "batch of %d failed (%d in a row); retrying", len(readable), self._failures
+            )
+            time.sleep(min(0.5 * 2**self._failures, 10.0))
+            return BatchResult()
+        self._failures = 0
+        self.total = BatchResult(
+            self.total.messages + result.messages,
+            self.total.applied + result.applied,
+            self.total.skipped + result.skipped,
+        )
+        return result
+
+    def run(self, stop: threading.Event | None = None, idle_exit: float | None = None) -> None:
+        """Consume until ``stop`` is set, or, with ``idle_exit``, until caught up and idle.
+
+        "Caught up": every assigned partition has been read to its end. Idle time counts only
+        while partitions are assigned (joining the group, or a rebalance, is not idleness).
+        """
+        idle_since = time.monotonic()
+        while stop is None or not stop.is_set():
+            result = self.poll()
+            if result.messages or not self.assigned:
+                idle_since = time.monotonic()
+            elif idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
+                if self.caught_up():
+                    return
+                idle_since = time.monotonic()
+
+    def caught_up(self, timeout: float = 5.0) -> bool:
+        """Every assigned partition has been read up to its high watermark.
+
+        Uses the watermarks that fetch responses keep fresh (a broker query per partition would
+        queue behind the consumer's own long-poll fetch on the same connection).
+        """
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return False
+        positions = {
+            (tp.topic, tp.partition): tp.offset for tp in self.consumer.position(assignment)
+        }
+        stored: dict[tuple[str, int], int] | None = None
+        for tp in assignment:
+            key = (tp.topic, tp.partition)
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                return False  # not fetched yet
+            position = positions.get(key, -1)
+            if position < 0:  # nothing consumed since assignment: where does reading start?
+                if low >= 0 and low >= high:
+                    continue  # an empty partition
+                if stored is None:
+                    stored = self._stored_offsets(assignment)
+                position = stored.get(key, -1)
+                if position < 0:
+                    (committed,) = self.consumer.committed(
+                        [TopicPartition(tp.topic, tp.partition)], timeout=timeout
+                    )
+                    position = committed.offset
+            if position < high:
+                return False
+        return True
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    # -- one batch --
+    def process(self, messages: Sequence[Message]) -> BatchResult:
+        """Apply a batch in one transaction with its offsets; then commit them to Kafka."""
+        applied = skipped = 0
+        next_offsets: dict[tuple[str, int], int] = {}
+        with self.service.sessions.begin() as session:
+            applier = self.service.applier(session)
+            for message in messages:
+                topic, partition, offset = (
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                )
+                assert topic is not None and partition is not None and offset is not None
+                try:
+                    if self.apply(applier, self.topics[topic], message):
+                        applied += 1
+                except MessageError as exc:
+                    skipped += 1
+                    self._skip(session, message, str(exc))
+                next_offsets[(topic, partition)] = offset + 1
+            applier.finish()
+            self._store_offsets(session, next_offsets, applier.now)
+        self.commit_kafka([TopicPartition(t, p, o) for (t, p), o in sorted(next_offsets.items())])
+        if skipped:
+            log.warning("batch of %d: %d message(s) skipped as unreadable", len(messages), skipped)
+        return BatchResult(len(messages), applied, skipped)
+
+    def commit_kafka(self, offsets: list[TopicPartition]) -> None:
+        """Commit to Kafka, after the database; a failure here loses nothing (see on_assign)."""
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("Kafka offset commit failed (database offsets stand): %s", exc)
+
+    def apply(self, applier: Applier, kind: str, message: Message) -> bool:
+        raw_key = message.key()
+        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
+        value = message.value()
+        if kind == "cohort":
+            parts = split_cohort_key(key or "")
+            if parts is None:
+                return False  # the stream worker's bookkeeping
+            return applier.cohort(parts[0], parts[1], decode_cohort(value, key or ""))
+        if kind == "trials":
+            trial = decode_trial(value, key)
+            trial_id = trial.id if trial is not None else key
+            if not trial_id:
+                raise MessageError("trial tombstone without a key")
+            return applier.trial(trial_id, trial)
+        if kind == "facts":
+            changed = False
+            for envelope in decode_facts(value):
+                changed = applier.facts(envelope) or changed
+            return changed
+        if kind == "reference":
+            if value is None:
+                return applier.reference_tombstone(key) if key else False
+            record = decode_reference_record(value, key)
+            return applier.reference(record) if record is not None else False
+        raise MessageError(f"no handler for {kind}")  # pragma: no cover - topics are fixed
+
+    # -- helpers --
+    def _readable(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.code() == KafkaError._PARTITION_EOF:
+            return False
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("consumer: %s", error)
+        return False
+
+    def _rewind(self, messages: Sequence[Message]) -> None:
+        """Seek every partition of a failed batch back to its first message."""
+        first: dict[tuple[str, int], int] = {}
+        for message in messages:
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is None or partition is None or offset is None:
+                continue
+            first.setdefault((topic, partition), offset)
+        for (topic, partition), offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # revoked meanwhile: its new owner starts from the DB
+                log.warning("seek %s[%d] failed: %s", topic, partition, exc)
+
+    def _store_offsets(
+        self, session: Session, offsets: dict[tuple[str, int], int], now: Any
+    ) -> None:
+        for (topic, partition), offset in offsets.items():
+            row = session.get(ConsumerOffset, (self.group, topic, partition))
+            if row is None:
+                session.add(
+                    ConsumerOffset(
+                        group_id=self.group,
+                        topic=topic,
+                        kafka_partition=partition,
+                        next_offset=offset,
+                        updated_at=now,
+                    )
+                )
+            elif offset > row.next_offset:
+                row.next_offset = offset
+                row.updated_at = now
+
+    def _skip(self, session: Session, message: Message, error: str) -> None:
+        raw_key = message.key()
+        key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
+        topic, partition, offset = message.topic() or "", message.partition(), message.offset()
+        partition = partition if partition is not None else -1
+        offset = offset if offset is not None else -1
+        log.warning("skipped %s[%s]@%s: %s", topic, partition, offset, error)
+        seen = session.scalar(
+            sa.select(SkippedMessage.id).where(
+                SkippedMessage.topic == topic,
+                SkippedMessage.kafka_partition == partition,
+                SkippedMessage.kafka_offset == offset,
+            )
+        )
+        if seen is None:  # a replay of the same message records nothing new
+            session.add(
+                SkippedMessage(
+                    topic=topic,
+                    kafka_partition=partition,
+                    kafka_offset=offset,
+                    key=key,
+                    error=error[:2000],
+                    at=self.service.clock(),
+                )
+            )
+
+
+__all__ = ["TOPIC_KINDS", "BatchResult", "RecruitmentConsumer"]

@@ -1,0 +1,175 @@
+"""The messages recruitment reads, decoded into small typed values.
+
+* trials topic: ``concierge.trial/1`` (see ``docs/reference/cohort-events.md``);
+* cohort topic: ``concierge.cohort/1``, key ``trial|patient``; a tombstone means ``member: false``;
+  keys beginning with ``\\u0000`` are the stream worker's bookkeeping and are skipped;
+* facts topic: one ``concierge.facts/1`` envelope, or a ``concierge.factbatch/1`` object holding
+  several (read with :func:`fhir_adapters.facts.envelopes_of`); only Patient and Consent
+  resources matter here, so everything else is skipped before it is validated;
+* reference topic: ``concierge.reference/1`` records (practitioners, roles, organisations).
+
+Trial and cohort records are read tolerantly (unknown fields are ignored: the criteria are not
+ours to read); facts and reference records are validated by their owner's types
+(:mod:`fhir_adapters.facts`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fhir_adapters.facts import ReferenceRecord, ResourceFacts, decode_reference, envelopes_of
+
+TRIAL_SCHEMA = "concierge.trial/1"
+COHORT_SCHEMA = "concierge.cohort/1"
+
+#: Resource types on the facts topic that recruitment reads.
+FACT_RESOURCE_TYPES = frozenset({"Patient", "Consent"})
+#: Resource types on the reference topic that recruitment reads.
+REFERENCE_RESOURCE_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization"})
+
+
+class MessageError(ValueError):
+    """A message that cannot be read; the consumer records it and moves on."""
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class TrialRecord(_Tolerant):
+    schema_: Literal["concierge.trial/1"] = Field(default="concierge.trial/1", alias="schema")
+    id: str = Field(min_length=1, max_length=200)
+    version: int = Field(ge=1)
+    title: str | None = None
+    sponsor: str | None = None
+    status: str = "active"
+    recruiting_sites: tuple[str, ...] = ()
+    target: int | None = Field(default=None, ge=0)
+    site_targets: dict[str, int] = Field(default_factory=dict)
+    recruiters: dict[str, str] = Field(default_factory=dict)
+    registered_at: datetime | None = None
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class CohortRecord(_Tolerant):
+    schema_: Literal["concierge.cohort/1"] = Field(default="concierge.cohort/1", alias="schema")
+    trial: str
+    trial_version: int | None = None
+    patient: str
+    site: str | None = None
+    region: str | None = None
+    member: bool
+    steps: str | None = None
+    change: int = Field(ge=0)
+    at: datetime | None = None
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+def _json(value: bytes | str) -> Any:
+    try:
+        return json.loads(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise MessageError(f"invalid {model.__name__}: {_short(exc)}") from None
+
+
+def _short(exc: ValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid"
+    where = ".".join(str(p) for p in errors[0]["loc"])
+    return f"{len(errors)} error(s), first at {where or '(root)'}: {errors[0]['msg']}"
+
+
+def decode_trial(value: bytes | str | None, key: str | None) -> TrialRecord | None:
+    """A trial record; None for a tombstone (the trial is gone)."""
+    if value is None:
+        return None
+    record: TrialRecord = _validate(TrialRecord, _json(value))
+    if key is not None and key != record.id:
+        raise MessageError(f"trial record for {record.id!r} under key {key!r}")
+    return record
+
+
+def split_cohort_key(key: str) -> tuple[str, str] | None:
+    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys."""
+    if not key or key.startswith("\u0000"):
+        return None
+    trial, sep, patient = key.rpartition("|")
+    if not sep or not trial or not patient:
+        raise MessageError(f"cohort key {key!r} is not trial|patient")
+    return trial, patient
+
+
+def decode_cohort(value: bytes | str | None, key: str) -> CohortRecord | None:
+    """A cohort record; None for a tombstone (treat as ``member: false``)."""
+    if value is None:
+        return None
+    record: CohortRecord = _validate(CohortRecord, _json(value))
+    parts = split_cohort_key(key)
+    if parts is not None and parts != (record.trial, record.patient):
+        raise MessageError(f"cohort record for {record.trial}|{record.patient} under key {key!r}")
+    return record
+
+
+def resource_type_of(key: str) -> str | None:
+    parts = key.split("|")
+    return parts[-2] if len(parts) >= 3 else None
+
+
+def decode_facts(value: bytes | str | None) -> list[ResourceFacts]:
+    """The Patient and Consent envelopes in a facts message (one envelope or a batch)."""
+    if value is None:
+        return []
+    try:
+        items = envelopes_of(value)
+    except ValueError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    envelopes = []
+    for item in items:
+        key = item.get("key")
+        if not isinstance(key, str) or resource_type_of(key) not in FACT_RESOURCE_TYPES:
+            continue
+        envelopes.append(_validate(ResourceFacts, item))
+    return envelopes
+
+
+def decode_reference_record(value: bytes | str | None, key: str | None) -> ReferenceRecord | None:
+    """A practitioner, role or organisation record; None for anything recruitment ignores."""
+    if key is not None and resource_type_of(key) not in REFERENCE_RESOURCE_TYPES:
+        return None
+    if value is None:
+        return None
+    try:
+        record = decode_reference(value)
+    except ValidationError as exc:
+        raise MessageError(f"invalid ReferenceRecord: {_short(exc)}") from None
+    except ValueError as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if resource_type_of(record.key) not in REFERENCE_RESOURCE_TYPES:
+        return None
+    return record
+
+
+__all__ = [
+    "CohortRecord",
+    "MessageError",
+    "TrialRecord",
+    "decode_cohort",
+    "decode_facts",
+    "decode_reference_record",
+    "decode_trial",
+    "split_cohort_key",
+]

@@ -1,0 +1,1 @@
+"""Alembic migrations of the recruitment database (run them with ``recruitment.db.upgrade``)."""

@@ -1,4 +1,4 @@
-"""The FastAPI application: the FHIR ingest endpoint now, the product API under /v1 later."""
+"""The FastAPI application: the FHIR ingest endpoint and the product API under /v1."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 
 from concierge.audit import AuditLog
 from concierge.http import install_audit, install_problem_details
@@ -14,8 +14,65 @@ from concierge.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
 
 
+def build_feasibility(settings: Settings) -> Any:
+    """The sponsor service on the real broker: a snapshot fed from the facts topic, the
+    registry of saved questions, and disclosure control persisted in SQL."""
+    import threading
+
+    from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+    from feasibility.engines.polars_engine import PolarsEngine
+    from feasibility.feed import FactsFeed
+    from feasibility.live import CohortView
+    from feasibility.saved import SavedQuestions
+    from feasibility.service import FeasibilityService
+    from feasibility.snapshot import ColumnarSnapshot
+    from infra.topics import COHORT, FACTS, TRIALS
+
+    lock = threading.Lock()
+    snapshot = ColumnarSnapshot()
+    feed = None
+    if settings.feasibility_feed:
+        feed = FactsFeed(settings.kafka_bootstrap_servers, settings.topic(FACTS), snapshot, lock)
+        feed.start()
+    saved = SavedQuestions(settings.kafka_bootstrap_servers, settings.topic(TRIALS)).start()
+    cohorts = CohortView(settings.kafka_bootstrap_servers, settings.topic(COHORT)).start()
+    url = settings.resolved_feasibility_url()
+    return FeasibilityService(
+        snapshot=snapshot,
+        lock=lock,
+        engine=PolarsEngine(),
+        policy=DisclosurePolicy.from_env(),
+        registry=PublicationRegistry(url),
+        budget=QueryBudget(url),
+        feed=feed,
+        saved=saved,
+        cohorts=cohorts,
+    )
+
+
+def build_recruitment(settings: Settings) -> tuple[Any, Any]:
+    """The clinician side: the recruitment database (migrated on start) and a vault reader of
+    the API's own for the identities only a patient's clinicians may see."""
+    from fhir_adapters.vault import SqlVault
+    from recruitment.api import VaultIdentities
+    from recruitment.db import upgrade
+    from recruitment.runtime import build_runtime
+    from recruitment.settings import get_recruitment_settings
+
+    recruitment_settings = get_recruitment_settings()
+    url = recruitment_settings.resolved_url(settings.home)
+    upgrade(url)
+    runtime = build_runtime(recruitment_settings, url=url)
+    identities = VaultIdentities(SqlVault(settings.resolved_vault_url()))
+    return runtime, identities
+
+
 def create_app(
-    settings: Settings | None = None, ingest_service: IngestService | None = None
+    settings: Settings | None = None,
+    ingest_service: IngestService | None = None,
+    feasibility: Any = None,
+    recruitment: Any = None,
+    recruitment_identities: Any = None,
 ) -> FastAPI:
     settings = settings or get_settings()
 
@@ -29,9 +86,19 @@ def create_app(
                 settings.kafka_bootstrap_servers, settings.topic_prefix, {"linger.ms": 1}
             )
             app.state.ingest = IngestService(build_ingestor(settings, sink=sink))
+        if getattr(app.state, "feasibility", None) is None and settings.feasibility_feed:
+            app.state.feasibility = build_feasibility(settings)
+        if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
+            app.state.recruitment, app.state.identities = build_recruitment(settings)
         yield
         app.state.ingest.ingestor.commit()
         app.state.ingest.ingestor.vault.close()
+        service = app.state.feasibility
+        for part in (service.feed, service.saved, service.cohorts) if service is not None else ():
+            if part is not None:
+                part.stop()
+        if getattr(app.state, "recruitment", None) is not None:
+            app.state.recruitment.close()
 
     app = FastAPI(
         title="Trial concierge",
@@ -41,6 +108,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ingest = ingest_service
+    app.state.feasibility = feasibility
+    app.state.recruitment = recruitment
+    app.state.identities = recruitment_identities
     app.state.token_key = settings.token_key.get_secret_value().encode()
     app.state.audit = AuditLog(settings.resolved_audit_url())
     app.state.settings = settings
@@ -52,6 +122,22 @@ def create_app(
         return service
 
     app.include_router(build_router(get_ingest, settings.max_resource_bytes * 10))
+
+    from feasibility.api import build_router as feasibility_router
+    from recruitment.api import build_router as clinician_router
+
+    app.include_router(feasibility_router())
+
+    def recruitment_service(request: Request) -> Any:
+        runtime = getattr(request.app.state, "recruitment", None)
+        if runtime is None:
+            raise HTTPException(503, "recruitment is not running in this API")
+        return runtime.service
+
+    def identities(request: Request) -> Any:
+        return request.app.state.identities
+
+    app.include_router(clinician_router(recruitment_service, identities))
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, Any]:

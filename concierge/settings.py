@@ -53,11 +53,25 @@ class Settings(BaseSettings):
     #: Resources larger than this many bytes are dead-lettered.
     max_resource_bytes: int = 1_000_000
 
+    # --- feasibility ---
+    #: Disclosure-control registry and query budgets (SQLAlchemy URL). Defaults to SQLite.
+    feasibility_url: str | None = None
+    #: Whether the API keeps a columnar snapshot of the facts topic for ad hoc questions.
+    feasibility_feed: bool = True
+
+    #: Whether the API serves clinicians (the recruitment database, migrated on start).
+    recruitment_api: bool = True
+
     # --- services ---
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     worker_web_port: int = 6066
     worker_id: str = "concierge-stream"
+    #: How often the worker sends a stream-time tick to each partition it owns (0: never; tests
+    #: that control time send their own ticks).
+    stream_tick_seconds: float = 1.0
+    #: How often the worker checks the trials topic for saved questions its partitions lack.
+    stream_trial_sync_seconds: float = 1.0
 
     def resolved_vault_url(self) -> str:
         if self.vault_url:
@@ -70,6 +84,12 @@ class Settings(BaseSettings):
             return self.audit_url
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'audit.sqlite'}"
+
+    def resolved_feasibility_url(self) -> str:
+        if self.feasibility_url:
+            return self.feasibility_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'feasibility.sqlite'}"
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -1,31 +1,53 @@
-"""The Faust application: per-patient state built from the facts topic.
+"""The Faust application: patient state, live cohorts of saved questions, stream time.
 
-Processing guarantee is at-least-once (Faust flushes table changelogs before committing offsets);
-the effect is exactly-once because the state fold is idempotent and keyed by resource and
-version (see :mod:`surveillance_stream.patient_state`). We deliberately do not rely on Faust's
-``exactly_once`` mode alone (faust-streaming issues #517 and #323 report duplicates under it).
+One agent reads the facts topic and the control topic together; the two are co-partitioned
+(six partitions each, assigned together by Faust's assignor), so partition *p* of both lands on
+the same worker and every table write made while handling them goes to partition *p* of its
+changelog.
+
+* **Patient state** (:mod:`.store`) is backed by the facts topic itself: a worker assigned a
+  partition rebuilds it by reading the partition, then folds new envelopes as they come.
+* **Live cohorts** (:mod:`.cohorts`) live in a Faust table whose changelog is the public cohort
+  topic: writing a membership record publishes the cohort event.
+* **Stream time** comes from ticks the worker sends to the control topic of each partition it
+  owns (every ``CONCIERGE_STREAM_TICK_SECONDS``), so time is in the log: replaying a partition
+  replays the same times, and tests can send their own ticks.
+* **Saved questions** reach every partition as ``trial`` control messages, sent by the worker
+  whenever the trials topic (the registry of record) holds a version a partition has not seen.
+
+Processing guarantee is at-least-once (Faust flushes changelogs and sent messages before it
+commits offsets); the effect is exactly-once because every step is idempotent: the state fold
+keeps the highest ``seq``, and cohort records are recomputed and compared, never incremented.
+We deliberately do not rely on Faust's ``exactly_once`` mode (faust-streaming issues #517 and
+#323 report duplicates under it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
-from pydantic import ValidationError
+import orjson
 
 from concierge.settings import Settings
-from fhir_adapters.facts import ResourceFacts, decode_resource_facts
-from infra.topics import FACTS
+from fhir_adapters.facts import envelopes_of
+from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
 from . import patient_state
+from .cohorts import CohortKeeper
+from .store import PatientStore, read_partition
 
 log = logging.getLogger(__name__)
 
+PARTITIONS = 6
+
 
 class StreamApp:
-    """A Faust app and its tables, built from settings (one per worker process)."""
+    """A Faust app, its tables and agents, built from settings (one per worker process)."""
 
     def __init__(
         self,
@@ -42,7 +64,7 @@ class StreamApp:
             broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
             store=store or "memory://",
             datadir=str(datadir),
-            topic_partitions=6,
+            topic_partitions=PARTITIONS,
             topic_replication_factor=1,
             consumer_auto_offset_reset="earliest",
             processing_guarantee="at_least_once",
@@ -50,42 +72,179 @@ class StreamApp:
             web_host="127.0.0.1",
             broker_commit_every=1000,
             broker_commit_interval=1.0,
+            producer_linger=0.005,
             table_cleanup_interval=3600.0,
             stream_wait_empty=True,
+            stream_buffer_maxsize=16384,
         )
-        self.facts_topic = self.app.topic(
-            settings.topic(FACTS),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=6,
-        )
-        self.state = self.app.Table(
-            "patient-facts",
+        self.facts_name = settings.topic(FACTS)
+        self.control_name = settings.topic(CONTROL)
+        raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+               "value_serializer": "raw", "partitions": PARTITIONS}  # fmt: skip
+        self.inputs = self.app.topic(self.facts_name, self.control_name, **raw)
+        self.control_topic = self.app.topic(self.control_name, **raw)
+        self.cohort_table = self.app.Table(
+            "cohort",
             default=None,
             key_type=str,
-            partitions=6,
+            partitions=PARTITIONS,
+            changelog_topic=self.app.topic(
+                settings.topic(COHORT),
+                key_type=str,
+                key_serializer="raw",
+                value_serializer="json",
+                partitions=PARTITIONS,
+                compacting=True,
+            ),
         )
+        self.trials_table = self.app.Table(
+            "trials", default=None, key_type=str, partitions=PARTITIONS
+        )
+        self.store = PatientStore()
+        self.keeper = CohortKeeper(self.store, self.cohort_table, self.trials_table)
+        self._rebuilding: dict[int, asyncio.Future[None]] = {}
         self.applied = 0
         self.ignored = 0
         self.rejected = 0
-        #: Called after a patient's state changed, inside the same stream iteration (so tables
-        #: they update stay co-partitioned with the facts topic): (envelope, old entry, new entry).
-        self.on_change: list[
-            Callable[[ResourceFacts, dict[str, Any] | None, dict[str, Any]], None]
-        ] = []
+        self.messages = 0
+        self.ticks = 0
+        self.saved: Any = None
+        #: Called after a patient's facts were folded, inside the same stream iteration (so
+        #: tables they update stay co-partitioned): (partition, patient, changes).
+        self.on_change: list[Callable[[int, str, list[Any]], None]] = []
         self._register()
         for extension in extensions or ():
             extension(self)
 
+    # ------------------------------------------------------------------ partitions
+
+    def assigned(self, topic: str) -> list[int]:
+        try:
+            assignment = self.app.consumer.assignment()
+        except Exception:  # not started yet
+            return []
+        return sorted(tp.partition for tp in assignment if tp.topic == topic)
+
+    async def ensure_partition(self, partition: int) -> None:
+        """Rebuild a partition's patient state from the facts topic (once per assignment)."""
+        if self.store.ready(partition):
+            return
+        pending = self._rebuilding.get(partition)
+        if pending is None:
+            pending = asyncio.ensure_future(self._rebuild(partition))
+            self._rebuilding[partition] = pending
+        await pending
+
+    def _committed(self, partition: int) -> int:
+        """The facts offset this group resumes from on ``partition`` (0 when it never
+        committed: then the stream itself reads everything and there is nothing to rebuild)."""
+        from faust.types import TP
+
+        committed = getattr(self.app.consumer, "_committed_offset", {})
+        offset = committed.get(TP(self.facts_name, partition))
+        return int(offset) if offset else 0
+
+    async def _rebuild(self, partition: int) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        end = self._committed(partition)
+        if end == 0:
+            patients: dict[str, Any] = {}
+            read = 0
+        else:
+            patients, read, end = await loop.run_in_executor(
+                None,
+                read_partition,
+                self.settings.kafka_bootstrap_servers,
+                self.facts_name,
+                partition,
+                end,
+            )
+        self.store.install(partition, patients)
+        self.keeper.recover(partition)
+        self._rebuilding.pop(partition, None)
+        log.info(
+            "partition %s rebuilt: %s patients from %s envelopes (to offset %s) in %.1f s",
+            partition,
+            len(patients),
+            read,
+            end,
+            loop.time() - started,
+        )
+
+    # ------------------------------------------------------------------ handling
+
+    def handle_facts(self, partition: int, offset: int, value: bytes) -> None:
+        try:
+            envelopes = envelopes_of(value)
+        except orjson.JSONDecodeError as exc:
+            # Only the adapters write this topic; a bad message is a bug, not input. Log, go on.
+            self.rejected += 1
+            log.error("undecodable facts message at %s:%s skipped: %s", partition, offset, exc)
+            return
+        self.messages += 1
+        by_patient: dict[str, list[Any]] = {}
+        for envelope in envelopes:
+            if not isinstance(envelope, dict) or "patient" not in envelope or "seq" not in envelope:
+                self.rejected += 1
+                continue
+            change = self.store.apply(partition, envelope)
+            if change.applied:
+                self.applied += 1
+            else:
+                self.ignored += 1
+            by_patient.setdefault(change.patient, []).append(change)
+        self.keeper.facts_offset[partition] = offset + 1
+        for patient, changes in by_patient.items():
+            self.keeper.on_changes(partition, patient, changes)
+            for hook in self.on_change:
+                hook(partition, patient, changes)
+
+    def handle_control(self, partition: int, value: bytes) -> None:
+        try:
+            message = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            self.rejected += 1
+            log.error("undecodable control message on partition %s skipped", partition)
+            return
+        kind = message.get("type")
+        if kind == "tick":
+            self.ticks += 1
+            at = datetime.fromisoformat(message["time"])
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=UTC)
+            self.keeper.on_tick(partition, at.timestamp())
+        elif kind == "trial":
+            self.keeper.on_trial(partition, message["trial"])
+        else:
+            log.warning("unknown control message %r on partition %s", kind, partition)
+
     def _register(self) -> None:
         app = self.app
 
-        @app.agent(self.facts_topic, name="patient-state")
+        @app.agent(self.inputs, name="patient-state")
         async def patient_state_agent(stream: Any) -> None:
-            async for value in stream:
-                self.handle(value)
+            async for event in stream.events():
+                message = event.message
+                await self.ensure_partition(message.partition)
+                if message.topic == self.facts_name:
+                    self.handle_facts(message.partition, message.offset, event.value)
+                else:
+                    self.handle_control(message.partition, event.value)
+
+        tick = self.settings.stream_tick_seconds
+        if tick > 0:
+
+            @app.timer(interval=tick)
+            async def ticker() -> None:
+                now = datetime.now(UTC).isoformat()
+                body = orjson.dumps({"type": "tick", "time": now})
+                for partition in self.assigned(self.control_name):
+                    await self.control_topic.send(key=b"tick", value=body, partition=partition)
+
+        @app.timer(interval=max(0.5, self.settings.stream_trial_sync_seconds))
+        async def trial_sync() -> None:
+            await self.sync_trials()
 
         @app.page("/health")
         async def health(web: Any, request: Any) -> Any:
@@ -95,6 +254,15 @@ class StreamApp:
                     "applied": self.applied,
                     "ignored": self.ignored,
                     "rejected": self.rejected,
+                    "messages": self.messages,
+                    "ticks": self.ticks,
+                    "trials": sum(
+                        1
+                        for spec in list(self.trials_table.values())
+                        if spec and spec.get("status") == "active"
+                    ),
+                    "partitions": sorted(self.store.partitions),
+                    **self.store.counts(),
                 }
             )
 
@@ -104,39 +272,44 @@ class StreamApp:
 
         @app.page("/state/patients/{patient}")
         async def patient_page(web: Any, request: Any, patient: str) -> Any:
-            prefix = patient + patient_state.SEP
-            entries = {
-                patient_state.split_key(k)[1]: v
-                for k, v in self.state.items()
-                if k.startswith(prefix)
-            }
-            return web.json({"patient": patient, "resources": entries})
+            for partition in list(self.store.partitions):
+                entries = self.store.patient(partition, patient)
+                if entries:
+                    return web.json({"patient": patient, "resources": entries})
+            return web.json({"patient": patient, "resources": {}})
 
-    def handle(self, value: bytes) -> None:
-        try:
-            envelope = decode_resource_facts(value)
-        except ValidationError as exc:
-            # Only the adapters write this topic; a bad message is a bug, not input. Log and go on.
-            self.rejected += 1
-            log.error("undecodable facts message skipped: %s", exc.errors()[:1])
-            return
-        key = patient_state.state_key(envelope.patient, envelope.key)
-        old = self.state.get(key)
-        if not patient_state.should_apply(old, envelope):
-            self.ignored += 1
-            return
-        new = patient_state.entry_of(envelope)
-        self.state[key] = new
-        self.applied += 1
-        for hook in self.on_change:
-            hook(envelope, old, new)
+        @app.page("/state/cohorts")
+        async def cohorts(web: Any, request: Any) -> Any:
+            # operations view on the worker's loopback port: member counts per trial only
+            return web.json(self.keeper.summary())
+
+    async def sync_trials(self) -> None:
+        """Send each assigned partition the trial versions it has not seen yet."""
+        if self.saved is None:
+            from feasibility.saved import SavedQuestions
+
+            self.saved = SavedQuestions(
+                self.settings.kafka_bootstrap_servers, self.settings.topic(TRIALS)
+            ).start()
+        for trial in list(self.saved.trials.values()):
+            body: bytes | None = None
+            for partition in self.assigned(self.control_name):
+                seen = self.trials_table.get(f"{partition}|{trial.id}")
+                if seen is not None and int(seen["version"]) >= trial.version:
+                    continue
+                if body is None:
+                    record = orjson.loads(trial.to_json())
+                    body = orjson.dumps({"type": "trial", "trial": record})
+                await self.control_topic.send(
+                    key=trial.id.encode(), value=body, partition=partition
+                )
 
     def digest(self) -> dict[str, Any]:
-        return patient_state.digest(self.state.items())
+        return patient_state.digest(self.store.items())
 
 
 #: Dotted paths of extension functions ``f(stream_app)`` that add agents, tables, pages and
-#: on_change hooks (live cohorts, device counters). Each must be importable on its own.
+#: on_change hooks (device counters). Each must be importable on its own.
 EXTENSIONS: list[str] = []
 
 

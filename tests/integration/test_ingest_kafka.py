@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from concierge.settings import Settings
-from fhir_adapters.facts import decode_reference, decode_resource_facts
+from fhir_adapters.facts import decode_reference, decode_resource_facts, envelopes_of
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from infra.topics import DEADLETTER, FACTS, REFERENCE
@@ -100,7 +100,9 @@ def test_synthea_samples_every_resource_accounted_for(settings: Settings, sample
 
     facts = read_all(settings.kafka_bootstrap_servers, settings.topic(FACTS))
     references = read_all(settings.kafka_bootstrap_servers, settings.topic(REFERENCE))
-    envelopes = [decode_resource_facts(value) for _, value in facts]
+    envelopes = [
+        decode_resource_facts(orjson.dumps(e)) for _, value in facts for e in envelopes_of(value)
+    ]
     records = [decode_reference(value) for _, value in references]
     assert len(envelopes) + len(records) == first["accepted"]
     # Keyed by pseudonym, and nothing identifying travels.
@@ -123,6 +125,8 @@ def test_synthea_samples_every_resource_accounted_for(settings: Settings, sample
     assert second["accepted"] == 0
     assert second["unchanged"] == first["accepted"] + first["unchanged"]
     assert len(read_all(settings.kafka_bootstrap_servers, settings.topic(FACTS))) == len(facts)
+    # A patient's resources in one Bundle travel as one message.
+    assert len(facts) < len(envelopes)
 
 
 def test_bad_input_is_dead_lettered_with_reason_and_payload(

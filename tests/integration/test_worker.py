@@ -15,7 +15,13 @@ import pytest
 from confluent_kafka import Producer
 
 from concierge.settings import Settings
-from fhir_adapters.facts import ObservationFact, Provenance, ResourceFacts, decode_resource_facts
+from fhir_adapters.facts import (
+    ObservationFact,
+    Provenance,
+    ResourceFacts,
+    decode_resource_facts,
+    envelopes_of,
+)
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from infra.topics import FACTS
@@ -51,8 +57,9 @@ def worker(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def expected_digest(settings: Settings) -> dict[str, object]:
     envelopes = [
-        decode_resource_facts(v)
+        decode_resource_facts(orjson.dumps(e))
         for _, v in read_all(settings.kafka_bootstrap_servers, settings.topic(FACTS))
+        for e in envelopes_of(v)
     ]
     return patient_state.digest(patient_state.fold(envelopes).items())
 

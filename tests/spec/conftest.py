@@ -10,6 +10,8 @@ import pytest
 #: (name, "module:class") of every engine; each must evaluate exactly like the reference.
 ENGINES = [
     ("reference", "feasibility.engines.reference:ReferenceEngine"),
+    ("polars", "feasibility.engines.polars_engine:PolarsEngine"),
+    ("incremental", "feasibility.engines.incremental:IncrementalEngine"),
 ]
 
 

@@ -56,7 +56,12 @@ class Api:
 @pytest.fixture
 def api() -> Iterator[Api]:
     ingestor = Ingestor(MemoryVault(), MemorySink(), Pseudonymiser(b"r" * 32), SOURCE)
-    settings = Settings(max_resource_bytes=20_000, kafka_bootstrap_servers="127.0.0.1:1")
+    settings = Settings(
+        max_resource_bytes=20_000,
+        kafka_bootstrap_servers="127.0.0.1:1",
+        feasibility_feed=False,
+        recruitment_api=False,
+    )
     app = create_app(settings, ingest_service=IngestService(ingestor))
     with TestClient(app) as client:
         yield Api(client, ingestor)

@@ -1,0 +1,174 @@
+"""Sponsor API under ``/v1/feasibility``: ad hoc questions, saved questions, live answers.
+
+Every route needs a sponsor token (``concierge token create --role sponsor --org NAME``) and
+answers aggregates only, under disclosure control; errors are problem+json; the audit middleware
+records each request with the question's fingerprint and the disclosure rules' bookkeeping.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+
+from concierge.auth import Principal, require_role
+
+from .criteria import Question, json_schema
+from .disclosure import BudgetExceeded
+from .render import render
+from .saved import NotYours, TrialCreate, TrialPublic
+from .service import FeasibilityService
+
+Sponsor = Annotated[Principal, require_role("sponsor")]
+
+EXAMPLE = {
+    "schema": "concierge.criteria/1",
+    "title": "Type 2 diabetes, HbA1c 58 or more, aged 18-80",
+    "inclusion": [
+        {"type": "condition", "codes": [{"system": "icd10", "prefix": "E11"}]},
+        {"type": "age", "min": 18, "max": 80},
+        {
+            "type": "observation",
+            "codes": [{"concept": "hba1c"}],
+            "value": {"ge": 58, "unit": "mmol/mol"},
+            "window": {"days_before": 365},
+        },
+    ],
+    "exclusion": [
+        {
+            "type": "observation",
+            "codes": [{"concept": "egfr"}],
+            "value": {"lt": 30, "unit": "mL/min/{1.73_m2}"},
+        }
+    ],
+}
+
+
+def _service(request: Request) -> FeasibilityService:
+    service: FeasibilityService | None = getattr(request.app.state, "feasibility", None)
+    if service is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "feasibility is starting up")
+    return service
+
+
+Service = Annotated[FeasibilityService, Depends(_service)]
+
+
+def _answer(
+    request: Request, service: FeasibilityService, question: Question, org: str, kind: str
+) -> dict[str, Any]:
+    try:
+        body, audit = service.answer(question, org, kind)
+    except BudgetExceeded as exc:
+        request.state.audit_detail = {"budget": "exceeded"}
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            str(exc),
+            headers={"Retry-After": str(int(exc.retry_after_seconds))},
+        ) from None
+    request.state.audit_detail = audit
+    return body
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/feasibility", tags=["feasibility (sponsors)"])
+
+    @router.post(
+        "/ask",
+        summary="Ask an ad hoc feasibility question",
+        description="Counts of eligible patients (total, per site and region) and the attrition "
+        "funnel in criterion order, under disclosure control. Counts one question against the "
+        "sponsor's query budget.",
+    )
+    def ask(
+        request: Request,
+        principal: Sponsor,
+        service: Service,
+        question: Annotated[Question, Body(openapi_examples={"t2dm": {"value": EXAMPLE}})],
+    ) -> dict[str, Any]:
+        return _answer(request, service, question, principal.org, "ad hoc")
+
+    @router.post("/check", summary="Validate criteria and render them readably (no data read)")
+    def check(principal: Sponsor, question: Question) -> dict[str, Any]:
+        return {"valid": True, "text": render(question), "steps": len(question.steps)}
+
+    @router.get("/criteria-schema", summary="The JSON schema of criteria (concierge.criteria/1)")
+    def schema(principal: Sponsor) -> dict[str, Any]:
+        return json_schema()
+
+    @router.get("/budget", summary="Your organisation's query budget")
+    def budget(principal: Sponsor, service: Service) -> dict[str, Any]:
+        result: dict[str, Any] = service.budget.status(principal.org).to_dict()
+        return result
+
+    @router.get("/status", summary="How current the data behind answers is")
+    def feed_status(principal: Sponsor, service: Service) -> dict[str, Any]:
+        return service.as_of()
+
+    # ------------------------------------------------------------------ saved questions
+
+    def saved(service: FeasibilityService) -> Any:
+        if service.saved is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "saved questions unavailable")
+        return service.saved
+
+    @router.post(
+        "/saved-questions",
+        status_code=status.HTTP_201_CREATED,
+        summary="Register a trial (a saved question), or change one you registered",
+    )
+    def register(
+        principal: Sponsor, service: Service, trial: TrialCreate, response: Response
+    ) -> TrialPublic:
+        try:
+            record = saved(service).register(trial, principal.org)
+        except NotYours as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        response.headers["Location"] = f"/v1/feasibility/saved-questions/{record.id}"
+        return TrialPublic.of(record)
+
+    @router.get("/saved-questions", summary="Your saved questions")
+    def list_saved(principal: Sponsor, service: Service) -> list[TrialPublic]:
+        return [TrialPublic.of(r) for r in saved(service).of_sponsor(principal.org)]
+
+    def _get(service: FeasibilityService, trial_id: str, org: str) -> Any:
+        try:
+            return saved(service).get(trial_id, org)
+        except (KeyError, NotYours):
+            # another sponsor's trial is indistinguishable from a missing one
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"no saved question {trial_id}"
+            ) from None
+
+    @router.get("/saved-questions/{trial_id}", summary="One of your saved questions")
+    def get_saved(trial_id: str, principal: Sponsor, service: Service) -> TrialPublic:
+        return TrialPublic.of(_get(service, trial_id, principal.org))
+
+    @router.delete("/saved-questions/{trial_id}", summary="Retire a saved question")
+    def retire(trial_id: str, principal: Sponsor, service: Service) -> TrialPublic:
+        _get(service, trial_id, principal.org)
+        return TrialPublic.of(saved(service).retire(trial_id, principal.org))
+
+    @router.get(
+        "/saved-questions/{trial_id}/answer",
+        summary="The current answer to a saved question",
+        description="Counts under the same disclosure control as ad hoc questions. Reading the "
+        "answer of a saved question does not count against the query budget.",
+    )
+    def live_answer(
+        trial_id: str, request: Request, principal: Sponsor, service: Service
+    ) -> dict[str, Any]:
+        record = _get(service, trial_id, principal.org)
+        if record.status != "active":
+            raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
+        if service.cohorts is None:
+            body, audit = service.answer(record.criteria, principal.org, "saved", charge=False)
+        else:
+            body, audit = service.answer_live(record, principal.org)
+        request.state.audit_detail = {**audit, "trial": trial_id, "version": record.version}
+        return {"trial": trial_id, "version": record.version, **body}
+
+    return router
+
+
+__all__ = ["build_router"]

@@ -1,0 +1,217 @@
+"""The feasibility service: answers sponsors' questions under disclosure control.
+
+Ad hoc questions run over the columnar snapshot (kept current from the facts topic by
+:class:`~feasibility.feed.FactsFeed`) with the polars engine; the exact per-patient results
+become sets of patient ids (bitmaps), and only what :func:`feasibility.disclosure.protect`
+lets through leaves this module. Nothing patient-level is returned, logged or audited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+from pyroaring import BitMap
+
+from .criteria import ExclusionStep, Question, step_label
+from .disclosure import (
+    AnswerSets,
+    DisclosurePolicy,
+    FunnelStepSets,
+    PublicationRegistry,
+    QueryBudget,
+    protect,
+)
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(question: Question) -> str:
+    return hashlib.sha256(question.to_json().encode()).hexdigest()[:24]
+
+
+def _bitmap(frame: pl.DataFrame, mask: pl.Expr) -> BitMap:
+    ids = frame.filter(mask).get_column("pid")
+    return BitMap(ids.to_list())
+
+
+def answer_sets(question: Question, steps: pl.DataFrame) -> AnswerSets:
+    """Exact sets from an engine's per-patient step frame (``pid``, ``in_population``,
+    ``s0``..``sN`` as 1/0/null, ``site``, ``region``)."""
+    population = steps.filter(pl.col("in_population"))
+    remaining = pl.lit(True)
+    funnel = [
+        FunnelStepSets(
+            "population",
+            "population",
+            entered=_bitmap(population, remaining),
+            passed=_bitmap(population, remaining),
+            failed=BitMap(),
+            unknown=BitMap(),
+            remaining=_bitmap(population, remaining),
+        )
+    ]
+    for i, step in enumerate(question.steps):
+        column = pl.col(f"s{i}")
+        exclusion = isinstance(step, ExclusionStep)
+        true, false, unknown = column == 1, column == 0, column.is_null()
+        passed, failed = (false, true) if exclusion else (true, false)
+        keep = passed | unknown if exclusion and question.exclusion_unknown == "keep" else passed
+        funnel.append(
+            FunnelStepSets(
+                step_label(step, i),
+                "exclusion" if exclusion else "inclusion",
+                entered=_bitmap(population, remaining),
+                passed=_bitmap(population, remaining & passed),
+                failed=_bitmap(population, remaining & failed),
+                unknown=_bitmap(population, remaining & unknown),
+                remaining=_bitmap(population, remaining & keep),
+            )
+        )
+        remaining = remaining & keep
+    members = population.filter(remaining)
+    cohort = BitMap(members.get_column("pid").to_list())
+    site_region: dict[str, str] = {}
+    for site, region in population.select("site", "region").unique().iter_rows():
+        if site is not None:
+            site_region[site] = region or "Unknown"
+    by_site = {site: BitMap() for site in site_region}
+    by_region = {region: BitMap() for region in set(site_region.values())}
+    for site, ids in (
+        members.filter(pl.col("site").is_not_null()).group_by("site").agg(pl.col("pid")).iter_rows()
+    ):
+        by_site[site] = BitMap(ids)
+    for site, ids in by_site.items():
+        by_region[site_region[site]] |= ids
+    return AnswerSets(
+        cohort=cohort,
+        by_site=by_site,
+        site_region=site_region,
+        by_region=by_region,
+        funnel=funnel,
+    )
+
+
+@dataclass
+class FeasibilityService:
+    """Everything a sponsor request needs: the snapshot, the engine and disclosure control."""
+
+    snapshot: Any
+    lock: threading.Lock
+    engine: Any
+    policy: DisclosurePolicy
+    registry: PublicationRegistry
+    budget: QueryBudget
+    feed: Any = None
+    saved: Any = None
+    cohorts: Any = None
+    clock: Any = field(default=lambda: datetime.now(UTC))
+
+    def evaluate(self, question: Question, at: datetime) -> pl.DataFrame:
+        with self.lock:
+            frames = self.snapshot.frames()
+        return self.engine.evaluate_frames(question, frames, at)
+
+    def answer_live(self, trial: Any, org: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A saved question's answer: cohort counts as the stream keeps them (per event), the
+        funnel from the snapshot at the stream's time, both under disclosure control."""
+        started = time.perf_counter()
+        question: Question = trial.criteria
+        if self.cohorts is None:
+            raise RuntimeError("the live cohort view is not running")
+        stream_time = self.cohorts.stream_time()
+        at = stream_time or self.clock()
+        members = self.cohorts.members(trial.id, trial.version)
+        steps = self.evaluate(question, at)
+        sets = answer_sets(question, steps)
+        with self.lock:
+            ids = {r["patient"]: self.snapshot.patient_id(r["patient"]) for r in members}
+        cohort = BitMap(ids.values())
+        by_site = {site: BitMap() for site in sets.by_site}
+        by_region = {region: BitMap() for region in sets.by_region}
+        site_region = dict(sets.site_region)
+        for record in members:
+            site, region = record.get("site"), record.get("region") or "Unknown"
+            if site is None:
+                continue
+            site_region.setdefault(site, region)
+            by_site.setdefault(site, BitMap()).add(ids[record["patient"]])
+            by_region.setdefault(site_region[site], BitMap()).add(ids[record["patient"]])
+        batch_cohort = sets.cohort
+        live = AnswerSets(
+            cohort=cohort,
+            by_site=by_site,
+            site_region=site_region,
+            by_region=by_region,
+            funnel=sets.funnel,
+        )
+        fp = fingerprint(question)
+        protected, audit = protect(live, self.policy, self.registry, org, fp)
+        body = {
+            "question": fp,
+            "title": question.title,
+            "kind": "saved",
+            "evaluated_at": at.isoformat(),
+            "index_instant": question.index_instant(at).isoformat(),
+            "as_of": {**self.as_of(), **self.cohorts.status()},
+            "counts_from": "stream (per event)",
+            "funnel_from": "snapshot at the stream's time",
+            "stream_and_snapshot_agree": cohort == batch_cohort,
+            "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
+            **protected.to_dict(),
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        return body, {"question": fp, "kind": "saved", **audit.to_dict()}
+
+    def as_of(self) -> dict[str, Any]:
+        status = self.feed.status() if self.feed is not None else None
+        watermark = getattr(self.snapshot, "watermark", None)
+        info: dict[str, Any] = {}
+        if callable(watermark):
+            info.update(watermark())
+        if status is not None:
+            info.update(
+                {
+                    "facts_messages": status.messages,
+                    "lag_messages": status.lag,
+                    "caught_up": status.caught_up,
+                }
+            )
+        return info
+
+    def answer(
+        self, question: Question, org: str, kind: str = "ad hoc", charge: bool = True
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The protected answer for ``org``, and an audit detail (counts of rules applied, never
+        patient-level)."""
+        if charge:
+            self.budget.charge(org)
+        started = time.perf_counter()
+        at = self.clock()
+        steps = self.evaluate(question, at)
+        sets = answer_sets(question, steps)
+        evaluated = time.perf_counter()
+        fp = fingerprint(question)
+        protected, audit = protect(sets, self.policy, self.registry, org, fp)
+        body = {
+            "question": fp,
+            "title": question.title,
+            "kind": kind,
+            "evaluated_at": at.isoformat(),
+            "index_instant": question.index_instant(at).isoformat(),
+            "as_of": self.as_of(),
+            **protected.to_dict(),
+            "engine": getattr(self.engine, "name", type(self.engine).__name__),
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+            "evaluation_ms": round((evaluated - started) * 1000, 1),
+        }
+        return body, {"question": fp, "kind": kind, **audit.to_dict()}
+
+
+__all__ = ["FeasibilityService", "answer_sets", "fingerprint"]

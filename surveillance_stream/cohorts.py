@@ -1,0 +1,304 @@
+"""Live cohorts of saved questions, kept per event.
+
+For every registered trial the stream keeps, per patient, a membership record (``trial|patient``
+-> record, see ``docs/reference/cohort-events.md``) in a table whose changelog is the public
+cohort topic, so writing the record *is* publishing the cohort event: the two cannot disagree
+after a crash, and a consumer that reads the topic sees every change.
+
+Everything here is a function of the patient's state, the trial and the stream time, and every
+write is a comparison with what the table holds, never an increment, so replaying any event
+(after a crash, or a duplicate) writes nothing new, and any event of a patient heals whatever a
+crash left half-done for that patient:
+
+* **facts** of a patient: re-evaluate the trials the changed facts are relevant to;
+* **ticks** (``{"type": "tick", "time": ...}`` on the control topic, one stream per partition):
+  stream time moves on and timers that are due fire (a result leaves its window, a birthday);
+* **trial changes** (``{"type": "trial", "trial": TrialRecord}``): evaluate every patient of
+  the partition for a new trial or version, or close the cohort of a retired one.
+
+This class knows nothing of Faust: it works on any mutable mappings, so the property tests can
+drive it with dictionaries, simulate restarts, and compare it with the batch engines.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Iterable, Mapping, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+from feasibility.criteria import parse_question
+from feasibility.engines.incremental import CompiledQuestion, patient_tokens
+from feasibility.patient_data import PatientData, digest
+
+from .store import Change, PatientStore
+
+log = logging.getLogger(__name__)
+
+COHORT_SCHEMA = "concierge.cohort/1"
+WATERMARK = "\x00watermark|"
+
+
+def record_key(trial: str, patient: str) -> str:
+    return f"{trial}|{patient}"
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+class CohortKeeper:
+    """Live cohort membership for every active trial, over one worker's partitions."""
+
+    def __init__(
+        self,
+        store: PatientStore,
+        table: MutableMapping[str, Any],
+        trials: MutableMapping[str, Any],
+        wall_clock: Any = None,
+    ) -> None:
+        self.store = store
+        self.table = table
+        self.trials = trials  # "<partition>|<trial id>" -> {"id", "version", "status", "criteria"}
+        self.wall_clock = wall_clock or (lambda: datetime.now(UTC).timestamp())
+        self.stream_time: dict[int, float] = {}
+        self.facts_offset: dict[int, int] = {}
+        self.timers: dict[int, list[tuple[float, str, str]]] = {}
+        self._compiled: dict[tuple[str, int], CompiledQuestion] = {}
+        self._digests: dict[str, PatientData] = {}
+        self._tokens: dict[str, set[str]] = {}
+        self.skipped = 0
+        self.evaluations = 0
+        self.writes = 0
+
+    # ------------------------------------------------------------------ state helpers
+
+    def now(self, partition: int) -> float:
+        """Stream time of a partition: the latest tick seen, or the wall clock before any."""
+        return self.stream_time.get(partition) or self.wall_clock()
+
+    def active_trials(self, partition: int) -> list[tuple[str, CompiledQuestion, int]]:
+        prefix = f"{partition}|"
+        out = []
+        for key, spec in list(self.trials.items()):
+            if not key.startswith(prefix) or spec is None or spec.get("status") != "active":
+                continue
+            out.append((spec["id"], self.compiled(spec), int(spec["version"])))
+        return sorted(out, key=lambda item: item[0])
+
+    def compiled(self, spec: Mapping[str, Any]) -> CompiledQuestion:
+        key = (spec["id"], int(spec["version"]))
+        found = self._compiled.get(key)
+        if found is None:
+            found = CompiledQuestion(parse_question(spec["criteria"]))
+            self._compiled[key] = found
+        return found
+
+    def data(self, partition: int, patient: str) -> PatientData:
+        found = self._digests.get(patient)
+        if found is None:
+            found = digest(patient, self.store.patient(partition, patient))
+            self._digests[patient] = found
+        return found
+
+    def tokens(self, partition: int, patient: str) -> set[str]:
+        found = self._tokens.get(patient)
+        if found is None:
+            found = patient_tokens(self.store.patient(partition, patient))
+            self._tokens[patient] = found
+        return found
+
+    def _gated(self, partition: int, patient: str, trial: str, compiled: CompiledQuestion) -> bool:
+        """True when evaluating would only confirm an untracked patient fails step one."""
+        if compiled.gate is None or record_key(trial, patient) in self.table:
+            return False
+        if compiled.may_pass_first_step(self.tokens(partition, patient)):
+            return False
+        self.skipped += 1
+        return True
+
+    def recover(self, partition: int) -> None:
+        """After the partition's state is rebuilt: stream time and timers from the table."""
+        mark = self.table.get(f"{WATERMARK}{partition}")
+        if mark:
+            self.stream_time[partition] = float(mark["stream_time_epoch"])
+        heap: list[tuple[float, str, str]] = []
+        for key, record in list(self.table.items()):
+            if key.startswith("\x00") or not record or record.get("partition") != partition:
+                continue
+            if record.get("next_check") is not None:
+                heap.append((float(record["next_check"]), record["trial"], record["patient"]))
+        heapq.heapify(heap)
+        self.timers[partition] = heap
+
+    def forget(self, partition: int) -> None:
+        self.timers.pop(partition, None)
+        self.stream_time.pop(partition, None)
+        for patient in self.store.patients(partition):
+            self._digests.pop(patient, None)
+            self._tokens.pop(patient, None)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(
+        self, partition: int, patient: str, trial: str, compiled: CompiledQuestion, version: int
+    ) -> None:
+        t = self.now(partition)
+        data = self.data(partition, patient)
+        result, next_check = compiled.evaluate(data, datetime.fromtimestamp(t, UTC))
+        self.evaluations += 1
+        member = result.member(compiled.question)
+        steps = result.letters() if result.in_population else ""
+        key = record_key(trial, patient)
+        old = self.table.get(key)
+        tracked = member or next_check is not None or (steps[:1] not in ("F", ""))
+        if old is None and not tracked:
+            return
+        new = {
+            "schema": COHORT_SCHEMA,
+            "trial": trial,
+            "trial_version": version,
+            "patient": patient,
+            "site": result.site,
+            "region": result.region,
+            "member": member,
+            "steps": steps,
+            "next_check": next_check,
+            "partition": partition,
+        }
+        if old is not None and all(old.get(k) == v for k, v in new.items()):
+            return
+        new["change"] = (int(old["change"]) + 1) if old else 1
+        new["at"] = iso(t)
+        self.table[key] = new
+        self.writes += 1
+        if next_check is not None:
+            heapq.heappush(self.timers.setdefault(partition, []), (next_check, trial, patient))
+
+    def on_changes(self, partition: int, patient: str, changes: Iterable[Change]) -> None:
+        """Facts of one patient were folded (applied or not): re-evaluate what they touch."""
+        changes = list(changes)
+        if not changes:
+            return
+        self._digests.pop(patient, None)
+        self._tokens.pop(patient, None)
+        trials = self.active_trials(partition)
+        if not trials:
+            return
+        facts: list[Mapping[str, Any]] = []
+        for change in changes:
+            facts.extend(change.new.get("facts") or ())
+            if change.old is not None:
+                facts.extend(change.old.get("facts") or ())
+        for trial, compiled, version in trials:
+            if any(compiled.relevant(fact) for fact in facts) and not self._gated(
+                partition, patient, trial, compiled
+            ):
+                self._evaluate(partition, patient, trial, compiled, version)
+
+    def on_tick(self, partition: int, t: float, facts_offset: int | None = None) -> None:
+        current = self.stream_time.get(partition)
+        if current is not None and t <= current:
+            t = current
+        self.stream_time[partition] = t
+        heap = self.timers.setdefault(partition, [])
+        due: set[tuple[str, str]] = set()
+        while heap and heap[0][0] <= t:
+            _, trial, patient = heapq.heappop(heap)
+            due.add((trial, patient))
+        if due:
+            specs = {trial: (compiled, version) for trial, compiled, version in
+                     self.active_trials(partition)}  # fmt: skip
+            for trial, patient in sorted(due):
+                record = self.table.get(record_key(trial, patient))
+                spec = specs.get(trial)
+                if spec is None or record is None:
+                    continue
+                if record.get("next_check") is None or float(record["next_check"]) > t:
+                    continue  # superseded by a later evaluation
+                self._evaluate(partition, patient, trial, spec[0], spec[1])
+        mark = {
+            "partition": partition,
+            "stream_time": iso(t),
+            "stream_time_epoch": t,
+            "facts_offset": self.facts_offset.get(partition, 0),
+        }
+        if self.table.get(f"{WATERMARK}{partition}") != mark:
+            self.table[f"{WATERMARK}{partition}"] = mark
+
+    def on_trial(self, partition: int, trial: Mapping[str, Any]) -> None:
+        """A trial was registered, changed or retired (idempotent per version)."""
+        key = f"{partition}|{trial['id']}"
+        current = self.trials.get(key)
+        version = int(trial["version"])
+        if current is not None and int(current["version"]) >= version:
+            return
+        spec = {
+            "id": trial["id"],
+            "version": version,
+            "status": trial.get("status", "active"),
+            "criteria": trial["criteria"],
+        }
+        self.trials[key] = spec
+        if spec["status"] != "active":
+            self._close(partition, spec["id"], version)
+            return
+        compiled = self.compiled(spec)
+        for patient in sorted(self.store.patients(partition)):
+            if not self._gated(partition, patient, spec["id"], compiled):
+                self._evaluate(partition, patient, spec["id"], compiled, version)
+        # patients tracked under an earlier version but not reached above keep a stale record
+        self._close(partition, spec["id"], version, only_older=True)
+
+    def _close(self, partition: int, trial: str, version: int, only_older: bool = False) -> None:
+        """Mark the trial's records on this partition as not members (retired trial), or with
+        ``only_older``, those still at an earlier version after a re-evaluation."""
+        prefix = f"{trial}|"
+        t = self.now(partition)
+        for key, record in list(self.table.items()):
+            if not key.startswith(prefix) or not record or record.get("partition") != partition:
+                continue
+            old_version = int(record.get("trial_version", 0))
+            if only_older and old_version >= version:
+                continue
+            closed = not record.get("member") and record.get("next_check") is None
+            if closed and old_version == version:
+                continue
+            self.table[key] = {
+                **record,
+                "trial_version": version,
+                "member": False,
+                "next_check": None,
+                "change": int(record["change"]) + 1,
+                "at": iso(t),
+            }
+            self.writes += 1
+
+    # ------------------------------------------------------------------ views
+
+    def members(self, trial: str) -> dict[str, dict[str, Any]]:
+        return {
+            r["patient"]: r
+            for k, r in list(self.table.items())
+            if not k.startswith("\x00") and r and r.get("trial") == trial and r.get("member")
+        }
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for key, record in list(self.table.items()):
+            if key.startswith("\x00") or not record:
+                continue
+            counts.setdefault(record["trial"], 0)
+            if record.get("member"):
+                counts[record["trial"]] += 1
+        return {
+            "members": counts,
+            "stream_time": {p: iso(t) for p, t in sorted(self.stream_time.items())},
+            "evaluations": self.evaluations,
+            "skipped_by_first_step": self.skipped,
+            "writes": self.writes,
+        }
+
+
+__all__ = ["COHORT_SCHEMA", "WATERMARK", "CohortKeeper", "record_key"]

@@ -1,0 +1,237 @@
+"""The sponsor API on the real broker: a synthetic population ingested through the adapters
+into Kafka, the API's snapshot fed from the facts topic, answers checked against the
+reference engine over the very envelopes that were published (the oracle)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+
+from concierge.api import create_app
+from concierge.auth import issue
+from concierge.settings import Settings
+from feasibility.criteria import parse_question
+from feasibility.engines.reference import ReferenceEngine
+from feasibility.engines.results import cohort, funnel
+from feasibility.service import answer_sets
+from fhir_adapters.facts import ReferenceRecord, ResourceFacts
+from fhir_adapters.service import build_ingestor
+from fhir_adapters.sinks import DeadLetter, KafkaSink
+from fhir_adapters.synthetic.cli import bundle
+from fhir_adapters.synthetic.generator import (
+    GeneratorConfig,
+    iter_patients,
+    iter_reference_resources,
+)
+from surveillance_stream import patient_state
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "criteria"
+INDEX = "2026-01-01"
+
+
+class TeeSink:
+    """Publishes to Kafka and keeps a copy of every envelope for the oracle."""
+
+    def __init__(self, kafka: KafkaSink) -> None:
+        self.kafka = kafka
+        self.envelopes: list[ResourceFacts] = []
+
+    def facts(self, envelope: ResourceFacts) -> None:
+        self.envelopes.append(envelope)
+        self.kafka.facts(envelope)
+
+    def reference(self, record: ReferenceRecord) -> None:
+        self.kafka.reference(record)
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self.kafka.dead_letter(letter)
+
+    def flush(self) -> None:
+        self.kafka.flush()
+
+
+@pytest.fixture(scope="module")
+def world(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    import uuid
+
+    from infra.topics_admin import ensure_topics
+
+    prefix = f"t-feasibility-{uuid.uuid4().hex[:8]}."
+    ensure_topics(kafka_bootstrap, prefix)
+    home = tmp_path_factory.mktemp("feasibility-home")
+    settings = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=prefix,
+        home=home,
+        source_system="urn:test:ehr",
+    )
+    sink = TeeSink(KafkaSink(kafka_bootstrap, prefix))
+    ingestor = build_ingestor(settings, sink=sink)  # type: ignore[arg-type]
+    config = GeneratorConfig(patients=1500, seed=7)
+    ingestor.ingest_bundle(bundle(list(iter_reference_resources(config))), "reference")
+    for record in iter_patients(config):
+        ingestor.ingest_bundle(bundle(record), "test")
+    ingestor.commit()
+    ingestor.vault.close()
+    population = patient_state.fold(sink.envelopes)
+    by_patient: dict[str, dict[str, Any]] = {}
+    for key, entry in population.items():
+        patient, resource = patient_state.split_key(key)
+        by_patient.setdefault(patient, {})[resource] = entry
+    app = create_app(settings)
+    with TestClient(app) as client:
+        service = app.state.feasibility
+        assert service.feed.wait_for(len(sink.envelopes), 120), service.feed.status()
+        key = settings.token_key.get_secret_value().encode()
+        yield {
+            "client": client,
+            "app": app,
+            "population": by_patient,
+            "envelopes": sink.envelopes,
+            "sponsor": {"Authorization": f"Bearer {issue(key, 'sponsor', 'Acme Pharma')}"},
+            "other": {"Authorization": f"Bearer {issue(key, 'sponsor', 'Rival Bio')}"},
+            "clinician": {"Authorization": f"Bearer {issue(key, 'clinician', 'RA0')}"},
+            "regulator": {"Authorization": f"Bearer {issue(key, 'regulator', 'MHRA')}"},
+        }
+
+
+def example(name: str) -> dict[str, Any]:
+    criteria: dict[str, Any] = json.loads((EXAMPLES / name).read_text())
+    criteria["index_date"] = INDEX  # the synthetic population's "today"
+    return criteria
+
+
+def rounded(n: int) -> str:
+    return str(5 * ((n + 2) // 5))
+
+
+@pytest.mark.parametrize("name", ["t2dm-sglt2.json", "heart-failure.json", "nsclc-egfr.json"])
+def test_answer_matches_the_reference_engine_under_disclosure(
+    world: dict[str, Any], name: str
+) -> None:
+    criteria = example(name)
+    question = parse_question(criteria)
+    at = datetime.now(UTC)
+    results = ReferenceEngine().evaluate(question, world["population"], at)
+    true_cohort = cohort(question, results)
+    true_funnel = funnel(question, results)
+
+    # Exactly: the polars engine over the snapshot fed from Kafka finds the same patients
+    # as the reference engine over the envelopes that were published.
+    service = world["app"].state.feasibility
+    steps = service.evaluate(question, at)
+    members = steps.filter(pl.col("member")).get_column("pid").to_list()
+    assert {service.snapshot.pseudonym_of(pid) for pid in members} == set(true_cohort)
+    sets = answer_sets(question, steps)
+    assert [len(s.remaining) for s in sets.funnel] == [len(s.remaining) for s in true_funnel]
+
+    # What the sponsor sees is that, under disclosure control.
+    response = world["client"].post("/v1/feasibility/ask", json=criteria, headers=world["sponsor"])
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    total = answer["total"]
+    if len(true_cohort) < 10:
+        assert total["suppressed"] and total["display"] == "<10"
+    else:  # shown rounded, or withheld to protect another cell
+        assert total["display"] in (rounded(len(true_cohort)), "<10")
+    assert [step["label"] for step in answer["funnel"]][1:] == [
+        step.label for step in question.steps
+    ]
+    population = sum(1 for r in results.values() if r.in_population)
+    assert answer["funnel"][0]["entered"]["display"] == rounded(population)
+    for cell in [*answer["by_site"].values(), *answer["by_region"].values()]:
+        assert cell["suppressed"] or cell["value"] >= 10
+    assert "p-" not in response.text  # no pseudonym, ever
+    assert answer["rules"]
+
+
+def test_repeating_a_question_gives_the_same_answer(world: dict[str, Any]) -> None:
+    criteria = example("t2dm-sglt2.json")
+    answers = [
+        world["client"].post("/v1/feasibility/ask", json=criteria, headers=world["sponsor"]).json()
+        for _ in range(5)
+    ]
+    keys = ("total", "by_site", "by_region", "funnel")
+    assert all({k: a[k] for k in keys} == {k: answers[0][k] for k in keys} for a in answers)
+
+
+def test_roles_and_errors(world: dict[str, Any]) -> None:
+    client = world["client"]
+    criteria = example("t2dm-sglt2.json")
+    assert client.post("/v1/feasibility/ask", json=criteria).status_code == 401
+    for role in ("clinician", "regulator"):
+        response = client.post("/v1/feasibility/ask", json=criteria, headers=world[role])
+        assert response.status_code == 403
+        assert response.headers["content-type"].startswith("application/problem+json")
+    bad = client.post(
+        "/v1/feasibility/ask",
+        json={"inclusion": [{"type": "age"}]},
+        headers=world["sponsor"],
+    )
+    assert bad.status_code == 422
+    assert "min and/or max" in bad.text
+    assert bad.headers["content-type"].startswith("application/problem+json")
+
+
+def test_saved_questions_lifecycle_and_isolation(world: dict[str, Any]) -> None:
+    client = world["client"]
+    trial = {
+        "id": "hf-arni-001",
+        "title": "HFrEF not on an ARNI",
+        "criteria": example("heart-failure.json"),
+        "recruiting_sites": ["RA0", "RA1"],
+        "target": 50,
+    }
+    created = client.post("/v1/feasibility/saved-questions", json=trial, headers=world["sponsor"])
+    assert created.status_code == 201, created.text
+    assert created.json()["version"] == 1
+    assert created.headers["location"].endswith("/hf-arni-001")
+    listed = client.get("/v1/feasibility/saved-questions", headers=world["sponsor"]).json()
+    assert [t["id"] for t in listed] == ["hf-arni-001"]
+    # another sponsor sees nothing and cannot take it over
+    assert client.get("/v1/feasibility/saved-questions", headers=world["other"]).json() == []
+    assert (
+        client.get(
+            "/v1/feasibility/saved-questions/hf-arni-001", headers=world["other"]
+        ).status_code
+        == 404
+    )
+    assert (
+        client.post(
+            "/v1/feasibility/saved-questions", json=trial, headers=world["other"]
+        ).status_code
+        == 409
+    )
+    answer = client.get(
+        "/v1/feasibility/saved-questions/hf-arni-001/answer", headers=world["sponsor"]
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["trial"] == "hf-arni-001"
+    retired = client.delete("/v1/feasibility/saved-questions/hf-arni-001", headers=world["sponsor"])
+    assert retired.json()["status"] == "retired"
+    assert retired.json()["version"] == 2
+    assert (
+        client.get(
+            "/v1/feasibility/saved-questions/hf-arni-001/answer", headers=world["sponsor"]
+        ).status_code
+        == 409
+    )
+
+
+def test_every_request_is_audited_without_patient_data(world: dict[str, Any]) -> None:
+    audit = world["app"].state.audit
+    records = [r for r in audit.records() if r["action"].startswith("POST /v1/feasibility/ask")]
+    assert records
+    assert all("p-" not in r["detail"] for r in audit.records())
+    assert audit.verify().ok

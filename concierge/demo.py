@@ -49,7 +49,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
 
 
 @click.command()
-@click.option("--patients", default=3000, show_default=True, help="Population size.")
+@click.option("--patients", default=5000, show_default=True, help="Population size.")
 @click.option("--seed", default=42, show_default=True, help="Generator seed.")
 @click.option(
     "--bulk-fraction",
@@ -81,6 +81,7 @@ def demo(
         GeneratorConfig,
         iter_patients,
         iter_reference_resources,
+        sites,
     )
 
     settings = get_settings()
@@ -90,7 +91,11 @@ def demo(
     concierge = [sys.executable, "-m", "concierge"]
     if reset:
         subprocess.run([*concierge, "broker", "stop"], env=env, check=False)
-        for stale in (home / "identity-vault.sqlite",):
+        for stale in (
+            home / "identity-vault.sqlite",
+            home / "recruitment.sqlite",
+            home / "feasibility.sqlite",
+        ):
             stale.unlink(missing_ok=True)
         subprocess.run([*concierge, "broker", "start", "--reset"], env=env, check=True)
     else:
@@ -103,6 +108,8 @@ def demo(
         children.append(worker)
         api = _spawn(["api"], logs / "api.log", env)
         children.append(api)
+        recruiting = _spawn(["recruitment", "run"], logs / "recruitment.log", env)
+        children.append(recruiting)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         worker_url = f"http://127.0.0.1:{settings.worker_web_port}"
         _wait_http(f"{api_url}/healthz", 60, api, logs / "api.log")
@@ -111,10 +118,14 @@ def demo(
         click.echo(f"  API and OpenAPI docs    {api_url}/docs")
         click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
         click.echo(f"  stream worker state     {worker_url}/state/digest")
+        click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts")
         click.echo(f"  logs                    {logs}")
         click.echo("")
 
-        config = GeneratorConfig(patients=patients, seed=seed)
+        from datetime import date
+
+        # the population's "today" is today, so "in the last year" means what it says
+        config = GeneratorConfig(patients=patients, seed=seed, as_of=date.today())
         ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
         reference = list(iter_reference_resources(config))
         ingestor.ingest_bundle(bundle(reference), "demo:reference")
@@ -129,6 +140,26 @@ def demo(
             f"Loaded {bulk} patients in bulk ({ingestor.stats.counts['accepted']} "
             f"resources) in {time.perf_counter() - started:.1f} s; streaming the rest "
             f"live at {rate:g} patients/s through POST /fhir."
+        )
+        sponsor = _sponsor_headers(settings)
+        question = _example("t2dm-sglt2.json")
+        _show_answer(api_url, sponsor, question)
+        recruiting_sites = [s.ods for s in sites(config)[:3]]
+        trial = {
+            "id": "demo-t2dm-sglt2",
+            "title": question["title"],
+            "criteria": question,
+            "recruiting_sites": recruiting_sites,
+            "target": 100,
+        }
+        registered = httpx.post(
+            f"{api_url}/v1/feasibility/saved-questions", json=trial, headers=sponsor, timeout=30
+        )
+        click.echo(
+            f"Saved question {trial['id']} registered ({registered.status_code}), recruiting at "
+            f"{', '.join(recruiting_sites)}; the stream keeps its cohort live and the concierge "
+            f"routes new candidates to their GPs: {api_url}/v1/feasibility/saved-questions/"
+            f"{trial['id']}/answer"
         )
         deadline = time.monotonic() + duration if duration else None
         sent = 0
@@ -148,9 +179,16 @@ def demo(
                 if time.monotonic() >= next_report:
                     next_report = time.monotonic() + 5
                     state = httpx.get(f"{worker_url}/state/digest", timeout=10).json()
+                    live = httpx.get(
+                        f"{api_url}/v1/feasibility/saved-questions/{trial['id']}/answer",
+                        headers=sponsor,
+                        timeout=30,
+                    ).json()
                     click.echo(
                         f"  live: {bulk + sent} patients sent; the stream holds "
-                        f"{state['patients']} patients, {state['entries']} resources"
+                        f"{state['patients']} patients, {state['entries']} resources; "
+                        f"{trial['id']} eligible: {live.get('total', {}).get('display')}; "
+                        f"invitations: {_invitations(trial['id'])}"
                     )
         click.echo(f"Population streamed ({bulk + sent} patients).")
         while deadline is None or time.monotonic() < deadline:
@@ -166,6 +204,62 @@ def demo(
                 child.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
+
+
+def _sponsor_headers(settings: Any) -> dict[str, str]:
+    from concierge.auth import issue
+
+    token = issue(settings.token_key.get_secret_value().encode(), "sponsor", "Demo Pharma")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _example(name: str) -> dict[str, Any]:
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    document: dict[str, Any] = json.loads((root / "docs/examples/criteria" / name).read_text())
+    return document
+
+
+def _invitations(trial: str) -> str:
+    """Invitations per state for the demo trial, read from the recruitment database (the demo
+    runs on the site itself; a sponsor would see these only through disclosure control)."""
+    try:
+        from recruitment.runtime import build_runtime
+        from recruitment.service import counts_by_state
+
+        runtime = build_runtime()
+        try:
+            with runtime.sessions() as session:
+                counts = counts_by_state(session, trial)
+        finally:
+            runtime.close()
+    except Exception as exc:  # the demo goes on; the log says why
+        return f"unavailable ({type(exc).__name__})"
+    return ", ".join(f"{state} {n}" for state, n in sorted(counts.items()) if n) or "none yet"
+
+
+def _show_answer(api_url: str, headers: dict[str, str], question: dict[str, Any]) -> None:
+    """Ask the API a question once the snapshot has caught up, and print the answer."""
+    from feasibility.cli import render_answer
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{api_url}/v1/feasibility/status", headers=headers, timeout=10)
+        if status.status_code == 200 and status.json().get("lag_messages", 1) == 0:
+            break
+        time.sleep(0.5)
+    response = httpx.post(
+        f"{api_url}/v1/feasibility/ask", json=question, headers=headers, timeout=60
+    )
+    if response.status_code != 200:
+        click.echo(f"feasibility question failed: {response.status_code} {response.text[:300]}")
+        return
+    click.echo(
+        "\nA sponsor asks (concierge feasibility ask docs/examples/criteria/t2dm-sglt2.json):"
+    )
+    click.echo(render_answer(response.json(), top=5))
+    click.echo("")
 
 
 def _json(document: dict[str, Any]) -> bytes:

@@ -104,7 +104,13 @@ def decode_trial(value: bytes | str | None, key: str | None) -> TrialRecord | No
 
 
 def split_cohort_key(key: str) -> tuple[str, str] | None:
-    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys."""
+    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys. The
+    stream worker writes keys as JSON strings (``"trial|patient"``, quotes included)."""
+    if key.startswith('"'):
+        try:
+            key = str(json.loads(key))
+        except ValueError:
+            raise MessageError(f"cohort key {key!r} is not a JSON string") from None
     if not key or key.startswith("\u0000"):
         return None
     trial, sep, patient = key.rpartition("|")

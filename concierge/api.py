@@ -123,10 +123,12 @@ def create_app(
 
     app.include_router(build_router(get_ingest, settings.max_resource_bytes * 10))
 
+    from feasibility.api import build_admin_router
     from feasibility.api import build_router as feasibility_router
     from recruitment.api import build_router as clinician_router
 
     app.include_router(feasibility_router())
+    app.include_router(build_admin_router())
 
     def recruitment_service(request: Request) -> Any:
         runtime = getattr(request.app.state, "recruitment", None)

@@ -171,4 +171,31 @@ def build_router() -> APIRouter:
     return router
 
 
-__all__ = ["build_router"]
+Admin = Annotated[Principal, require_role("admin")]
+
+
+def build_admin_router() -> APIRouter:
+    """Site operations (role admin): exact, unprotected numbers for the people who run the
+    service, never for sponsors; every request is audited like any other."""
+    router = APIRouter(prefix="/v1/admin", tags=["operations (site admins)"])
+
+    @router.get("/saved-questions/{trial_id}/live", summary="Exact live cohort size")
+    def live_size(trial_id: str, principal: Admin, service: Service) -> dict[str, Any]:
+        if service.cohorts is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no live cohort view")
+        return {
+            "trial": trial_id,
+            "members": len(service.cohorts.members(trial_id)),
+            **service.cohorts.status(),
+        }
+
+    @router.post("/budgets/{org}/unlock", summary="Lift a sponsor's query lockout")
+    def unlock(org: str, principal: Admin, service: Service) -> dict[str, Any]:
+        service.budget.unlock(org)
+        status_: dict[str, Any] = service.budget.status(org).to_dict()
+        return status_
+
+    return router
+
+
+__all__ = ["build_admin_router", "build_router"]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark, one command: set-up, a real broker, each figure beside its same-run baseline.
+#   bash benchmarks/run.sh                 # all of them, default sizes
+#   bash benchmarks/run.sh --quick         # smaller sizes (minutes, for a smoke run)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,4 +13,22 @@ export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$CONCIERGE_
 started=0
 if ! concierge broker status --quiet >/dev/null 2>&1; then concierge broker start; started=1; fi
 trap '[ "$started" = 1 ] && concierge broker stop >/dev/null 2>&1 || true' EXIT
-python -m benchmarks.bench_ingest "$@"
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+if [ "$quick" = 1 ]; then
+  patients_adhoc=100000; patients_stream=5000; probes=60; repeats=1
+else
+  patients_adhoc=1000000; patients_stream=20000; probes=200; repeats=3
+fi
+
+echo "== ingest throughput (adapter vs naive fhir.resources pipeline)"
+python -m benchmarks.bench_ingest --patients 2000 --repeats "$repeats"
+echo "== ad hoc feasibility answer over $patients_adhoc patients (engine vs hand-written polars)"
+snapshot="$CONCIERGE_HOME/snapshot-$patients_adhoc"
+[ -d "$snapshot" ] || python -m benchmarks.build_snapshot "$snapshot" --patients "$patients_adhoc" --seed 42
+python -m benchmarks.bench_adhoc "$snapshot" --repeats 30 --at 2026-01-01  # the generator's as-of
+echo "== stream throughput with 10 live saved questions (worker vs consume-and-decode)"
+python -m benchmarks.bench_stream --patients "$patients_stream" --trials 10 --repeats "$repeats"
+echo "== live-count freshness at 1k resources/s (API vs Kafka arrival)"
+python -m benchmarks.bench_freshness --rate 1000 --probes "$probes"

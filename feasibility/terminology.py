@@ -22,6 +22,7 @@ agree by construction on what a code means:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 SNOMED = "http://snomed.info/sct"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -100,8 +101,10 @@ def normalise_code(system: str, code: str) -> str:
     return code.strip()
 
 
+@lru_cache(maxsize=262_144)
 def token(system: str | None, code: str) -> str:
-    """One string per (canonical system, normalised code): the unit of matching and indexing."""
+    """One string per (canonical system, normalised code): the unit of matching and indexing.
+    Cached: the same few thousand codes recur across millions of facts."""
     canonical = system_of_data(system)
     return f"{canonical}|{normalise_code(canonical, code)}"
 

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from feasibility.criteria import parse_question
-from feasibility.engines.incremental import CompiledQuestion, patient_tokens
+from feasibility.engines.incremental import CompiledQuestion, fact_tokens, patient_tokens
 from feasibility.patient_data import PatientData, digest
 
 from .store import Change, PatientStore
@@ -182,7 +182,13 @@ class CohortKeeper:
         if not changes:
             return
         self._digests.pop(patient, None)
-        self._tokens.pop(patient, None)
+        known = self._tokens.get(patient)
+        if known is not None and all(c.old is None and c.applied for c in changes):
+            for change in changes:  # new resources only: their tokens add to the patient's
+                for fact in change.new.get("facts") or ():
+                    known |= fact_tokens(fact)
+        else:
+            self._tokens.pop(patient, None)
         trials = self.active_trials(partition)
         if not trials:
             return

@@ -55,20 +55,38 @@ def entry_of(envelope: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def canonical(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry in the canonical form of :func:`patient_state.entry_of` (for digests and pages;
+    the store keeps the envelope object itself, so the hot path copies nothing)."""
+    provenance = dict(entry.get("provenance") or {})
+    provenance.pop("ingested_at", None)
+    return {
+        "seq": int(entry["seq"]),
+        "retracted": bool(entry.get("retracted", False)),
+        "facts": list(entry.get("facts") or ()),
+        "provenance": provenance,
+    }
+
+
 class PatientStore:
-    """Patients' live resources, per partition of the facts topic."""
+    """Patients' live resources, per partition of the facts topic. An entry is the envelope
+    object as decoded (``seq``, ``retracted``, ``facts``, ``provenance`` and the envelope's
+    other fields), kept as it is."""
 
     def __init__(self) -> None:
         self.partitions: dict[int, dict[str, Entries]] = {}
+        self._resources: dict[int, int] = {}
 
     def ready(self, partition: int) -> bool:
         return partition in self.partitions
 
     def install(self, partition: int, patients: dict[str, Entries]) -> None:
         self.partitions[partition] = patients
+        self._resources[partition] = sum(len(e) for e in patients.values())
 
     def drop(self, partition: int) -> None:
         self.partitions.pop(partition, None)
+        self._resources.pop(partition, None)
 
     def patient(self, partition: int, patient: str) -> Entries:
         return self.partitions.get(partition, {}).get(patient, {})
@@ -82,10 +100,12 @@ class PatientStore:
         key = str(envelope["key"])
         entries = patients.setdefault(patient, {})
         old = entries.get(key)
-        new = entry_of(envelope)
-        applied = old is None or int(old["seq"]) < new["seq"]
+        new: dict[str, Any] = envelope  # type: ignore[assignment]
+        applied = old is None or int(old["seq"]) < int(new["seq"])
         if applied:
             entries[key] = new
+            if old is None:
+                self._resources[partition] = self._resources.get(partition, 0) + 1
         return Change(patient, key, old, new if applied else (old or new), applied)
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -93,7 +113,7 @@ class PatientStore:
         for patients in list(self.partitions.values()):
             for patient, entries in list(patients.items()):
                 for key, entry in list(entries.items()):
-                    yield patient_state.state_key(patient, key), entry
+                    yield patient_state.state_key(patient, key), canonical(entry)
 
     def digest(self) -> dict[str, Any]:
         return patient_state.digest(self.items())
@@ -102,7 +122,7 @@ class PatientStore:
         return {
             "partitions": len(self.partitions),
             "patients": sum(len(p) for p in self.partitions.values()),
-            "resources": sum(len(e) for p in self.partitions.values() for e in p.values()),
+            "resources": sum(self._resources.values()),
         }
 
 
@@ -161,4 +181,4 @@ def read_partition(
         consumer.close()
 
 
-__all__ = ["Change", "Entries", "PatientStore", "entry_of", "read_partition"]
+__all__ = ["Change", "Entries", "PatientStore", "canonical", "entry_of", "read_partition"]

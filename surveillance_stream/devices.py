@@ -1,0 +1,1190 @@
+"""Device surveillance: each patient's contribution to the device counters, as pure functions.
+
+A patient's live resources (``resource key -> entry``, the per-patient state the stream keeps,
+see :mod:`.store`) determine everything the device counters need from that patient:
+
+* :func:`exposures`: one :class:`Exposure` per device the patient carries, merged from Device,
+  DeviceUseStatement/DeviceUsage and implant/revision Procedure facts, placed in the device
+  hierarchy (class, manufacturer, model, lot) with implant and explant dates, site and region;
+* :func:`outcomes`: the :class:`Outcome` events attributed to those exposures, from adverse events
+  naming the device and from :class:`OutcomeDefinition` rules over conditions and procedures in a
+  window after implant;
+* :func:`contribution`: the whole, canonical :class:`Contribution` of the patient: the multiset of
+  counter keys it adds one to, its person-time per node, and the provenance behind every key.
+
+Nothing here increments anything. The stream keeps, per patient, the last contribution and applies
+``diff(old, new)`` to the aggregate :class:`Counters`; since a contribution is a function of the
+patient's state alone, and that state is an idempotent fold of the facts topic, a replay, a
+duplicate, an out-of-order version or a restart produces the same contribution again and a zero
+diff: the counters equal :meth:`Counters.rebuild` over the current state at every moment
+(``docs/explanation/device-surveillance.md``).
+
+Person-time is kept in a form that does not depend on the evaluation time: closed exposures add
+their length in days, open ones add one to a count and their start day to a sum, so the exposure
+time of a node at any day ``t`` is ``closed + count * t - sum`` (:class:`PersonTime`). Time passing
+therefore changes no contribution, and no timer has to revisit every exposed patient every day.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, cast
+
+__all__ = [
+    "DEFAULT_DEVICE_CLASSES",
+    "DEFAULT_OUTCOMES",
+    "EXPOSED",
+    "ICD10",
+    "LEVELS",
+    "OPCS4",
+    "OTHER",
+    "SNOMED",
+    "UNKNOWN",
+    "Contribution",
+    "CounterKey",
+    "Counters",
+    "Delta",
+    "DeviceClass",
+    "Exposure",
+    "Outcome",
+    "OutcomeDefinition",
+    "PersonTime",
+    "Source",
+    "TimeKey",
+    "code",
+    "contribution",
+    "device_classes_from_json",
+    "diff",
+    "exposures",
+    "node_path",
+    "outcome_definitions_from_json",
+    "outcomes",
+    "parse_node",
+    "period_matches",
+    "quarter",
+]
+
+SNOMED = "http://snomed.info/sct"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+#: OPCS-4 has no HL7-registered URI; the product uses this one throughout.
+OPCS4 = "https://fhir.hl7.org.uk/Id/opcs-4"
+
+#: Levels of the device hierarchy, from the root down. A node is the path of its first n levels.
+LEVELS: tuple[str, ...] = ("class", "manufacturer", "model", "lot")
+#: The "outcome" of the denominator keys: one per exposure.
+EXPOSED = "exposed"
+#: Stands in for a missing hierarchy value, period or site.
+UNKNOWN = "unknown"
+#: The class of a device whose type matches no :class:`DeviceClass`.
+OTHER = "other"
+
+Code = tuple[str, str]
+#: ``(level, node, outcome or "exposed", period, site)``
+CounterKey = tuple[str, str, str, str, str]
+#: ``(level, node, period, site)``
+TimeKey = tuple[str, str, str, str]
+
+_DOTLESS_SYSTEMS = frozenset({ICD10, OPCS4})
+_FACT_KINDS = frozenset({"condition", "procedure", "adverse_event"})
+_EXPOSURE_KINDS = frozenset({"device_exposure", "procedure"})
+#: Statuses that mean the thing did not (yet) happen or was recorded in error.
+_NOT_EXPOSED = frozenset({"entered-in-error", "intended", "not-done"})
+_NOT_PERFORMED = frozenset({"entered-in-error", "not-done", "preparation"})
+_NOT_A_DIAGNOSIS = frozenset({"refuted", "entered-in-error"})
+
+
+# --------------------------------------------------------------------------- codes and dates
+
+
+def code(system: str, value: str) -> Code:
+    """A coding as ``(system, code)``; ICD-10 and OPCS-4 codes compare without dots, upper case
+    (``T84.5`` and ``t845`` are the same code)."""
+    value = value.strip()
+    if system in _DOTLESS_SYSTEMS:
+        value = value.replace(".", "").upper()
+    return (system, value)
+
+
+def _code_set(items: Iterable[Code | str]) -> frozenset[Code]:
+    out: set[Code] = set()
+    for item in items:
+        if isinstance(item, str):
+            system, sep, value = item.rpartition("|")
+            if not sep or not system or not value:
+                raise ValueError(f"a code must be 'system|code' or (system, code), got {item!r}")
+            out.add(code(system, value))
+        else:
+            system, value = item
+            out.add(code(system, value))
+    return frozenset(out)
+
+
+def _fact_codes(fact: Mapping[str, Any], name: str = "codes") -> frozenset[Code]:
+    out: set[Code] = set()
+    for coding in fact.get(name) or ():
+        if isinstance(coding, Mapping) and coding.get("system") and coding.get("code"):
+            out.add(code(str(coding["system"]), str(coding["code"])))
+    return frozenset(out)
+
+
+def _instant(value: object) -> datetime | None:
+    """A fact's date-time as an aware UTC datetime (naive values are taken as UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime.combine(value, time())
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _cutoff(as_of: date | datetime | None) -> datetime | None:
+    """The exclusive upper bound of what is known at ``as_of`` (a date means its end)."""
+    if as_of is None:
+        return None
+    if isinstance(as_of, datetime):
+        moment = _instant(as_of)
+        assert moment is not None
+        return moment + timedelta(microseconds=1)
+    return datetime.combine(as_of + timedelta(days=1), time(), UTC)
+
+
+def _known(moment: datetime | None, cutoff: datetime | None) -> bool:
+    return cutoff is None or moment is None or moment < cutoff
+
+
+def quarter(moment: date | datetime | None) -> str:
+    """The calendar quarter of a date, e.g. ``"2023Q1"``; ``"unknown"`` for ``None``."""
+    if moment is None:
+        return UNKNOWN
+    return f"{moment.year}Q{(moment.month - 1) // 3 + 1}"
+
+
+def period_matches(spec: str | Collection[str] | None, period: str) -> bool:
+    """Whether a period (a quarter such as ``"2023Q1"``) is selected by ``spec``.
+
+    ``None`` selects everything; ``"2023Q1"`` one quarter; ``"2023"`` a year; ``"2023Q1.."``,
+    ``"..2024Q4"`` and ``"2023Q1..2024Q4"`` ranges (inclusive; ranges never select ``unknown``);
+    a collection of quarters selects its members.
+    """
+    if spec is None:
+        return True
+    if isinstance(spec, str):
+        if ".." in spec:
+            if period == UNKNOWN:
+                return False
+            low, _, high = spec.partition("..")
+            return (not low or period >= low) and (not high or period <= high)
+        if len(spec) == 4 and spec.isdigit():
+            return period.startswith(spec + "Q")
+        return period == spec
+    return period in spec
+
+
+def _escape(part: str) -> str:
+    return part.replace("%", "%25").replace("/", "%2F")
+
+
+def _unescape(part: str) -> str:
+    return part.replace("%2F", "/").replace("%25", "%")
+
+
+def node_path(*parts: str | None) -> str:
+    """The node of a hierarchy path: ``"hip/Orthomedica/Acetabulon X2"`` (``/`` in a name is
+    escaped as ``%2F``; a missing value is ``unknown``)."""
+    return "/".join(_escape(part if part else UNKNOWN) for part in parts)
+
+
+def parse_node(node: str) -> tuple[str, tuple[str, ...]]:
+    """``(level, parts)`` of a node path; the level follows from the number of parts."""
+    parts = tuple(_unescape(part) for part in node.split("/"))
+    if not node or len(parts) > len(LEVELS):
+        raise ValueError(
+            f"a node is 1 to {len(LEVELS)} '/'-separated parts ({', '.join(LEVELS)}), got {node!r}"
+        )
+    return LEVELS[len(parts) - 1], parts
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """One device class of the hierarchy's first level, recognised by the device's type code
+    (SNOMED CT) or, for a device only known from procedures, by its implant or revision codes.
+
+    Implant codes date the start of an exposure; revision (explant, replacement) codes on a later
+    procedure naming the device end it.
+    """
+
+    name: str
+    type_codes: frozenset[Code]
+    implant_codes: frozenset[Code] = frozenset()
+    revision_codes: frozenset[Code] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"a device class name must be non-empty without '/': {self.name!r}")
+        for name in ("type_codes", "implant_codes", "revision_codes"):
+            object.__setattr__(self, name, _code_set(getattr(self, name)))
+
+
+def _class(
+    name: str, snomed_type: str, implant: tuple[str, str], revision: tuple[str, str]
+) -> DeviceClass:
+    return DeviceClass(
+        name,
+        frozenset({code(SNOMED, snomed_type)}),
+        frozenset({code(OPCS4, implant[0]), code(SNOMED, implant[1])}),
+        frozenset({code(OPCS4, revision[0]), code(SNOMED, revision[1])}),
+    )
+
+
+#: The default class table (codes as in ``docs/reference/synthetic-population.md``). The insulin
+#: pump's replacement has the same codes as its initiation: the first such procedure starts the
+#: exposure, a later one ends it.
+DEFAULT_DEVICE_CLASSES: tuple[DeviceClass, ...] = (
+    _class("hip", "304120007", ("W37.1", "52734007"), ("W37.3", "179344006")),
+    _class("knee", "304121006", ("W40.1", "609588000"), ("W40.3", "443682002")),
+    _class("pacemaker", "14106009", ("K60.1", "307280005"), ("K60.6", "233180008")),
+    _class("insulin_pump", "69805005", ("X50.9", "225286007"), ("X50.9", "225286007")),
+)
+
+
+@dataclass(frozen=True)
+class OutcomeDefinition:
+    """A rule that turns facts into an outcome of an exposure.
+
+    * ``name``: the outcome's name in the counters. Several definitions may share a name (e.g. one
+      per class): an exposure has the outcome when any of them matches.
+    * ``codes``: ``(system, code)`` pairs or ``"system|code"`` strings; empty means any code,
+      which only adverse events may use.
+    * ``kinds``: fact kinds it reads, among ``condition``, ``procedure``, ``adverse_event``.
+    * ``device_class``: a class name or names the outcome applies to (``None``: every class).
+    * ``window_days``: the outcome must fall in ``(implant, implant + window_days]`` (``None``:
+      any time after implant). Without a device named by the fact the outcome must also fall
+      before the exposure's end.
+    """
+
+    name: str
+    codes: Collection[Code | str] = frozenset()
+    kinds: Collection[str] = frozenset({"condition"})
+    device_class: str | Collection[str] | None = None
+    window_days: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name == EXPOSED:
+            raise ValueError(f"an outcome name must be non-empty and not {EXPOSED!r}")
+        object.__setattr__(self, "codes", _code_set(self.codes))
+        kinds = frozenset(self.kinds)
+        if not kinds or not kinds <= _FACT_KINDS:
+            raise ValueError(
+                f"kinds must be a non-empty subset of {sorted(_FACT_KINDS)}, got {sorted(kinds)}"
+            )
+        object.__setattr__(self, "kinds", kinds)
+        if not self.codes and kinds != {"adverse_event"}:
+            raise ValueError(f"{self.name!r}: only adverse-event outcomes may match any code")
+        if isinstance(self.device_class, str):
+            object.__setattr__(self, "device_class", frozenset({self.device_class}))
+        elif self.device_class is not None:
+            object.__setattr__(self, "device_class", frozenset(self.device_class))
+        if self.window_days is not None and self.window_days < 0:
+            raise ValueError(f"{self.name!r}: window_days must be >= 0")
+
+    @property
+    def code_set(self) -> frozenset[Code]:
+        return cast(frozenset[Code], self.codes)  # normalised in __post_init__
+
+    @property
+    def classes(self) -> frozenset[str] | None:
+        return None if self.device_class is None else frozenset(self.device_class)
+
+    def applies_to(self, device_class: str) -> bool:
+        classes = self.classes
+        return classes is None or device_class in classes
+
+    def matches(self, kind: str, codes: frozenset[Code]) -> bool:
+        return kind in self.kinds and (not self.codes or bool(self.code_set & codes))
+
+
+_THREE_YEARS = 3 * 365
+
+#: The default outcome definitions (see ``docs/explanation/device-surveillance.md``).
+DEFAULT_OUTCOMES: tuple[OutcomeDefinition, ...] = (
+    OutcomeDefinition("adverse event", kinds={"adverse_event"}),
+    OutcomeDefinition(
+        "hip revision within 1 year",
+        codes={code(OPCS4, "W37.3"), code(SNOMED, "179344006")},
+        kinds={"procedure"},
+        device_class="hip",
+        window_days=365,
+    ),
+    OutcomeDefinition(
+        "knee revision within 1 year",
+        codes={code(OPCS4, "W40.3"), code(SNOMED, "443682002")},
+        kinds={"procedure"},
+        device_class="knee",
+        window_days=365,
+    ),
+    OutcomeDefinition(
+        "device infection",
+        codes={code(ICD10, "T84.5")},
+        kinds={"condition", "adverse_event"},
+        device_class={"hip", "knee"},
+        window_days=_THREE_YEARS,
+    ),
+    OutcomeDefinition(
+        "device infection",
+        codes={code(ICD10, "T82.7")},
+        kinds={"condition", "adverse_event"},
+        device_class="pacemaker",
+        window_days=_THREE_YEARS,
+    ),
+    OutcomeDefinition(
+        "device infection",
+        codes={code(ICD10, "T85.7")},
+        kinds={"condition", "adverse_event"},
+        device_class="insulin_pump",
+        window_days=_THREE_YEARS,
+    ),
+    OutcomeDefinition(
+        "pacemaker lead failure",
+        codes={code(ICD10, "T82.1")},
+        kinds={"condition", "adverse_event"},
+        device_class="pacemaker",
+        window_days=_THREE_YEARS,
+    ),
+    OutcomeDefinition(
+        "joint mechanical complication",
+        codes={code(ICD10, "T84.0")},
+        kinds={"condition", "adverse_event"},
+        device_class={"hip", "knee"},
+        window_days=_THREE_YEARS,
+    ),
+    OutcomeDefinition(
+        "insulin pump malfunction",
+        codes={code(ICD10, "T85.6")},
+        kinds={"condition", "adverse_event"},
+        device_class="insulin_pump",
+        window_days=_THREE_YEARS,
+    ),
+)
+
+
+def outcome_definitions_from_json(
+    document: Sequence[Mapping[str, Any]],
+) -> tuple[OutcomeDefinition, ...]:
+    """Definitions from plain objects (e.g. a JSON file):
+    ``[{"name", "codes": ["system|code", ...], "kinds", "device_class", "window_days"}]``."""
+    return tuple(
+        OutcomeDefinition(
+            name=str(item["name"]),
+            codes=[str(c) for c in item.get("codes", ())],
+            kinds=[str(k) for k in item.get("kinds", ("condition",))],
+            device_class=item.get("device_class"),
+            window_days=item.get("window_days"),
+        )
+        for item in document
+    )
+
+
+def device_classes_from_json(document: Sequence[Mapping[str, Any]]) -> tuple[DeviceClass, ...]:
+    """Classes from plain objects: ``[{"name", "type_codes": ["system|code", ...],
+    "implant_codes": [...], "revision_codes": [...]}]``."""
+    return tuple(
+        DeviceClass(
+            name=str(item["name"]),
+            type_codes=_code_set(str(c) for c in item.get("type_codes", ())),
+            implant_codes=_code_set(str(c) for c in item.get("implant_codes", ())),
+            revision_codes=_code_set(str(c) for c in item.get("revision_codes", ())),
+        )
+        for item in document
+    )
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+@dataclass(frozen=True, order=True)
+class Source:
+    """One version of one resource whose facts were used: enough to fetch it again."""
+
+    resource: str  # resource key: source|Type|id
+    resource_type: str
+    resource_id: str
+    version: str
+    seq: int
+    last_updated: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "resource": self.resource,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "version": self.version,
+            "seq": self.seq,
+            "last_updated": self.last_updated,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Source:
+        return cls(
+            resource=str(data["resource"]),
+            resource_type=str(data["resource_type"]),
+            resource_id=str(data["resource_id"]),
+            version=str(data["version"]),
+            seq=int(data["seq"]),
+            last_updated=data.get("last_updated"),
+        )
+
+
+def _source(key: str, entry: Mapping[str, Any]) -> Source:
+    provenance = entry.get("provenance") or {}
+    parts = key.split("|")
+    updated = provenance.get("last_updated")
+    return Source(
+        resource=key,
+        resource_type=str(provenance.get("resource_type") or (parts[-2] if len(parts) > 2 else "")),
+        resource_id=str(provenance.get("resource_id") or parts[-1]),
+        version=str(provenance.get("version", "")),
+        seq=int(entry.get("seq", 0)),
+        last_updated=None if updated is None else str(updated),
+    )
+
+
+def _live(
+    entries: Mapping[str, Mapping[str, Any]], kinds: Collection[str]
+) -> Iterator[tuple[Source, Mapping[str, Any]]]:
+    """``(source, fact)`` for every fact of one of ``kinds`` in a live (not retracted) entry, in
+    key order (provenance is built only for entries that have such facts)."""
+    for key in sorted(entries):
+        entry = entries[key]
+        if entry.get("retracted"):
+            continue
+        source: Source | None = None
+        for fact in entry.get("facts") or ():
+            if isinstance(fact, Mapping) and fact.get("kind") in kinds:
+                if source is None:
+                    source = _source(key, entry)
+                yield source, fact
+
+
+# --------------------------------------------------------------------------- exposures
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A patient's exposure to one device, placed in the device hierarchy."""
+
+    patient: str
+    device: str  # reference key of the Device resource
+    device_class: str
+    manufacturer: str | None
+    model: str | None
+    lot: str | None
+    udi: str | None
+    start: datetime | None
+    end: datetime | None
+    site: str | None
+    region: str | None
+    sources: tuple[Source, ...]
+
+    @property
+    def period(self) -> str:
+        """Calendar quarter of the implant (``unknown`` without a start date)."""
+        return quarter(self.start)
+
+    @property
+    def site_key(self) -> str:
+        return self.site or UNKNOWN
+
+    def nodes(self) -> tuple[tuple[str, str], ...]:
+        """``(level, node)`` for each level of the hierarchy, root first."""
+        parts = (self.device_class, self.manufacturer, self.model, self.lot)
+        return tuple((LEVELS[i], node_path(*parts[: i + 1])) for i in range(len(LEVELS)))
+
+
+@dataclass
+class _Evidence:
+    descriptions: list[tuple[int, str, Mapping[str, Any]]] = field(default_factory=list)
+    starts: list[datetime] = field(default_factory=list)
+    ends: list[datetime] = field(default_factory=list)
+    procedures: list[tuple[datetime | None, frozenset[Code], Source]] = field(default_factory=list)
+    sources: set[Source] = field(default_factory=set)
+
+
+_DESCRIPTION_PRIORITY = {"device": 0, "use_statement": 1, "usage": 1}
+
+
+def _patient_place(
+    entries: Mapping[str, Mapping[str, Any]],
+) -> tuple[str | None, str | None, Source | None]:
+    for source, fact in _live(entries, ("patient",)):
+        if fact.get("kind") == "patient":
+            return fact.get("site"), fact.get("region"), source
+    return None, None, None
+
+
+def _classify(
+    descriptions: Sequence[Mapping[str, Any]],
+    procedure_codes: frozenset[Code],
+    classes: Sequence[DeviceClass],
+) -> DeviceClass | None:
+    """The class of the first description (in source priority) whose type codes name one; for a
+    device without type codes, the class of its procedures' implant or revision codes."""
+    typed = False
+    for description in descriptions:
+        type_codes = _fact_codes(description, "type_codes")
+        typed = typed or bool(type_codes)
+        for device_class in classes:
+            if device_class.type_codes & type_codes:
+                return device_class
+    if not typed:
+        for device_class in classes:
+            if (device_class.implant_codes | device_class.revision_codes) & procedure_codes:
+                return device_class
+    return None
+
+
+def _first(descriptions: Sequence[Mapping[str, Any]], name: str) -> str | None:
+    for description in descriptions:
+        value = description.get(name)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def exposures(
+    patient: str,
+    entries: Mapping[str, Mapping[str, Any]],
+    *,
+    classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
+    as_of: date | datetime | None = None,
+) -> list[Exposure]:
+    """One exposure per distinct device key named by the patient's live device-exposure facts
+    (Device, DeviceUseStatement, DeviceUsage) or procedures (``focalDevice``).
+
+    * Hierarchy values come from the Device resource's facts first, then from use statements.
+    * Class: the first class whose type codes the device has; for a device without type codes, the
+      class whose implant or revision codes a procedure on it has; otherwise ``other``.
+    * Start: the earliest exposure-fact start or implant-coded procedure (a device with neither
+      takes its earliest procedure that is not a revision). End: the earliest exposure-fact end or
+      revision-coded procedure after the start.
+    * ``as_of`` cuts off what is known: an exposure starting later is left out, a later end is
+      treated as still open. Retracted resources contribute nothing.
+    """
+    cutoff = _cutoff(as_of)
+    site, region, place_source = _patient_place(entries)
+    evidence: dict[str, _Evidence] = {}
+    for source, fact in _live(entries, _EXPOSURE_KINDS):
+        kind = fact.get("kind")
+        if kind == "device_exposure":
+            if fact.get("status") in _NOT_EXPOSED:
+                continue
+            description = fact.get("device") or {}
+            key = description.get("device")
+            if not key:
+                continue
+            item = evidence.setdefault(str(key), _Evidence())
+            priority = _DESCRIPTION_PRIORITY.get(str(fact.get("source")), 2)
+            item.descriptions.append((priority, source.resource, description))
+            start, end = _instant(fact.get("start")), _instant(fact.get("end"))
+            if start is not None:
+                item.starts.append(start)
+            if end is not None:
+                item.ends.append(end)
+            item.sources.add(source)
+        elif kind == "procedure":
+            if fact.get("status") in _NOT_PERFORMED or not fact.get("devices"):
+                continue
+            performed = _instant(fact.get("performed"))
+            codes = _fact_codes(fact)
+            for key in fact.get("devices") or ():
+                item = evidence.setdefault(str(key), _Evidence())
+                item.procedures.append((performed, codes, source))
+    found: list[Exposure] = []
+    for key, item in evidence.items():
+        exposure = _exposure(patient, key, item, classes, cutoff, site, region, place_source)
+        if exposure is not None:
+            found.append(exposure)
+    far = datetime.max.replace(tzinfo=UTC)
+    return sorted(found, key=lambda e: (e.start or far, e.device))
+
+
+def _exposure(
+    patient: str,
+    key: str,
+    item: _Evidence,
+    classes: Sequence[DeviceClass],
+    cutoff: datetime | None,
+    site: str | None,
+    region: str | None,
+    place_source: Source | None,
+) -> Exposure | None:
+    descriptions = [d for _, _, d in sorted(item.descriptions, key=lambda t: (t[0], t[1]))]
+    procedure_codes = frozenset(c for _, codes, _ in item.procedures for c in codes)
+    device_class = _classify(descriptions, procedure_codes, classes)
+    implant = device_class.implant_codes if device_class else frozenset()
+    revision = device_class.revision_codes if device_class else frozenset()
+    implants = sorted(
+        (when, s.resource) for when, codes, s in item.procedures if when and codes & implant
+    )
+    # The implant itself never ends the exposure, even when revisions share its codes (pumps).
+    implant_resource = implants[0][1] if implants else None
+    starts = list(item.starts) + [when for when, _ in implants]
+    if not starts:
+        starts = [when for when, codes, _ in item.procedures if when and not codes & revision]
+    start = min(starts) if starts else None
+    if start is not None and not _known(start, cutoff):
+        return None  # not implanted yet at as_of
+    ends = list(item.ends)
+    ends += [
+        when
+        for when, codes, s in item.procedures
+        if when
+        and codes & revision
+        and s.resource != implant_resource
+        and (start is None or when > start)
+    ]
+    ends = [when for when in ends if _known(when, cutoff) and (start is None or when >= start)]
+    end = min(ends) if ends else None
+    sources = set(item.sources)
+    sources.update(s for when, _, s in item.procedures if _known(when, cutoff))
+    if not sources:
+        return None
+    if place_source is not None:
+        sources.add(place_source)
+    return Exposure(
+        patient=patient,
+        device=key,
+        device_class=device_class.name if device_class else OTHER,
+        manufacturer=_first(descriptions, "manufacturer"),
+        model=_first(descriptions, "model"),
+        lot=_first(descriptions, "lot"),
+        udi=_first(descriptions, "udi"),
+        start=start,
+        end=end,
+        site=site,
+        region=region,
+        sources=tuple(sorted(sources)),
+    )
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An outcome counted against one exposure."""
+
+    name: str
+    device: str  # the exposure's device key
+    date: datetime | None
+    kind: str  # condition, procedure or adverse_event
+    #: ``device``: the fact names the device; ``window``: by class and window after implant
+    #: (when the patient has several such exposures, each of them gets the outcome).
+    attribution: str
+    source: Source
+
+
+def _outcome_fact(
+    fact: Mapping[str, Any],
+) -> tuple[datetime | None, frozenset[Code], tuple[str, ...]] | None:
+    """``(date, codes, named device keys)`` of a fact that may be an outcome, else ``None``."""
+    kind = fact.get("kind")
+    if kind == "condition":
+        if fact.get("verification_status") in _NOT_A_DIAGNOSIS:
+            return None
+        when = _instant(fact.get("onset")) or _instant(fact.get("recorded"))
+        return when, _fact_codes(fact), ()
+    if kind == "procedure":
+        if fact.get("status") in _NOT_PERFORMED:
+            return None
+        return _instant(fact.get("performed")), _fact_codes(fact), tuple(fact.get("devices") or ())
+    if kind == "adverse_event":
+        if fact.get("actuality") != "actual":
+            return None
+        named = tuple(
+            str(d["device"])
+            for d in fact.get("suspect_devices") or ()
+            if isinstance(d, Mapping) and d.get("device")
+        )
+        if not named:
+            return None  # a device outcome names its device
+        return _instant(fact.get("date")), _fact_codes(fact), named
+    return None
+
+
+def _in_window(
+    when: datetime | None, exposure: Exposure, window_days: int | None, named: bool
+) -> bool:
+    start = exposure.start
+    if when is None or start is None:
+        return named and window_days is None
+    if when <= start:
+        return False
+    if window_days is not None and when > start + timedelta(days=window_days):
+        return False
+    return named or exposure.end is None or when <= exposure.end
+
+
+def outcomes(
+    patient: str,
+    entries: Mapping[str, Mapping[str, Any]],
+    exposures: Sequence[Exposure],
+    definitions: Sequence[OutcomeDefinition] = DEFAULT_OUTCOMES,
+    *,
+    as_of: date | datetime | None = None,
+) -> list[Outcome]:
+    """The patient's outcomes, each attributed to the exposure(s) it belongs to.
+
+    A fact that names devices (a procedure's ``focalDevice``, an adverse event's suspect device)
+    counts for those devices only; a condition counts for the patient's exposures of the
+    definition's classes whose window holds its date. Only actual adverse events that name a
+    device count. Outcomes dated after ``as_of`` are left out.
+    """
+    cutoff = _cutoff(as_of)
+    by_device = {e.device: e for e in exposures}
+    found: dict[tuple[str, str, str], Outcome] = {}
+    for source, fact in _live(entries, _FACT_KINDS):
+        read = _outcome_fact(fact)
+        if read is None:
+            continue
+        when, codes, named = read
+        if not _known(when, cutoff):
+            continue
+        kind = str(fact["kind"])
+        for definition in definitions:
+            if not definition.matches(kind, codes):
+                continue
+            if named:
+                candidates = [by_device[k] for k in named if k in by_device]
+            else:
+                candidates = list(exposures)
+            for exposure in candidates:
+                if not definition.applies_to(exposure.device_class):
+                    continue
+                if not _in_window(when, exposure, definition.window_days, bool(named)):
+                    continue
+                key = (definition.name, exposure.device, source.resource)
+                found.setdefault(
+                    key,
+                    Outcome(
+                        name=definition.name,
+                        device=exposure.device,
+                        date=when,
+                        kind=kind,
+                        attribution="device" if named else "window",
+                        source=source,
+                    ),
+                )
+    return [found[k] for k in sorted(found)]
+
+
+# --------------------------------------------------------------------------- person-time
+
+
+@dataclass(frozen=True, order=True)
+class PersonTime:
+    """Exposure time that ages by itself: at day ``t`` (a proleptic ordinal, see
+    :meth:`datetime.date.toordinal`) it is ``closed_days + open_count * t - open_start_sum`` days.
+
+    Integers throughout, so sums and differences are exact and diffs cancel exactly.
+    """
+
+    closed_days: int = 0
+    open_count: int = 0
+    open_start_sum: int = 0
+
+    @classmethod
+    def of(cls, start: datetime, end: datetime | None) -> PersonTime:
+        first = start.date().toordinal()
+        if end is None:
+            return cls(0, 1, first)
+        return cls(max(0, end.date().toordinal() - first), 0, 0)
+
+    def __add__(self, other: PersonTime) -> PersonTime:
+        return PersonTime(
+            self.closed_days + other.closed_days,
+            self.open_count + other.open_count,
+            self.open_start_sum + other.open_start_sum,
+        )
+
+    def __sub__(self, other: PersonTime) -> PersonTime:
+        return PersonTime(
+            self.closed_days - other.closed_days,
+            self.open_count - other.open_count,
+            self.open_start_sum - other.open_start_sum,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.closed_days or self.open_count or self.open_start_sum)
+
+    def days(self, at: date | datetime) -> int:
+        """Person-days at ``at`` (meaningful for ``at`` on or after every open exposure's start)."""
+        day = at.date() if isinstance(at, datetime) else at
+        return self.closed_days + self.open_count * day.toordinal() - self.open_start_sum
+
+    def to_list(self) -> list[int]:
+        return [self.closed_days, self.open_count, self.open_start_sum]
+
+
+ZERO_TIME = PersonTime()
+
+
+# --------------------------------------------------------------------------- contributions
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """All a patient adds to the device counters, canonical (sorted, so equal states give equal
+    contributions).
+
+    * ``keys``: the counter keys it adds one to, with repeats (two exposures in one node add two).
+      Each exposure adds ``(level, node, "exposed", period, site)`` at every level, and
+      ``(level, node, outcome, period, site)`` for each distinct outcome it has.
+    * ``person_time``: per ``(level, node, period, site)``.
+    * ``sources``: per key, the resource versions behind it (the exposure's facts, and the outcome
+      facts for an outcome key): the drill-down from a count to source records.
+    * ``latest``: the latest day (ordinal) of any date used, the default evaluation day.
+    """
+
+    patient: str
+    keys: tuple[CounterKey, ...] = ()
+    person_time: tuple[tuple[TimeKey, PersonTime], ...] = ()
+    sources: tuple[tuple[CounterKey, tuple[Source, ...]], ...] = ()
+    latest: int | None = None
+
+    def sources_for(self, key: CounterKey) -> tuple[Source, ...]:
+        for candidate, sources in self.sources:
+            if candidate == key:
+                return sources
+        return ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe object (for a table value)."""
+        return {
+            "patient": self.patient,
+            "keys": [list(k) for k in self.keys],
+            "person_time": [[list(k), t.to_list()] for k, t in self.person_time],
+            "sources": [[list(k), [s.to_dict() for s in ss]] for k, ss in self.sources],
+            "latest": self.latest,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Contribution:
+        return cls(
+            patient=str(data["patient"]),
+            keys=tuple(_counter_key(k) for k in data.get("keys", ())),
+            person_time=tuple(
+                (_time_key(k), PersonTime(*(int(x) for x in t)))
+                for k, t in data.get("person_time", ())
+            ),
+            sources=tuple(
+                (_counter_key(k), tuple(Source.from_dict(s) for s in ss))
+                for k, ss in data.get("sources", ())
+            ),
+            latest=data.get("latest"),
+        )
+
+
+def _counter_key(value: Sequence[Any]) -> CounterKey:
+    level, node, outcome, period, site = (str(v) for v in value)
+    return (level, node, outcome, period, site)
+
+
+def _time_key(value: Sequence[Any]) -> TimeKey:
+    level, node, period, site = (str(v) for v in value)
+    return (level, node, period, site)
+
+
+def contribution(
+    patient: str,
+    entries: Mapping[str, Mapping[str, Any]],
+    definitions: Sequence[OutcomeDefinition] = DEFAULT_OUTCOMES,
+    as_of: date | datetime | None = None,
+    *,
+    classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
+) -> Contribution:
+    """The patient's whole contribution to the device counters: a pure function of its live
+    resources (``resource key -> entry``), the definitions and ``as_of`` (``None``: everything
+    known counts, the stream's choice)."""
+    found = exposures(patient, entries, classes=classes, as_of=as_of)
+    events = outcomes(patient, entries, found, definitions, as_of=as_of)
+    keys: list[CounterKey] = []
+    sources: dict[CounterKey, set[Source]] = {}
+    person_time: dict[TimeKey, PersonTime] = {}
+    days: list[int] = []
+    for exposure in found:
+        mine = [o for o in events if o.device == exposure.device]
+        names = sorted({o.name for o in mine})
+        period, site = exposure.period, exposure.site_key
+        for level, node in exposure.nodes():
+            exposed: CounterKey = (level, node, EXPOSED, period, site)
+            keys.append(exposed)
+            sources.setdefault(exposed, set()).update(exposure.sources)
+            for name in names:
+                key: CounterKey = (level, node, name, period, site)
+                keys.append(key)
+                bucket = sources.setdefault(key, set())
+                bucket.update(exposure.sources)
+                bucket.update(o.source for o in mine if o.name == name)
+            if exposure.start is not None:
+                time_key: TimeKey = (level, node, period, site)
+                spent = PersonTime.of(exposure.start, exposure.end)
+                person_time[time_key] = person_time.get(time_key, ZERO_TIME) + spent
+        days.extend(d.date().toordinal() for d in (exposure.start, exposure.end) if d)
+        days.extend(o.date.date().toordinal() for o in mine if o.date)
+    return Contribution(
+        patient=patient,
+        keys=tuple(sorted(keys)),
+        person_time=tuple(sorted(person_time.items())),
+        sources=tuple((k, tuple(sorted(v))) for k, v in sorted(sources.items())),
+        latest=max(days) if days else None,
+    )
+
+
+# --------------------------------------------------------------------------- diffs and counters
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What replacing a patient's contribution changes: ``counts`` is the ``key -> +/-n`` diff
+    of the counter keys; ``person_time`` and ``latest`` (a multiset of days) change alongside."""
+
+    patient: str
+    counts: dict[CounterKey, int]
+    person_time: dict[TimeKey, PersonTime]
+    latest: dict[int, int]
+
+    def __bool__(self) -> bool:
+        return bool(self.counts or self.person_time or self.latest)
+
+
+def diff(old: Contribution | None, new: Contribution | None) -> Delta:
+    """``new - old`` (either may be ``None``: a patient's first contribution, or its removal)."""
+    if new is not None:
+        patient = new.patient
+    elif old is not None:
+        patient = old.patient
+    else:
+        raise ValueError("diff needs at least one contribution")
+    if old is not None and new is not None and old.patient != new.patient:
+        raise ValueError(f"cannot diff contributions of {old.patient!r} and {new.patient!r}")
+    counts: Counter[CounterKey] = Counter(new.keys if new else ())
+    counts.subtract(old.keys if old else ())
+    time_delta: dict[TimeKey, PersonTime] = dict(new.person_time) if new else {}
+    for key, spent in old.person_time if old else ():
+        time_delta[key] = time_delta.get(key, ZERO_TIME) - spent
+    latest: Counter[int] = Counter()
+    if new is not None and new.latest is not None:
+        latest[new.latest] += 1
+    if old is not None and old.latest is not None:
+        latest[old.latest] -= 1
+    return Delta(
+        patient=patient,
+        counts={k: v for k, v in sorted(counts.items()) if v},
+        person_time={k: v for k, v in sorted(time_delta.items()) if v},
+        latest={k: v for k, v in sorted(latest.items()) if v},
+    )
+
+
+def _select(value: str, spec: str | Collection[str] | None) -> bool:
+    if spec is None:
+        return True
+    if isinstance(spec, str):
+        return value == spec
+    return value in spec
+
+
+class Counters:
+    """Aggregate device counters: counts per key, person-time per node, and per key the patients
+    counted (pseudonyms, with multiplicity) so every count can be traced to its patients and,
+    through their contributions, to resource versions.
+
+    Only :meth:`apply` changes it; :meth:`rebuild` builds it from contributions. Applying a delta
+    that would make anything negative raises (a diff applied twice, or against the wrong base).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[CounterKey, int] = {}
+        self.person_time: dict[TimeKey, PersonTime] = {}
+        self._patients: dict[CounterKey, dict[str, int]] = {}
+        self._latest: dict[int, int] = {}
+        # (level, node, outcome) -> (period, site) -> count; (level, node) -> ... -> time
+        self._by_node: dict[tuple[str, str, str], dict[tuple[str, str], int]] = {}
+        self._time_by_node: dict[tuple[str, str], dict[tuple[str, str], PersonTime]] = {}
+
+    @classmethod
+    def rebuild(cls, contributions: Iterable[Contribution]) -> Counters:
+        """Counters from scratch: the sum of the contributions."""
+        counters = cls()
+        for item in contributions:
+            counters.apply(diff(None, item))
+        return counters
+
+    def apply(self, delta: Delta) -> None:
+        for key, change in delta.counts.items():
+            self._check(self.counts.get(key, 0) + change >= 0, key)
+            holders = self._patients.get(key, {})
+            self._check(holders.get(delta.patient, 0) + change >= 0, key, delta.patient)
+        for time_key, spent in delta.person_time.items():
+            total = self.person_time.get(time_key, ZERO_TIME) + spent
+            self._check(total.closed_days >= 0 and total.open_count >= 0, time_key)
+        for day, change in delta.latest.items():
+            self._check(self._latest.get(day, 0) + change >= 0, ("latest", day))
+        for key, change in delta.counts.items():
+            _bump(self.counts, key, change)
+            holders = self._patients.setdefault(key, {})
+            _bump(holders, delta.patient, change)
+            if not holders:
+                del self._patients[key]
+            level, node, outcome, period, site = key
+            cell = self._by_node.setdefault((level, node, outcome), {})
+            _bump(cell, (period, site), change)
+            if not cell:
+                del self._by_node[(level, node, outcome)]
+        for time_key, spent in delta.person_time.items():
+            level, node, period, site = time_key
+            _add_time(self.person_time, time_key, spent)
+            cells = self._time_by_node.setdefault((level, node), {})
+            _add_time(cells, (period, site), spent)
+            if not cells:
+                del self._time_by_node[(level, node)]
+        for day, change in delta.latest.items():
+            _bump(self._latest, day, change)
+
+    def update(self, old: Contribution | None, new: Contribution | None) -> Delta:
+        """Apply ``diff(old, new)`` and return it (the stream's one call per patient change)."""
+        delta = diff(old, new)
+        self.apply(delta)
+        return delta
+
+    @staticmethod
+    def _check(ok: bool, *where: object) -> None:
+        if not ok:
+            raise ValueError(
+                f"applying this delta would make {where!r} negative: it was applied twice, "
+                "or against a different previous contribution"
+            )
+
+    # ------------------------------------------------------------------ queries
+
+    def count(
+        self,
+        level: str,
+        node: str,
+        outcome: str,
+        period: str | Collection[str] | None = None,
+        site: str | Collection[str] | None = None,
+    ) -> int:
+        """Exposures of a node (``outcome="exposed"``) or those with an outcome, optionally for
+        implant periods (see :func:`period_matches`) and sites."""
+        cells = self._by_node.get((level, node, outcome), {})
+        return sum(
+            n for (p, s), n in cells.items() if period_matches(period, p) and _select(s, site)
+        )
+
+    def person_days(
+        self,
+        level: str,
+        node: str,
+        at: date | datetime,
+        period: str | Collection[str] | None = None,
+        site: str | Collection[str] | None = None,
+    ) -> int:
+        """Person-days of exposure of a node at day ``at``."""
+        cells = self._time_by_node.get((level, node), {})
+        total = ZERO_TIME
+        for (p, s), spent in cells.items():
+            if period_matches(period, p) and _select(s, site):
+                total = total + spent
+        return total.days(at)
+
+    def patients(self, key: CounterKey) -> tuple[str, ...]:
+        """Pseudonyms of the patients counted in a key (drill-down)."""
+        return tuple(sorted(self._patients.get(key, {})))
+
+    def patients_of(
+        self,
+        level: str,
+        node: str,
+        outcome: str,
+        period: str | Collection[str] | None = None,
+        site: str | Collection[str] | None = None,
+    ) -> tuple[str, ...]:
+        """Pseudonyms behind :meth:`count` with the same arguments."""
+        found: set[str] = set()
+        for p, s in self._by_node.get((level, node, outcome), {}):
+            if period_matches(period, p) and _select(s, site):
+                found.update(self._patients.get((level, node, outcome, p, s), {}))
+        return tuple(sorted(found))
+
+    def nodes(self, level: str | None = None) -> list[tuple[str, str]]:
+        """``(level, node)`` of every node with exposures, sorted."""
+        return sorted(
+            (lv, node)
+            for (lv, node, outcome) in self._by_node
+            if outcome == EXPOSED and (level is None or lv == level)
+        )
+
+    def outcome_names(self, level: str | None = None, node: str | None = None) -> list[str]:
+        """Outcome names counted (anywhere, or for one node)."""
+        return sorted(
+            {
+                outcome
+                for (lv, nd, outcome) in self._by_node
+                if outcome != EXPOSED
+                and (level is None or lv == level)
+                and (node is None or nd == node)
+            }
+        )
+
+    @property
+    def latest_day(self) -> date | None:
+        """The latest date any counted contribution used (the default evaluation day)."""
+        return date.fromordinal(max(self._latest)) if self._latest else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A canonical plain snapshot (sorted; zero entries dropped)."""
+        return {
+            "counts": [[list(k), v] for k, v in sorted(self.counts.items())],
+            "person_time": [[list(k), v.to_list()] for k, v in sorted(self.person_time.items())],
+            "patients": [[list(k), sorted(v.items())] for k, v in sorted(self._patients.items())],
+            "latest": sorted(self._latest.items()),
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Counters):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _bump(table: dict[Any, int], key: Any, change: int) -> None:
+    value = table.get(key, 0) + change
+    if value:
+        table[key] = value
+    else:
+        table.pop(key, None)
+
+
+def _add_time(table: dict[Any, PersonTime], key: Any, spent: PersonTime) -> None:
+    value = table.get(key, ZERO_TIME) + spent
+    if value:
+        table[key] = value
+    else:
+        table.pop(key, None)

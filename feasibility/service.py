@@ -8,6 +8,7 @@ lets through leaves this module. Nothing patient-level is returned, logged or au
 
 from __future__ import annotations
 
+import array
 import hashlib
 import logging
 import threading
@@ -37,8 +38,14 @@ def fingerprint(question: Question) -> str:
 
 
 def _bitmap(frame: pl.DataFrame, mask: pl.Expr) -> BitMap:
-    ids = frame.filter(mask).get_column("pid")
-    return BitMap(ids.to_list())
+    return bitmap_of(frame.filter(mask).get_column("pid"))
+
+
+def bitmap_of(ids: pl.Series) -> BitMap:
+    """A bitmap of patient ids, through a typed buffer (a million ids in milliseconds)."""
+    buffer = array.array("I")
+    buffer.frombytes(ids.cast(pl.UInt32).to_numpy().tobytes())
+    return BitMap(buffer)
 
 
 def answer_sets(question: Question, steps: pl.DataFrame) -> AnswerSets:
@@ -76,7 +83,7 @@ def answer_sets(question: Question, steps: pl.DataFrame) -> AnswerSets:
         )
         remaining = remaining & keep
     members = population.filter(remaining)
-    cohort = BitMap(members.get_column("pid").to_list())
+    cohort = bitmap_of(members.get_column("pid"))
     site_region: dict[str, str] = {}
     for site, region in population.select("site", "region").unique().iter_rows():
         if site is not None:

@@ -13,8 +13,9 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, 
 
 from concierge.auth import Principal, require_role
 
-from .criteria import Question, json_schema
+from .criteria import CriteriaError, Question, json_schema
 from .disclosure import BudgetExceeded
+from .fhir_group import GroupError, question_from_group
 from .render import render
 from .saved import NotYours, TrialCreate, TrialPublic
 from .service import FeasibilityService
@@ -87,6 +88,24 @@ def build_router() -> APIRouter:
         question: Annotated[Question, Body(openapi_examples={"t2dm": {"value": EXAMPLE}})],
     ) -> dict[str, Any]:
         return _answer(request, service, question, principal.org, "ad hoc")
+
+    @router.post(
+        "/ask-group",
+        summary="Ask with a definitional FHIR R5 Group as the criteria",
+        description="The Group's characteristics become funnel steps (see "
+        "feasibility/fhir_group.py for the codes understood); answered like /ask.",
+    )
+    def ask_group(
+        request: Request,
+        principal: Sponsor,
+        service: Service,
+        group: Annotated[dict[str, Any], Body(description="A FHIR R5 Group resource")],
+    ) -> dict[str, Any]:
+        try:
+            question = question_from_group(group)
+        except (GroupError, CriteriaError) as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        return _answer(request, service, question, principal.org, "ad hoc (FHIR Group)")
 
     @router.post("/check", summary="Validate criteria and render them readably (no data read)")
     def check(principal: Sponsor, question: Question) -> dict[str, Any]:

@@ -121,8 +121,11 @@ _org = click.option(
 @_tok
 @_org
 def ask(criteria: Path, as_json: bool, api: str | None, token: str | None, org: str) -> None:
-    """Ask the running service a question from a criteria JSON file."""
-    answer = _call("POST", f"{_api(api)}/v1/feasibility/ask", _token(token, org), _read(criteria))
+    """Ask the running service a question from a criteria JSON file (or a definitional FHIR R5
+    Group)."""
+    body = _read(criteria)
+    route = "ask-group" if body.get("resourceType") == "Group" else "ask"
+    answer = _call("POST", f"{_api(api)}/v1/feasibility/{route}", _token(token, org), body)
     click.echo(json.dumps(answer, indent=2) if as_json else render_answer(answer))
 
 
@@ -131,11 +134,16 @@ def ask(criteria: Path, as_json: bool, api: str | None, token: str | None, org: 
 def check(criteria: Path) -> None:
     """Validate a criteria file locally and print it readably (exit 1 when invalid)."""
     from .criteria import CriteriaError, parse_question
+    from .fhir_group import GroupError, question_from_group
     from .render import render
 
     try:
-        question = parse_question(criteria.read_bytes())
-    except CriteriaError as exc:
+        body = _read(criteria)
+        if isinstance(body, dict) and body.get("resourceType") == "Group":
+            question = question_from_group(body)
+        else:
+            question = parse_question(criteria.read_bytes())
+    except (CriteriaError, GroupError) as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
     click.echo(render(question))

@@ -235,3 +235,21 @@ def test_every_request_is_audited_without_patient_data(world: dict[str, Any]) ->
     assert records
     assert all("p-" not in r["detail"] for r in audit.records())
     assert audit.verify().ok
+
+
+def test_a_definitional_fhir_group_is_asked_like_criteria(world: dict[str, Any]) -> None:
+    group = json.loads((EXAMPLES.parent / "fhir" / "t2dm-group.json").read_text())
+    client = world["client"]
+    response = client.post("/v1/feasibility/ask-group", json=group, headers=world["sponsor"])
+    assert response.status_code == 200, response.text
+    labels = [step["label"] for step in response.json()["funnel"]]
+    assert labels == [
+        "population", "Type 2 diabetes", "Aged 18 to 80", "HbA1c 7.5% or more", "On insulin",
+    ]  # fmt: skip
+    bad = client.post(
+        "/v1/feasibility/ask-group",
+        json={**group, "membership": "enumerated"},
+        headers=world["sponsor"],
+    )
+    assert bad.status_code == 422
+    assert "definitional" in bad.json()["detail"]

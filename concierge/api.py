@@ -43,7 +43,7 @@ def build_feasibility(settings: Settings) -> Any:
         engine=PolarsEngine(),
         policy=DisclosurePolicy.from_env(),
         registry=PublicationRegistry(url),
-        budget=QueryBudget(url),
+        budget=QueryBudget.from_env(url),
         feed=feed,
         saved=saved,
         cohorts=cohorts,

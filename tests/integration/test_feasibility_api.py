@@ -253,3 +253,27 @@ def test_a_definitional_fhir_group_is_asked_like_criteria(world: dict[str, Any])
     )
     assert bad.status_code == 422
     assert "definitional" in bad.json()["detail"]
+
+
+def test_the_query_budget_locks_a_sponsor_out_with_retry_after(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONCIERGE_DC_QUERY_BUDGET", "2")
+    settings = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap, topic_prefix=topic_prefix, home=tmp_path
+    )
+    key = settings.token_key.get_secret_value().encode()
+    sponsor = {"Authorization": f"Bearer {issue(key, 'sponsor', 'Greedy Ltd')}"}
+    other = {"Authorization": f"Bearer {issue(key, 'sponsor', 'Patient Ltd')}"}
+    criteria = example("t2dm-sglt2.json")
+    with TestClient(create_app(settings)) as client:
+        for _ in range(2):
+            assert client.post("/v1/feasibility/ask", json=criteria, headers=sponsor).is_success
+        refused = client.post("/v1/feasibility/ask", json=criteria, headers=sponsor)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) > 0
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        budget = client.get("/v1/feasibility/budget", headers=sponsor).json()
+        assert budget["remaining"] == 0
+        # budgets are per organisation
+        assert client.post("/v1/feasibility/ask", json=criteria, headers=other).is_success

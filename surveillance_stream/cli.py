@@ -22,11 +22,12 @@ import click
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
 def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
-    """Run the stream worker: per-patient state from the facts topic, kept per event.
+    """Run the stream worker: per-patient state and live cohorts of saved questions.
 
-    State survives restarts through Kafka changelog topics; several workers with the same
-    CONCIERGE_WORKER_ID share the partitions between them. Status pages: /health,
-    /state/digest, /state/patients/{pseudonym} on the web port.
+    Patient state is rebuilt from the facts topic on start; cohort membership survives restarts
+    in the cohort topic (the table's changelog). Several workers with the same
+    CONCIERGE_WORKER_ID share the partitions between them. Status pages on the web port:
+    /health, /state/digest, /state/patients/{pseudonym}, /state/cohorts.
     """
     from faust.worker import Worker
 

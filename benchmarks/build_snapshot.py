@@ -30,6 +30,7 @@ from feasibility.snapshot import ColumnarSnapshot
 from fhir_adapters.extract import (
     EXTRACTORS,
     Extracted,
+    FhirVersion,
     InvalidElement,
     UnknownReference,
     extract_device,
@@ -53,7 +54,7 @@ class _Context:
     """Reference resolution inside one patient's resources (what the pipeline's context does
     with the vault and the resource index)."""
 
-    fhir_version = "R4"
+    fhir_version: FhirVersion = "R4"
 
     def __init__(self, organizations: Mapping[str, OrganizationRecord]) -> None:
         self.organizations = organizations

@@ -13,13 +13,18 @@ Layout
   a dense ``UInt32`` id; the set of tokens of one fact (a condition's SNOMED and ICD-10 codings)
   is a *codeset* with its own id (0 is the empty set), so a row carries one ``codeset`` integer
   and a code filter is an ``is_in`` on integers. Observation answers (``value_codes``) and
-  interpretations are interned the same way as *value sets* and *interpretation sets*. Patients
+  interpretations are interned the same way as *value sets* and *interpretation sets*, and
+  statuses, units and (casefolded) device names as *labels*. Patients
   get a dense, stable ``pid`` in order of first appearance (:meth:`ColumnarSnapshot.patient_id`,
   :meth:`ColumnarSnapshot.pseudonym_of`); each ``(patient, resource key)`` a ``rid``.
 * **Tables** (schemas in :data:`SCHEMAS`): ``patient_facts``, ``conditions``, ``medications``,
   ``procedures``, ``devices``, ``observations`` (one row per observation fact: its own value),
   ``components`` (one row per component) and ``consents``. Every row carries ``pid``, ``rid``
-  and the ``seq`` of the version it came from; dates are ``Int64`` epoch microseconds (UTC).
+  and the ``seq`` of the version it came from; dates are ``Int64`` epoch microseconds (UTC),
+  ``when_us``, beside ``when_s``, the same instant in float seconds exactly as
+  :func:`feasibility.patient_data.epoch` gives it (correctly rounded ``us / 1e6``; polars
+  divides by a scalar through its reciprocal, which is not), so windows compare exactly like
+  the reference engine.
 * **Main, tail, dead.** Each table has a *main* frame, sorted by its index (:data:`INDEX`: for
   the coded tables ``(codeset, pid, when_us)``, so a criterion on HbA1c slices only the HbA1c
   rows), a *tail* of chunks appended since main was last rebuilt (unsorted), and the *dead*
@@ -78,15 +83,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "conditions": {
         **_BASE,
         "when_us": I64,
+        "when_s": pl.Float64,
         "codeset": U32,
         "clinical_status": LABEL,
         "verification_status": LABEL,
     },
-    "medications": {**_BASE, "when_us": I64, "codeset": U32, "status": LABEL},
-    "procedures": {**_BASE, "when_us": I64, "codeset": U32, "status": LABEL},
+    "medications": {**_BASE, "when_us": I64, "when_s": pl.Float64, "codeset": U32, "status": LABEL},
+    "procedures": {**_BASE, "when_us": I64, "when_s": pl.Float64, "codeset": U32, "status": LABEL},
     "devices": {
         **_BASE,
         "when_us": I64,
+        "when_s": pl.Float64,
         "codeset": U32,
         "status": LABEL,
         # labels of the casefolded names (str.casefold, as the reference compares them)
@@ -97,6 +104,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         **_BASE,
         "fact": U32,
         "when_us": I64,
+        "when_s": pl.Float64,
         "status": LABEL,
         "codeset": U32,
         "value": pl.Float64,
@@ -109,6 +117,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "fact": U32,
         "comp": U32,
         "when_us": I64,
+        "when_s": pl.Float64,
         "status": LABEL,
         "codeset": U32,
         "comp_codeset": U32,
@@ -117,7 +126,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "value_set": U32,
         "interp_set": U32,
     },
-    "consents": {**_BASE, "when_us": I64, "status": LABEL, "research_opt_out": pl.Boolean},
+    "consents": {
+        **_BASE,
+        "when_us": I64,
+        "when_s": pl.Float64,
+        "status": LABEL,
+        "research_opt_out": pl.Boolean,
+    },
 }
 
 #: Sort order of each table's main frame; a leading codeset column is sliced by code.
@@ -253,9 +268,17 @@ class TableView:
         return self._drop_dead(frame)
 
     def _drop_dead(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Without the rows of dead versions: only rows of a resource with a dead version
+        (few) are matched against the dead (rid, seq) pairs."""
         if self.dead.height == 0 or frame.height == 0:
             return frame
-        return frame.join(self.dead, on=["rid", "seq"], how="anti")
+        suspect = frame.select(
+            pl.col("rid").is_in(self.dead.get_column("rid").implode())
+        ).to_series()
+        if not suspect.any():
+            return frame
+        checked = frame.filter(suspect).join(self.dead, on=["rid", "seq"], how="anti")
+        return pl.concat([frame.filter(~suspect), checked])
 
 
 @dataclass(frozen=True)
@@ -264,8 +287,8 @@ class SnapshotFrames:
 
     #: One row per pid in pid order: ``pid``, ``patient`` (pseudonym) and the demographics
     #: from the patient's first live Patient fact (by resource key): ``has_demographics``,
-    #: ``birth_date``, ``sex`` ("unknown" when missing), ``deceased``, ``deceased_us``,
-    #: ``site``, ``region`` (null for "Unknown").
+    #: ``birth_date``, ``sex`` ("unknown" when the fact has none; null without a Patient
+    #: fact), ``deceased``, ``deceased_us``, ``site``, ``region`` (null for "Unknown").
     patients: pl.DataFrame
     tables: Mapping[str, TableView]
     tokens: pl.DataFrame
@@ -277,6 +300,10 @@ class SnapshotFrames:
     #: ``key_of(rids)``: the ``patient SEP resource key`` string of each rid (for tie-breaks
     #: by resource key, which the reference engine orders by).
     key_of: Callable[[Sequence[int]], list[str]] = field(repr=False)
+    #: engines' lookups derived from these frames (codes resolved, analytes, labels), kept
+    #: while the snapshot does not change: :meth:`ColumnarSnapshot.frames` hands out the same
+    #: object until the next change
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def table(self, name: str) -> pl.DataFrame:
         return self.tables[name].live()
@@ -317,6 +344,8 @@ class _Table:
     def __init__(self, name: str) -> None:
         self.name = name
         self.schema = SCHEMAS[name]
+        #: what the Python row buffers hold (``when_s`` is derived at flush)
+        self.row_schema = {k: v for k, v in self.schema.items() if k != "when_s"}
         self.index = INDEX[name]
         lead = self.index[0]
         self.code_column = lead if lead.endswith("codeset") else None
@@ -335,8 +364,12 @@ class _Table:
     def flush(self) -> pl.DataFrame | None:
         if not self.buffer:
             return None
-        chunk = pl.DataFrame(self.buffer, schema=self.schema, orient="row")
+        chunk = pl.DataFrame(self.buffer, schema=self.row_schema, orient="row")
         self.buffer = []
+        if "when_s" in self.schema:
+            chunk = chunk.with_columns(_seconds(chunk.get_column("when_us"))).select(
+                list(self.schema)
+            )
         self.tail.append(chunk)
         self.tail_rows += chunk.height
         if len(self.tail) > MAX_TAIL_CHUNKS:
@@ -921,7 +954,8 @@ class ColumnarSnapshot:
                     pl.int_range(cached.height, n, dtype=U32, eager=True),
                 ]
             ).unique()
-            live = view.live().filter(pl.col("pid").is_in(affected.implode()))
+            mine = pl.col("pid").is_in(affected.implode())
+            live = view._drop_dead(pl.concat([view.main.filter(mine), view.tail.filter(mine)]))
             winners = _winners(live)
             extended = cached
             if n > cached.height:
@@ -1084,6 +1118,13 @@ class ColumnarSnapshot:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _seconds(when_us: pl.Series) -> pl.Series:
+    """Float epoch seconds, correctly rounded (numpy divides element by element; int64 to
+    float64 is exact below 2**53 us, about 285 years)."""
+    values = when_us.to_numpy().astype(np.float64) / 1e6
+    return pl.Series("when_s", values, dtype=pl.Float64, nan_to_null=True)
 
 
 def _instant(text: str) -> datetime:

@@ -8,8 +8,9 @@ UNKNOWN), built from a few joins and group-bys over the snapshot's tables
 * codes resolve, through :mod:`feasibility.terminology`, to the token ids present in the
   snapshot's dictionary (code, prefix, range, concept), then to the codesets holding any of
   them; a table is sliced by codeset (its main frame is sorted by it);
-* dates are compared as the reference compares them, in float epoch seconds (``us / 1e6`` is
-  exactly ``datetime.timestamp()``), with window bounds ``anchor + days * 86400.0``;
+* dates are compared as the reference compares them, in float epoch seconds (the snapshot's
+  ``when_s``, exactly ``datetime.timestamp()``), with window bounds ``anchor + days *
+  86400.0`` computed in the same float arithmetic;
 * unit conversion asks :func:`feasibility.units.affine` once per distinct (unit, analyte) pair
   and applies ``value * scale + offset`` to the column;
 * "latest" is the greatest (date, resource key, component index), the first fact of a resource
@@ -22,8 +23,10 @@ exclusion steps), ``site``, ``region`` and ``member``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
+from fractions import Fraction
 from functools import reduce
 from typing import Any
 
@@ -75,12 +78,23 @@ from .results import PatientResult, Tri
 
 DAY = 86400.0
 US = 1_000_000
-_OLDEST = -(2**63)  # orders an undated reading before every dated one ("-inf")
 
 
 def _when() -> pl.Expr:
-    """The event date in float epoch seconds, exactly as the reference computes it."""
-    return pl.col("when_us") / US
+    """The event date in float epoch seconds, exactly as the reference computes it (the
+    snapshot's ``when_s``: a correctly rounded ``us / 1e6``)."""
+    return pl.col("when_s")
+
+
+def _last_us_at_or_before(seconds: float) -> int:
+    """The greatest epoch microsecond ``us`` whose float seconds (``us / 10**6``, correctly
+    rounded) is ``<= seconds``: integer comparisons equivalent to the reference's float ones."""
+    us = math.floor(Fraction(seconds) * US)
+    while (us + 1) / US <= seconds:
+        us += 1
+    while us / US > seconds:
+        us -= 1
+    return us
 
 
 def _value_passes(test: ValueTest, value: pl.Expr) -> pl.Expr:
@@ -113,11 +127,14 @@ class _Evaluation:
         self.day = datetime.fromtimestamp(self.t, UTC).date()
         self.n = frames.patients.height
         self.ids = {c.id: c for c in iter_criteria(question) if c.id is not None}
-        self.label_ids: dict[str, int] = {
-            label: label_id for label_id, label in frames.labels.iter_rows()
-        }
+        # lookups that depend on the frames only, kept with them across questions
+        cache = frames.cache
+        if "label_ids" not in cache:
+            cache["label_ids"] = {label: i for i, label in frames.labels.iter_rows()}
+        self.label_ids: dict[str, int] = cache["label_ids"]
+        self._analytes: dict[int, str | None] = cache.setdefault("analytes", {})
+        self._codeset_cache: dict[tuple[Code, ...], list[int]] = cache.setdefault("codesets", {})
         self._anchors: dict[str, pl.DataFrame] = {}
-        self._analytes: dict[int, str | None] = {}
         self._collected: dict[int, pl.DataFrame] = {}
 
     # ------------------------------------------------------------------ columns
@@ -183,11 +200,21 @@ class _Evaluation:
         return self.frames.tokens.filter(either).get_column("token_id")
 
     def _codesets(self, codes: Sequence[Code]) -> list[int]:
-        tokens = self._token_ids(codes)
-        if tokens.len() == 0:
-            return []
-        found = self.frames.codesets.filter(pl.col("token_id").is_in(tokens.implode()))
-        return found.get_column("codeset").unique().to_list()
+        """The codesets holding any token the coded terms cover."""
+        key = tuple(codes)
+        found = self._codeset_cache.get(key)
+        if found is None:
+            tokens = self._token_ids(codes)
+            found = (
+                self.frames.codesets.filter(pl.col("token_id").is_in(tokens.implode()))
+                .get_column("codeset")
+                .unique()
+                .to_list()
+                if tokens.len()
+                else []
+            )
+            self._codeset_cache[key] = found
+        return found
 
     def _value_sets(self, codes: Sequence[Code]) -> list[int]:
         tokens = self._token_ids(codes)
@@ -226,9 +253,9 @@ class _Evaluation:
 
     def _window(self, rows: pl.LazyFrame, window: Window | None) -> pl.LazyFrame:
         when = _when()
-        dated = pl.col("when_us").is_not_null() & (when <= self.t)
+        dated = when.is_not_null() & (when <= self.t)
         if window is None:
-            return rows.filter(pl.col("when_us").is_null() | (when <= self.t))
+            return rows.filter(when.is_null() | (when <= self.t))
         if window.anchor == "index":
             condition = dated
             if window.start is not None:
@@ -250,9 +277,9 @@ class _Evaluation:
         if criterion_id not in self._anchors:
             rows = self._qualifying(self.ids[criterion_id])
             self._anchors[criterion_id] = (
-                rows.filter(pl.col("when_us").is_not_null())
+                rows.filter(_when().is_not_null())
                 .group_by("pid")
-                .agg((pl.col("when_us").min() / US).alias("_anchor"))
+                .agg(_when().min().alias("_anchor"))
                 .collect()
             )
         return self._anchors[criterion_id]
@@ -267,7 +294,7 @@ class _Evaluation:
             keep = self._not_in("verification_status", sorted(CONDITION_EXCLUDED_VERIFICATION))
             if criterion.clinical_status is not None:
                 keep = keep & self._in("clinical_status", criterion.clinical_status)
-            return rows.filter(keep).select("pid", "rid", "when_us")
+            return rows.filter(keep).select("pid", "rid", "when_s")
         if isinstance(criterion, MedicationCriterion | ProcedureCriterion):
             medication = isinstance(criterion, MedicationCriterion)
             table = tables["medications" if medication else "procedures"]
@@ -278,7 +305,7 @@ class _Evaluation:
                 if criterion.status is not None
                 else self._not_in("status", sorted(excluded))
             )
-            return rows.filter(keep).select("pid", "rid", "when_us")
+            return rows.filter(keep).select("pid", "rid", "when_s")
         if isinstance(criterion, DeviceCriterion):
             table = tables["devices"]
             rows = table.rows(
@@ -290,7 +317,7 @@ class _Evaluation:
                 keep = keep & self._in("manufacturer_cf", names)
             if criterion.model:
                 keep = keep & self._in("model_cf", [m.casefold() for m in criterion.model])
-            return rows.filter(keep).select("pid", "rid", "when_us")
+            return rows.filter(keep).select("pid", "rid", "when_s")
         if isinstance(criterion, ObservationCriterion):
             return self._readings(criterion.codes, criterion.component)
         if isinstance(criterion, CancerStageCriterion):
@@ -324,7 +351,7 @@ class _Evaluation:
             "rid",
             "fact",
             comp,
-            "when_us",
+            "when_s",
             "value",
             "unit",
             pl.col(acs).alias("acs"),
@@ -402,17 +429,20 @@ class _Evaluation:
 
     @staticmethod
     def _top(rows: pl.LazyFrame, *payload: str) -> pl.LazyFrame:
-        """Per pid, every reading at the greatest date (undated ones count as oldest)."""
-        when = pl.col("when_us").fill_null(_OLDEST)
-        return rows.filter(when == when.max().over("pid")).select(
-            "pid", "rid", "comp", "fact", *payload
+        """Per pid, every reading at the greatest date (undated ones count as oldest), and
+        ``_tied`` when there are several."""
+        when = _when().fill_null(float("-inf"))
+        return (
+            rows.filter(when == when.max().over("pid"))
+            .select("pid", "rid", "comp", "fact", *payload)
+            .with_columns((pl.len().over("pid") > 1).alias("_tied"))
         )
 
     def _latest(self, top: pl.DataFrame) -> pl.DataFrame:
         """Per pid, of the readings at its greatest date, the greatest (resource key,
         component index); in a complete tie the first fact of the resource, as Python's
         ``max`` keeps the first."""
-        tied = pl.col("pid").is_duplicated()
+        tied = pl.col("_tied")
         multi = top.filter(tied)
         if multi.height == 0:
             return top
@@ -478,12 +508,17 @@ class _Evaluation:
         return self._spread(False, result.get_column("pid"))
 
     def _value_set_members(self) -> dict[int, list[tuple[str, str, str]]]:
+        """value set -> its (system, code, token) members."""
+        cached: dict[int, list[tuple[str, str, str]]] | None = self.frames.cache.get("value_sets")
+        if cached is not None:
+            return cached
         members = self.frames.value_sets.join(self.frames.tokens, on="token_id", how="left")
         out: dict[int, list[tuple[str, str, str]]] = {}
         for value_set, system, code, tok in members.select(
             "value_set", "system", "code", "token"
         ).iter_rows():
             out.setdefault(value_set, []).append((system, code, tok))
+        self.frames.cache["value_sets"] = out
         return out
 
     def _stage_verdicts(self, criterion: CancerStageCriterion) -> dict[int, Tri]:
@@ -591,7 +626,7 @@ class _Evaluation:
         deceased_us = pl.col("deceased_us")
         alive = (
             pl.when(deceased_us.is_not_null())
-            .then(deceased_us / US > self.t)
+            .then(deceased_us > _last_us_at_or_before(self.t))
             .otherwise(~pl.col("deceased").fill_null(False))
         )
         return self._demographic(pl.col("has_demographics") & alive).fill_null(False)

@@ -15,10 +15,11 @@ randomised and forty times as many examples.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,13 @@ from feasibility.snapshot import ColumnarSnapshot
 from feasibility.terminology import MARKERS, STAGES
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+pytestmark = [
+    # the long run takes many minutes: no per-test timeout then
+    pytest.mark.timeout(0 if LONG else 300),
+    # a failing example's populations are big; Hypothesis warns about their repr (and warnings
+    # are errors here), which would hide the failure itself
+    pytest.mark.filterwarnings("ignore:Generating overly large repr"),
+]
 
 SNOMED = "http://snomed.info/sct"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -40,7 +48,15 @@ INTERP = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 
 AT = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 PLUS_ONE = timezone(timedelta(hours=1))
-INDEX_DATES = (None, None, date(2025, 12, 31), date(2026, 1, 1), date(2025, 6, 30))
+#: index dates (None: the evaluation time); 29 February tests ages on a leap day
+INDEX_DATES = (
+    None,
+    None,
+    date(2025, 12, 31),
+    date(2026, 1, 1),
+    date(2025, 6, 30),
+    date(2028, 2, 29),
+)
 
 
 def agreement(examples: int) -> Callable[[Any], Any]:
@@ -175,7 +191,7 @@ def maybe(strategy: st.SearchStrategy[Any], p_none: float = 0.2) -> st.SearchStr
     return st.integers(0, 19).flatmap(lambda n: st.none() if n >= 20 - cut else strategy)
 
 
-def codings(pool: list[tuple[str | None, str]], low: int = 1, high: int = 2) -> Any:
+def codings(pool: Sequence[tuple[str | None, str]], low: int = 1, high: int = 2) -> Any:
     return st.lists(st.sampled_from(pool), min_size=low, max_size=high).map(
         lambda cs: [{"system": s, "code": c, "display": None} for s, c in cs]
     )
@@ -199,6 +215,10 @@ def patient_fact(draw: st.DrawFn) -> dict[str, Any]:
                 "1925-12-31",
                 "2005-06-30",
                 "2005-07-01",
+                "2010-02-28",
+                "2010-03-01",
+                "1948-02-29",
+                "1947-03-01",
             ]
         )
     )
@@ -249,7 +269,7 @@ INTERPRETATIONS = st.lists(st.sampled_from(["H", "L", "N", "A"]), max_size=2).ma
 
 
 @st.composite
-def measurement(draw: st.DrawFn, pool: list[tuple[str | None, str]]) -> dict[str, Any]:
+def measurement(draw: st.DrawFn, pool: Sequence[tuple[str | None, str]]) -> dict[str, Any]:
     """Anything at all: codes, value, unit, answers and interpretation drawn independently."""
     return {
         "codes": draw(codings(pool)),

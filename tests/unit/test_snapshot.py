@@ -384,3 +384,50 @@ def test_epoch_us_matches_the_reference_timestamps() -> None:
         us = epoch_us(text)
         assert us is not None and us / 1_000_000 == epoch(text)
     assert epoch_us(None) is None and epoch_us("") is None
+
+
+def test_when_s_is_exactly_the_reference_float_seconds() -> None:
+    """polars divides by a scalar through its reciprocal (1 ulp off for about a third of
+    values); the snapshot's float seconds must be the correctly rounded ones."""
+    from feasibility.patient_data import epoch
+
+    texts = [
+        f"2025-12-31T23:59:{s:02d}.{us:06d}+00:00"
+        for s in range(0, 60, 7)
+        for us in (0, 1, 999998, 999999)
+    ] + ["2025-12-31T23:59:59.999999", "2003-12-25T00:00:00.000001Z", "1955-03-01T12:00:00Z"]
+    snap = ColumnarSnapshot()
+    snap.apply_entries(
+        {"a": {f"urn:t|Procedure|{i}": {"seq": 1, "facts": [{"kind": "procedure",
+               "codes": [], "status": "completed", "performed": t}]} for i, t in enumerate(texts)}}
+    )  # fmt: skip
+    frame = snap.frames().procedures.sort("rid")
+    assert frame.get_column("when_s").to_list() == [epoch(t) for t in texts]
+    assert frame.get_column("when_us").to_list() == [epoch_us(t) for t in texts]
+
+
+def test_an_event_at_the_index_instant_is_inside_a_window_ending_there() -> None:
+    question = parse_question(
+        {
+            "index_date": "2025-12-31",
+            "inclusion": [
+                {
+                    "type": "medication",
+                    "codes": [{"system": "dmd", "code": "109081006"}],
+                    "window": {"start": 0, "end": 365},
+                }
+            ],
+        }
+    )
+    pop = population(
+        at_t=[patient(), medication("109081006", start="2025-12-31T23:59:59.999999")],
+        before=[patient(), medication("109081006", start="2025-12-31T23:59:59.999998")],
+        after=[patient(), medication("109081006", start="2026-01-01T00:00:00")],
+    )
+    want = ReferenceEngine().evaluate(question, pop, AT)
+    assert {p: r.steps for p, r in want.items()} == {
+        "at_t": (True,),
+        "before": (False,),
+        "after": (False,),
+    }
+    assert PolarsEngine().evaluate(question, pop, AT) == want

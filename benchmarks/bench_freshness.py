@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import httpx
 import orjson
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
+from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
 from concierge.auth import issue
 from fhir_adapters.facts import envelopes_of
@@ -49,12 +49,6 @@ from infra.topics_admin import ensure_topics
 
 PROBE_CODE = "Z99.9"
 KEY = "bench-token-key-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -43,18 +43,6 @@ class Change:
     applied: bool
 
 
-def entry_of(envelope: Mapping[str, Any]) -> dict[str, Any]:
-    """The state entry of an envelope given as a plain object (see patient_state.entry_of)."""
-    provenance = dict(envelope.get("provenance") or {})
-    provenance.pop("ingested_at", None)
-    return {
-        "seq": int(envelope["seq"]),
-        "retracted": bool(envelope.get("retracted", False)),
-        "facts": list(envelope.get("facts") or ()),
-        "provenance": provenance,
-    }
-
-
 def canonical(entry: Mapping[str, Any]) -> dict[str, Any]:
     """An entry in the canonical form of :func:`patient_state.entry_of` (for digests and pages;
     the store keeps the envelope object itself, so the hot path copies nothing)."""
@@ -181,4 +169,4 @@ def read_partition(
         consumer.close()
 
 
-__all__ = ["Change", "Entries", "PatientStore", "canonical", "entry_of", "read_partition"]
+__all__ = ["Change", "Entries", "PatientStore", "canonical", "read_partition"]

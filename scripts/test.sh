@@ -32,6 +32,10 @@ if [ -z "${CONCIERGE_TEST_POSTGRES_URL:-}" ]; then
   export CONCIERGE_TEST_POSTGRES_URL
 fi
 
+echo "== Chromium for page tests (Debian's packages)"
+read -r CONCIERGE_CHROMIUM CONCIERGE_CHROMEDRIVER < <(bash scripts/chromium.sh)
+export CONCIERGE_CHROMIUM CONCIERGE_CHROMEDRIVER
+
 echo "== ruff"
 ruff check .
 ruff format --check .

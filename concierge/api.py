@@ -67,12 +67,32 @@ def build_recruitment(settings: Settings) -> tuple[Any, Any]:
     return runtime, identities
 
 
+def build_surveillance(settings: Settings, audit: AuditLog) -> Any:
+    """The regulator side: the signal monitor over the device-contribution topic."""
+    from infra.topics import DEVICES, SIGNALS, TOPICS
+    from infra.topics_admin import ensure_topics
+    from surveillance_stream.monitor import SignalMonitor
+
+    def prepare() -> None:
+        specs = [spec for spec in TOPICS if spec.name in (DEVICES, SIGNALS)]
+        ensure_topics(settings.kafka_bootstrap_servers, settings.topic_prefix, specs)
+
+    return SignalMonitor(
+        settings.kafka_bootstrap_servers,
+        settings.topic(DEVICES),
+        settings.topic(SIGNALS),
+        audit=audit,
+        prepare=prepare,
+    ).start()
+
+
 def create_app(
     settings: Settings | None = None,
     ingest_service: IngestService | None = None,
     feasibility: Any = None,
     recruitment: Any = None,
     recruitment_identities: Any = None,
+    surveillance: Any = None,
 ) -> FastAPI:
     settings = settings or get_settings()
 
@@ -90,7 +110,11 @@ def create_app(
             app.state.feasibility = build_feasibility(settings)
         if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
             app.state.recruitment, app.state.identities = build_recruitment(settings)
+        if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:
+            app.state.surveillance = build_surveillance(settings, app.state.audit)
         yield
+        if getattr(app.state, "surveillance", None) is not None:
+            app.state.surveillance.stop()
         app.state.ingest.ingestor.commit()
         app.state.ingest.ingestor.vault.close()
         service = app.state.feasibility
@@ -111,6 +135,7 @@ def create_app(
     app.state.feasibility = feasibility
     app.state.recruitment = recruitment
     app.state.identities = recruitment_identities
+    app.state.surveillance = surveillance
     app.state.token_key = settings.token_key.get_secret_value().encode()
     app.state.audit = AuditLog(settings.resolved_audit_url())
     app.state.settings = settings
@@ -127,19 +152,28 @@ def create_app(
     from feasibility.api import build_router as feasibility_router
     from recruitment.api import build_router as clinician_router
 
-    app.include_router(feasibility_router())
-    app.include_router(build_admin_router())
+    def recruitment_or_none(request: Request) -> Any:
+        runtime = getattr(request.app.state, "recruitment", None)
+        return runtime.service if runtime is not None else None
 
     def recruitment_service(request: Request) -> Any:
-        runtime = getattr(request.app.state, "recruitment", None)
-        if runtime is None:
+        service = recruitment_or_none(request)
+        if service is None:
             raise HTTPException(503, "recruitment is not running in this API")
-        return runtime.service
+        return service
+
+    # Sponsors get the recruitment counts per state (disclosure-controlled) in saved answers.
+    app.include_router(feasibility_router(recruitment_or_none))
+    app.include_router(build_admin_router())
 
     def identities(request: Request) -> Any:
         return request.app.state.identities
 
     app.include_router(clinician_router(recruitment_service, identities))
+
+    from surveillance_stream.api import build_router as surveillance_router
+
+    app.include_router(surveillance_router())
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, Any]:

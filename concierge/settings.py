@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     #: Whether the API serves clinicians (the recruitment database, migrated on start).
     recruitment_api: bool = True
 
+    #: Whether the API runs the device-signal monitor (run exactly one per deployment: it is the
+    #: only writer of the signals topic).
+    surveillance_monitor: bool = True
+
     # --- services ---
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -29,6 +29,13 @@ CONTROL = "concierge.control.v1"
 #: the patient's partition; compacted, so it holds each patient's latest membership.
 COHORT = "concierge.cohort.v1"
 
+#: Each patient's contribution to the device counters (exposures, outcomes, person-time and
+#: provenance), keyed by patient pseudonym on the patient's partition, written by the stream
+#: worker; compacted, so it holds every patient's latest contribution and the counters are its sum.
+DEVICES = "concierge.device-contrib.v1"
+#: Device-safety signal lifecycle events (``concierge.signal-event/1``) keyed by signal id: every
+#: state change, by the statistics or by a regulator; kept forever (the signals' history).
+SIGNALS = "concierge.signals.v1"
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -63,6 +70,18 @@ TOPICS: tuple[TopicSpec, ...] = (
         doc="Cohort membership keyed trial|patient on the patient's partition; compacted.",
     ),
     TopicSpec(
+        DEVICES,
+        partitions=6,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        doc="Per-patient device-counter contributions keyed by patient on its partition.",
+    ),
+    TopicSpec(
+        SIGNALS,
+        partitions=1,
+        config={"cleanup.policy": "delete", "retention.ms": "-1"},
+        doc="Device-safety signal lifecycle events keyed by signal id; kept forever.",
+    ),
+    TopicSpec(
         DEADLETTER,
         partitions=1,
         config={
@@ -74,4 +93,15 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
 )
 
-__all__ = ["COHORT", "CONTROL", "DEADLETTER", "FACTS", "REFERENCE", "TOPICS", "TRIALS", "TopicSpec"]
+__all__ = [
+    "COHORT",
+    "CONTROL",
+    "DEADLETTER",
+    "DEVICES",
+    "FACTS",
+    "REFERENCE",
+    "SIGNALS",
+    "TOPICS",
+    "TRIALS",
+    "TopicSpec",
+]

@@ -118,6 +118,10 @@ class StreamApp:
         #: Called after a patient's facts were folded, inside the same stream iteration (so
         #: tables they update stay co-partitioned): (partition, patient, changes).
         self.on_change: list[Callable[[int, str, list[Any]], None]] = []
+        #: Called after a partition's patient state was rebuilt: (partition).
+        self.on_recover: list[Callable[[int], None]] = []
+        #: The device keeper, when the device-counter extension is installed.
+        self.devices: Any = None
         self._register()
         for extension in extensions or ():
             extension(self)
@@ -169,6 +173,8 @@ class StreamApp:
         self.store.install(partition, patients)
         gc.freeze()
         self.keeper.recover(partition)
+        for hook in self.on_recover:
+            hook(partition)
         self._rebuilding.pop(partition, None)
         log.info(
             "partition %s rebuilt: %s patients from %s envelopes (to offset %s) in %.1f s",
@@ -275,6 +281,7 @@ class StreamApp:
                     ),
                     "partitions": sorted(self.store.partitions),
                     **self.store.counts(),
+                    "devices": None if self.devices is None else self.devices.summary(),
                 }
             )
 
@@ -323,7 +330,7 @@ class StreamApp:
 
 #: Dotted paths of extension functions ``f(stream_app)`` that add agents, tables, pages and
 #: on_change hooks (device counters). Each must be importable on its own.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["surveillance_stream.device_stream:install"]
 
 
 def _load(path: str) -> Callable[[StreamApp], None]:

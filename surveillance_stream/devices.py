@@ -1132,6 +1132,14 @@ class Counters:
                 found.update(self._patients.get((level, node, outcome, p, s), {}))
         return tuple(sorted(found))
 
+    def periods(self, level: str, node: str) -> list[str]:
+        """Implant periods with exposures of a node, sorted."""
+        return sorted({p for p, _ in self._by_node.get((level, node, EXPOSED), {})})
+
+    def sites(self, level: str, node: str) -> list[str]:
+        """Sites with exposures of a node, sorted."""
+        return sorted({s for _, s in self._by_node.get((level, node, EXPOSED), {})})
+
     def nodes(self, level: str | None = None) -> list[tuple[str, str]]:
         """``(level, node)`` of every node with exposures, sorted."""
         return sorted(

@@ -61,6 +61,7 @@ def api() -> Iterator[Api]:
         kafka_bootstrap_servers="127.0.0.1:1",
         feasibility_feed=False,
         recruitment_api=False,
+        surveillance_monitor=False,
     )
     app = create_app(settings, ingest_service=IngestService(ingestor))
     with TestClient(app) as client:

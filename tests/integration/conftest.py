@@ -10,11 +10,17 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from infra.broker import answers
 from infra.topics_admin import ensure_topics
+
+if TYPE_CHECKING:
+    from .surveillance_stack import RegulatorStack
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +43,22 @@ def topic_prefix(kafka_bootstrap: str, request: pytest.FixtureRequest) -> str:
     prefix = f"t-{name}-{uuid.uuid4().hex[:8]}."
     ensure_topics(kafka_bootstrap, prefix)
     return prefix
+
+
+@pytest.fixture
+def regulator_stack(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> Iterator[RegulatorStack]:
+    """A real worker and ``concierge api`` (subprocess) over a population with a faulty hip
+    model; ready once the faulty model signals (see ``surveillance_stack.py``)."""
+    from concierge.settings import Settings
+
+    from .surveillance_stack import start_regulator_stack
+
+    settings = Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        home=tmp_path / "home",
+        source_system="urn:test:ehr",
+    )
+    yield from start_regulator_stack(settings, tmp_path)

@@ -5,7 +5,10 @@ publishes them); the raw messages are recorded once and replayed into a fresh se
 every run, so each run starts from an empty broker state. Two processes read the same messages:
 
 * **the worker** (``concierge worker``) with ``--trials`` saved questions registered (live
-  cohorts, per event, with stream-time ticks and cohort records written to the cohort topic);
+  cohorts, per event, with stream-time ticks and cohort records written to the cohort topic)
+  and its device counters (each exposed patient's contribution recomputed per event and
+  written to the device-contribution topic); ``--dense-implants`` gives every older patient
+  implants, so the device counters are busy;
 * **the baseline**: a Faust worker that only consumes and decodes the same topic
   (``benchmarks/faust_baseline.py``), i.e. the cost of the runtime and the message format.
 
@@ -29,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -90,7 +94,13 @@ class RecordingSink(KafkaSink):
         super()._produce(topic, key, value)
 
 
-def record_population(bootstrap: str, patients: int, seed: int) -> tuple[list[Any], int]:
+#: Every older patient gets implants (hip, knee, pacemaker, pump): a device-heavy population.
+DENSE_IMPLANTS = {"hip": 1.0, "knee": 0.6, "pacemaker": 0.6, "insulin_pump": 1.0}
+
+
+def record_population(
+    bootstrap: str, patients: int, seed: int, dense: bool = False
+) -> tuple[list[Any], int]:
     prefix = f"bench-src-{uuid.uuid4().hex[:6]}."
     ensure_topics(bootstrap, prefix)
     with tempfile.TemporaryDirectory() as home:
@@ -98,6 +108,8 @@ def record_population(bootstrap: str, patients: int, seed: int) -> tuple[list[An
         sink = RecordingSink(bootstrap, prefix)
         ingestor = build_ingestor(settings, sink=sink)
         config = GeneratorConfig(patients=patients, seed=seed, as_of=date.today())
+        if dense:
+            config = replace(config, implant_rates=DENSE_IMPLANTS)
         ingestor.ingest_bundle(bundle(list(iter_reference_resources(config))), "reference")
         started = time.perf_counter()
         for i, record in enumerate(iter_patients(config)):
@@ -221,10 +233,22 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--dense-implants",
+        action="store_true",
+        help="implants for every older patient (device counters busy), not the usual rates",
+    )
+    parser.add_argument(
+        "--name",
+        default="stream_throughput",
+        help="result name prefix (results: <name>_per_core, <name>_wall)",
+    )
     options = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     print(f"recording {options.patients} patients through the adapters", file=sys.stderr)
-    facts, total = record_population(bootstrap, options.patients, options.seed)
+    facts, total = record_population(
+        bootstrap, options.patients, options.seed, options.dense_implants
+    )
     docs = trials(options.trials)
     logs = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     worker_runs: list[dict] = []
@@ -263,13 +287,14 @@ def main() -> None:
     wall_baseline = summary([r["facts_per_s"] for r in baseline_runs])
     command = "python -m benchmarks.bench_stream " + " ".join(sys.argv[1:])
     parameters = {"patients": options.patients, "envelopes": total, "messages": len(facts),
-                  "trials": len(docs), "repeats": options.repeats}  # fmt: skip
+                  "trials": len(docs), "repeats": options.repeats, "device_counters": True,
+                  "dense_implants": options.dense_implants}  # fmt: skip
     for result in (
-        write_result("stream_throughput_per_core", worker["median"], "facts/CPU-second",
+        write_result(f"{options.name}_per_core", worker["median"], "facts/CPU-second",
                      baseline["median"], parameters, command,
                      {"worker": worker, "baseline_runs": baseline, "target": 20000,
                       "last_health": worker_runs[-1]["extra"]}),
-        write_result("stream_throughput_wall", wall["median"], "facts/second",
+        write_result(f"{options.name}_wall", wall["median"], "facts/second",
                      wall_baseline["median"], parameters, command,
                      {"worker": wall, "baseline_runs": wall_baseline}),
     ):  # fmt: skip

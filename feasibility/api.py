@@ -7,20 +7,30 @@ records each request with the question's fingerprint and the disclosure rules' b
 
 # No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
 
+import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from sqlalchemy.exc import SQLAlchemyError
 
 from concierge.auth import Principal, require_role
 
 from .criteria import CriteriaError, Question, json_schema
 from .disclosure import BudgetExceeded
 from .fhir_group import GroupError, question_from_group
+from .recruitment_funnel import invited_by_state, protect_recruitment, unavailable
 from .render import render
 from .saved import NotYours, TrialCreate, TrialPublic
 from .service import FeasibilityService
 
+log = logging.getLogger(__name__)
+
 Sponsor = Annotated[Principal, require_role("sponsor")]
+
+#: Takes the request, returns the recruitment service (anything with ``sessions``, a SQLAlchemy
+#: sessionmaker over the recruitment store), or None when recruitment is not running.
+RecruitmentProvider = Callable[[Request], Any]
 
 EXAMPLE = {
     "schema": "concierge.criteria/1",
@@ -71,8 +81,38 @@ def _answer(
     return body
 
 
-def build_router() -> APIRouter:
+def _recruitment_from_app(request: Request) -> Any:
+    runtime = getattr(request.app.state, "recruitment", None)
+    return runtime.service if runtime is not None else None
+
+
+def _recruitment_block(
+    request: Request,
+    provider: RecruitmentProvider,
+    service: FeasibilityService,
+    trial_id: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The answer's ``recruitment`` block (disclosure-controlled counts per invitation state)
+    and its audit bookkeeping; ``{"available": false}`` when recruitment is not running here."""
+    recruitment = provider(request)
+    if recruitment is None:
+        return unavailable("recruitment is not running in this API"), {"available": False}
+    try:
+        with recruitment.sessions() as session:
+            counts = invited_by_state(session, trial_id)
+    except SQLAlchemyError as exc:
+        log.warning("recruitment counts unavailable: %s", type(exc).__name__)
+        return unavailable("the recruitment store did not answer"), {"available": False}
+    block, audit = protect_recruitment(counts, service.policy)
+    return block, audit.to_dict()
+
+
+def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
+    """The sponsor router. ``recruitment`` takes the request and returns the recruitment
+    service or None (by default: ``request.app.state.recruitment``, as ``concierge.api``
+    keeps it)."""
     router = APIRouter(prefix="/v1/feasibility", tags=["feasibility (sponsors)"])
+    recruitment_provider = recruitment or _recruitment_from_app
 
     @router.post(
         "/ask",
@@ -172,7 +212,9 @@ def build_router() -> APIRouter:
         "/saved-questions/{trial_id}/answer",
         summary="The current answer to a saved question",
         description="Counts under the same disclosure control as ad hoc questions. Reading the "
-        "answer of a saved question does not count against the query budget.",
+        "answer of a saved question does not count against the query budget. The "
+        "`recruitment` block gives invited patients per invitation state, under the same "
+        "disclosure control (`available: false` when recruitment is not running).",
     )
     def live_answer(
         trial_id: str, request: Request, principal: Sponsor, service: Service
@@ -184,8 +226,14 @@ def build_router() -> APIRouter:
             body, audit = service.answer(record.criteria, principal.org, "saved", charge=False)
         else:
             body, audit = service.answer_live(record, principal.org)
-        request.state.audit_detail = {**audit, "trial": trial_id, "version": record.version}
-        return {"trial": trial_id, "version": record.version, **body}
+        block, block_audit = _recruitment_block(request, recruitment_provider, service, trial_id)
+        request.state.audit_detail = {
+            **audit,
+            "trial": trial_id,
+            "version": record.version,
+            "recruitment": block_audit,
+        }
+        return {"trial": trial_id, "version": record.version, **body, "recruitment": block}
 
     return router
 

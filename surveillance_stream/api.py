@@ -66,7 +66,13 @@ def _protector() -> Any:
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1/surveillance", tags=["surveillance (regulators)"])
+    # the role is checked first, before the monitor's availability: anonymous callers get 401
+    # and other roles 403 whatever the monitor's state
+    router = APIRouter(
+        prefix="/v1/surveillance",
+        tags=["surveillance (regulators)"],
+        dependencies=[require_role("regulator")],
+    )
     protect = _protector()
 
     @router.get("/status", summary="The monitor's state: patients counted, latest data day")

@@ -119,7 +119,8 @@ def main() -> None:
     base = f"http://127.0.0.1:{api_port}"
     admin = {"Authorization": f"Bearer {issue(KEY.encode(), 'admin', 'site')}"}
     sponsor = {"Authorization": f"Bearer {issue(KEY.encode(), 'sponsor', 'bench')}"}
-    fhir = {"Content-Type": "application/fhir+json"}
+    source = issue(KEY.encode(), "source", "bench-ehr")
+    fhir = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {source}"}
     try:
         wait(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 120, "API")
         config = GeneratorConfig(patients=200_000, seed=5, as_of=date.today())

@@ -55,7 +55,10 @@ KEY = "bench-token-key-0123456789abcdef"
 MODEL, MANUFACTURER = "ProbeModel", "BenchCo"
 NODE = node_path("hip", MANUFACTURER, MODEL)
 SIGNAL = signal_id(NODE, "adverse event")
-FHIR = {"Content-Type": "application/fhir+json"}
+FHIR = {
+    "Content-Type": "application/fhir+json",
+    "Authorization": f"Bearer {issue(KEY.encode(), 'source', 'bench-ehr')}",
+}
 
 
 def probe_patients(n: int, seed: int) -> list[tuple[list[dict[str, Any]], str, str]]:

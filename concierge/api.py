@@ -146,7 +146,13 @@ def create_app(
         service: IngestService = request.app.state.ingest
         return service
 
-    app.include_router(build_router(get_ingest, settings.max_resource_bytes * 10))
+    from concierge.auth import require_role
+
+    app.include_router(
+        build_router(
+            get_ingest, settings.max_resource_bytes * 10, dependencies=[require_role("source")]
+        )
+    )
 
     from feasibility.api import build_admin_router
     from feasibility.api import build_router as feasibility_router

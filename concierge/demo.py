@@ -142,6 +142,7 @@ def demo(
             f"live at {rate:g} patients/s through POST /fhir."
         )
         sponsor = _sponsor_headers(settings)
+        source = _headers(settings, "source", "Demo EHR")
         question = _example("t2dm-sglt2.json")
         _show_answer(api_url, sponsor, question)
         recruiting_sites = [s.ods for s in sites(config)[:3]]
@@ -171,7 +172,7 @@ def demo(
                 response = client.post(
                     "/fhir",
                     content=_json(bundle(record)),
-                    headers={"Content-Type": "application/fhir+json"},
+                    headers={"Content-Type": "application/fhir+json", **source},
                 )
                 response.raise_for_status()
                 sent += 1
@@ -206,11 +207,15 @@ def demo(
                 os.killpg(child.pid, signal.SIGKILL)
 
 
-def _sponsor_headers(settings: Any) -> dict[str, str]:
+def _headers(settings: Any, role: Any, org: str) -> dict[str, str]:
     from concierge.auth import issue
 
-    token = issue(settings.token_key.get_secret_value().encode(), "sponsor", "Demo Pharma")
+    token = issue(settings.token_key.get_secret_value().encode(), role, org)
     return {"Authorization": f"Bearer {token}"}
+
+
+def _sponsor_headers(settings: Any) -> dict[str, str]:
+    return _headers(settings, "sponsor", "Demo Pharma")
 
 
 def _example(name: str) -> dict[str, Any]:

@@ -26,6 +26,21 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def _operation_outcome(status: int, text: str, exc: StarletteHTTPException) -> JSONResponse:
+    """FHIR clients are answered in FHIR: an OperationOutcome."""
+    code = {401: "login", 403: "forbidden", 404: "not-found"}.get(status, "processing")
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
+    return JSONResponse(
+        body,
+        status_code=status,
+        media_type="application/fhir+json",
+        headers=getattr(exc, "headers", None),
+    )
+
+
 def install_problem_details(app: FastAPI) -> None:
     """RFC 9457 problem details for the product API (the FHIR endpoint answers in FHIR)."""
 
@@ -39,6 +54,8 @@ def install_problem_details(app: FastAPI) -> None:
             422: "Unprocessable Content",
             429: "Too Many Requests",
         }.get(exc.status_code, "Error")
+        if request.url.path.startswith("/fhir"):
+            return _operation_outcome(exc.status_code, str(exc.detail), exc)
         return problem(exc.status_code, title, exc.detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -12,7 +12,7 @@ with an OperationOutcome (and is dead-lettered, so nothing is lost), Bundles ans
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -95,8 +95,12 @@ def _single(outcome: Outcome) -> Response:
     return _fhir(body, 201 if outcome.status == "accepted" and outcome.seq == 1 else 200, headers)
 
 
-def build_router(get_service: Any, max_body_bytes: int) -> APIRouter:
-    router = APIRouter(prefix="/fhir", tags=["FHIR ingest"])
+def build_router(
+    get_service: Any, max_body_bytes: int, dependencies: Sequence[Any] = ()
+) -> APIRouter:
+    """The ingest endpoint. ``dependencies`` run before every route (the API passes the
+    ``source`` role check: only systems holding a source token may write)."""
+    router = APIRouter(prefix="/fhir", tags=["FHIR ingest"], dependencies=list(dependencies))
     Service = Annotated[IngestService, Depends(get_service)]
 
     async def _body(request: Request) -> bytes:

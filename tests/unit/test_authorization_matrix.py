@@ -87,8 +87,6 @@ class Rule:
     params: Mapping[str, str] = field(default_factory=dict)
     #: The route resolves the patient's identity for their own clinician.
     identity: bool = False
-    #: A known gap: callers expected to be refused are not refused yet (strict xfail).
-    gap: str | None = None
 
 
 def only(*allowed: str, identity: bool = False, body: Any = None, **special: Outcome) -> Rule:
@@ -121,11 +119,11 @@ BUNDLE = {
     "type": "collection",
     "entry": [{"resource": {**PRACTITIONER, "id": "matrix-pr-2"}}],
 }
-FHIR_GAP = "known gap: FHIR ingest (fhir_adapters/rest.py) has no authentication yet"
 
 
 def fhir(body: Any = None) -> Rule:
-    return _with(only("source", body=body), gap=FHIR_GAP)
+    """FHIR ingest: only source systems write."""
+    return only("source", body=body)
 
 
 # The clinician's own patient's invitation: own clinician ALLOWED (2xx, or 409 once the
@@ -286,17 +284,10 @@ def test_every_route_is_classified_and_every_entry_is_a_route(world: World) -> N
 
 def _cases() -> Iterator[Any]:
     for table, block in ((MATRIX, "core"), (SURVEILLANCE, "surveillance")):
-        for (method, template), rule in table.items():
+        for method, template in table:
             for caller in CALLERS:
-                refused = rule.expect[caller] in (FORBIDDEN, UNAUTHENTICATED)
-                marks = (
-                    [pytest.mark.xfail(strict=True, reason=rule.gap)]
-                    if rule.gap and refused
-                    else []
-                )
-                yield pytest.param(
-                    block, method, template, caller, marks=marks, id=f"{method} {template} {caller}"
-                )
+                name = f"{method} {template} {caller}"
+                yield pytest.param(block, method, template, caller, id=name)
 
 
 @pytest.mark.parametrize(("block", "method", "template", "caller"), list(_cases()))

@@ -15,6 +15,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from concierge.api import create_app
+from concierge.auth import issue
 from concierge.settings import Settings
 from fhir_adapters.facts import decode_resource_facts
 from fhir_adapters.pipeline import Ingestor
@@ -64,7 +65,8 @@ def api() -> Iterator[Api]:
         surveillance_monitor=False,
     )
     app = create_app(settings, ingest_service=IngestService(ingestor))
-    with TestClient(app) as client:
+    token = issue(settings.token_key.get_secret_value().encode(), "source", "test-ehr")
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         yield Api(client, ingestor)
 
 
@@ -376,3 +378,20 @@ def test_every_request_is_committed(api: Api) -> None:
     assert isinstance(api.ingestor.vault, MemoryVault)
     assert f"{SOURCE}|Patient|pat1" in api.ingestor.vault.index
     assert api.sink.flushes >= 1
+
+
+def test_only_source_systems_may_write(api: Api) -> None:
+    """Writes need a ``source`` token; refusals are FHIR OperationOutcomes, not problem+json."""
+    body = orjson.dumps(patient())
+    headers = {"Content-Type": FHIR, "Authorization": ""}
+    anonymous = api.client.put("/fhir/Patient/pat1", content=body, headers=headers)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["content-type"].startswith(FHIR)
+    assert anonymous.json()["issue"][0]["code"] == "login"
+    key = api.client.app.state.token_key  # type: ignore[attr-defined]
+    sponsor = issue(key, "sponsor", "Acme")
+    with_sponsor = {**headers, "Authorization": f"Bearer {sponsor}"}
+    refused = api.client.put("/fhir/Patient/pat1", content=body, headers=with_sponsor)
+    assert refused.status_code == 403
+    assert refused.json()["issue"][0]["code"] == "forbidden"
+    assert not api.sink.published_facts, "a refused write published nothing"

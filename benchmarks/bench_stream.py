@@ -46,6 +46,7 @@ from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink
 from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
+    DENSE_IMPLANT_RATES,
     GeneratorConfig,
     iter_patients,
     iter_reference_resources,
@@ -94,8 +95,7 @@ class RecordingSink(KafkaSink):
         super()._produce(topic, key, value)
 
 
-#: Every older patient gets implants (hip, knee, pacemaker, pump): a device-heavy population.
-DENSE_IMPLANTS = {"hip": 1.0, "knee": 0.6, "pacemaker": 0.6, "insulin_pump": 1.0}
+DENSE_IMPLANTS = DENSE_IMPLANT_RATES
 
 
 def record_population(

@@ -78,6 +78,7 @@ def demo(
     from fhir_adapters.service import build_ingestor
     from fhir_adapters.synthetic.cli import bundle
     from fhir_adapters.synthetic.generator import (
+        DENSE_IMPLANT_RATES,
         GeneratorConfig,
         iter_patients,
         iter_reference_resources,
@@ -119,13 +120,20 @@ def demo(
         click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
         click.echo(f"  stream worker state     {worker_url}/state/digest")
         click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts")
+        click.echo(f"  device-safety signals   {api_url}/v1/surveillance/signals (regulator)")
         click.echo(f"  logs                    {logs}")
         click.echo("")
 
         from datetime import date
 
         # the population's "today" is today, so "in the last year" means what it says
-        config = GeneratorConfig(patients=patients, seed=seed, as_of=date.today())
+        # every patient of 55 and over has implants, so the faulty hip model's signal shows
+        config = GeneratorConfig(
+            patients=patients,
+            seed=seed,
+            as_of=date.today(),
+            implant_rates=DENSE_IMPLANT_RATES,
+        )
         ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
         reference = list(iter_reference_resources(config))
         ingestor.ingest_bundle(bundle(reference), "demo:reference")
@@ -143,6 +151,7 @@ def demo(
         )
         sponsor = _sponsor_headers(settings)
         source = _headers(settings, "source", "Demo EHR")
+        regulator = _headers(settings, "regulator", "Demo Regulator")
         question = _example("t2dm-sglt2.json")
         _show_answer(api_url, sponsor, question)
         recruiting_sites = [s.ods for s in sites(config)[:3]]
@@ -191,6 +200,7 @@ def demo(
                         f"{trial['id']} eligible: {live.get('total', {}).get('display')}; "
                         f"invitations: {_invitations(trial['id'])}"
                     )
+                    click.echo(f"        device signals: {_signals(api_url, regulator)}")
         click.echo(f"Population streamed ({bulk + sent} patients).")
         while deadline is None or time.monotonic() < deadline:
             time.sleep(1)
@@ -242,6 +252,25 @@ def _invitations(trial: str) -> str:
     except Exception as exc:  # the demo goes on; the log says why
         return f"unavailable ({type(exc).__name__})"
     return ", ".join(f"{state} {n}" for state, n in sorted(counts.items()) if n) or "none yet"
+
+
+def _signals(api_url: str, headers: dict[str, str]) -> str:
+    """The strongest device-safety signals, as the regulator API ranks them."""
+    try:
+        response = httpx.get(f"{api_url}/v1/surveillance/signals", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        return f"unavailable ({type(exc).__name__})"
+    if response.status_code != 200:
+        return f"unavailable ({response.status_code}: {response.json().get('detail')})"
+    rows = [r for r in response.json()["signals"] if r["level"] == "model"]
+    strong = [r for r in rows if r["signal"] or r["state"] != "none"][:3]
+    if not strong:
+        return f"none signalling ({len(rows)} model/outcome pairs watched)"
+    return "; ".join(
+        f"{r['node'].split('/')[-1]} / {r['outcome']}: {r['state']}, observed {r['observed']} "
+        f"vs expected {r['expected']:.1f}"
+        for r in strong
+    )
 
 
 def _show_answer(api_url: str, headers: dict[str, str], question: dict[str, Any]) -> None:

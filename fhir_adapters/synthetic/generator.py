@@ -119,6 +119,17 @@ class FaultyDevice:
     from_date: date = date(2023, 1, 1)
 
 
+#: Implants for every patient of 55 and over (insulin pumps: diabetics of 55 and over): a
+#: device-heavy population, so a few thousand patients give each hip model a hundred or more
+#: implants and the faulty model's signal shows (the demo, device tests and benchmarks use it).
+DENSE_IMPLANT_RATES: dict[str, float] = {
+    "hip": 1.0,
+    "knee": 0.6,
+    "pacemaker": 0.6,
+    "insulin_pump": 1.0,
+}
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     patients: int

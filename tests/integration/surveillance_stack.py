@@ -26,6 +26,7 @@ from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink
 from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
+    DENSE_IMPLANT_RATES,
     GeneratorConfig,
     iter_patients,
     iter_reference_resources,
@@ -40,7 +41,7 @@ FAULTY_NODE = "hip/Orthomedica/Acetabulon X2"
 #: Dense implants over five years, so 3,000 patients give each hip model ~100-150 implants
 #: (the generator's default rates would need ~100,000 patients for that). Seed 3 makes the
 #: faulty model signal clearly (tests/generative/test_device_counters.py checks seeds 1-5).
-IMPLANT_RATES = {"hip": 1.0, "knee": 0.6, "pacemaker": 0.6, "insulin_pump": 1.0}
+IMPLANT_RATES = DENSE_IMPLANT_RATES
 KEEP = {"Patient", "Device", "Procedure", "DeviceUseStatement", "Condition", "AdverseEvent"}
 
 

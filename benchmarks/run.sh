@@ -18,8 +18,10 @@ quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 if [ "$quick" = 1 ]; then
   patients_adhoc=100000; patients_stream=5000; probes=60; repeats=1
+  cohort_events=2000; invitations=2000; load_seconds=5
 else
   patients_adhoc=1000000; patients_stream=20000; probes=200; repeats=3
+  cohort_events=20000; invitations=10000; load_seconds=20
 fi
 
 echo "== ingest throughput (adapter vs naive fhir.resources pipeline)"
@@ -32,3 +34,7 @@ echo "== stream throughput with 10 live saved questions (worker vs consume-and-d
 python -m benchmarks.bench_stream --patients "$patients_stream" --trials 10 --repeats "$repeats"
 echo "== live-count freshness at 1k resources/s (API vs Kafka arrival)"
 python -m benchmarks.bench_freshness --rate 1000 --probes "$probes"
+echo "== recruitment: candidates routed/s from $cohort_events cohort events (consumer vs consume-and-decode)"
+python -m benchmarks.bench_recruitment --events "$cohort_events"
+echo "== clinician API p99, 16 clients over $invitations invitations (clinician endpoints vs /healthz)"
+python -m benchmarks.bench_clinician_api --invitations "$invitations" --duration "$load_seconds"

@@ -157,6 +157,7 @@ def create_app(
     from feasibility.api import build_admin_router
     from feasibility.api import build_router as feasibility_router
     from recruitment.api import build_router as clinician_router
+    from recruitment.page import build_page_router
 
     def recruitment_or_none(request: Request) -> Any:
         runtime = getattr(request.app.state, "recruitment", None)
@@ -176,6 +177,7 @@ def create_app(
         return request.app.state.identities
 
     app.include_router(clinician_router(recruitment_service, identities))
+    app.include_router(build_page_router())
 
     from surveillance_stream.api import build_router as surveillance_router
 

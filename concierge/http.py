@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM = "application/problem+json"
@@ -79,7 +80,10 @@ def install_audit(app: FastAPI) -> None:
                 "query": str(request.url.query),
             }
             detail.update(getattr(request.state, "audit_detail", {}))
-            request.app.state.audit.append(
+            # the audit write is a SQL transaction: off the event loop, so other requests go
+            # on meanwhile; it completes before this response is sent (no unaudited answer)
+            await run_in_threadpool(
+                request.app.state.audit.append,
                 actor=principal.sub if principal else "anonymous",
                 role=principal.role if principal else "anonymous",
                 org=principal.org if principal else "",

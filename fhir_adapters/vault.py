@@ -251,6 +251,18 @@ class SqlVault:
         row = self._conn.execute(sa.select(t).where(t.c.pseudonym == pseudonym)).first()
         return dict(row._mapping) if row else None
 
+    def get_identities(self, pseudonyms: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Several identities in a few queries (absent pseudonyms are left out)."""
+        wanted = list(dict.fromkeys(pseudonyms))
+        found = {p: dict(self._identity_buffer[p]) for p in wanted if p in self._identity_buffer}
+        rest = [p for p in wanted if p not in found]
+        t = identity_table
+        for start in range(0, len(rest), 500):
+            chunk = rest[start : start + 500]
+            for row in self._conn.execute(sa.select(t).where(t.c.pseudonym.in_(chunk))):
+                found[row.pseudonym] = dict(row._mapping)
+        return found
+
     # -- reference summaries --
     def put_organization(self, key: str, record: OrganizationRecord) -> None:
         self._orgs[key] = record

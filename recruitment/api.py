@@ -59,9 +59,22 @@ class VaultIdentities:
         self._lock = threading.Lock()
 
     def get_identity(self, pseudonym: str) -> Mapping[str, Any] | None:
+        return self.get_identities([pseudonym]).get(pseudonym)
+
+    def get_identities(self, pseudonyms: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+        """Identities of several patients at once (absent ones are left out)."""
         with self._lock:
             try:
-                return self.vault.get_identity(pseudonym)
+                many = getattr(self.vault, "get_identities", None)
+                if callable(many):
+                    found: dict[str, Mapping[str, Any]] = many(pseudonyms)
+                    return found
+                out: dict[str, Mapping[str, Any]] = {}
+                for pseudonym in pseudonyms:
+                    record = self.vault.get_identity(pseudonym)
+                    if record is not None:
+                        out[pseudonym] = record
+                return out
             finally:
                 rollback = getattr(self.vault, "rollback", None)
                 if callable(rollback):
@@ -235,6 +248,10 @@ def build_router(
         source = get_identities(request)
         wanted = list(dict.fromkeys(pseudonyms))
         _audit(request, pseudonyms_read=wanted, patients=len(wanted))
+        many = getattr(source, "get_identities", None)
+        if callable(many):  # one query for the page, not one per patient
+            found = many(wanted)
+            return {p: _identity(found.get(p)) for p in wanted}
         return {p: _identity(source.get_identity(p)) for p in wanted}
 
     def scope(session: Session, principal: Principal) -> ClinicianScope:
@@ -251,7 +268,7 @@ def build_router(
     ) -> Page[CandidatePublic]:
         """Your patients who are candidates for a trial (opted-out patients never are)."""
         svc = get_service(request)
-        with svc.sessions() as session:
+        with svc.read_sessions() as session:
             visible = scope(session, principal).clause(
                 Candidate.patient, Candidate.site, Candidate.trial_id
             )
@@ -305,7 +322,7 @@ def build_router(
     ) -> Page[InvitationPublic]:
         """Your patients' invitations, newest first."""
         svc = get_service(request)
-        with svc.sessions() as session:
+        with svc.read_sessions() as session:
             where = [
                 scope(session, principal).clause(
                     Invitation.patient, Invitation.site, Invitation.trial_id
@@ -352,7 +369,7 @@ def build_router(
     ) -> InvitationPublic:
         """One invitation, with the patient's identity and the invitation's history."""
         svc = get_service(request)
-        with svc.sessions() as session:
+        with svc.read_sessions() as session:
             invitation = visible_invitation(session, principal, invitation_id)
             title = session.scalar(sa.select(Trial.title).where(Trial.id == invitation.trial_id))
             history = list(invitation.events)

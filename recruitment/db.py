@@ -49,6 +49,10 @@ def make_engine(url: str | None = None, **kwargs: Any) -> sa.Engine:
     return sa.create_engine(url, **kwargs)
 
 
+#: Execution option marking a connection that only reads.
+READ_ONLY = "concierge_read_only"
+
+
 def _configure_sqlite(engine: sa.Engine) -> None:
     in_memory = engine.url.database in (None, "", ":memory:")
 
@@ -65,11 +69,22 @@ def _configure_sqlite(engine: sa.Engine) -> None:
 
     @sa.event.listens_for(engine, "begin")
     def on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock at BEGIN (no lock upgrade to deadlock on later); readers
+        # (read_sessionmaker) begin deferred, so in WAL mode they never wait for a writer.
+        if connection.get_execution_options().get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_sessionmaker(engine: sa.Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: sa.Engine) -> sessionmaker[Session]:
+    """Sessions for reads only: on SQLite they begin deferred, so they never queue behind
+    writers for the write lock (WAL readers see the last committed state)."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -125,6 +140,7 @@ __all__ = [
     "downgrade",
     "head_revision",
     "make_engine",
+    "make_read_sessionmaker",
     "make_sessionmaker",
     "upgrade",
 ]

@@ -14,7 +14,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import check_schema, make_engine, make_sessionmaker
+from .db import check_schema, make_engine, make_read_sessionmaker, make_sessionmaker
 from .models import OutboxMessage, utcnow
 from .notify import (
     EMAIL,
@@ -99,6 +99,7 @@ def build_runtime(
         alerts=writer,
         clock=clock,
         eligibility=eligibility,
+        read_sessions=make_read_sessionmaker(engine),
     )
 
     def on_delivered(session: Session, message: OutboxMessage) -> None:

@@ -215,8 +215,11 @@ class RecruitmentService:
         alerts: AlertWriter | None = None,
         clock: Callable[[], datetime] = utcnow,
         eligibility: EligibilityCheck | None = None,
+        read_sessions: sessionmaker[Session] | None = None,
     ) -> None:
         self.sessions = sessions
+        #: for reads only (the clinician API's lists): never wait for the write lock
+        self.read_sessions = read_sessions or sessions
         self.policy = policy or Policy()
         self.alerts = alerts
         self.clock = clock

@@ -13,6 +13,7 @@ VERBS: dict[str, str] = {
     "topics": "infra.cli:topics",
     "ingest": "fhir_adapters.cli:ingest",
     "api": "concierge.api_cli:api",
+    "dashboard": "concierge.dashboard_cli:dashboard",
     "worker": "surveillance_stream.cli:worker",
     "generate": "fhir_adapters.synthetic.cli:generate",
     "stats": "surveillance_stream.statistics.cli:stats",

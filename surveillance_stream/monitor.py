@@ -626,13 +626,17 @@ class SignalMonitor:
     @staticmethod
     def _row(key: str, node: str, result: Assessment, protect: Any) -> dict[str, Any]:
         table = result.disproportionality
+        exposed, with_outcome = protect(result.a + result.b), protect(result.a)
+        # a ratio over a withheld count would give the count away (PRR 0 means a = 0)
+        withheld = isinstance(exposed, str) or isinstance(with_outcome, str)
         return {
             "key": key,
             "node": node,
-            "exposed": protect(result.a + result.b),
-            "with_outcome": protect(result.a),
-            "prr": table.prr,
-            "prr_ci": list(table.prr_ci),
+            "exposed": exposed,
+            "with_outcome": with_outcome,
+            "prr": None if withheld else table.prr,
+            "prr_ci": [None, None] if withheld else list(table.prr_ci),
+            "withheld": withheld,
         }
 
     def provenance(self, identifier: str, limit: int = 100) -> dict[str, Any]:

@@ -200,6 +200,9 @@ def test_history_is_cumulative_and_breakdowns_follow_small_number_rules() -> Non
     assert lots and all(r["node"].startswith(FAULTY_NODE + "/") for r in lots)
     assert all(r["with_outcome"] == "<10" or r["with_outcome"] == 0 or r["with_outcome"] >= 10
                for r in lots)  # fmt: skip
+    for r in lots:  # no ratio over a withheld count
+        if r["withheld"]:
+            assert r["prr"] is None and r["prr_ci"] == [None, None]
     models = watcher.breakdown(row["id"], "model", protect)["rows"]
     assert {r["node"] for r in models} >= {FAULTY_NODE} and len(models) > 1  # the class's models
     sites = watcher.breakdown(row["id"], "site", protect)["rows"]

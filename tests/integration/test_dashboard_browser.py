@@ -1,0 +1,150 @@
+"""The regulator's dashboard in a real headless Chromium, against the real regulator API.
+
+``regulator_stack`` (tests/integration/conftest.py) runs the API over a population with one
+faulty model; this test serves the dashboard with ``concierge dashboard`` as a subprocess, finds
+the faulty model signalled in the live table, opens its detail view and checks the observed vs
+expected chart is drawn. The page is saved to ``test-artifacts/regulator-dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.browser import chromium, page_text, screenshot, wait_for
+
+pytestmark = pytest.mark.integration
+
+#: The element wrapping the observed-vs-expected chart (``st.container(key="observed-expected")``).
+CHART = ".st-key-observed-expected .vega-embed canvas, .st-key-observed-expected .vega-embed svg"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def dashboard_url(regulator_stack: Any, tmp_path: Path) -> Iterator[str]:
+    """``concierge dashboard`` serving on a free port; stopped after the test."""
+    port = free_port()
+    log = tmp_path / "dashboard.log"
+    command = [
+        sys.executable,
+        "-m",
+        "concierge",
+        "dashboard",
+        "--port",
+        str(port),
+        "--api-url",
+        regulator_stack.api_url,
+        "--token",
+        regulator_stack.token,
+    ]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command, env=regulator_stack.env, stdout=output, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            if process.poll() is not None:
+                pytest.fail(f"concierge dashboard exited {process.returncode}:\n{_tail(log)}")
+            return httpx.get(f"{url}/_stcore/health", timeout=2).text.strip() == "ok"
+
+        wait_for(healthy, timeout=60, what=f"the dashboard to serve at {url}")
+        assert url in log.read_text(errors="replace"), "the command prints its URL"
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def _signalled_outcome(driver: Any, node: str) -> str | None:
+    """The outcome of the live table's row for ``node`` in the state signalled, if any."""
+    from selenium.webdriver.common.by import By
+
+    table = driver.find_element(By.CSS_SELECTOR, ".st-key-signal-table table")
+    header = [cell.text for cell in table.find_elements(By.CSS_SELECTOR, "thead th")]
+    for row in table.find_elements(By.CSS_SELECTOR, "tbody tr"):
+        texts = [cell.text for cell in row.find_elements(By.CSS_SELECTOR, "th, td")]
+        cells = dict(zip(header, texts, strict=True))
+        if cells.get("Node") == node and cells.get("State") == "signalled":
+            return cells.get("Outcome")
+    return None
+
+
+def _choose_signal(driver: Any, label: str) -> None:
+    """Open the signal chooser and click the option ``label`` (``node · outcome``)."""
+    from selenium.webdriver.common.by import By
+
+    def choose() -> bool:
+        # The live table redraws every few seconds: find and click in one go, retry if stale.
+        options = driver.find_elements(By.CSS_SELECTOR, "[role='option']")
+        if not options:
+            driver.find_element(By.CSS_SELECTOR, ".st-key-signal input[role='combobox']").click()
+            return False
+        for item in options:
+            if item.text == label:
+                item.click()
+                return True
+        return False
+
+    wait_for(choose, timeout=30, what=f"the chooser's option {label!r}")
+
+
+def test_regulator_dashboard_shows_the_faulty_signal(
+    regulator_stack: Any, dashboard_url: str
+) -> None:
+    node = regulator_stack.faulty_node
+    with chromium(height=2200) as driver:
+        driver.get(dashboard_url)
+        wait_for(
+            lambda: node in page_text(driver) and "signalled" in page_text(driver),
+            timeout=120,
+            what=f"{node} signalled in the live signal table",
+        )
+        outcome = wait_for(
+            lambda: _signalled_outcome(driver, node),
+            timeout=30,
+            what=f"the table's row for {node} in the state signalled",
+        )
+        screenshot(driver, "regulator-dashboard-signals")  # the live, ranked table
+        _choose_signal(driver, f"{node} · {outcome}")
+
+        from selenium.webdriver.common.by import By
+
+        wait_for(
+            lambda: driver.find_elements(By.CSS_SELECTOR, CHART),
+            timeout=60,
+            what="the observed vs expected chart",
+        )
+        text = page_text(driver)
+        assert f"{node} · {outcome}" in text  # the detail view's heading
+        for section in ("Observed vs expected", "Disproportionality", "Drill-down", "Provenance"):
+            assert section in text
+        assert "signal=" in driver.current_url  # the choice is in the URL, to share
+        time.sleep(1)  # let Vega finish drawing before the picture
+        chart = driver.find_elements(By.CSS_SELECTOR, CHART)[0]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", chart)
+        time.sleep(0.5)
+        screenshot(driver, "regulator-dashboard")  # the detail: observed vs expected and more

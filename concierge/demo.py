@@ -109,8 +109,23 @@ def demo(
         children.append(worker)
         api = _spawn(["api"], logs / "api.log", env)
         children.append(api)
-        recruiting = _spawn(["recruitment", "run"], logs / "recruitment.log", env)
+        # clinicians' alerts go by e-mail to a local SMTP server (aiosmtpd; messages in its log)
+        smtp_port = _free_port()
+        mail = subprocess.Popen(
+            [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{smtp_port}",
+             "-c", "aiosmtpd.handlers.Debugging"],
+            env=env, stdout=(logs / "mail.log").open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        children.append(mail)
+        mail_env = {**env, "CONCIERGE_RECRUITMENT_SMTP_PORT": str(smtp_port),
+                    "CONCIERGE_RECRUITMENT_DISPATCH_INTERVAL_SECONDS": "2"}  # fmt: skip
+        recruiting = _spawn(["recruitment", "run"], logs / "recruitment.log", mail_env)
         children.append(recruiting)
+        dashboard_port = int(os.environ.get("CONCIERGE_DASHBOARD_PORT", "8501"))
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        board = _spawn(["dashboard", "--port", str(dashboard_port)], logs / "dashboard.log", env)
+        children.append(board)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         worker_url = f"http://127.0.0.1:{settings.worker_web_port}"
         _wait_http(f"{api_url}/healthz", 60, api, logs / "api.log")
@@ -120,7 +135,10 @@ def demo(
         click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
         click.echo(f"  stream worker state     {worker_url}/state/digest")
         click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts")
+        click.echo(f"  regulator dashboard     {dashboard_url}")
         click.echo(f"  device-safety signals   {api_url}/v1/surveillance/signals (regulator)")
+        click.echo(f"  clinician page          {api_url}/clinician (a GP's link is printed below)")
+        click.echo(f"  e-mail to clinicians    {logs / 'mail.log'} (a local SMTP server)")
         click.echo(f"  logs                    {logs}")
         click.echo("")
 
@@ -175,6 +193,7 @@ def demo(
         sent = 0
         with httpx.Client(base_url=api_url, timeout=30) as client:
             next_report = time.monotonic()
+            approved = False
             for record in population:
                 if deadline and time.monotonic() > deadline:
                     break
@@ -201,6 +220,8 @@ def demo(
                         f"invitations: {_invitations(trial['id'])}"
                     )
                     click.echo(f"        device signals: {_signals(api_url, regulator)}")
+                    if not approved:
+                        approved = _approve_one(api_url, settings, trial["id"])
         click.echo(f"Population streamed ({bulk + sent} patients).")
         while deadline is None or time.monotonic() < deadline:
             time.sleep(1)
@@ -252,6 +273,65 @@ def _invitations(trial: str) -> str:
     except Exception as exc:  # the demo goes on; the log says why
         return f"unavailable ({type(exc).__name__})"
     return ", ".join(f"{state} {n}" for state, n in sorted(counts.items()) if n) or "none yet"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _approve_one(api_url: str, settings: Any, trial: str) -> bool:
+    """A GP approves contact for one candidate the concierge sent them, through the clinician
+    API as the clinician page would; prints the GP's page link. True once done."""
+    from concierge.auth import issue
+    from recruitment.models import Invitation
+    from recruitment.runtime import build_runtime
+
+    try:
+        runtime = build_runtime()
+        try:
+            with runtime.sessions() as session:
+                invitation = (
+                    session.query(Invitation)
+                    .filter_by(trial_id=trial, state="sent_to_clinician")
+                    .order_by(Invitation.id)
+                    .first()
+                )
+                found = None if invitation is None else (
+                    invitation.id, invitation.practitioner, invitation.site)  # fmt: skip
+        finally:
+            runtime.close()
+    except Exception as exc:  # the demo goes on; the log says why
+        click.echo(f"        clinician: invitations unavailable ({type(exc).__name__})")
+        return False
+    if found is None:
+        return False
+    invitation_id, practitioner, site = found
+    token = issue(
+        settings.token_key.get_secret_value().encode(),
+        "clinician",
+        site,
+        subject=f"clinician:{practitioner}",
+        practitioner=practitioner,
+        sites=(site,),
+    )
+    response = httpx.post(
+        f"{api_url}/v1/clinician/invitations/{invitation_id}/approve",
+        json={"note": "approved in the demo: I know this patient, please contact them"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    if response.status_code != 200:
+        click.echo(f"        clinician: approve failed {response.status_code} {response.text[:99]}")
+        return False
+    click.echo(
+        f"        clinician: the patient's GP approved contact for invitation {invitation_id} "
+        f"(now {response.json()['state']}); the GP's page: {api_url}/clinician#token={token}"
+    )
+    return True
 
 
 def _signals(api_url: str, headers: dict[str, str]) -> str:

@@ -63,13 +63,14 @@ def test_ingest_command_prints_summary_json(
 
 
 def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
-    api_port, worker_port = free_port(), free_port()
+    api_port, worker_port, dashboard_port = free_port(), free_port(), free_port()
     env = _env(
         kafka_bootstrap,
         topic_prefix,
         tmp_path / "home",
         CONCIERGE_API_PORT=str(api_port),
         CONCIERGE_WORKER_WEB_PORT=str(worker_port),
+        CONCIERGE_DASHBOARD_PORT=str(dashboard_port),
     )
     run = subprocess.run(
         [
@@ -93,5 +94,8 @@ def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_
     assert f"http://127.0.0.1:{api_port}/docs" in run.stdout
     assert "streaming the rest live" in run.stdout
     assert "the stream holds" in run.stdout
-    with pytest.raises(httpx.HTTPError):  # everything the demo started is stopped again
-        httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2)
+    assert "device signals:" in run.stdout
+    assert f"http://127.0.0.1:{dashboard_port}" in run.stdout
+    for port in (api_port, dashboard_port):  # everything the demo started is stopped again
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)

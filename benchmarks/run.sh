@@ -34,6 +34,11 @@ echo "== stream throughput with 10 live saved questions (worker vs consume-and-d
 python -m benchmarks.bench_stream --patients "$patients_stream" --trials 10 --repeats "$repeats"
 echo "== live-count freshness at 1k resources/s (API vs Kafka arrival)"
 python -m benchmarks.bench_freshness --rate 1000 --probes "$probes"
+echo "== stream throughput with device counters on a device-heavy population (worker vs consume-and-decode)"
+python -m benchmarks.bench_stream --patients "$patients_stream" --trials 0 --repeats "$repeats" \
+  --dense-implants --name stream_devices
+echo "== signal freshness at 1k resources/s (AdverseEvent at /fhir to the regulator API vs Kafka arrival)"
+python -m benchmarks.bench_signal_freshness --rate 1000 --probes "$probes"
 echo "== recruitment: candidates routed/s from $cohort_events cohort events (consumer vs consume-and-decode)"
 python -m benchmarks.bench_recruitment --events "$cohort_events"
 echo "== clinician API p99, 16 clients over $invitations invitations (clinician endpoints vs /healthz)"

@@ -196,6 +196,7 @@ class SignalMonitor:
         levels: Iterable[str] | None = None,
         audit: Any = None,
         min_interval: float = 0.1,
+        sweep_seconds: float = 5.0,
         clock: Any = None,
         prepare: Any = None,
     ) -> None:
@@ -206,6 +207,7 @@ class SignalMonitor:
         self.levels = tuple(levels) if levels is not None else levels_from_env()
         self.audit = audit
         self.min_interval = min_interval
+        self.sweep_seconds = sweep_seconds
         self.clock = clock or (lambda: datetime.now(UTC))
         #: called first in the monitor's thread (creating missing topics)
         self.prepare = prepare
@@ -222,7 +224,8 @@ class SignalMonitor:
         self.assessment_seconds = 0.0
         self.ready = False
         self.error: str | None = None
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # device classes changed since the last sweep
+        self._touched: set[str] = set()  # nodes whose own counts changed since the last pass
         self._all_dirty = True
         self._day: date | None = None
         self._positions: dict[int, int] = {}
@@ -280,7 +283,7 @@ class SignalMonitor:
             consumer.assign(
                 [TopicPartition(self.devices_topic, p, OFFSET_BEGINNING) for p in partitions]
             )
-            last = 0.0
+            last = swept = 0.0
             while not self._stop.is_set():
                 messages = consumer.consume(5000, timeout=0.05)
                 if messages:
@@ -288,11 +291,15 @@ class SignalMonitor:
                 if not self.ready and catchup.reached(self._positions):
                     self.ready = True
                     log.info("signal monitor caught up: %s contributions", len(self.contributions))
+                if not self.ready:
+                    continue
                 now = time.monotonic()
-                due = now - last >= self.min_interval
-                if self.ready and (self._dirty or self._all_dirty) and due:
+                if (self._dirty or self._all_dirty) and now - swept >= self.sweep_seconds:
+                    last = swept = now
+                    self.reassess(sweep=True)
+                elif self._touched and now - last >= self.min_interval:
                     last = now
-                    self.reassess()
+                    self.reassess(sweep=False)
             consumer.close()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
@@ -374,23 +381,43 @@ class SignalMonitor:
                 self.applied += 1
                 for key in (*delta.counts, *delta.person_time):
                     self._dirty.add(_class_of(key[1]))
+                    if key[0] in self.levels:
+                        self._touched.add(key[1])
 
     # ------------------------------------------------------------------ assessment
 
-    def reassess(self) -> int:
-        """Assess every (node, outcome) of the dirty classes at the live levels, and move the
-        signals; returns the number of assessments made."""
+    def reassess(self, sweep: bool = True) -> int:
+        """Assess (node, outcome) pairs at the live levels and move the signals; returns the
+        number of assessments made.
+
+        A sweep assesses every node of the device classes changed since the last sweep (a
+        change to one node moves the comparator of every other node of its class). Between
+        sweeps (every ``sweep_seconds``), only the nodes whose own counts changed are assessed,
+        every ``min_interval``: their statistics are fresh per event, while the small drift of
+        the others' comparators waits for the next sweep. This keeps a pass proportional to what
+        changed, not to the number of lots in a class.
+        """
         started = time.perf_counter()
         moved: list[dict[str, Any]] = []
         with self.lock:
             day = self.counters.latest_day
-            everything = self._all_dirty or day != self._day
-            dirty, self._dirty, self._all_dirty, self._day = self._dirty, set(), False, day
+            # the first pass, or a new evaluation day (person-time moves everywhere): all of it
+            everything = self._all_dirty or day != self._day or not self.assessments
+            sweep = sweep or everything
+            touched, self._touched = self._touched, set()
+            dirty: set[str] = set()
+            if sweep:
+                dirty, self._dirty, self._all_dirty = self._dirty, set(), False
+            self._day = day
+
+            def wanted(node: str) -> bool:
+                return _class_of(node) in dirty if sweep else node in touched
+
             now = self.clock()
             fresh: dict[str, Assessment] = {}
             for level in self.levels:
                 for _, node in self.counters.nodes(level):
-                    if not everything and _class_of(node) not in dirty:
+                    if not everything and not wanted(node):
                         continue
                     for outcome in self.counters.outcome_names(level, node):
                         fresh[signal_id(node, outcome)] = assess(
@@ -400,7 +427,7 @@ class SignalMonitor:
             for identifier, old in list(self.assessments.items()):
                 if identifier in fresh:
                     continue
-                if not everything and old.device_class not in dirty:
+                if not everything and not wanted(old.node):
                     continue
                 if self.counters.count(old.level, old.node, EXPOSED) == 0 and (
                     self.signals.get(identifier) is None

@@ -241,3 +241,24 @@ def test_contribution_records_round_trip() -> None:
     for patient, item in list(sim.last.items())[:50]:
         assert Contribution.from_dict(orjson.loads(orjson.dumps(item.to_dict()))) == item
         assert contribution(patient, sim.store.patient(0, patient)) == item
+
+
+def test_between_sweeps_only_the_nodes_whose_counts_changed_are_assessed() -> None:
+    sim, _ = world()
+    watcher = monitor()
+    watcher.absorb(records(sim.last.values()))
+    everything = watcher.reassess()
+    patient, mine = next((p, c) for p, c in sim.last.items() if c.keys)
+    nodes = {k[1] for k in mine.keys if k[0] in watcher.levels}
+    watcher.absorb(records([(patient, None)], start=10**6))  # this patient's devices retracted
+    touched = watcher.reassess(sweep=False)
+    pairs = {
+        (node, outcome)
+        for node in nodes
+        for level in watcher.levels
+        for outcome in watcher.counters.outcome_names(level, node)
+    }
+    assert 0 < touched <= len(pairs) + len(nodes) * 8 < everything
+    assert watcher.reassess(sweep=True) > touched  # the sweep covers the class's other nodes
+    rebuilt = [c for p, c in sim.last.items() if p != patient]
+    assert watcher.counters == Counters.rebuild(rebuilt)

@@ -49,6 +49,26 @@ PARTITIONS = 6
 FREEZE_EVERY = 500
 
 
+def _flush_completely(buffer: Any) -> None:
+    """Make the producer buffer's ``flush`` drain it completely.
+
+    Before committing source offsets Faust flushes its producer, whose buffer (table changelog
+    writes are queued there) gives up as soon as 0.1 s passes without a message leaving it, e.g.
+    while the agent holds the event loop. It can then return with changelog writes still
+    queued, commit offsets past the events that made them, and a crash loses them: a cohort
+    record or a device contribution that is never written again. Found by the device
+    integration test's SIGKILL (the contribution topic missed a dozen patients). Here the flush
+    loops until the buffer is empty, so a commit never overtakes the writes it covers.
+    """
+    flush_atmost = buffer.flush_atmost
+
+    async def flush() -> None:
+        while buffer.size:
+            await flush_atmost(None)
+
+    buffer.flush = flush
+
+
 class StreamApp:
     """A Faust app, its tables and agents, built from settings (one per worker process)."""
 
@@ -83,6 +103,7 @@ class StreamApp:
             stream_wait_empty=True,
             stream_buffer_maxsize=16384,
         )
+        _flush_completely(self.app.producer.buffer)
         self.facts_name = settings.topic(FACTS)
         self.control_name = settings.topic(CONTROL)
         raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",

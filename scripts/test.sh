@@ -40,7 +40,7 @@ echo "== ruff"
 ruff check .
 ruff format --check .
 echo "== mypy"
-mypy concierge fhir_adapters feasibility surveillance_stream infra recruitment
+mypy concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards
 echo "== pytest"
 mkdir -p test-artifacts
 pytest -p no:cacheprovider "$@"

@@ -132,13 +132,25 @@ class DeviceKeeper:
             self.table[patient] = new
 
     def recover(self, partition: int) -> None:
-        """After the partition's patient state is rebuilt: which patients have a contribution
-        (the facts after the committed offset are handled again, recomputing theirs)."""
-        self.exposed[partition] = {
+        """After the partition's patient state is rebuilt: which patients may contribute (the
+        facts after the committed offset are handled again, recomputing theirs).
+
+        The set is taken from the rebuilt patient state (any resource that can make an
+        exposure), not only from the table: the table is restored by Faust from its changelog,
+        and a patient missing from it here would have later retractions of their outcomes
+        skipped by the gate (found by the device integration test: the counters kept a dozen
+        retracted outcome keys). The table's patients are added too, so a patient whose devices
+        were all retracted still gets the tombstone recomputed.
+        """
+        exposed = {
             str(patient)
             for patient, value in list(self.table.items())
             if value and value.get("partition") == partition
         }
+        for patient, entries in self.store.patients(partition).items():
+            if any(_may_expose(entry) for entry in entries.values()):
+                exposed.add(patient)
+        self.exposed[partition] = exposed
 
     def forget(self, partition: int) -> None:
         self.exposed.pop(partition, None)

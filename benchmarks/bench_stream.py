@@ -234,6 +234,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
+        "--compare-devices",
+        action="store_true",
+        help="also run the worker with its device counters off, alternating with the others",
+    )
+    parser.add_argument(
         "--dense-implants",
         action="store_true",
         help="implants for every older patient (device counters busy), not the usual rates",
@@ -253,10 +258,12 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     worker_runs: list[dict] = []
     baseline_runs: list[dict] = []
+    plain_runs: list[dict] = []
+    kinds = ("baseline", "worker", "plain") if options.compare_devices else ("baseline", "worker")
     for repeat in range(options.repeats):
-        for kind in ("baseline", "worker"):
+        for kind in kinds:
             prefix = f"bench-{kind}-{uuid.uuid4().hex[:6]}."
-            register(bootstrap, prefix, docs if kind == "worker" else [])
+            register(bootstrap, prefix, docs if kind != "baseline" else [])
             port = free_port()
             (logs / prefix / "baseline").mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -264,11 +271,13 @@ def main() -> None:
                    "CONCIERGE_HOME": str(logs / prefix), "FAUST_BASELINE_TOPIC": prefix + FACTS,
                    "FAUST_BASELINE_PORT": str(port), "FAUST_BASELINE_ID": prefix + "baseline",
                    "FAUST_BASELINE_DATADIR": str(logs / prefix / "baseline")}  # fmt: skip
-            if kind == "worker":
+            if kind == "plain":  # the same worker with its device counters off
+                env["CONCIERGE_STREAM_DEVICE_COUNTERS"] = "false"
+            if kind in ("worker", "plain"):
                 cmd = [sys.executable, "-m", "concierge", "worker", "--loglevel", "warning"]
             else:
                 cmd = [sys.executable, "-m", "benchmarks.faust_baseline", "worker", "-l", "warn"]
-            expected = len(docs) * 6 if kind == "worker" else 0
+            expected = len(docs) * 6 if kind != "baseline" else 0
             run = measure(
                 cmd,
                 env,
@@ -278,7 +287,8 @@ def main() -> None:
                 ready=lambda h, n=expected: h.get("trials", 0) >= n,
                 feed=lambda p=prefix: replay(bootstrap, p, facts),
             )
-            (worker_runs if kind == "worker" else baseline_runs).append(run)
+            runs = {"worker": worker_runs, "baseline": baseline_runs, "plain": plain_runs}
+            runs[kind].append(run)
             print(f"  run {repeat + 1} {kind:8}: {run['facts_per_cpu_s']:>9.0f} facts/CPU-s, "
                   f"{run['facts_per_s']:>9.0f} facts/s", file=sys.stderr)  # fmt: skip
     worker = summary([r["facts_per_cpu_s"] for r in worker_runs])
@@ -293,7 +303,9 @@ def main() -> None:
         write_result(f"{options.name}_per_core", worker["median"], "facts/CPU-second",
                      baseline["median"], parameters, command,
                      {"worker": worker, "baseline_runs": baseline, "target": 20000,
-                      "last_health": worker_runs[-1]["extra"]}),
+                      "last_health": worker_runs[-1]["extra"],
+                      "without_device_counters": summary(
+                          [r["facts_per_cpu_s"] for r in plain_runs]) if plain_runs else None}),
         write_result(f"{options.name}_wall", wall["median"], "facts/second",
                      wall_baseline["median"], parameters, command,
                      {"worker": wall, "baseline_runs": wall_baseline}),

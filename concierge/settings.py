@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     #: How often the worker sends a stream-time tick to each partition it owns (0: never; tests
     #: that control time send their own ticks).
     stream_tick_seconds: float = 1.0
+    #: Whether the worker keeps device-counter contributions (device-safety surveillance).
+    stream_device_counters: bool = True
     #: How often the worker checks the trials topic for saved questions its partitions lack.
     stream_trial_sync_seconds: float = 1.0
 

@@ -351,7 +351,8 @@ class StreamApp:
 
 #: Dotted paths of extension functions ``f(stream_app)`` that add agents, tables, pages and
 #: on_change hooks (device counters). Each must be importable on its own.
-EXTENSIONS: list[str] = ["surveillance_stream.device_stream:install"]
+DEVICE_EXTENSION = "surveillance_stream.device_stream:"
+EXTENSIONS: list[str] = [f"{DEVICE_EXTENSION}install"]
 
 
 def _load(path: str) -> Callable[[StreamApp], None]:
@@ -363,4 +364,9 @@ def _load(path: str) -> Callable[[StreamApp], None]:
 
 
 def create_app(settings: Settings, store: str | None = None) -> StreamApp:
-    return StreamApp(settings, store, [_load(path) for path in EXTENSIONS])
+    paths = [
+        path
+        for path in EXTENSIONS
+        if settings.stream_device_counters or not path.startswith(DEVICE_EXTENSION)
+    ]
+    return StreamApp(settings, store, [_load(path) for path in paths])

@@ -174,16 +174,6 @@ class World:
         return [{**r, "detail": json.loads(r["detail"])} for r in self.app.state.audit.records()]
 
 
-def route_paths(app: FastAPI) -> list[str]:
-    """The path templates of every route, included routers walked."""
-    try:  # FastAPI >= 0.16x keeps included routers lazily; this walks them
-        from fastapi.routing import iter_route_contexts
-
-        return [str(ctx.path) for ctx in iter_route_contexts(app.routes)]
-    except ImportError:  # pragma: no cover - older FastAPI: the routes are flat already
-        return [str(getattr(route, "path", "")) for route in app.routes]
-
-
 def _signal_monitor() -> Any:
     """The regulator's signal monitor, not started (no broker), with nothing to report."""
     from surveillance_stream.monitor import SignalMonitor
@@ -283,7 +273,7 @@ def build_world(
             recruitment=runtime,
             recruitment_identities=identities,
         )
-        if services and any(path.startswith("/v1/surveillance") for path in route_paths(app)):
+        if services:
             app.state.surveillance = _signal_monitor()
         try:
             with TestClient(app) as client:
@@ -306,5 +296,4 @@ __all__ = [
     "TRIAL",
     "World",
     "build_world",
-    "route_paths",
 ]

@@ -177,13 +177,7 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/clinician/invitations/{invitation_id}/enrolled"): invitation_action(),
     ("POST", "/v1/clinician/invitations/{invitation_id}/screen-failed"): invitation_action(),
     ("POST", "/v1/clinician/invitations/{invitation_id}/withdraw"): invitation_action(),
-}
-
-# ---------------------------------------------------------------------------------------------
-# Regulators: device-safety surveillance. Required only once the app mounts routes under
-# SURVEILLANCE_PREFIX; from then on checked exactly like every other route.
-SURVEILLANCE_PREFIX = "/v1/surveillance"
-SURVEILLANCE: dict[tuple[str, str], Rule] = {
+    # regulators: device-safety surveillance
     ("GET", "/v1/surveillance/status"): only("regulator"),
     ("GET", "/v1/surveillance/signals"): only("regulator"),
     ("GET", "/v1/surveillance/signals/{signal_id}"): only("regulator"),
@@ -194,7 +188,7 @@ SURVEILLANCE: dict[tuple[str, str], Rule] = {
         "regulator", body={"action": "review", "reason": "checked by the authorisation matrix"}
     ),
 }
-# ---------------------------------------------------------------------------------------------
+
 
 #: FastAPI's own documentation routes: not part of the product's API surface.
 DOCS_ROUTES = frozenset({"openapi", "swagger_ui_html", "swagger_ui_redirect", "redoc_html"})
@@ -219,14 +213,6 @@ def app_routes(app: FastAPI) -> set[tuple[str, str]]:
         if name not in DOCS_ROUTES:
             found.add(("?", f"{type(route).__name__} {getattr(route, 'path', name)}"))
     return found
-
-
-def expected_table(app: FastAPI) -> dict[tuple[str, str], Rule]:
-    routes = app_routes(app)
-    table = dict(MATRIX)
-    if any(path.startswith(SURVEILLANCE_PREFIX) for _, path in routes):
-        table.update(SURVEILLANCE)
-    return table
 
 
 # --------------------------------------------------------------------------- the world
@@ -272,7 +258,7 @@ def forbidden_values(world: World) -> dict[str, str]:
 
 def test_every_route_is_classified_and_every_entry_is_a_route(world: World) -> None:
     routes = app_routes(world.app)
-    table = expected_table(world.app)
+    table = MATRIX
     unclassified = sorted(routes - set(table))
     stale = sorted(set(table) - routes)
     assert not unclassified, f"routes missing from the authorisation matrix: {unclassified}"
@@ -283,22 +269,16 @@ def test_every_route_is_classified_and_every_entry_is_a_route(world: World) -> N
 
 
 def _cases() -> Iterator[Any]:
-    for table, block in ((MATRIX, "core"), (SURVEILLANCE, "surveillance")):
-        for method, template in table:
-            for caller in CALLERS:
-                name = f"{method} {template} {caller}"
-                yield pytest.param(block, method, template, caller, id=name)
+    for method, template in MATRIX:
+        for caller in CALLERS:
+            yield pytest.param(method, template, caller, id=f"{method} {template} {caller}")
 
 
-@pytest.mark.parametrize(("block", "method", "template", "caller"), list(_cases()))
+@pytest.mark.parametrize(("method", "template", "caller"), list(_cases()))
 def test_route_answers_each_caller_as_the_matrix_says(
-    world: World, block: str, method: str, template: str, caller: str
+    world: World, method: str, template: str, caller: str
 ) -> None:
-    table = expected_table(world.app)
-    if (method, template) not in table:
-        assert block == "surveillance", f"{method} {template} is not a route of the app"
-        pytest.skip(f"the app has no {SURVEILLANCE_PREFIX} routes yet")
-    rule = table[(method, template)]
+    rule = MATRIX[(method, template)]
     expected = rule.expect[caller]
     path = fill(world, template, rule)
     before = len(world.audit())
@@ -355,7 +335,7 @@ def test_authorisation_comes_before_availability(bare: World) -> None:
     """With the services not running (an API still starting), callers who may not use a route
     are still told 401/403, never 503: a refusal must not depend on, or reveal, what runs."""
     wrong: list[str] = []
-    for (method, template), rule in expected_table(bare.app).items():
+    for (method, template), rule in MATRIX.items():
         if not template.startswith("/v1"):
             continue
         for caller, expected in rule.expect.items():

@@ -99,6 +99,43 @@ class KafkaWatch(threading.Thread):
         self.consumer.close()
 
 
+class BackgroundLoad:
+    """Senders POSTing whole generated patients (Bundles) to ``/fhir`` at ``rate`` resources/s
+    in all, from ``senders`` threads; :meth:`stop` returns the rate achieved."""
+
+    def __init__(
+        self, base: str, people: Any, rate: float, senders: int, headers: dict[str, str]
+    ) -> None:
+        self.base, self.people, self.rate, self.headers = base, people, rate, headers
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True) for _ in range(senders)]
+        self.started = 0.0
+
+    def start(self) -> BackgroundLoad:
+        self.started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _send(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=60) as client:
+            while not self._stop.is_set():
+                with self._lock:
+                    record = next(self.people)
+                client.post("/fhir", content=orjson.dumps(bundle(record)), headers=self.headers)
+                with self._lock:
+                    self.sent += len(record)
+                    ahead = self.sent / self.rate - (time.monotonic() - self.started)
+                if ahead > 0:
+                    time.sleep(ahead)
+
+    def stop(self) -> float:
+        self._stop.set()
+        return self.sent / (time.monotonic() - self.started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=1000.0, help="background resources/s")
@@ -141,27 +178,7 @@ def main() -> None:
         watch = KafkaWatch(bootstrap, prefix + FACTS)
         watch.start()
 
-        stop = threading.Event()
-        sent = [0]
-        lock = threading.Lock()
-
-        def sender() -> None:
-            with httpx.Client(base_url=base, timeout=60) as client:
-                started = time.monotonic()
-                while not stop.is_set():
-                    with lock:
-                        record = next(people)
-                    client.post("/fhir", content=orjson.dumps(bundle(record)), headers=fhir)
-                    with lock:
-                        sent[0] += len(record)
-                        ahead = sent[0] / options.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-
-        threads = [threading.Thread(target=sender, daemon=True) for _ in range(options.senders)]
-        load_started = time.monotonic()
-        for thread in threads:
-            thread.start()
+        load = BackgroundLoad(base, people, options.rate, options.senders, fhir).start()
         time.sleep(3)  # let the load settle
         ours: list[float] = []
         floor: list[float] = []
@@ -188,8 +205,7 @@ def main() -> None:
                 if arrived is not None:
                     floor.append(max(0.0, arrived - accepted))
                 time.sleep(options.interval)
-        stop.set()
-        achieved = sent[0] / (time.monotonic() - load_started)
+        achieved = load.stop()
         watch.stop.set()
         p99, base99 = percentile(ours, 0.99), percentile(floor, 0.99)
         parameters = {"target_rate": options.rate, "achieved_rate": round(achieved, 1),

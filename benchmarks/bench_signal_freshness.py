@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import date, datetime, timedelta
@@ -36,7 +35,7 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.bench_freshness import KafkaWatch, percentile, spawn, wait
+from benchmarks.bench_freshness import BackgroundLoad, KafkaWatch, percentile, spawn, wait
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
 from concierge.auth import issue
@@ -144,27 +143,7 @@ def main() -> None:
         watch = KafkaWatch(bootstrap, prefix + FACTS)
         watch.start()
         people = iter_patients(config)
-        stop = threading.Event()
-        sent = [0]
-        lock = threading.Lock()
-
-        def sender() -> None:
-            with httpx.Client(base_url=base, timeout=60) as client:
-                started = time.monotonic()
-                while not stop.is_set():
-                    with lock:
-                        record = next(people)
-                    client.post("/fhir", content=orjson.dumps(bundle(record)), headers=FHIR)
-                    with lock:
-                        sent[0] += len(record)
-                        ahead = sent[0] / options.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
-
-        threads = [threading.Thread(target=sender, daemon=True) for _ in range(options.senders)]
-        load_started = time.monotonic()
-        for thread in threads:
-            thread.start()
+        load = BackgroundLoad(base, people, options.rate, options.senders, FHIR).start()
         time.sleep(3)  # let the load settle
         ours: list[float] = []
         floor: list[float] = []
@@ -193,8 +172,7 @@ def main() -> None:
                 if arrived is not None:
                     floor.append(max(0.0, arrived - accepted))
                 time.sleep(options.interval)
-        stop.set()
-        achieved = sent[0] / (time.monotonic() - load_started)
+        achieved = load.stop()
         watch.stop.set()
         monitor = httpx.get(status, headers=regulator, timeout=10).json()
         p99, base99 = percentile(ours, 0.99), percentile(floor, 0.99)

@@ -5,7 +5,8 @@
 #   bash scripts/postgres.sh stop [DATA_DIR]      stop the cluster
 #   bash scripts/postgres.sh status [DATA_DIR]    exit 0 when it runs
 #
-# DATA_DIR defaults to $CONCIERGE_HOME/pg (CONCIERGE_HOME defaults to ~/.local/share/concierge).
+# DATA_DIR defaults to $CONCIERGE_HOME/pg (CONCIERGE_HOME defaults to ~/.local/share/concierge), or,
+# as root when the postgres user cannot reach that, /var/tmp/concierge-pg-<hash of it>/pg.
 # Port: $CONCIERGE_PG_PORT (55432). Database: $CONCIERGE_PG_DATABASE (concierge_test), owned by the
 # role $CONCIERGE_PG_USER (concierge) whose generated password is kept in DATA_DIR/../pg.password.
 # The cluster listens on 127.0.0.1 only; when run as root it is owned by the `postgres` user.
@@ -17,7 +18,7 @@ set -euo pipefail
 action=start
 case "${1:-}" in
   start | stop | status) action=$1; shift ;;
-  -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 home="${CONCIERGE_HOME:-$HOME/.local/share/concierge}"
@@ -64,6 +65,18 @@ as_owner() {
     "$@"
   fi
 }
+
+# As root, the `postgres` user must be able to reach the data folder. When the default one sits
+# under a folder it cannot search (a checkout in a private `mktemp -d`, say), use a folder of
+# its own under /var/tmp, named after the default so start, status and stop agree on it.
+if [ "$(id -u)" = 0 ] && [ -z "${1:-}" ]; then
+  probe="$(dirname "$data")"
+  while [ ! -d "$probe" ]; do probe="$(dirname "$probe")"; done
+  if ! runuser -u postgres -- test -x "$probe"; then
+    data="/var/tmp/concierge-pg-$(printf '%s' "$data" | sha256sum | cut -c1-12)/pg"
+    [ "$action" = start ] && say "the postgres user cannot reach the default folder; using $data"
+  fi
+fi
 
 running() { as_owner "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; }
 

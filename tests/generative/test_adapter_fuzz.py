@@ -21,7 +21,6 @@ import json
 import os
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,9 +33,10 @@ from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import MemorySink
 from fhir_adapters.subscriptions import notification_of
 from fhir_adapters.vault import MemoryVault
+from tests.samples import synthea_r4
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
-SAMPLES = Path("/work/shared/fhir-samples/synthea-r4")
+SAMPLES = synthea_r4()
 MAX_BYTES = 50_000
 #: Bundle types the adapter ingests; any other type is one dead letter for the whole Bundle.
 BUNDLE_TYPES = (
@@ -372,12 +372,15 @@ def synthea() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             elif per_type.get(rtype, 0) < 3:
                 per_type[rtype] = per_type.get(rtype, 0) + 1
                 seeds.append(resource)
+    assert patients, f"no Synthea samples under {SAMPLES} (set CONCIERGE_FHIR_SAMPLES)"
     return patients, seeds
 
 
 @cache
 def synthea_bundles() -> list[bytes]:
-    return [path.read_bytes() for path in sorted(SAMPLES.glob("*.json"))[1:]]
+    found = [path.read_bytes() for path in sorted(SAMPLES.glob("*.json"))[1:]]
+    assert found, f"no Synthea samples under {SAMPLES} (set CONCIERGE_FHIR_SAMPLES)"
+    return found
 
 
 def all_seeds() -> list[tuple[dict[str, Any], str | None]]:

@@ -16,10 +16,11 @@ from fhir_adapters.facts import decode_reference, decode_resource_facts, envelop
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from infra.topics import DEADLETTER, FACTS, REFERENCE
+from tests.samples import synthea_r4
 
 pytestmark = pytest.mark.integration
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "fhir-samples" / "synthea-r4"
+SAMPLES = synthea_r4()
 
 
 def read_all(bootstrap: str, topic: str, expect_at_least: int = 0) -> list[tuple[bytes, bytes]]:

@@ -18,10 +18,11 @@ from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import DeadLetter, MemorySink
 from fhir_adapters.vault import MemoryVault, SqlVault, Vault
 from tests.adapter_helpers import public_key
+from tests.samples import synthea_r4
 
 SOURCE = "urn:test"
 SECRET = b"k" * 32
-SAMPLES = Path("/work/shared/fhir-samples/synthea-r4")
+SAMPLES = synthea_r4()
 NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,12 +160,20 @@ def _pid(config: BrokerConfig) -> int | None:
     return pid
 
 
+def cluster_id(random: Callable[[], uuid.UUID] = uuid.uuid4) -> str:
+    """A random cluster id in urlsafe base64, never starting with "-": the storage tool's parser
+    takes such a value for an option and refuses to format (1 start in 64 failed so; Kafka's own
+    random ids avoid the same)."""
+    while True:
+        cluster = base64.urlsafe_b64encode(random().bytes).decode().rstrip("=")
+        if not cluster.startswith("-"):
+            return cluster
+
+
 def _format(config: BrokerConfig, properties: Path) -> None:
     if (config.data_dir / "logs" / "meta.properties").exists():
         return
-    cluster_id = uuid.uuid4().bytes
-
-    cluster = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+    cluster = cluster_id()
     result = subprocess.run(
         [
             *_java(config),

@@ -30,3 +30,15 @@ def test_ports_and_version_come_from_the_environment(
     assert config.controller_port == 29093
     assert config.lib == tmp_path / "kafka" / "4.2.0" / "lib"
     assert config.data_dir == tmp_path / "kafka" / "broker-29092"
+
+
+def test_cluster_ids_never_start_with_a_dash() -> None:
+    """The storage tool reads an id beginning with "-" as an option and refuses to format."""
+    import uuid
+
+    from infra.broker import cluster_id
+
+    ids = iter([uuid.UUID(bytes=bytes([0xF8]) + bytes(15)), uuid.UUID(int=1)])
+    found = cluster_id(lambda: next(ids))
+    assert found == "AAAAAAAAAAAAAAAAAAAAAQ"
+    assert all(not cluster_id().startswith("-") for _ in range(500))

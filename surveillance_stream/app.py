@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import orjson
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from concierge.settings import Settings
 from fhir_adapters.facts import envelopes_of
@@ -40,13 +42,18 @@ from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
 from . import patient_state
 from .cohorts import CohortKeeper
-from .store import PatientStore, canonical, read_partition
+from .store import PatientStore, canonical, read_messages, read_partition
 
 log = logging.getLogger(__name__)
 
 PARTITIONS = 6
 #: Messages between two ``gc.freeze()`` calls (see handle_facts).
 FREEZE_EVERY = 500
+#: Readiness (``/readyz``): how often the facts topic's end is measured, how old the newest
+#: end the state has reached may be, and how long without a broker answer means disconnected.
+LAG_EVERY_SECONDS = 0.5
+MAX_STALENESS_SECONDS = 5.0
+STALE_AFTER_SECONDS = 5.0
 
 
 def _flush_completely(buffer: Any) -> None:
@@ -67,6 +74,10 @@ def _flush_completely(buffer: Any) -> None:
             await flush_atmost(None)
 
     buffer.flush = flush
+
+
+class RecoveryError(RuntimeError):
+    """The facts topic cannot give the state the stream's position needs."""
 
 
 class StreamApp:
@@ -130,6 +141,18 @@ class StreamApp:
         self.store = PatientStore()
         self.keeper = CohortKeeper(self.store, self.cohort_table, self.trials_table)
         self._rebuilding: dict[int, asyncio.Future[None]] = {}
+        #: Partitions whose state was checked against the stream's position since the last
+        #: rebalance; facts offset each partition's state reflects (everything before it).
+        self._verified: set[int] = set()
+        self.folded_to: dict[int, int] = {}
+        #: What each rebuild read (for /health and the chaos suite).
+        self.rebuilds: list[dict[str, int]] = []
+        self._offsets_client: Consumer | None = None
+        #: (monotonic time, {partition: high watermark}) of the facts topic, newest last.
+        self._highs: list[tuple[float, dict[int, int]]] = []
+        self._last_contact: float | None = None
+        self._broker_error: str | None = None
+        self.started = time.monotonic()
         self.applied = 0
         self.ignored = 0
         self.rejected = 0
@@ -141,6 +164,8 @@ class StreamApp:
         self.on_change: list[Callable[[int, str, list[Any]], None]] = []
         #: Called after a partition's patient state was rebuilt: (partition).
         self.on_recover: list[Callable[[int], None]] = []
+        #: Called when a partition's state is dropped (revoked and not assigned back).
+        self.on_forget: list[Callable[[int], None]] = []
         #: The device keeper, when the device-counter extension is installed.
         self.devices: Any = None
         self._register()
@@ -156,55 +181,215 @@ class StreamApp:
             return []
         return sorted(tp.partition for tp in assignment if tp.topic == topic)
 
-    async def ensure_partition(self, partition: int) -> None:
-        """Rebuild a partition's patient state from the facts topic (once per assignment)."""
-        if self.store.ready(partition):
+    async def ensure_partition(self, partition: int, facts_offset: int | None = None) -> None:
+        """Make a partition's patient state reflect every facts message before the stream's
+        position on it, before the stream's next message of that partition is handled.
+
+        The position is taken from the stream itself: the offset of the first facts message
+        delivered after an assignment (``facts_offset``) is exactly where this group resumed, so
+        the state must fold everything before it. When a control message comes first, the
+        position is the group's committed facts offset, read from the coordinator through the
+        client's public API (never from Faust's internals: its private map is emptied on every
+        revocation, and reading it at the wrong moment rebuilt an empty state while the stream
+        resumed from the committed offsets). A partition held before a rebalance keeps its
+        state and only folds the gap another worker may have processed meanwhile.
+        """
+        if partition in self._verified:
             return
         pending = self._rebuilding.get(partition)
         if pending is None:
-            pending = asyncio.ensure_future(self._rebuild(partition))
+            pending = asyncio.ensure_future(self._recover(partition, facts_offset))
             self._rebuilding[partition] = pending
-        await pending
+        try:
+            await pending
+        finally:
+            self._rebuilding.pop(partition, None)
 
-    def _committed(self, partition: int) -> int:
-        """The facts offset this group resumes from on ``partition`` (0 when it never
-        committed: then the stream itself reads everything and there is nothing to rebuild)."""
-        from faust.types import TP
+    def on_assigned(self, facts_partitions: set[int]) -> None:
+        """After every rebalance each partition is checked again at its first message; the
+        state of a partition this worker no longer holds is dropped (it would go stale)."""
+        self._verified.clear()
+        for partition in sorted(set(self.store.partitions) - facts_partitions):
+            self.keeper.forget(partition)
+            for hook in self.on_forget:
+                hook(partition)
+            self.store.drop(partition)
+            self.folded_to.pop(partition, None)
+            self.keeper.facts_offset.pop(partition, None)
+            log.info("partition %s revoked: its patient state was dropped", partition)
 
-        committed = getattr(self.app.consumer, "_committed_offset", {})
-        offset = committed.get(TP(self.facts_name, partition))
-        return int(offset) if offset else 0
+    async def _committed(self, partition: int) -> int:
+        """The facts offset this group resumes from on ``partition``, from the group
+        coordinator (0 when the group never committed there: then the stream reads the whole
+        partition itself). Retried until the broker answers: a guess would be a silent wrong
+        state."""
+        loop = asyncio.get_running_loop()
+        delay = 0.5
+        while True:
+            try:
+                return await loop.run_in_executor(None, self._committed_sync, partition)
+            except KafkaException as exc:
+                log.warning(
+                    "committed offset of partition %s not readable yet (%s); retrying in %.1f s",
+                    partition,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    async def _rebuild(self, partition: int) -> None:
+    def _high_watermarks_sync(self) -> dict[int, int]:
+        self._offsets_client_or_new()
+        assert self._offsets_client is not None
+        highs = {}
+        for partition in self.assigned(self.facts_name):
+            _, high = self._offsets_client.get_watermark_offsets(
+                TopicPartition(self.facts_name, partition), timeout=3, cached=False
+            )
+            highs[partition] = int(high)
+        return highs
+
+    async def measure_lag(self) -> None:
+        """Measure the facts topic's high watermarks of the assigned partitions (a timer)."""
+        loop = asyncio.get_running_loop()
+        try:
+            highs = await loop.run_in_executor(None, self._high_watermarks_sync)
+        except KafkaException as exc:
+            self._broker_error = str(exc)
+            return
+        now = time.monotonic()
+        self._last_contact = now
+        self._broker_error = None
+        self._highs.append((now, highs))
+        del self._highs[: -max(2, int(MAX_STALENESS_SECONDS / LAG_EVERY_SECONDS) + 2)]
+
+    def readiness(self) -> dict[str, Any]:
+        """Ready when the worker holds partitions, every one of them is rebuilt, the broker
+        answered within the last ``STALE_AFTER_SECONDS`` and the state has reached the facts
+        topic's end as it stood at most ``MAX_STALENESS_SECONDS`` ago."""
+        now = time.monotonic()
+        assigned = self.assigned(self.facts_name)
+        waiting: list[str] = []
+        if not assigned:
+            waiting.append("no partitions assigned yet (joining the consumer group)")
+        unverified = [p for p in assigned if p not in self._verified]
+        if unverified:
+            waiting.append(f"partitions {unverified} not yet rebuilt or checked")
+        connected = self._last_contact is not None and now - self._last_contact <= (
+            STALE_AFTER_SECONDS
+        )
+        if not connected:
+            since = "" if self._last_contact is None else f" for {now - self._last_contact:.0f} s"
+            waiting.append(f"broker unreachable{since}: {self._broker_error or 'no answer yet'}")
+        lag: int | None = None
+        staleness: float | None = None
+        if self._highs:
+            _, latest = self._highs[-1]
+            lag = sum(max(0, h - self.folded_to.get(p, 0)) for p, h in latest.items())
+            reached = [t for t, highs in self._highs
+                       if all(self.folded_to.get(p, 0) >= h for p, h in highs.items())]  # fmt: skip
+            staleness = now - max(reached) if reached else None
+        caught_up = staleness is not None and staleness <= MAX_STALENESS_SECONDS
+        if not caught_up:
+            waiting.append(f"catching up: {lag if lag is not None else 'unknown'} messages behind")
+        return {
+            "name": "worker",
+            "ready": not waiting,
+            "connected": connected,
+            "caught_up": caught_up,
+            "lag": lag,
+            "staleness_seconds": None if staleness is None else round(staleness, 3),
+            "positions": dict(sorted(self.folded_to.items())),
+            "partitions": assigned,
+            "waiting_for": "; ".join(waiting) or None,
+            "rebuilds": self.rebuilds[-12:],
+        }
+
+    def _offsets_client_or_new(self) -> None:
+        if self._offsets_client is None:
+            # A plain client with the worker's group id: committed() is an OffsetFetch request
+            # to the coordinator; the client never subscribes, so it never joins the group.
+            self._offsets_client = Consumer(
+                {
+                    "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                    "group.id": self.app.conf.id,
+                    "enable.auto.commit": False,
+                }
+            )
+
+    def _committed_sync(self, partition: int) -> int:
+        self._offsets_client_or_new()
+        assert self._offsets_client is not None
+        (found,) = self._offsets_client.committed(
+            [TopicPartition(self.facts_name, partition)], timeout=10
+        )
+        if found.error is not None:
+            raise KafkaException(found.error)
+        return max(0, int(found.offset))  # OFFSET_INVALID (-1001): never committed
+
+    async def _recover(self, partition: int, facts_offset: int | None) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        end = self._committed(partition)
-        if end == 0:
+        target = facts_offset if facts_offset is not None else await self._committed(partition)
+        if not self.store.ready(partition):
             patients: dict[str, Any] = {}
             read = 0
-        else:
-            patients, read, end = await loop.run_in_executor(
-                None,
-                read_partition,
-                self.settings.kafka_bootstrap_servers,
-                self.facts_name,
-                partition,
-                end,
+            end = 0
+            if target > 0:
+                patients, read, end = await loop.run_in_executor(
+                    None,
+                    read_partition,
+                    self.settings.kafka_bootstrap_servers,
+                    self.facts_name,
+                    partition,
+                    target,
+                )
+                if end < target:
+                    raise RecoveryError(
+                        f"partition {partition}: the facts topic ends at {end}, before the "
+                        f"stream's position {target}"
+                    )
+            self.store.install(partition, patients)
+            self.folded_to[partition] = end
+            self.keeper.facts_offset[partition] = end
+            gc.freeze()
+            self.keeper.recover(partition)
+            for hook in self.on_recover:
+                hook(partition)
+            self.rebuilds.append(
+                {"partition": partition, "patients": len(patients), "envelopes": read, "to": end}
             )
-        self.store.install(partition, patients)
-        gc.freeze()
-        self.keeper.recover(partition)
-        for hook in self.on_recover:
-            hook(partition)
-        self._rebuilding.pop(partition, None)
-        log.info(
-            "partition %s rebuilt: %s patients from %s envelopes (to offset %s) in %.1f s",
-            partition,
-            len(patients),
-            read,
-            end,
-            loop.time() - started,
-        )
+            log.info(
+                "partition %s rebuilt: %s patients from %s envelopes (to offset %s) in %.1f s",
+                partition,
+                len(patients),
+                read,
+                end,
+                loop.time() - started,
+            )
+        else:
+            held = self.folded_to.get(partition, 0)
+            if target > held:
+                messages = await loop.run_in_executor(
+                    None,
+                    read_messages,
+                    self.settings.kafka_bootstrap_servers,
+                    self.facts_name,
+                    partition,
+                    held,
+                    target,
+                )
+                for offset, value in messages:
+                    self.handle_facts(partition, offset, value)
+                log.info(
+                    "partition %s caught up from offset %s to %s (%s messages another member "
+                    "processed)",
+                    partition,
+                    held,
+                    target,
+                    len(messages),
+                )
+        self._verified.add(partition)
 
     # ------------------------------------------------------------------ handling
 
@@ -234,6 +419,7 @@ class StreamApp:
                 self.ignored += 1
             by_patient.setdefault(change.patient, []).append(change)
         self.keeper.facts_offset[partition] = offset + 1
+        self.folded_to[partition] = offset + 1
         for patient, changes in by_patient.items():
             self.keeper.on_changes(partition, patient, changes)
             for hook in self.on_change:
@@ -261,12 +447,20 @@ class StreamApp:
     def _register(self) -> None:
         app = self.app
 
+        @app.on_partitions_assigned.connect
+        async def on_partitions_assigned(
+            sender: Any, /, *args: Any, signal: Any, **kw: Any
+        ) -> None:
+            assigned = args[0] if args else kw.get("assigned", ())
+            self.on_assigned({tp.partition for tp in assigned if tp.topic == self.facts_name})
+
         @app.agent(self.inputs, name="patient-state")
         async def patient_state_agent(stream: Any) -> None:
             async for event in stream.events():
                 message = event.message
-                await self.ensure_partition(message.partition)
-                if message.topic == self.facts_name:
+                is_facts = message.topic == self.facts_name
+                await self.ensure_partition(message.partition, message.offset if is_facts else None)
+                if is_facts:
                     self.handle_facts(message.partition, message.offset, event.value)
                 else:
                     self.handle_control(message.partition, event.value)
@@ -305,6 +499,17 @@ class StreamApp:
                     "devices": None if self.devices is None else self.devices.summary(),
                 }
             )
+
+        @app.timer(interval=LAG_EVERY_SECONDS)
+        async def lag_meter() -> None:
+            await self.measure_lag()
+
+        @app.page("/readyz")
+        async def readyz(web: Any, request: Any) -> Any:
+            body = self.readiness()
+            if body["ready"]:
+                return web.json(body)
+            return web.json(body, status=503, headers={"Retry-After": "2"})
 
         @app.page("/state/digest")
         async def state_digest(web: Any, request: Any) -> Any:

@@ -293,7 +293,8 @@ class CohortKeeper:
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for key, record in list(self.table.items()):
-            if key.startswith("\x00") or not record:
+            # watermarks are records too (keyed "\x00watermark|p"); only membership has a trial
+            if key.startswith("\x00") or not record or "trial" not in record:
                 continue
             counts.setdefault(record["trial"], 0)
             if record.get("member"):

@@ -187,6 +187,7 @@ def install(stream: StreamApp) -> None:
     stream.devices = keeper
     stream.on_change.append(keeper.on_changes)
     stream.on_recover.append(keeper.recover)
+    stream.on_forget.append(keeper.forget)
 
     @stream.app.page("/state/devices")
     async def devices_page(web: Any, request: Any) -> Any:

@@ -122,9 +122,9 @@ def read_partition(
     timeout: float = 600.0,
 ) -> tuple[dict[str, Entries], int, int]:
     """Fold a facts partition from its beginning up to ``end`` (default: its end offset when
-    the read starts): ``(patients, envelopes read, end)``. The stream resumes at its committed
-    offset, so reading up to that offset is enough; folding is idempotent, so any overlap
-    between the two is harmless."""
+    the read starts): ``(patients, envelopes read, end)``, exactly the messages before ``end``:
+    the state then reflects the stream's position, no more (the hooks of what comes after, cohort
+    and device updates, run when the stream delivers it)."""
     store = PatientStore()
     consumer = Consumer(
         {
@@ -158,6 +158,9 @@ def read_partition(
                 offset = message.offset()
                 if offset is None:
                     continue
+                if offset >= high:  # a fetch returns more than asked for: stop at ``end``
+                    position = high
+                    break
                 position = offset + 1
                 if value is None:
                     continue
@@ -169,4 +172,41 @@ def read_partition(
         consumer.close()
 
 
-__all__ = ["Change", "Entries", "PatientStore", "canonical", "read_partition"]
+def read_messages(
+    bootstrap: str, topic: str, partition: int, start: int, end: int, timeout: float = 600.0
+) -> list[tuple[int, bytes]]:
+    """The raw facts messages of ``partition`` in ``[start, end)`` as ``(offset, value)``: the
+    gap another member of the group processed while this worker did not hold the partition."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "concierge-rebuild-unused",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+        }
+    )
+    out: list[tuple[int, bytes]] = []
+    try:
+        consumer.assign([TopicPartition(topic, partition, start)])
+        position = start
+        deadline = time.monotonic() + timeout
+        while position < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}[{partition}] {start}..{end} timed out")
+            for message in consumer.consume(5000, timeout=0.5):
+                offset = message.offset()
+                if message.error() is not None or offset is None:
+                    continue
+                if offset >= end:
+                    position = end
+                    break
+                position = offset + 1
+                value = message.value()
+                if value is not None:
+                    out.append((offset, value))
+        return out
+    finally:
+        consumer.close()
+
+
+__all__ = ["Change", "Entries", "PatientStore", "canonical", "read_messages", "read_partition"]

@@ -1,0 +1,144 @@
+"""How a worker's patient state is recovered on assignment, against a real broker.
+
+The reported failure: a worker restarted under load logged ``partition N rebuilt: 0 patients
+from 0 envelopes (to offset 0)`` while the group's committed offsets were ~1,000 per partition,
+then resumed from those offsets with an empty state. The rebuild read Faust's private map of
+committed offsets, which is empty before the assignment's seek and after every revocation, and
+took "missing" for 0. These tests drive the recovery with exactly that map empty: the state must
+reflect every facts message before the stream's position, whatever Faust's internals hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from concierge.settings import Settings
+from fhir_adapters.facts import ResourceFacts
+from infra.topics import FACTS
+from surveillance_stream import patient_state
+from surveillance_stream.app import StreamApp, create_app
+
+from .test_worker import synthetic_envelopes
+
+pytestmark = [pytest.mark.integration]
+
+PARTITION = 2
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Settings:
+    return Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        home=tmp_path / "home",
+        stream_tick_seconds=0,
+    )
+
+
+def produce(settings: Settings, envelopes: list[ResourceFacts]) -> list[int]:
+    """Each envelope as one message on PARTITION; returns the offsets."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    offsets: list[int] = []
+
+    def delivered(err: object, msg: object) -> None:
+        assert err is None, err
+        offsets.append(msg.offset())  # type: ignore[attr-defined]
+
+    for envelope in envelopes:
+        producer.produce(
+            settings.topic(FACTS),
+            key=envelope.patient.encode(),
+            value=envelope.to_json(),
+            partition=PARTITION,
+            on_delivery=delivered,
+        )
+    assert producer.flush(30) == 0
+    return sorted(offsets)
+
+
+def fold(envelopes: list[ResourceFacts]) -> dict[str, object]:
+    return patient_state.digest(patient_state.fold(envelopes).items())
+
+
+def state_digest(stream: StreamApp) -> dict[str, object]:
+    return stream.digest()
+
+
+def commit(settings: Settings, stream: StreamApp, offset: int) -> None:
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": stream.app.conf.id}
+    )
+    try:
+        consumer.commit(
+            offsets=[TopicPartition(settings.topic(FACTS), PARTITION, offset)], asynchronous=False
+        )
+    finally:
+        consumer.close()
+
+
+def test_rebuild_reaches_the_first_message_offset_with_fausts_map_empty(
+    settings: Settings,
+) -> None:
+    envelopes = synthetic_envelopes(1_200, seed=3)
+    offsets = produce(settings, envelopes)
+    stream = create_app(settings)
+    assert not getattr(stream.app.consumer, "_committed_offset", {})  # the reported condition
+    position = offsets[900]
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=position))
+    assert stream.folded_to[PARTITION] == position
+    assert state_digest(stream) == fold(envelopes[:900])
+    assert stream.rebuilds == [
+        {"partition": PARTITION, "patients": stream.store.counts()["patients"],
+         "envelopes": 900, "to": position}
+    ]  # fmt: skip
+
+
+def test_a_control_message_first_rebuilds_to_the_committed_offset(settings: Settings) -> None:
+    envelopes = synthetic_envelopes(800, seed=4)
+    offsets = produce(settings, envelopes)
+    stream = create_app(settings)
+    commit(settings, stream, offsets[500])
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=None))
+    assert stream.folded_to[PARTITION] == offsets[500]
+    assert state_digest(stream) == fold(envelopes[:500])
+
+
+def test_never_committed_means_the_stream_reads_everything(settings: Settings) -> None:
+    produce(settings, synthetic_envelopes(50, seed=5))
+    stream = create_app(settings)
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=None))
+    assert stream.folded_to[PARTITION] == 0
+    assert stream.store.counts()["resources"] == 0
+
+
+def test_after_a_rebalance_the_gap_another_member_processed_is_folded(
+    settings: Settings,
+) -> None:
+    envelopes = synthetic_envelopes(1_000, seed=6)
+    offsets = produce(settings, envelopes)
+    stream = create_app(settings)
+
+    async def scenario() -> None:
+        await stream.ensure_partition(PARTITION, facts_offset=offsets[300])
+        # the partition goes to another member, which processes 300..700, and comes back
+        stream.on_assigned({PARTITION})
+        await stream.ensure_partition(PARTITION, facts_offset=offsets[700])
+
+    asyncio.run(scenario())
+    assert stream.folded_to[PARTITION] == offsets[699] + 1
+    assert state_digest(stream) == fold(envelopes[:700])
+
+
+def test_a_partition_not_assigned_back_is_dropped(settings: Settings) -> None:
+    envelopes = synthetic_envelopes(200, seed=8)
+    offsets = produce(settings, envelopes)
+    stream = create_app(settings)
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=offsets[-1] + 1))
+    assert stream.store.counts()["resources"] > 0
+    stream.on_assigned({0, 1})
+    assert stream.store.counts()["resources"] == 0
+    assert PARTITION not in stream.folded_to

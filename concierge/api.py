@@ -38,6 +38,9 @@ def build_feasibility(settings: Settings) -> Any:
     cohorts = CohortView(settings.kafka_bootstrap_servers, settings.topic(COHORT)).start()
     url = settings.resolved_feasibility_url()
     return FeasibilityService(
+        facts_high_watermarks=HighWatermarks(
+            settings.kafka_bootstrap_servers, settings.topic(FACTS)
+        ),
         snapshot=snapshot,
         lock=lock,
         engine=PolarsEngine(),
@@ -48,6 +51,47 @@ def build_feasibility(settings: Settings) -> Any:
         saved=saved,
         cohorts=cohorts,
     )
+
+
+class HighWatermarks:
+    """``() -> {partition: high watermark}`` of a topic, asked of the broker at each call (a
+    saved answer uses it to know how far the snapshot must have read to cover the stream)."""
+
+    def __init__(self, bootstrap: str, topic: str, timeout: float = 3.0) -> None:
+        import threading
+
+        from confluent_kafka import Consumer
+
+        self.topic = topic
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "concierge-watermarks-unused",  # never joined
+                "enable.auto.commit": False,
+            }
+        )
+        self._partitions: list[int] = []
+
+    def __call__(self) -> dict[int, int]:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        with self._lock:
+            if not self._partitions:
+                metadata = self._consumer.list_topics(self.topic, timeout=self.timeout)
+                topic = metadata.topics.get(self.topic)
+                if topic is None or topic.error is not None or not topic.partitions:
+                    raise KafkaException(f"topic {self.topic} is not available")
+                self._partitions = sorted(topic.partitions)
+            return {
+                p: int(
+                    self._consumer.get_watermark_offsets(
+                        TopicPartition(self.topic, p), timeout=self.timeout, cached=False
+                    )[1]
+                )
+                for p in self._partitions
+            }
 
 
 def build_recruitment(settings: Settings) -> tuple[Any, Any]:
@@ -98,6 +142,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from concierge.readiness import ProgressLogger
+
+        app.state.starting = True
         if getattr(app.state, "ingest", None) is None:
             from fhir_adapters.service import build_ingestor
             from fhir_adapters.sinks import KafkaSink
@@ -112,7 +159,10 @@ def create_app(
             app.state.recruitment, app.state.identities = build_recruitment(settings)
         if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:
             app.state.surveillance = build_surveillance(settings, app.state.audit)
+        app.state.starting = False
+        progress = ProgressLogger(app).start()
         yield
+        progress.stop()
         if getattr(app.state, "surveillance", None) is not None:
             app.state.surveillance.stop()
         app.state.ingest.ingestor.commit()
@@ -141,6 +191,9 @@ def create_app(
     app.state.settings = settings
     install_problem_details(app)
     install_audit(app)
+    from concierge import readiness
+
+    readiness.install(app)
 
     def get_ingest(request: Request) -> IngestService:
         service: IngestService = request.app.state.ingest
@@ -183,7 +236,7 @@ def create_app(
 
     app.include_router(surveillance_router())
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     def healthz() -> dict[str, Any]:
         return {"ok": True}
 

@@ -54,6 +54,7 @@ def install_problem_details(app: FastAPI) -> None:
             409: "Conflict",
             422: "Unprocessable Content",
             429: "Too Many Requests",
+            503: "Service Unavailable",
         }.get(exc.status_code, "Error")
         if request.url.path.startswith("/fhir"):
             return _operation_outcome(exc.status_code, str(exc.detail), exc)

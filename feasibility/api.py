@@ -22,7 +22,7 @@ from .fhir_group import GroupError, question_from_group
 from .recruitment_funnel import invited_by_state, protect_recruitment, unavailable
 from .render import render
 from .saved import NotYours, TrialCreate, TrialPublic
-from .service import FeasibilityService
+from .service import FeasibilityService, NotCurrent
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,32 @@ def _service(request: Request) -> FeasibilityService:
 Service = Annotated[FeasibilityService, Depends(_service)]
 
 
+def not_current(request: Request, exc: NotCurrent) -> HTTPException:
+    """503 with ``Retry-After``: a view the answer needs is behind or disconnected, and a count
+    from it would look current while it is not."""
+    request.state.audit_detail = {"not_current": exc.waiting_for}
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        {"message": "the data behind this answer is not current", "waiting_for": exc.waiting_for},
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+NOT_CURRENT: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "A view the answer needs is behind, disconnected or inconsistent; "
+        "`detail.waiting_for` says which, `Retry-After` when to ask again"
+    }
+}
+
+
 def _answer(
     request: Request, service: FeasibilityService, question: Question, org: str, kind: str
 ) -> dict[str, Any]:
     try:
         body, audit = service.answer(question, org, kind)
+    except NotCurrent as exc:
+        raise not_current(request, exc) from None
     except BudgetExceeded as exc:
         request.state.audit_detail = {"budget": "exceeded"}
         raise HTTPException(
@@ -119,7 +140,8 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         summary="Ask an ad hoc feasibility question",
         description="Counts of eligible patients (total, per site and region) and the attrition "
         "funnel in criterion order, under disclosure control. Counts one question against the "
-        "sponsor's query budget.",
+        "sponsor's query budget. 503 while the snapshot is behind the facts topic.",
+        responses=NOT_CURRENT,
     )
     def ask(
         request: Request,
@@ -134,6 +156,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         summary="Ask with a definitional FHIR R5 Group as the criteria",
         description="The Group's characteristics become funnel steps (see "
         "feasibility/fhir_group.py for the codes understood); answered like /ask.",
+        responses=NOT_CURRENT,
     )
     def ask_group(
         request: Request,
@@ -162,7 +185,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
 
     @router.get("/status", summary="How current the data behind answers is")
     def feed_status(principal: Sponsor, service: Service) -> dict[str, Any]:
-        return service.as_of()
+        return {**service.as_of(), "views": service.readiness()}
 
     # ------------------------------------------------------------------ saved questions
 
@@ -214,7 +237,10 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         description="Counts under the same disclosure control as ad hoc questions. Reading the "
         "answer of a saved question does not count against the query budget. The "
         "`recruitment` block gives invited patients per invitation state, under the same "
-        "disclosure control (`available: false` when recruitment is not running).",
+        "disclosure control (`available: false` when recruitment is not running). 503 while "
+        "the cohort view or the snapshot is behind, or the snapshot has not reached the "
+        "stream's position.",
+        responses=NOT_CURRENT,
     )
     def live_answer(
         trial_id: str, request: Request, principal: Sponsor, service: Service
@@ -222,10 +248,13 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         record = _get(service, trial_id, principal.org)
         if record.status != "active":
             raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
-        if service.cohorts is None:
-            body, audit = service.answer(record.criteria, principal.org, "saved", charge=False)
-        else:
-            body, audit = service.answer_live(record, principal.org)
+        try:
+            if service.cohorts is None:
+                body, audit = service.answer(record.criteria, principal.org, "saved", charge=False)
+            else:
+                body, audit = service.answer_live(record, principal.org)
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
         block, block_audit = _recruitment_block(request, recruitment_provider, service, trial_id)
         request.state.audit_detail = {
             **audit,

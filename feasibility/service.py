@@ -33,6 +33,29 @@ from .disclosure import (
 log = logging.getLogger(__name__)
 
 
+class NotCurrent(RuntimeError):
+    """A view an answer needs is behind, disconnected or inconsistent with another: answering
+    would give a stale or partial count as if it were current. The API answers 503 with
+    ``Retry-After`` and these reasons instead."""
+
+    def __init__(self, waiting_for: list[str], retry_after: int = 2) -> None:
+        super().__init__("; ".join(waiting_for))
+        self.waiting_for = waiting_for
+        self.retry_after = retry_after
+
+
+def _not_ready(name: str, reader: Any) -> str | None:
+    """Why ``reader`` is not current, or None when it is (a reader that cannot say its
+    readiness is trusted only when it is a static test double without a broker)."""
+    readiness = getattr(reader, "readiness", None)
+    if readiness is None:
+        return None
+    status = readiness()
+    if status.ready:
+        return None
+    return f"{name}: {status.waiting_for or 'not ready'}"
+
+
 def fingerprint(question: Question) -> str:
     return hashlib.sha256(question.to_json().encode()).hexdigest()[:24]
 
@@ -119,6 +142,38 @@ class FeasibilityService:
     saved: Any = None
     cohorts: Any = None
     clock: Any = field(default=lambda: datetime.now(UTC))
+    #: How long a saved answer waits for the snapshot to reach the stream's position.
+    consistency_timeout: float = 5.0
+    #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
+    #: a broker call; None where there is no broker).
+    facts_high_watermarks: Any = None
+
+    def require(self, *views: str) -> None:
+        """Raise :class:`NotCurrent` unless each named view (``facts``, ``cohorts``,
+        ``trials``) is connected and caught up."""
+        readers = {"facts": self.feed, "cohorts": self.cohorts, "trials": self.saved}
+        waiting = [
+            reason
+            for name in views
+            if readers.get(name) is not None
+            and (reason := _not_ready(name, readers[name])) is not None
+        ]
+        if waiting:
+            raise NotCurrent(waiting)
+
+    def _snapshot_past_stream(self) -> dict[int, int] | None:
+        """Wait until the snapshot has read every facts message the cohort view can reflect:
+        the cohort was read before this call, and the worker cannot have processed more than
+        the topic held then, so the high watermarks measured now bound it. Returns them."""
+        if self.facts_high_watermarks is None or self.feed is None:
+            return None
+        try:
+            highs: dict[int, int] = self.facts_high_watermarks()
+        except Exception as exc:
+            raise NotCurrent([f"facts: broker unreachable ({type(exc).__name__})"]) from None
+        if not self.feed.wait_positions(highs, self.consistency_timeout):
+            raise NotCurrent(["facts: the snapshot is catching up with the stream"])
+        return highs
 
     def evaluate(self, question: Question, at: datetime) -> pl.DataFrame:
         with self.lock:
@@ -132,12 +187,21 @@ class FeasibilityService:
         question: Question = trial.criteria
         if self.cohorts is None:
             raise RuntimeError("the live cohort view is not running")
+        self.require("facts", "cohorts", "trials")
         stream_time = self.cohorts.stream_time()
         at = stream_time or self.clock()
         members = self.cohorts.members(trial.id, trial.version)
+        snapshot_at = self._snapshot_past_stream()
         steps = self.evaluate(question, at)
         sets = answer_sets(question, steps)
         with self.lock:
+            known = {r["patient"]: self.snapshot.known(r["patient"]) for r in members}
+            missing = sum(1 for ok in known.values() if not ok)
+            if missing:
+                # The snapshot reached the stream's position, so this cannot be lag: say so
+                # rather than count a cohort the funnel cannot see.
+                log.error("saved answer: %s cohort members are not in the snapshot", missing)
+                raise NotCurrent([f"facts: {missing} cohort members are not in the snapshot yet"])
             ids = {r["patient"]: self.snapshot.patient_id(r["patient"]) for r in members}
         cohort = BitMap(ids.values())
         by_site = {site: BitMap() for site in sets.by_site}
@@ -166,7 +230,12 @@ class FeasibilityService:
             "kind": "saved",
             "evaluated_at": at.isoformat(),
             "index_instant": question.index_instant(at).isoformat(),
-            "as_of": {**self.as_of(), **self.cohorts.status()},
+            "as_of": {
+                **self.as_of(),
+                **self.cohorts.status(),
+                "snapshot_covers_stream": True,
+                "snapshot_reached": snapshot_at,
+            },
             "counts_from": "stream (per event)",
             "funnel_from": "snapshot at the stream's time",
             "stream_and_snapshot_agree": cohort == batch_cohort,
@@ -175,6 +244,16 @@ class FeasibilityService:
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         }
         return body, {"question": fp, "kind": "saved", **audit.to_dict()}
+
+    def readiness(self) -> dict[str, Any]:
+        """Each view's readiness, lag and what it waits for (as ``/readyz`` shows them)."""
+        out: dict[str, Any] = {}
+        for name, reader in (("facts", self.feed), ("cohorts", self.cohorts),
+                             ("trials", self.saved)):  # fmt: skip
+            readiness = getattr(reader, "readiness", None)
+            if readiness is not None:
+                out[name] = readiness().to_dict()
+        return out
 
     def as_of(self) -> dict[str, Any]:
         status = self.feed.status() if self.feed is not None else None
@@ -188,6 +267,7 @@ class FeasibilityService:
                     "facts_messages": status.messages,
                     "lag_messages": status.lag,
                     "caught_up": status.caught_up,
+                    "ready": _not_ready("facts", self.feed) is None,
                 }
             )
         return info
@@ -197,6 +277,7 @@ class FeasibilityService:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The protected answer for ``org``, and an audit detail (counts of rules applied, never
         patient-level)."""
+        self.require("facts")
         if charge:
             self.budget.charge(org)
         started = time.perf_counter()
@@ -221,4 +302,4 @@ class FeasibilityService:
         return body, {"question": fp, "kind": kind, **audit.to_dict()}
 
 
-__all__ = ["FeasibilityService", "answer_sets", "fingerprint"]
+__all__ = ["FeasibilityService", "NotCurrent", "answer_sets", "fingerprint"]

@@ -483,6 +483,10 @@ class ColumnarSnapshot:
         lifetime and across save/load). KeyError for a patient never seen."""
         return self._pids[pseudonym]
 
+    def known(self, pseudonym: str) -> bool:
+        """Whether the snapshot has read any fact of this patient."""
+        return pseudonym in self._pids
+
     def pseudonym_of(self, pid: int) -> str:
         return self._patients[pid]
 

@@ -50,12 +50,21 @@ def migrate(url: str | None) -> None:
     help="Exit once caught up and idle for this many seconds (batch runs and tests).",
 )
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--status-port",
+    type=click.IntRange(0, 65535),
+    default=6067,
+    show_default=True,
+    envvar="CONCIERGE_RECRUITMENT_STATUS_PORT",
+    help="Loopback port of /healthz and /readyz (0: none).",
+)
 def run(
     migrate: bool,
     scheduler: bool,
     batch_size: int | None,
     idle_exit: float | None,
     log_level: str,
+    status_port: int,
 ) -> None:
     """Consume trials, cohorts, facts and reference data; route candidates; notify clinicians."""
     from .consumer import RecruitmentConsumer
@@ -92,9 +101,16 @@ def run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     jobs = start_scheduler(runtime) if scheduler else None
+    status = None
+    if status_port:
+        from infra.status_http import StatusServer
+
+        status = StatusServer(lambda: consumer.readiness().to_dict(), status_port).start()
     try:
         consumer.run(stop, idle_exit=idle_exit)
     finally:
+        if status is not None:
+            status.stop()
         consumer.close()
         if jobs is not None:
             stop_scheduler(jobs)

@@ -1,0 +1,119 @@
+"""Readiness of the API: which views it serves from are current, and what it waits for.
+
+Every view the API answers from is a topic reader (:class:`infra.mirror.TopicMirror` or one
+that reports the same :class:`infra.mirror.ReaderStatus`): the facts snapshot, the saved
+questions, the live cohorts, the signal monitor. ``GET /readyz`` answers 200 only when each of
+them is connected and has caught up; otherwise 503 with ``Retry-After`` and, per view, why not.
+``GET /healthz`` stays the liveness probe (the process answers at all).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait before asking again while a view catches up.
+RETRY_AFTER_SECONDS = 2
+
+
+def readers(app: FastAPI) -> Iterator[tuple[str, Any]]:
+    """``(name, reader)`` for every topic reader this API process runs."""
+    feasibility = getattr(app.state, "feasibility", None)
+    if feasibility is not None:
+        for name in ("feed", "saved", "cohorts"):
+            reader = getattr(feasibility, name, None)
+            if reader is not None:
+                yield {"feed": "facts", "saved": "trials", "cohorts": "cohorts"}[name], reader
+    monitor = getattr(app.state, "surveillance", None)
+    if monitor is not None:
+        yield "signals", monitor
+
+
+def status_of(reader: Any) -> dict[str, Any]:
+    readiness = getattr(reader, "readiness", None)
+    if readiness is None:  # a reader that cannot say is not ready
+        return {"ready": False, "waiting_for": "this reader reports no readiness"}
+    status: dict[str, Any] = readiness().to_dict()
+    return status
+
+
+def report(app: FastAPI) -> tuple[bool, dict[str, Any]]:
+    views = {name: status_of(reader) for name, reader in readers(app)}
+    starting = getattr(app.state, "starting", False)
+    waiting = [f"{name}: {v.get('waiting_for') or 'not ready'}" for name, v in views.items()
+               if not v.get("ready")]  # fmt: skip
+    if starting:
+        waiting.insert(0, "the API is starting")
+    return not waiting, {"ready": not waiting, "waiting_for": waiting, "views": views}
+
+
+def install(app: FastAPI) -> None:
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness: 200 when every view the API answers from has caught up",
+        responses={503: {"description": "Not ready: `waiting_for` says why, per view"}},
+    )
+    def readyz(request: Request) -> Response:
+        ready, body = report(request.app)
+        if ready:
+            return JSONResponse(body)
+        return JSONResponse(
+            body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
+
+
+class ProgressLogger:
+    """Logs each reader's catch-up progress every few seconds until all are ready, then once
+    on every change of readiness (a reader that loses the broker, and its recovery)."""
+
+    def __init__(
+        self, app: FastAPI, every: float = 5.0, out: Callable[[str], None] | None = None
+    ) -> None:
+        self.app = app
+        self.every = every
+        self.out = out or log.info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="readiness-log", daemon=True)
+        self._last: dict[str, bool] = {}
+
+    def start(self) -> ProgressLogger:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        announced = False
+        while not self._stop.wait(self.every if not announced else 1.0):
+            try:
+                ready, body = report(self.app)
+            except Exception as exc:  # never let logging take the API down
+                self.out(f"readiness unknown: {type(exc).__name__}")
+                continue
+            views = body["views"]
+            now = {name: bool(v.get("ready")) for name, v in views.items()}
+            if not announced:
+                if ready:
+                    self.out("ready: every view has caught up")
+                    announced = True
+                else:
+                    self.out("catching up: " + "; ".join(body["waiting_for"]))
+            elif now != self._last:
+                changed = [f"{n} {'ready' if r else 'NOT ready'}" for n, r in now.items()
+                           if self._last.get(n) != r]  # fmt: skip
+                detail = "; ".join(body["waiting_for"]) or "every view has caught up"
+                self.out(f"readiness changed ({', '.join(changed)}): {detail}")
+            self._last = now
+
+
+__all__ = ["RETRY_AFTER_SECONDS", "ProgressLogger", "install", "report"]

@@ -866,7 +866,7 @@ def test_every_synthea_resource_is_accounted_for() -> None:
         assert decode_resource_facts(envelope.to_json()) == envelope
     ingestor.commit()
     before = len(sink(ingestor).published_facts) + len(sink(ingestor).published_references)
-    again = Counter()
+    again: Counter[str] = Counter()
     for path in sample_files():
         again.update(o.status for o in ingestor.ingest_text(path.read_bytes(), path.name))
     assert again["accepted"] == 0

@@ -559,8 +559,8 @@ def test_message_too_large_for_the_broker_is_413_dead_lettered_and_can_be_retrie
 
 
 def test_failed_bundle_publication_is_503_and_a_retry_publishes_all_of_it(api: Api) -> None:
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [entry(patient())]}
-    bundle["entry"] += [entry(observation(f"o{i}")) for i in range(3)]
+    entries = [entry(patient())] + [entry(observation(f"o{i}")) for i in range(3)]
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
     kafka(api).failures = 1
     status, _, headers = api.send("POST", "/fhir", bundle)
     assert (status, headers["retry-after"]) == (503, "5")

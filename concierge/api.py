@@ -150,9 +150,14 @@ def create_app(
             from fhir_adapters.sinks import KafkaSink
 
             sink = KafkaSink(
-                settings.kafka_bootstrap_servers, settings.topic_prefix, {"linger.ms": 1}
+                settings.kafka_bootstrap_servers,
+                settings.topic_prefix,
+                {"linger.ms": 1, "reconnect.backoff.max.ms": 1000},
+                timeout_seconds=settings.ingest_timeout_seconds,
             )
-            app.state.ingest = IngestService(build_ingestor(settings, sink=sink))
+            app.state.ingest = IngestService(
+                build_ingestor(settings, sink=sink), settings.ingest_timeout_seconds
+            )
         if getattr(app.state, "feasibility", None) is None and settings.feasibility_feed:
             app.state.feasibility = build_feasibility(settings)
         if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
@@ -203,7 +208,10 @@ def create_app(
 
     app.include_router(
         build_router(
-            get_ingest, settings.max_resource_bytes * 10, dependencies=[require_role("source")]
+            get_ingest,
+            max_resource_bytes=settings.max_resource_bytes,
+            max_body_bytes=settings.max_body_bytes,
+            dependencies=[require_role("source")],
         )
     )
 

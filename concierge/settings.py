@@ -50,8 +50,13 @@ class Settings(BaseSettings):
     #: ``fast``: checked extraction of every element the product uses; fhir.resources runs only to
     #: explain a rejection. ``full``: fhir.resources validates every resource before extraction.
     validation_mode: Literal["fast", "full"] = "fast"
-    #: Resources larger than this many bytes are dead-lettered.
-    max_resource_bytes: int = 1_000_000
+    #: Resources larger than this many bytes are dead-lettered (and refused with 413 over HTTP).
+    max_resource_bytes: int = Field(default=1_000_000, gt=0)
+    #: The largest body ``POST /fhir`` reads (a Bundle); larger ones are refused with 413.
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    #: How long an ingest request may wait for the broker to acknowledge what it published (and
+    #: for its turn at the one ingestor) before answering 503 with Retry-After.
+    ingest_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # --- feasibility ---
     #: Disclosure-control registry and query budgets (SQLAlchemy URL). Defaults to SQLite.

@@ -13,6 +13,13 @@ notifications). Every resource it is given ends in exactly one of four outcomes,
 Work is done in batches: the resource index is read once per batch, messages are published, the
 producer is flushed (every message acknowledged) and only then is the index committed. A crash in
 between re-publishes the same ``seq`` for the same version on the next run, which consumers ignore.
+
+A failed flush (or any error before the index is committed) *aborts* the batch
+(:meth:`Ingestor.abort`): what the sink still holds is purged, the vault's uncommitted writes are
+rolled back, and nothing of the batch reaches the index, so a retry publishes again. A purged
+message may still have been written by the broker; so that two different envelopes never share a
+(key, seq), the highest seq of each aborted key is kept as a *seq floor* (in the vault, beside the
+index) and the next publication of that key goes above it, whatever its content.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from .facts import (
 from .outcome import Issue, model_class, operation_outcome, validate_with_models
 from .primitives import InvalidElement, parse_instant
 from .pseudonym import Pseudonymiser
-from .sinks import DeadLetter, FactSink
+from .sinks import DEADLETTER_MAX_BYTES, DeadLetter, FactSink
 from .vault import IndexEntry, Vault
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,31 @@ _TYPE_ORDER = {
 }
 
 
+#: A dead letter of something too large keeps this many of its first bytes, with its size and
+#: SHA-256 (never the whole payload).
+EXCERPT_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Excerpt:
+    """A payload too large to keep whole: its first bytes, its size and its SHA-256 (``None``
+    where the payload was refused before it was read whole)."""
+
+    head: bytes
+    size: int | None
+    sha256: str | None
+
+    @classmethod
+    def of(cls, raw: bytes) -> Excerpt:
+        return cls(raw[:EXCERPT_BYTES], len(raw), hashlib.sha256(raw).hexdigest())
+
+    def text(self) -> str:
+        text = self.head[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+        while len(text.encode()) > EXCERPT_BYTES:  # a replacement character is 3 bytes
+            text = text[:-1]
+        return text
+
+
 @dataclass
 class Outcome:
     status: Status
@@ -80,6 +112,8 @@ class Outcome:
     seq: int | None = None
     reason: str | None = None
     outcome: dict[str, Any] | None = None
+    #: An accepted resource the index did not know before (HTTP 201 rather than 200).
+    created: bool = False
 
 
 @dataclass
@@ -197,8 +231,10 @@ def _version_of(resource: Mapping[str, Any]) -> tuple[str | None, str | None]:
     )
 
 
-def _is_older(version: str | None, updated: str | None, entry: IndexEntry) -> bool:
-    """Is the incoming version older than (or the same as) the one indexed?"""
+def _is_older(
+    version: str | None, updated: str | None, entry: IndexEntry, strict: bool = False
+) -> bool:
+    """Is the incoming version older than (or, unless ``strict``, the same as) the one indexed?"""
     if updated and entry.last_updated:
         new = parse_instant(updated, "meta.lastUpdated")
         old = parse_instant(entry.last_updated, "meta.lastUpdated")
@@ -206,8 +242,10 @@ def _is_older(version: str | None, updated: str | None, entry: IndexEntry) -> bo
             return new < old
     if version is not None and entry.version_id is not None:
         if version.isdigit() and entry.version_id.isdigit():
+            if strict:
+                return int(version) < int(entry.version_id)
             return int(version) <= int(entry.version_id)
-        return version == entry.version_id
+        return version == entry.version_id and not strict
     return False
 
 
@@ -237,6 +275,10 @@ class Ingestor:
         self._batch_depth = 0
         self._patients: OrderedDict[str, str] = OrderedDict()
         self._since_commit = 0
+        #: Seq floors read ahead (0: none), and those of batches aborted by this process (kept
+        #: in memory too, in case the vault could not record them).
+        self._floors: dict[str, int] = {}
+        self._burned: dict[str, int] = {}
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -249,6 +291,13 @@ class Ingestor:
         entry = self.vault.get_index([key]).get(key)
         self._prefetched[key] = entry
         return entry
+
+    def _floor(self, key: str) -> int:
+        """The highest seq of this key that may be on the broker without being in the index."""
+        floor = self._floors.get(key)
+        if floor is None:
+            floor = self._floors[key] = self.vault.get_seq_floors([key]).get(key, 0)
+        return max(floor, self._burned.get(key, 0))
 
     def patient_by_key(self, key: str) -> str | None:
         cached = self._patients.get(key)
@@ -270,16 +319,25 @@ class Ingestor:
         missing = [k for k in keys if k not in self._pending and k not in self._prefetched]
         if missing:
             found = self.vault.get_index(missing)
+            floors = self.vault.get_seq_floors(missing)
             for key in missing:
                 self._prefetched[key] = found.get(key)
+                self._floors[key] = floors.get(key, 0)
 
     # --- batching --------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Make everything published so far durable: flush the producer, then the index."""
-        self.sink.flush()
-        self.vault.put_index(self._pending.values())
-        self.vault.commit()
+        """Make everything published so far durable: flush the producer, then the index.
+
+        If either fails the batch is aborted (:meth:`abort`) and the error raised: nothing of
+        it is in the index, so publishing it again is the retry."""
+        try:
+            self.sink.flush()
+            self.vault.put_index(self._pending.values())
+            self.vault.commit()
+        except BaseException:
+            self.abort()
+            raise
         # Forget what was read ahead: another process (the CLI beside the API) may write the
         # same vault, and a key remembered as absent must be looked up again next batch.
         if self._batch_depth:
@@ -287,8 +345,36 @@ class Ingestor:
             self._prefetched.update(self._pending)
         else:
             self._prefetched.clear()
+            self._floors.clear()
         self._pending.clear()
         self._since_commit = 0
+
+    def abort(self) -> None:
+        """Forget everything since the last commit: purge what the sink has not delivered, roll
+        the vault back, leave the index as it was, and record each pending key's seq as its
+        floor (a purged message may have reached the broker: its seq is not used again)."""
+        floors = {key: entry.seq for key, entry in self._pending.items()}
+        for key, seq in floors.items():
+            self._burned[key] = max(seq, self._burned.get(key, 0))
+        self._pending.clear()
+        self._prefetched.clear()
+        self._floors.clear()
+        self._patients.clear()
+        self._since_commit = 0
+        try:
+            discard = getattr(self.sink, "discard", None)
+            if discard is not None:
+                discard()
+        finally:
+            self.vault.rollback()
+            if floors:
+                try:
+                    self.vault.put_seq_floors(floors)
+                    self.vault.commit()
+                except Exception:  # the floors stay in memory (self._burned)
+                    log.exception("could not record %d seq floors in the vault", len(floors))
+                    self.vault.rollback()
+        log.warning("batch aborted: %d resource versions not indexed", len(floors))
 
     def _count(self, outcome: Outcome) -> Outcome:
         self.stats.add(outcome)
@@ -301,21 +387,26 @@ class Ingestor:
 
     def dead_letter(
         self,
-        payload: bytes | str | Mapping[str, Any],
+        payload: bytes | str | Mapping[str, Any] | Excerpt,
         issues: list[Issue],
         origin: str,
         resource_type: str = "(unparsed)",
         resource_id: str | None = None,
     ) -> Outcome:
+        """Send ``payload`` to the dead-letter topic with the reasons. The letter holds the whole
+        payload unless it is an :class:`Excerpt` or the letter would be too large for the topic:
+        then the first :data:`EXCERPT_BYTES` bytes, with the payload's size and SHA-256."""
+        excerpt = payload if isinstance(payload, Excerpt) else None
+        data = b""
         if isinstance(payload, Mapping):
-            raw = orjson.dumps(payload).decode()
+            data = orjson.dumps(payload)
         elif isinstance(payload, bytes):
-            raw = payload.decode("utf-8", errors="replace")
-        else:
+            data = payload
+        elif isinstance(payload, str):
             # A str may hold lone surrogates (not UTF-8, so not JSON): keep what can be kept.
-            raw = payload.encode("utf-8", errors="replace").decode()
+            data = payload.encode("utf-8", errors="replace")
         outcome = operation_outcome(issues)
-        letter = {
+        letter: dict[str, Any] = {
             "schema": "concierge.deadletter/1",
             "received_at": datetime.now(UTC).isoformat(),
             "source": self.source,
@@ -323,9 +414,23 @@ class Ingestor:
             "resource_type": resource_type,
             "resource_id": resource_id,
             "operation_outcome": outcome,
-            "payload": raw,
         }
-        self.sink.dead_letter(DeadLetter(key=origin, value=orjson.dumps(letter)))
+        value = b""
+        if excerpt is None:
+            letter["payload"] = data.decode("utf-8", errors="replace")
+            letter["payload_truncated"] = False
+            letter["payload_bytes"] = len(data)
+            letter["payload_sha256"] = hashlib.sha256(data).hexdigest()
+            value = orjson.dumps(letter)
+            if len(value) > DEADLETTER_MAX_BYTES:
+                excerpt = Excerpt.of(data)
+        if excerpt is not None:
+            letter["payload"] = excerpt.text()
+            letter["payload_truncated"] = True
+            letter["payload_bytes"] = excerpt.size
+            letter["payload_sha256"] = excerpt.sha256
+            value = orjson.dumps(letter)
+        self.sink.dead_letter(DeadLetter(key=origin, value=value))
         log.info(
             "dead-lettered %s from %s: %s",
             resource_type,
@@ -348,11 +453,21 @@ class Ingestor:
         self, text: bytes | str, origin: str, fhir_version: FhirVersion | None = None
     ) -> list[Outcome]:
         """A JSON document: one resource or a Bundle."""
-        size = len(text)
         try:
             document = loads(text)
         except orjson.JSONDecodeError as exc:
             return [self.dead_letter(text, [Issue("structure", f"invalid JSON: {exc}")], origin)]
+        return self.ingest_document(document, text, origin, fhir_version)
+
+    def ingest_document(
+        self,
+        document: Any,
+        text: bytes | str,
+        origin: str,
+        fhir_version: FhirVersion | None = None,
+    ) -> list[Outcome]:
+        """A parsed JSON document (``text`` is what it was parsed from)."""
+        size = len(text)
         if not isinstance(document, dict):
             return [
                 self.dead_letter(
@@ -362,17 +477,21 @@ class Ingestor:
         if document.get("resourceType") == "Bundle":
             return self.ingest_bundle(document, origin, fhir_version)
         if size > self.max_resource_bytes:
-            return [self._oversize(document, size, origin)]
+            raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="replace")
+            return [self._oversize(document, size, origin, raw)]
         return [self.ingest_resource(document, origin, fhir_version)]
 
-    def _oversize(self, resource: Mapping[str, Any], size: int, origin: str) -> Outcome:
+    def _oversize(
+        self, resource: Mapping[str, Any], size: int, origin: str, raw: bytes | None = None
+    ) -> Outcome:
         return self.dead_letter(
-            resource,
+            Excerpt.of(raw if raw is not None else orjson.dumps(resource)),
             [
                 Issue(
                     "too-long",
                     f"resource is {size} bytes; the limit is "
-                    f"{self.max_resource_bytes} (CONCIERGE_MAX_RESOURCE_BYTES)",
+                    f"{self.max_resource_bytes} (CONCIERGE_MAX_RESOURCE_BYTES); the dead letter "
+                    f"holds its first {EXCERPT_BYTES} bytes",
                 )
             ],
             origin,
@@ -487,9 +606,14 @@ class Ingestor:
         version_id, last_updated = _version_of(resource)
         digest = content_hash(resource)
         entry = self._entry(key)
+        floor = self._floor(key)
+        # A seq above the index may be on the broker from an aborted batch, with this content
+        # or other: publish again (above it) rather than call anything unchanged.
+        unresolved = floor > (entry.seq if entry else 0)
         if entry is not None:
-            if digest == entry.content_hash or (
-                entry.has_seen(digest) and not version_id and not last_updated
+            if not unresolved and (
+                digest == entry.content_hash
+                or (entry.has_seen(digest) and not version_id and not last_updated)
             ):
                 return self._count(
                     Outcome(
@@ -501,7 +625,7 @@ class Ingestor:
                         reason="same content already ingested",
                     )
                 )
-            if _is_older(version_id, last_updated, entry):
+            if _is_older(version_id, last_updated, entry, strict=unresolved):
                 return self._count(
                     Outcome(
                         "unchanged",
@@ -512,7 +636,7 @@ class Ingestor:
                         reason="an equal or newer version was already ingested",
                     )
                 )
-        seq = (entry.seq if entry else 0) + 1
+        seq = max(entry.seq if entry else 0, floor) + 1
         patient = extracted.patient
         # A Patient's own logical id can be an identifier at the source (some systems use the
         # NHS number): downstream, a Patient resource is known by its pseudonym only.
@@ -589,6 +713,7 @@ class Ingestor:
                 key,
                 seq,
                 reason="retracted (entered-in-error)" if retract else None,
+                created=entry is None,
             )
         )
 
@@ -607,7 +732,7 @@ class Ingestor:
                     reason="nothing to delete",
                 )
             )
-        seq = entry.seq + 1
+        seq = max(entry.seq, self._floor(key)) + 1
         # A deleted Patient no longer resolves (the index says retracted; the cache must agree).
         self._patients.pop(key, None)
         public_id = entry.patient if rtype == "Patient" and entry.patient else rid
@@ -835,12 +960,13 @@ class Ingestor:
     def _parse_line(self, line: bytes, where: str) -> dict[str, Any] | Outcome:
         if len(line) > self.max_resource_bytes:
             return self.dead_letter(
-                line[:10_000],
+                Excerpt.of(line),
                 [
                     Issue(
                         "too-long",
-                        f"line is {len(line)} bytes; the limit is "
-                        f"{self.max_resource_bytes} (payload truncated to 10 kB)",
+                        f"line is {len(line)} bytes; the limit is {self.max_resource_bytes} "
+                        f"(CONCIERGE_MAX_RESOURCE_BYTES); the dead letter holds its first "
+                        f"{EXCERPT_BYTES} bytes",
                     )
                 ],
                 where,

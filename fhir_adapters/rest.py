@@ -4,42 +4,107 @@ Subscription notifications), ``POST``/``PUT``/``DELETE /fhir/{type}[/{id}]`` for
 Responses are FHIR: created/updated resources answer 201/200 with Location, invalid input answers
 with an OperationOutcome (and is dead-lettered, so nothing is lost), Bundles answer with a
 ``batch-response`` Bundle giving each entry's outcome.
+
+A request is answered only once what it published is on the broker (the producer flushed, every
+delivery acknowledged) and the resource index committed. If publishing fails nothing of the
+request is indexed (:meth:`~fhir_adapters.pipeline.Ingestor.abort`) and the answer says so: 503
+with ``Retry-After`` when the broker is unreachable or slow (within
+``CONCIERGE_INGEST_TIMEOUT_SECONDS``), 413 when a message is larger than the broker accepts.
+Bodies are size-checked before they are parsed: on ``Content-Length`` at once, and while they
+are read (in chunks, never past the limit) when there is none; single resources against
+``CONCIERGE_MAX_RESOURCE_BYTES``, ``POST /fhir`` against ``CONCIERGE_MAX_BODY_BYTES``. The work
+runs on a worker thread, one request at a time, so the event loop keeps serving other routes.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI resolves string annotations against the
 # module globals, so the ``Service`` dependency alias local to build_router would be read as a
 # query parameter and every request would answer 422.
 
+import asyncio
+import math
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Depends, Header, Request, Response
 
 from .extract import FhirVersion
 from .outcome import Issue, operation_outcome
-from .pipeline import Ingestor, Outcome, loads
+from .pipeline import EXCERPT_BYTES, Excerpt, Ingestor, Outcome, loads
+from .sinks import DeliveryFailed
 
 FHIR_JSON = "application/fhir+json"
 
+T = TypeVar("T")
+
+
+class IngestBusy(RuntimeError):
+    """The ingestor did not come free within the ingest timeout."""
+
 
 class IngestService:
-    """One Ingestor shared by the API's requests; each request is committed before answering."""
+    """One Ingestor shared by the API's requests, one request at a time; each request is
+    committed before it is answered, and aborted (nothing indexed) if anything fails."""
 
-    def __init__(self, ingestor: Ingestor) -> None:
+    def __init__(self, ingestor: Ingestor, timeout_seconds: float = 5.0) -> None:
         self.ingestor = ingestor
+        self.timeout_seconds = timeout_seconds
         self._lock = threading.Lock()
+        #: Requests wait their turn on the event loop, not on a worker thread (a thread blocked
+        #: on the lock would hold one of the threadpool's tokens that every sync route needs).
+        self._turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def retry_after(self) -> str:
+        return str(max(1, math.ceil(self.timeout_seconds)))
 
     @contextmanager
-    def session(self) -> Iterator[Ingestor]:
-        with self._lock:
+    def session(self, timeout: float | None = None) -> Iterator[Ingestor]:
+        """The ingestor, committed on leaving; on any error (the commit's included) the batch
+        is aborted and the error raised. ``timeout``: how long to wait for the ingestor."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise IngestBusy(f"the ingestor was busy for {timeout:g} s")
+        try:
             try:
                 yield self.ingestor
-            finally:
-                self.ingestor.commit()
+            except BaseException:
+                self.ingestor.abort()
+                raise
+            self.ingestor.commit()  # aborts the batch itself if it fails
+        finally:
+            self._lock.release()
+
+    async def run(self, work: Callable[[Ingestor], T]) -> T:
+        """``work(ingestor)`` in a session, on a worker thread, after the requests before it."""
+        loop = asyncio.get_running_loop()
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = anyio.Lock()
+        acquired = False
+        with anyio.move_on_after(self.timeout_seconds):
+            await turn.acquire()
+            acquired = True
+        if not acquired:
+            raise IngestBusy(f"the ingestor was busy for {self.timeout_seconds:g} s")
+        try:
+
+            def job() -> T:
+                with self.session(self.timeout_seconds) as ingestor:
+                    return work(ingestor)
+
+            # Not abandoned on cancellation: a request whose client went away still finishes
+            # (and commits or aborts) before the next one starts.
+            return await anyio.to_thread.run_sync(job)
+        finally:
+            turn.release()
 
 
 def _fhir(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
@@ -66,12 +131,15 @@ def _location(outcome: Outcome) -> str:
     return f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.seq}"
 
 
+def _too_long(outcome: Outcome) -> bool:
+    issues = (outcome.outcome or {}).get("issue") or [{}]
+    return outcome.status == "dead_lettered" and issues[0].get("code") == "too-long"
+
+
 def _entry_response(outcome: Outcome) -> dict[str, Any]:
     response: dict[str, Any] = {"status": _STATUS[outcome.status]}
     if outcome.resource_id and outcome.status == "accepted":
-        response["location"] = (
-            f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.seq}"
-        )
+        response["location"] = _location(outcome)
     if outcome.outcome is not None:
         response["outcome"] = outcome.outcome
     elif outcome.reason:
@@ -83,28 +151,131 @@ def _entry_response(outcome: Outcome) -> dict[str, Any]:
 
 def _single(outcome: Outcome) -> Response:
     if outcome.status == "dead_lettered":
-        return _fhir(outcome.outcome or operation_outcome([]), 422)
+        return _fhir(outcome.outcome or operation_outcome([]), 413 if _too_long(outcome) else 422)
     headers = {}
     if outcome.resource_id:
-        headers["Location"] = (
-            f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.seq}"
-        )
+        headers["Location"] = _location(outcome)
     body = operation_outcome(
         [Issue("informational", outcome.reason or f"{outcome.status}", severity="information")]
     )
-    return _fhir(body, 201 if outcome.status == "accepted" and outcome.seq == 1 else 200, headers)
+    return _fhir(body, 201 if outcome.status == "accepted" and outcome.created else 200, headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | Excerpt:
+    """The body, or an :class:`Excerpt` of it if it is larger than ``limit``: refused on its
+    Content-Length before reading more than an excerpt, else as soon as the limit is passed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        head = bytearray()
+        async for chunk in request.stream():
+            head += chunk[: EXCERPT_BYTES - len(head)]
+            if len(head) >= EXCERPT_BYTES:
+                break
+        return Excerpt(bytes(head), int(declared), None)
+    chunks: list[bytes] = []
+    head = bytearray()
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if len(head) < EXCERPT_BYTES:
+            head += chunk[: EXCERPT_BYTES - len(head)]
+        if size > limit:
+            return Excerpt(bytes(head), None, None)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refuse_oversize(
+    ingestor: Ingestor,
+    excerpt: Excerpt,
+    limit: int,
+    setting: str,
+    origin: str,
+    resource_type: str = "(unparsed)",
+    resource_id: str | None = None,
+) -> Response:
+    size = (
+        f"{excerpt.size} bytes (Content-Length)"
+        if excerpt.size is not None
+        else f"more than {limit} bytes"
+    )
+    outcome = ingestor.dead_letter(
+        excerpt,
+        [
+            Issue(
+                "too-long",
+                f"the body is {size}; the limit is {limit} ({setting}); refused unread, "
+                f"the dead letter holds its first {len(excerpt.head)} bytes",
+            )
+        ],
+        origin,
+        resource_type,
+        resource_id,
+    )
+    return _fhir(outcome.outcome or {}, 413)
+
+
+def _unavailable(service: IngestService, diagnostics: str) -> Response:
+    body = operation_outcome([Issue("transient", diagnostics)])
+    return _fhir(body, 503, {"Retry-After": service.retry_after})
+
+
+async def _answer(
+    service: IngestService,
+    work: Callable[[Ingestor], Response],
+    too_large: Callable[[Ingestor], Response] | None = None,
+) -> Response:
+    """Run ``work`` and answer its response once committed; a failed publication answers 503
+    (retry later) or, if a message was too large for the broker, what ``too_large`` answers."""
+    try:
+        return await service.run(work)
+    except IngestBusy as exc:
+        return _unavailable(service, f"ingest is busy ({exc}); nothing was stored: retry")
+    except DeliveryFailed as exc:
+        if exc.kind == "too_large" and too_large is not None:
+            try:
+                return await service.run(too_large)
+            except (IngestBusy, DeliveryFailed) as again:
+                return _unavailable(service, f"nothing was stored ({again}): retry")
+        return _unavailable(
+            service,
+            f"the broker did not acknowledge the publication ({exc}); nothing was stored: retry",
+        )
+
+
+def _too_large_for_broker(
+    body: bytes, origin: str, resource_type: str = "(unparsed)", resource_id: str | None = None
+) -> Callable[[Ingestor], Response]:
+    def refuse(ingestor: Ingestor) -> Response:
+        outcome = ingestor.dead_letter(
+            Excerpt.of(body),
+            [
+                Issue(
+                    "too-long",
+                    "a message made from this request is larger than the broker accepts "
+                    "(the topic's max.message.bytes); nothing of it was stored",
+                )
+            ],
+            origin,
+            resource_type,
+            resource_id,
+        )
+        return _fhir(outcome.outcome or {}, 413)
+
+    return refuse
 
 
 def build_router(
-    get_service: Any, max_body_bytes: int, dependencies: Sequence[Any] = ()
+    get_service: Any,
+    max_resource_bytes: int,
+    max_body_bytes: int,
+    dependencies: Sequence[Any] = (),
 ) -> APIRouter:
     """The ingest endpoint. ``dependencies`` run before every route (the API passes the
-    ``source`` role check: only systems holding a source token may write)."""
+    ``source`` role check: only systems holding a source token may write). Single resources
+    are limited to ``max_resource_bytes``, ``POST /fhir`` bodies to ``max_body_bytes``."""
     router = APIRouter(prefix="/fhir", tags=["FHIR ingest"], dependencies=list(dependencies))
     Service = Annotated[IngestService, Depends(get_service)]
-
-    async def _body(request: Request) -> bytes:
-        return await request.body()
 
     @router.post(
         "",
@@ -114,33 +285,23 @@ def build_router(
     async def post_bundle(
         request: Request, service: Service, content_type: Annotated[str | None, Header()] = None
     ) -> Response:
-        body = await _body(request)
-        with service.session() as ingestor:
-            gaps_before = len(ingestor.stats.gaps)
-            outcomes = ingestor.ingest_text(body, "http:POST /fhir", _version(content_type))
-            gaps = ingestor.stats.gaps[gaps_before:]
-        if (
-            len(outcomes) == 1
-            and outcomes[0].resource_type in ("Bundle", "(unparsed)")
-            and outcomes[0].status == "dead_lettered"
-        ):
-            return _fhir(outcomes[0].outcome or {}, 400)
-        bundle: dict[str, Any] = {
-            "resourceType": "Bundle",
-            "type": "batch-response",
-            "entry": [_entry_response(o) for o in outcomes],
-        }
-        if gaps:
-            bundle["meta"] = {
-                "tag": [
-                    {
-                        "system": "urn:concierge:subscription-gap",
-                        "code": "gap",
-                        "display": orjson.dumps(gaps).decode(),
-                    }
-                ]
-            }
-        return _fhir(bundle, 200)
+        origin = "http:POST /fhir"
+        body = await _read_body(request, max_body_bytes)
+        if isinstance(body, Excerpt):
+            excerpt = body
+            return await _answer(
+                service,
+                lambda ingestor: _refuse_oversize(
+                    ingestor, excerpt, max_body_bytes, "CONCIERGE_MAX_BODY_BYTES", origin
+                ),
+            )
+        raw = body
+        version = _version(content_type)
+        return await _answer(
+            service,
+            lambda ingestor: _post_bundle(ingestor, raw, origin, version),
+            _too_large_for_broker(raw, origin),
+        )
 
     @router.post("/{resource_type}", summary="Create a resource")
     async def create(
@@ -149,10 +310,7 @@ def build_router(
         service: Service,
         content_type: Annotated[str | None, Header()] = None,
     ) -> Response:
-        body = await _body(request)
-        return _ingest_one(
-            service, body, resource_type, None, _version(content_type), max_body_bytes, "POST"
-        )
+        return await _one(request, service, resource_type, None, content_type, "POST")
 
     @router.put("/{resource_type}/{resource_id}", summary="Create or update a resource")
     async def update(
@@ -162,71 +320,127 @@ def build_router(
         service: Service,
         content_type: Annotated[str | None, Header()] = None,
     ) -> Response:
-        body = await _body(request)
-        return _ingest_one(
-            service, body, resource_type, resource_id, _version(content_type), max_body_bytes, "PUT"
+        return await _one(request, service, resource_type, resource_id, content_type, "PUT")
+
+    async def _one(
+        request: Request,
+        service: IngestService,
+        resource_type: str,
+        resource_id: str | None,
+        content_type: str | None,
+        method: str,
+    ) -> Response:
+        origin = f"http:{method} /fhir/{resource_type}" + (f"/{resource_id}" if resource_id else "")
+        body = await _read_body(request, max_resource_bytes)
+        if isinstance(body, Excerpt):
+            excerpt = body
+            return await _answer(
+                service,
+                lambda ingestor: _refuse_oversize(
+                    ingestor,
+                    excerpt,
+                    max_resource_bytes,
+                    "CONCIERGE_MAX_RESOURCE_BYTES",
+                    origin,
+                    resource_type,
+                    resource_id,
+                ),
+            )
+        raw = body
+        version = _version(content_type)
+        return await _answer(
+            service,
+            lambda ingestor: _ingest_one(
+                ingestor, raw, resource_type, resource_id, version, origin
+            ),
+            _too_large_for_broker(raw, origin, resource_type, resource_id),
         )
 
     @router.delete("/{resource_type}/{resource_id}", summary="Delete (retract) a resource")
     async def delete(resource_type: str, resource_id: str, service: Service) -> Response:
-        with service.session() as ingestor:
+        def work(ingestor: Ingestor) -> Response:
             outcome = ingestor.delete(
                 resource_type, resource_id, f"http:DELETE /fhir/{resource_type}/{resource_id}"
             )
-        return _fhir(
-            operation_outcome(
-                [Issue("informational", outcome.reason or "deleted", severity="information")]
-            ),
-            200,
-        )
+            return _fhir(
+                operation_outcome(
+                    [Issue("informational", outcome.reason or "deleted", severity="information")]
+                ),
+                200,
+            )
+
+        return await _answer(service, work)
 
     return router
 
 
+def _post_bundle(
+    ingestor: Ingestor, body: bytes, origin: str, version: FhirVersion | None
+) -> Response:
+    gaps_before = len(ingestor.stats.gaps)
+    try:
+        document = loads(body)
+    except orjson.JSONDecodeError as exc:
+        outcome = ingestor.dead_letter(body, [Issue("structure", f"invalid JSON: {exc}")], origin)
+        return _fhir(outcome.outcome or {}, 400)
+    outcomes = ingestor.ingest_document(document, body, origin, version)
+    gaps = ingestor.stats.gaps[gaps_before:]
+    is_bundle = isinstance(document, dict) and document.get("resourceType") == "Bundle"
+    if len(outcomes) == 1 and outcomes[0].status == "dead_lettered":
+        if outcomes[0].resource_type in ("Bundle", "(unparsed)"):
+            return _fhir(outcomes[0].outcome or {}, 400)
+        if not is_bundle and _too_long(outcomes[0]):
+            return _fhir(outcomes[0].outcome or {}, 413)
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "batch-response",
+        "entry": [_entry_response(o) for o in outcomes],
+    }
+    if gaps:
+        bundle["meta"] = {
+            "tag": [
+                {
+                    "system": "urn:concierge:subscription-gap",
+                    "code": "gap",
+                    "display": orjson.dumps(gaps).decode(),
+                }
+            ]
+        }
+    return _fhir(bundle, 200)
+
+
 def _ingest_one(
-    service: IngestService,
+    ingestor: Ingestor,
     body: bytes,
     resource_type: str,
     resource_id: str | None,
     version: FhirVersion | None,
-    max_body_bytes: int,
-    method: str,
+    origin: str,
 ) -> Response:
-    origin = f"http:{method} /fhir/{resource_type}" + (f"/{resource_id}" if resource_id else "")
-    with service.session() as ingestor:
-        if len(body) > max_body_bytes:
-            outcome = ingestor.dead_letter(
-                body[:10_000],
-                [Issue("too-long", f"body is {len(body)} bytes; the limit is {max_body_bytes}")],
-                origin,
-            )
-            return _fhir(outcome.outcome or {}, 413)
-        try:
-            resource = loads(body)
-        except orjson.JSONDecodeError as exc:
-            outcome = ingestor.dead_letter(
-                body, [Issue("structure", f"invalid JSON: {exc}")], origin
-            )
-            return _fhir(outcome.outcome or {}, 400)
-        problem = None
-        if not isinstance(resource, dict):
-            problem = Issue("structure", "the body must be a FHIR resource (a JSON object)")
-        elif resource.get("resourceType") != resource_type:
-            problem = Issue(
-                "invalid",
-                f"resourceType {resource.get('resourceType')!r} does not "
-                f"match the URL ({resource_type})",
-                "resourceType",
-            )
-        elif resource_id is not None and resource.get("id") != resource_id:
-            problem = Issue(
-                "invalid",
-                f"resource id {resource.get('id')!r} does not match the URL ({resource_id})",
-                f"{resource_type}.id",
-            )
-        if problem is not None:
-            outcome = ingestor.dead_letter(body, [problem], origin, resource_type, resource_id)
-            return _fhir(outcome.outcome or {}, 400)
-        if resource_id is None and "id" not in resource:
-            resource = {**resource, "id": str(uuid.uuid4())}
-        return _single(ingestor.ingest_resource(resource, origin, version))
+    try:
+        resource = loads(body)
+    except orjson.JSONDecodeError as exc:
+        outcome = ingestor.dead_letter(body, [Issue("structure", f"invalid JSON: {exc}")], origin)
+        return _fhir(outcome.outcome or {}, 400)
+    problem = None
+    if not isinstance(resource, dict):
+        problem = Issue("structure", "the body must be a FHIR resource (a JSON object)")
+    elif resource.get("resourceType") != resource_type:
+        problem = Issue(
+            "invalid",
+            f"resourceType {resource.get('resourceType')!r} does not "
+            f"match the URL ({resource_type})",
+            "resourceType",
+        )
+    elif resource_id is not None and resource.get("id") != resource_id:
+        problem = Issue(
+            "invalid",
+            f"resource id {resource.get('id')!r} does not match the URL ({resource_id})",
+            f"{resource_type}.id",
+        )
+    if problem is not None:
+        outcome = ingestor.dead_letter(body, [problem], origin, resource_type, resource_id)
+        return _fhir(outcome.outcome or {}, 400)
+    if resource_id is None and "id" not in resource:
+        resource = {**resource, "id": str(uuid.uuid4())}
+    return _single(ingestor.ingest_resource(resource, origin, version))

@@ -8,7 +8,10 @@ numbers); nothing here is logged. It keeps:
 * ``resource_index``: per resource key its patient, version sequence and content hash, so the
   adapter can drop re-sent versions, order updates, and retract on DELETE;
 * ``reference_summary``: organisations and devices, to resolve sites, regions and device models;
-* ``subscription_state``: the last event number seen per FHIR Subscription, to detect gaps.
+* ``subscription_state``: the last event number seen per FHIR Subscription, to detect gaps;
+* ``seq_floor``: per resource key, the highest ``seq`` published in a batch whose publication
+  failed. Such a message may still have reached the broker, so that ``seq`` is never used again
+  for other content (the resource index itself is left as it was before the failure).
 
 Two implementations behind one small interface: SQLAlchemy (SQLite by default, PostgreSQL in
 production) and an in-memory one for unit tests.
@@ -64,7 +67,10 @@ class Vault(Protocol):
     def get_device(self, key: str) -> DeviceDescription | None: ...
     def subscription_event(self, subscription: str) -> int | None: ...
     def set_subscription_event(self, subscription: str, event: int) -> None: ...
+    def get_seq_floors(self, keys: Iterable[str]) -> dict[str, int]: ...
+    def put_seq_floors(self, floors: dict[str, int]) -> None: ...
     def commit(self) -> None: ...
+    def rollback(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -122,6 +128,13 @@ subscription_state_table = sa.Table(
     metadata,
     sa.Column("subscription", sa.Text, primary_key=True),
     sa.Column("last_event", sa.BigInteger, nullable=False),
+)
+
+seq_floor_table = sa.Table(
+    "seq_floor",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("seq", sa.Integer, nullable=False),
 )
 
 
@@ -312,6 +325,22 @@ class SqlVault:
             "subscription",
         )
 
+    # -- seq floors --
+    def get_seq_floors(self, keys: Iterable[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, int] = {}
+        t = seq_floor_table
+        for start in range(0, len(wanted), self._CHUNK):
+            chunk = wanted[start : start + self._CHUNK]
+            for row in self._conn.execute(sa.select(t).where(t.c.key.in_(chunk))):
+                found[row.key] = int(row.seq)
+        return found
+
+    def put_seq_floors(self, floors: dict[str, int]) -> None:
+        if floors:
+            rows = [{"key": k, "seq": v} for k, v in floors.items()]
+            self._upsert(seq_floor_table, rows, "key")
+
     def _flush_buffers(self) -> None:
         if self._identity_buffer:
             self._upsert(identity_table, list(self._identity_buffer.values()), "pseudonym")
@@ -348,8 +377,12 @@ class SqlVault:
         self.engine.dispose()
 
 
+_ABSENT = object()
+
+
 class MemoryVault:
-    """An in-memory vault for unit tests."""
+    """An in-memory vault for unit tests, transactional like the SQL one: every write is
+    journalled until ``commit``, and ``rollback`` undoes the writes since."""
 
     def __init__(self) -> None:
         self.index: dict[str, IndexEntry] = {}
@@ -358,20 +391,26 @@ class MemoryVault:
         self.orgs: dict[str, OrganizationRecord] = {}
         self.devices: dict[str, DeviceDescription] = {}
         self.subscriptions: dict[str, int] = {}
+        self.seq_floors: dict[str, int] = {}
+        self._journal: list[tuple[dict[str, Any], str, Any]] = []
+
+    def _set(self, table: dict[str, Any], key: str, value: Any) -> None:
+        self._journal.append((table, key, table.get(key, _ABSENT)))
+        table[key] = value
 
     def get_index(self, keys: Iterable[str]) -> dict[str, IndexEntry]:
         return {k: self.index[k] for k in keys if k in self.index}
 
     def put_index(self, entries: Iterable[IndexEntry]) -> None:
         for entry in entries:
-            self.index[entry.key] = entry
+            self._set(self.index, entry.key, entry)
 
     def put_identity(
         self, pseudonym: str, source: str, identity: IdentityRecord, identifier_hashes: list[str]
     ) -> None:
-        self.identity[pseudonym] = {"source": source, **identity.__dict__}
+        self._set(self.identity, pseudonym, {"source": source, **identity.__dict__})
         for h in identifier_hashes:
-            self.identifiers[h] = pseudonym
+            self._set(self.identifiers, h, pseudonym)
 
     def patient_by_identifier(self, identifier_hash: str) -> str | None:
         return self.identifiers.get(identifier_hash)
@@ -380,13 +419,13 @@ class MemoryVault:
         return self.identity.get(pseudonym)
 
     def put_organization(self, key: str, record: OrganizationRecord) -> None:
-        self.orgs[key] = record
+        self._set(self.orgs, key, record)
 
     def get_organization(self, key: str) -> OrganizationRecord | None:
         return self.orgs.get(key)
 
     def put_device(self, key: str, description: DeviceDescription) -> None:
-        self.devices[key] = description
+        self._set(self.devices, key, description)
 
     def get_device(self, key: str) -> DeviceDescription | None:
         return self.devices.get(key)
@@ -395,10 +434,25 @@ class MemoryVault:
         return self.subscriptions.get(subscription)
 
     def set_subscription_event(self, subscription: str, event: int) -> None:
-        self.subscriptions[subscription] = event
+        self._set(self.subscriptions, subscription, event)
+
+    def get_seq_floors(self, keys: Iterable[str]) -> dict[str, int]:
+        return {k: self.seq_floors[k] for k in keys if k in self.seq_floors}
+
+    def put_seq_floors(self, floors: dict[str, int]) -> None:
+        for key, seq in floors.items():
+            self._set(self.seq_floors, key, seq)
 
     def commit(self) -> None:
-        return None
+        self._journal.clear()
+
+    def rollback(self) -> None:
+        for table, key, old in reversed(self._journal):
+            if old is _ABSENT:
+                table.pop(key, None)
+            else:
+                table[key] = old
+        self._journal.clear()
 
     def close(self) -> None:
         return None

@@ -264,7 +264,7 @@ def build_router(
         trial: str | None = None,
         status_: Annotated[str | None, Query(alias="status")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger overflows SQL
     ) -> Page[CandidatePublic]:
         """Your patients who are candidates for a trial (opted-out patients never are)."""
         svc = get_service(request)
@@ -318,7 +318,7 @@ def build_router(
         state: InvitationState | None = None,
         active: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger overflows SQL
     ) -> Page[InvitationPublic]:
         """Your patients' invitations, newest first."""
         svc = get_service(request)

@@ -3,6 +3,7 @@ Subscription gaps, the Synthea samples, and the same flows on a SQLite vault acr
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -13,9 +14,9 @@ import orjson
 import pytest
 
 from fhir_adapters.facts import ObservationFact, ResourceFacts, decode_resource_facts
-from fhir_adapters.pipeline import STATUSES, Ingestor, Outcome
+from fhir_adapters.pipeline import EXCERPT_BYTES, STATUSES, Ingestor, Outcome
 from fhir_adapters.pseudonym import Pseudonymiser
-from fhir_adapters.sinks import DeadLetter, MemorySink
+from fhir_adapters.sinks import DEADLETTER_MAX_BYTES, DeadLetter, DeliveryFailed, MemorySink
 from fhir_adapters.vault import MemoryVault, SqlVault, Vault
 from tests.adapter_helpers import public_key
 from tests.samples import synthea_r4
@@ -282,8 +283,8 @@ def test_oversize_resource_dead_letters() -> None:
     outcome = one(ingestor, big)
     assert outcome.status == "dead_lettered"
     assert outcome.outcome is not None and outcome.outcome["issue"][0]["code"] == "too-long"
-    assert orjson.loads(letter(ingestor)["payload"]) == big
-    # In a Bundle only the oversize entry is dead-lettered.
+    assert_excerpt(letter(ingestor), orjson.dumps(big))
+    # In a Bundle only the oversize entry is dead-lettered, with an excerpt too.
     bundle = {
         "resourceType": "Bundle",
         "type": "collection",
@@ -291,6 +292,32 @@ def test_oversize_resource_dead_letters() -> None:
     }
     statuses = [o.status for o in ingestor.ingest_text(orjson.dumps(bundle), "b")]
     assert statuses == ["dead_lettered", "accepted"]
+    assert_excerpt(letter(ingestor, -1), orjson.dumps(big))
+
+
+def assert_excerpt(body: dict[str, Any], payload: bytes) -> None:
+    """A dead letter of something too large: an excerpt, the size and digest, never all of it."""
+    assert body["payload_truncated"] is True
+    assert len(body["payload"].encode()) <= EXCERPT_BYTES
+    assert payload.startswith(body["payload"].encode()[:100])
+    assert body["payload_bytes"] == len(payload)
+    assert body["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_a_dead_letter_too_large_for_its_topic_holds_an_excerpt() -> None:
+    """Invalid JSON bigger than the dead-letter topic takes (a 50 MB body used to be put in
+    the letter whole, which Kafka refused, so nothing was dead-lettered)."""
+    ingestor = make(max_resource_bytes=10_000_000)
+    garbage = b'{"resourceType": "Patient", ' + b'"x": "' * 400_000
+    one(ingestor, garbage)
+    dead = sink(ingestor).dead_letters[-1]
+    assert len(dead.value) < DEADLETTER_MAX_BYTES
+    assert_excerpt(orjson.loads(dead.value), garbage)
+    small = b"{not json"
+    one(ingestor, small)
+    whole = letter(ingestor)
+    assert (whole["payload"], whole["payload_truncated"]) == (small.decode(), False)
+    assert whole["payload_sha256"] == hashlib.sha256(small).hexdigest()
 
 
 @pytest.mark.parametrize("resource_id", [None, 42, ""])
@@ -439,10 +466,137 @@ def test_commit_flushes_the_sink_before_the_index() -> None:
     assert vault.index == {}  # nothing acknowledged, so nothing indexed
     retry = make(vault)
     again = one(retry, patient())
-    assert (again.status, again.seq) == ("accepted", 1)  # the same seq again: consumers dedupe
+    # Above the seq that may have reached the broker: never the same seq for other content.
+    assert (again.status, again.seq) == ("accepted", 2)
     retry.commit()
     assert sink(retry).flushes == 1
-    assert vault.index[key("Patient", "pat1")].seq == 1
+    assert vault.index[key("Patient", "pat1")].seq == 2
+
+
+class FlakySink(MemorySink):
+    """A sink whose next ``failures`` flushes fail, as Kafka's does when the broker is away."""
+
+    def __init__(self, failures: int = 0, kind: str = "unavailable") -> None:
+        super().__init__()
+        self.failures = failures
+        self.kind = kind
+        self.discards = 0
+
+    def flush(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise DeliveryFailed("broker unavailable", self.kind)  # type: ignore[arg-type]
+        super().flush()
+
+    def discard(self) -> None:
+        self.discards += 1
+        super().discard()
+
+
+def flaky(vault: Vault | None = None) -> tuple[Ingestor, FlakySink]:
+    fake = FlakySink()
+    return Ingestor(vault or MemoryVault(), fake, Pseudonymiser(SECRET), SOURCE), fake
+
+
+def test_a_failed_commit_indexes_nothing_and_the_next_commit_does_not_either() -> None:
+    """Seen: a failed publication stayed pending, the next request's commit indexed it, and
+    re-sending it answered "same content already ingested" though it never reached Kafka."""
+    ingestor, fake = flaky()
+    vault = ingestor.vault
+    assert isinstance(vault, MemoryVault)
+    one(ingestor, patient())
+    ingestor.commit()
+    fake.failures = 1
+    lost = one(ingestor, observation("lost"))
+    assert lost.status == "accepted"
+    with pytest.raises(DeliveryFailed):
+        ingestor.commit()
+    assert fake.discards == 1
+    assert published(ingestor, key("Observation", "lost")) == []  # purged
+    assert key("Observation", "lost") not in vault.index
+    one(ingestor, observation("next"))
+    ingestor.commit()
+    assert key("Observation", "lost") not in vault.index
+    again = one(ingestor, observation("lost"))
+    assert again.status == "accepted", again.reason
+    ingestor.commit()
+    assert vault.index[key("Observation", "lost")].seq == again.seq
+    assert [e.seq for e in published(ingestor, key("Observation", "lost"))] == [again.seq]
+
+
+def test_an_aborted_batch_rolls_the_vault_back() -> None:
+    ingestor, fake = flaky()
+    vault = ingestor.vault
+    assert isinstance(vault, MemoryVault)
+    fake.failures = 1
+    one(ingestor, patient())
+    with pytest.raises(DeliveryFailed):
+        ingestor.commit()
+    assert vault.index == {} and vault.identity == {} and vault.identifiers == {}
+    assert ingestor.patient_by_key(key("Patient", "pat1")) is None
+    outcome = one(ingestor, observation())  # its Patient is not known: nothing was stored
+    assert outcome.status == "dead_lettered"
+
+
+@pytest.mark.parametrize("same_content", [True, False])
+def test_after_an_aborted_batch_a_seq_is_never_reused_for_other_content(
+    tmp_path: Path, same_content: bool
+) -> None:
+    """An aborted message may still have been written by the broker. Its seq is recorded as a
+    floor in the vault (the index untouched), so the next version of that key, whatever its
+    content and whichever process publishes it, goes above it."""
+    url = f"sqlite:///{tmp_path / 'vault.sqlite'}"
+    first, fake = flaky(SqlVault(url))
+    one(first, patient())
+    one(first, observation(value=5.0))
+    first.commit()
+    fake.failures = 1
+    attempt = one(first, observation(value=6.0))
+    assert attempt.seq == 2
+    with pytest.raises(DeliveryFailed):
+        first.commit()
+    first.vault.close()
+    second = make(SqlVault(url))
+    assert second.vault.get_index([key("Observation", "obs1")])[key("Observation", "obs1")].seq == 1
+    retry = one(second, observation(value=6.0 if same_content else 7.0))
+    assert (retry.status, retry.seq) == ("accepted", 3)
+    second.commit()
+    # Resolved: the index is above the floor, so the same content again is unchanged.
+    assert one(second, observation(value=6.0 if same_content else 7.0)).status == "unchanged"
+    second.vault.close()
+
+
+def test_after_an_aborted_batch_the_indexed_content_is_published_again() -> None:
+    """The broker may hold the aborted version: re-sending the indexed one must supersede it,
+    not be dropped as unchanged."""
+    ingestor, fake = flaky()
+    one(ingestor, patient())
+    one(ingestor, observation(value=5.0))
+    ingestor.commit()
+    fake.failures = 1
+    one(ingestor, observation(value=6.0))
+    with pytest.raises(DeliveryFailed):
+        ingestor.commit()
+    back = one(ingestor, observation(value=5.0))
+    assert (back.status, back.seq) == ("accepted", 3)
+    ingestor.commit()
+    assert one(ingestor, observation(value=5.0)).status == "unchanged"
+
+
+def test_an_error_before_the_flush_aborts_too() -> None:
+    """Not only the flush: the index write failing leaves the batch aborted (floors kept)."""
+
+    class BrokenIndex(MemoryVault):
+        def put_index(self, entries: Any) -> None:
+            raise OSError("disk full")
+
+    vault = BrokenIndex()
+    ingestor = make(vault)
+    one(ingestor, patient())
+    with pytest.raises(OSError):
+        ingestor.commit()
+    assert vault.seq_floors == {key("Patient", "pat1"): 1}
+    assert one(ingestor, patient()).seq == 2
 
 
 def test_batches_commit_automatically() -> None:
@@ -529,7 +683,7 @@ def test_ndjson_oversize_line_is_truncated_in_the_dead_letter() -> None:
     line = orjson.dumps(observation(note=[{"text": "y" * 50_000}]))
     [outcome] = list(ingestor.ingest_ndjson_lines([line], "big.ndjson"))
     assert outcome.status == "dead_lettered"
-    assert len(letter(ingestor)["payload"]) == 10_000
+    assert_excerpt(letter(ingestor), line)
 
 
 # --- Subscription notifications -------------------------------------------------------------
@@ -712,7 +866,7 @@ def test_every_synthea_resource_is_accounted_for() -> None:
         assert decode_resource_facts(envelope.to_json()) == envelope
     ingestor.commit()
     before = len(sink(ingestor).published_facts) + len(sink(ingestor).published_references)
-    again = Counter()
+    again: Counter[str] = Counter()
     for path in sample_files():
         again.update(o.status for o in ingestor.ingest_text(path.read_bytes(), path.name))
     assert again["accepted"] == 0

@@ -152,6 +152,13 @@ def _pid(config: BrokerConfig) -> int | None:
     except (OSError, ValueError):
         return None
     try:
+        # A broker started by this very process (tests) becomes a zombie when it exits, and a
+        # zombie still answers kill(0): reap it first, so an exited broker reads as stopped.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return None
+    except ChildProcessError:
+        pass  # not our child: the CLI started it in another process
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None

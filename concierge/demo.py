@@ -487,6 +487,17 @@ def supervise(children: Children, body: Callable[[], int]) -> int:
     return code
 
 
+def demo_population(patients: int, seed: int, as_of: Any) -> Any:
+    """The demo's population: the population's "today" is ``as_of`` (today in the demo, so "in
+    the last year" means what it says), and every patient of 55 and over has implants, so the
+    faulty hip model's signal shows."""
+    from fhir_adapters.synthetic.generator import DENSE_IMPLANT_RATES, GeneratorConfig
+
+    return GeneratorConfig(
+        patients=patients, seed=seed, as_of=as_of, implant_rates=DENSE_IMPLANT_RATES
+    )
+
+
 def _run(
     settings: Any,
     children: Children,
@@ -502,13 +513,7 @@ def _run(
 
     from fhir_adapters.service import build_ingestor
     from fhir_adapters.synthetic.cli import bundle
-    from fhir_adapters.synthetic.generator import (
-        DENSE_IMPLANT_RATES,
-        GeneratorConfig,
-        iter_patients,
-        iter_reference_resources,
-        sites,
-    )
+    from fhir_adapters.synthetic.generator import iter_patients, iter_reference_resources, sites
     from infra.broker import BrokerConfig
     from infra.broker import _pid as broker_pid
     from infra.broker import answers as broker_answers
@@ -587,14 +592,7 @@ def _run(
     click.echo(f"  logs                    {logs}")
     click.echo("")
 
-    # the population's "today" is today, so "in the last year" means what it says
-    # every patient of 55 and over has implants, so the faulty hip model's signal shows
-    config = GeneratorConfig(
-        patients=patients,
-        seed=seed,
-        as_of=date.today(),
-        implant_rates=DENSE_IMPLANT_RATES,
-    )
+    config = demo_population(patients, seed, date.today())
     ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
     reference = list(iter_reference_resources(config))
     ingestor.ingest_bundle(bundle(reference), "demo:reference")

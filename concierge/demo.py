@@ -457,6 +457,11 @@ def demo(
     """Run the product live: broker, worker, API and a synthetic population streaming in."""
     from concierge.settings import get_settings
 
+    if not {"KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"} & set(os.environ):
+        # the local broker the demo starts, on CONCIERGE_BROKER_PORT, is the one to use
+        port = os.environ.get("CONCIERGE_BROKER_PORT", "9092")
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
+        get_settings.cache_clear()
     settings = get_settings()
     children = Children(settings.home / "logs" / "demo-processes.json")
     code = supervise(

@@ -42,9 +42,9 @@ def install_offline_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str =
     title = app.title
     redoc_bundle: list[bytes] = []
 
-    # before the mount, which would otherwise answer every path under STATIC_PATH
-    @app.get(REDOC_JS, include_in_schema=False)
-    def redoc_js(request: Request) -> Response:
+    # Plain routes, as FastAPI's own documentation routes are (named like them), not API
+    # operations. This one comes before the mount, which would answer every path under it.
+    async def redoc_js(request: Request) -> Response:
         if not redoc_bundle:
             text = (STATIC_DIR / "redoc.standalone.js").read_text(encoding="utf-8")
             redoc_bundle.append(text.replace(_REDOC_LOGO, f"{STATIC_PATH}/favicon.png").encode())
@@ -54,14 +54,14 @@ def install_offline_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str =
             headers={"Cache-Control": "public, max-age=3600"},
         )
 
+    app.add_route(REDOC_JS, redoc_js, include_in_schema=False, name="redoc_offline_js")
     app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="docs-static")
 
     def openapi_url(request: Request) -> str:
         root = request.scope.get("root_path", "").rstrip("/")
         return f"{root}{app.openapi_url}"
 
-    @app.get(docs_url, include_in_schema=False)
-    def swagger_ui(request: Request) -> HTMLResponse:
+    async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(
             openapi_url=openapi_url(request),
@@ -73,12 +73,10 @@ def install_offline_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str =
             swagger_ui_parameters={"validatorUrl": None},  # no badge from the online validator
         )
 
-    @app.get(OAUTH2_REDIRECT, include_in_schema=False)
-    def swagger_ui_redirect() -> HTMLResponse:
+    async def swagger_ui_redirect(request: Request) -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get(redoc_url, include_in_schema=False)
-    def redoc(request: Request) -> HTMLResponse:
+    async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "").rstrip("/")
         return get_redoc_html(
             openapi_url=openapi_url(request),
@@ -87,6 +85,12 @@ def install_offline_docs(app: FastAPI, docs_url: str = "/docs", redoc_url: str =
             redoc_favicon_url=f"{root}{STATIC_PATH}/favicon.png",
             with_google_fonts=False,
         )
+
+    app.add_route(docs_url, swagger_ui, include_in_schema=False, name="swagger_ui_html")
+    app.add_route(
+        OAUTH2_REDIRECT, swagger_ui_redirect, include_in_schema=False, name="swagger_ui_redirect"
+    )
+    app.add_route(redoc_url, redoc, include_in_schema=False, name="redoc_html")
 
 
 __all__ = ["STATIC_DIR", "STATIC_PATH", "install_offline_docs"]

@@ -45,9 +45,10 @@ Rules (each is numbered as in the threat-model document):
    publications), and an answer that publishes two or more earlier sets again imports the
    earlier relations among them, so the audit of rule 3 covers both answers together.
    **Repeats are not attacks.** The registry also keeps, per organisation and question
-   fingerprint, the last answer published (cell by cell). A copied cell whose display is what
-   that organisation last saw for that cell of that question tells it nothing new and is no
-   overlap hit (data drifting under a question re-asked or polled live); an answer identical to
+   fingerprint, the last answer published (cell by cell, with the last few displays each cell
+   had before). A copied cell whose display that organisation already saw for that cell of that
+   question tells it nothing new and is no overlap hit (data drifting under a question re-asked
+   or polled live, or its ad hoc and live answers alternating); an answer identical to
    the last one for that organisation and question, made only of earlier publications and copies
    of them, is republished without recording anything (the registry does not grow).
 5. **The funnel** goes through the same rules as the geographical breakdown.
@@ -282,7 +283,7 @@ class ProtectionAudit:
 
     ``overlap_hits`` counts cells whose publication was taken from a *different* earlier set
     (overlap control fired) and whose display is news to the organisation for that question (a
-    copy showing what it last saw for the same cell of the same question is no hit);
+    copy showing what it already saw for the same cell of the same question is no hit);
     ``repeated`` counts cells identical to an earlier publication; ``republished`` says the
     answer was the organisation's last answer to the question again, recorded nothing;
     ``unprotectable`` counts relations or cells that could not be protected further because every
@@ -353,8 +354,9 @@ overlap_events_table = sa.Table(
     sa.Index("ix_dc_overlap_events_org_at", "org", "at"),
 )
 
-# the last answer each organisation got to each question (its cells' displays and the policy):
-# one row per (org, fingerprint), replaced when the answer changes
+# the last answer each organisation got to each question (its cells' displays and the policy,
+# and per cell the last few displays it saw before): one row per (org, fingerprint), replaced
+# when the answer changes
 answers_table = sa.Table(
     "dc_answers",
     metadata,
@@ -363,6 +365,10 @@ answers_table = sa.Table(
     sa.Column("answer", sa.Text, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
 )
+
+#: Displays remembered per cell of a question for an organisation (an ad hoc answer and the
+#: saved question's live answer to the same criteria alternate, each drifting on its own).
+_SEEN_PER_CELL = 8
 
 budget_queries_table = sa.Table(
     "dc_budget_queries",
@@ -1404,14 +1410,15 @@ class _Plan:
         """What the reader sees of every published cell, by name."""
         return {name: self.unit(index).display for name, index in sorted(self.output.items())}
 
-    def audit(self, seen: Mapping[str, str] | None = None) -> ProtectionAudit:
-        """Counts for the audit log. ``seen``: the displays the organisation last got for this
-        question; a copied cell showing the same is a repeat to that reader, not an overlap hit."""
+    def audit(self, seen: Mapping[str, Sequence[str]] | None = None) -> ProtectionAudit:
+        """Counts for the audit log. ``seen``: per cell, the displays the organisation got for
+        this question before; a copied cell showing one of them is a repeat to that reader, not
+        an overlap hit."""
         counts = {k: 0 for k in (_PRIMARY, _SECONDARY, _NEAR, _REPEAT)}
         seen = seen or {}
         for name, index in self.output.items():
             unit = self.unit(index)
-            if unit.origin == _NEAR and seen.get(name) == unit.display:
+            if unit.origin == _NEAR and unit.display in seen.get(name, ()):
                 continue
             if unit.origin in counts:
                 counts[unit.origin] += 1
@@ -1500,12 +1507,19 @@ def protect(
         else:
             # the same question re-asked by the same organisation (polled live, or asked again
             # after the data drifted): what it saw before is no news (see rule 4)
-            shown = {"cells": plan.displays(), "policy": policy.to_dict()}
+            shown: dict[str, Any] = {"cells": plan.displays(), "policy": policy.to_dict()}
             last = used.last_answer(org, fingerprint)
-            seen = last["cells"] if last is not None and last["policy"] == shown["policy"] else None
+            seen: dict[str, list[str]] = {}
+            if last is not None and last.get("policy") == shown["policy"]:
+                seen = {k: list(v) for k, v in last.get("seen", {}).items()}
+                for name, display in last["cells"].items():
+                    seen.setdefault(name, [])
+                    if display not in seen[name]:
+                        seen[name] = [*seen[name], display][-_SEEN_PER_CELL:]
             audit = plan.audit(seen)
             rows, relations = plan.publications()
-            unchanged = last == shown
+            unchanged = last is not None and {k: last.get(k) for k in shown} == shown
+            shown["seen"] = seen
             if unchanged and all(row.copied_from is not None for row in rows):
                 # every set is an earlier publication or a copy of one, and the reader sees
                 # exactly what it saw: nothing to record, nothing learnt

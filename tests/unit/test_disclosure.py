@@ -916,3 +916,29 @@ def test_the_last_answer_per_question_survives_a_restart(tmp_path: Path) -> None
     again, audit = protect(drifted(5), policy, reopened, "Demo Pharma", "t2dm")
     assert again == first and not audit.overlap_fired and len(reopened) == size
     reopened.close()
+
+
+def test_an_ad_hoc_and_a_live_answer_to_the_same_question_alternating_are_no_hits() -> None:
+    """The demo asks its question ad hoc, then polls it as a saved question: two answers to one
+    fingerprint (snapshot and stream), each drifting on its own. Neither counts as differencing
+    once the sponsor has seen its values."""
+    registry, budget = budget_and_registry()
+    policy = DisclosurePolicy()
+
+    def live(i: int) -> AnswerSets:  # the stream's view: ten fewer at A, so published fresh
+        sets = drifted(i)
+        fewer = BitMap(range(40, 50))
+        by_site = dict(sets.by_site, A=sets.by_site["A"] - fewer)
+        by_region = dict(sets.by_region, North=by_site["A"])
+        cohort = sets.cohort - fewer
+        return AnswerSets(cohort, by_site, sets.site_region, by_region, simple_funnel(cohort))
+
+    first_ad_hoc, _ = protect(drifted(0), policy, registry, "Demo Pharma", "t2dm")
+    first_live, _ = protect(live(0), policy, registry, "Demo Pharma", "t2dm")
+    assert first_live != first_ad_hoc
+    for i in range(1, 51):
+        ad_hoc, audit = protect(drifted(i), policy, registry, "Demo Pharma", "t2dm")
+        assert ad_hoc == first_ad_hoc and not audit.overlap_fired
+        again, audit = protect(live(i), policy, registry, "Demo Pharma", "t2dm")
+        assert again == first_live and not audit.overlap_fired
+    assert budget.overlap_fires("Demo Pharma") == 0

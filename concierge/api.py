@@ -185,7 +185,12 @@ def create_app(
         summary="Clinical trial feasibility and recruitment concierge with a streaming "
         "device-safety surveillance core.",
         lifespan=lifespan,
+        docs_url=None,  # served from installed files instead of a CDN (concierge.docs_offline)
+        redoc_url=None,
     )
+    from concierge.docs_offline import install_offline_docs
+
+    install_offline_docs(app)
     app.state.ingest = ingest_service
     app.state.feasibility = feasibility
     app.state.recruitment = recruitment

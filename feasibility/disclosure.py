@@ -44,6 +44,13 @@ Rules (each is numbered as in the threat-model document):
    (in cell order) is withheld. The registry also records each answer's relations (between
    publications), and an answer that publishes two or more earlier sets again imports the
    earlier relations among them, so the audit of rule 3 covers both answers together.
+   **Repeats are not attacks.** The registry also keeps, per organisation and question
+   fingerprint, the last answer published (cell by cell, with the last few displays each cell
+   had before). A copied cell whose display that organisation already saw for that cell of that
+   question tells it nothing new and is no overlap hit (data drifting under a question re-asked
+   or polled live, or its ad hoc and live answers alternating); an answer identical to
+   the last one for that organisation and question, made only of earlier publications and copies
+   of them, is republished without recording anything (the registry does not grow).
 5. **The funnel** goes through the same rules as the geographical breakdown.
 6. **Determinism.** No noise: the same sets and the same registry state give the same output, and
    a repeated question gets the identical answer, so averaging repeats gains nothing.
@@ -66,7 +73,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from itertools import combinations
@@ -275,7 +282,10 @@ class ProtectionAudit:
     """Bookkeeping for the audit log only, never for the sponsor. Counts are of published cells.
 
     ``overlap_hits`` counts cells whose publication was taken from a *different* earlier set
-    (overlap control fired); ``repeated`` counts cells identical to an earlier publication;
+    (overlap control fired) and whose display is news to the organisation for that question (a
+    copy showing what it already saw for the same cell of the same question is no hit);
+    ``repeated`` counts cells identical to an earlier publication; ``republished`` says the
+    answer was the organisation's last answer to the question again, recorded nothing;
     ``unprotectable`` counts relations or cells that could not be protected further because every
     remaining candidate had been published before (the information was already out)."""
 
@@ -285,6 +295,7 @@ class ProtectionAudit:
     overlap_hits: int = 0
     repeated: int = 0
     unprotectable: int = 0
+    republished: bool = False
 
     @property
     def overlap_fired(self) -> bool:
@@ -298,6 +309,7 @@ class ProtectionAudit:
             "overlap_hits": self.overlap_hits,
             "repeated": self.repeated,
             "unprotectable": self.unprotectable,
+            "republished": self.republished,
         }
 
 
@@ -341,6 +353,22 @@ overlap_events_table = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     sa.Index("ix_dc_overlap_events_org_at", "org", "at"),
 )
+
+# the last answer each organisation got to each question (its cells' displays and the policy,
+# and per cell the last few displays it saw before): one row per (org, fingerprint), replaced
+# when the answer changes
+answers_table = sa.Table(
+    "dc_answers",
+    metadata,
+    sa.Column("org", sa.Text, primary_key=True),
+    sa.Column("fingerprint", sa.Text, primary_key=True),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+#: Displays remembered per cell of a question for an organisation (an ad hoc answer and the
+#: saved question's live answer to the same criteria alternate, each drifting on its own).
+_SEEN_PER_CELL = 8
 
 budget_queries_table = sa.Table(
     "dc_budget_queries",
@@ -506,6 +534,15 @@ class PublicationRegistry:
         chosen = best.get(True) or best.get(False)
         return None if chosen is None else _Match(False, chosen[2], chosen[0])
 
+    def last_answer(self, org: str, fingerprint: str) -> dict[str, Any] | None:
+        """The last answer published to ``org`` for the question ``fingerprint`` (as given to
+        :meth:`record`), or None."""
+        t = answers_table
+        query = sa.select(t.c.answer).where(t.c.org == org, t.c.fingerprint == fingerprint)
+        with self.lock, self.engine.connect() as conn:
+            found = conn.execute(query).scalar()
+        return None if found is None else dict(json.loads(found))
+
     def record(
         self,
         rows: Sequence[_NewPublication],
@@ -513,10 +550,12 @@ class PublicationRegistry:
         fingerprint: str,
         overlap_hits: int,
         relations: Sequence[tuple[_Ref, Sequence[_Ref]]] = (),
+        answer: Mapping[str, Any] | None = None,
     ) -> None:
         """Record one answer's new publications, the relations between its publications (a
-        reference is an existing publication id, or ``("new", i)`` for ``rows[i]``), and an
-        overlap event, in one transaction."""
+        reference is an existing publication id, or ``("new", i)`` for ``rows[i]``), an overlap
+        event, and (when given) ``answer`` as the last one ``org`` got for ``fingerprint``, in
+        one transaction."""
         t = publications_table
         now = self.clock()
         created = datetime.fromtimestamp(now, UTC)
@@ -573,6 +612,17 @@ class PublicationRegistry:
                 conn.execute(
                     overlap_events_table.insert().values(
                         org=org, fingerprint=fingerprint, hits=overlap_hits, at=now
+                    )
+                )
+            if answer is not None:
+                a = answers_table
+                conn.execute(a.delete().where(a.c.org == org, a.c.fingerprint == fingerprint))
+                conn.execute(
+                    a.insert().values(
+                        org=org,
+                        fingerprint=fingerprint,
+                        answer=json.dumps(answer, sort_keys=True),
+                        at=now,
                     )
                 )
         for entry in entries:
@@ -1356,12 +1406,22 @@ class _Plan:
                 relations.append((refs[parent_uid], children))
         return rows, relations
 
-    def audit(self) -> ProtectionAudit:
+    def displays(self) -> dict[str, str]:
+        """What the reader sees of every published cell, by name."""
+        return {name: self.unit(index).display for name, index in sorted(self.output.items())}
+
+    def audit(self, seen: Mapping[str, Sequence[str]] | None = None) -> ProtectionAudit:
+        """Counts for the audit log. ``seen``: per cell, the displays the organisation got for
+        this question before; a copied cell showing one of them is a repeat to that reader, not
+        an overlap hit."""
         counts = {k: 0 for k in (_PRIMARY, _SECONDARY, _NEAR, _REPEAT)}
-        for index in self.output.values():
-            origin = self.unit(index).origin
-            if origin in counts:
-                counts[origin] += 1
+        seen = seen or {}
+        for name, index in self.output.items():
+            unit = self.unit(index)
+            if unit.origin == _NEAR and unit.display in seen.get(name, ()):
+                continue
+            if unit.origin in counts:
+                counts[unit.origin] += 1
         return ProtectionAudit(
             cells=len(self.output),
             primary_suppressed=counts[_PRIMARY],
@@ -1442,10 +1502,39 @@ def protect(
         else:
             plan.initialise(lambda bits: None)
         plan.solve()
-        audit = plan.audit()
-        if used is not None:
+        if used is None:
+            audit = plan.audit()
+        else:
+            # the same question re-asked by the same organisation (polled live, or asked again
+            # after the data drifted): what it saw before is no news (see rule 4)
+            shown: dict[str, Any] = {"cells": plan.displays(), "policy": policy.to_dict()}
+            last = used.last_answer(org, fingerprint)
+            seen: dict[str, list[str]] = {}
+            if last is not None and last.get("policy") == shown["policy"]:
+                seen = {k: list(v) for k, v in last.get("seen", {}).items()}
+                for name, display in last["cells"].items():
+                    seen.setdefault(name, [])
+                    if display not in seen[name]:
+                        seen[name] = [*seen[name], display][-_SEEN_PER_CELL:]
+            audit = plan.audit(seen)
             rows, relations = plan.publications()
-            used.record(rows, org, fingerprint, audit.overlap_hits, relations)
+            unchanged = last is not None and {k: last.get(k) for k in shown} == shown
+            shown["seen"] = seen
+            if unchanged and all(row.copied_from is not None for row in rows):
+                # every set is an earlier publication or a copy of one, and the reader sees
+                # exactly what it saw: nothing to record, nothing learnt
+                audit = replace(audit, republished=True)
+            else:
+                # sets published fresh (as after a restart renumbered the patients) are recorded
+                # even when their displays are unchanged: later neighbours must find them
+                used.record(
+                    rows,
+                    org,
+                    fingerprint,
+                    audit.overlap_hits,
+                    relations,
+                    answer=None if unchanged else shown,
+                )
 
     funnel: list[dict[str, Any]] = []
     for i, step in enumerate(answer.funnel):

@@ -61,7 +61,12 @@ class OutboxWriter:
         self.email = email
         self.webhook = webhook
 
+    def page_link(self) -> str:
+        """The clinician page, where a clinician signs in and acts on their invitations."""
+        return f"{self.base_url}/clinician"
+
     def invitation_link(self, invitation_id: str) -> str:
+        """The invitation in the clinician API (for programs, in webhook payloads)."""
         return f"{self.base_url}/v1/clinician/invitations/{invitation_id}"
 
     def inbox_link(self) -> str:
@@ -69,7 +74,7 @@ class OutboxWriter:
 
     def alert(self, session: Session, invitation: Invitation, trial: Trial, now: datetime) -> int:
         """The immediate alert for a new candidate; returns how many channels it was queued on."""
-        link = self.invitation_link(invitation.id)
+        link = self.page_link()
         title = f"{trial.title} ({trial.id})" if trial.title else trial.id
         subject = f"Trial candidate to review: {trial.id}"
         body = (
@@ -86,6 +91,7 @@ class OutboxWriter:
             "trial": trial.id,
             "site": invitation.site,
             "link": link,
+            "api": self.invitation_link(invitation.id),
         }
         return self._enqueue(
             session,
@@ -100,7 +106,7 @@ class OutboxWriter:
         )
 
     def reminder(self, session: Session, invitation: Invitation, now: datetime) -> int:
-        link = self.invitation_link(invitation.id)
+        link = self.page_link()
         waiting = (now - invitation.state_changed_at).days
         subject = f"Reminder: trial candidate awaiting your review ({invitation.trial_id})"
         body = (
@@ -110,7 +116,12 @@ class OutboxWriter:
             f"Review it here: {link}\n\n"
             "This message contains no patient details; sign in to see who it concerns.\n"
         )
-        payload = {"invitation": invitation.id, "trial": invitation.trial_id, "link": link}
+        payload = {
+            "invitation": invitation.id,
+            "trial": invitation.trial_id,
+            "link": link,
+            "api": self.invitation_link(invitation.id),
+        }
         return self._enqueue(
             session,
             kind="reminder",
@@ -138,10 +149,15 @@ class OutboxWriter:
         body = (
             f"Your open trial invitations on {day.isoformat()}:\n\n"
             + "\n".join(lines)
-            + f"\n\nSee them here: {self.inbox_link()}\n\n"
+            + f"\n\nSee them here: {self.page_link()}\n\n"
             "This message contains no patient details; sign in to see who they concern.\n"
         )
-        payload = {"day": day.isoformat(), "counts": dict(counts), "link": self.inbox_link()}
+        payload = {
+            "day": day.isoformat(),
+            "counts": dict(counts),
+            "link": self.page_link(),
+            "api": self.inbox_link(),
+        }
         return self._enqueue(
             session,
             kind="digest",

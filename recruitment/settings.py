@@ -11,14 +11,30 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from concierge.settings import get_settings
 
 
+def _default_public_url() -> str:
+    """The API as this machine reaches it: its host (loopback for a wildcard bind) and port."""
+    settings = get_settings()
+    host = settings.api_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api_port}"
+
+
 class RecruitmentSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONCIERGE_RECRUITMENT_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CONCIERGE_RECRUITMENT_",
+        extra="ignore",
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
 
     #: The recruitment database (SQLAlchemy URL); SQLite under ``CONCIERGE_HOME`` by default.
     url: str | None = None
@@ -42,8 +58,14 @@ class RecruitmentSettings(BaseSettings):
     batch_size: int = Field(default=500, ge=1)
 
     # --- notifications ---
-    #: Links in notifications point here; the clinician opens the app to see who the patient is.
-    app_base_url: str = "http://127.0.0.1:8000"
+    #: The public address of the API that links in notifications point to (the clinician page,
+    #: ``/clinician``, where the clinician signs in to see who the patient is).
+    #: ``CONCIERGE_PUBLIC_URL`` (or ``CONCIERGE_RECRUITMENT_APP_BASE_URL``); by default the API's
+    #: own host and port (``CONCIERGE_API_HOST``, ``CONCIERGE_API_PORT``).
+    app_base_url: str = Field(
+        default_factory=_default_public_url,
+        validation_alias=AliasChoices("CONCIERGE_PUBLIC_URL", "CONCIERGE_RECRUITMENT_APP_BASE_URL"),
+    )
     email_enabled: bool = True
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25

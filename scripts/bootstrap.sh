@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for this project: a virtualenv with the project and its test tools.
-# Idempotent and quiet when there is nothing to do. Sourced by scripts/test.sh and scripts/demo.sh.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-python=${PYTHON:-python3.11}
-command -v "$python" >/dev/null 2>&1 || python=python3
-for tool in java mvn; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "bootstrap: $tool is missing; installing it from Debian's packages" >&2
-    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+# Idempotent and quiet when there is nothing to do. Sourced by scripts/test.sh, scripts/demo.sh
+# and benchmarks/run.sh, or by hand (`source scripts/bootstrap.sh`): the work runs in a subshell
+# with `set -euo pipefail`, so the caller's shell keeps its own options and directory, and a
+# failure returns non-zero instead of closing an interactive shell. Only PATH changes: the
+# project's .venv/bin comes first.
+_concierge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+(
+  set -euo pipefail
+  cd "$_concierge_root"
+  python=${PYTHON:-python3.11}
+  command -v "$python" >/dev/null 2>&1 || python=python3
+  for tool in java mvn; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      echo "bootstrap: $tool is missing; installing it from Debian's packages" >&2
+      apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+    fi
+  done
+  stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+  if [ ! -f "$stamp" ]; then
+    echo "bootstrap: creating .venv and installing the project (first run takes a minute or two)" >&2
+    "$python" -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[dev]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
   fi
-done
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ]; then
-  echo "bootstrap: creating .venv and installing the project (first run takes a minute or two)" >&2
-  "$python" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
-  rm -f .venv/.installed-*
-  touch "$stamp"
+)
+_concierge_status=$?
+if [ "$_concierge_status" = 0 ]; then
+  export PATH="$_concierge_root/.venv/bin:$PATH"
 fi
-export PATH="$root/.venv/bin:$PATH"
+unset _concierge_root
+# `return` when sourced, `exit` when run as a script
+return "$_concierge_status" 2>/dev/null || exit "$_concierge_status"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The demo on a fresh machine: broker, topics, stream worker, API and a synthetic population
-# streaming in live. Prints the URLs to open; Ctrl-C stops everything.
+# streaming in live. Prints the URLs to open; Ctrl-C (or SIGTERM/SIGHUP) stops everything.
 # Options go to `concierge demo` (see `concierge demo --help`), e.g. scripts/demo.sh --patients 5000
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/bootstrap.sh
 export CONCIERGE_HOME="${CONCIERGE_HOME:-$root/var/demo-home}"
+# exec: this shell becomes the demo, so every signal sent to this script's pid reaches it
 exec concierge demo "$@"

@@ -99,3 +99,54 @@ def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_
     for port in (api_port, dashboard_port):  # everything the demo started is stopped again
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_sigterm_stops_every_process_the_demo_started(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """``kill -TERM`` of a running demo (as an operator, a service manager or scripts/soak.sh
+    would) stops the worker, API, recruitment service, SMTP server and dashboard, not just the
+    demo itself."""
+    import signal
+    import time
+
+    api_port, worker_port, dashboard_port = free_port(), free_port(), free_port()
+    home = tmp_path / "home"
+    env = _env(
+        kafka_bootstrap,
+        topic_prefix,
+        home,
+        CONCIERGE_API_PORT=str(api_port),
+        CONCIERGE_WORKER_WEB_PORT=str(worker_port),
+        CONCIERGE_DASHBOARD_PORT=str(dashboard_port),
+    )
+    output = tmp_path / "demo.out"
+    with output.open("wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "concierge", "demo", "--patients", "120", "--rate", "40"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "the stream holds" not in output.read_text(errors="replace"):
+            assert demo.poll() is None, output.read_text(errors="replace")
+            assert time.monotonic() < deadline, output.read_text(errors="replace")
+            time.sleep(1)
+        roles = json.loads((home / "logs" / "demo-processes.json").read_text())["roles"]
+        assert {"worker", "api", "recruitment", "dashboard", "smtp"} <= set(roles)
+        pids = [info["pid"] for info in roles.values() if info.get("owned", True)]
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 0, output.read_text(errors="replace")
+        assert "stopping (SIGTERM)" in output.read_text(errors="replace")
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        for port in (api_port, worker_port, dashboard_port):
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)

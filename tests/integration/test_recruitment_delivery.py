@@ -123,7 +123,8 @@ def test_alert_by_smtp_after_a_temporary_refusal(
             assert message["Message-ID"] == f"<{outbox_id}@concierge.recruitment>"
             assert message[ID_HEADER] == outbox_id
             body = message.get_payload(decode=True).decode()
-            assert f"https://concierge.example/v1/clinician/invitations/{invitation}" in body
+            assert "Review it here: https://concierge.example/clinician" in body  # the page
+            assert invitation in body
             everything = message.as_string()
             assert PATIENT not in everything and PATIENT[2:12] not in everything
             state, rows = _state(runtime)
@@ -222,9 +223,9 @@ def test_alert_by_signed_webhook_after_a_server_error(
             assert payload["schema"] == "concierge.notification/1"
             assert payload["kind"] == "alert" and payload["invitation"] == invitation
             assert payload["practitioner"] == practitioner_key("gp1")
+            assert payload["link"] == "https://concierge.example/clinician"  # the page
             assert (
-                payload["link"]
-                == f"https://concierge.example/v1/clinician/invitations/{invitation}"
+                payload["api"] == f"https://concierge.example/v1/clinician/invitations/{invitation}"
             )
             assert headers[ID_HEADER] == payload["id"]
             assert PATIENT not in body.decode()

@@ -190,8 +190,18 @@ MATRIX: dict[tuple[str, str], Rule] = {
 }
 
 
-#: FastAPI's own documentation routes: not part of the product's API surface.
-DOCS_ROUTES = frozenset({"openapi", "swagger_ui_html", "swagger_ui_redirect", "redoc_html"})
+#: The documentation routes (FastAPI's, served offline by concierge.docs_offline, with their
+#: static files): not part of the product's API surface.
+DOCS_ROUTES = frozenset(
+    {
+        "openapi",
+        "swagger_ui_html",
+        "swagger_ui_redirect",
+        "redoc_html",
+        "redoc_offline_js",
+        "docs-static",
+    }
+)
 
 
 def app_routes(app: FastAPI) -> set[tuple[str, str]]:

@@ -715,6 +715,7 @@ def test_audit_counts_are_for_the_audit_log() -> None:
         "overlap_hits": 0,
         "repeated": 0,
         "unprotectable": 0,
+        "republished": False,
     }
     assert not audit.overlap_fired
 
@@ -819,3 +820,125 @@ def test_budget_exceeded_is_an_exception_with_an_int() -> None:
     exc = BudgetExceeded(42)
     assert exc.retry_after_seconds == 42 and "42" in str(exc)
     assert isinstance(LockedOut(10), BudgetExceeded)
+
+
+# --------------------------------------------- rule 4 and rule 7: repeats are not attacks
+
+
+def drifted(i: int) -> AnswerSets:
+    """The cohort of :func:`answer` with sites A 50, C 40, D 30, after ``i`` polls of a live
+    question whose data drifts without the published answer changing: one patient of A has left
+    the cohort and one newcomer (id 500 + i) has joined A, so every set of the answer is a new
+    set, two patients from the first poll's."""
+    base = answer({"A": ("North", 50), "C": ("South", 40), "D": ("South", 30)})
+    if i == 0:
+        return base
+    site_a = (base.by_site["A"] - BitMap([i % 50])) | BitMap([500 + i])
+    cohort = (base.cohort - BitMap([i % 50])) | BitMap([500 + i])
+    by_site = dict(base.by_site, A=site_a)
+    by_region = dict(base.by_region, North=site_a)
+    return AnswerSets(cohort, by_site, base.site_region, by_region, simple_funnel(cohort))
+
+
+def budget_and_registry(lockout_after: int = 20) -> tuple[PublicationRegistry, QueryBudget]:
+    clock = Clock()
+    registry = PublicationRegistry("sqlite://", clock=clock)
+    budget = QueryBudget(registry.engine, max_queries=999, lockout_after=lockout_after, clock=clock)
+    return registry, budget
+
+
+@pytest.mark.parametrize("kind", ["saved (the data drifts)", "ad hoc (the same sets)"])
+def test_a_hundred_repeats_of_an_unchanged_answer_are_no_overlap_hits(kind: str) -> None:
+    """The demo polls its saved question every 5 s: re-asking a question whose published answer
+    has not changed tells the sponsor nothing new, so it is neither an overlap hit (which would
+    lock the sponsor out after 20) nor a reason to grow the registry."""
+    registry, budget = budget_and_registry()
+    policy = DisclosurePolicy()
+    first, audit = protect(drifted(0), policy, registry, "Demo Pharma", "t2dm")
+    assert audit.overlap_hits == 0
+    size = len(registry)
+    drifting = kind.startswith("saved")
+    for i in range(1, 101):
+        sets = drifted(i) if drifting else drifted(0)
+        again, audit = protect(sets, policy, registry, "Demo Pharma", "t2dm")
+        assert again == first
+        assert audit.overlap_hits == 0 and not audit.overlap_fired and audit.republished
+        budget.charge("Demo Pharma")  # not locked out
+    assert budget.overlap_fires("Demo Pharma") == 0
+    assert len(registry) == size
+
+
+def test_a_genuinely_different_overlapping_set_is_still_a_hit() -> None:
+    """The same drifted sets asked as another question, or by another organisation, are the
+    differencing attack: overlap control fires and counts towards the lockout."""
+    registry, budget = budget_and_registry(lockout_after=2)
+    policy = DisclosurePolicy()
+    first, _ = protect(drifted(0), policy, registry, "Acme", "q0")
+    for k in (1, 2, 3):  # another question each time, two patients away from the first
+        budget.charge("Acme")
+        near, audit = protect(drifted(k), policy, registry, "Acme", f"q{k}")
+        assert near.total == first.total  # the copied publication
+        assert audit.overlap_fired
+    with pytest.raises(LockedOut):
+        budget.charge("Acme")
+    # another organisation asking the first question's drifted sets: also a hit
+    _, audit = protect(drifted(7), policy, registry, "Rival", "q0")
+    assert audit.overlap_fired
+
+
+def test_a_changed_answer_to_the_same_question_counts_only_news() -> None:
+    """When a re-asked question's answer changes (a site crossed the threshold), the cells copied
+    from neighbours whose value the sponsor already saw for that cell are no hits; the answer is
+    recorded again, so the next identical repeat is a repeat."""
+    registry, _ = budget_and_registry()
+    policy = DisclosurePolicy(rounding=1)
+    sites = {"A": ("North", 50), "C": ("South", 40), "D": ("South", 30)}
+    first, _ = protect(answer(sites), policy, registry, "Acme", "q")
+    # a new site E with 12 patients appears (ids 120..132): a changed answer; every old cell is
+    # the same set as before or (the funnel's failed) 12 away, so fresh
+    grown = answer(dict(sites, E=("South", 12)))
+    second, audit = protect(grown, policy, registry, "Acme", "q")
+    assert second != first and shown(second.by_site["E"]) == 12
+    assert audit.overlap_hits == 0
+    size = len(registry)
+    third, audit = protect(grown, policy, registry, "Acme", "q")
+    assert third == second and audit.repeated == audit.cells - 2 and len(registry) == size
+
+
+def test_the_last_answer_per_question_survives_a_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'dc.sqlite'}"
+    policy = DisclosurePolicy()
+    registry = PublicationRegistry(url)
+    first, _ = protect(drifted(0), policy, registry, "Demo Pharma", "t2dm")
+    registry.close()
+    reopened = PublicationRegistry(url)
+    size = len(reopened)
+    again, audit = protect(drifted(5), policy, reopened, "Demo Pharma", "t2dm")
+    assert again == first and not audit.overlap_fired and len(reopened) == size
+    reopened.close()
+
+
+def test_an_ad_hoc_and_a_live_answer_to_the_same_question_alternating_are_no_hits() -> None:
+    """The demo asks its question ad hoc, then polls it as a saved question: two answers to one
+    fingerprint (snapshot and stream), each drifting on its own. Neither counts as differencing
+    once the sponsor has seen its values."""
+    registry, budget = budget_and_registry()
+    policy = DisclosurePolicy()
+
+    def live(i: int) -> AnswerSets:  # the stream's view: ten fewer at A, so published fresh
+        sets = drifted(i)
+        fewer = BitMap(range(40, 50))
+        by_site = dict(sets.by_site, A=sets.by_site["A"] - fewer)
+        by_region = dict(sets.by_region, North=by_site["A"])
+        cohort = sets.cohort - fewer
+        return AnswerSets(cohort, by_site, sets.site_region, by_region, simple_funnel(cohort))
+
+    first_ad_hoc, _ = protect(drifted(0), policy, registry, "Demo Pharma", "t2dm")
+    first_live, _ = protect(live(0), policy, registry, "Demo Pharma", "t2dm")
+    assert first_live != first_ad_hoc
+    for i in range(1, 51):
+        ad_hoc, audit = protect(drifted(i), policy, registry, "Demo Pharma", "t2dm")
+        assert ad_hoc == first_ad_hoc and not audit.overlap_fired
+        again, audit = protect(live(i), policy, registry, "Demo Pharma", "t2dm")
+        assert again == first_live and not audit.overlap_fired
+    assert budget.overlap_fires("Demo Pharma") == 0

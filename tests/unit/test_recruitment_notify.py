@@ -245,3 +245,49 @@ def test_smtp_connection_failure_is_temporary() -> None:
     with pytest.raises(DeliveryError) as caught:
         channel.send(_notification())
     assert not caught.value.permanent
+
+
+def test_the_alert_links_to_the_clinician_page_on_the_public_address(db_url: str) -> None:
+    """The GP's e-mail opens the clinician page (where they sign in), not a JSON route that
+    answers 401 to a browser; programs get the API route in the payload."""
+    clock = Clock()
+    email = MemoryChannel()
+    runtime = _runtime(db_url, clock, {"email": email})
+    try:
+        _invite(runtime, "p1")
+        (row,) = _outbox(runtime)
+        assert "Review it here: https://app.example/clinician\n" in row.body
+        assert "/v1/" not in row.body and row.invitation_id in row.body
+        assert row.payload["link"] == "https://app.example/clinician"
+        assert (
+            row.payload["api"]
+            == f"https://app.example/v1/clinician/invitations/{row.invitation_id}"
+        )
+    finally:
+        runtime.close()
+
+
+def test_the_public_address_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from concierge.settings import get_settings
+
+    for name in (
+        "CONCIERGE_PUBLIC_URL",
+        "CONCIERGE_RECRUITMENT_APP_BASE_URL",
+        "CONCIERGE_API_HOST",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CONCIERGE_API_PORT", "21000")
+    get_settings.cache_clear()
+    try:
+        # by default the API's own port, not the default 8000
+        assert RecruitmentSettings().app_base_url == "http://127.0.0.1:21000"
+        monkeypatch.setenv("CONCIERGE_API_HOST", "0.0.0.0")
+        get_settings.cache_clear()
+        assert RecruitmentSettings().app_base_url == "http://127.0.0.1:21000"
+        monkeypatch.setenv("CONCIERGE_PUBLIC_URL", "https://concierge.trust.nhs.example")
+        assert RecruitmentSettings().app_base_url == "https://concierge.trust.nhs.example"
+        assert RecruitmentSettings(app_base_url="https://x.example").app_base_url == (
+            "https://x.example"
+        )
+    finally:
+        get_settings.cache_clear()

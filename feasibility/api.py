@@ -198,12 +198,22 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "/saved-questions",
         status_code=status.HTTP_201_CREATED,
         summary="Register a trial (a saved question), or change one you registered",
+        responses=NOT_CURRENT,
     )
     def register(
-        principal: Sponsor, service: Service, trial: TrialCreate, response: Response
+        request: Request,
+        principal: Sponsor,
+        service: Service,
+        trial: TrialCreate,
+        response: Response,
     ) -> TrialPublic:
         try:
+            # The next version number comes from the registry view: registering before it has
+            # read the trials topic would reuse version 1, which the stream ignores as seen.
+            service.require("trials")
             record = saved(service).register(trial, principal.org)
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
         except NotYours as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         response.headers["Location"] = f"/v1/feasibility/saved-questions/{record.id}"

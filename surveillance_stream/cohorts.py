@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 COHORT_SCHEMA = "concierge.cohort/1"
 WATERMARK = "\x00watermark|"
+#: ``\x00evaluated|<trial>|<partition>`` -> {"trial", "version", "partition", "status"}: the
+#: partition has evaluated every patient at that version of the trial's criteria, so a reader
+#: of the cohort topic knows when a version's membership is complete (before that, counting the
+#: records at the new version would undercount without saying so).
+EVALUATED = "\x00evaluated|"
 
 
 def record_key(trial: str, patient: str) -> str:
@@ -131,6 +136,22 @@ class CohortKeeper:
                 heap.append((float(record["next_check"]), record["trial"], record["patient"]))
         heapq.heapify(heap)
         self.timers[partition] = heap
+        # Trials evaluated before the cohort topic carried completion marks get theirs now.
+        prefix = f"{partition}|"
+        for key, spec in list(self.trials.items()):
+            if key.startswith(prefix) and spec is not None:
+                self._mark_evaluated(partition, spec)
+
+    def _mark_evaluated(self, partition: int, spec: Mapping[str, Any]) -> None:
+        key = f"{EVALUATED}{spec['id']}|{partition}"
+        mark = {
+            "trial": spec["id"],
+            "version": int(spec["version"]),
+            "partition": partition,
+            "status": spec.get("status", "active"),
+        }
+        if self.table.get(key) != mark:
+            self.table[key] = mark
 
     def forget(self, partition: int) -> None:
         self.timers.pop(partition, None)
@@ -249,6 +270,7 @@ class CohortKeeper:
         self.trials[key] = spec
         if spec["status"] != "active":
             self._close(partition, spec["id"], version)
+            self._mark_evaluated(partition, spec)
             return
         compiled = self.compiled(spec)
         for patient in sorted(self.store.patients(partition)):
@@ -256,6 +278,7 @@ class CohortKeeper:
                 self._evaluate(partition, patient, spec["id"], compiled, version)
         # patients tracked under an earlier version but not reached above keep a stale record
         self._close(partition, spec["id"], version, only_older=True)
+        self._mark_evaluated(partition, spec)
 
     def _close(self, partition: int, trial: str, version: int, only_older: bool = False) -> None:
         """Mark the trial's records on this partition as not members (retired trial), or with
@@ -308,4 +331,4 @@ class CohortKeeper:
         }
 
 
-__all__ = ["COHORT_SCHEMA", "WATERMARK", "CohortKeeper", "record_key"]
+__all__ = ["COHORT_SCHEMA", "EVALUATED", "WATERMARK", "CohortKeeper", "record_key"]

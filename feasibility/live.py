@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Message
+
+from infra.mirror import ReaderStatus, TopicMirror
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,12 @@ def record_key_text(raw: bytes | None) -> str:
 
 
 class CohortView:
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    """Cohort membership and stream watermarks, folded from the cohort topic by a
+    :class:`~infra.mirror.TopicMirror` (which survives broker restarts and reports lag)."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, *, stale_after: float = 5.0, max_staleness: float = 5.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self._lock = threading.Lock()
@@ -39,50 +46,34 @@ class CohortView:
         self.watermarks: dict[int, dict[str, Any]] = {}
         self.messages = 0
         self.last_change_at: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: str | None = None
+        self.mirror = TopicMirror(
+            "cohort-view",
+            bootstrap,
+            topic,
+            self._absorb,
+            poll_timeout=0.1,
+            config={"fetch.wait.max.ms": 50},
+            stale_after=stale_after,
+            max_staleness=max_staleness,
+        )
 
     def start(self) -> CohortView:
-        self._thread = threading.Thread(target=self._run, name="cohort-view", daemon=True)
-        self._thread.start()
+        self.mirror.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self.mirror.stop()
 
-    def _run(self) -> None:
-        try:
-            consumer = Consumer(
-                {
-                    "bootstrap.servers": self.bootstrap,
-                    "group.id": "concierge-cohort-view-unused",
-                    "enable.auto.commit": False,
-                    "fetch.wait.max.ms": 50,
-                }
-            )
-            metadata = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
-            if metadata is None or metadata.error is not None:
-                raise RuntimeError(f"topic {self.topic} is not available")
-            consumer.assign(
-                [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
-            )
-            while not self._stop.is_set():
-                messages = consumer.consume(2000, timeout=0.1)
-                if messages:
-                    self._absorb(messages)
-            consumer.close()
-        except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.error("cohort view stopped: %s", self.error)
+    @property
+    def error(self) -> str | None:
+        return self.mirror.status().error
 
-    def _absorb(self, messages: list[Any]) -> None:
+    def readiness(self) -> ReaderStatus:
+        return self.mirror.status()
+
+    def _absorb(self, messages: list[Message]) -> None:
         with self._lock:
             for message in messages:
-                if message.error() is not None:
-                    continue
                 key = record_key_text(message.key())
                 value = message.value()
                 self.messages += 1
@@ -127,14 +118,17 @@ class CohortView:
 
     def status(self) -> dict[str, Any]:
         stream_time = self.stream_time()
+        reader = self.readiness()
         with self._lock:
             return {
                 "cohort_messages": self.messages,
+                "cohort_caught_up": reader.ready,
+                "cohort_lag_messages": reader.lag,
                 "stream_time": stream_time.isoformat() if stream_time else None,
                 "facts_offsets": {
                     p: int(m.get("facts_offset", 0)) for p, m in sorted(self.watermarks.items())
                 },
-                "error": self.error,
+                "error": reader.error,
             }
 
 

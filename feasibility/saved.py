@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 from pydantic import BaseModel, ConfigDict, Field
+
+from infra.mirror import ReaderStatus, TopicMirror
 
 from .criteria import Question
 
@@ -90,66 +92,49 @@ class NotYours(PermissionError):
 class SavedQuestions:
     """The registry view: a background reader of the trials topic plus a writer."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, stale_after: float = 5.0, max_staleness: float = 5.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.trials: dict[str, TrialRecord] = {}
         self._lock = threading.Lock()
         self._producer: Producer | None = None
-        self._stop = threading.Event()
-        self._loaded = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: str | None = None
+        self.mirror = TopicMirror(
+            "trials",
+            bootstrap,
+            topic,
+            self._absorb_messages,
+            poll_batch=500,
+            stale_after=stale_after,
+            max_staleness=max_staleness,
+        )
 
     def start(self) -> SavedQuestions:
-        self._thread = threading.Thread(target=self._run, name="trials-feed", daemon=True)
-        self._thread.start()
+        self.mirror.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self.mirror.stop()
         if self._producer is not None:
             self._producer.flush(10)
 
-    def wait_loaded(self, timeout: float) -> bool:
-        return self._loaded.wait(timeout)
+    @property
+    def error(self) -> str | None:
+        return self.mirror.status().error
 
-    def _run(self) -> None:
-        try:
-            consumer = Consumer(
-                {
-                    "bootstrap.servers": self.bootstrap,
-                    "group.id": "concierge-trials-unused",
-                    "enable.auto.commit": False,
-                }
-            )
-            metadata = consumer.list_topics(self.topic, timeout=30).topics.get(self.topic)
-            if metadata is None or metadata.error is not None:
-                raise RuntimeError(f"topic {self.topic} is not available")
-            partitions = sorted(metadata.partitions)
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
-            ends = {
-                p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                for p in partitions
-            }
-            seen = {p: 0 for p in partitions}
-            if all(v == 0 for v in ends.values()):
-                self._loaded.set()
-            while not self._stop.is_set():
-                for message in consumer.consume(500, timeout=0.2):
-                    value, offset = message.value(), message.offset()
-                    if message.error() is not None or value is None or offset is None:
-                        continue
-                    self._absorb(value)
-                    seen[message.partition()] = offset + 1
-                if not self._loaded.is_set() and all(seen[p] >= ends[p] for p in partitions):
-                    self._loaded.set()
-            consumer.close()
-        except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.error("trials feed stopped: %s", self.error)
+    def readiness(self) -> ReaderStatus:
+        return self.mirror.status()
+
+    def wait_loaded(self, timeout: float) -> bool:
+        """Wait until the registry is connected and has read the trials topic to a fresh end."""
+        return self.mirror.wait_ready(timeout)
+
+    def _absorb_messages(self, messages: list[Message]) -> None:
+        for message in messages:
+            value = message.value()
+            if value is not None:
+                self._absorb(value)
 
     def _absorb(self, value: bytes) -> None:
         try:

@@ -13,11 +13,21 @@ Exactly-once effect, the simple way:
 
 A message that cannot be read (bad JSON, an unknown schema) is recorded in ``skipped_messages``
 with the reason and the consumer moves on; a database error rolls the batch back, seeks back to
-its first offsets and tries again, and gives up (raises) after a few failures in a row.
+its first offsets and tries again, and gives up (raises) after a few failures in a row. A Kafka
+error (the broker restarting, a leader moving) is recorded and backed off from (0.5 s to 5 s); a
+consumer left unusable (a fatal error) is closed and a new one joins the group, resuming from the
+database's offsets.
+
+:meth:`RecruitmentConsumer.readiness` tells the truth about lag with the rule every topic reader
+uses (:class:`infra.mirror.Freshness`): the high watermarks of the assigned partitions are measured
+every ``refresh_seconds`` by a client of its own, and the consumer is ready when it is connected
+and has applied (in the database) everything up to watermarks measured at most ``max_staleness``
+seconds ago.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +39,7 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from sqlalchemy.orm import Session
 
+from infra.mirror import Key, ReaderHealth, ReaderStatus
 from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
 
 from .contracts import (
@@ -72,6 +83,10 @@ class RecruitmentConsumer:
         kinds: Iterable[str] = ("trials", "cohort", "facts", "reference"),
         config: dict[str, Any] | None = None,
         max_failures: int = 5,
+        *,
+        refresh_seconds: float = 0.5,
+        stale_after: float = 5.0,
+        max_staleness: float = 5.0,
     ) -> None:
         self.service = service
         self.group = group
@@ -80,25 +95,47 @@ class RecruitmentConsumer:
         self.max_failures = max_failures
         wanted = set(kinds)
         self.topics = {prefix + name: kind for name, kind in TOPIC_KINDS.items() if kind in wanted}
-        settings: dict[str, Any] = {
+        self._lock = threading.Lock()
+        #: next offset per assigned partition, as applied in the database
+        self._positions: dict[Key, int] = {}
+        self._assignment: list[Key] = []
+        self._unresolved: list[Key] = []
+        self.health = ReaderHealth(
+            "recruitment-consumer",
+            bootstrap,
+            self._assigned_partitions,
+            config=config,
+            refresh_seconds=refresh_seconds,
+            stale_after=stale_after,
+            max_staleness=max_staleness,
+        )
+        self.settings: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
+            "error_cb": self.health.on_error,
+            "reconnect.backoff.ms": 100,
+            "reconnect.backoff.max.ms": 1000,
         }
-        settings.update(config or {})
-        self.consumer = Consumer(settings)
-        self.consumer.subscribe(
+        self.settings.update(config or {})
+        self.consumer = self._consumer()
+        self._failures = 0
+        self._kafka_failures = 0
+        self.total = BatchResult()
+        self.assigned = False
+
+    def _consumer(self) -> Consumer:
+        consumer = Consumer(self.settings)
+        consumer.subscribe(
             list(self.topics),
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
-        self._failures = 0
-        self.total = BatchResult()
-        self.assigned = False
+        return consumer
 
     # -- assignment --
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -111,11 +148,55 @@ class RecruitmentConsumer:
             "assigned %d partition(s), %d resumed from the database", len(partitions), len(stored)
         )
         consumer.assign(partitions)
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        with self._lock:
+            self._assignment = keys
+            self._positions = dict(stored)
+            # no offset in the database: Kafka's committed one, looked up after the callback
+            self._unresolved = [(tp.topic, tp.partition) for tp in partitions if tp.offset < 0]
+        self.health.forget()  # watermarks of another assignment say nothing about this one
         self.assigned = bool(partitions)
+
+    def _resolve(self) -> None:
+        """Where reading resumes for partitions the database has no offset for: Kafka's
+        committed offset, if any (otherwise the start; :class:`~infra.mirror.Freshness` counts
+        from the low watermark)."""
+        with self._lock:
+            unresolved, self._unresolved = self._unresolved, []
+        try:
+            found = self.consumer.committed(
+                [TopicPartition(t, p) for t, p in unresolved], timeout=5
+            )
+        except KafkaException:
+            with self._lock:  # asked again after the next poll
+                self._unresolved = [k for k in unresolved if k in self._assignment]
+            raise
+        with self._lock:
+            for tp in found:
+                key = (tp.topic, tp.partition)
+                if tp.offset >= 0 and key in self._assignment and key not in self._positions:
+                    self._positions[key] = tp.offset
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned = False
+        with self._lock:
+            self._assignment = []
+            self._positions = {}
+            self._unresolved = []
+        self.health.forget()
         consumer.unassign()
+
+    def _assigned_partitions(self) -> list[Key]:
+        with self._lock:
+            return list(self._assignment)
+
+    # -- readiness --
+    def readiness(self) -> ReaderStatus:
+        """Connected, and applied up to fresh high watermarks of every assigned partition."""
+        with self._lock:
+            positions = {key: self._positions.get(key, 0) for key in self._assignment}
+        waiting = None if self.assigned else "waiting for a partition assignment"
+        return self.health.status(positions, waiting)
 
     def _stored_offsets(self, partitions: Sequence[TopicPartition]) -> dict[tuple[str, int], int]:
         topics = sorted({tp.topic for tp in partitions})
@@ -133,8 +214,18 @@ class RecruitmentConsumer:
     # -- the loop --
     def poll(self) -> BatchResult:
         """Read and apply one batch (possibly empty)."""
-        messages = self.consumer.consume(self.batch_size, self.poll_timeout)
-        readable = [m for m in messages if self._readable(m)]
+        self.health.start()
+        try:
+            messages = self.consumer.consume(self.batch_size, self.poll_timeout)
+            readable = [m for m in messages if self._readable(m)]
+            if self._unresolved:
+                self._resolve()
+            if not messages:
+                self._advance()
+        except KafkaException as exc:
+            self._kafka_trouble(exc)
+            return BatchResult()
+        self._kafka_failures = 0
         if not readable:
             return BatchResult()
         try:
@@ -174,40 +265,50 @@ class RecruitmentConsumer:
                 idle_since = time.monotonic()
 
     def caught_up(self, timeout: float = 5.0) -> bool:
-        """Every assigned partition has been read up to its high watermark.
+        """Every assigned partition has been applied up to fresh high watermarks (see
+        :meth:`readiness`); waits up to ``timeout`` for the first measurement of a new
+        assignment."""
+        deadline = time.monotonic() + timeout
+        status = self.readiness()
+        while status.lag is None and self.assigned and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = self.readiness()
+        return status.caught_up and self.assigned
 
-        Uses the watermarks that fetch responses keep fresh (a broker query per partition would
-        queue behind the consumer's own long-poll fetch on the same connection).
-        """
-        assignment = self.consumer.assignment()
+    def _advance(self) -> None:
+        """Positions past what no message shows (transaction markers, aborted records). Called
+        after a poll that delivered nothing: everything delivered before is in the database."""
+        with self._lock:
+            assignment = list(self._assignment)
         if not assignment:
-            return False
-        positions = {
-            (tp.topic, tp.partition): tp.offset for tp in self.consumer.position(assignment)
-        }
-        stored: dict[tuple[str, int], int] | None = None
-        for tp in assignment:
-            key = (tp.topic, tp.partition)
-            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0:
-                return False  # not fetched yet
-            position = positions.get(key, -1)
-            if position < 0:  # nothing consumed since assignment: where does reading start?
-                if low >= 0 and low >= high:
-                    continue  # an empty partition
-                if stored is None:
-                    stored = self._stored_offsets(assignment)
-                position = stored.get(key, -1)
-                if position < 0:
-                    (committed,) = self.consumer.committed(
-                        [TopicPartition(tp.topic, tp.partition)], timeout=timeout
-                    )
-                    position = committed.offset
-            if position < high:
-                return False
-        return True
+            return
+        found = self.consumer.position([TopicPartition(t, p) for t, p in assignment])
+        with self._lock:
+            for tp in found:
+                key = (tp.topic, tp.partition)
+                if tp.offset >= 0 and key in self._assignment:
+                    self._positions[key] = max(self._positions.get(key, 0), tp.offset)
+
+    def _kafka_trouble(self, exc: KafkaException) -> None:
+        """Record, back off; a consumer left unusable is replaced (it rejoins the group and
+        resumes from the database's offsets)."""
+        self._kafka_failures += 1
+        self.health.record(f"KafkaException: {exc}")
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if error is not None and error.fatal():
+            log.warning("consumer unusable (%s): joining the group again", error)
+            with contextlib.suppress(Exception):  # it is being replaced
+                self.consumer.close()
+            self.assigned = False
+            with self._lock:
+                self._assignment = []
+                self._positions = {}
+                self._unresolved = []
+            self.consumer = self._consumer()
+        time.sleep(min(5.0, 0.5 * 2 ** min(self._kafka_failures - 1, 4)))
 
     def close(self) -> None:
+        self.health.stop()
         self.consumer.close()
 
     # -- one batch --
@@ -233,6 +334,10 @@ class RecruitmentConsumer:
                 next_offsets[(topic, partition)] = offset + 1
             applier.finish()
             self._store_offsets(session, next_offsets, applier.now)
+        with self._lock:
+            for key, offset in next_offsets.items():
+                if key in self._positions or key in self._assignment:
+                    self._positions[key] = max(self._positions.get(key, 0), offset)
         self.commit_kafka([TopicPartition(t, p, o) for (t, p), o in sorted(next_offsets.items())])
         if skipped:
             log.warning("batch of %d: %d message(s) skipped as unreadable", len(messages), skipped)

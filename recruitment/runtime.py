@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +30,11 @@ from .notify import (
 from .rules import Policy
 from .service import EligibilityCheck, RecruitmentService
 from .settings import RecruitmentSettings, get_recruitment_settings
+
+if TYPE_CHECKING:
+    from infra.mirror import ReaderStatus
+
+    from .consumer import RecruitmentConsumer
 
 
 def policy_from_settings(settings: RecruitmentSettings) -> Policy:
@@ -66,6 +72,12 @@ class Runtime:
     service: RecruitmentService
     writer: OutboxWriter
     dispatcher: Dispatcher
+    #: the topic consumer, where this process runs one (``concierge recruitment run``)
+    consumer: RecruitmentConsumer | None = None
+
+    def readiness(self) -> list[ReaderStatus]:
+        """The status of this process's topic readers (none when it runs no consumer)."""
+        return [] if self.consumer is None else [self.consumer.readiness()]
 
     def close(self) -> None:
         for channel in self.dispatcher.channels.values():

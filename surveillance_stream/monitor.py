@@ -25,13 +25,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 
+from infra.mirror import ReaderStatus, TopicMirror
 from surveillance_stream.devices import (
     EXPOSED,
     LEVELS,
@@ -175,14 +176,6 @@ def reproduce(assessment: Assessment) -> dict[str, str]:
     return commands
 
 
-@dataclass
-class _Catchup:
-    targets: dict[int, int]  # partition -> high watermark at start
-
-    def reached(self, positions: Mapping[int, int]) -> bool:
-        return all(positions.get(p, 0) >= high for p, high in self.targets.items())
-
-
 class SignalMonitor:
     """Counters from the contribution topic, assessments, and the signals' lifecycle."""
 
@@ -199,6 +192,8 @@ class SignalMonitor:
         sweep_seconds: float = 5.0,
         clock: Any = None,
         prepare: Any = None,
+        stale_after: float = 5.0,
+        max_staleness: float = 5.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.devices_topic = devices_topic
@@ -222,18 +217,66 @@ class SignalMonitor:
         self.applied = 0
         self.assessed_at: datetime | None = None
         self.assessment_seconds = 0.0
-        self.ready = False
+        #: the monitor's own last failure (its readers' are in :meth:`readiness`)
         self.error: str | None = None
+        self.restored = False
+        self._ready_by_hand: bool | None = None
+        self._prepared = False
         self._dirty: set[str] = set()  # device classes changed since the last sweep
         self._touched: set[str] = set()  # nodes whose own counts changed since the last pass
         self._all_dirty = True
         self._day: date | None = None
-        self._positions: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer: Producer | None = None
+        #: the contribution topic (counters) and the signals topic (restored on start)
+        self.devices = TopicMirror(
+            "signal-monitor",
+            bootstrap,
+            devices_topic,
+            self.absorb,
+            poll_batch=5000,
+            poll_timeout=0.05,
+            config={"fetch.wait.max.ms": 20},
+            stale_after=stale_after,
+            max_staleness=max_staleness,
+        )
+        self.history_reader = TopicMirror(
+            "signal-history",
+            bootstrap,
+            signals_topic,
+            self._restore,
+            poll_batch=1000,
+            stale_after=stale_after,
+            max_staleness=max_staleness,
+        )
 
     # ------------------------------------------------------------------ running
+
+    @property
+    def ready(self) -> bool:
+        """The signals' history restored and the counters connected and fresh; a monitor fed by
+        hand (never started, as in unit tests) is ready when it is said to be."""
+        if self._ready_by_hand is not None:
+            return self._ready_by_hand
+        return self.restored and self.devices.status().ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready_by_hand = value
+
+    def readiness(self) -> ReaderStatus:
+        """The counters' reader; while the history is being restored, not ready and says so."""
+        status = self.devices.status()
+        if self.restored:
+            return status
+        history = self.history_reader.status()
+        return replace(
+            status,
+            ready=False,
+            waiting_for=f"restoring the signals' history: {history.waiting_for or 'reading'}",
+            error=history.error or status.error,
+        )
 
     def start(self) -> SignalMonitor:
         self._thread = threading.Thread(target=self._run, name="signal-monitor", daemon=True)
@@ -244,106 +287,79 @@ class SignalMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        self.history_reader.stop()
+        self.devices.stop()
         if self._producer is not None:
             self._producer.flush(10)
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready or self.error:
-                return self.ready
+            if self.ready:
+                return True
             time.sleep(0.05)
         return self.ready
 
     def _run(self) -> None:
-        try:
-            if self.prepare is not None:
-                self.prepare()
+        """Prepare (create missing topics), restore the signals' history, then keep the counters
+        (the mirror's thread) and assess them here, publishing only while connected and fresh.
+        Anything that fails is recorded and tried again."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._step()
+                failures = 0
+            except Exception as exc:  # recorded (status, error), backed off, carried on from
+                failures += 1
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("signal monitor: %s; trying again", type(exc).__name__)
+                self._stop.wait(min(5.0, 0.5 * 2 ** min(failures - 1, 4)))
+
+    def _step(self) -> None:
+        if self.prepare is not None and not self._prepared:
+            self.prepare()
+            self._prepared = True
+        if self._producer is None:
             self._producer = Producer(
-                {
-                    "bootstrap.servers": self.bootstrap,
-                    "enable.idempotence": True,
-                    "linger.ms": 1,
-                }
+                {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 1}
             )
-            self._restore()
-            consumer = Consumer(
-                {
-                    "bootstrap.servers": self.bootstrap,
-                    "group.id": "concierge-signal-monitor-unused",
-                    "enable.auto.commit": False,
-                    "fetch.wait.max.ms": 20,
-                }
-            )
-            partitions = self._partitions(consumer, self.devices_topic)
-            catchup = _Catchup(
-                {p: consumer.get_watermark_offsets(TopicPartition(self.devices_topic, p),
-                                                   timeout=30)[1] for p in partitions}
-            )  # fmt: skip
-            consumer.assign(
-                [TopicPartition(self.devices_topic, p, OFFSET_BEGINNING) for p in partitions]
-            )
-            last = swept = 0.0
-            while not self._stop.is_set():
-                messages = consumer.consume(5000, timeout=0.05)
-                if messages:
-                    self.absorb(messages)
-                if not self.ready and catchup.reached(self._positions):
-                    self.ready = True
-                    log.info("signal monitor caught up: %s contributions", len(self.contributions))
-                if not self.ready:
-                    continue
-                now = time.monotonic()
-                if (self._dirty or self._all_dirty) and now - swept >= self.sweep_seconds:
-                    last = swept = now
-                    self.reassess(sweep=True)
-                elif self._touched and now - last >= self.min_interval:
-                    last = now
-                    self.reassess(sweep=False)
-            consumer.close()
-        except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
-            log.exception("signal monitor stopped")
+        if not self.restored:
+            # the monitor is the signals topic's single writer: it reads the history to its end
+            # once (the lifecycle's state), then remembers what it writes itself
+            self.history_reader.start()
+            if not self.history_reader.wait_ready(0.5):
+                return
+            self.history_reader.stop()
+            self.restored = True
+            log.info("signal monitor restored %s signals", len(self.signals))
+            self.devices.start()
+        last = swept = 0.0
+        caught_up = False
+        while not self._stop.is_set():
+            if not self.ready:  # lost the broker, or behind: no assessment, no event
+                caught_up = False
+                self._stop.wait(0.05)
+                continue
+            if not caught_up:
+                caught_up = True
+                log.info("signal monitor caught up: %s contributions", len(self.contributions))
+            now = time.monotonic()
+            if (self._dirty or self._all_dirty) and now - swept >= self.sweep_seconds:
+                last = swept = now
+                self.reassess(sweep=True)
+            elif self._touched and now - last >= self.min_interval:
+                last = now
+                self.reassess(sweep=False)
+            else:
+                self._stop.wait(min(0.05, self.min_interval))
 
-    @staticmethod
-    def _partitions(consumer: Consumer, topic: str) -> list[int]:
-        deadline = time.monotonic() + 30
-        while True:
-            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if metadata is not None and metadata.error is None and metadata.partitions:
-                return sorted(metadata.partitions)
-            if time.monotonic() > deadline:
-                raise MonitorError(f"topic {topic} is not available")
-            time.sleep(0.5)
-
-    def _restore(self) -> None:
-        """Read the signals topic to its end: each signal's state and its events."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": "concierge-signal-monitor-unused",
-                "enable.auto.commit": False,
-            }
-        )
-        partitions = self._partitions(consumer, self.signals_topic)
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(self.signals_topic, p), timeout=30)[1]
-            for p in partitions
-        }
-        consumer.assign(
-            [TopicPartition(self.signals_topic, p, OFFSET_BEGINNING) for p in partitions]
-        )
-        seen = {p: 0 for p in partitions}
-        while any(seen[p] < ends[p] for p in partitions):
-            for message in consumer.consume(1000, timeout=0.5):
-                if message.error() is not None:
-                    continue
-                seen[int(message.partition() or 0)] = int(message.offset() or 0) + 1
+    def _restore(self, messages: list[Message]) -> None:
+        """Each signal's state and its events, from the signals topic."""
+        with self.lock:
+            for message in messages:
                 body = message.value()
                 if body:
                     self._remember(orjson.loads(body))
-        consumer.close()
-        log.info("signal monitor restored %s signals", len(self.signals))
 
     def _remember(self, event: Mapping[str, Any]) -> None:
         identifier = str(event["signal"])
@@ -366,7 +382,6 @@ class SignalMonitor:
             for message in messages:
                 if message.error() is not None:
                     continue
-                self._positions[int(message.partition() or 0)] = int(message.offset() or 0) + 1
                 raw = message.key() or b""
                 patient = orjson.loads(raw) if raw.startswith(b'"') else raw.decode()
                 new = _decode(message.value())
@@ -527,10 +542,10 @@ class SignalMonitor:
     # ------------------------------------------------------------------ queries
 
     def _require_ready(self) -> None:
-        if self.error:
-            raise MonitorError(f"the signal monitor failed: {self.error}")
-        if not self.ready:
-            raise MonitorError("the signal monitor is still reading the device counters")
+        if self.ready:
+            return
+        reason = self.readiness().waiting_for if self._thread is not None else "not started"
+        raise MonitorError(f"the signal monitor is not ready: {reason}")
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -538,6 +553,7 @@ class SignalMonitor:
             return {
                 "ready": self.ready,
                 "error": self.error,
+                "reader": self.readiness().to_dict(),
                 "patients": len(self.contributions),
                 "contributions_applied": self.applied,
                 "latest_day": None if latest is None else latest.isoformat(),

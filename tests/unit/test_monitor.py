@@ -232,7 +232,7 @@ def test_a_monitor_not_caught_up_says_so() -> None:
     watcher = SignalMonitor("unused:9092", "devices", "signals", config=SignalConfig())
     from surveillance_stream.monitor import MonitorError
 
-    with pytest.raises(MonitorError, match="still reading"):
+    with pytest.raises(MonitorError, match="not ready: not started"):
         watcher.rows()
 
 

@@ -99,6 +99,10 @@ class FactsFeed:
     def readiness(self) -> ReaderStatus:
         return self.mirror.status()
 
+    def wait_positions(self, positions: dict[int, int], timeout: float) -> bool:
+        """Wait until the snapshot has applied every message before these offsets."""
+        return self.mirror.wait_positions(positions, timeout)
+
     def lag(self) -> int | None:
         return self.readiness().lag
 

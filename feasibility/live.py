@@ -44,6 +44,8 @@ class CohortView:
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, dict[str, Any]]] = {}  # trial -> patient -> record
         self.watermarks: dict[int, dict[str, Any]] = {}
+        #: trial -> partition -> the criteria version every patient there was evaluated at
+        self.evaluated: dict[str, dict[int, int]] = {}
         self.messages = 0
         self.last_change_at: float | None = None
         self.mirror = TopicMirror(
@@ -82,6 +84,12 @@ class CohortView:
                         mark = orjson.loads(value)
                         self.watermarks[int(mark["partition"])] = mark
                     continue
+                if key.startswith("\x00evaluated|"):
+                    if value is not None:
+                        mark = orjson.loads(value)
+                        done = self.evaluated.setdefault(str(mark["trial"]), {})
+                        done[int(mark["partition"])] = int(mark["version"])
+                    continue
                 if key.startswith("\x00"):
                     continue
                 trial, _, patient = key.partition("|")
@@ -103,6 +111,14 @@ class CohortView:
                 for r in self.records.get(trial, {}).values()
                 if r.get("member") and (version is None or r.get("trial_version") == version)
             ]
+
+    def pending_partitions(self, trial: str, version: int) -> list[int]:
+        """Partitions of the cohort topic that have not yet evaluated every patient at
+        ``version`` of the trial (its members there are not complete)."""
+        partitions = sorted(self.readiness().positions) or sorted(self.watermarks)
+        with self._lock:
+            done = self.evaluated.get(trial, {})
+            return [p for p in partitions if done.get(p, 0) < version]
 
     def evaluated_version(self, trial: str) -> int:
         """The lowest criteria version among the trial's records (0 when none yet)."""

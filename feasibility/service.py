@@ -188,6 +188,12 @@ class FeasibilityService:
         if self.cohorts is None:
             raise RuntimeError("the live cohort view is not running")
         self.require("facts", "cohorts", "trials")
+        pending = self.cohorts.pending_partitions(trial.id, trial.version)
+        if pending:
+            raise NotCurrent(
+                [f"cohorts: version {trial.version} of {trial.id} is still being evaluated on "
+                 f"partitions {pending}"]
+            )  # fmt: skip
         stream_time = self.cohorts.stream_time()
         at = stream_time or self.clock()
         members = self.cohorts.members(trial.id, trial.version)

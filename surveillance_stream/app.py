@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +37,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from concierge.settings import Settings
 from fhir_adapters.facts import envelopes_of
+from infra.mirror import ReaderHealth, ReaderStatus
 from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
 from . import patient_state
@@ -49,11 +49,6 @@ log = logging.getLogger(__name__)
 PARTITIONS = 6
 #: Messages between two ``gc.freeze()`` calls (see handle_facts).
 FREEZE_EVERY = 500
-#: Readiness (``/readyz``): how often the facts topic's end is measured, how old the newest
-#: end the state has reached may be, and how long without a broker answer means disconnected.
-LAG_EVERY_SECONDS = 0.5
-MAX_STALENESS_SECONDS = 5.0
-STALE_AFTER_SECONDS = 5.0
 
 
 def _flush_completely(buffer: Any) -> None:
@@ -148,11 +143,13 @@ class StreamApp:
         #: What each rebuild read (for /health and the chaos suite).
         self.rebuilds: list[dict[str, int]] = []
         self._offsets_client: Consumer | None = None
-        #: (monotonic time, {partition: high watermark}) of the facts topic, newest last.
-        self._highs: list[tuple[float, dict[int, int]]] = []
-        self._last_contact: float | None = None
-        self._broker_error: str | None = None
-        self.started = time.monotonic()
+        #: Readiness: the facts topic's end, measured on a thread of its own, against the
+        #: state's positions (the same rule as every topic reader's, infra/mirror.py).
+        self.health = ReaderHealth(
+            "worker",
+            settings.kafka_bootstrap_servers,
+            lambda: [(self.facts_name, p) for p in self.assigned(self.facts_name)],
+        )
         self.applied = 0
         self.ignored = 0
         self.rejected = 0
@@ -238,36 +235,10 @@ class StreamApp:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _high_watermarks_sync(self) -> dict[int, int]:
-        self._offsets_client_or_new()
-        assert self._offsets_client is not None
-        highs = {}
-        for partition in self.assigned(self.facts_name):
-            _, high = self._offsets_client.get_watermark_offsets(
-                TopicPartition(self.facts_name, partition), timeout=3, cached=False
-            )
-            highs[partition] = int(high)
-        return highs
-
-    async def measure_lag(self) -> None:
-        """Measure the facts topic's high watermarks of the assigned partitions (a timer)."""
-        loop = asyncio.get_running_loop()
-        try:
-            highs = await loop.run_in_executor(None, self._high_watermarks_sync)
-        except KafkaException as exc:
-            self._broker_error = str(exc)
-            return
-        now = time.monotonic()
-        self._last_contact = now
-        self._broker_error = None
-        self._highs.append((now, highs))
-        del self._highs[: -max(2, int(MAX_STALENESS_SECONDS / LAG_EVERY_SECONDS) + 2)]
-
-    def readiness(self) -> dict[str, Any]:
-        """Ready when the worker holds partitions, every one of them is rebuilt, the broker
-        answered within the last ``STALE_AFTER_SECONDS`` and the state has reached the facts
-        topic's end as it stood at most ``MAX_STALENESS_SECONDS`` ago."""
-        now = time.monotonic()
+    def readiness(self) -> ReaderStatus:
+        """Ready when the worker holds partitions, each was rebuilt (or checked) since the last
+        rebalance, the registry of saved questions is loaded, and the state has reached the
+        facts topic's end as it stood moments ago with the broker answering."""
         assigned = self.assigned(self.facts_name)
         waiting: list[str] = []
         if not assigned:
@@ -275,35 +246,10 @@ class StreamApp:
         unverified = [p for p in assigned if p not in self._verified]
         if unverified:
             waiting.append(f"partitions {unverified} not yet rebuilt or checked")
-        connected = self._last_contact is not None and now - self._last_contact <= (
-            STALE_AFTER_SECONDS
-        )
-        if not connected:
-            since = "" if self._last_contact is None else f" for {now - self._last_contact:.0f} s"
-            waiting.append(f"broker unreachable{since}: {self._broker_error or 'no answer yet'}")
-        lag: int | None = None
-        staleness: float | None = None
-        if self._highs:
-            _, latest = self._highs[-1]
-            lag = sum(max(0, h - self.folded_to.get(p, 0)) for p, h in latest.items())
-            reached = [t for t, highs in self._highs
-                       if all(self.folded_to.get(p, 0) >= h for p, h in highs.items())]  # fmt: skip
-            staleness = now - max(reached) if reached else None
-        caught_up = staleness is not None and staleness <= MAX_STALENESS_SECONDS
-        if not caught_up:
-            waiting.append(f"catching up: {lag if lag is not None else 'unknown'} messages behind")
-        return {
-            "name": "worker",
-            "ready": not waiting,
-            "connected": connected,
-            "caught_up": caught_up,
-            "lag": lag,
-            "staleness_seconds": None if staleness is None else round(staleness, 3),
-            "positions": dict(sorted(self.folded_to.items())),
-            "partitions": assigned,
-            "waiting_for": "; ".join(waiting) or None,
-            "rebuilds": self.rebuilds[-12:],
-        }
+        if self.saved is None or not self.saved.readiness().ready:
+            waiting.append("the saved questions are not loaded yet")
+        positions = {(self.facts_name, p): self.folded_to.get(p, 0) for p in assigned}
+        return self.health.status(positions, "; ".join(waiting) or None)
 
     def _offsets_client_or_new(self) -> None:
         if self._offsets_client is None:
@@ -500,14 +446,15 @@ class StreamApp:
                 }
             )
 
-        @app.timer(interval=LAG_EVERY_SECONDS)
-        async def lag_meter() -> None:
-            await self.measure_lag()
+        @app.task
+        async def start_health() -> None:
+            self.health.start()
 
         @app.page("/readyz")
         async def readyz(web: Any, request: Any) -> Any:
-            body = self.readiness()
-            if body["ready"]:
+            status = self.readiness()
+            body = {**status.to_dict(), "rebuilds": self.rebuilds[-12:]}
+            if status.ready:
                 return web.json(body)
             return web.json(body, status=503, headers={"Retry-After": "2"})
 

@@ -48,6 +48,7 @@ from fhir_adapters.synthetic.generator import (
     iter_reference_resources,
 )
 from fhir_adapters.vault import SqlVault
+from infra.mirror import ReaderStatus
 from recruitment.api import VaultIdentities
 from recruitment.models import Invitation
 from recruitment.runtime import Runtime, build_runtime
@@ -124,6 +125,21 @@ CONDITION = {
 }
 
 
+def fed_by_hand(name: str) -> ReaderStatus:
+    """The readiness of a view filled by the test itself: complete by construction."""
+    return ReaderStatus(
+        name=name,
+        ready=True,
+        connected=True,
+        caught_up=True,
+        lag=0,
+        staleness_seconds=0.0,
+        positions={},
+        waiting_for=None,
+        error=None,
+    )
+
+
 class MemorySavedQuestions(SavedQuestions):
     """The real registry view, published to memory instead of the trials topic."""
 
@@ -132,6 +148,19 @@ class MemorySavedQuestions(SavedQuestions):
 
     def _publish(self, record: TrialRecord) -> None:
         self._absorb(record.to_json())
+
+    def readiness(self) -> ReaderStatus:
+        return fed_by_hand("trials")
+
+
+class MemoryCohortView(CohortView):
+    """The real cohort view, not started: the test fills its records."""
+
+    def __init__(self) -> None:
+        super().__init__("unused:0", "unused.cohort")
+
+    def readiness(self) -> ReaderStatus:
+        return fed_by_hand("cohorts")
 
 
 def settings_for(home: Path) -> Settings:
@@ -180,6 +209,7 @@ def _signal_monitor() -> Any:
 
     monitor = SignalMonitor("127.0.0.1:1", "unused.devices", "unused.signals")
     monitor.ready = True
+    monitor.readiness = lambda: fed_by_hand("signals")  # type: ignore[method-assign]
     return monitor
 
 
@@ -226,7 +256,7 @@ def build_world(
                     ),
                     SPONSOR_ORG,
                 )
-            cohorts = CohortView("unused:0", "unused.cohort")  # not started: filled here
+            cohorts = MemoryCohortView()  # not started: filled here
             cohorts.records[TRIAL] = {
                 pseudonym: {
                     "trial": TRIAL,

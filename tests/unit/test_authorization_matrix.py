@@ -135,6 +135,7 @@ def invitation_action() -> Rule:
 #: Every (method, route) of the app, and the outcome per caller.
 MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): public(),
+    ("GET", "/readyz"): public(),
     # the clinician page (recruitment/page.py): static, no patient data; its script calls the API
     ("GET", "/clinician"): public(),
     # -- FHIR ingest (role source)

@@ -25,8 +25,9 @@ def build_feasibility(settings: Settings) -> Any:
     from feasibility.live import CohortView
     from feasibility.saved import SavedQuestions
     from feasibility.service import FeasibilityService
+    from feasibility.sites import SiteView
     from feasibility.snapshot import ColumnarSnapshot
-    from infra.topics import COHORT, FACTS, TRIALS
+    from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
 
     lock = threading.Lock()
     snapshot = ColumnarSnapshot()
@@ -36,6 +37,8 @@ def build_feasibility(settings: Settings) -> Any:
         feed.start()
     saved = SavedQuestions(settings.kafka_bootstrap_servers, settings.topic(TRIALS)).start()
     cohorts = CohortView(settings.kafka_bootstrap_servers, settings.topic(COHORT)).start()
+    # answers name sites from the organisations on the reference topic, as they are now
+    sites = SiteView(settings.kafka_bootstrap_servers, settings.topic(REFERENCE)).start()
     url = settings.resolved_feasibility_url()
     return FeasibilityService(
         facts_high_watermarks=HighWatermarks(
@@ -50,6 +53,7 @@ def build_feasibility(settings: Settings) -> Any:
         feed=feed,
         saved=saved,
         cohorts=cohorts,
+        sites=sites,
     )
 
 
@@ -173,7 +177,9 @@ def create_app(
         app.state.ingest.ingestor.commit()
         app.state.ingest.ingestor.vault.close()
         service = app.state.feasibility
-        for part in (service.feed, service.saved, service.cohorts) if service is not None else ():
+        parts = () if service is None else (service.feed, service.saved, service.cohorts,
+                                            getattr(service, "sites", None))  # fmt: skip
+        for part in parts:
             if part is not None:
                 part.stop()
         if getattr(app.state, "recruitment", None) is not None:

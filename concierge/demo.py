@@ -498,6 +498,21 @@ def supervise(children: Children, body: Callable[[], int]) -> int:
     return code
 
 
+#: The demo's one EHR: its reference data is loaded in bulk and its patients stream in through
+#: the API, so both must write under this source system (resource keys are ``source|Type|id``).
+DEMO_SOURCE = "urn:concierge:demo:ehr"
+
+
+def demo_environment(home: Path) -> tuple[dict[str, str], str]:
+    """The environment of the demo's processes and the source system they all write under
+    (``CONCIERGE_SOURCE_SYSTEM`` if set, else :data:`DEMO_SOURCE`). The API's ``/fhir`` resolves
+    a Patient's ``Organization/x`` under its own source: under another one than the bulk load's,
+    no live patient's site or GP would ever resolve."""
+    source = os.environ.get("CONCIERGE_SOURCE_SYSTEM") or DEMO_SOURCE
+    env = {**os.environ, "CONCIERGE_HOME": str(home), "CONCIERGE_SOURCE_SYSTEM": source}
+    return env, source
+
+
 def demo_population(patients: int, seed: int, as_of: Any) -> Any:
     """The demo's population: the population's "today" is ``as_of`` (today in the demo, so "in
     the last year" means what it says), and every patient of 55 and over has implants, so the
@@ -532,7 +547,7 @@ def _run(
 
     home = settings.home
     logs = home / "logs"
-    env = {**os.environ, "CONCIERGE_HOME": str(home)}
+    env, source_system = demo_environment(home)
     concierge = [sys.executable, "-m", "concierge"]
     started_at = time.monotonic()
     deadline = started_at + duration if duration else None
@@ -605,7 +620,7 @@ def _run(
     click.echo("")
 
     config = demo_population(patients, seed, date.today())
-    ingestor = build_ingestor(settings, source="urn:concierge:demo:ehr")
+    ingestor = build_ingestor(settings, source=source_system)
     reference = list(iter_reference_resources(config))
     ingestor.ingest_bundle(bundle(reference), "demo:reference")
     population: Iterator[list[dict[str, Any]]] = iter_patients(config)

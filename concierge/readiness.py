@@ -27,10 +27,11 @@ def readers(app: FastAPI) -> Iterator[tuple[str, Any]]:
     """``(name, reader)`` for every topic reader this API process runs."""
     feasibility = getattr(app.state, "feasibility", None)
     if feasibility is not None:
-        for name in ("feed", "saved", "cohorts"):
-            reader = getattr(feasibility, name, None)
+        names = {"feed": "facts", "saved": "trials", "cohorts": "cohorts", "sites": "sites"}
+        for attribute, name in names.items():
+            reader = getattr(feasibility, attribute, None)
             if reader is not None:
-                yield {"feed": "facts", "saved": "trials", "cohorts": "cohorts"}[name], reader
+                yield name, reader
     monitor = getattr(app.state, "surveillance", None)
     if monitor is not None:
         yield "signals", monitor

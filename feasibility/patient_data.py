@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from fhir_adapters.facts import patient_site
+
 from .terminology import token
 
 Tokens = frozenset[str]
@@ -84,7 +86,10 @@ class PatientData:
     sex: str = "unknown"
     deceased: bool = False
     deceased_at: float | None = None
+    #: ODS code of the patient's site as the fact knew it (never a reference key).
     site: str | None = None
+    #: Reference key of the managing organisation (shown to nobody: readers resolve it).
+    site_key: str | None = None
     region: str | None = None
     has_demographics: bool = False
     conditions: list[ConditionRow] = field(default_factory=list)
@@ -121,7 +126,7 @@ def add_fact(data: PatientData, key: str, fact: Mapping[str, Any]) -> None:
         data.sex = fact.get("sex") or "unknown"
         data.deceased = bool(fact.get("deceased"))
         data.deceased_at = epoch(fact.get("deceased_date"))
-        data.site = fact.get("site")
+        data.site, data.site_key = patient_site(fact)
         region = fact.get("region")
         data.region = region if region and region != "Unknown" else None
     elif kind == "condition":

@@ -29,6 +29,15 @@ from .disclosure import (
     QueryBudget,
     protect,
 )
+from .sites import (
+    UNRESOLVED,
+    UNRESOLVED_REGION,
+    SiteResolver,
+    describe_sites,
+    label_population,
+    label_site,
+    with_site_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +80,14 @@ def bitmap_of(ids: pl.Series) -> BitMap:
     return BitMap(buffer)
 
 
-def answer_sets(question: Question, steps: pl.DataFrame) -> AnswerSets:
+def answer_sets(
+    question: Question, steps: pl.DataFrame, sites: SiteResolver | None = None
+) -> AnswerSets:
     """Exact sets from an engine's per-patient step frame (``pid``, ``in_population``,
-    ``s0``..``sN`` as 1/0/null, ``site``, ``region``)."""
-    population = steps.filter(pl.col("in_population"))
+    ``s0``..``sN`` as 1/0/null, ``site``, ``region``, and ``site_key`` where known). Sites
+    are labelled now, from ``sites`` (:func:`feasibility.sites.label_site`): by ODS code, or
+    :data:`~feasibility.sites.UNRESOLVED`, never by an organisation's key."""
+    population = with_site_columns(steps.filter(pl.col("in_population")))
     remaining = pl.lit(True)
     funnel = [
         FunnelStepSets(
@@ -107,16 +120,13 @@ def answer_sets(question: Question, steps: pl.DataFrame) -> AnswerSets:
         remaining = remaining & keep
     members = population.filter(remaining)
     cohort = bitmap_of(members.get_column("pid"))
-    site_region: dict[str, str] = {}
-    for site, region in population.select("site", "region").unique().iter_rows():
-        if site is not None:
-            site_region[site] = region or "Unknown"
+    labels, site_region = label_population(population, sites)
     by_site = {site: BitMap() for site in site_region}
     by_region = {region: BitMap() for region in set(site_region.values())}
-    for site, ids in (
-        members.filter(pl.col("site").is_not_null()).group_by("site").agg(pl.col("pid")).iter_rows()
-    ):
-        by_site[site] = BitMap(ids)
+    for key, code, ids in members.group_by("site_key", "site").agg(pl.col("pid")).iter_rows():
+        site = labels[(key, code)]
+        if site is not None:
+            by_site[site] |= BitMap(ids)
     for site, ids in by_site.items():
         by_region[site_region[site]] |= ids
     return AnswerSets(
@@ -141,6 +151,9 @@ class FeasibilityService:
     feed: Any = None
     saved: Any = None
     cohorts: Any = None
+    #: Organisations from the reference topic (:class:`feasibility.sites.SiteView`): how
+    #: answers name sites. None: by the ODS codes the facts carry.
+    sites: Any = None
     clock: Any = field(default=lambda: datetime.now(UTC))
     #: How long a saved answer waits for the snapshot to reach the stream's position.
     consistency_timeout: float = 5.0
@@ -150,8 +163,13 @@ class FeasibilityService:
 
     def require(self, *views: str) -> None:
         """Raise :class:`NotCurrent` unless each named view (``facts``, ``cohorts``,
-        ``trials``) is connected and caught up."""
-        readers = {"facts": self.feed, "cohorts": self.cohorts, "trials": self.saved}
+        ``trials``, ``sites``) is connected and caught up."""
+        readers = {
+            "facts": self.feed,
+            "cohorts": self.cohorts,
+            "trials": self.saved,
+            "sites": self.sites,
+        }
         waiting = [
             reason
             for name in views
@@ -176,9 +194,16 @@ class FeasibilityService:
         return highs
 
     def evaluate(self, question: Question, at: datetime) -> pl.DataFrame:
+        """The engine's step frame, with each patient's ``site_key`` (row i is pid i in both)."""
         with self.lock:
             frames = self.snapshot.frames()
-        return self.engine.evaluate_frames(question, frames, at)
+        steps: pl.DataFrame = self.engine.evaluate_frames(question, frames, at)
+        patients = frames.patients
+        if "site_key" not in steps.columns and "site_key" in patients.columns:
+            if steps.height != patients.height:
+                raise RuntimeError("the step frame is not aligned with the snapshot's patients")
+            steps = steps.with_columns(patients.get_column("site_key"))
+        return steps
 
     def answer_live(self, trial: Any, org: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """A saved question's answer: cohort counts as the stream keeps them (per event), the
@@ -187,7 +212,7 @@ class FeasibilityService:
         question: Question = trial.criteria
         if self.cohorts is None:
             raise RuntimeError("the live cohort view is not running")
-        self.require("facts", "cohorts", "trials")
+        self.require("facts", "cohorts", "trials", "sites")
         pending = self.cohorts.pending_partitions(trial.id, trial.version)
         if pending:
             raise NotCurrent(
@@ -199,7 +224,7 @@ class FeasibilityService:
         members = self.cohorts.members(trial.id, trial.version)
         snapshot_at = self._snapshot_past_stream()
         steps = self.evaluate(question, at)
-        sets = answer_sets(question, steps)
+        sets = answer_sets(question, steps, self.sites)
         with self.lock:
             known = {r["patient"]: self.snapshot.known(r["patient"]) for r in members}
             missing = sum(1 for ok in known.values() if not ok)
@@ -213,13 +238,22 @@ class FeasibilityService:
         by_site = {site: BitMap() for site in sets.by_site}
         by_region = {region: BitMap() for region in sets.by_region}
         site_region = dict(sets.site_region)
-        for record in members:
-            site, region = record.get("site"), record.get("region") or "Unknown"
+        # The stream says who is in the cohort; the snapshot (at or past the stream's
+        # position) holds each member's organisation key, labelled now like an ad hoc answer.
+        rows = steps.filter(pl.col("pid").is_in(pl.Series(list(ids.values()), dtype=pl.UInt32)))
+        rows = with_site_columns(rows).select("pid", "site_key", "site", "region")
+        labels: dict[tuple[str | None, str | None], str | None] = {}
+        for pid, key, code, region in rows.iter_rows():
+            if (key, code) not in labels:
+                labels[(key, code)] = label_site(key, code, self.sites)
+            site = labels[(key, code)]
             if site is None:
                 continue
-            site_region.setdefault(site, region)
-            by_site.setdefault(site, BitMap()).add(ids[record["patient"]])
-            by_region.setdefault(site_region[site], BitMap()).add(ids[record["patient"]])
+            site_region.setdefault(
+                site, UNRESOLVED_REGION if site == UNRESOLVED else region or "Unknown"
+            )
+            by_site.setdefault(site, BitMap()).add(pid)
+            by_region.setdefault(site_region[site], BitMap()).add(pid)
         batch_cohort = sets.cohort
         live = AnswerSets(
             cohort=cohort,
@@ -247,6 +281,7 @@ class FeasibilityService:
             "stream_and_snapshot_agree": cohort == batch_cohort,
             "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
             **protected.to_dict(),
+            "sites": describe_sites(protected.by_site, self.sites),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         }
         return body, {"question": fp, "kind": "saved", **audit.to_dict()}
@@ -255,7 +290,7 @@ class FeasibilityService:
         """Each view's readiness, lag and what it waits for (as ``/readyz`` shows them)."""
         out: dict[str, Any] = {}
         for name, reader in (("facts", self.feed), ("cohorts", self.cohorts),
-                             ("trials", self.saved)):  # fmt: skip
+                             ("trials", self.saved), ("sites", self.sites)):  # fmt: skip
             readiness = getattr(reader, "readiness", None)
             if readiness is not None:
                 out[name] = readiness().to_dict()
@@ -283,13 +318,13 @@ class FeasibilityService:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The protected answer for ``org``, and an audit detail (counts of rules applied, never
         patient-level)."""
-        self.require("facts")
+        self.require("facts", "sites")
         if charge:
             self.budget.charge(org)
         started = time.perf_counter()
         at = self.clock()
         steps = self.evaluate(question, at)
-        sets = answer_sets(question, steps)
+        sets = answer_sets(question, steps, self.sites)
         evaluated = time.perf_counter()
         fp = fingerprint(question)
         protected, audit = protect(sets, self.policy, self.registry, org, fp)
@@ -301,6 +336,7 @@ class FeasibilityService:
             "index_instant": question.index_instant(at).isoformat(),
             "as_of": self.as_of(),
             **protected.to_dict(),
+            "sites": describe_sites(protected.by_site, self.sites),
             "engine": getattr(self.engine, "name", type(self.engine).__name__),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
             "evaluation_ms": round((evaluated - started) * 1000, 1),

@@ -55,6 +55,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from fhir_adapters.facts import patient_site
+
 from .terminology import token as make_token
 
 FORMAT = "concierge.snapshot/1"
@@ -78,6 +80,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "deceased": pl.Boolean,
         "deceased_us": I64,
         "site": pl.String,
+        "site_key": pl.String,
         "region": pl.String,
     },
     "conditions": {
@@ -174,7 +177,10 @@ DEMOGRAPHICS_SCHEMA: dict[str, Any] = {
     "sex": pl.String,
     "deceased": pl.Boolean,
     "deceased_us": I64,
+    #: ODS code as the fact knew it; ``site_key``: the managing organisation's reference key
+    #: (see :func:`fhir_adapters.facts.patient_site`)
     "site": pl.String,
+    "site_key": pl.String,
     "region": pl.String,
 }
 
@@ -288,7 +294,8 @@ class SnapshotFrames:
     #: One row per pid in pid order: ``pid``, ``patient`` (pseudonym) and the demographics
     #: from the patient's first live Patient fact (by resource key): ``has_demographics``,
     #: ``birth_date``, ``sex`` ("unknown" when the fact has none; null without a Patient
-    #: fact), ``deceased``, ``deceased_us``, ``site``, ``region`` (null for "Unknown").
+    #: fact), ``deceased``, ``deceased_us``, ``site`` (ODS code as the fact knew it),
+    #: ``site_key`` (the organisation's reference key), ``region`` (null for "Unknown").
     patients: pl.DataFrame
     tables: Mapping[str, TableView]
     tokens: pl.DataFrame
@@ -789,6 +796,7 @@ class ColumnarSnapshot:
                 rows += 1
             elif kind == "patient":
                 region = fact.get("region")
+                site, site_key = patient_site(fact)
                 tables["patient_facts"].buffer.append(
                     (
                         pid,
@@ -800,7 +808,8 @@ class ColumnarSnapshot:
                         fact.get("sex") or "unknown",
                         bool(fact.get("deceased")),
                         self._date(fact.get("deceased_date")),
-                        fact.get("site"),
+                        site,
+                        site_key,
                         region if region and region != "Unknown" else None,
                     )
                 )
@@ -1193,12 +1202,24 @@ def _read_partitioned(folder: Path, schema: dict[str, Any]) -> pl.DataFrame:
     files = sorted(folder.glob("bucket=*/*.parquet"))
     if not files:
         return pl.DataFrame(schema=schema)
-    return (
-        pl.scan_parquet(files, hive_partitioning=False)
+    scan = pl.scan_parquet(files, hive_partitioning=False)
+    present = set(scan.collect_schema().names())
+    # a snapshot saved before a column existed (site_key): the column is null there
+    absent = [c for c in schema if c not in present]
+    frame = (
+        scan.with_columns([pl.lit(None, dtype=schema[c]).alias(c) for c in absent])
         .select(list(schema))
         .cast(pl.Schema(schema))
         .collect()
     )
+    if "site_key" in absent:
+        # ... and its site column holds an organisation's key where the ODS code was unknown
+        legacy = pl.col("site").str.contains("|Organization|", literal=True).fill_null(False)
+        frame = frame.with_columns(
+            site_key=pl.when(legacy).then(pl.col("site")),
+            site=pl.when(legacy).then(None).otherwise(pl.col("site")),
+        )
+    return frame
 
 
 def scan_table(directory: str | Path, table: str, bucket: int | None = None) -> pl.LazyFrame:

@@ -319,15 +319,22 @@ def extract_patient(
     identity = _identity(resource, path)
     deceased = get_bool(resource, "deceasedBoolean", path) or False
     deceased_date = get_datetime(resource, "deceasedDateTime", path)
-    site = None
+    site = site_key = None
     region = region_for_postcode(identity.postcode)
     managing = resource.get("managingOrganization")
     if managing is not None:
-        reference = read_reference(managing, f"{path}.managingOrganization")
-        key = ctx.key_for(reference, "Organization") if reference else None
-        if key is not None:
-            org = ctx.organization(key)
-            site = (org.ods_code if org and org.ods_code else None) or key
+        # The fact keeps the organisation's key, which does not depend on what has arrived
+        # before; the ODS code only when it is known now (readers resolve the key later).
+        expression = f"{path}.managingOrganization"
+        reference = read_reference(managing, expression)
+        token = read_identifier_token(managing.get("identifier"), f"{expression}.identifier")
+        if token is not None and token.startswith(ODS_SYSTEM + "|"):
+            site = token.split("|", 1)[1] or None
+        site_key = ctx.key_for(reference, "Organization") if reference else None
+        if site_key is not None:
+            org = ctx.organization(site_key)
+            if org is not None and org.ods_code:
+                site = org.ods_code
             if region == UNKNOWN_REGION and org is not None:
                 region = org.region
     gp_practice = None
@@ -350,6 +357,7 @@ def extract_patient(
         deceased=deceased or deceased_date is not None,
         deceased_date=deceased_date,
         site=site,
+        site_key=site_key,
         region=region,
         gp_practice=gp_practice,
         general_practitioners=tuple(practitioners),

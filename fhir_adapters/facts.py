@@ -14,8 +14,9 @@ anything else, so replaying any prefix of the log, in any number of copies, chan
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -50,8 +51,14 @@ class PatientFact(_Frozen):
     sex: Literal["male", "female", "other", "unknown"] = "unknown"
     deceased: bool = False
     deceased_date: datetime | None = None
-    #: Site (ODS code of the managing organisation, or its reference key when unresolved).
+    #: ODS code of the managing organisation, when the adapter knew it at ingestion (the
+    #: Organization was ingested before, or the reference carries an ODS identifier); None
+    #: otherwise. Never a reference key: see :func:`patient_site`.
     site: str | None = None
+    #: Reference key (``source|Organization|id``) of the managing organisation: stable whatever
+    #: the order in which the Patient and its Organization arrive. Readers that show sites
+    #: resolve it to an ODS code and name from the reference topic when they answer.
+    site_key: str | None = None
     #: NHS region or nation, derived from the postcode area only.
     region: str = "Unknown"
     #: Reference keys (``source|Type|id``) of the registered GP practice and practitioners.
@@ -269,6 +276,19 @@ def decode_resource_facts(data: bytes | str) -> ResourceFacts:
 
 def decode_reference(data: bytes | str) -> ReferenceRecord:
     return REFERENCE_RECORD.validate_json(data)
+
+
+def patient_site(fact: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(ODS code, organisation key)`` of a patient fact given as a plain object: the one
+    reading of a patient's site for every consumer. Facts written before ``site_key`` existed
+    hold the organisation's key in ``site`` when it was unknown at ingestion: that is a key,
+    not an ODS code."""
+    site, key = fact.get("site"), fact.get("site_key")
+    if isinstance(site, str) and "|Organization|" in site:
+        return None, key if isinstance(key, str) else site
+    return (site if isinstance(site, str) and site else None), (
+        key if isinstance(key, str) and key else None
+    )
 
 
 def resource_key(source: str, resource_type: str, resource_id: str) -> str:

@@ -35,6 +35,7 @@ from fhir_adapters.facts import (
     PractitionerRoleRecord,
     ReferenceRecord,
     ResourceFacts,
+    patient_site,
 )
 
 from .contracts import CohortRecord, TrialRecord, resource_type_of
@@ -981,7 +982,7 @@ def _fact_data(kind: str, envelope: ResourceFacts) -> dict[str, Any]:
     for fact in envelope.facts:
         if kind == "patient" and isinstance(fact, PatientFact):
             return {
-                "site": fact.site,
+                "site": patient_site(fact.model_dump())[0],
                 "region": fact.region,
                 "gp_practice": fact.gp_practice,
                 "general_practitioners": list(fact.general_practitioners),

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
+from fhir_adapters.facts import patient_site
+
 __all__ = [
     "DEFAULT_DEVICE_CLASSES",
     "DEFAULT_OUTCOMES",
@@ -533,7 +535,7 @@ def _patient_place(
 ) -> tuple[str | None, str | None, Source | None]:
     for source, fact in _live(entries, ("patient",)):
         if fact.get("kind") == "patient":
-            return fact.get("site"), fact.get("region"), source
+            return patient_site(fact)[0], fact.get("region"), source
     return None, None, None
 
 

@@ -229,7 +229,9 @@ def patient_fact(draw: st.DrawFn) -> dict[str, Any]:
         "sex": draw(st.sampled_from(["male", "female", "other", "unknown", None])),
         "deceased": draw(st.booleans()) if deceased_date is None else True,
         "deceased_date": deceased_date,
-        "site": draw(st.sampled_from(["RA1", "RB2", "", None])),
+        # a key in ``site``: a fact written before ``site_key`` (its organisation unknown then)
+        "site": draw(st.sampled_from(["RA1", "RB2", "", None, "urn:s|Organization|o1"])),
+        "site_key": draw(st.sampled_from([None, "urn:s|Organization|o1", "urn:s|Organization|o2"])),
         "region": draw(st.sampled_from(["London", "North West", "Unknown", "", None])),
         "gp_practice": None,
         "general_practitioners": [],
@@ -666,7 +668,9 @@ def demographic_criterion(draw: st.DrawFn) -> dict[str, Any]:
     if kind == "site":
         return {
             "type": "site",
-            "sites": draw(st.lists(st.sampled_from(["RA1", "RB2", ""]), min_size=1)),
+            "sites": draw(
+                st.lists(st.sampled_from(["RA1", "RB2", "", "urn:s|Organization|o1"]), min_size=1)
+            ),
         }
     return {
         "type": "region",

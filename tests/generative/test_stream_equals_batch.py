@@ -76,7 +76,8 @@ def timed_patient(draw: st.DrawFn) -> dict[str, Any]:
     birth = (AT - timedelta(days=draw(st.integers(16 * 365, 19 * 365)))).date()
     return {"kind": "patient", "birth_date": birth.isoformat(),
             "sex": draw(st.sampled_from(["female", "male"])), "deceased": False,
-            "deceased_date": None, "site": draw(st.sampled_from(["RA1", "RB2"])),
+            "deceased_date": None, "site": draw(st.sampled_from(["RA1", "RB2", None])),
+            "site_key": draw(st.sampled_from([None, "urn:s|Organization|o1"])),
             "region": "London", "gp_practice": None, "general_practitioners": []}  # fmt: skip
 
 

@@ -818,6 +818,7 @@ def test_patient_fact(world: Ingestor) -> None:
             birth_date=date(1961, 2, 28),
             sex="female",
             site=ODS,
+            site_key=key("Organization", "org1"),
             region="North East and Yorkshire",  # from LS, the patient's postcode area
             gp_practice=ODS,
             general_practitioners=(key("Practitioner", "pr1"),),
@@ -894,13 +895,47 @@ def test_patient_without_nhs_number_is_keyed_by_source_and_id() -> None:
     assert published.facts == (PatientFact(),)
 
 
-def test_patient_site_is_the_reference_key_when_the_organization_is_unknown() -> None:
+def test_patient_before_its_organization_keeps_the_key_and_no_ods_code() -> None:
+    """A stream may deliver a Patient before its managing Organization: the fact keeps the
+    organisation's key (stable) and no ODS code, never the key in place of one."""
     ingestor = make_ingestor()
     accept(ingestor, PATIENT)
     fact = envelope(ingestor, key("Patient", "pat1")).facts[0]
     assert isinstance(fact, PatientFact)
-    assert fact.site == key("Organization", "org1")
+    assert (fact.site, fact.site_key) == (None, key("Organization", "org1"))
     assert fact.region == "North East and Yorkshire"
+    accept(ingestor, ORGANIZATION)
+    again = make_ingestor()
+    accept(again, ORGANIZATION)
+    accept(again, PATIENT)
+    after = envelope(again, key("Patient", "pat1")).facts[0]
+    assert isinstance(after, PatientFact)
+    # the same key either way; the ODS code only where the Organization came first
+    assert (after.site, after.site_key) == (ODS, fact.site_key)
+
+
+def test_patient_site_from_an_ods_identifier_on_the_reference() -> None:
+    ingestor = make_ingestor()
+    logical = {
+        **PATIENT,
+        "managingOrganization": {"identifier": {"system": ODS_SYSTEM, "value": "RR8"}},
+    }
+    accept(ingestor, logical)
+    fact = envelope(ingestor, key("Patient", "pat1")).facts[0]
+    assert isinstance(fact, PatientFact)
+    assert (fact.site, fact.site_key) == ("RR8", None)
+
+
+def test_a_legacy_patient_fact_holding_a_key_in_site_is_read_as_a_key() -> None:
+    from fhir_adapters.facts import patient_site
+
+    legacy = {"site": key("Organization", "org1")}
+    assert patient_site(legacy) == (None, key("Organization", "org1"))
+    assert patient_site({"site": ODS, "site_key": key("Organization", "org1")}) == (
+        ODS,
+        key("Organization", "org1"),
+    )
+    assert patient_site({"site": None}) == (None, None)
 
 
 def test_patient_region_falls_back_to_the_managing_organization() -> None:

@@ -41,6 +41,7 @@ def build_feasibility(settings: Settings) -> Any:
     sites = SiteView(settings.kafka_bootstrap_servers, settings.topic(REFERENCE)).start()
     url = settings.resolved_feasibility_url()
     return FeasibilityService(
+        stream_max_lag_seconds=settings.stream_max_lag_seconds,
         facts_high_watermarks=HighWatermarks(
             settings.kafka_bootstrap_servers, settings.topic(FACTS)
         ),

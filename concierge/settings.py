@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     stream_device_counters: bool = True
     #: How often the worker checks the trials topic for saved questions its partitions lack.
     stream_trial_sync_seconds: float = 1.0
+    #: How far the stream's time may trail the wall clock before saved answers say 503 (the
+    #: worker ticks every CONCIERGE_STREAM_TICK_SECONDS; a dead or stalled worker stops them).
+    stream_max_lag_seconds: float = Field(default=15.0, gt=0)
+    #: The worker's consumer-group session timeout: how long the partitions of a worker that
+    #: died wait before another (or the restarted one) gets them.
+    stream_session_timeout_seconds: float = Field(default=10.0, ge=6.0, le=300.0)
 
     def resolved_vault_url(self) -> str:
         if self.vault_url:

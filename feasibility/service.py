@@ -157,6 +157,9 @@ class FeasibilityService:
     clock: Any = field(default=lambda: datetime.now(UTC))
     #: How long a saved answer waits for the snapshot to reach the stream's position.
     consistency_timeout: float = 5.0
+    #: How far behind the wall clock the stream's time may be for a saved answer (None: not
+    #: checked, for views fed by hand); the API sets it from CONCIERGE_STREAM_MAX_LAG_SECONDS.
+    stream_max_lag_seconds: float | None = None
     #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
     #: a broker call; None where there is no broker).
     facts_high_watermarks: Any = None
@@ -220,6 +223,13 @@ class FeasibilityService:
                  f"partitions {pending}"]
             )  # fmt: skip
         stream_time = self.cohorts.stream_time()
+        if self.stream_max_lag_seconds is not None:
+            # The cohort view can be caught up with its topic while the worker writing it is
+            # down or behind: the stream's time (ticks, every second) says how current it is.
+            lag = None if stream_time is None else (self.clock() - stream_time).total_seconds()
+            if lag is None or lag > self.stream_max_lag_seconds:
+                said = "has not reported its time" if lag is None else f"is {lag:.0f} s behind"
+                raise NotCurrent([f"cohorts: the stream worker {said}"])
         at = stream_time or self.clock()
         members = self.cohorts.members(trial.id, trial.version)
         snapshot_at = self._snapshot_past_stream()

@@ -102,6 +102,10 @@ class StreamApp:
             processing_guarantee="at_least_once",
             web_port=settings.worker_web_port,
             web_host="127.0.0.1",
+            # A killed worker's partitions wait for its session to time out before a restarted
+            # one gets them: Faust's 60 s default was a minute of stale live answers per crash.
+            broker_session_timeout=settings.stream_session_timeout_seconds,
+            broker_heartbeat_interval=min(3.0, settings.stream_session_timeout_seconds / 3),
             broker_commit_every=1000,
             broker_commit_interval=1.0,
             producer_linger=0.005,
@@ -191,7 +195,9 @@ class StreamApp:
         resumed from the committed offsets). A partition held before a rebalance keeps its
         state and only folds the gap another worker may have processed meanwhile.
         """
-        if partition in self._verified:
+        if partition in self._verified and (
+            facts_offset is None or facts_offset <= self.folded_to.get(partition, 0)
+        ):
             return
         pending = self._rebuilding.get(partition)
         if pending is None:
@@ -327,7 +333,7 @@ class StreamApp:
                 )
                 for offset, value in messages:
                     self.handle_facts(partition, offset, value)
-                log.info(
+                log.warning(
                     "partition %s caught up from offset %s to %s (%s messages another member "
                     "processed)",
                     partition,

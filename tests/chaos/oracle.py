@@ -65,17 +65,31 @@ class Truth:
     envelopes: list[Any]  # decoded ResourceFacts, in log order
     raw: list[dict[str, Any]]
     high: dict[int, int]
+    #: (partition, offset) of each raw envelope's message
+    positions: list[tuple[int, int]]
 
     @classmethod
     def read(cls, bootstrap: str, facts_topic: str) -> Truth:
         raw: list[dict[str, Any]] = []
+        positions: list[tuple[int, int]] = []
         high: dict[int, int] = defaultdict(int)
         for partition, offset, _, value in read_topic(bootstrap, facts_topic):
             high[partition] = max(high[partition], offset + 1)
             if value is not None:
-                raw.extend(envelopes_of(value))
+                batch = envelopes_of(value)
+                raw.extend(batch)
+                positions.extend((partition, offset) for _ in batch)
         envelopes = [decode_resource_facts(orjson.dumps(e)) for e in raw]
-        return cls(envelopes, raw, dict(high))
+        return cls(envelopes, raw, dict(high), positions)
+
+    def where(self) -> dict[str, list[tuple[int, int, int]]]:
+        """Resource key -> [(partition, offset, seq)] of its envelopes on the log."""
+        out: dict[str, list[tuple[int, int, int]]] = {}
+        for envelope, (partition, offset) in zip(self.raw, self.positions, strict=True):
+            out.setdefault(str(envelope["key"]), []).append(
+                (partition, offset, int(envelope["seq"]))
+            )
+        return out
 
     def fold(self) -> dict[str, Any]:
         return patient_state.fold(self.envelopes)
@@ -203,6 +217,18 @@ def cohort_on_topic(bootstrap: str, topic: str, trial: str, version: int) -> set
         for p, r in records.items()
         if r is not None and r.get("member") and int(r.get("trial_version", 0)) == version
     }
+
+
+def cohort_record(bootstrap: str, topic: str, trial: str, patient: str) -> Any:
+    """Every record of ``trial|patient`` on the cohort topic (for a failure's report)."""
+    out = []
+    for partition, offset, key, value in read_topic(bootstrap, topic):
+        text = (key or b"").decode()
+        if text.startswith('"'):
+            text = orjson.loads(text)
+        if text == f"{trial}|{patient}":
+            out.append((partition, offset, orjson.loads(value) if value else None))
+    return out
 
 
 def eventually(check: Callable[[], Any], timeout: float, what: str) -> None:

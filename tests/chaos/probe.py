@@ -14,6 +14,7 @@ import bisect
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -21,6 +22,8 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 #: How old the newest facts a 2xx answer reflects may be (the readers' freshness bound).
 MAX_STALENESS = 5.0
+#: How far a saved answer's stream time may trail the clock (CONCIERGE_STREAM_MAX_LAG_SECONDS).
+STREAM_MAX_LAG = 15.0
 SLACK = 1.0
 
 
@@ -32,6 +35,8 @@ class Answer:
     retry_after: str | None
     offsets: dict[int, int] | None
     detail: Any = None
+    #: a saved answer's stream time behind the wall clock when it was asked (seconds)
+    stream_lag: float | None = None
 
 
 @dataclass
@@ -96,6 +101,7 @@ class Probe:
             route, call = routes[turn % 2]
             turn += 1
             started = time.monotonic()
+            wall = time.time()
             try:
                 response = call()
             except httpx.HTTPError as exc:
@@ -103,14 +109,19 @@ class Probe:
                 time.sleep(0.5)
                 continue
             offsets = None
+            stream_lag: float | None = None
             detail: Any = None
             try:
                 body = response.json()
             except ValueError:
                 body = {}
             if response.status_code == 200:
-                raw = (body.get("as_of") or {}).get("offsets") or {}
+                as_of = body.get("as_of") or {}
+                raw = as_of.get("offsets") or {}
                 offsets = {int(p): int(o) for p, o in raw.items()}
+                if as_of.get("stream_time"):
+                    stream_time = datetime.fromisoformat(as_of["stream_time"])
+                    stream_lag = wall - stream_time.timestamp()
             else:
                 detail = body.get("detail", body)
             self.answers.append(
@@ -121,6 +132,7 @@ class Probe:
                     response.headers.get("Retry-After"),
                     offsets,
                     detail,
+                    stream_lag,
                 )
             )
             time.sleep(0.35)
@@ -146,6 +158,8 @@ class Probe:
             if answer.status != 200:
                 bad.append(f"{answer.route}: {answer.status} {answer.detail}")
                 continue
+            if answer.stream_lag is not None and answer.stream_lag > STREAM_MAX_LAG + SLACK:
+                bad.append(f"{answer.route}: 200 from a stream {answer.stream_lag:.0f} s behind")
             floor = self.high_before(answer.started - MAX_STALENESS - SLACK)
             if floor is None or answer.offsets is None:
                 continue

@@ -28,7 +28,7 @@ from infra.topics import COHORT, DEVICES, FACTS
 from surveillance_stream.store import canonical
 
 from .load import Load, requests_of
-from .oracle import Truth, cohort_on_topic, device_counters_on_topic, eventually
+from .oracle import Truth, cohort_on_topic, cohort_record, device_counters_on_topic, eventually
 from .probe import Probe
 from .stack import SOURCE, Stack
 
@@ -92,9 +92,33 @@ class World:
             got = httpx.get(f"{self.stack.worker}/state/digest", timeout=30).json()
             return True if got == want_digest else (got, want_digest)
 
+        def state_difference() -> list[str]:
+            """Which entries the worker lacks or has wrong, with where they are on the log."""
+            where = truth.where()
+            out = []
+            for patient, entries in sorted(truth.patients().items()):
+                page = httpx.get(f"{self.stack.worker}/state/patients/{patient}", timeout=10)
+                held = page.json()["resources"]
+                for key, entry in entries.items():
+                    if held.get(key) != canonical(entry):
+                        out.append(f"{key} seq {entry['seq']} at {where.get(key)}: {held.get(key)}")
+            return out[:20]
+
         def live_cohort() -> Any:
             got = cohort_on_topic(self.bootstrap, COHORT, TRIAL, 1)
-            return True if got == set(members) else (len(got), len(members))
+            if got == set(members):
+                return True
+            where = truth.where()
+            fold = truth.patients()
+            detail = {}
+            for patient in sorted(got ^ set(members))[:5]:
+                detail[patient] = {
+                    "expected": patient in members,
+                    "record": cohort_record(self.bootstrap, COHORT, TRIAL, patient),
+                    "resources": {k.rsplit("|", 2)[-2]: (e["seq"], where.get(k))
+                                  for k, e in fold[patient].items()},
+                }  # fmt: skip
+            return (len(got), len(members), detail)
 
         def api_live_cohort() -> Any:
             response = httpx.get(
@@ -128,7 +152,10 @@ class World:
             agree = body["stream_and_snapshot_agree"]
             return True if got == len(members) and agree else (got, len(members), agree)
 
-        eventually(worker_state, 120, "worker state == fold of the facts topic")
+        try:
+            eventually(worker_state, 120, "worker state == fold of the facts topic")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nwhat differs: {state_difference()}") from None
         eventually(live_cohort, 90, "cohort topic == reference engine on the fold")
         eventually(api_live_cohort, 60, "API's cohort view == reference engine on the fold")
         eventually(devices, 90, "device contributions == batch contributions")

@@ -144,6 +144,8 @@ class StreamApp:
         #: rebalance; facts offset each partition's state reflects (everything before it).
         self._verified: set[int] = set()
         self.folded_to: dict[int, int] = {}
+        #: (partition, trial) -> the version sent to that partition since the last assignment
+        self._trials_sent: dict[tuple[int, str], int] = {}
         #: What each rebuild read (for /health and the chaos suite).
         self.rebuilds: list[dict[str, int]] = []
         self._offsets_client: Consumer | None = None
@@ -212,6 +214,7 @@ class StreamApp:
         """After every rebalance each partition is checked again at its first message; the
         state of a partition this worker no longer holds is dropped (it would go stale)."""
         self._verified.clear()
+        self._trials_sent.clear()
         for partition in sorted(set(self.store.partitions) - facts_partitions):
             self.keeper.forget(partition)
             for hook in self.on_forget:
@@ -483,7 +486,8 @@ class StreamApp:
             return web.json(self.keeper.summary())
 
     async def sync_trials(self) -> None:
-        """Send each assigned partition the trial versions it has not seen yet."""
+        """Send each assigned partition every trial version it was not sent since the last
+        assignment (re-evaluating a version it has seen writes only what was lost)."""
         if self.saved is None:
             from feasibility.saved import SavedQuestions
 
@@ -493,8 +497,10 @@ class StreamApp:
         for trial in list(self.saved.trials.values()):
             body: bytes | None = None
             for partition in self.assigned(self.control_name):
-                seen = self.trials_table.get(f"{partition}|{trial.id}")
-                if seen is not None and int(seen["version"]) >= trial.version:
+                # Once per version per partition per assignment, whatever the trials table
+                # says: after a restart or rebalance each partition evaluates every active
+                # trial again, which heals records lost in flight when a worker died.
+                if self._trials_sent.get((partition, trial.id), 0) >= trial.version:
                     continue
                 if body is None:
                     record = orjson.loads(trial.to_json())
@@ -502,6 +508,7 @@ class StreamApp:
                 await self.control_topic.send(
                     key=trial.id.encode(), value=body, partition=partition
                 )
+                self._trials_sent[(partition, trial.id)] = trial.version
 
     def digest(self) -> dict[str, Any]:
         return patient_state.digest(self.store.items())

@@ -255,11 +255,15 @@ class CohortKeeper:
             self.table[f"{WATERMARK}{partition}"] = mark
 
     def on_trial(self, partition: int, trial: Mapping[str, Any]) -> None:
-        """A trial was registered, changed or retired (idempotent per version)."""
+        """A trial was registered, changed or retired. An older version is ignored; the same
+        version again re-evaluates (records are compared, so nothing changes when nothing
+        was lost): the trials table can be durable while the records an evaluation wrote
+        were still in flight when the worker died, and the redelivered message must heal them
+        (the chaos suite found a member with no record after a SIGKILL)."""
         key = f"{partition}|{trial['id']}"
         current = self.trials.get(key)
         version = int(trial["version"])
-        if current is not None and int(current["version"]) >= version:
+        if current is not None and int(current["version"]) > version:
             return
         spec = {
             "id": trial["id"],

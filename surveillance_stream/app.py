@@ -146,8 +146,9 @@ class StreamApp:
         self.folded_to: dict[int, int] = {}
         #: (partition, trial) -> the version sent to that partition since the last assignment
         self._trials_sent: dict[tuple[int, str], int] = {}
-        #: What each rebuild read (for /health and the chaos suite).
+        #: What each rebuild read, and each gap handled from the log (for /readyz).
         self.rebuilds: list[dict[str, int]] = []
+        self.gaps: list[dict[str, int]] = []
         self._offsets_client: Consumer | None = None
         #: Readiness: the facts topic's end, measured on a thread of its own, against the
         #: state's positions (the same rule as every topic reader's, infra/mirror.py).
@@ -285,24 +286,30 @@ class StreamApp:
     async def _recover(self, partition: int, facts_offset: int | None) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        target = facts_offset if facts_offset is not None else await self._committed(partition)
         if not self.store.ready(partition):
+            # The state is folded up to the group's committed offset, the point up to which
+            # every effect (cohort records, device contributions) is durable; everything after
+            # it is handled with its effects below or by the stream. Not up to the first
+            # message's offset: Faust can deliver a first message past the committed offset
+            # (the chaos suite saw 53 delivered first with effects only durable to 40), and the
+            # messages between would then be folded without ever producing their effects.
+            committed = await self._committed(partition)
             patients: dict[str, Any] = {}
             read = 0
             end = 0
-            if target > 0:
+            if committed > 0:
                 patients, read, end = await loop.run_in_executor(
                     None,
                     read_partition,
                     self.settings.kafka_bootstrap_servers,
                     self.facts_name,
                     partition,
-                    target,
+                    committed,
                 )
-                if end < target:
+                if end < committed:
                     raise RecoveryError(
                         f"partition {partition}: the facts topic ends at {end}, before the "
-                        f"stream's position {target}"
+                        f"group's committed offset {committed}"
                     )
             self.store.install(partition, patients)
             self.folded_to[partition] = end
@@ -322,28 +329,32 @@ class StreamApp:
                 end,
                 loop.time() - started,
             )
-        else:
-            held = self.folded_to.get(partition, 0)
-            if target > held:
-                messages = await loop.run_in_executor(
-                    None,
-                    read_messages,
-                    self.settings.kafka_bootstrap_servers,
-                    self.facts_name,
-                    partition,
-                    held,
-                    target,
-                )
-                for offset, value in messages:
-                    self.handle_facts(partition, offset, value)
-                log.warning(
-                    "partition %s caught up from offset %s to %s (%s messages another member "
-                    "processed)",
-                    partition,
-                    held,
-                    target,
-                    len(messages),
-                )
+        held = self.folded_to.get(partition, 0)
+        target = facts_offset if facts_offset is not None else held
+        if target > held:
+            # Messages the stream will not deliver: skipped by the client, or processed by
+            # another member while this one did not hold the partition. Handled here, effects
+            # included, in order, before the message at ``target``.
+            messages = await loop.run_in_executor(
+                None,
+                read_messages,
+                self.settings.kafka_bootstrap_servers,
+                self.facts_name,
+                partition,
+                held,
+                target,
+            )
+            for offset, value in messages:
+                self.handle_facts(partition, offset, value)
+            self.gaps.append({"partition": partition, "from": held, "to": target})
+            log.warning(
+                "partition %s: %s messages from offset %s to %s were not delivered by the "
+                "stream; handled from the log",
+                partition,
+                len(messages),
+                held,
+                target,
+            )
         self._verified.add(partition)
 
     # ------------------------------------------------------------------ handling
@@ -462,7 +473,7 @@ class StreamApp:
         @app.page("/readyz")
         async def readyz(web: Any, request: Any) -> Any:
             status = self.readiness()
-            body = {**status.to_dict(), "rebuilds": self.rebuilds[-12:]}
+            body = {**status.to_dict(), "rebuilds": self.rebuilds[-12:], "gaps": self.gaps[-12:]}
             if status.ready:
                 return web.json(body)
             return web.json(body, status=503, headers={"Retry-After": "2"})

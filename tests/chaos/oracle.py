@@ -107,6 +107,14 @@ class Truth:
     def cohort(self, question: Question, at: Any) -> frozenset[str]:
         return cohort(question, ReferenceEngine().evaluate(question, self.patients(), at))
 
+    def contributions(self) -> dict[str, Any]:
+        out = {}
+        for patient, entries in self.patients().items():
+            found = contribution(patient, entries)
+            if found.keys or found.person_time:
+                out[patient] = found
+        return out
+
     def counters(self) -> Counters:
         return Counters.rebuild(contribution(p, e) for p, e in self.patients().items())
 
@@ -182,6 +190,29 @@ class Truth:
             # a Device with a patient is a reference record and a patient's fact too
             sent |= {f"{source}|Device|{rid}" for (rtype, rid) in ledger.acked if rtype == "Device"}
         return sorted({str(e["key"]) for e in self.raw} - sent)[:10]
+
+
+def device_contributions_on_topic(bootstrap: str, topic: str) -> dict[str, Any]:
+    """The device-contribution topic's latest value per patient (None: a tombstone)."""
+    from surveillance_stream.monitor import _decode
+
+    latest: dict[str, Any] = {}
+    for _, _, key, value in read_topic(bootstrap, topic):
+        raw = key or b""
+        patient = orjson.loads(raw) if raw.startswith(b'"') else raw.decode()
+        latest[patient] = _decode(value)
+    return latest
+
+
+def device_history(bootstrap: str, topic: str, patients: set[str]) -> dict[str, list[Any]]:
+    """(partition, offset, value or None) of every record of these patients (for a report)."""
+    out: dict[str, list[Any]] = {}
+    for partition, offset, key, value in read_topic(bootstrap, topic):
+        raw = key or b""
+        patient = orjson.loads(raw) if raw.startswith(b'"') else raw.decode()
+        if patient in patients:
+            out.setdefault(patient, []).append((partition, offset, value is not None))
+    return out
 
 
 def device_counters_on_topic(bootstrap: str, topic: str) -> Counters:

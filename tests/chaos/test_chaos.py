@@ -28,7 +28,15 @@ from infra.topics import COHORT, DEVICES, FACTS
 from surveillance_stream.store import canonical
 
 from .load import Load, requests_of
-from .oracle import Truth, cohort_on_topic, cohort_record, device_counters_on_topic, eventually
+from .oracle import (
+    Truth,
+    cohort_on_topic,
+    cohort_record,
+    device_contributions_on_topic,
+    device_counters_on_topic,
+    device_history,
+    eventually,
+)
 from .probe import Probe
 from .stack import SOURCE, Stack
 
@@ -115,9 +123,11 @@ class World:
                 detail[patient] = {
                     "expected": patient in members,
                     "record": cohort_record(self.bootstrap, COHORT, TRIAL, patient),
-                    "resources": {k.rsplit("|", 2)[-2]: (e["seq"], where.get(k))
-                                  for k, e in fold[patient].items()},
-                }  # fmt: skip
+                    "resources": {
+                        k.rsplit("|", 2)[-2]: (e["seq"], where.get(k))
+                        for k, e in fold[patient].items()
+                    },
+                }
             return (len(got), len(members), detail)
 
         def api_live_cohort() -> Any:
@@ -129,7 +139,30 @@ class World:
 
         def devices() -> Any:
             got = device_counters_on_topic(self.bootstrap, DEVICES)
-            return True if got == counters else "device counters differ from batch"
+            if got == counters:
+                return True
+            published = {
+                p: c for p, c in device_contributions_on_topic(self.bootstrap, DEVICES).items() if c
+            }
+            batch = truth.contributions()
+            where = truth.where()
+            fold = truth.patients()
+            differ = sorted(p for p in set(published) | set(batch)
+                            if published.get(p) != batch.get(p))  # fmt: skip
+            history = device_history(self.bootstrap, DEVICES, set(differ[:4]))
+            return {
+                p: {
+                    "published": published.get(p) is not None,
+                    "batch": batch.get(p) is not None,
+                    "topic": history.get(p),
+                    "worker": httpx.get(f"{self.stack.worker}/state/devices", timeout=10).json(),
+                    "resources": {
+                        k.rsplit("|", 2)[-2]: (e["seq"], where.get(k))
+                        for k, e in fold.get(p, {}).items()
+                    },
+                }
+                for p in differ[:4]
+            }
 
         def ad_hoc() -> Any:
             response = httpx.post(

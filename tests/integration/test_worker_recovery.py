@@ -80,21 +80,26 @@ def commit(settings: Settings, stream: StreamApp, offset: int) -> None:
         consumer.close()
 
 
-def test_rebuild_reaches_the_first_message_offset_with_fausts_map_empty(
-    settings: Settings,
-) -> None:
+def test_state_reaches_the_first_message_with_fausts_map_empty(settings: Settings) -> None:
+    """The group committed 600; the stream's first message is 900 (the client delivered past
+    the committed offset). The state folds 0..600 from the log and handles 600..900 with their
+    effects, whatever Faust's private map holds (empty here, as in the report)."""
     envelopes = synthetic_envelopes(1_200, seed=3)
     offsets = produce(settings, envelopes)
     stream = create_app(settings)
     assert not getattr(stream.app.consumer, "_committed_offset", {})  # the reported condition
-    position = offsets[900]
-    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=position))
-    assert stream.folded_to[PARTITION] == position
+    commit(settings, stream, offsets[600])
+    handled: list[int] = []
+    stream.on_change.append(lambda partition, patient, changes: handled.append(len(changes)))
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=offsets[900]))
+    assert stream.folded_to[PARTITION] == offsets[900]
     assert state_digest(stream) == fold(envelopes[:900])
     assert stream.rebuilds == [
-        {"partition": PARTITION, "patients": stream.store.counts()["patients"],
-         "envelopes": 900, "to": position}
+        {"partition": PARTITION, "patients": len({e.patient for e in envelopes[:600]}),
+         "envelopes": 600, "to": offsets[600]}
     ]  # fmt: skip
+    assert stream.gaps == [{"partition": PARTITION, "from": offsets[600], "to": offsets[900]}]
+    assert sum(handled) == 300  # the gap's messages had their effects (hooks), one each
 
 
 def test_a_control_message_first_rebuilds_to_the_committed_offset(settings: Settings) -> None:

@@ -27,7 +27,8 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     Patient state is rebuilt from the facts topic on start; cohort membership survives restarts
     in the cohort topic (the table's changelog). Several workers with the same
     CONCIERGE_WORKER_ID share the partitions between them. Status pages on the web port:
-    /health, /state/digest, /state/patients/{pseudonym}, /state/cohorts.
+    /health, /readyz (503 until every assigned partition is rebuilt and caught up),
+    /state/digest, /state/patients/{pseudonym}, /state/cohorts, /state/devices.
     """
     from faust.worker import Worker
 

@@ -25,8 +25,14 @@ def _binary(variable: str, name: str) -> str | None:
 
 
 @contextmanager
-def chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
-    """A headless Chromium WebDriver session, quit on exit."""
+def chromium(
+    width: int = 1400,
+    height: int = 1000,
+    arguments: tuple[str, ...] = (),
+    capabilities: dict[str, Any] | None = None,
+) -> Iterator[Any]:
+    """A headless Chromium WebDriver session, quit on exit (extra command-line ``arguments``
+    and ``capabilities``, e.g. a performance log, when a test needs them)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -45,8 +51,11 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
         "--disable-dev-shm-usage",
         "--disable-gpu",
         f"--window-size={width},{height}",
+        *arguments,
     ):
         options.add_argument(argument)
+    for name, value in (capabilities or {}).items():
+        options.set_capability(name, value)
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     try:
         yield driver

@@ -24,6 +24,8 @@ def _env(kafka_bootstrap: str, topic_prefix: str, home: Path, **extra: str) -> d
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "CONCIERGE_TOPIC_PREFIX": topic_prefix,
         "CONCIERGE_HOME": str(home),
+        # the recruitment service's status port: its own, not the default a demo may hold
+        "CONCIERGE_RECRUITMENT_STATUS_PORT": str(free_port()),
         **extra,
     }
 

@@ -8,7 +8,6 @@ served by uvicorn on a free port. Screenshots go to ``test-artifacts/``.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.rest import IngestService
 from fhir_adapters.sinks import MemorySink
 from fhir_adapters.vault import MemoryVault
-from tests.browser import _binary, screenshot, wait_for
+from tests.browser import chromium, screenshot, wait_for
 from tests.faults import free_port
 
 
@@ -62,33 +61,11 @@ def base(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def offline_chromium() -> Iterator[Any]:
     """Headless Chromium that resolves no host name (as offline) and logs every request."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    browser = _binary("CONCIERGE_CHROMIUM", "chromium")
-    driver_path = _binary("CONCIERGE_CHROMEDRIVER", "chromedriver")
-    if not browser or not driver_path:
-        message = "Chromium/chromedriver not found: run scripts/chromium.sh (Debian packages)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1400,1000",
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
+    with chromium(
+        arguments=("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",),
+        capabilities={"goog:loggingPrefs": {"performance": "ALL"}},
+    ) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def requested(driver: Any) -> list[str]:

@@ -31,7 +31,7 @@ from fhir_adapters.synthetic.generator import (
 )
 from surveillance_stream import patient_state
 
-from .test_feasibility_api import TeeSink
+from .test_feasibility_api import TeeSink, wait_ready
 from .worker_proc import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -102,6 +102,7 @@ def test_saved_question_stays_live_through_retractions_and_a_sigkill(
     with TestClient(app) as client:
         service = app.state.feasibility
         view = service.cohorts
+        wait_ready(client, 120)
         created = client.post(
             "/v1/feasibility/saved-questions",
             json={"id": "t2dm-live", "title": "T2DM live", "criteria": criteria},

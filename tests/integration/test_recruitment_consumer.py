@@ -33,6 +33,7 @@ from recruitment.notify import MemoryChannel
 from recruitment.runtime import Runtime, build_runtime
 from recruitment.service import Applier
 from recruitment.settings import RecruitmentSettings
+from tests.faults import free_port
 from tests.recruitment_helpers import (
     BACKENDS,
     Clock,
@@ -287,6 +288,7 @@ def test_sigkill_mid_stream_then_restart_gives_exactly_once(topics: Topics, tmp_
             "CONCIERGE_RECRUITMENT_CONSUMER_GROUP": group,
             "CONCIERGE_RECRUITMENT_INSTANCE_ID": instance,
             "CONCIERGE_RECRUITMENT_EMAIL_ENABLED": "false",
+            "CONCIERGE_RECRUITMENT_STATUS_PORT": str(free_port()),
         }
         log = (tmp_path / "recruitment.log").open("w")
         process = subprocess.Popen(

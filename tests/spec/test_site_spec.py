@@ -170,6 +170,9 @@ class StreamCohort:
     def stream_time(self) -> datetime:
         return AT
 
+    def pending_partitions(self, trial: str, version: int) -> list[int]:
+        return []  # every member is given: nothing is still being evaluated
+
     def evaluated_version(self, trial: str) -> int:
         return 1
 

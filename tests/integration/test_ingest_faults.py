@@ -212,6 +212,7 @@ def test_healthz_stays_responsive_while_a_10000_entry_bundle_is_ingested(
             results.append(api.client.post("/fhir", content=bundle, headers=FHIR))
 
         thread = threading.Thread(target=ingest)
+        bundle_started = time.perf_counter()
         thread.start()
         started.wait()
         timings = []
@@ -221,13 +222,17 @@ def test_healthz_stays_responsive_while_a_10000_entry_bundle_is_ingested(
             timings.append(time.perf_counter() - begin)
             time.sleep(0.01)
         thread.join()
+        bundle_seconds = time.perf_counter() - bundle_started
         [response] = results
         assert response.status_code == 200
         statuses = {e["response"]["status"] for e in response.json()["entry"]}
         assert statuses == {"201 Created"}
+        # A blocked event loop would hold one /healthz for about the whole Bundle: few samples,
+        # one of them as long as the ingest. No absolute bound (a shared machine's noise is
+        # not the property): every answer came in well under the Bundle's time.
         assert len(timings) >= 10, timings  # the Bundle took a while: healthz was sampled
-        assert p99(timings) < 0.5, sorted(timings)[-5:]
-        print(f"bundle: {len(timings)} healthz, p99 {p99(timings):.3f} s")
+        assert max(timings) < bundle_seconds / 3, (bundle_seconds, sorted(timings)[-5:])
+        print(f"bundle: {bundle_seconds:.2f} s, {len(timings)} healthz, p99 {p99(timings):.3f} s")
 
 
 @pytest.fixture

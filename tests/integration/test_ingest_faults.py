@@ -283,7 +283,10 @@ def test_broker_outage_answers_503_in_bounded_time_and_a_retry_publishes_once(
         assert headers["retry-after"] == "2"
         assert took < timeout + 1.0, took
         print(f"outage: 503 after {took:.2f} s; healthz max {max(timings):.3f} s")
-        assert timings and max(timings) < 0.5, timings
+        # Blocked behind the failing publish, a /healthz would take about the whole timeout
+        # (the report: 19.9 s); well under half of it shows the loop stayed free. Not an
+        # absolute bound: the first call once took 0.54 s on this shared machine.
+        assert len(timings) >= 5 and max(timings) < timeout / 2, timings
         assert not api.indexed("Observation", "obs1")
         # A second try while the broker is still down: the same, nothing half-stored.
         status, _, _ = api.put(observation("obs1"))

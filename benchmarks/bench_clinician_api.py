@@ -50,7 +50,7 @@ from benchmarks.bench_recruitment import (
 )
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
-from concierge.auth import issue
+from core.auth import issue
 from fhir_adapters.extract import IdentityRecord
 from fhir_adapters.vault import SqlVault
 from recruitment.contracts import CohortRecord, TrialRecord

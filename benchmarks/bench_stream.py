@@ -41,10 +41,10 @@ import httpx
 from confluent_kafka import Producer
 
 from benchmarks.common import summary, write_result
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from core.settings import Settings
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     DENSE_IMPLANT_RATES,
     GeneratorConfig,

@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 
-from concierge.audit import AuditLog
-from concierge.http import install_audit, install_problem_details
-from concierge.settings import Settings, get_settings
+from core.audit import AuditLog
+from core.http import install_audit, install_problem_details
+from core.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
 
 
@@ -102,8 +102,8 @@ class HighWatermarks:
 def build_recruitment(settings: Settings) -> tuple[Any, Any]:
     """The clinician side: the recruitment database (migrated on start) and a vault reader of
     the API's own for the identities only a patient's clinicians may see."""
+    from concierge.routes.recruitment import VaultIdentities
     from fhir_adapters.vault import SqlVault
-    from recruitment.api import VaultIdentities
     from recruitment.db import upgrade
     from recruitment.runtime import build_runtime
     from recruitment.settings import get_recruitment_settings
@@ -216,7 +216,7 @@ def create_app(
         service: IngestService = request.app.state.ingest
         return service
 
-    from concierge.auth import require_role
+    from core.auth import require_role
 
     app.include_router(
         build_router(
@@ -227,9 +227,9 @@ def create_app(
         )
     )
 
-    from feasibility.api import build_admin_router
-    from feasibility.api import build_router as feasibility_router
-    from recruitment.api import build_router as clinician_router
+    from concierge.routes.feasibility import build_admin_router
+    from concierge.routes.feasibility import build_router as feasibility_router
+    from concierge.routes.recruitment import build_router as clinician_router
     from recruitment.page import build_page_router
 
     def recruitment_or_none(request: Request) -> Any:
@@ -252,7 +252,7 @@ def create_app(
     app.include_router(clinician_router(recruitment_service, identities))
     app.include_router(build_page_router())
 
-    from surveillance_stream.api import build_router as surveillance_router
+    from concierge.routes.surveillance import build_router as surveillance_router
 
     app.include_router(surveillance_router())
 

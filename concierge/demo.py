@@ -268,7 +268,7 @@ def wait_ready(
 
 
 def _headers(settings: Any, role: Any, org: str) -> dict[str, str]:
-    from concierge.auth import issue
+    from core.auth import issue
 
     token = issue(settings.token_key.get_secret_value().encode(), role, org)
     return {"Authorization": f"Bearer {token}"}
@@ -313,7 +313,7 @@ def _free_port() -> int:
 def _approve_one(api: Api, api_url: str, public_url: str, settings: Any, trial: str) -> bool:
     """A GP approves contact for one candidate the concierge sent them, through the clinician
     API as the clinician page would; prints the GP's page link. True once done."""
-    from concierge.auth import issue
+    from core.auth import issue
     from recruitment.models import Invitation
     from recruitment.runtime import build_runtime
 
@@ -385,7 +385,7 @@ def _show_answer(
 ) -> bool:
     """Ask the API a question (a 503 while its snapshot catches up is waited out) and print
     the answer. False, reported, if there is none."""
-    from feasibility.cli import render_answer
+    from concierge.commands.feasibility import render_answer
 
     body = api.json(
         "POST",
@@ -461,7 +461,7 @@ def demo(
     patients: int, seed: int, bulk_fraction: float, rate: float, duration: float, reset: bool
 ) -> None:
     """Run the product live: broker, worker, API and a synthetic population streaming in."""
-    from concierge.settings import get_settings
+    from core.settings import get_settings
 
     if not {"KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"} & set(os.environ):
         # the local broker the demo starts, on CONCIERGE_BROKER_PORT, is the one to use
@@ -537,8 +537,8 @@ def _run(
     """The demo itself; returns the exit code (1 when a process it started died)."""
     from datetime import date
 
+    from concierge.commands.generate import bundle
     from fhir_adapters.service import build_ingestor
-    from fhir_adapters.synthetic.cli import bundle
     from fhir_adapters.synthetic.generator import iter_patients, iter_reference_resources, sites
     from infra.broker import BrokerConfig
     from infra.broker import _pid as broker_pid

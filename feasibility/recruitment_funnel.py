@@ -1,7 +1,8 @@
 """The ``recruitment`` block of a saved question's answer: how far the trial's invited patients
 have got, per invitation state, under the sponsor's disclosure control.
 
-The exact counts come from the recruitment store (:func:`invited_by_state`); only what
+The exact counts come from recruitment through the
+:class:`core.contracts.invitations.InvitedByState` contract (``recruitment.funnel``); only what
 :func:`protect_recruitment` lets through reaches the sponsor. Each invited patient is counted
 once, in the state of their latest invitation for the trial, so the states partition the
 invited patients and the threshold is about people, not invitations.
@@ -21,38 +22,20 @@ There is no per-site breakdown: a state-by-site table is mostly small (and, unde
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import sqlalchemy as sa
 from pyroaring import BitMap
-from sqlalchemy.orm import Session
 
-from recruitment.lifecycle import InvitationState
-from recruitment.models import Invitation
+from core.contracts.invitations import INVITATION_STATES
 
 from .disclosure import AnswerSets, DisclosurePolicy, ProtectionAudit, protect
 
 #: Invitation states in lifecycle order (the order of the block's ``by_state``).
-STATES: tuple[str, ...] = tuple(state.value for state in InvitationState)
+STATES: tuple[str, ...] = INVITATION_STATES
 
 _ALL = "all"
 COUNTED = "patients invited to this trial, each in the state of their latest invitation"
-
-
-def invited_by_state(session: Session, trial_id: str) -> dict[str, int]:
-    """Exact counts (never for a sponsor as they are): ``state -> patients``, each invited
-    patient once, in the state of their latest invitation for ``trial_id``."""
-    rows = session.execute(
-        sa.select(Invitation.patient, Invitation.state)
-        .where(Invitation.trial_id == trial_id)
-        .order_by(Invitation.created_at, Invitation.id)
-    )
-    latest: dict[str, str] = {}
-    for patient, state in rows:
-        latest[patient] = state
-    return dict(Counter(latest.values()))
 
 
 def rules(policy: DisclosurePolicy) -> list[str]:
@@ -115,7 +98,6 @@ def unavailable(reason: str) -> dict[str, Any]:
 __all__ = [
     "COUNTED",
     "STATES",
-    "invited_by_state",
     "protect_recruitment",
     "rules",
     "unavailable",

@@ -22,7 +22,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
-from concierge.settings import Settings
+from core.settings import Settings
 
 DEFAULT_VERSION = "4.1.1"
 POM = Path(__file__).parent / "kafka" / "pom.xml"

@@ -1,6 +1,6 @@
 """Recruitment configuration, by environment variables prefixed ``CONCIERGE_RECRUITMENT_``.
 
-Kafka, the topic prefix and ``CONCIERGE_HOME`` come from :mod:`concierge.settings`; everything
+Kafka, the topic prefix and ``CONCIERGE_HOME`` come from :mod:`core.settings`; everything
 specific to recruitment (its database, the fatigue rules, notification channels and schedules) is
 here, so the product-wide settings class does not grow a field per package.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from concierge.settings import get_settings
+from core.settings import get_settings
 
 
 def _default_public_url() -> str:

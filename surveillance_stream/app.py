@@ -35,7 +35,7 @@ import faust
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.facts import envelopes_of
 from infra.mirror import ReaderHealth, ReaderStatus
 from infra.topics import COHORT, CONTROL, FACTS, TRIALS

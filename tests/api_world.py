@@ -29,8 +29,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import Role, issue
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from concierge.routes.recruitment import VaultIdentities
+from core.auth import Role, issue
+from core.settings import Settings
 from feasibility.criteria import parse_question
 from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
 from feasibility.engines.polars_engine import PolarsEngine
@@ -41,7 +43,6 @@ from feasibility.snapshot import ColumnarSnapshot
 from fhir_adapters.rest import IngestService
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import MemorySink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,
@@ -49,7 +50,6 @@ from fhir_adapters.synthetic.generator import (
 )
 from fhir_adapters.vault import SqlVault
 from infra.mirror import ReaderStatus
-from recruitment.api import VaultIdentities
 from recruitment.models import Invitation
 from recruitment.runtime import Runtime, build_runtime
 from recruitment.settings import RecruitmentSettings

@@ -24,8 +24,8 @@ import uvicorn
 from selenium.webdriver.common.by import By
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from core.auth import issue
+from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.rest import IngestService

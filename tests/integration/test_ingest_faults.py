@@ -31,8 +31,8 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from core.auth import issue
+from core.settings import Settings
 from fhir_adapters.facts import decode_resource_facts, envelopes_of
 from fhir_adapters.pipeline import EXCERPT_BYTES
 from infra.topics import DEADLETTER, FACTS

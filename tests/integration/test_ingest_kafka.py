@@ -11,7 +11,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.facts import decode_reference, decode_resource_facts, envelopes_of
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file

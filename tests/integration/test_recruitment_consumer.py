@@ -295,7 +295,7 @@ def test_sigkill_mid_stream_then_restart_gives_exactly_once(topics: Topics, tmp_
             [
                 sys.executable,
                 "-m",
-                "recruitment.cli",
+                "concierge.commands.recruitment",
                 "run",
                 "--no-scheduler",
                 "--no-migrate",

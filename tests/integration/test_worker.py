@@ -14,7 +14,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.facts import (
     ObservationFact,
     Provenance,

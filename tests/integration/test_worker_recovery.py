@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.facts import ResourceFacts
 from infra.topics import FACTS
 from surveillance_stream import patient_state

@@ -8,9 +8,9 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from concierge.audit import AuditLog, audit_table
-from concierge.auth import CurrentPrincipal, TokenError, issue, require_role, verify
-from concierge.http import install_audit, install_problem_details
+from core.audit import AuditLog, audit_table
+from core.auth import CurrentPrincipal, TokenError, issue, require_role, verify
+from core.http import install_audit, install_problem_details
 
 KEY = b"k" * 32
 

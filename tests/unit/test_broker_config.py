@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from concierge.settings import Settings
+from core.settings import Settings
 from infra.broker import BrokerConfig, render_properties
 
 

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from streamlit.testing.v1 import AppTest
 
-from concierge import dashboard_cli
-from concierge.auth import verify
-from concierge.settings import get_settings
+from concierge.commands import dashboard as dashboard_cli
+from core.auth import verify
+from core.settings import get_settings
 from dashboards import regulator
 from dashboards.client import (
     Action,

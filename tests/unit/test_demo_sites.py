@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from concierge.demo import demo_environment
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import MemorySink

@@ -22,10 +22,10 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
+from concierge.commands.stats import stats
 from surveillance_stream.devices import Contribution, Counters, contribution
 from surveillance_stream.monitor import SignalMonitor, UnknownSignal
 from surveillance_stream.signals import IllegalTransition, SignalConfig, State
-from surveillance_stream.statistics.cli import stats
 from tests.generative.test_device_counters import (
     FAULTY_NODE,
     faulty_outcome_records,

@@ -13,10 +13,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from concierge.audit import AuditLog
-from concierge.auth import issue
-from concierge.http import install_audit, install_problem_details
-from recruitment.api import build_router
+from concierge.routes.recruitment import build_router
+from core.audit import AuditLog
+from core.auth import issue
+from core.http import install_audit, install_problem_details
 from recruitment.runtime import Runtime, build_runtime
 from recruitment.settings import RecruitmentSettings
 from tests.recruitment_helpers import (

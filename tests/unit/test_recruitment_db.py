@@ -136,7 +136,7 @@ def test_the_migrate_command_and_alembic_env_read_the_url_from_the_environment(
     url = f"sqlite:///{tmp_path / 'cli.sqlite'}"
     env = {**os.environ, "CONCIERGE_RECRUITMENT_URL": url, "CONCIERGE_HOME": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, "-m", "recruitment.cli", "migrate"],
+        [sys.executable, "-m", "concierge.commands.recruitment", "migrate"],
         cwd=ROOT,
         env=env,
         capture_output=True,

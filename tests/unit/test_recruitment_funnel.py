@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from feasibility.disclosure import DisclosurePolicy
-from feasibility.recruitment_funnel import STATES, invited_by_state, protect_recruitment
+from feasibility.recruitment_funnel import STATES, protect_recruitment
+from recruitment.funnel import invited_by_state
 from recruitment.lifecycle import InvitationState
 from recruitment.models import Invitation
 from recruitment.runtime import Runtime
@@ -128,7 +129,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_exact_counts_count_each_patient_once(world: World) -> None:
     assert world.runtime is not None
     with world.runtime.sessions() as session:
-        counts = invited_by_state(session, TRIAL)
+        counts = dict(invited_by_state(session, TRIAL).by_state)
     assert counts == {"sent_to_clinician": SENT + 1, "approved": APPROVED, "rejected": REJECTED}
 
 
@@ -175,3 +176,16 @@ def test_the_block_is_for_sponsors_only(world: World) -> None:
             f"/v1/feasibility/saved-questions/{TRIAL}/answer", headers=headers
         )
         assert response.status_code == 403
+
+
+def test_the_contract_states_are_the_lifecycle_states_in_order() -> None:
+    assert tuple(state.value for state in InvitationState) == STATES
+
+
+def test_the_contract_rejects_unknown_states_and_negative_counts() -> None:
+    from core.contracts.invitations import InvitedByState
+
+    with pytest.raises(ValueError, match="unknown invitation states"):
+        InvitedByState("t", {"invented": 1})
+    with pytest.raises(ValueError, match="negative"):
+        InvitedByState("t", {"approved": -1})

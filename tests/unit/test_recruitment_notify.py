@@ -268,7 +268,7 @@ def test_the_alert_links_to_the_clinician_page_on_the_public_address(db_url: str
 
 
 def test_the_public_address_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from concierge.settings import get_settings
+    from core.settings import get_settings
 
     for name in (
         "CONCIERGE_PUBLIC_URL",

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from concierge.cli import main
-from surveillance_stream.statistics.cli import stats
+from concierge.commands.stats import stats
 
 
 def run(args: list[str]) -> tuple[int, Any, str]:

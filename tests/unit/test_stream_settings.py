@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from concierge.settings import Settings
+from core.settings import Settings
 from surveillance_stream.app import create_app
 from surveillance_stream.device_stream import DeviceKeeper
 

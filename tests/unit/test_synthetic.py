@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from fhir.resources.R4B import get_fhir_model_class
 
+from concierge.commands.generate import bundle, generate
 from fhir_adapters.synthetic.catalogue import DEVICE_CLASSES, ICD10, LOINC, UCUM
-from fhir_adapters.synthetic.cli import bundle, generate
 from fhir_adapters.synthetic.generator import (
     FaultyDevice,
     GeneratorConfig,

@@ -12,7 +12,7 @@
   concurrent change answers 409 (problem+json, naming the state and the allowed next states).
 
 Mount with ``app.include_router(build_router(service, identities))``; the app provides token
-verification, problem details and the audit middleware (:mod:`concierge.http`).
+verification, problem details and the audit middleware (:mod:`core.http`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from concierge.auth import CurrentPrincipal, Principal, require_role
-
-from .access import ClinicianScope
-from .lifecycle import ACTIONS, IllegalTransition, InvitationState, allowed_next
-from .models import Candidate, Invitation, InvitationEvent, Trial
-from .service import CandidateStatus, ConcurrentChange, NotFound, RecruitmentService
+from core.auth import CurrentPrincipal, Principal, require_role
+from recruitment.access import ClinicianScope
+from recruitment.lifecycle import ACTIONS, IllegalTransition, InvitationState, allowed_next
+from recruitment.models import Candidate, Invitation, InvitationEvent, Trial
+from recruitment.service import CandidateStatus, ConcurrentChange, NotFound, RecruitmentService
 
 MAX_PAGE = 500
 #: deadlock_detected, serialization_failure: the transaction lost a race; the client may retry.

@@ -32,9 +32,8 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     """
     from faust.worker import Worker
 
-    from concierge.settings import get_settings
-
-    from .app import create_app
+    from core.settings import get_settings
+    from surveillance_stream.app import create_app
 
     settings = get_settings()
     if web_port is not None:

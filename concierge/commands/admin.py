@@ -6,7 +6,7 @@ import json
 
 import click
 
-from concierge.settings import get_settings
+from core.settings import get_settings
 
 
 @click.group()
@@ -34,7 +34,7 @@ def create(
     days: int,
 ) -> None:
     """Issue a token and print it (use it as `Authorization: Bearer <token>`)."""
-    from concierge.auth import ROLES, issue
+    from core.auth import ROLES, issue
 
     settings = get_settings()
     key = settings.token_key.get_secret_value().encode()
@@ -50,7 +50,7 @@ def audit() -> None:
 @audit.command("verify")
 def verify() -> None:
     """Walk the hash chain; exit 1 if any record was removed, reordered or altered."""
-    from concierge.audit import AuditLog
+    from core.audit import AuditLog
 
     result = AuditLog(get_settings().resolved_audit_url()).verify()
     click.echo(json.dumps(result.__dict__))
@@ -61,7 +61,7 @@ def verify() -> None:
 @click.option("-n", default=20, show_default=True)
 def tail(n: int) -> None:
     """Print the latest audit records as JSON lines."""
-    from concierge.audit import AuditLog
+    from core.audit import AuditLog
 
     records = list(AuditLog(get_settings().resolved_audit_url()).records())[-n:]
     for record in records:

@@ -1,7 +1,7 @@
 """``concierge recruitment ...``: run the recruitment service, migrate its database, deliver.
 
-Register in ``concierge/cli.py`` as ``"recruitment": "recruitment.cli:recruitment"``. Also
-runnable alone: ``python -m recruitment.cli run``.
+A verb of ``concierge/cli.py``; also runnable alone
+(``python -m concierge.commands.recruitment run``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from types import FrameType
 
 import click
 
-from concierge.settings import get_settings
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ def recruitment() -> None:
 @click.option("--url", help="Database URL (default: CONCIERGE_RECRUITMENT_URL or SQLite).")
 def migrate(url: str | None) -> None:
     """Create or upgrade the recruitment database (Alembic migrations)."""
-    from .db import head_revision, upgrade
-    from .settings import get_recruitment_settings
+    from recruitment.db import head_revision, upgrade
+    from recruitment.settings import get_recruitment_settings
 
     upgrade(url or get_recruitment_settings().resolved_url())
     click.echo(json.dumps({"migrated": True, "revision": head_revision()}))
@@ -67,11 +67,11 @@ def run(
     status_port: int,
 ) -> None:
     """Consume trials, cohorts, facts and reference data; route candidates; notify clinicians."""
-    from .consumer import RecruitmentConsumer
-    from .db import upgrade
-    from .runtime import build_runtime
-    from .scheduler import start_scheduler, stop_scheduler
-    from .settings import get_recruitment_settings
+    from recruitment.consumer import RecruitmentConsumer
+    from recruitment.db import upgrade
+    from recruitment.runtime import build_runtime
+    from recruitment.scheduler import start_scheduler, stop_scheduler
+    from recruitment.settings import get_recruitment_settings
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -124,7 +124,7 @@ def run(
 @recruitment.command()
 def dispatch() -> None:
     """Deliver the notifications that are due, once."""
-    from .runtime import build_runtime
+    from recruitment.runtime import build_runtime
 
     runtime = build_runtime()
     try:
@@ -142,8 +142,8 @@ def dispatch() -> None:
 @click.argument("trial")
 def funnel(trial: str) -> None:
     """Exact counts by invitation state for one trial (operators only: no disclosure control)."""
-    from .runtime import build_runtime
-    from .service import counts_by_state
+    from recruitment.runtime import build_runtime
+    from recruitment.service import counts_by_state
 
     runtime = build_runtime()
     try:
@@ -154,5 +154,5 @@ def funnel(trial: str) -> None:
     click.echo(json.dumps({"trial": trial, "counts": counts}))
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m recruitment.cli
+if __name__ == "__main__":  # pragma: no cover - python -m concierge.commands.recruitment
     recruitment()

@@ -14,15 +14,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
 from sqlalchemy.exc import SQLAlchemyError
 
-from concierge.auth import Principal, require_role
-
-from .criteria import CriteriaError, Question, json_schema
-from .disclosure import BudgetExceeded
-from .fhir_group import GroupError, question_from_group
-from .recruitment_funnel import invited_by_state, protect_recruitment, unavailable
-from .render import render
-from .saved import NotYours, TrialCreate, TrialPublic
-from .service import FeasibilityService, NotCurrent
+from core.auth import Principal, require_role
+from feasibility.criteria import CriteriaError, Question, json_schema
+from feasibility.disclosure import BudgetExceeded
+from feasibility.fhir_group import GroupError, question_from_group
+from feasibility.recruitment_funnel import protect_recruitment, unavailable
+from feasibility.render import render
+from feasibility.saved import NotYours, TrialCreate, TrialPublic
+from feasibility.service import FeasibilityService, NotCurrent
+from recruitment.funnel import invited_by_state
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _recruitment_block(
         return unavailable("recruitment is not running in this API"), {"available": False}
     try:
         with recruitment.sessions() as session:
-            counts = invited_by_state(session, trial_id)
+            counts = invited_by_state(session, trial_id).by_state
     except SQLAlchemyError as exc:
         log.warning("recruitment counts unavailable: %s", type(exc).__name__)
         return unavailable("the recruitment store did not answer"), {"available": False}

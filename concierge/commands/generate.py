@@ -12,8 +12,13 @@ from typing import IO, Any
 import click
 import orjson
 
-from .catalogue import DEFAULT_FAULTY_MODEL
-from .generator import FaultyDevice, GeneratorConfig, iter_patients, iter_reference_resources
+from fhir_adapters.synthetic.catalogue import DEFAULT_FAULTY_MODEL
+from fhir_adapters.synthetic.generator import (
+    FaultyDevice,
+    GeneratorConfig,
+    iter_patients,
+    iter_reference_resources,
+)
 
 _BUFFER = 1 << 20
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, Field
 
-from concierge.auth import Principal, require_role
+from core.auth import Principal, require_role
 from surveillance_stream.monitor import MonitorError, SignalMonitor, UnknownSignal
 from surveillance_stream.signals import REGULATOR_ACTIONS, IllegalTransition
 

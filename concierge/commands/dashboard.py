@@ -23,7 +23,7 @@ def app_path() -> Path:
 
 
 def default_api_url() -> str:
-    from concierge.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     host = settings.api_host
@@ -34,8 +34,8 @@ def default_api_url() -> str:
 
 def issue_regulator_token(org: str) -> str:
     """A regulator token signed with this site's key, as ``concierge token create`` issues."""
-    from concierge.auth import issue
-    from concierge.settings import get_settings
+    from core.auth import issue
+    from core.settings import get_settings
 
     key = get_settings().token_key.get_secret_value().encode()
     return issue(key, "regulator", org, ttl_seconds=ISSUED_TOKEN_DAYS * 24 * 3600)

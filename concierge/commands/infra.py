@@ -6,9 +6,8 @@ import json
 
 import click
 
-from concierge.settings import get_settings
-
-from .broker import BrokerConfig, BrokerError
+from core.settings import get_settings
+from infra.broker import BrokerConfig, BrokerError
 
 
 @click.group()
@@ -23,7 +22,7 @@ def broker() -> None:
 @broker.command()
 def fetch() -> None:
     """Download the broker's jars with Maven into the local cache (idempotent)."""
-    from .broker import fetch as do_fetch
+    from infra.broker import fetch as do_fetch
 
     config = BrokerConfig.from_env(get_settings())
     try:
@@ -38,7 +37,7 @@ def fetch() -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for it.")
 def start(reset: bool, timeout: float) -> None:
     """Start the broker; returns once it answers (no-op if one already answers)."""
-    from .broker import start as do_start
+    from infra.broker import start as do_start
 
     config = BrokerConfig.from_env(get_settings())
     click.echo(f"starting Kafka {config.version} on {config.bootstrap} ...", err=True)
@@ -53,7 +52,7 @@ def start(reset: bool, timeout: float) -> None:
 @broker.command()
 def stop() -> None:
     """Stop the broker this project started."""
-    from .broker import stop as do_stop
+    from infra.broker import stop as do_stop
 
     config = BrokerConfig.from_env(get_settings())
     click.echo("stopped" if do_stop(config) else "no broker of ours was running")
@@ -63,7 +62,7 @@ def stop() -> None:
 @click.option("--quiet", is_flag=True, help="Print nothing; exit 0 if it answers, 1 if not.")
 def status(quiet: bool) -> None:
     """Print the broker's status as JSON (exit code 1 when it does not answer)."""
-    from .broker import status as do_status
+    from infra.broker import status as do_status
 
     result = do_status(BrokerConfig.from_env(get_settings()))
     if not quiet:
@@ -79,7 +78,7 @@ def topics() -> None:
 @topics.command("create")
 def create_topics() -> None:
     """Create every topic in infra/topics.py that does not exist yet."""
-    from .topics_admin import ensure_topics
+    from infra.topics_admin import ensure_topics
 
     settings = get_settings()
     created = ensure_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
@@ -92,7 +91,7 @@ def create_topics() -> None:
 @topics.command("list")
 def list_topics() -> None:
     """List the product's topics with their partitions and settings."""
-    from .topics import TOPICS
+    from infra.topics import TOPICS
 
     settings = get_settings()
     for spec in TOPICS:

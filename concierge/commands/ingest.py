@@ -10,9 +10,8 @@ from pathlib import Path
 
 import click
 
-from concierge.settings import get_settings
-
-from .sources import expand, ingest_file
+from core.settings import get_settings
+from fhir_adapters.sources import expand, ingest_file
 
 
 @click.command()
@@ -50,7 +49,7 @@ def ingest(
     product does not use) or dead-lettered (invalid, with an OperationOutcome). Folders are read
     recursively; reference data and Patients go first so references resolve.
     """
-    from .service import build_ingestor
+    from fhir_adapters.service import build_ingestor
 
     logging.basicConfig(level=logging.WARNING)
     try:

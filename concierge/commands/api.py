@@ -14,7 +14,7 @@ def api(host: str | None, port: int | None) -> None:
 
     import uvicorn
 
-    from concierge.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     host = host or settings.api_host

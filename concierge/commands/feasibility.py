@@ -18,8 +18,8 @@ def _token(token: str | None, org: str) -> str:
     if os.environ.get("CONCIERGE_TOKEN"):
         return os.environ["CONCIERGE_TOKEN"]
     # On the site itself the token key is at hand: issue a short-lived sponsor token.
-    from concierge.auth import issue
-    from concierge.settings import get_settings
+    from core.auth import issue
+    from core.settings import get_settings
 
     key = get_settings().token_key.get_secret_value().encode()
     return issue(key, "sponsor", org, ttl_seconds=600)
@@ -28,7 +28,7 @@ def _token(token: str | None, org: str) -> str:
 def _api(url: str | None) -> str:
     if url:
         return url.rstrip("/")
-    from concierge.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     return f"http://{settings.api_host}:{settings.api_port}"
@@ -133,9 +133,9 @@ def ask(criteria: Path, as_json: bool, api: str | None, token: str | None, org: 
 @click.argument("criteria", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def check(criteria: Path) -> None:
     """Validate a criteria file locally and print it readably (exit 1 when invalid)."""
-    from .criteria import CriteriaError, parse_question
-    from .fhir_group import GroupError, question_from_group
-    from .render import render
+    from feasibility.criteria import CriteriaError, parse_question
+    from feasibility.fhir_group import GroupError, question_from_group
+    from feasibility.render import render
 
     try:
         body = _read(criteria)
@@ -152,7 +152,7 @@ def check(criteria: Path) -> None:
 @feasibility.command()
 def schema() -> None:
     """Print the JSON schema of criteria."""
-    from .criteria import json_schema
+    from feasibility.criteria import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 

@@ -1,0 +1,3 @@
+"""Shared core under every package: configuration, security, audit, HTTP problem responses and
+the contracts that cross packages and topics. It imports no domain package and no application
+code (``lint-imports`` checks it). Layers: ``docs/explanation/architecture.md``."""

@@ -51,9 +51,10 @@ from benchmarks.bench_recruitment import (
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
 from core.auth import issue
+from core.contracts.trials import OpaqueTrialRecord
 from fhir_adapters.extract import IdentityRecord
 from fhir_adapters.vault import SqlVault
-from recruitment.contracts import CohortRecord, TrialRecord
+from recruitment.contracts import CohortRecord
 from recruitment.db import upgrade
 from recruitment.models import Invitation
 from recruitment.runtime import build_runtime
@@ -77,7 +78,7 @@ def seed(home: Path, invitations: int, sites: int, clinicians: int) -> str:
             for record in reference_records(sites, clinicians):
                 applier.reference(record)
             applier.trial(
-                trial_record(sites)["id"], TrialRecord.model_validate(trial_record(sites))
+                trial_record(sites)["id"], OpaqueTrialRecord.model_validate(trial_record(sites))
             )
             applier.finish()
         for start in range(0, invitations, CHUNK):

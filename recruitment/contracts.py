@@ -1,6 +1,7 @@
 """The messages recruitment reads, decoded into small typed values.
 
-* trials topic: ``concierge.trial/1`` (see ``docs/reference/cohort-events.md``);
+* trials topic: ``concierge.trial/1``, :class:`core.contracts.trials.TrialRecord`, criteria kept
+  as an opaque JSON object;
 * cohort topic: ``concierge.cohort/1``, key ``trial|patient``; a tombstone means ``member: false``;
   keys beginning with ``\\u0000`` are the stream worker's bookkeeping and are skipped;
 * facts topic: one ``concierge.facts/1`` envelope, or a ``concierge.factbatch/1`` object holding
@@ -8,9 +9,8 @@
   resources matter here, so everything else is skipped before it is validated;
 * reference topic: ``concierge.reference/1`` records (practitioners, roles, organisations).
 
-Trial and cohort records are read tolerantly (unknown fields are ignored: the criteria are not
-ours to read); facts and reference records are validated by their owner's types
-(:mod:`fhir_adapters.facts`).
+Trial and cohort records are read tolerantly (unknown fields are ignored); facts and reference
+records are validated by their owner's types (:mod:`fhir_adapters.facts`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.contracts.trials import OpaqueTrialRecord
 from fhir_adapters.facts import ReferenceRecord, ResourceFacts, decode_reference, envelopes_of
 
-TRIAL_SCHEMA = "concierge.trial/1"
 COHORT_SCHEMA = "concierge.cohort/1"
 
 #: Resource types on the facts topic that recruitment reads.
@@ -38,22 +38,6 @@ class MessageError(ValueError):
 
 class _Tolerant(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
-
-
-class TrialRecord(_Tolerant):
-    schema_: Literal["concierge.trial/1"] = Field(default="concierge.trial/1", alias="schema")
-    id: str = Field(min_length=1, max_length=200)
-    version: int = Field(ge=1)
-    title: str | None = None
-    sponsor: str | None = None
-    status: str = "active"
-    recruiting_sites: tuple[str, ...] = ()
-    target: int | None = Field(default=None, ge=0)
-    site_targets: dict[str, int] = Field(default_factory=dict)
-    recruiters: dict[str, str] = Field(default_factory=dict)
-    registered_at: datetime | None = None
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
 class CohortRecord(_Tolerant):
@@ -93,11 +77,11 @@ def _short(exc: ValidationError) -> str:
     return f"{len(errors)} error(s), first at {where or '(root)'}: {errors[0]['msg']}"
 
 
-def decode_trial(value: bytes | str | None, key: str | None) -> TrialRecord | None:
+def decode_trial(value: bytes | str | None, key: str | None) -> OpaqueTrialRecord | None:
     """A trial record; None for a tombstone (the trial is gone)."""
     if value is None:
         return None
-    record: TrialRecord = _validate(TrialRecord, _json(value))
+    record: OpaqueTrialRecord = _validate(OpaqueTrialRecord, _json(value))
     if key is not None and key != record.id:
         raise MessageError(f"trial record for {record.id!r} under key {key!r}")
     return record
@@ -172,7 +156,6 @@ def decode_reference_record(value: bytes | str | None, key: str | None) -> Refer
 __all__ = [
     "CohortRecord",
     "MessageError",
-    "TrialRecord",
     "decode_cohort",
     "decode_facts",
     "decode_reference_record",

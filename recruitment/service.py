@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.contracts.trials import ENDED_STATUSES, OpaqueTrialRecord
 from fhir_adapters.facts import (
     ConsentFact,
     OrganizationRecord,
@@ -38,7 +39,7 @@ from fhir_adapters.facts import (
     patient_site,
 )
 
-from .contracts import CohortRecord, TrialRecord, resource_type_of
+from .contracts import CohortRecord, resource_type_of
 from .lifecycle import (
     ACTIVE,
     AWAITING_CLINICIAN,
@@ -85,9 +86,6 @@ _Ref = TypeVar("_Ref", Practitioner, PractitionerRole, Organization)
 
 S = InvitationState
 _CHUNK = 500
-
-#: Trial statuses that end recruitment for good: every open invitation is withdrawn.
-ENDED_STATUSES = frozenset({"retired", "closed", "withdrawn", "completed"})
 
 
 class CandidateStatus(StrEnum):
@@ -352,7 +350,7 @@ class Applier:
 
     # ------------------------------------------------------------------ trials
 
-    def trial(self, trial_id: str, record: TrialRecord | None) -> bool:
+    def trial(self, trial_id: str, record: OpaqueTrialRecord | None) -> bool:
         """Apply a trial record (None: a tombstone, the trial is gone). False when stale."""
         s = self.session
         trial = s.get(Trial, trial_id)
@@ -393,7 +391,7 @@ class Applier:
 
     @staticmethod
     def _trial_site(
-        row: TrialSite | None, trial_id: str, site: str, record: TrialRecord
+        row: TrialSite | None, trial_id: str, site: str, record: OpaqueTrialRecord
     ) -> TrialSite:
         row = row or TrialSite(trial_id=trial_id, site=site)
         row.target = record.site_targets.get(site)

@@ -37,7 +37,7 @@ from feasibility.criteria import parse_question
 from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.live import CohortView
-from feasibility.saved import SavedQuestions, TrialCreate, TrialRecord
+from feasibility.saved import SavedQuestions, SavedTrial, TrialCreate
 from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
 from fhir_adapters.rest import IngestService
@@ -146,7 +146,7 @@ class MemorySavedQuestions(SavedQuestions):
     def __init__(self) -> None:
         super().__init__("unused:0", "unused.trials")
 
-    def _publish(self, record: TrialRecord) -> None:
+    def _publish(self, record: SavedTrial) -> None:
         self._absorb(record.to_json())
 
     def readiness(self) -> ReaderStatus:

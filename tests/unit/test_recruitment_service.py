@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from core.contracts.trials import OpaqueTrialRecord
 from fhir_adapters.facts import ReferenceRecord, ResourceFacts
-from recruitment.contracts import CohortRecord, TrialRecord
+from recruitment.contracts import CohortRecord
 from recruitment.lifecycle import IllegalTransition, InvitationState
 from recruitment.models import (
     Candidate,
@@ -64,7 +65,7 @@ class Env:
         with self.runtime.sessions.begin() as session:
             applier = self.runtime.service.applier(session)
             for item in items:
-                if isinstance(item, TrialRecord):
+                if isinstance(item, OpaqueTrialRecord):
                     applier.trial(item.id, item)
                 elif isinstance(item, CohortRecord):
                     applier.cohort(item.trial, item.patient, item)

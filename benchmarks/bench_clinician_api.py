@@ -51,10 +51,10 @@ from benchmarks.bench_recruitment import (
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
 from core.auth import issue
+from core.contracts.cohorts import CohortRecord
 from core.contracts.trials import OpaqueTrialRecord
 from fhir_adapters.extract import IdentityRecord
 from fhir_adapters.vault import SqlVault
-from recruitment.contracts import CohortRecord
 from recruitment.db import upgrade
 from recruitment.models import Invitation
 from recruitment.runtime import build_runtime

@@ -38,7 +38,7 @@ from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
 from concierge.commands.generate import bundle
 from core.auth import issue
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,

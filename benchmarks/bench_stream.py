@@ -121,7 +121,7 @@ def record_population(
         accepted = ingestor.stats.counts["accepted"]
         print(f"  {accepted} resources in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     facts = [(key, value) for topic, key, value in sink.recorded if topic.endswith(FACTS)]
-    from fhir_adapters.facts import envelopes_of
+    from core.contracts.facts import envelopes_of
 
     envelopes = sum(len(envelopes_of(v)) for _, v in facts)
     return facts, envelopes

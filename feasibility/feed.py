@@ -18,7 +18,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
 from infra.mirror import ReaderStatus, TopicMirror
 
 

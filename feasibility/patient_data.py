@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from fhir_adapters.facts import patient_site
+from core.contracts.facts import patient_site
 
 from .terminology import token
 

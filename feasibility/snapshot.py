@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from fhir_adapters.facts import patient_site
+from core.contracts.facts import patient_site
 
 from .terminology import token as make_token
 
@@ -178,7 +178,7 @@ DEMOGRAPHICS_SCHEMA: dict[str, Any] = {
     "deceased": pl.Boolean,
     "deceased_us": I64,
     #: ODS code as the fact knew it; ``site_key``: the managing organisation's reference key
-    #: (see :func:`fhir_adapters.facts.patient_site`)
+    #: (see :func:`core.contracts.facts.patient_site`)
     "site": pl.String,
     "site_key": pl.String,
     "region": pl.String,

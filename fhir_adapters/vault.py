@@ -27,8 +27,9 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from core.contracts.facts import DeviceDescription, OrganizationRecord
+
 from .extract import IdentityRecord
-from .facts import DeviceDescription, OrganizationRecord
 
 
 @dataclass(frozen=True)

@@ -2,29 +2,27 @@
 
 * trials topic: ``concierge.trial/1``, :class:`core.contracts.trials.TrialRecord`, criteria kept
   as an opaque JSON object;
-* cohort topic: ``concierge.cohort/1``, key ``trial|patient``; a tombstone means ``member: false``;
-  keys beginning with ``\\u0000`` are the stream worker's bookkeeping and are skipped;
+* cohort topic: :mod:`core.contracts.cohorts` (``concierge.cohort/1``); the worker's bookkeeping
+  keys are skipped;
 * facts topic: one ``concierge.facts/1`` envelope, or a ``concierge.factbatch/1`` object holding
-  several (read with :func:`fhir_adapters.facts.envelopes_of`); only Patient and Consent
+  several (read with :func:`core.contracts.facts.envelopes_of`); only Patient and Consent
   resources matter here, so everything else is skipped before it is validated;
 * reference topic: ``concierge.reference/1`` records (practitioners, roles, organisations).
 
 Trial and cohort records are read tolerantly (unknown fields are ignored); facts and reference
-records are validated by their owner's types (:mod:`fhir_adapters.facts`).
+records are validated by their owner's types (:mod:`core.contracts.facts`).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from core.contracts.cohorts import CohortKeyError, CohortRecord, split_record_key
+from core.contracts.facts import ReferenceRecord, ResourceFacts, decode_reference, envelopes_of
 from core.contracts.trials import OpaqueTrialRecord
-from fhir_adapters.facts import ReferenceRecord, ResourceFacts, decode_reference, envelopes_of
-
-COHORT_SCHEMA = "concierge.cohort/1"
 
 #: Resource types on the facts topic that recruitment reads.
 FACT_RESOURCE_TYPES = frozenset({"Patient", "Consent"})
@@ -38,21 +36,6 @@ class MessageError(ValueError):
 
 class _Tolerant(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
-
-
-class CohortRecord(_Tolerant):
-    schema_: Literal["concierge.cohort/1"] = Field(default="concierge.cohort/1", alias="schema")
-    trial: str
-    trial_version: int | None = None
-    patient: str
-    site: str | None = None
-    region: str | None = None
-    member: bool
-    steps: str | None = None
-    change: int = Field(ge=0)
-    at: datetime | None = None
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
 def _json(value: bytes | str) -> Any:
@@ -88,19 +71,11 @@ def decode_trial(value: bytes | str | None, key: str | None) -> OpaqueTrialRecor
 
 
 def split_cohort_key(key: str) -> tuple[str, str] | None:
-    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys. The
-    stream worker writes keys as JSON strings (``"trial|patient"``, quotes included)."""
-    if key.startswith('"'):
-        try:
-            key = str(json.loads(key))
-        except ValueError:
-            raise MessageError(f"cohort key {key!r} is not a JSON string") from None
-    if not key or key.startswith("\u0000"):
-        return None
-    trial, sep, patient = key.rpartition("|")
-    if not sep or not trial or not patient:
-        raise MessageError(f"cohort key {key!r} is not trial|patient")
-    return trial, patient
+    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys."""
+    try:
+        return split_record_key(key)
+    except CohortKeyError as exc:
+        raise MessageError(str(exc)) from None
 
 
 def decode_cohort(value: bytes | str | None, key: str) -> CohortRecord | None:
@@ -154,7 +129,6 @@ def decode_reference_record(value: bytes | str | None, key: str | None) -> Refer
 
 
 __all__ = [
-    "CohortRecord",
     "MessageError",
     "decode_cohort",
     "decode_facts",

@@ -27,8 +27,8 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.contracts.trials import ENDED_STATUSES, OpaqueTrialRecord
-from fhir_adapters.facts import (
+from core.contracts.cohorts import CohortRecord
+from core.contracts.facts import (
     ConsentFact,
     OrganizationRecord,
     PatientFact,
@@ -38,8 +38,9 @@ from fhir_adapters.facts import (
     ResourceFacts,
     patient_site,
 )
+from core.contracts.trials import ENDED_STATUSES, OpaqueTrialRecord
 
-from .contracts import CohortRecord, resource_type_of
+from .contracts import resource_type_of
 from .lifecycle import (
     ACTIVE,
     AWAITING_CLINICIAN,

@@ -35,8 +35,8 @@ import faust
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from core.contracts.facts import envelopes_of
 from core.settings import Settings
-from fhir_adapters.facts import envelopes_of
 from infra.mirror import ReaderHealth, ReaderStatus
 from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 

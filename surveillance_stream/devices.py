@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
-from fhir_adapters.facts import patient_site
+from core.contracts.facts import patient_site
 
 __all__ = [
     "DEFAULT_DEVICE_CLASSES",

@@ -23,7 +23,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
 
 from . import patient_state
 

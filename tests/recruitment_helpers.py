@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from core.contracts.trials import OpaqueTrialRecord
-from fhir_adapters.facts import (
+from core.contracts.cohorts import CohortRecord
+from core.contracts.facts import (
     ConsentFact,
     OrganizationRecord,
     PatientFact,
@@ -35,7 +35,7 @@ from fhir_adapters.facts import (
     ReferenceRecord,
     ResourceFacts,
 )
-from recruitment.contracts import CohortRecord
+from core.contracts.trials import OpaqueTrialRecord
 from recruitment.db import upgrade
 from recruitment.models import Base
 

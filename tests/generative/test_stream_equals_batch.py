@@ -19,7 +19,16 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from core.contracts.cohorts import (
+    EVALUATED_PREFIX,
+    WATERMARK_PREFIX,
+    CohortRecord,
+    EvaluatedMark,
+    Watermark,
+    split_record_key,
+)
 from feasibility.criteria import Question
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.engines.reference import ReferenceEngine
@@ -278,6 +287,25 @@ def check_live_equals_batch(scenario: dict[str, Any]) -> None:
     want = cohort(question, ReferenceEngine().evaluate(question, data, at))
     assert set(keeper.members("trial-1")) == set(want)
     assert cohort(question, PolarsEngine().evaluate(question, data, at)) == want
+    check_table_follows_the_contract(keeper.table)
+
+
+def check_table_follows_the_contract(table: dict[str, Any]) -> None:
+    """What the worker writes on the cohort topic is what core.contracts.cohorts defines: each
+    value validates as its key's model and carries no field the contract does not name."""
+    for key, value in table.items():
+        if value is None:
+            continue
+        if key.startswith(WATERMARK_PREFIX):
+            model: type[BaseModel] = Watermark
+        elif key.startswith(EVALUATED_PREFIX):
+            model = EvaluatedMark
+        else:
+            assert split_record_key(key) == (value["trial"], value["patient"]), key
+            model = CohortRecord
+        model.model_validate(value)
+        names = {f.alias or name for name, f in model.model_fields.items()}
+        assert set(value) <= names, (key, set(value) - names)
 
 
 SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from concierge.api import create_app
 from concierge.commands.generate import bundle
 from core.auth import issue
+from core.contracts.facts import ReferenceRecord, ResourceFacts
 from core.settings import Settings
 from feasibility.criteria import parse_question
 from feasibility.engines.reference import ReferenceEngine
 from feasibility.engines.results import cohort, funnel
 from feasibility.service import answer_sets
-from fhir_adapters.facts import ReferenceRecord, ResourceFacts
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import DeadLetter, KafkaSink
 from fhir_adapters.synthetic.generator import (

@@ -32,8 +32,8 @@ with warnings.catch_warnings():
 
 from concierge.api import create_app
 from core.auth import issue
+from core.contracts.facts import decode_resource_facts, envelopes_of
 from core.settings import Settings
-from fhir_adapters.facts import decode_resource_facts, envelopes_of
 from fhir_adapters.pipeline import EXCERPT_BYTES
 from infra.topics import DEADLETTER, FACTS
 from infra.topics_admin import ensure_topics

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from fhir_adapters.facts import ObservationFact, ResourceFacts, decode_resource_facts
+from core.contracts.facts import ObservationFact, ResourceFacts, decode_resource_facts
 from fhir_adapters.pipeline import EXCERPT_BYTES, STATUSES, Ingestor, Outcome
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import DEADLETTER_MAX_BYTES, DeadLetter, DeliveryFailed, MemorySink

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fhir_adapters.facts import Coding
+from core.contracts.facts import Coding
 from fhir_adapters.primitives import (
     InvalidElement,
     get_bool,

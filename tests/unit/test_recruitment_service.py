@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from core.contracts.cohorts import CohortRecord
+from core.contracts.facts import ReferenceRecord, ResourceFacts
 from core.contracts.trials import OpaqueTrialRecord
-from fhir_adapters.facts import ReferenceRecord, ResourceFacts
-from recruitment.contracts import CohortRecord
 from recruitment.lifecycle import IllegalTransition, InvitationState
 from recruitment.models import (
     Candidate,

@@ -21,8 +21,8 @@ with warnings.catch_warnings():
 
 from concierge.api import create_app
 from core.auth import issue
+from core.contracts.facts import decode_resource_facts
 from core.settings import Settings
-from fhir_adapters.facts import decode_resource_facts
 from fhir_adapters.pipeline import EXCERPT_BYTES, Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.rest import IngestService, _read_body

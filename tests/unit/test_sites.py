@@ -8,6 +8,13 @@ from typing import Any
 
 import polars as pl
 
+from core.contracts.facts import (
+    DeviceDescription,
+    DeviceRecord,
+    OrganizationRecord,
+    Provenance,
+    ReferenceRecord,
+)
 from feasibility.sites import (
     UNRESOLVED,
     SiteDirectory,
@@ -15,13 +22,6 @@ from feasibility.sites import (
     describe_sites,
     label_population,
     label_site,
-)
-from fhir_adapters.facts import (
-    DeviceDescription,
-    DeviceRecord,
-    OrganizationRecord,
-    Provenance,
-    ReferenceRecord,
 )
 
 SOURCE = "urn:test:ehr"

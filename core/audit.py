@@ -14,9 +14,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+from core.db import Schema, ensure_schema, make_engine
 
 metadata = sa.MetaData()
 
@@ -32,6 +35,14 @@ audit_table = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+)
+
+#: The table above is made only by the migrations in ``core/audit_migrations``.
+SCHEMA = Schema(
+    name="audit log",
+    migrations=Path(__file__).parent / "audit_migrations",
+    version_table="audit_alembic_version",
+    baseline_tables=("audit_log",),
 )
 
 GENESIS = "0" * 64
@@ -54,11 +65,8 @@ class Verification:
 
 class AuditLog:
     def __init__(self, url: str) -> None:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine = sa.create_engine(url, **kwargs)
-        metadata.create_all(self.engine)
+        ensure_schema(SCHEMA, url)
+        self.engine = make_engine(url)
         self._lock = threading.Lock()
 
     def append(

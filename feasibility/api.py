@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from concierge.auth import Principal, require_role
 
 from .criteria import CriteriaError, Question, json_schema
-from .disclosure import BudgetExceeded
+from .disclosure.budget import BudgetExceeded
 from .fhir_group import GroupError, question_from_group
 from .recruitment_funnel import invited_by_state, protect_recruitment, unavailable
 from .render import render

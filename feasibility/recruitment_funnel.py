@@ -6,12 +6,12 @@ The exact counts come from the recruitment store (:func:`invited_by_state`); onl
 once, in the state of their latest invitation for the trial, so the states partition the
 invited patients and the threshold is about people, not invitations.
 
-Protection reuses :func:`feasibility.disclosure.protect` with the relation *total = sum of the
-states*: small cells are withheld, shown counts are rounded, and complementary suppression makes
-sure no withheld state can be recovered by subtracting the shown ones from the total (nor a group
-of withheld states add up to fewer than the threshold). The sets handed to ``protect`` are
-stand-ins with the exact sizes and the same partition structure, not patient ids, so overlap
-control against earlier publications (rule 4) does not apply to this block.
+Protection reuses :func:`feasibility.disclosure.protection.protect` with the relation *total =
+sum of the states*: small cells are withheld, shown counts are rounded, and complementary
+suppression makes sure no withheld state can be recovered by subtracting the shown ones from the
+total (nor a group of withheld states add up to fewer than the threshold). The sets handed to
+``protect`` are stand-ins with the exact sizes and the same partition structure, not patient
+ids, so overlap control against earlier publications (rule 4) does not apply to this block.
 
 There is no per-site breakdown: a state-by-site table is mostly small (and, under
 ``suppress_zero``, zero) cells, and protecting it would withhold the per-state counts too. See
@@ -32,7 +32,9 @@ from sqlalchemy.orm import Session
 from recruitment.lifecycle import InvitationState
 from recruitment.models import Invitation
 
-from .disclosure import AnswerSets, DisclosurePolicy, ProtectionAudit, protect
+from .disclosure.answer import AnswerSets, ProtectionAudit
+from .disclosure.policy import DisclosurePolicy
+from .disclosure.protection import protect
 
 #: Invitation states in lifecycle order (the order of the block's ``by_state``).
 STATES: tuple[str, ...] = tuple(state.value for state in InvitationState)

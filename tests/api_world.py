@@ -32,7 +32,9 @@ from concierge.api import create_app
 from concierge.auth import Role, issue
 from concierge.settings import Settings
 from feasibility.criteria import parse_question
-from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+from feasibility.disclosure.budget import QueryBudget
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.live import CohortView
 from feasibility.saved import SavedQuestions, TrialCreate, TrialRecord

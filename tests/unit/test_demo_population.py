@@ -14,7 +14,9 @@ import pytest
 import benchmarks.build_snapshot as build
 from concierge.demo import demo_population
 from feasibility.criteria import parse_question
-from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, protect
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.protection import protect
+from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.service import answer_sets
 from feasibility.snapshot import ColumnarSnapshot

@@ -18,20 +18,18 @@ import numpy as np
 import pytest
 from pyroaring import BitMap, FrozenBitMap
 
-from feasibility.disclosure import (
+from feasibility.disclosure.answer import (
     FUNNEL_FIELDS,
     AnswerSets,
-    BudgetExceeded,
     Cell,
-    DisclosurePolicy,
     FunnelStepSets,
-    LockedOut,
     ProtectedAnswer,
-    PublicationRegistry,
-    QueryBudget,
-    protect,
-    publications_table,
 )
+from feasibility.disclosure.budget import BudgetExceeded, LockedOut, QueryBudget
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.protection import protect
+from feasibility.disclosure.registry import PublicationRegistry
+from feasibility.disclosure.tables import publications_table
 
 EXACT = DisclosurePolicy(rounding=1, overlap_control=False)  # shown counts are the true counts
 PLAIN = DisclosurePolicy(overlap_control=False)  # the default rounding, no registry

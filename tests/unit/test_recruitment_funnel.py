@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feasibility.disclosure import DisclosurePolicy
+from feasibility.disclosure.policy import DisclosurePolicy
 from feasibility.recruitment_funnel import STATES, invited_by_state, protect_recruitment
 from recruitment.lifecycle import InvitationState
 from recruitment.models import Invitation

@@ -1,0 +1,134 @@
+"""The disclosure-control policy: threshold, rounding, zeros and overlap control, and what a
+rule means for one count (rules 1 and 2). Read from ``CONCIERGE_DC_*`` variables.
+
+The rules and the reasons for them: ``docs/explanation/disclosure-control.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_THRESHOLD = "CONCIERGE_DC_THRESHOLD"
+ENV_ROUNDING = "CONCIERGE_DC_ROUNDING"
+ENV_SUPPRESS_ZERO = "CONCIERGE_DC_SUPPRESS_ZERO"
+ENV_OVERLAP_CONTROL = "CONCIERGE_DC_OVERLAP_CONTROL"
+ENV_QUERY_BUDGET = "CONCIERGE_DC_QUERY_BUDGET"
+ENV_LOCKOUT_AFTER = "CONCIERGE_DC_LOCKOUT_AFTER"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
+
+
+def _env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name} must be a boolean (true/false, 1/0, yes/no, on/off), not {raw!r}")
+
+
+@dataclass(frozen=True)
+class DisclosurePolicy:
+    """The disclosure-control parameters. ``threshold`` and ``rounding`` are at least 1."""
+
+    threshold: int = 10
+    rounding: int = 5
+    suppress_zero: bool = True
+    overlap_control: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "rounding"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        for name in ("suppress_zero", "overlap_control"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DisclosurePolicy:
+        """The policy from ``CONCIERGE_DC_*`` variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        default = cls()
+        return cls(
+            threshold=env_int(env, ENV_THRESHOLD, default.threshold),
+            rounding=env_int(env, ENV_ROUNDING, default.rounding),
+            suppress_zero=_env_bool(env, ENV_SUPPRESS_ZERO, default.suppress_zero),
+            overlap_control=_env_bool(env, ENV_OVERLAP_CONTROL, default.overlap_control),
+        )
+
+    @property
+    def floor(self) -> int:
+        """The smallest value a shown non-zero count can have: the threshold rounded up to a
+        multiple of ``rounding``."""
+        return -(-self.threshold // self.rounding) * self.rounding
+
+    @property
+    def suppressed_display(self) -> str:
+        return f"<{self.threshold}"
+
+    def is_small(self, n: int) -> bool:
+        """Rule 1: would a count of ``n`` be withheld as a small cell?"""
+        return n < self.threshold and (n > 0 or self.suppress_zero)
+
+    def rounded(self, n: int) -> int:
+        """Rule 2: the shown value of a count ``n`` that is not a small cell."""
+        if n == 0:
+            return 0
+        r = self.rounding
+        return max((2 * n + r) // (2 * r) * r, self.floor)
+
+    def rules(self) -> list[str]:
+        """Human-readable statements of the rules in force (not of which ones fired)."""
+        t = self.threshold
+        small = f"counts under {t} suppressed"
+        small += " (zero counts too)" if self.suppress_zero else " (zero counts shown)"
+        rules = [small]
+        if self.rounding > 1:
+            rounding = f"rounded to the nearest {self.rounding}"
+            if self.floor != t:
+                rounding += f" (a shown count is never below {self.floor})"
+            rules.append(rounding)
+        rules += [
+            "complementary suppression across site, region and total",
+            "funnel cells protected alike",
+            f"every withheld cell is shown as {self.suppressed_display}, whether it is small or "
+            "withheld to protect another cell",
+        ]
+        if self.overlap_control:
+            rules.append(
+                f"overlap control: answers to questions whose cohorts differ by fewer than {t} "
+                "patients are not both exact"
+            )
+        rules.append("no random noise: the same question gets the same answer")
+        return rules
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "rounding": self.rounding,
+            "suppress_zero": self.suppress_zero,
+            "overlap_control": self.overlap_control,
+        }
+
+
+__all__ = ["DisclosurePolicy"]

@@ -6,7 +6,6 @@ lifts it. See ``docs/explanation/disclosure-control.md``.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .policy import ENV_LOCKOUT_AFTER, ENV_QUERY_BUDGET, env_int
+from .settings import DisclosureSettings
 from .tables import budget_locks_table, budget_queries_table, open_engine, overlap_events_table
 
 
@@ -102,12 +101,14 @@ class QueryBudget:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
     ) -> QueryBudget:
-        env = os.environ if environ is None else environ
+        """The budget from ``CONCIERGE_DC_QUERY_BUDGET`` and ``CONCIERGE_DC_LOCKOUT_AFTER``
+        (:class:`~feasibility.disclosure.settings.DisclosureSettings`)."""
+        settings = DisclosureSettings.load(environ)
         return cls(
             target,
-            max_queries=env_int(env, ENV_QUERY_BUDGET, 200),
+            max_queries=settings.query_budget,
             window=window,
-            lockout_after=env_int(env, ENV_LOCKOUT_AFTER, 20),
+            lockout_after=settings.lockout_after,
             clock=clock,
         )
 

@@ -6,42 +6,9 @@ The rules and the reasons for them: ``docs/explanation/disclosure-control.md``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-ENV_THRESHOLD = "CONCIERGE_DC_THRESHOLD"
-ENV_ROUNDING = "CONCIERGE_DC_ROUNDING"
-ENV_SUPPRESS_ZERO = "CONCIERGE_DC_SUPPRESS_ZERO"
-ENV_OVERLAP_CONTROL = "CONCIERGE_DC_OVERLAP_CONTROL"
-ENV_QUERY_BUDGET = "CONCIERGE_DC_QUERY_BUDGET"
-ENV_LOCKOUT_AFTER = "CONCIERGE_DC_LOCKOUT_AFTER"
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def env_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
-
-
-def _env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{name} must be a boolean (true/false, 1/0, yes/no, on/off), not {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -66,15 +33,12 @@ class DisclosurePolicy:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DisclosurePolicy:
-        """The policy from ``CONCIERGE_DC_*`` variables; unset ones keep their defaults."""
-        env = os.environ if environ is None else environ
-        default = cls()
-        return cls(
-            threshold=env_int(env, ENV_THRESHOLD, default.threshold),
-            rounding=env_int(env, ENV_ROUNDING, default.rounding),
-            suppress_zero=_env_bool(env, ENV_SUPPRESS_ZERO, default.suppress_zero),
-            overlap_control=_env_bool(env, ENV_OVERLAP_CONTROL, default.overlap_control),
-        )
+        """The policy from ``CONCIERGE_DC_*`` variables (unset ones keep their defaults), read
+        through :class:`~feasibility.disclosure.settings.DisclosureSettings`: a bad value raises
+        its one-line ``DisclosureSettingsError``."""
+        from .settings import DisclosureSettings  # settings build policies: imported late
+
+        return DisclosureSettings.load(environ).policy()
 
     @property
     def floor(self) -> int:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from recruitment.lifecycle import InvitationState
 from recruitment.models import Invitation
 
-from .disclosure.answer import AnswerSets, ProtectionAudit
+from .disclosure.answer import AnswerSets, ProtectionAudit, withheld_among
 from .disclosure.policy import DisclosurePolicy
 from .disclosure.protection import protect
 
@@ -67,7 +67,7 @@ def rules(policy: DisclosurePolicy) -> list[str]:
         out.append(f"rounded to the nearest {policy.rounding}")
     out += [
         "complementary suppression across the states and the total",
-        f"every withheld cell is shown as {policy.suppressed_display}",
+        f'every withheld cell reads "{policy.withheld_display}", whatever its size',
     ]
     return out
 
@@ -107,6 +107,12 @@ def protect_recruitment(
         "by_state": {state: protected.by_site[state].to_dict() for state in STATES},
         "rules": rules(policy),
     }
+    note = withheld_among(
+        {state: protected.by_site[state] for state in STATES},
+        "invitation state",
+        "invitation states",
+    )
+    block["notes"] = [] if note is None else [note]
     return block, audit
 
 

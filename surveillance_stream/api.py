@@ -61,7 +61,7 @@ def _protector() -> Any:
     policy = DisclosurePolicy.from_env()
 
     def protect(n: int) -> int | str:
-        return policy.suppressed_display if policy.is_small(n) else policy.rounded(n)
+        return policy.small_display if policy.is_small(n) else policy.rounded(n)
 
     return protect
 

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pyroaring import BitMap
@@ -60,7 +60,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class ProtectedAnswer:
-    """What the sponsor sees."""
+    """What the sponsor sees. Each funnel row has its cells, ``label``, ``kind`` and ``note``
+    (which of its cells are withheld, in words, or None); ``notes`` says in words, for the
+    sites, the regions and each funnel row, what cannot all be shown."""
 
     total: Cell
     by_site: dict[str, Cell]
@@ -68,6 +70,7 @@ class ProtectedAnswer:
     funnel: list[dict[str, Any]]
     rules: list[str]
     policy: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,7 +83,35 @@ class ProtectedAnswer:
             ],
             "rules": list(self.rules),
             "policy": dict(self.policy),
+            "notes": list(self.notes),
         }
+
+
+#: Why a cell is withheld, in the words every withheld cell gets (small or not: they look alike).
+WHY_WITHHELD = "to protect small counts"
+
+
+def _listed(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def withheld_parts(names: Sequence[str]) -> str | None:
+    """The withheld cells of one row, named, in words; None when every cell is shown."""
+    if not names:
+        return None
+    verb = "is" if len(names) == 1 else "are"
+    return f"{_listed(names)} {verb} withheld {WHY_WITHHELD}"
+
+
+def withheld_among(cells: Mapping[str, Cell], singular: str, plural: str) -> str | None:
+    """How many of a breakdown's cells are withheld, in words (``2 of 5 sites are withheld to
+    protect small counts``); None when every one is shown."""
+    k = sum(1 for c in cells.values() if c.suppressed)
+    if not k:
+        return None
+    n = len(cells)
+    noun, verb = singular if n == 1 else plural, "is" if k == 1 else "are"
+    return f"{k} of {n} {noun} {verb} withheld {WHY_WITHHELD}"
 
 
 @dataclass(frozen=True)
@@ -126,4 +157,6 @@ __all__ = [
     "FunnelStepSets",
     "ProtectedAnswer",
     "ProtectionAudit",
+    "withheld_among",
+    "withheld_parts",
 ]

@@ -10,6 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: What every withheld cell reads, whatever its size and whatever the reason it is withheld: a
+#: small count and a count withheld so that a small one cannot be worked out look alike (marking
+#: them apart would bound the small one; rule 3 of the threat model).
+WITHHELD = "withheld"
+
 
 @dataclass(frozen=True)
 class DisclosurePolicy:
@@ -47,7 +52,15 @@ class DisclosurePolicy:
         return -(-self.threshold // self.rounding) * self.rounding
 
     @property
-    def suppressed_display(self) -> str:
+    def withheld_display(self) -> str:
+        """What a withheld cell of :func:`~feasibility.disclosure.protection.protect` reads."""
+        return WITHHELD
+
+    @property
+    def small_display(self) -> str:
+        """``<threshold``: only for an output whose every withheld count is a small cell (rule 1
+        alone, as the regulator's breakdowns), where it is true; never for ``protect()``'s
+        cells, some of which are withheld to protect others and may be of any size."""
         return f"<{self.threshold}"
 
     def is_small(self, n: int) -> bool:
@@ -75,8 +88,8 @@ class DisclosurePolicy:
         rules += [
             "complementary suppression across site, region and total",
             "funnel cells protected alike",
-            f"every withheld cell is shown as {self.suppressed_display}, whether it is small or "
-            "withheld to protect another cell",
+            f'every withheld cell reads "{WITHHELD}", whatever its size: a small count, or one '
+            "withheld so that a small count cannot be worked out from the others",
         ]
         if self.overlap_control:
             rules.append(
@@ -95,4 +108,4 @@ class DisclosurePolicy:
         }
 
 
-__all__ = ["DisclosurePolicy"]
+__all__ = ["WITHHELD", "DisclosurePolicy"]

@@ -8,7 +8,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
-from .answer import FUNNEL_FIELDS, AnswerSets, ProtectedAnswer, ProtectionAudit
+from .answer import (
+    FUNNEL_FIELDS,
+    AnswerSets,
+    ProtectedAnswer,
+    ProtectionAudit,
+    withheld_among,
+    withheld_parts,
+)
 from .policy import DisclosurePolicy
 from .registry import SEEN_PER_CELL, PublicationRegistry
 from .solver import ProtectionPlan
@@ -76,19 +83,34 @@ def protect(
                     answer=None if unchanged else shown,
                 )
 
+    by_site = {s: plan.cell(f"site:{s}") for s in plan.sites}
+    by_region = {r: plan.cell(f"region:{r}") for r in plan.regions}
+    # what cannot all be shown, in words: a withheld cell may be of any size (issue 11)
+    notes = [
+        note
+        for note in (
+            withheld_among(by_site, "site", "sites"),
+            withheld_among(by_region, "region", "regions"),
+        )
+        if note is not None
+    ]
     funnel: list[dict[str, Any]] = []
     for i, step in enumerate(answer.funnel):
         row: dict[str, Any] = {"label": step.label, "kind": step.kind}
         for f in FUNNEL_FIELDS:
             row[f] = plan.cell(f"funnel:{i}:{f}")
+        row["note"] = withheld_parts([f for f in FUNNEL_FIELDS if row[f].suppressed])
+        if row["note"] is not None:
+            notes.append(f'funnel step "{step.label}": {row["note"]}')
         funnel.append(row)
     protected = ProtectedAnswer(
         total=plan.cell("total"),
-        by_site={s: plan.cell(f"site:{s}") for s in plan.sites},
-        by_region={r: plan.cell(f"region:{r}") for r in plan.regions},
+        by_site=by_site,
+        by_region=by_region,
         funnel=funnel,
         rules=policy.rules(),
         policy=policy.to_dict(),
+        notes=notes,
     )
     return protected, audit
 

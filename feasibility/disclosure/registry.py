@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from pyroaring import AbstractBitMap, FrozenBitMap
 
+from .policy import WITHHELD
 from .tables import (
     answers_table,
     open_engine,
@@ -27,6 +28,12 @@ from .tables import (
 #: Displays remembered per cell of a question for an organisation (an ad hoc answer and the
 #: saved question's live answer to the same criteria alternate, each drifting on its own).
 SEEN_PER_CELL = 8
+
+
+def current_display(display: str) -> str:
+    """A display as it reads now: publications recorded before withheld cells read
+    ``withheld`` hold ``<threshold`` (shown displays are digits)."""
+    return WITHHELD if display.startswith("<") else display
 
 
 PublicationRef = int | tuple[str, int]  # an existing publication id, or ("new", row index)
@@ -115,7 +122,7 @@ class PublicationRegistry:
                         row.id,
                         bits,
                         row.value,
-                        row.display,
+                        WITHHELD if row.hidden else row.display,
                         bool(row.hidden),
                         row.copied_from is None,
                     )
@@ -185,7 +192,15 @@ class PublicationRegistry:
         query = sa.select(t.c.answer).where(t.c.org == org, t.c.fingerprint == fingerprint)
         with self.lock, self.engine.connect() as conn:
             found = conn.execute(query).scalar()
-        return None if found is None else dict(json.loads(found))
+        if found is None:
+            return None
+        answer = dict(json.loads(found))
+        answer["cells"] = {k: current_display(v) for k, v in answer.get("cells", {}).items()}
+        answer["seen"] = {
+            k: list(dict.fromkeys(current_display(d) for d in v))
+            for k, v in answer.get("seen", {}).items()
+        }
+        return answer
 
     def record(
         self,

@@ -288,7 +288,7 @@ class ProtectionPlan:
                 u.hidden, u.value, u.display, u.entry = e.hidden, e.value, e.display, e.id
                 u.exact = found.exact and e.fresh and not e.hidden
             elif policy.is_small(u.count):
-                u.origin, u.hidden, u.display = _PRIMARY, True, policy.suppressed_display
+                u.origin, u.hidden, u.display = _PRIMARY, True, policy.withheld_display
             else:
                 u.origin, u.exact = _FRESH, True
                 u.value = policy.rounded(u.count)
@@ -344,7 +344,7 @@ class ProtectionPlan:
             u = self.unit(c)
             if u.origin == _FRESH and not u.hidden:
                 u.origin, u.hidden, u.exact = _SECONDARY, True, False
-                u.value, u.display = None, self.policy.suppressed_display
+                u.value, u.display = None, self.policy.withheld_display
 
     # -- rule 3
     def _peel(self, withheld: int | None = None) -> set[int]:
@@ -507,7 +507,7 @@ class ProtectionPlan:
                     continue
                 if 0 < later.bits.symmetric_difference_cardinality(earlier.bits) < t:
                     later.origin, later.hidden, later.exact = _SECONDARY, True, False
-                    later.value, later.display = None, self.policy.suppressed_display
+                    later.value, later.display = None, self.policy.withheld_display
                     return True
         return False
 

@@ -19,7 +19,9 @@ def build_feasibility(settings: Settings) -> Any:
     registry of saved questions, and disclosure control persisted in SQL."""
     import threading
 
-    from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+    from feasibility.disclosure.budget import QueryBudget
+    from feasibility.disclosure.policy import DisclosurePolicy
+    from feasibility.disclosure.registry import PublicationRegistry
     from feasibility.engines.polars_engine import PolarsEngine
     from feasibility.feed import FactsFeed
     from feasibility.live import CohortView

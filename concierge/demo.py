@@ -462,6 +462,12 @@ def demo(
 ) -> None:
     """Run the product live: broker, worker, API and a synthetic population streaming in."""
     from core.settings import get_settings
+    from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
+
+    try:  # checked before anything starts: the API it starts would stop on it
+        DisclosureSettings.load()
+    except DisclosureSettingsError as exc:
+        raise click.ClickException(str(exc)) from None
 
     if not {"KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"} & set(os.environ):
         # the local broker the demo starts, on CONCIERGE_BROKER_PORT, is the one to use

@@ -7,12 +7,12 @@ The exact counts come from recruitment through the
 once, in the state of their latest invitation for the trial, so the states partition the
 invited patients and the threshold is about people, not invitations.
 
-Protection reuses :func:`feasibility.disclosure.protect` with the relation *total = sum of the
-states*: small cells are withheld, shown counts are rounded, and complementary suppression makes
-sure no withheld state can be recovered by subtracting the shown ones from the total (nor a group
-of withheld states add up to fewer than the threshold). The sets handed to ``protect`` are
-stand-ins with the exact sizes and the same partition structure, not patient ids, so overlap
-control against earlier publications (rule 4) does not apply to this block.
+Protection reuses :func:`feasibility.disclosure.protection.protect` with the relation *total =
+sum of the states*: small cells are withheld, shown counts are rounded, and complementary
+suppression makes sure no withheld state can be recovered by subtracting the shown ones from the
+total (nor a group of withheld states add up to fewer than the threshold). The sets handed to
+``protect`` are stand-ins with the exact sizes and the same partition structure, not patient
+ids, so overlap control against earlier publications (rule 4) does not apply to this block.
 
 There is no per-site breakdown: a state-by-site table is mostly small (and, under
 ``suppress_zero``, zero) cells, and protecting it would withhold the per-state counts too. See
@@ -29,7 +29,9 @@ from pyroaring import BitMap
 
 from core.contracts.invitations import INVITATION_STATES
 
-from .disclosure import AnswerSets, DisclosurePolicy, ProtectionAudit, protect
+from .disclosure.answer import AnswerSets, ProtectionAudit, withheld_among
+from .disclosure.policy import DisclosurePolicy
+from .disclosure.protection import protect
 
 #: Invitation states in lifecycle order (the order of the block's ``by_state``).
 STATES: tuple[str, ...] = INVITATION_STATES
@@ -48,7 +50,7 @@ def rules(policy: DisclosurePolicy) -> list[str]:
         out.append(f"rounded to the nearest {policy.rounding}")
     out += [
         "complementary suppression across the states and the total",
-        f"every withheld cell is shown as {policy.suppressed_display}",
+        f'every withheld cell reads "{policy.withheld_display}", whatever its size',
     ]
     return out
 
@@ -88,6 +90,12 @@ def protect_recruitment(
         "by_state": {state: protected.by_site[state].to_dict() for state in STATES},
         "rules": rules(policy),
     }
+    note = withheld_among(
+        {state: protected.by_site[state] for state in STATES},
+        "invitation state",
+        "invitation states",
+    )
+    block["notes"] = [] if note is None else [note]
     return block, audit
 
 

@@ -2,8 +2,9 @@
 
 Ad hoc questions run over the columnar snapshot (kept current from the facts topic by
 :class:`~feasibility.feed.FactsFeed`) with the polars engine; the exact per-patient results
-become sets of patient ids (bitmaps), and only what :func:`feasibility.disclosure.protect`
-lets through leaves this module. Nothing patient-level is returned, logged or audited.
+become sets of patient ids (bitmaps), and only what
+:func:`feasibility.disclosure.protection.protect` lets through leaves this module. Nothing
+patient-level is returned, logged or audited.
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import polars as pl
 from pyroaring import BitMap
 
 from .criteria import ExclusionStep, Question, step_label
-from .disclosure import (
-    AnswerSets,
-    DisclosurePolicy,
-    FunnelStepSets,
-    PublicationRegistry,
-    QueryBudget,
-    protect,
-)
+from .disclosure.answer import AnswerSets, FunnelStepSets
+from .disclosure.budget import QueryBudget
+from .disclosure.policy import DisclosurePolicy
+from .disclosure.protection import protect
+from .disclosure.registry import PublicationRegistry
 from .sites import (
     UNRESOLVED,
     UNRESOLVED_REGION,

@@ -34,7 +34,9 @@ from concierge.routes.recruitment import VaultIdentities
 from core.auth import Role, issue
 from core.settings import Settings
 from feasibility.criteria import parse_question
-from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+from feasibility.disclosure.budget import QueryBudget
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.live import CohortView
 from feasibility.saved import SavedQuestions, SavedTrial, TrialCreate

@@ -12,6 +12,13 @@ def api(host: str | None, port: int | None) -> None:
     """Serve the API: POST/PUT/DELETE /fhir for sources, OpenAPI docs at /docs."""
     import logging
 
+    from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
+
+    try:  # a bad CONCIERGE_DC_* value is one line now, not a traceback from inside uvicorn
+        DisclosureSettings.load()
+    except DisclosureSettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
     import uvicorn
 
     from core.settings import get_settings

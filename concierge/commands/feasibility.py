@@ -94,6 +94,9 @@ def render_answer(answer: dict[str, Any], top: int = 15) -> str:
     lines.append(f"{'Site':40} {'eligible':>9}   (top {min(top, len(sites))} of {len(sites)})")
     for site, cell in sites[:top]:
         lines.append(f"{site[:40]:40} {_cell(cell):>9}")
+    if answer.get("notes"):  # what cannot all be shown, in words
+        lines.append("")
+        lines += [f"Withheld: {note}" for note in answer["notes"]]
     lines.append("")
     lines.append("Disclosure control: " + "; ".join(answer.get("rules", [])))
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.auth import Principal, require_role
 from feasibility.criteria import CriteriaError, Question, json_schema
-from feasibility.disclosure import BudgetExceeded
+from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.fhir_group import GroupError, question_from_group
 from feasibility.recruitment_funnel import protect_recruitment, unavailable
 from feasibility.render import render
@@ -139,8 +139,10 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "/ask",
         summary="Ask an ad hoc feasibility question",
         description="Counts of eligible patients (total, per site and region) and the attrition "
-        "funnel in criterion order, under disclosure control. Counts one question against the "
-        "sponsor's query budget. 503 while the snapshot is behind the facts topic.",
+        "funnel in criterion order, under disclosure control: a withheld count reads `withheld` "
+        "whatever its size, and `notes` (per funnel row, `note`) says in words what cannot all "
+        "be shown. Counts one question against the sponsor's query budget. 503 while the "
+        "snapshot is behind the facts topic.",
         responses=NOT_CURRENT,
     )
     def ask(

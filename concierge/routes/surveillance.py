@@ -3,9 +3,10 @@ and lifecycle actions.
 
 Every route needs a regulator token (``concierge token create --role regulator --org MHRA``) and
 every request is audited by the API's middleware (provenance reads also record how many
-pseudonymised patients they touched). Patient counts in breakdowns follow the sponsors' small-number
-rules (:class:`feasibility.disclosure.DisclosurePolicy`); the 2x2 cells of a signal are shown as
-they are, since every statistic the regulator must be able to reproduce is a function of them.
+pseudonymised patients they touched). Patient counts in breakdowns follow the sponsors'
+small-number rules (:class:`feasibility.disclosure.policy.DisclosurePolicy`); the 2x2 cells of a
+signal are shown as they are, since every statistic the regulator must be able to reproduce is a
+function of them.
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
@@ -55,12 +56,12 @@ def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _protector() -> Any:
-    from feasibility.disclosure import DisclosurePolicy
+    from feasibility.disclosure.policy import DisclosurePolicy
 
     policy = DisclosurePolicy.from_env()
 
     def protect(n: int) -> int | str:
-        return policy.suppressed_display if policy.is_small(n) else policy.rounded(n)
+        return policy.small_display if policy.is_small(n) else policy.rounded(n)
 
     return protect
 

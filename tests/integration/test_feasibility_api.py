@@ -156,9 +156,9 @@ def test_answer_matches_the_reference_engine_under_disclosure(
     answer = response.json()
     total = answer["total"]
     if len(true_cohort) < 10:
-        assert total["suppressed"] and total["display"] == "<10"
+        assert total["suppressed"] and total["display"] == "withheld"
     else:  # shown rounded, or withheld to protect another cell
-        assert total["display"] in (rounded(len(true_cohort)), "<10")
+        assert total["display"] in (rounded(len(true_cohort)), "withheld")
     assert [step["label"] for step in answer["funnel"]][1:] == [
         step.label for step in question.steps
     ]
@@ -166,6 +166,16 @@ def test_answer_matches_the_reference_engine_under_disclosure(
     assert answer["funnel"][0]["entered"]["display"] == rounded(population)
     for cell in [*answer["by_site"].values(), *answer["by_region"].values()]:
         assert cell["suppressed"] or cell["value"] >= 10
+    # what cannot all be shown is said in words, and no cell claims to be under the threshold
+    for step in answer["funnel"]:
+        hidden = [f for f in ("entered", "passed", "failed", "unknown", "remaining")
+                  if step[f]["suppressed"]]  # fmt: skip
+        assert (step["note"] is None) == (not hidden)
+        assert all(step[f]["display"] == "withheld" for f in hidden)
+    sites_hidden = sum(1 for c in answer["by_site"].values() if c["suppressed"])
+    if sites_hidden:
+        assert answer["notes"][0].startswith(f"{sites_hidden} of {len(answer['by_site'])} site")
+    assert "<10" not in response.text
     assert "p-" not in response.text  # no pseudonym, ever
     assert answer["rules"]
 

@@ -16,26 +16,25 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from pyroaring import BitMap, FrozenBitMap
 
-from feasibility.disclosure import (
+from feasibility.disclosure.answer import (
     FUNNEL_FIELDS,
     AnswerSets,
-    BudgetExceeded,
     Cell,
-    DisclosurePolicy,
     FunnelStepSets,
-    LockedOut,
     ProtectedAnswer,
-    PublicationRegistry,
-    QueryBudget,
-    protect,
-    publications_table,
 )
+from feasibility.disclosure.budget import BudgetExceeded, LockedOut, QueryBudget
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.protection import protect
+from feasibility.disclosure.registry import PublicationRegistry
+from feasibility.disclosure.tables import publications_table
 
 EXACT = DisclosurePolicy(rounding=1, overlap_control=False)  # shown counts are the true counts
 PLAIN = DisclosurePolicy(overlap_control=False)  # the default rounding, no registry
-HIDDEN = Cell(None, "<10", True)
+HIDDEN = Cell(None, "withheld", True)
 
 
 def ids(*ranges: tuple[int, int]) -> BitMap:
@@ -177,9 +176,9 @@ def test_policy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("n", "display"),
     [
-        (0, "<10"),  # zero suppressed too (suppress_zero)
-        (1, "<10"),
-        (9, "<10"),
+        (0, "withheld"),  # zero suppressed too (suppress_zero)
+        (1, "withheld"),
+        (9, "withheld"),
         (10, "10"),
         (12, "10"),  # 2.4 -> 2
         (13, "15"),  # 2.6 -> 3
@@ -194,8 +193,8 @@ def test_policy_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_small_cells_and_rounding_defaults(n: int, display: str) -> None:
     result, _ = protect(answer({"A": ("North", n)}, population=2000), PLAIN, None, "Acme", "q")
     assert result.total.display == display
-    assert result.total.suppressed == (display == "<10")
-    assert result.total.value == (None if display == "<10" else int(display))
+    assert result.total.suppressed == (display == "withheld")
+    assert result.total.value == (None if display == "withheld" else int(display))
     # a region with a single site, and the site: the same set, so the same cell
     assert result.by_site["A"] == result.by_region["North"] == result.total
 
@@ -324,7 +323,7 @@ def test_all_withheld_cells_look_alike() -> None:
     sites = {"A": ("North", 50), "B": ("North", 3), "C": ("South", 40)}
     result, audit = protect(answer(sites), PLAIN, None, "Acme", "q")
     assert audit.primary_suppressed == 2 and audit.secondary_suppressed == 1  # B, unknown; A
-    assert result.by_site["A"] == result.by_site["B"] == Cell(None, "<10", True)
+    assert result.by_site["A"] == result.by_site["B"] == Cell(None, "withheld", True)
 
 
 def test_patients_without_a_site_are_a_group_too() -> None:
@@ -618,7 +617,7 @@ def test_registry_persists_across_instances(tmp_path: Path) -> None:
     for row in rows:
         assert len(FrozenBitMap.deserialize(row.bitmap)) == row.cardinality
         assert (row.value is None) == row.hidden
-        assert row.display == ("<10" if row.hidden else str(row.value))
+        assert row.display == ("withheld" if row.hidden else str(row.value))
     reopened.close()
 
 
@@ -698,10 +697,10 @@ def test_rules_in_force_and_json() -> None:
     )
     data = result.to_dict()
     assert json.loads(json.dumps(data)) == data
-    assert set(data) == {"total", "by_site", "by_region", "funnel", "rules", "policy"}
+    assert set(data) == {"total", "by_site", "by_region", "funnel", "rules", "policy", "notes"}
     assert data["policy"] == DisclosurePolicy().to_dict()
-    assert set(data["funnel"][1]) == {"label", "kind", *FUNNEL_FIELDS}
-    assert data["by_site"]["B"] == {"value": None, "display": "<10", "suppressed": True}
+    assert set(data["funnel"][1]) == {"label", "kind", "note", *FUNNEL_FIELDS}
+    assert data["by_site"]["B"] == {"value": None, "display": "withheld", "suppressed": True}
     plain = DisclosurePolicy(rounding=1, overlap_control=False).rules()
     assert not any("rounded" in r or "overlap" in r for r in plain)
 
@@ -942,3 +941,77 @@ def test_an_ad_hoc_and_a_live_answer_to_the_same_question_alternating_are_no_hit
         again, audit = protect(live(i), policy, registry, "Demo Pharma", "t2dm")
         assert again == first_live and not audit.overlap_fired
     assert budget.overlap_fires("Demo Pharma") == 0
+
+
+# ------------------------------------------------------- what a withheld cell reads (issue 11)
+
+
+def one_step(population: int, passed: int) -> AnswerSets:
+    """A population and one inclusion step that ``passed`` patients pass (the rest fail)."""
+    everyone, cohort = ids((0, population)), ids((0, passed))
+    return AnswerSets(
+        cohort=cohort,
+        by_site={"A": cohort},
+        site_region={"A": "North"},
+        by_region={"North": cohort},
+        funnel=[
+            FunnelStepSets(
+                "population", "population", everyone, everyone, BitMap(), BitMap(), everyone
+            ),
+            FunnelStepSets(
+                "diabetes", "inclusion", everyone, cohort, everyone - cohort, BitMap(), cohort
+            ),
+        ],
+    )
+
+
+def test_a_large_complementary_cell_reads_withheld_not_under_the_threshold() -> None:
+    # the funnel row "failed <10" that was really 116: 4 pass (small), so failed (116) is
+    # withheld too, else entered - passed - unknown would give the 4 away
+    result, _ = protect(one_step(120, 4), EXACT, None, "Acme", "q")
+    step = result.funnel[1]
+    assert step["entered"] == Cell(120, "120", False)
+    assert step["passed"] == step["failed"] == Cell(None, "withheld", True)
+    # all withheld cells still look alike, small (4) or large (116)
+    assert {step[f].display for f in ("passed", "failed", "unknown", "remaining")} == {"withheld"}
+    assert (
+        step["note"] == "passed, failed, unknown and remaining are withheld to protect small counts"
+    )
+    assert result.funnel[0]["note"] is None
+    assert 'funnel step "diabetes": passed, failed, unknown and remaining are withheld' in " ".join(
+        result.notes
+    )
+
+
+def test_a_large_site_withheld_to_protect_a_small_one_reads_withheld_and_is_said_in_words() -> None:
+    sites = {"A": ("North", 3), "B": ("North", 116), "C": ("South", 60)}
+    result, _ = protect(answer(sites), EXACT, None, "Acme", "q")
+    assert result.by_site["B"] == result.by_site["A"] == Cell(None, "withheld", True)
+    assert result.by_site["C"] == Cell(60, "60", False)
+    assert result.by_region["North"] == Cell(119, "119", False)
+    assert result.notes[0] == "2 of 3 sites are withheld to protect small counts"
+    assert not any("region" in note for note in result.notes)
+    assert any('every withheld cell reads "withheld", whatever its size' in r for r in result.rules)
+    data = result.to_dict()
+    assert data["notes"] == result.notes
+    assert "<10" not in json.dumps(data)
+
+
+def test_publications_recorded_as_under_the_threshold_read_withheld_again(tmp_path: Path) -> None:
+    # a registry written before "withheld" holds "<10" for every hidden publication
+    url = f"sqlite:///{tmp_path / 'dc.sqlite'}"
+    policy = DisclosurePolicy(rounding=1)
+    sites = {"A": ("North", 50), "B": ("North", 3), "C": ("South", 40)}
+    registry = PublicationRegistry(url)
+    first, _ = protect(answer(sites), policy, registry, "Acme", "q1")
+    with registry.engine.begin() as conn:
+        conn.execute(
+            publications_table.update().where(publications_table.c.hidden).values(display="<10")
+        )
+        conn.execute(sa.text("UPDATE dc_answers SET answer = replace(answer, 'withheld', '<10')"))
+    registry.close()
+    reopened = PublicationRegistry(url)
+    again, audit = protect(answer(sites), policy, reopened, "Acme", "q1")
+    assert again == first and "<10" not in json.dumps(again.to_dict())
+    assert audit.overlap_hits == 0
+    reopened.close()

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from feasibility.disclosure import DisclosurePolicy
+from feasibility.disclosure.policy import DisclosurePolicy
 from feasibility.recruitment_funnel import STATES, protect_recruitment
 from recruitment.funnel import invited_by_state
 from recruitment.lifecycle import InvitationState
@@ -37,7 +37,7 @@ def check_protected(counts: dict[str, int], policy: DisclosurePolicy) -> dict[st
         n = counts.get(state, 0)
         cell = block["by_state"][state]
         if policy.is_small(n):
-            assert cell["suppressed"] and cell["display"] == policy.suppressed_display, state
+            assert cell["suppressed"] and cell["display"] == "withheld", state
         if not cell["suppressed"]:
             assert cell["value"] == policy.rounded(n), state
     cell = block["total"]
@@ -57,10 +57,16 @@ def test_small_counts_are_withheld_and_the_rest_rounded() -> None:
     assert block["available"] is True
     assert block["total"] == {"value": 40, "display": "40", "suppressed": False}
     assert block["by_state"]["sent_to_clinician"]["display"] == "25"
-    assert block["by_state"]["rejected"]["display"] == "<10"
+    assert block["by_state"]["rejected"]["display"] == "withheld"
     # 3 rejected and the zero states alone would be 40 - 25 - 10 = 5 (a small group):
-    # the approved count is withheld with them
+    # the approved count is withheld with them, and reads "withheld" too, not "<10"
     assert not shown(block, "approved")
+    assert block["by_state"]["approved"]["display"] == "withheld"
+    withheld = sum(1 for s in STATES if not shown(block, s))
+    assert block["notes"] == [
+        f"{withheld} of {len(STATES)} invitation states are withheld to protect small counts"
+    ]
+    assert any('reads "withheld", whatever its size' in rule for rule in block["rules"])
     assert set(block["by_state"]) == set(STATES)
 
 

@@ -62,7 +62,11 @@ def install_problem_details(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg")}
+            | ({"pointer": e["pointer"]} if "pointer" in e else {})
+            for e in exc.errors()
+        ]
         return problem(422, "Invalid request", errors)
 
 

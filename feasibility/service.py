@@ -21,12 +21,13 @@ from typing import Any
 import polars as pl
 from pyroaring import BitMap
 
-from .criteria import ExclusionStep, Question, step_label
-from .disclosure.answer import AnswerSets, FunnelStepSets
+from .criteria import ExclusionStep, ObservationCriterion, Question, step_label
+from .disclosure.answer import AnswerSets, Cell, FunnelStepSets
 from .disclosure.budget import QueryBudget
 from .disclosure.policy import DisclosurePolicy
 from .disclosure.protection import protect
 from .disclosure.registry import PublicationRegistry
+from .engines.reference import walk_criterion
 from .sites import (
     UNRESOLVED,
     UNRESOLVED_REGION,
@@ -134,6 +135,50 @@ def answer_sets(
         by_region=by_region,
         funnel=funnel,
     )
+
+
+def unconvertible_results(
+    question: Question, steps: pl.DataFrame, policy: DisclosurePolicy
+) -> dict[int, Cell]:
+    """Per funnel step whose criteria convert units (index into ``question.steps``): the
+    results its criteria skipped because their unit does not convert (the step frame's
+    ``u{i}``), among the patients who entered the step. Published under the policy's small
+    number rule applied both to the results and to the patients they belong to (a few
+    patients' many results would otherwise point at them), then rounded; withheld cells look
+    like every other withheld cell. These counts are not sets of patients, so they are not
+    in the publication registry: the threshold on patients is what protects them."""
+    population = steps.filter(pl.col("in_population"))
+    remaining = pl.lit(True)
+    out: dict[int, Cell] = {}
+    for i, step in enumerate(question.steps):
+        column = pl.col(f"s{i}")
+        exclusion = isinstance(step, ExclusionStep)
+        tops = step.all_of if isinstance(step, ExclusionStep) else step.any_of
+        if any(
+            isinstance(c, ObservationCriterion) and c.value is not None and c.value.unit
+            for top in tops
+            for c in walk_criterion(top)
+        ):
+            skipped = pl.col(f"u{i}").filter(remaining)
+            results, patients = population.select(
+                skipped.sum().alias("results"), (skipped > 0).sum().alias("patients")
+            ).row(0)
+            if policy.is_small(results) or policy.is_small(patients):
+                out[i] = Cell(None, policy.withheld_display, True)
+            else:
+                shown = policy.rounded(results)
+                out[i] = Cell(shown, str(shown), False)
+        passed = (column == 0) if exclusion else (column == 1)
+        if exclusion and question.exclusion_unknown == "keep":
+            passed = passed | column.is_null()
+        remaining = remaining & passed
+    return out
+
+
+def _with_unconvertible(body: dict[str, Any], cells: dict[int, Cell]) -> dict[str, Any]:
+    for i, cell in cells.items():
+        body["funnel"][i + 1]["unconvertible_results"] = cell.to_dict()
+    return body
 
 
 @dataclass
@@ -288,7 +333,9 @@ class FeasibilityService:
             "funnel_from": "snapshot at the stream's time",
             "stream_and_snapshot_agree": cohort == batch_cohort,
             "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
-            **protected.to_dict(),
+            **_with_unconvertible(
+                protected.to_dict(), unconvertible_results(question, steps, self.policy)
+            ),
             "sites": describe_sites(protected.by_site, self.sites),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         }
@@ -343,7 +390,9 @@ class FeasibilityService:
             "evaluated_at": at.isoformat(),
             "index_instant": question.index_instant(at).isoformat(),
             "as_of": self.as_of(),
-            **protected.to_dict(),
+            **_with_unconvertible(
+                protected.to_dict(), unconvertible_results(question, steps, self.policy)
+            ),
             "sites": describe_sites(protected.by_site, self.sites),
             "engine": getattr(self.engine, "name", type(self.engine).__name__),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -352,4 +401,10 @@ class FeasibilityService:
         return body, {"question": fp, "kind": kind, **audit.to_dict()}
 
 
-__all__ = ["FeasibilityService", "NotCurrent", "answer_sets", "fingerprint"]
+__all__ = [
+    "FeasibilityService",
+    "NotCurrent",
+    "answer_sets",
+    "fingerprint",
+    "unconvertible_results",
+]

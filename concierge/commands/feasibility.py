@@ -50,7 +50,9 @@ def _call(method: str, url: str, token: str, body: Any = None) -> Any:
             problem = {"title": response.text}
         detail = problem.get("detail")
         if isinstance(detail, list):
-            detail = "\n  " + "\n  ".join(f"{d.get('loc')}: {d.get('msg')}" for d in detail)
+            detail = "\n  " + "\n  ".join(
+                f"{d.get('pointer') or d.get('loc')}: {d.get('msg')}" for d in detail
+            )
         raise click.ClickException(
             f"{response.status_code} {problem.get('title', '')}: {detail or ''}".strip()
         )
@@ -80,11 +82,18 @@ def render_answer(answer: dict[str, Any], top: int = 15) -> str:
     lines.append(f"Eligible patients: {_cell(answer['total'])}")
     lines.append("")
     lines.append(f"{'Funnel step':58} {'entered':>8} {'passed':>8} {'failed':>8} {'unknown':>8}")
+    skipped = []
     for step in answer.get("funnel", []):
         lines.append(
             f"{step['label'][:58]:58} {_cell(step['entered']):>8} {_cell(step['passed']):>8} "
             f"{_cell(step['failed']):>8} {_cell(step['unknown']):>8}"
         )
+        if "unconvertible_results" in step:
+            skipped.append(f"{step['label']}: {_cell(step['unconvertible_results'])}")
+    if skipped:
+        lines.append("")
+        lines.append("Results not tested because their unit does not convert to the criterion's:")
+        lines += [f"  {line}" for line in skipped]
     lines.append("")
     lines.append(f"{'Region':40} {'eligible':>9}")
     for region, cell in sorted(answer.get("by_region", {}).items()):

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.auth import Principal, require_role
-from feasibility.criteria import CriteriaError, Question, json_schema
+from feasibility.criteria import CriteriaError, Question, json_pointer, json_schema
 from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.fhir_group import GroupError, question_from_group
 from feasibility.recruitment_funnel import protect_recruitment, unavailable
@@ -53,6 +55,31 @@ EXAMPLE = {
         }
     ],
 }
+
+
+class CriteriaRoute(APIRoute):
+    """A route whose 422s point into the request body: each validation error gains
+    ``pointer``, a JSON pointer into the body as sent (``/inclusion/2/value/unit``), where the
+    model's ``loc`` names parts the body leaves out (a criterion's type, the step around a bare
+    criterion); see :func:`feasibility.criteria.json_pointer`."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def pointing(request: Request) -> Response:
+            try:
+                response: Response = await handler(request)
+            except RequestValidationError as exc:
+                errors = [
+                    {**e, "pointer": json_pointer(exc.body, list(e.get("loc", ()))[1:])}
+                    if list(e.get("loc", ()))[:1] == ["body"]
+                    else e
+                    for e in exc.errors()
+                ]
+                raise RequestValidationError(errors, body=exc.body) from None
+            return response
+
+        return pointing
 
 
 def _service(request: Request) -> FeasibilityService:
@@ -132,7 +159,9 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     """The sponsor router. ``recruitment`` takes the request and returns the recruitment
     service or None (by default: ``request.app.state.recruitment``, as ``concierge.api``
     keeps it)."""
-    router = APIRouter(prefix="/v1/feasibility", tags=["feasibility (sponsors)"])
+    router = APIRouter(
+        prefix="/v1/feasibility", tags=["feasibility (sponsors)"], route_class=CriteriaRoute
+    )
     recruitment_provider = recruitment or _recruitment_from_app
 
     @router.post(

@@ -18,7 +18,8 @@ UNKNOWN), built from a few joins and group-bys over the snapshot's tables
 
 :meth:`PolarsEngine.evaluate_frames` returns a *step frame*: ``pid``, ``patient``,
 ``in_population``, ``s0``..``sN`` (Int8: 1 TRUE, 0 FALSE, null UNKNOWN; inclusion steps then
-exclusion steps), ``site``, ``region`` and ``member``.
+exclusion steps), ``u0``..``uN`` (UInt32: results each step skipped as unconvertible),
+``site``, ``region`` and ``member``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ..criteria import (
     Code,
     ConditionCriterion,
     DeviceCriterion,
+    InclusionStep,
     MedicationCriterion,
     MolecularMarkerCriterion,
     Not,
@@ -73,6 +75,7 @@ from .reference import (
     MEDICATION_EXCLUDED,
     OBSERVATION_STATUSES,
     PROCEDURE_EXCLUDED,
+    walk_criterion,
 )
 from .results import PatientResult, Tri
 
@@ -622,6 +625,43 @@ class _Evaluation:
         ]
         return out
 
+    def _unconvertible_rows(self, criterion: Any) -> pl.LazyFrame | None:
+        """``pid``, ``rid``, ``comp`` of the readings an observation criterion with a unit
+        could not test because their unit does not convert (reference: ``unconvertible``)."""
+        if not isinstance(criterion, ObservationCriterion) or criterion.value is None:
+            return None
+        if criterion.value.unit is None:
+            return None
+        rows = self._window(self._candidates(criterion), criterion.window)
+        scale, offset = self._scale(criterion)
+        value = pl.col("value")
+        return rows.filter(value.is_not_null() & (value * scale + offset).is_null()).select(
+            "pid", "rid", "comp"
+        )
+
+    def unconvertible(self) -> list[pl.Series]:
+        """Per step, each patient's count of results skipped as unconvertible (UInt32)."""
+        plans: dict[int, pl.LazyFrame] = {}
+        for i, step in enumerate(self.question.steps):
+            tops = step.any_of if isinstance(step, InclusionStep) else step.all_of
+            rows = [
+                plan
+                for top in tops
+                for c in walk_criterion(top)
+                if (plan := self._unconvertible_rows(c)) is not None
+            ]
+            if rows:
+                plans[i] = pl.concat(rows).unique().group_by("pid").agg(pl.len().alias("_n"))
+        counted = dict(zip(plans, pl.collect_all(list(plans.values())), strict=True))
+        out = []
+        for i in range(len(self.question.steps)):
+            column = pl.repeat(0, self.n, dtype=pl.UInt32, eager=True)
+            counts = counted.get(i)
+            if counts is not None and counts.height:
+                column.scatter(counts.get_column("pid"), counts.get_column("_n"))
+            out.append(column)
+        return out
+
     def in_population(self) -> pl.Series:
         deceased_us = pl.col("deceased_us")
         alive = (
@@ -651,6 +691,7 @@ class _Evaluation:
                 patients.get_column("patient"),
                 population.alias("in_population"),
                 *[s.cast(pl.Int8).alias(f"s{i}") for i, s in enumerate(steps)],
+                *[u.alias(f"u{i}") for i, u in enumerate(self.unconvertible())],
                 patients.get_column("site"),
                 patients.get_column("region"),
                 member.alias("member"),
@@ -691,14 +732,19 @@ class PolarsEngine:
 def results_of(frame: pl.DataFrame, n_steps: int) -> dict[str, PatientResult]:
     """Per-patient results from a step frame."""
     columns = [f"s{i}" for i in range(n_steps)]
+    skipped = [f"u{i}" for i in range(n_steps)]
     out: dict[str, PatientResult] = {}
-    for row in frame.select("patient", "in_population", *columns, "site", "region").iter_rows():
-        patient, population, *steps, site, region = row
+    for row in frame.select(
+        "patient", "in_population", *columns, "site", "region", *skipped
+    ).iter_rows():
+        patient, population, *rest = row
+        steps, (site, region), counts = rest[:n_steps], rest[n_steps : n_steps + 2], rest[-n_steps:]
         out[patient] = PatientResult(
             bool(population),
             tuple(None if s is None else bool(s) for s in steps),
             site,
             region,
+            tuple(counts) if n_steps else (),
         )
     return out
 

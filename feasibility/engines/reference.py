@@ -12,7 +12,9 @@ implements are the ones documented in :mod:`feasibility.criteria`:
   window; none is UNKNOWN; "latest" is the greatest (date, resource key);
 * values convert to the criterion's unit with :func:`feasibility.units.affine` (analyte from the
   LOINC code); a value whose unit does not convert is not testable;
-* demographics missing (birth date, sex, site, region) are UNKNOWN.
+* demographics missing (birth date, sex, site, region) are UNKNOWN;
+* per step, the results its criteria skipped as unconvertible are counted
+  (:func:`unconvertible`), so an answer can say how many results a unit kept out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..criteria import (
     Code,
     ConditionCriterion,
     DeviceCriterion,
+    InclusionStep,
     MedicationCriterion,
     MolecularMarkerCriterion,
     Not,
@@ -216,6 +219,7 @@ class _Reading:
         self.key = row.key
         self.when = row.when
         self.measurement = measurement
+        self.index = index
         self.order = (row.when if row.when is not None else float("-inf"), row.key, index)
 
 
@@ -379,6 +383,35 @@ def evaluate_criterion(criterion: Any, ctx: _Context) -> Tri:
     return _event(criterion, ctx)
 
 
+def walk_criterion(criterion: Any) -> list[Any]:
+    """``criterion`` and every criterion nested in it, depth first."""
+    if isinstance(criterion, AllOf | AnyOf):
+        return [criterion, *(c for child in criterion.criteria for c in walk_criterion(child))]
+    if isinstance(criterion, Not):
+        return [criterion, *walk_criterion(criterion.criterion)]
+    return [criterion]
+
+
+def unconvertible(criteria: list[Any], ctx: _Context) -> int:
+    """Results that the criteria (of one step) read but could not test because their unit
+    does not convert to the criterion's (or they have none): distinct (resource key,
+    component) with a value, in the criterion's window."""
+    skipped: set[tuple[str, int]] = set()
+    for criterion in (c for top in criteria for c in walk_criterion(top)):
+        if not isinstance(criterion, ObservationCriterion) or criterion.value is None:
+            continue
+        if criterion.value.unit is None:
+            continue
+        for reading in _candidates(criterion, ctx):
+            if (
+                reading.measurement.value is not None
+                and ctx.in_window(criterion.window, reading.when)
+                and converted(criterion, reading) is None
+            ):
+                skipped.add((reading.key, reading.index))
+    return len(skipped)
+
+
 def alive(data: PatientData, t: float) -> bool:
     if not data.has_demographics:
         return False
@@ -396,7 +429,11 @@ def evaluate_patient(question: Question, data: PatientData, at: datetime) -> Pat
     steps += [
         kleene_and([evaluate_criterion(c, ctx) for c in step.all_of]) for step in question.exclusion
     ]
-    return PatientResult(alive(data, t), tuple(steps), data.site, data.region)
+    skipped = tuple(
+        unconvertible(step.any_of if isinstance(step, InclusionStep) else step.all_of, ctx)
+        for step in question.steps
+    )
+    return PatientResult(alive(data, t), tuple(steps), data.site, data.region, skipped)
 
 
 class ReferenceEngine:
@@ -423,4 +460,6 @@ __all__ = [
     "code_matches",
     "evaluate_patient",
     "qualifying",
+    "unconvertible",
+    "walk_criterion",
 ]

@@ -13,6 +13,7 @@ from feasibility.units import (
     ANALYTES,
     DIMENSIONS,
     MOLAR_MASS_G_PER_MOL,
+    UNIT_BY_LOINC,
     IncommensurableUnits,
     Unit,
     UnitError,
@@ -21,6 +22,7 @@ from feasibility.units import (
     commensurable,
     convert,
     parse,
+    suits,
 )
 
 MMHG_IN_KPA = 0.133322387415
@@ -311,7 +313,7 @@ def test_parse_gives_factor_dimensions_offset() -> None:
 
 def test_dimensionless_forms() -> None:
     one = Unit(1.0, (0,) * len(DIMENSIONS))
-    for unit in ["", "1", "{score}", "{1.73_m2}", "mol/mol", "10*0", "(1)"]:
+    for unit in ["", "1", "{score}", "mol/mol", "10*0", "(1)"]:
         assert parse(unit) == one, unit
     assert parse("%") == Unit(0.01, one.dims)
     assert parse("[ppb]").factor == pytest.approx(1e-9)
@@ -322,7 +324,35 @@ def test_annotations_do_not_change_the_unit() -> None:
     assert parse("10*3{cells}/uL") == parse("10*3/uL")
     assert parse("mL{total}/min") == parse("mL/min")
     assert parse("Cel{oral}") == parse("Cel")
-    assert parse("mL/min/{1.73_m2}") == parse("mL/min")
+
+
+def test_per_body_surface_is_a_quantity_of_its_own() -> None:
+    # UCUM ignores annotations, which would make an eGFR (per 1.73 m2 of body surface) a
+    # clearance: they convert only through the patient's surface area, which is not known
+    assert parse("mL/min/{1.73_m2}") != parse("mL/min")
+    assert parse("mL/min/{1.73_m2}") == parse("mL/min/{1.73m2}") == parse("mL/min/{1.73 m2}")
+    assert parse("mL/min/{1.73_m2}") == parse("mL/(min.{1.73_m2})")
+    assert parse("mL/min/1.73m2") == parse("ml/min/1.73 m2") == parse("mL/min/{1.73_m2}")
+    assert affine("mL/min", "mL/min/{1.73_m2}") is None
+    assert affine("mL/min/{1.73_m2}", "mL/min") is None
+    assert affine("L/h/{1.73_m2}", "mL/min/{1.73_m2}") == pytest.approx((1000 / 60, 0.0))
+    assert not commensurable("{1.73_m2}", "1")
+    with pytest.raises(IncommensurableUnits, match=r"m3\.s-1\.\{1\.73_m2\}-1"):
+        convert(20, "mL/min/{1.73_m2}", "mL/min")
+    with pytest.raises(UnitError, match="offset"):
+        parse("Cel{1.73_m2}")
+
+
+def test_suits_says_whether_a_unit_fits_a_code() -> None:
+    assert suits("mmol/mol", "59261-8") and suits("%", "59261-8")  # HbA1c, either scale
+    assert suits("kg", "59261-8") is False
+    assert suits("mmol/L", "18262-6") and suits("mg/dL", "22748-8")  # LDL, molar mass
+    assert suits("mL/min", "62238-1") is False
+    assert suits("L/min/{1.73_m2}", "62238-1")
+    assert suits("kg", "1234-5") is None
+    assert set(ANALYTE_BY_LOINC) <= set(UNIT_BY_LOINC)
+    for code, unit in UNIT_BY_LOINC.items():
+        assert suits(unit, code), code
 
 
 def test_division_is_left_to_right_and_parentheses_group() -> None:
@@ -365,7 +395,8 @@ GROUPS: list[tuple[str | None, list[str]]] = [
     (None, ["10*9/L", "10*3/uL", "/nL", "{cells}/uL", "10^6/mL"]),
     (None, ["[in_i]", "cm", "m", "[ft_i]", "mm", "[yd_i]"]),
     (None, ["[lb_av]", "kg", "g", "[oz_av]", "[stone_av]"]),
-    (None, ["mL/min", "L/h", "L/d", "mL/s", "mL/min/{1.73_m2}"]),
+    (None, ["mL/min", "L/h", "L/d", "mL/s"]),
+    (None, ["mL/min/{1.73_m2}", "L/h/{1.73_m2}", "mL/s/{1.73m2}", "mL/min/1.73m2"]),
     (None, ["U/L", "ukat/L", "mU/mL", "nkat/L"]),
     (None, ["a", "mo", "wk", "d", "h", "min", "s"]),
     ("glucose", ["mg/dL", "mmol/L", "g/L", "umol/L"]),

@@ -9,7 +9,7 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from feasibility.cli import render_answer
+from concierge.commands.feasibility import render_answer
 from feasibility.criteria import parse_question
 from feasibility.disclosure.answer import AnswerSets, FunnelStepSets, ProtectedAnswer
 from feasibility.disclosure.policy import DisclosurePolicy

@@ -130,11 +130,15 @@ def test_check_rejects_a_bad_unit_at_its_place(tmp_path: Path) -> None:
 
 
 def test_an_answer_in_words_says_which_steps_skipped_results_for_their_unit() -> None:
-    from feasibility.cli import render_answer
+    from concierge.commands.feasibility import render_answer
 
     def cell(value: int | None) -> dict[str, object]:
         shown = value is not None
-        return {"value": value, "display": str(value) if shown else "<10", "suppressed": not shown}
+        return {
+            "value": value,
+            "display": str(value) if shown else "withheld",
+            "suppressed": not shown,
+        }
 
     row = {"entered": cell(100), "passed": cell(50), "failed": cell(30), "unknown": cell(20)}
     answer = {
@@ -151,6 +155,6 @@ def test_an_answer_in_words_says_which_steps_skipped_results_for_their_unit() ->
     assert (
         "Results not tested because their unit does not convert to the criterion's:\n"
         "  eGFR under 30: 15\n"
-        "  HbA1c: <10\n"
+        "  HbA1c: withheld\n"
     ) in text
     assert "Adults:" not in text

@@ -36,9 +36,9 @@ from core.contracts.facts import (
     PractitionerRoleRecord,
     ReferenceRecord,
     ResourceFacts,
-    patient_site,
 )
 from core.contracts.trials import ENDED_STATUSES, OpaqueTrialRecord
+from core.patient_view import build_view
 
 from .contracts import resource_type_of
 from .lifecycle import (
@@ -545,24 +545,20 @@ class Applier:
                 )
             )
         )
-        patients = [v for v in versions if v.kind == "patient" and v.data]
-        latest = max(patients, key=lambda v: (v.effective_at, v.seq)) if patients else None
-        opt_out = any(
-            v.kind == "consent"
-            and v.data.get("research_opt_out") is True
-            and v.data.get("status") == "active"
-            for v in versions
-        )
+        # the patient view decides (one rule with the engines and the device counters): the
+        # latest Patient version's demographics, an active research opt-out
+        view = build_view(patient, {v.key: _entry_of(v) for v in versions})
+        demographics = view.demographics
+        opt_out = view.research_opt_out
         profile = self._profile(patient)
         before = (profile.research_opt_out, tuple(profile.general_practitioners), profile.known)
-        data = latest.data if latest else {}
-        profile.known = latest is not None
-        profile.site = data.get("site")
-        profile.region = data.get("region")
-        profile.gp_practice = data.get("gp_practice")
-        gps = [str(k) for k in data.get("general_practitioners", [])]
+        profile.known = demographics is not None
+        profile.site = demographics.site if demographics else None
+        profile.region = demographics.region if demographics else None
+        profile.gp_practice = demographics.gp_practice if demographics else None
+        gps = list(demographics.general_practitioners) if demographics else []
         profile.general_practitioners = gps
-        profile.deceased = bool(data.get("deceased"))
+        profile.deceased = bool(demographics and demographics.deceased)
         if opt_out != profile.research_opt_out:
             profile.research_opt_out = opt_out
             profile.opt_out_changed_at = self.now
@@ -976,24 +972,34 @@ class Applier:
 
 
 def _fact_data(kind: str, envelope: ResourceFacts) -> dict[str, Any]:
+    """What a Patient or Consent version keeps: its facts of that kind as JSON objects and its
+    ``last_updated``, read back through the patient view (:func:`_entry_of`)."""
     if envelope.retracted:
         return {}
-    for fact in envelope.facts:
-        if kind == "patient" and isinstance(fact, PatientFact):
-            return {
-                "site": patient_site(fact.model_dump())[0],
-                "region": fact.region,
-                "gp_practice": fact.gp_practice,
-                "general_practitioners": list(fact.general_practitioners),
-                "deceased": fact.deceased,
-            }
-        if kind == "consent" and isinstance(fact, ConsentFact):
-            return {
-                "status": fact.status,
-                "research_opt_out": fact.research_opt_out,
-                "date": fact.date.isoformat() if fact.date else None,
-            }
-    return {}
+    wanted = PatientFact if kind == "patient" else ConsentFact
+    updated = envelope.provenance.last_updated
+    return {
+        "facts": [f.model_dump(mode="json") for f in envelope.facts if isinstance(f, wanted)],
+        "last_updated": updated.isoformat() if updated else None,
+    }
+
+
+def _entry_of(version: FactVersion) -> dict[str, Any]:
+    """A stored version as the patient view reads an entry. Rows written before the view
+    (``data`` holding the first fact's fields) read as that one fact, dated by
+    ``effective_at``."""
+    data = version.data or {}
+    if "facts" in data:
+        facts, updated = list(data["facts"]), data.get("last_updated")
+    else:
+        facts = [{**data, "kind": version.kind}] if data else []
+        updated = version.effective_at.isoformat() if version.effective_at else None
+    return {
+        "seq": version.seq,
+        "retracted": version.retracted,
+        "facts": facts,
+        "provenance": {"last_updated": updated},
+    }
 
 
 # --------------------------------------------------------------------------- aggregates

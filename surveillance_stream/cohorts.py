@@ -35,9 +35,9 @@ from core.contracts.cohorts import (
     record_key,
     watermark_key,
 )
+from core.patient_view import PatientView
 from feasibility.criteria import parse_question
-from feasibility.engines.incremental import CompiledQuestion, fact_tokens, patient_tokens
-from feasibility.patient_data import PatientData, digest
+from feasibility.engines.incremental import CompiledQuestion, fact_tokens
 
 from .store import Change, PatientStore
 
@@ -66,7 +66,6 @@ class CohortKeeper:
         self.facts_offset: dict[int, int] = {}
         self.timers: dict[int, list[tuple[float, str, str]]] = {}
         self._compiled: dict[tuple[str, int], CompiledQuestion] = {}
-        self._digests: dict[str, PatientData] = {}
         self._tokens: dict[str, set[str]] = {}
         self.skipped = 0
         self.evaluations = 0
@@ -95,17 +94,14 @@ class CohortKeeper:
             self._compiled[key] = found
         return found
 
-    def data(self, partition: int, patient: str) -> PatientData:
-        found = self._digests.get(patient)
-        if found is None:
-            found = digest(patient, self.store.patient(partition, patient))
-            self._digests[patient] = found
-        return found
+    def data(self, partition: int, patient: str) -> PatientView:
+        """The patient's view, as the store keeps it per event."""
+        return self.store.view(partition, patient)
 
     def tokens(self, partition: int, patient: str) -> set[str]:
         found = self._tokens.get(patient)
         if found is None:
-            found = patient_tokens(self.store.patient(partition, patient))
+            found = self.data(partition, patient).tokens()
             self._tokens[patient] = found
         return found
 
@@ -156,7 +152,6 @@ class CohortKeeper:
         self.timers.pop(partition, None)
         self.stream_time.pop(partition, None)
         for patient in self.store.patients(partition):
-            self._digests.pop(patient, None)
             self._tokens.pop(patient, None)
 
     # ------------------------------------------------------------------ evaluation
@@ -201,7 +196,6 @@ class CohortKeeper:
         changes = list(changes)
         if not changes:
             return
-        self._digests.pop(patient, None)
         known = self._tokens.get(patient)
         if known is not None and all(c.old is None and c.applied for c in changes):
             for change in changes:  # new resources only: their tokens add to the patient's

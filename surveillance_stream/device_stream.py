@@ -104,7 +104,7 @@ class DeviceKeeper:
     def value(self, partition: int, patient: str) -> dict[str, Any] | None:
         """The contribution the patient's current state gives, as the table stores it."""
         found = contribution(
-            patient, self.store.patient(partition, patient), self.definitions, classes=self.classes
+            patient, self.store.view(partition, patient), self.definitions, classes=self.classes
         )
         if not found.keys and not found.person_time:
             return None

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from core.patient_view import patient_site as _patient_site
+
 SCHEMA = "concierge.facts/1"
 
 
@@ -280,15 +282,10 @@ def decode_reference(data: bytes | str) -> ReferenceRecord:
 
 def patient_site(fact: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """``(ODS code, organisation key)`` of a patient fact given as a plain object: the one
-    reading of a patient's site for every consumer. Facts written before ``site_key`` existed
-    hold the organisation's key in ``site`` when it was unknown at ingestion: that is a key,
-    not an ODS code."""
-    site, key = fact.get("site"), fact.get("site_key")
-    if isinstance(site, str) and "|Organization|" in site:
-        return None, key if isinstance(key, str) else site
-    return (site if isinstance(site, str) and site else None), (
-        key if isinstance(key, str) and key else None
-    )
+    reading of a patient's site for every consumer (:func:`core.patient_view.patient_site`).
+    Facts written before ``site_key`` existed hold the organisation's key in ``site`` when it
+    was unknown at ingestion: that is a key, not an ODS code."""
+    return _patient_site(fact)
 
 
 def resource_key(source: str, resource_type: str, resource_id: str) -> str:

@@ -669,7 +669,11 @@ class _Evaluation:
             .then(deceased_us > _last_us_at_or_before(self.t))
             .otherwise(~pl.col("deceased").fill_null(False))
         )
-        return self._demographic(pl.col("has_demographics") & alive).fill_null(False)
+        # the patient view's rule (:meth:`core.patient_view.PatientView.in_population`): a
+        # patient born after T's day is not born yet
+        birth = pl.col("birth_date")
+        born = birth.is_null() | (birth <= pl.lit(self.day, dtype=pl.Date))
+        return self._demographic(pl.col("has_demographics") & alive & born).fill_null(False)
 
     def step_frame(self) -> pl.DataFrame:
         question = self.question

@@ -15,6 +15,8 @@ implements are the ones documented in :mod:`feasibility.criteria`:
 * demographics missing (birth date, sex, site, region) are UNKNOWN;
 * per step, the results its criteria skipped as unconvertible are counted
   (:func:`unconvertible`), so an answer can say how many results a unit kept out.
+* the population at T is the patient view's (:meth:`core.patient_view.PatientView.in_population`):
+  a live Patient, alive at T, not born after T's day.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ from ..terminology import (
     MARKERS,
     canonical_system,
     normalise_code,
+    prefix_covers,
+    range_bounds,
+    range_covers,
     stage_matches,
     system_of_data,
 )
@@ -79,17 +84,16 @@ def code_matches(code: Code, found: Tokens) -> bool:
     if code.code is not None:
         return make_token(system, code.code) in found
     head = f"{system}|"
+    prefix = normalise_code(system, code.prefix) if code.prefix is not None else None
+    bounds = range_bounds(system, code.range) if code.range is not None else None
     for tok in found:
         if not tok.startswith(head):
             continue
         value = tok[len(head) :]
-        if code.prefix is not None and value.startswith(normalise_code(system, code.prefix)):
+        if prefix is not None and prefix_covers(prefix, value):
             return True
-        if code.range is not None:
-            low, _, high = code.range.partition("-")
-            lo, hi = normalise_code(system, low), normalise_code(system, high)
-            if lo <= value[: len(lo)] <= hi and len(value) >= len(lo):
-                return True
+        if bounds is not None and range_covers(*bounds, value):
+            return True
     return False
 
 
@@ -413,11 +417,8 @@ def unconvertible(criteria: list[Any], ctx: _Context) -> int:
 
 
 def alive(data: PatientData, t: float) -> bool:
-    if not data.has_demographics:
-        return False
-    if data.deceased_at is not None:
-        return data.deceased_at > t
-    return not data.deceased
+    """In the population at ``t``: the patient view's rule (known, alive, born by then)."""
+    return data.in_population(t)
 
 
 def evaluate_patient(question: Question, data: PatientData, at: datetime) -> PatientResult:

@@ -649,6 +649,31 @@ def test_population_excludes_deceased_and_patients_without_demographics(engine: 
     assert {p for p, r in results.items() if r.in_population} == {"alive", "died_later"}
 
 
+def test_population_at_an_index_date_excludes_patients_born_after_it(engine: Any) -> None:
+    """Seen on third-party data: patients born after the index date were in the population at
+    that date (and in its funnel). The patient view's rule: born by the index instant's day."""
+    q = parse_question(
+        {"index_date": "2020-06-30", "inclusion": [{"type": "sex", "values": ["female"]}]}
+    )
+    pop = population(
+        before=[patient(birth="1990-01-01")],
+        on_the_day=[patient(birth="2020-06-30")],
+        day_after=[patient(birth="2020-07-01")],
+        years_after=[patient(birth="2023-05-05", site="RB2")],
+        unknown_birth=[patient(birth=None)],
+    )
+    results = engine.evaluate(q, pop, AT)
+    assert {p for p, r in results.items() if r.in_population} == {
+        "before",
+        "on_the_day",
+        "unknown_birth",
+    }
+    assert cohort(q, results) == {"before", "on_the_day", "unknown_birth"}
+    # at today's date (no index date) they are born, so they are in it
+    today = parse_question({"inclusion": [{"type": "sex", "values": ["female"]}]})
+    assert {p for p, r in engine.evaluate(today, pop, AT).items() if r.in_population} == set(pop)
+
+
 def test_funnel_and_cohort_with_exclusion_unknowns(engine: Any) -> None:
     question = {
         "inclusion": [

@@ -449,3 +449,56 @@ def test_a_paused_trial_holds_candidates_and_resumes_without_withdrawing(env: En
     assert "t1 is paused" in held.held_reasons[0]["reason"]
     env.apply(trial(version=3, status="active"))
     assert env.candidate("t1", "p2").status == "invited"
+
+
+def test_profiles_are_read_from_the_patient_view(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recruitment's site, region and GP come from the patient view's demographics (the rule
+    every engine and counter uses), not from its own reading of the stored facts."""
+    import dataclasses
+
+    import recruitment.service as service_module
+
+    env.apply(patient_facts("p1", site="RA3"))
+    (profile,) = env.rows(PatientProfile, PatientProfile.pseudonym == "p1")
+    assert (profile.site, profile.region) == ("RA3", "London")
+    real = service_module.build_view
+
+    def moved(patient: str, entries: Any) -> Any:
+        view = real(patient, entries)
+        assert view.demographics is not None
+        demographics = dataclasses.replace(view.demographics, site="RB9", region=None)
+        return dataclasses.replace(view, demographics=demographics)
+
+    monkeypatch.setattr(service_module, "build_view", moved)
+    env.apply(patient_facts("p1", site="RA3", seq=2))
+    (profile,) = env.rows(PatientProfile, PatientProfile.pseudonym == "p1")
+    assert (profile.site, profile.region) == ("RB9", None)
+
+
+def test_the_latest_patient_version_sets_the_profile_and_unknown_is_no_region(env: Env) -> None:
+    first = patient_facts("p1", site="RA3", seq=1)
+    other = patient_facts("p1", site="RB9", seq=5)
+    # a second Patient resource for the same pseudonym, updated earlier than the first
+    older = other.model_copy(
+        update={
+            "key": other.key.replace("pat-p1", "pat-p1-other"),
+            "provenance": first.provenance.model_copy(
+                update={"last_updated": first.provenance.last_updated - timedelta(days=1)}
+            ),
+            "facts": (other.facts[0].model_copy(update={"region": "Unknown"}),),
+        }
+    )
+    env.apply(first, older)
+    (profile,) = env.rows(PatientProfile, PatientProfile.pseudonym == "p1")
+    assert (profile.site, profile.region) == ("RA3", "London")
+    newer = older.model_copy(
+        update={
+            "seq": 6,
+            "provenance": first.provenance.model_copy(
+                update={"last_updated": first.provenance.last_updated + timedelta(days=1)}
+            ),
+        }
+    )
+    env.apply(newer)
+    (profile,) = env.rows(PatientProfile, PatientProfile.pseudonym == "p1")
+    assert (profile.site, profile.region) == ("RB9", None)

@@ -174,14 +174,31 @@ def test_a_retracted_patient_fact_leaves_the_population() -> None:
     assert frames.patients.get_column("sex").to_list() == ["female"]
 
 
-def test_demographics_come_from_the_first_patient_fact_by_resource_key() -> None:
+def test_demographics_come_from_the_latest_patient_version() -> None:
+    """The patient view's rule (it replaces "the first Patient by resource key"): the live
+    Patient version latest by (last_updated, seq, resource key), undated lowest."""
+
+    def dated(env: dict[str, Any], updated: str | None) -> dict[str, Any]:
+        return {**env, "provenance": {**env["provenance"], "last_updated": updated}}
+
     snap = ColumnarSnapshot()
     snap.apply(envelope("a", "urn:t|Patient|z", 1, [patient(sex="male", site="RZZ")]))
     assert snap.frames().patients.get_column("site").to_list() == ["RZZ"]
+    # undated, same seq: the greater key wins ("z" over "b")
     snap.apply(envelope("a", "urn:t|Patient|b", 1, [patient(sex="female", site="RBB")]))
-    assert snap.frames().patients.get_column("site").to_list() == ["RBB"]
-    snap.apply(envelope("a", "urn:t|Patient|b", 2, retracted=True))
     assert snap.frames().patients.get_column("site").to_list() == ["RZZ"]
+    # a dated version outranks an undated one
+    snap.apply(
+        dated(envelope("a", "urn:t|Patient|b", 2, [patient(site="RBB")]), "2025-03-01T00:00:00Z")
+    )
+    assert snap.frames().patients.get_column("site").to_list() == ["RBB"]
+    # ... and a later last_updated outranks an earlier one
+    snap.apply(
+        dated(envelope("a", "urn:t|Patient|z", 2, [patient(site="RZZ")]), "2025-04-01T00:00:00Z")
+    )
+    assert snap.frames().patients.get_column("site").to_list() == ["RZZ"]
+    snap.apply(envelope("a", "urn:t|Patient|z", 3, retracted=True))
+    assert snap.frames().patients.get_column("site").to_list() == ["RBB"]
 
 
 # --------------------------------------------------------------------------- compaction

@@ -41,8 +41,17 @@ class Settings(BaseSettings):
     #: Default ``source system`` recorded in provenance when a resource does not say.
     source_system: str = "urn:concierge:source:default"
 
-    #: Key that signs API tokens (HS256). Keep it secret; rotate by issuing new tokens.
-    token_key: SecretStr = SecretStr("change-me-this-is-a-development-token-key")
+    #: Key that signs API tokens (HS256; at least 32 bytes, RFC 7518 3.2). Keep it secret; rotate
+    #: by issuing new tokens.
+    token_key: SecretStr = Field(
+        default=SecretStr("change-me-this-is-a-development-token-key"), min_length=32
+    )
+    #: The ``aud`` every API token carries and the API requires.
+    token_audience: str = Field(default="urn:concierge:api", min_length=1)
+    #: The ``iss`` of the tokens this site issues, the only one the API trusts.
+    token_issuer: str = Field(default="urn:concierge:token-issuer", min_length=1)
+    #: Clock skew allowed when checking a token's ``exp`` and ``iat``.
+    token_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
     #: The audit log (SQLAlchemy URL). Defaults to SQLite under ``home``.
     audit_url: str | None = None
 

@@ -141,7 +141,7 @@ def test_the_lock_command_compiles_the_pyproject_with_hashes(tmp_path: Path) -> 
 
 def locked() -> dict[str, tuple[str, str]]:
     """name -> (version, marker) of every pin in requirements.lock."""
-    pins = {}
+    pins: dict[str, tuple[str, str]] = {}
     for line in LOCK.read_text().splitlines():
         found = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]*))?", line)
         if found:
@@ -171,7 +171,7 @@ def test_the_tests_run_with_the_locked_versions() -> None:
     installed at the locked version (a stale .venv fails here; `source scripts/bootstrap.sh`)."""
     from packaging.markers import Marker
 
-    environment = default_environment()
+    environment: dict[str, str] = {k: str(v) for k, v in default_environment().items()}
     wrong = []
     for name, (version, marker) in locked().items():
         if marker and not Marker(marker).evaluate(environment):

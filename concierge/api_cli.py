@@ -14,9 +14,9 @@ def api(host: str | None, port: int | None) -> None:
 
     import uvicorn
 
-    from concierge.settings import get_settings
+    from concierge.configuration import load_configuration
 
-    settings = get_settings()
+    settings = load_configuration().settings  # every section checked before serving
     host = host or settings.api_host
     port = port or settings.api_port
     # Our own loggers at INFO (catch-up progress, readiness changes); uvicorn's at warning.

@@ -29,7 +29,9 @@ if [ -z "$uv" ]; then
   fi
   uv=.venv/bin/uv
 fi
+# --system-certs: trust the machine's certificate store, as pip does here, not only uv's bundle
 "$uv" pip compile pyproject.toml \
+  --system-certs \
   --extra dev \
   --universal \
   --python-version 3.11 \

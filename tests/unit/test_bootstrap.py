@@ -131,7 +131,7 @@ def test_the_lock_command_compiles_the_pyproject_with_hashes(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "uv.args").read_text().split()
     assert args[:3] == ["pip", "compile", "pyproject.toml"]
-    for flag in ("--generate-hashes", "--universal", "--upgrade-package"):
+    for flag in ("--generate-hashes", "--universal", "--system-certs", "--upgrade-package"):
         assert flag in args
     assert args[args.index("--extra") + 1] == "dev"
     assert args[args.index("--output-file") + 1] == "requirements.lock"

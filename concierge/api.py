@@ -206,6 +206,9 @@ def create_app(
     app.state.identities = recruitment_identities
     app.state.surveillance = surveillance
     app.state.token_key = settings.token_key.get_secret_value().encode()
+    app.state.token_audience = settings.token_audience
+    app.state.token_issuer = settings.token_issuer
+    app.state.token_leeway_seconds = settings.token_leeway_seconds
     app.state.audit = AuditLog(settings.resolved_audit_url())
     app.state.settings = settings
     install_problem_details(app)

@@ -461,18 +461,13 @@ def demo(
     patients: int, seed: int, bulk_fraction: float, rate: float, duration: float, reset: bool
 ) -> None:
     """Run the product live: broker, worker, API and a synthetic population streaming in."""
+    from concierge.configuration import load_configuration
     from core.settings import get_settings
-    from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
 
-    try:  # checked before anything starts: the API it starts would stop on it
-        DisclosureSettings.load()
-    except DisclosureSettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
+    configuration = load_configuration()  # every section checked before anything starts
     if not {"KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"} & set(os.environ):
         # the local broker the demo starts, on CONCIERGE_BROKER_PORT, is the one to use
-        port = os.environ.get("CONCIERGE_BROKER_PORT", "9092")
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{configuration.broker.port}"
         get_settings.cache_clear()
     settings = get_settings()
     children = Children(settings.home / "logs" / "demo-processes.json")
@@ -544,11 +539,13 @@ def _run(
     from datetime import date
 
     from concierge.commands.generate import bundle
+    from dashboards.settings import DashboardSettings
     from fhir_adapters.service import build_ingestor
     from fhir_adapters.synthetic.generator import iter_patients, iter_reference_resources, sites
     from infra.broker import BrokerConfig
     from infra.broker import _pid as broker_pid
     from infra.broker import answers as broker_answers
+    from infra.settings import BrokerSettings
     from recruitment.settings import get_recruitment_settings
 
     home = settings.home
@@ -557,7 +554,7 @@ def _run(
     concierge = [sys.executable, "-m", "concierge"]
     started_at = time.monotonic()
     deadline = started_at + duration if duration else None
-    local = BrokerConfig.from_env(settings)
+    local = BrokerConfig.from_settings(home, BrokerSettings())
     # a cluster named by KAFKA_BOOTSTRAP_SERVERS that answers is used as it is
     external = settings.kafka_bootstrap_servers != local.bootstrap and broker_answers(
         settings.kafka_bootstrap_servers
@@ -597,7 +594,7 @@ def _run(
     children.spawn(
         "recruitment", [*concierge, "recruitment", "run"], logs / "recruitment.log", mail_env
     )
-    dashboard_port = int(os.environ.get("CONCIERGE_DASHBOARD_PORT", "8501"))
+    dashboard_port = DashboardSettings().port
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     children.spawn(
         "dashboard",

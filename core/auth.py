@@ -1,8 +1,12 @@
 """OAuth2 bearer tokens with roles, issued locally (``concierge token create``).
 
-Tokens are JWTs signed with HS256 by the site's key (``CONCIERGE_TOKEN_KEY``), carrying the role,
-the organisation and, for clinicians, the practitioner reference and site. In production an
-external authorisation server can issue the same claims; the API only verifies them.
+Tokens are JWTs (RFC 7519) signed with HS256 by the site's key (``CONCIERGE_TOKEN_KEY``) through
+PyJWT, carrying the role, the organisation and, for clinicians, the practitioner reference and
+site, for one audience (``CONCIERGE_TOKEN_AUDIENCE``) from one issuer
+(``CONCIERGE_TOKEN_ISSUER``). Verification accepts only HS256, checks the signature, ``aud``,
+``iss`` and ``exp`` (with ``CONCIERGE_TOKEN_LEEWAY_SECONDS`` for clock skew), and requires every
+claim the API relies on. In production an external authorisation server can issue the same
+claims; the API only verifies them.
 
 Roles: ``sponsor`` (aggregate feasibility only), ``clinician`` (their own patients), ``regulator``
 (device-safety signals), ``source`` (pushes FHIR), ``admin``.
@@ -10,20 +14,20 @@ Roles: ``sponsor`` (aggregate feasibility only), ``clinician`` (their own patien
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import jwt
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 
 Role = Literal["sponsor", "clinician", "regulator", "source", "admin"]
 ROLES: tuple[str, ...] = ("sponsor", "clinician", "regulator", "source", "admin")
+ALGORITHM = "HS256"
+#: Claims a token must carry; one without any of them is refused.
+REQUIRED_CLAIMS = ("sub", "role", "org", "exp", "iat", "jti", "aud", "iss")
 
 
 class Principal(BaseModel):
@@ -43,12 +47,15 @@ class TokenError(ValueError):
     pass
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+def _configured(audience: str | None, issuer: str | None) -> tuple[str, str]:
+    """The given audience and issuer, or this site's (``CONCIERGE_TOKEN_AUDIENCE``/``_ISSUER``)."""
+    if audience is None or issuer is None:
+        from core.settings import get_settings
 
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        settings = get_settings()
+        audience = settings.token_audience if audience is None else audience
+        issuer = settings.token_issuer if issuer is None else issuer
+    return audience, issuer
 
 
 def issue(
@@ -59,45 +66,75 @@ def issue(
     practitioner: str | None = None,
     sites: tuple[str, ...] = (),
     ttl_seconds: int = 30 * 24 * 3600,
+    *,
+    audience: str | None = None,
+    issuer: str | None = None,
 ) -> str:
+    """A signed token for ``role`` at ``org``, valid for ``ttl_seconds``, for this site's
+    audience from this site's issuer unless others are given."""
     if role not in ROLES:
         raise TokenError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    audience, issuer = _configured(audience, issuer)
+    now = int(time.time())
     claims = Principal(
         sub=subject or f"{role}:{org}",
         role=role,
         org=org,
         practitioner=practitioner,
         sites=sites,
-        exp=int(time.time()) + ttl_seconds,
+        exp=now + ttl_seconds,
         jti=str(uuid.uuid4()),
-    )
-    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64(claims.model_dump_json().encode())
-    signature = hmac.new(key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64(signature)}"
+    ).model_dump(mode="json")
+    claims |= {"iat": now, "aud": audience, "iss": issuer}
+    return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
-def verify(key: bytes, token: str, now: float | None = None) -> Principal:
+_REFUSALS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidSignatureError, "bad token signature"),
+    (jwt.InvalidAudienceError, "token not meant for this API (audience)"),
+    (jwt.InvalidIssuerError, "token from an issuer this API does not trust"),
+    (jwt.InvalidAlgorithmError, "unsupported token algorithm"),
+)
+
+
+def verify(
+    key: bytes,
+    token: str,
+    *,
+    audience: str | None = None,
+    issuer: str | None = None,
+    leeway_seconds: float | None = None,
+) -> Principal:
+    """The principal of a token this site signed for its audience; :class:`TokenError` (with a
+    short reason, safe to show the caller) otherwise."""
+    audience, issuer = _configured(audience, issuer)
+    if leeway_seconds is None:
+        from core.settings import get_settings
+
+        leeway_seconds = get_settings().token_leeway_seconds
     try:
-        header, payload, signature = token.split(".")
-    except ValueError:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway_seconds,
+            options={"require": list(REQUIRED_CLAIMS)},
+        )
+    except jwt.MissingRequiredClaimError as exc:
+        raise TokenError(f"token lacks the {exc.claim!r} claim") from None
+    except jwt.PyJWTError as exc:
+        for kind, reason in _REFUSALS:
+            if isinstance(exc, kind):
+                raise TokenError(reason) from None
         raise TokenError("malformed token") from None
-    expected = hmac.new(key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
     try:
-        given = _unb64(signature)
-    except ValueError:
-        raise TokenError("malformed token signature") from None
-    if not hmac.compare_digest(expected, given):
-        raise TokenError("bad token signature")
-    try:
-        if json.loads(_unb64(header)).get("alg") != "HS256":
-            raise TokenError("unsupported token algorithm")
-        principal = Principal.model_validate_json(_unb64(payload))
-    except (ValueError, ValidationError):
+        return Principal.model_validate(claims)
+    except ValidationError:
         raise TokenError("malformed token claims") from None
-    if principal.exp < (now or time.time()):
-        raise TokenError("token expired")
-    return principal
 
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `concierge token create`.")
@@ -113,9 +150,15 @@ def current_principal(
             "a bearer token is required",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key: bytes = request.app.state.token_key
+    state = request.app.state
     try:
-        principal = verify(key, credentials.credentials)
+        principal = verify(
+            state.token_key,
+            credentials.credentials,
+            audience=getattr(state, "token_audience", None),
+            issuer=getattr(state, "token_issuer", None),
+            leeway_seconds=getattr(state, "token_leeway_seconds", None),
+        )
     except TokenError as exc:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}

@@ -1,7 +1,7 @@
 """The patient view: the one fold of a patient's facts that every engine and counter reads.
 
 A patient's facts arrive as versions of resources (``concierge.facts/1`` envelopes, see
-``fhir_adapters/facts.py``; here as plain JSON objects: ``seq``, ``retracted``, ``facts``,
+``core/contracts/facts.py``; here as plain JSON objects: ``seq``, ``retracted``, ``facts``,
 ``provenance``). Per resource key the version with the highest ``seq`` counts; a retracted
 version is a tombstone (its resource contributes nothing). :class:`PatientView` is what the live
 versions mean, typed and normalised once:

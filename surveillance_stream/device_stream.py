@@ -25,9 +25,7 @@ unset, the defaults of :mod:`.devices` apply.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,6 +40,7 @@ from surveillance_stream.devices import (
     device_classes_from_json,
     outcome_definitions_from_json,
 )
+from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.store import Change, PatientStore
 
 if TYPE_CHECKING:
@@ -53,18 +52,19 @@ __all__ = ["DeviceKeeper", "install", "load_definitions"]
 
 
 def load_definitions(
-    environ: Mapping[str, str] | None = None,
+    section: SurveillanceSettings | None = None,
 ) -> tuple[tuple[OutcomeDefinition, ...], tuple[DeviceClass, ...]]:
-    """Outcome definitions and device classes from the files the environment names."""
-    env = os.environ if environ is None else environ
+    """Outcome definitions and device classes from the files the surveillance section names
+    (``CONCIERGE_DEVICE_OUTCOMES`` / ``_CLASSES``; the environment's when none is given)."""
+    section = section if section is not None else SurveillanceSettings()
     definitions: tuple[OutcomeDefinition, ...] = DEFAULT_OUTCOMES
     classes: tuple[DeviceClass, ...] = DEFAULT_DEVICE_CLASSES
-    if env.get("CONCIERGE_DEVICE_OUTCOMES"):
-        path = Path(env["CONCIERGE_DEVICE_OUTCOMES"])
-        definitions = outcome_definitions_from_json(orjson.loads(path.read_bytes()))
-    if env.get("CONCIERGE_DEVICE_CLASSES"):
-        path = Path(env["CONCIERGE_DEVICE_CLASSES"])
-        classes = device_classes_from_json(orjson.loads(path.read_bytes()))
+    if section.device_outcomes is not None:
+        definitions = outcome_definitions_from_json(
+            orjson.loads(section.device_outcomes.read_bytes())
+        )
+    if section.device_classes is not None:
+        classes = device_classes_from_json(orjson.loads(section.device_classes.read_bytes()))
     return definitions, classes
 
 

@@ -12,18 +12,11 @@ def api(host: str | None, port: int | None) -> None:
     """Serve the API: POST/PUT/DELETE /fhir for sources, OpenAPI docs at /docs."""
     import logging
 
-    from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
-
-    try:  # a bad CONCIERGE_DC_* value is one line now, not a traceback from inside uvicorn
-        DisclosureSettings.load()
-    except DisclosureSettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
     import uvicorn
 
-    from core.settings import get_settings
+    from concierge.configuration import load_configuration
 
-    settings = get_settings()
+    settings = load_configuration().settings  # every section checked before serving
     host = host or settings.api_host
     port = port or settings.api_port
     # Our own loggers at INFO (catch-up progress, readiness changes); uvicorn's at warning.

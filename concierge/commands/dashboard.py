@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-DEFAULT_PORT = 8501
+from dashboards.settings import DEFAULT_PORT
+
 #: Validity of a token the dashboard issues itself (as ``concierge token create``'s default).
 ISSUED_TOKEN_DAYS = 30
 
@@ -23,13 +24,10 @@ def app_path() -> Path:
 
 
 def default_api_url() -> str:
+    """The API this configuration serves (loopback for a wildcard bind)."""
     from core.settings import get_settings
 
-    settings = get_settings()
-    host = settings.api_host
-    if host in ("0.0.0.0", "::", ""):  # a wildcard bind: talk to it on loopback
-        host = "127.0.0.1"
-    return f"http://{host}:{settings.api_port}"
+    return get_settings().api_address()
 
 
 def issue_regulator_token(org: str) -> str:
@@ -112,11 +110,15 @@ def dashboard(
 
     It reads /v1/surveillance on the API with a regulator token; stop it with Ctrl-C.
     """
+    from concierge.configuration import load_configuration
+
     if refresh is not None and refresh <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--refresh")
-    port = port or int(os.environ.get("CONCIERGE_DASHBOARD_PORT") or DEFAULT_PORT)
-    api_url = api_url or os.environ.get("CONCIERGE_API_URL") or default_api_url()
-    token = token or os.environ.get("CONCIERGE_DASHBOARD_TOKEN") or issue_regulator_token(org)
+    section = load_configuration().dashboard  # every section checked before serving
+    port = port or section.port
+    api_url = api_url or section.api
+    token = token or (section.token.get_secret_value() if section.token else None)
+    token = token or issue_regulator_token(org)
     env = dashboard_env(api_url, token, refresh)
     command = streamlit_command(app_path(), port)
     click.echo(f"Regulator dashboard: http://127.0.0.1:{port} (reading {api_url})")

@@ -6,8 +6,15 @@ import json
 
 import click
 
+from concierge.configuration import load_configuration
 from core.settings import get_settings
 from infra.broker import BrokerConfig, BrokerError
+
+
+def _broker() -> BrokerConfig:
+    """The local broker as the configuration says (every section checked)."""
+    configuration = load_configuration()
+    return BrokerConfig.from_settings(configuration.settings.home, configuration.broker)
 
 
 @click.group()
@@ -24,7 +31,7 @@ def fetch() -> None:
     """Download the broker's jars with Maven into the local cache (idempotent)."""
     from infra.broker import fetch as do_fetch
 
-    config = BrokerConfig.from_env(get_settings())
+    config = _broker()
     try:
         lib = do_fetch(config)
     except BrokerError as exc:
@@ -39,7 +46,7 @@ def start(reset: bool, timeout: float) -> None:
     """Start the broker; returns once it answers (no-op if one already answers)."""
     from infra.broker import start as do_start
 
-    config = BrokerConfig.from_env(get_settings())
+    config = _broker()
     click.echo(f"starting Kafka {config.version} on {config.bootstrap} ...", err=True)
     try:
         result = do_start(config, timeout=timeout, reset=reset)
@@ -54,7 +61,7 @@ def stop() -> None:
     """Stop the broker this project started."""
     from infra.broker import stop as do_stop
 
-    config = BrokerConfig.from_env(get_settings())
+    config = _broker()
     click.echo("stopped" if do_stop(config) else "no broker of ours was running")
 
 
@@ -64,7 +71,7 @@ def status(quiet: bool) -> None:
     """Print the broker's status as JSON (exit code 1 when it does not answer)."""
     from infra.broker import status as do_status
 
-    result = do_status(BrokerConfig.from_env(get_settings()))
+    result = do_status(_broker())
     if not quiet:
         click.echo(json.dumps(result, indent=2))
     raise SystemExit(0 if result["running"] else 1)

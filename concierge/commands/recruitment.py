@@ -14,7 +14,7 @@ from types import FrameType
 
 import click
 
-from core.settings import get_settings
+from concierge.configuration import load_configuration
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,13 @@ def run(
     from recruitment.db import upgrade
     from recruitment.runtime import build_runtime
     from recruitment.scheduler import start_scheduler, stop_scheduler
-    from recruitment.settings import get_recruitment_settings
 
+    configuration = load_configuration()  # every section checked before starting
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = get_settings()
-    recruitment_settings = get_recruitment_settings()
+    settings = configuration.settings
+    recruitment_settings = configuration.recruitment
     url = recruitment_settings.resolved_url(settings.home)
     if migrate:
         upgrade(url)

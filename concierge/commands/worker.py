@@ -32,10 +32,10 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     """
     from faust.worker import Worker
 
-    from core.settings import get_settings
+    from concierge.configuration import load_configuration
     from surveillance_stream.app import create_app
 
-    settings = get_settings()
+    settings = load_configuration().settings  # every section checked before starting
     if web_port is not None:
         settings = settings.model_copy(update={"worker_web_port": web_port})
     stream = create_app(settings, store)

@@ -3,9 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from core.settings import Settings
+from core.settings import describe
 from infra.broker import BrokerConfig, render_properties
+from infra.settings import BrokerSettings
 
 
 def test_properties_bind_loopback_and_allow_single_node_transactions(tmp_path: Path) -> None:
@@ -25,11 +27,32 @@ def test_ports_and_version_come_from_the_environment(
     monkeypatch.setenv("CONCIERGE_BROKER_PORT", "29092")
     monkeypatch.setenv("CONCIERGE_CONTROLLER_PORT", "29093")
     monkeypatch.setenv("CONCIERGE_KAFKA_VERSION", "4.2.0")
-    config = BrokerConfig.from_env(Settings(home=tmp_path))
+    config = BrokerConfig.from_settings(tmp_path)
     assert config.bootstrap == "127.0.0.1:29092"
     assert config.controller_port == 29093
     assert config.lib == tmp_path / "kafka" / "4.2.0" / "lib"
     assert config.data_dir == tmp_path / "kafka" / "broker-29092"
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("CONCIERGE_BROKER_PORT", "90x2"),
+        ("CONCIERGE_BROKER_PORT", "70000"),
+        ("CONCIERGE_CONTROLLER_PORT", "0"),
+        ("CONCIERGE_KAFKA_VERSION", "latest"),
+        ("CONCIERGE_BROKER_HEAP", "lots"),
+    ],
+)
+def test_a_bad_broker_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, bad: str
+) -> None:
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValidationError) as caught:
+        BrokerSettings()
+    assert describe(caught.value, [BrokerSettings]).startswith(
+        f"bad configuration: {name}={bad!r}: "
+    )
 
 
 def test_cluster_ids_never_start_with_a_dash() -> None:

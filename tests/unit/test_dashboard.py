@@ -11,11 +11,12 @@ from typing import Any, cast
 import httpx
 import pytest
 from click.testing import CliRunner
+from pydantic import ValidationError
 from streamlit.testing.v1 import AppTest
 
 from concierge.commands import dashboard as dashboard_cli
 from core.auth import verify
-from core.settings import get_settings
+from core.settings import describe, get_settings
 from dashboards import regulator
 from dashboards.client import (
     Action,
@@ -36,6 +37,7 @@ from dashboards.client import (
     Status,
     SurveillanceClient,
 )
+from dashboards.settings import DashboardSettings
 
 FAULTY = "hip/Orthomedica/Acetabulon X2"
 OUTCOME = "hip_revision_1y"
@@ -332,20 +334,59 @@ def test_event_rows_read_from_and_to() -> None:
     assert row["Reason"] == "looking"
 
 
-def test_config_from_env() -> None:
-    config = regulator.DashboardConfig.from_env({})
-    assert config == regulator.DashboardConfig("http://127.0.0.1:8000", None, 2.0)
-    config = regulator.DashboardConfig.from_env(
-        {
-            "CONCIERGE_API_URL": "http://api:9000",
-            "CONCIERGE_DASHBOARD_TOKEN": "t",
-            "CONCIERGE_DASHBOARD_REFRESH_SECONDS": "0.5",
-        }
+def test_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONCIERGE_API_URL", "CONCIERGE_DASHBOARD_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("CONCIERGE_DASHBOARD_REFRESH_SECONDS", raising=False)
+    config = DashboardSettings()
+    assert (config.api, config.token, config.refresh_seconds, config.rows) == (
+        "http://127.0.0.1:8000",
+        None,
+        2.0,
+        15,
     )
-    assert config == regulator.DashboardConfig("http://api:9000", "t", 0.5)
-    for bad in ("0", "-1", "soon", "nan"):
-        env = {"CONCIERGE_DASHBOARD_REFRESH_SECONDS": bad}
-        assert regulator.DashboardConfig.from_env(env).refresh_seconds == 2.0
+    monkeypatch.setenv("CONCIERGE_API_URL", "http://api:9000")
+    monkeypatch.setenv("CONCIERGE_DASHBOARD_TOKEN", "t")
+    monkeypatch.setenv("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "0.5")
+    monkeypatch.setenv("CONCIERGE_DASHBOARD_ROWS", "40")
+    config = DashboardSettings()
+    assert config.api == "http://api:9000" and config.token is not None
+    assert (config.token.get_secret_value(), config.refresh_seconds, config.rows) == ("t", 0.5, 40)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "0"),
+        ("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "-1"),
+        ("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "soon"),
+        ("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "nan"),
+        ("CONCIERGE_DASHBOARD_ROWS", "lots"),
+        ("CONCIERGE_DASHBOARD_ROWS", "2"),
+        ("CONCIERGE_DASHBOARD_ROWS", "5000"),
+        ("CONCIERGE_DASHBOARD_PORT", "http"),
+    ],
+)
+def test_a_bad_dashboard_setting_is_an_error_not_a_default(
+    monkeypatch: pytest.MonkeyPatch, name: str, bad: str
+) -> None:
+    """It used to fall back silently (refresh 2 s, rows clamped to 5..1000): a typo in a
+    deployment's variables went unnoticed."""
+    monkeypatch.setenv(name, bad)
+    with pytest.raises(ValidationError) as caught:
+        DashboardSettings()
+    line = describe(caught.value, [DashboardSettings])
+    assert line.startswith(f"bad configuration: {name}={bad!r}: "), line
+
+
+def test_a_bad_setting_shows_one_line_on_the_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "soon")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.run()
+    assert not at.exception
+    (error,) = at.error
+    assert error.value.startswith("bad configuration: CONCIERGE_DASHBOARD_REFRESH_SECONDS='soon'")
+    assert not at.title  # nothing else is drawn
 
 
 # --------------------------------------------------------------------------- charts

@@ -121,7 +121,7 @@ def test_concierge_api_stops_at_start_with_one_line(tmp_path: Path, name: str, v
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("Error: invalid disclosure-control setting: ")
+    assert lines[0].startswith("concierge: bad configuration: invalid disclosure-control setting: ")
     assert name in lines[0]
 
 
@@ -137,8 +137,8 @@ def test_concierge_demo_stops_before_starting_anything(
     for name, value in _environment(tmp_path, CONCIERGE_DC_THRESHOLD="0").items():
         monkeypatch.setenv(name, value)
     result = CliRunner().invoke(main, ["demo", "--duration", "1"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # the configuration tree's exit status
     assert result.output.strip().splitlines() == [
-        "Error: invalid disclosure-control setting: CONCIERGE_DC_THRESHOLD must be at least 1, "
-        "not '0'"
+        "concierge: bad configuration: invalid disclosure-control setting: "
+        "CONCIERGE_DC_THRESHOLD must be at least 1, not '0'"
     ]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from scipy.stats import gamma
 
+from core.settings import describe
 from surveillance_stream.devices import (
     EXPOSED,
     Contribution,
@@ -18,6 +22,7 @@ from surveillance_stream.devices import (
     PersonTime,
     TimeKey,
 )
+from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.signals import (
     ACTIONS,
     DUMOUCHEL_1999,
@@ -164,33 +169,70 @@ def test_rules_configuration_and_degenerate_tables() -> None:
     ]  # fmt: skip
 
 
-def test_configuration_from_the_environment() -> None:
-    config = SignalConfig.from_env(
-        {
-            "CONCIERGE_SIGNAL_ALPHA": "0.01",
-            "CONCIERGE_SIGNAL_MIN_EVENTS": "4",
-            "CONCIERGE_SIGNAL_HORIZON": "20",
-            "CONCIERGE_SIGNAL_EB05_THRESHOLD": "1.5",
-            "CONCIERGE_SIGNAL_EBGM_PRIOR": "0.2,0.1,2,4,0.3",
-            "CONCIERGE_SIGNAL_RULES": "evans, maxsprt",
-            "CONCIERGE_SIGNAL_REQUIRE": "all",
-        }
-    )
+def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "CONCIERGE_SIGNAL_ALPHA": "0.01",
+        "CONCIERGE_SIGNAL_MIN_EVENTS": "4",
+        "CONCIERGE_SIGNAL_HORIZON": "20",
+        "CONCIERGE_SIGNAL_EB05_THRESHOLD": "1.5",
+        "CONCIERGE_SIGNAL_EBGM_PRIOR": "0.2,0.1,2,4,0.3",
+        "CONCIERGE_SIGNAL_RULES": "evans, maxsprt",
+        "CONCIERGE_SIGNAL_REQUIRE": "all",
+        "CONCIERGE_SIGNAL_LEVELS": "model, lot",
+    }.items():
+        monkeypatch.setenv(name, value)
+    section = SurveillanceSettings()
+    config = SignalConfig.from_environment()
+    assert config == section.signal_config()
     assert (config.alpha, config.min_events, config.horizon) == (0.01, 4, 20.0)
     assert config.eb05_threshold == 1.5
     assert config.prior.as_tuple() == (0.2, 0.1, 2.0, 4.0, 0.3)
     assert (config.rules, config.require) == (("evans", "maxsprt"), "all")
-    assert SignalConfig.from_env({}) == SignalConfig()
-    for name, value, message in [
-        ("ALPHA", "lots", "CONCIERGE_SIGNAL_ALPHA must be a number"),
-        ("ALPHA", "2", "alpha must be in"),
-        ("MIN_EVENTS", "2.5", "whole number"),
-        ("RULES", "evans,magic", "rules must be"),
-        ("REQUIRE", "most", "'any' or 'all'"),
-        ("EBGM_PRIOR", "1,2,3", "EBGM_PRIOR"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            SignalConfig.from_env({f"CONCIERGE_SIGNAL_{name}": value})
+    assert section.levels == ("model", "lot")
+    for name in list(os.environ):
+        if name.startswith("CONCIERGE_SIGNAL_"):
+            monkeypatch.delenv(name)
+    assert SignalConfig.from_environment() == SignalConfig()
+    assert SurveillanceSettings().levels == ("manufacturer", "model", "lot")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ALPHA", "lots", "CONCIERGE_SIGNAL_ALPHA='lots': Input should be a valid number"),
+        ("ALPHA", "2", "CONCIERGE_SIGNAL_ALPHA='2': Input should be less than 1"),
+        ("MIN_EVENTS", "2.5", "CONCIERGE_SIGNAL_MIN_EVENTS='2.5': Input should be a valid integer"),
+        ("MIN_EVENTS", "0", "CONCIERGE_SIGNAL_MIN_EVENTS='0': Input should be greater than"),
+        ("HORIZON", "inf", "CONCIERGE_SIGNAL_HORIZON='inf': Input should be a finite number"),
+        ("RULES", "evans,magic", "CONCIERGE_SIGNAL_RULES='evans,magic': must be a non-empty"),
+        ("RULES", ",", "CONCIERGE_SIGNAL_RULES=',': must be a non-empty subset"),
+        ("REQUIRE", "most", "CONCIERGE_SIGNAL_REQUIRE='most': Input should be 'any' or 'all'"),
+        ("EBGM_PRIOR", "1,2,3", "CONCIERGE_SIGNAL_EBGM_PRIOR='1,2,3': a prior needs 5 values"),
+        ("EBGM_PRIOR", "1,2,3,4,9", "CONCIERGE_SIGNAL_EBGM_PRIOR='1,2,3,4,9': p must be in"),
+        ("LEVELS", "model,site", "CONCIERGE_SIGNAL_LEVELS='model,site': unknown levels ['site']"),
+    ],
+)
+def test_a_bad_signal_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(f"CONCIERGE_SIGNAL_{name}", value)
+    with pytest.raises(ValidationError) as caught:
+        SurveillanceSettings()
+    line = describe(caught.value, [SurveillanceSettings])
+    assert line.startswith(f"bad configuration: {message}") and "\n" not in line, line
+
+
+def test_device_definition_files_must_exist(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CONCIERGE_DEVICE_OUTCOMES", str(tmp_path / "missing.json"))
+    with pytest.raises(ValidationError) as caught:
+        SurveillanceSettings()
+    assert describe(caught.value, [SurveillanceSettings]).startswith(
+        f"bad configuration: CONCIERGE_DEVICE_OUTCOMES='{tmp_path / 'missing.json'}': "
+    )
+    monkeypatch.setenv("CONCIERGE_DEVICE_OUTCOMES", "")
+    assert SurveillanceSettings().device_outcomes is None
 
 
 # --------------------------------------------------------------------------- lifecycle

@@ -42,7 +42,6 @@ SCHEMA = Schema(
     name="audit log",
     migrations=Path(__file__).parent / "audit_migrations",
     version_table="audit_alembic_version",
-    baseline_tables=("audit_log",),
 )
 
 GENESIS = "0" * 64

@@ -38,10 +38,6 @@ class Schema:
     name: str
     migrations: Path
     version_table: str
-    #: Tables the first revision creates: a database that has them but no version row was made
-    #: before the store had migrations, and is adopted (stamped at ``baseline``), not recreated.
-    baseline_tables: tuple[str, ...] = ()
-    baseline: str = "0001"
     #: What to tell an operator whose database is behind.
     migrate_hint: str = "restart the service to migrate it"
 
@@ -138,20 +134,15 @@ def check_schema(schema: Schema, engine: sa.Engine) -> None:
 
 
 def upgrade(schema: Schema, url: str, revision: str = "head") -> None:
-    """Bring the store at ``url`` to ``revision``, adopting a database made before migrations.
+    """Bring the store at ``url`` to ``revision``. (A store's first revision creates only the
+    tables that are missing, so a database made before the store had migrations is adopted with
+    its rows, not recreated.)
 
     Processes that open the same store at once (the API and recruitment in the demo) take turns:
     an advisory lock on PostgreSQL, a lock file beside the database on SQLite (``fcntl``: SQLite
     has no advisory locks, and DDL racing DDL fails with "table already exists")."""
     with _migration_lock(schema, url):
-        engine = make_engine(url, poolclass=sa.pool.NullPool)
-        try:
-            config = alembic_config(schema, url)
-            if current_revision(schema, engine) is None and _has_baseline_tables(schema, engine):
-                command.stamp(config, schema.baseline)
-            command.upgrade(config, revision)
-        finally:
-            engine.dispose()
+        command.upgrade(alembic_config(schema, url), revision)
 
 
 def downgrade(schema: Schema, url: str, revision: str) -> None:
@@ -160,21 +151,28 @@ def downgrade(schema: Schema, url: str, revision: str) -> None:
 
 
 def ensure_schema(schema: Schema, url: str) -> None:
-    """At open: migrate if behind (cheap when current: one query)."""
+    """At open: migrate the store at ``url`` if it is behind (one query when it is not)."""
     engine = make_engine(url, poolclass=sa.pool.NullPool)
     try:
-        current = current_revision(schema, engine)
+        ensure_engine_schema(schema, engine)
     finally:
         engine.dispose()
-    if current != head_revision(schema):
-        upgrade(schema, url)
 
 
-def _has_baseline_tables(schema: Schema, engine: sa.Engine) -> bool:
-    if not schema.baseline_tables:
-        return False
-    existing = set(sa.inspect(engine).get_table_names())
-    return all(table in existing for table in schema.baseline_tables)
+def ensure_engine_schema(schema: Schema, engine: sa.Engine) -> None:
+    """As :func:`ensure_schema`, on a connection of ``engine`` (for a store handed an engine, or
+    an in-memory SQLite database that only that engine's connection can see)."""
+    head = head_revision(schema)
+    if current_revision(schema, engine) == head:
+        return
+    url = engine.url.render_as_string(hide_password=False)
+    with _migration_lock(schema, url), engine.begin() as conn:
+        config = alembic_config(schema)
+        config.attributes["connection"] = conn
+        context = MigrationContext.configure(conn, opts={"version_table": schema.version_table})
+        if context.get_current_revision() == head:  # migrated by another while this one waited
+            return
+        command.upgrade(config, "head")
 
 
 @contextlib.contextmanager
@@ -267,6 +265,7 @@ __all__ = [
     "check_schema",
     "current_revision",
     "downgrade",
+    "ensure_engine_schema",
     "ensure_schema",
     "head_revision",
     "make_engine",

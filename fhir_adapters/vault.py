@@ -145,7 +145,6 @@ SCHEMA = Schema(
     name="identity vault",
     migrations=Path(__file__).parent / "migrations",
     version_table="vault_alembic_version",
-    baseline_tables=tuple(metadata.tables),
 )
 
 

@@ -1,14 +1,18 @@
 """The SQL tables disclosure control persists (the publication registry's publications,
 relations, overlap events and last answers; the query budget's questions and locks), and
-:func:`open_engine`, which creates them. See ``docs/explanation/disclosure-control.md``.
+:func:`open_engine`, which opens them (the store's Alembic migrations make them). See
+``docs/explanation/disclosure-control.md``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
+
+from core.db import Schema, ensure_engine_schema, make_engine
 
 metadata = sa.MetaData()
 
@@ -81,22 +85,31 @@ budget_locks_table = sa.Table(
 )
 
 
+#: The tables above are made only by the migrations in ``feasibility/disclosure/migrations``.
+SCHEMA = Schema(
+    name="disclosure registry",
+    migrations=Path(__file__).parent / "migrations",
+    version_table="disclosure_alembic_version",
+)
+
+
 def open_engine(target: str | sa.Engine) -> sa.Engine:
+    """An engine on the registry's database (``target``: a URL, or an engine to share), migrated
+    to the code's revision. An in-memory SQLite URL gets one shared connection."""
     if isinstance(target, sa.Engine):
         engine = target
     else:
         url = sa.make_url(target)
         kwargs: dict[str, Any] = {}
-        if url.get_backend_name() == "sqlite":
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-            if url.database in (None, "", ":memory:"):
-                kwargs["poolclass"] = StaticPool  # one shared in-memory database
-        engine = sa.create_engine(url, **kwargs)
-    metadata.create_all(engine)
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool  # one shared in-memory database
+        engine = make_engine(url.render_as_string(hide_password=False), **kwargs)
+    ensure_engine_schema(SCHEMA, engine)
     return engine
 
 
 __all__ = [
+    "SCHEMA",
     "answers_table",
     "budget_locks_table",
     "budget_queries_table",

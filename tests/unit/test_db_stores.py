@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from core import audit, db
+from feasibility.disclosure import tables as disclosure_tables
 from fhir_adapters import vault
 from tests.recruitment_helpers import BACKENDS, fresh_database
 
 STORES = {
     "vault": (vault.SCHEMA, vault.metadata),
     "audit": (audit.SCHEMA, audit.metadata),
+    "disclosure": (disclosure_tables.SCHEMA, disclosure_tables.metadata),
 }
 
 
@@ -84,8 +87,12 @@ def test_a_database_made_before_migrations_is_adopted_with_its_rows(
 def _value(column: sa.Column[object]) -> object:
     if isinstance(column.type, sa.Boolean):
         return False
-    if isinstance(column.type, sa.Integer):
+    if isinstance(column.type, sa.Integer | sa.Float):
         return 1
+    if isinstance(column.type, sa.LargeBinary):
+        return b"x"
+    if isinstance(column.type, sa.DateTime):
+        return datetime(2026, 1, 1, tzinfo=UTC)
     return "x"
 
 

@@ -1,5 +1,6 @@
-"""The identity vault and resource index as they were before migrations: identity, patient
-identifiers, resource index, reference summaries, subscription state, sequence floors.
+"""The identity vault and resource index as they were before migrations (a table that exists
+already is kept, with its rows): identity, patient identifiers, resource index, reference
+summaries, subscription state, sequence floors.
 
 Revision ID: 0001
 Revises:
@@ -36,11 +37,13 @@ def upgrade() -> None:
         sa.Column("address_json", sa.Text),
         sa.Column("identifiers_json", sa.Text),
         sa.Column("updated_at", sa.String(40), nullable=False),
+        if_not_exists=True,
     )
     op.create_table(
         "patient_identifier",
         sa.Column("identifier_hash", sa.String(64), primary_key=True),
         sa.Column("pseudonym", sa.String(64), nullable=False),
+        if_not_exists=True,
     )
     op.create_table(
         "resource_index",
@@ -52,23 +55,27 @@ def upgrade() -> None:
         sa.Column("version_id", sa.String(64)),
         sa.Column("retracted", sa.Boolean, nullable=False),
         sa.Column("seen", sa.Text, nullable=False),
+        if_not_exists=True,
     )
-    op.create_index("ix_resource_index_patient", "resource_index", ["patient"])
+    op.create_index("ix_resource_index_patient", "resource_index", ["patient"], if_not_exists=True)
     op.create_table(
         "reference_summary",
         sa.Column("key", sa.Text, primary_key=True),
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("body", sa.Text, nullable=False),
+        if_not_exists=True,
     )
     op.create_table(
         "subscription_state",
         sa.Column("subscription", sa.Text, primary_key=True),
         sa.Column("last_event", sa.BigInteger, nullable=False),
+        if_not_exists=True,
     )
     op.create_table(
         "seq_floor",
         sa.Column("key", sa.Text, primary_key=True),
         sa.Column("seq", sa.Integer, nullable=False),
+        if_not_exists=True,
     )
 
 

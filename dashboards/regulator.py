@@ -27,6 +27,7 @@ import pandas as pd
 import streamlit as st
 from pydantic import ValidationError
 
+from core.contracts.signals import SignalEvent
 from core.settings import describe
 from dashboards.client import (
     BREAKDOWNS,
@@ -39,7 +40,6 @@ from dashboards.client import (
     HistoryPoint,
     Level,
     Signal,
-    SignalEvent,
     Source,
     State,
     Status,
@@ -209,7 +209,7 @@ def event_rows(events: Iterable[SignalEvent]) -> list[dict[str, str]]:
     """The lifecycle history, oldest first as the API gives it."""
     rows = []
     for event in events:
-        before = event.get("from")  # "from" is a keyword, so not declared; see SignalEvent
+        before = event.get("from")
         rows.append(
             {
                 "At": fmt_time(event.get("at")),

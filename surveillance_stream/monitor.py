@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Message, Producer
 
+from core.contracts.signals import SignalEvent
 from infra.mirror import ReaderStatus, TopicMirror
 from surveillance_stream.devices import (
     EXPOSED,
@@ -405,7 +406,7 @@ class SignalMonitor:
         changed, not to the number of lots in a class.
         """
         started = time.perf_counter()
-        moved: list[dict[str, Any]] = []
+        moved: list[SignalEvent] = []
         with self.lock:
             day = self.counters.latest_day
             # the first pass, or a new evaluation day (person-time moves everywhere): all of it

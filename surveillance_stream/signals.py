@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
+from core.contracts.signals import SIGNAL_EVENT_SCHEMA, SignalEvent
 from surveillance_stream.devices import EXPOSED, Counters, parse_node
 from surveillance_stream.settings import DUMOUCHEL_1999_VALUES, RULES, SurveillanceSettings
 from surveillance_stream.statistics import (
@@ -393,8 +394,6 @@ REGULATOR_ACTIONS: dict[str, dict[State, State]] = {
 }
 ACTIONS: dict[str, dict[State, State]] = {**SYSTEM_ACTIONS, **REGULATOR_ACTIONS}
 
-SIGNAL_EVENT_SCHEMA = "concierge.signal-event/1"
-
 
 def signal_id(node: str, outcome: str) -> str:
     """A stable id per (node, outcome)."""
@@ -481,7 +480,7 @@ def transition(
     at: datetime,
     reason: str = "",
     statistics: Mapping[str, Any] | None = None,
-) -> tuple[Signal, dict[str, Any]]:
+) -> tuple[Signal, SignalEvent]:
     """Apply any action (system or regulator) and return ``(new signal, event)``."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; actions: {', '.join(ACTIONS)}")
@@ -494,7 +493,7 @@ def transition(
     new = replace(
         signal, state=target, version=signal.version + 1, statistics=snapshot, updated_at=when
     )
-    event = {
+    event: SignalEvent = {
         "schema": SIGNAL_EVENT_SCHEMA,
         "signal": signal.id,
         "node": signal.node,
@@ -519,7 +518,7 @@ def act(
     at: datetime,
     reason: str = "",
     assessment: Assessment | None = None,
-) -> tuple[Signal, dict[str, Any]]:
+) -> tuple[Signal, SignalEvent]:
     """A regulator's action (``review``, ``confirm``, ``dismiss``, ``close``, ``reopen``).
     Raises :class:`IllegalTransition` naming the allowed actions when the state forbids it."""
     if action not in REGULATOR_ACTIONS:
@@ -540,7 +539,7 @@ def act(
 
 def observe(
     signal: Signal, assessment: Assessment, *, at: datetime, actor: str = "system"
-) -> tuple[Signal, dict[str, Any] | None]:
+) -> tuple[Signal, SignalEvent | None]:
     """The statistic-driven move for a fresh assessment of the signal's node and outcome:
     ``detect`` (none -> signalled) when the signal rule fires, ``lapse`` (signalled -> none) when
     it no longer does; otherwise nothing (reviewed signals move only by regulator action)."""

@@ -116,7 +116,7 @@ onto ``pint``) drops every annotation, so it has the eGFR defect above; ``pint``
 ``eq`` as ``mol`` (so ``mmol`` <-> ``meq`` would convert 1:1 whatever the valence), converts in
 floats and knows neither the HbA1c master equation nor molar masses; and the two add two
 dependencies to answer what this module answers exactly (fractions), for the subset of UCUM
-that lab results use, tested against UCUM's definitions in ``tests/unit/test_units.py``.
+that lab results use, tested against UCUM's definitions in ``tests/unit/feasibility/test_units.py``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from feasibility.disclosure.policy import DisclosurePolicy
 from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
 from tests.faults import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 #: (variable, bad value, what the one line says), for every CONCIERGE_DC_* variable.
 BAD = [

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from concierge.cli import main
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "criteria"
+EXAMPLES = Path(__file__).resolve().parents[4] / "docs" / "examples" / "criteria"
 
 
 def test_every_shipped_example_is_valid_and_renders() -> None:

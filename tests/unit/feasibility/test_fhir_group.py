@@ -11,11 +11,10 @@ import pytest
 from feasibility.engines.reference import ReferenceEngine
 from feasibility.engines.results import cohort
 from feasibility.fhir_group import GroupError, question_from_group
+from tests.spec.feasibility_helpers import AT, ICD10, medication, observation, patient, population
+from tests.spec.feasibility_helpers import condition as condition_fact
 
-from ..spec.feasibility_helpers import AT, ICD10, medication, observation, patient, population
-from ..spec.feasibility_helpers import condition as condition_fact
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "fhir" / "t2dm-group.json"
+EXAMPLE = Path(__file__).resolve().parents[3] / "docs" / "examples" / "fhir" / "t2dm-group.json"
 
 
 def group() -> dict[str, Any]:

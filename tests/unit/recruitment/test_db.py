@@ -18,7 +18,7 @@ from recruitment import db
 from recruitment.models import Base, Candidate, Invitation, Trial
 from tests.recruitment_helpers import BACKENDS, fresh_database
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(params=BACKENDS)

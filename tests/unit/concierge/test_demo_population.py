@@ -22,7 +22,7 @@ from feasibility.service import answer_sets
 from feasibility.snapshot import ColumnarSnapshot
 from fhir_adapters.synthetic.generator import iter_patients
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "criteria"
+EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples" / "criteria"
 AS_OF = date(2026, 1, 1)
 
 

@@ -181,7 +181,7 @@ def test_a_stop_signal_stops_every_child(tmp_path: Path, signum: signal.Signals)
     registry = tmp_path / "demo-processes.json"
     script = tmp_path / "tree.py"
     script.write_text(TREE)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     demo = subprocess.Popen(
         [sys.executable, str(script), str(registry)],
         env=env,

@@ -41,7 +41,7 @@ from tests.api_world import (
     build_world,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
 
 
 class Outcome(Enum):

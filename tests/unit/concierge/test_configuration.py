@@ -20,7 +20,7 @@ from recruitment.settings import RecruitmentSettings, get_recruitment_settings
 from surveillance_stream.settings import SurveillanceSettings
 from tests.faults import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,10 @@
-"""The FastAPI application: the FHIR ingest endpoint and the product API under /v1."""
+"""The FastAPI application: the FHIR ingest endpoint and the product API under /v1.
+
+:func:`create_app` mounts the routes (:mod:`concierge.routes`) and, at start-up, builds each
+side's service that was not given (``build_feasibility``, ``build_recruitment``,
+``build_surveillance``) when its setting turns it on; readiness is :mod:`concierge.readiness`.
+See ``docs/explanation/architecture.md``.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """The feasibility service: answers sponsors' questions under disclosure control.
 
 Ad hoc questions run over the columnar snapshot (kept current from the facts topic by
-:class:`~feasibility.feed.FactsFeed`) with the polars engine; the exact per-patient results
+:class:`~feasibility.feed.FactsFeed`) with an engine that evaluates over its frames (the polars
+engine, a :class:`~feasibility.engines.base.FrameEngine`); saved questions count the cohort as
+the stream keeps it (:class:`~feasibility.readers.CohortReader`). The exact per-patient results
 become sets of patient ids (bitmaps), and only what
 :func:`feasibility.disclosure.protection.protect` lets through leaves this module. Nothing
-patient-level is returned, logged or audited.
+patient-level is returned, logged or audited. See ``docs/explanation/disclosure-control.md``.
 """
 
 from __future__ import annotations

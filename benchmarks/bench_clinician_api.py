@@ -74,21 +74,21 @@ def seed(home: Path, invitations: int, sites: int, clinicians: int) -> str:
     runtime = build_runtime(RecruitmentSettings(url=url), url=url, channels={})
     try:
         with runtime.sessions.begin() as session:
-            applier = runtime.service.applier(session)
+            work = runtime.service.unit_of_work(session)
             for record in reference_records(sites, clinicians):
-                applier.reference(record)
-            applier.trial(
+                work.reference(record)
+            work.trial(
                 trial_record(sites)["id"], OpaqueTrialRecord.model_validate(trial_record(sites))
             )
-            applier.finish()
+            work.finish()
         for start in range(0, invitations, CHUNK):
             with runtime.sessions.begin() as session:
-                applier = runtime.service.applier(session)
+                work = runtime.service.unit_of_work(session)
                 for i in range(start, min(start + CHUNK, invitations)):
-                    applier.facts(patient_envelope(i, sites, clinicians))
+                    work.facts(patient_envelope(i, sites, clinicians))
                     entry = CohortRecord.model_validate(cohort_record(i, sites))
-                    applier.cohort(entry.trial, entry.patient, entry)
-                applier.finish()
+                    work.cohort(entry.trial, entry.patient, entry)
+                work.finish()
             print(f"  seeded {min(start + CHUNK, invitations)} candidates", file=sys.stderr)
     finally:
         runtime.close()

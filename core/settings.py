@@ -1,10 +1,13 @@
-"""The product-wide settings (Kafka, home, site keys, tokens, services) and the one rule for a
-bad configuration value: :class:`ConfigurationError`, one line naming the environment variable.
+"""The product-wide section of the configuration (Kafka, home, site keys, tokens, which services
+run) and the one rule for a bad value: :class:`ConfigurationError`, one line naming the
+environment variable.
 
-Each package keeps its own section (``recruitment.settings``, ``surveillance_stream.settings``,
-``infra.settings``, ``dashboards.settings``); :mod:`concierge.configuration` composes them with
-these into the tree the application validates at start-up. See "Configuration" in
-``docs/explanation/architecture.md`` and README's table of variables.
+It was ``concierge/settings.py``; it is at the bottom now so that every layer can read it. Each
+package keeps its own section (``recruitment.settings``, ``surveillance_stream.settings``,
+``infra.settings``, ``dashboards.settings``, ``feasibility.disclosure.settings``), and
+:mod:`concierge.configuration` composes them with this one into the tree the application
+validates at start-up. See "Configuration" in ``docs/explanation/architecture.md`` and README's
+table of variables.
 """
 
 from __future__ import annotations

@@ -15,4 +15,6 @@ Layers, each usable alone:
 
 Identifiable data is read only by the clinician API, from the identity vault, for the clinician's
 own patients; nothing here logs it or stores it.
+
+See "Recruitment" in ``docs/explanation/architecture.md`` and ``docs/reference/recruitment.md``.
 """

@@ -2,8 +2,8 @@
 
 Two kinds of callers share it:
 
-* the consumer applies messages from the trials, cohort, facts and reference topics through an
-  :class:`Applier`, one database transaction per batch, and calls :meth:`Applier.finish` to
+* the consumer applies messages from the trials, cohort, facts and reference topics through a
+  :class:`UnitOfWork`, one database transaction per batch, and calls :meth:`UnitOfWork.finish` to
   re-evaluate what the batch touched before committing;
 * the clinician API and the scheduler move invitations through their states with
   :meth:`RecruitmentService.transition`, then ``finish`` the same way, so a freed slot or a lifted
@@ -195,8 +195,8 @@ class SqlDirectory:
 
 
 @dataclass
-class _Work:
-    """What a unit of work touched, re-evaluated together by :meth:`Applier.finish`."""
+class _Touched:
+    """What a unit of work touched, re-evaluated together by :meth:`UnitOfWork.finish`."""
 
     patients: set[str] = field(default_factory=set)
     trials: set[str] = field(default_factory=set)
@@ -226,8 +226,8 @@ class RecruitmentService:
         self.eligibility = eligibility
 
     # -- units of work --
-    def applier(self, session: Session) -> Applier:
-        return Applier(self, session)
+    def unit_of_work(self, session: Session) -> UnitOfWork:
+        return UnitOfWork(self, session)
 
     @staticmethod
     def new_id() -> str:
@@ -253,7 +253,7 @@ class RecruitmentService:
         actor: str,
         note: str | None = None,
         expected_version: int | None = None,
-        work: Applier | None = None,
+        work: UnitOfWork | None = None,
     ) -> Invitation:
         """Move an invitation to ``target``, recording who, when and why.
 
@@ -267,10 +267,10 @@ class RecruitmentService:
                 f"not {expected_version}; reload it"
             )
         own = work is None
-        applier = work or self.applier(session)
-        applier.move(invitation, target, actor, note)
+        unit = work or self.unit_of_work(session)
+        unit.move(invitation, target, actor, note)
         if own:
-            applier.finish()
+            unit.finish()
         return invitation
 
     def on_alert_delivered(self, session: Session, invitation_id: str, channel: str) -> None:
@@ -280,7 +280,7 @@ class RecruitmentService:
         except NotFound:
             return
         if invitation.state == S.PROPOSED:
-            self.applier(session).move(
+            self.unit_of_work(session).move(
                 invitation, S.SENT_TO_CLINICIAN, "system:notify", f"alert delivered by {channel}"
             )
 
@@ -332,21 +332,23 @@ class RecruitmentService:
         changed = 0
         for candidate_id in ids:
             with self.sessions.begin() as session:
-                applier = self.applier(session)
-                if applier.recheck(candidate_id, now or self.clock()):
+                work = self.unit_of_work(session)
+                if work.recheck(candidate_id, now or self.clock()):
                     changed += 1
         return changed
 
 
-class Applier:
-    """Applies changes within one session and re-evaluates what they touched on :meth:`finish`."""
+class UnitOfWork:
+    """One unit of work in one session (the caller's transaction): applies topic messages
+    (trial, cohort, facts, reference) and invitation moves, records what they touched, and
+    re-evaluates it on :meth:`finish`, before the caller commits."""
 
     def __init__(self, service: RecruitmentService, session: Session) -> None:
         self.service = service
         self.session = session
         self.policy = service.policy
         self.now = service.clock()
-        self.work = _Work()
+        self.touched = _Touched()
         self._arrival: int | None = None
 
     # ------------------------------------------------------------------ trials
@@ -387,7 +389,7 @@ class Applier:
             for site in old_sites - set(sites):
                 self._site_dropped(trial, site)
             self._candidates_from_memberships(trial)
-        self.work.trials.add(trial.id)
+        self.touched.trials.add(trial.id)
         return True
 
     @staticmethod
@@ -484,7 +486,7 @@ class Applier:
         elif candidate.status in OPEN_STATUSES and candidate.site != site:
             candidate.site = site
             candidate.updated_at = self.now
-        self.work.candidates.add(candidate.id)
+        self.touched.candidates.add(candidate.id)
 
     def _next_arrival(self) -> int:
         if self._arrival is None:
@@ -573,7 +575,7 @@ class Applier:
             self._opted_out(patient)
         if profile.deceased:
             self._deceased(patient)
-        self.work.patients.add(patient)
+        self.touched.patients.add(patient)
 
     def _opted_out(self, patient: str) -> None:
         """Opt-outs win: every open invitation of the patient is withdrawn, at any stage."""
@@ -582,7 +584,7 @@ class Applier:
             candidate = self.session.get(Candidate, invitation.candidate_id)
             if candidate is not None:
                 self._set_status(candidate, C.HELD, ())  # re-evaluated: excluded
-                self.work.candidates.add(candidate.id)
+                self.touched.candidates.add(candidate.id)
 
     def _deceased(self, patient: str) -> None:
         for invitation in self._active_invitations(patient):
@@ -590,7 +592,7 @@ class Applier:
             candidate = self.session.get(Candidate, invitation.candidate_id)
             if candidate is not None:
                 self._set_status(candidate, C.HELD, ())
-                self.work.candidates.add(candidate.id)
+                self.touched.candidates.add(candidate.id)
 
     def _profile(self, patient: str) -> PatientProfile:
         profile = self.session.get(PatientProfile, patient)
@@ -646,7 +648,7 @@ class Applier:
             org_row.part_of = org.part_of if org else None
         else:
             return False
-        self.work.reference_changed = True
+        self.touched.reference_changed = True
         return True
 
     def _reference_row(self, model: type[_Ref], record: ReferenceRecord) -> _Ref | None:
@@ -679,7 +681,7 @@ class Applier:
         row.retracted = True
         row.active = False
         row.updated_at = self.now
-        self.work.reference_changed = True
+        self.touched.reference_changed = True
         return True
 
     # ------------------------------------------------------------------ invitations
@@ -727,8 +729,8 @@ class Applier:
             if candidate is not None and candidate.status == C.INVITED:
                 self._set_status(candidate, C.CLOSED, ())
             # A slot, or the patient's one open invitation, is free: look again.
-            self.work.trials.add(invitation.trial_id)
-            self.work.patients.add(invitation.patient)
+            self.touched.trials.add(invitation.trial_id)
+            self.touched.patients.add(invitation.patient)
         self.session.flush()
 
     def _create_invitation(self, candidate: Candidate, practitioner: str, trial: Trial) -> None:
@@ -772,21 +774,21 @@ class Applier:
     def finish(self) -> None:
         """Re-evaluate every open candidate the unit of work touched, oldest first."""
         rounds = 0
-        while not self.work.empty():
-            work, self.work = self.work, _Work()
+        while not self.touched.empty():
+            touched, self.touched = self.touched, _Touched()
             rounds += 1
             if rounds > 10:  # pragma: no cover - a bug guard: evaluation always settles
                 raise RuntimeError("candidate re-evaluation does not settle")
             conditions: list[sa.ColumnElement[bool]] = []
             for column, values in (
-                (Candidate.patient, work.patients),
-                (Candidate.trial_id, work.trials),
-                (Candidate.id, work.candidates),
+                (Candidate.patient, touched.patients),
+                (Candidate.trial_id, touched.trials),
+                (Candidate.id, touched.candidates),
             ):
                 ordered = sorted(values)
                 for start in range(0, len(ordered), _CHUNK):
                     conditions.append(column.in_(ordered[start : start + _CHUNK]))
-            if work.reference_changed:
+            if touched.reference_changed:
                 conditions.append(Candidate.status == C.UNROUTED)
             candidates = self._candidates(
                 Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
@@ -1051,13 +1053,13 @@ def awaiting_by_practitioner(session: Session) -> dict[str, dict[str, int]]:
 
 __all__ = [
     "OPEN_STATUSES",
-    "Applier",
     "CandidateStatus",
     "ConcurrentChange",
     "EligibilityCheck",
     "NotFound",
     "RecruitmentService",
     "SqlDirectory",
+    "UnitOfWork",
     "awaiting_by_practitioner",
     "counts_by_state",
 ]

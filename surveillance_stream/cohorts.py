@@ -48,7 +48,7 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
-class CohortKeeper:
+class LiveCohorts:
     """Live cohort membership for every active trial, over one worker's partitions."""
 
     def __init__(
@@ -331,4 +331,4 @@ class CohortKeeper:
         }
 
 
-__all__ = ["CohortKeeper"]
+__all__ = ["LiveCohorts"]

@@ -284,13 +284,13 @@ def build_world(
                 RecruitmentSettings(url=url), url=url, channels={}, clock=Clock()
             )
             with runtime.sessions.begin() as session:
-                applier = runtime.service.applier(session)
-                applier.trial(TRIAL, trial(TRIAL, sites=(SITE_A, SITE_B), title="Matrix trial"))
-                applier.reference(practitioner("matrix-gp-a"))
-                applier.reference(practitioner("matrix-gp-b"))
-                applier.facts(patient_facts(pseudonym, gps=[GP_A], site=SITE_A))
-                applier.cohort(TRIAL, pseudonym, cohort(TRIAL, pseudonym, 1, site=SITE_A))
-                applier.finish()
+                work = runtime.service.unit_of_work(session)
+                work.trial(TRIAL, trial(TRIAL, sites=(SITE_A, SITE_B), title="Matrix trial"))
+                work.reference(practitioner("matrix-gp-a"))
+                work.reference(practitioner("matrix-gp-b"))
+                work.facts(patient_facts(pseudonym, gps=[GP_A], site=SITE_A))
+                work.cohort(TRIAL, pseudonym, cohort(TRIAL, pseudonym, 1, site=SITE_A))
+                work.finish()
             if seed_recruitment is not None:
                 seed_recruitment(runtime, pseudonym)
             with runtime.sessions() as session:

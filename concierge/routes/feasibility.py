@@ -9,7 +9,7 @@ records each request with the question's fingerprint and the disclosure rules' b
 
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -22,17 +22,21 @@ from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.fhir_group import GroupError, question_from_group
 from feasibility.recruitment_funnel import protect_recruitment, unavailable
 from feasibility.render import render
-from feasibility.saved import NotYours, TrialCreate, TrialPublic
+from feasibility.saved import NotYours, SavedQuestions, SavedTrial, TrialCreate, TrialPublic
 from feasibility.service import FeasibilityService, NotCurrent
 from recruitment.funnel import invited_by_state
+from recruitment.service import RecruitmentService
+
+if TYPE_CHECKING:
+    from recruitment.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 Sponsor = Annotated[Principal, require_role("sponsor")]
 
-#: Takes the request, returns the recruitment service (anything with ``sessions``, a SQLAlchemy
-#: sessionmaker over the recruitment store), or None when recruitment is not running.
-RecruitmentProvider = Callable[[Request], Any]
+#: Takes the request, returns the recruitment service (its ``sessions`` read the recruitment
+#: store), or None when recruitment is not running.
+RecruitmentProvider = Callable[[Request], RecruitmentService | None]
 
 EXAMPLE = {
     "schema": "concierge.criteria/1",
@@ -129,8 +133,8 @@ def _answer(
     return body
 
 
-def _recruitment_from_app(request: Request) -> Any:
-    runtime = getattr(request.app.state, "recruitment", None)
+def _recruitment_from_app(request: Request) -> RecruitmentService | None:
+    runtime: Runtime | None = getattr(request.app.state, "recruitment", None)
     return runtime.service if runtime is not None else None
 
 
@@ -220,7 +224,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
 
     # ------------------------------------------------------------------ saved questions
 
-    def saved(service: FeasibilityService) -> Any:
+    def saved(service: FeasibilityService) -> SavedQuestions:
         if service.saved is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "saved questions unavailable")
         return service.saved
@@ -254,7 +258,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     def list_saved(principal: Sponsor, service: Service) -> list[TrialPublic]:
         return [TrialPublic.of(r) for r in saved(service).of_sponsor(principal.org)]
 
-    def _get(service: FeasibilityService, trial_id: str, org: str) -> Any:
+    def _get(service: FeasibilityService, trial_id: str, org: str) -> SavedTrial:
         try:
             return saved(service).get(trial_id, org)
         except (KeyError, NotYours):

@@ -37,6 +37,7 @@ from ..terminology import (
 )
 from ..terminology import token as make_token
 from . import reference
+from .base import Population, QueryEngine
 from .results import PatientResult
 
 DAY = reference.DAY
@@ -233,7 +234,7 @@ class IncrementalEngine:
     def evaluate(
         self,
         question: Question,
-        population: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        population: Population,
         at: datetime,
     ) -> dict[str, PatientResult]:
         compiled = CompiledQuestion(question)
@@ -242,6 +243,9 @@ class IncrementalEngine:
             for patient, entries in population.items()
         }
 
+
+#: Checked by mypy: the incremental engine is a :class:`~.base.QueryEngine`.
+_engine: type[QueryEngine] = IncrementalEngine
 
 __all__ = [
     "CompiledQuestion",

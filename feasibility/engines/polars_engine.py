@@ -25,7 +25,7 @@ exclusion steps), ``u0``..``uN`` (UInt32: results each step skipped as unconvert
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from fractions import Fraction
 from functools import reduce
@@ -69,6 +69,7 @@ from ..terminology import (
     system_of_data,
 )
 from ..terminology import token as make_token
+from .base import FrameEngine, Population
 from .reference import (
     CONDITION_EXCLUDED_VERIFICATION,
     DEVICE_EXCLUDED,
@@ -722,7 +723,7 @@ class PolarsEngine:
     def evaluate(
         self,
         question: Question,
-        population: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        population: Population,
         at: datetime,
     ) -> dict[str, PatientResult]:
         """Evaluate every patient of ``population`` (patient -> resource key -> entry), like
@@ -752,5 +753,8 @@ def results_of(frame: pl.DataFrame, n_steps: int) -> dict[str, PatientResult]:
         )
     return out
 
+
+#: Checked by mypy: the polars engine is a :class:`~.base.FrameEngine`.
+_engine: type[FrameEngine] = PolarsEngine
 
 __all__ = ["PolarsEngine", "results_of"]

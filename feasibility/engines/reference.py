@@ -21,7 +21,7 @@ implements are the ones documented in :mod:`feasibility.criteria`:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -62,6 +62,7 @@ from ..terminology import (
     system_of_data,
 )
 from ..terminology import token as make_token
+from .base import Population, QueryEngine
 from .results import PatientResult, Tri, kleene_and, kleene_not, kleene_or
 
 DAY = 86400.0
@@ -443,7 +444,7 @@ class ReferenceEngine:
     def evaluate(
         self,
         question: Question,
-        population: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        population: Population,
         at: datetime,
     ) -> dict[str, PatientResult]:
         """Evaluate every patient of ``population`` (patient -> resource key -> entry)."""
@@ -452,6 +453,9 @@ class ReferenceEngine:
             for patient, entries in population.items()
         }
 
+
+#: Checked by mypy: the reference engine is a :class:`~.base.QueryEngine`.
+_engine: type[QueryEngine] = ReferenceEngine
 
 __all__ = [
     "ReferenceEngine",

@@ -216,19 +216,19 @@ def test_the_stream_store_keeps_the_view_per_event() -> None:
     assert store.view(0, P).site == "RB2"
 
 
-def test_the_cohort_and_device_keepers_read_the_store_view(
+def test_the_live_cohorts_and_device_contributions_read_the_store_view(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from surveillance_stream.cohorts import CohortKeeper
-    from surveillance_stream.device_stream import DeviceKeeper
+    from surveillance_stream.cohorts import LiveCohorts
+    from surveillance_stream.device_stream import DeviceContributions
 
     store = PatientStore()
     for key, entry in HIP.items():
         store.apply(0, {"patient": P, "key": key, **entry})
     real = PatientStore.view
     monkeypatch.setattr(PatientStore, "view", lambda self, p, q: _at_site(real(self, p, q), "RA1"))
-    assert CohortKeeper(store, {}, {}).data(0, P).site == "RA1"
-    value = DeviceKeeper(store, {}).value(0, P)
+    assert LiveCohorts(store, {}, {}).data(0, P).site == "RA1"
+    value = DeviceContributions(store, {}).value(0, P)
     assert value is not None and {k[4] for k in value["keys"]} == {"RA1"}
 
 

@@ -112,11 +112,11 @@ APPROVED, REJECTED, SENT = 12, 3, 25
 def seed(runtime: Runtime, _pseudonym: str) -> None:
     patients = [f"funnel-{i:02d}" for i in range(SENT + APPROVED + REJECTED)]
     with runtime.sessions.begin() as session:
-        applier = runtime.service.applier(session)
+        work = runtime.service.unit_of_work(session)
         for patient in patients:
-            applier.facts(patient_facts(patient, gps=[GP_A], site=SITE_A))
-            applier.cohort(TRIAL, patient, cohort(TRIAL, patient, 1, site=SITE_A))
-        applier.finish()
+            work.facts(patient_facts(patient, gps=[GP_A], site=SITE_A))
+            work.cohort(TRIAL, patient, cohort(TRIAL, patient, 1, site=SITE_A))
+        work.finish()
     moves = [InvitationState.APPROVED] * APPROVED + [InvitationState.REJECTED] * REJECTED
     with runtime.sessions.begin() as session:
         for patient, target in zip(patients, moves, strict=False):

@@ -61,13 +61,13 @@ def _runtime(
 
 def _invite(runtime: Runtime, *patients: str) -> None:
     with runtime.sessions.begin() as session:
-        applier = runtime.service.applier(session)
-        applier.trial("t1", trial())
-        applier.reference(practitioner("gp1"))
+        work = runtime.service.unit_of_work(session)
+        work.trial("t1", trial())
+        work.reference(practitioner("gp1"))
         for patient in patients:
-            applier.facts(patient_facts(patient, gps=[GP]))
-            applier.cohort("t1", patient, cohort("t1", patient, 1))
-        applier.finish()
+            work.facts(patient_facts(patient, gps=[GP]))
+            work.cohort("t1", patient, cohort("t1", patient, 1))
+        work.finish()
 
 
 def _outbox(runtime: Runtime) -> list[OutboxMessage]:

@@ -64,12 +64,12 @@ def test_housekeeping_jobs_expire_remind_and_deliver(tmp_path: Path) -> None:
         runtime = build_runtime(settings, url=url, channels={"email": email}, clock=clock)
         try:
             with runtime.sessions.begin() as session:
-                applier = runtime.service.applier(session)
-                applier.trial("t1", trial())
-                applier.reference(practitioner("gp1"))
-                applier.facts(patient_facts("p1", gps=[practitioner_key("gp1")]))
-                applier.cohort("t1", "p1", cohort("t1", "p1", 1))
-                applier.finish()
+                work = runtime.service.unit_of_work(session)
+                work.trial("t1", trial())
+                work.reference(practitioner("gp1"))
+                work.facts(patient_facts("p1", gps=[practitioner_key("gp1")]))
+                work.cohort("t1", "p1", cohort("t1", "p1", 1))
+                work.finish()
             scheduler._runtime = runtime  # what start_scheduler binds
             assert scheduler.run_job("dispatch") == 1
             clock.advance(days=8)

@@ -63,21 +63,21 @@ class Env:
     def apply(self, *items: Any) -> None:
         """Apply messages in one transaction, as one consumer batch would."""
         with self.runtime.sessions.begin() as session:
-            applier = self.runtime.service.applier(session)
+            work = self.runtime.service.unit_of_work(session)
             for item in items:
                 if isinstance(item, OpaqueTrialRecord):
-                    applier.trial(item.id, item)
+                    work.trial(item.id, item)
                 elif isinstance(item, CohortRecord):
-                    applier.cohort(item.trial, item.patient, item)
+                    work.cohort(item.trial, item.patient, item)
                 elif isinstance(item, ResourceFacts):
-                    applier.facts(item)
+                    work.facts(item)
                 elif isinstance(item, ReferenceRecord):
-                    applier.reference(item)
+                    work.reference(item)
                 elif isinstance(item, tuple) and item[0] == "cohort-tombstone":
-                    applier.cohort(item[1], item[2], None)
+                    work.cohort(item[1], item[2], None)
                 else:  # pragma: no cover - test helper misuse
                     raise TypeError(item)
-            applier.finish()
+            work.finish()
 
     def act(self, invitation_id: str, target: InvitationState, actor: str = "clinician:x") -> None:
         with self.runtime.sessions.begin() as session:

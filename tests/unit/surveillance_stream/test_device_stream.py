@@ -1,11 +1,11 @@
-"""The worker's device keeper (``surveillance_stream.device_stream``) with an in-memory table;
-``tests/integration/test_device_signals.py`` runs it in a real worker."""
+"""The worker's per-patient device contributions (``surveillance_stream.device_stream``) with
+an in-memory table; ``tests/integration/test_device_signals.py`` runs it in a real worker."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from surveillance_stream.device_stream import DeviceKeeper
+from surveillance_stream.device_stream import DeviceContributions
 from surveillance_stream.devices import ICD10, SNOMED, contribution
 from surveillance_stream.store import PatientStore
 from tests.generative.test_device_counters import SRC, envelope
@@ -23,37 +23,39 @@ OTHER = [{"kind": "condition", "codes": [{"system": ICD10, "code": "I10"}],
           "verification_status": "confirmed"}]  # fmt: skip
 
 
-def feed(store: PatientStore, keeper: DeviceKeeper, patient: str, *parts: Any) -> None:
+def feed(
+    store: PatientStore, contributions: DeviceContributions, patient: str, *parts: Any
+) -> None:
     rtype, rid, seq, facts = parts
     change = store.apply(0, envelope(patient, rtype, rid, seq, facts))
-    keeper.on_changes(0, patient, [change])
+    contributions.on_changes(0, patient, [change])
 
 
 def test_contributions_are_written_when_they_change_and_tombstoned_when_gone() -> None:
     store, table = PatientStore(), {}
     store.install(0, {})
-    keeper = DeviceKeeper(store, table)
-    feed(store, keeper, "pa", "Condition", "c0", 1, OTHER)  # no device: not even evaluated
-    assert keeper.evaluations == 0 and "pa" not in table
-    feed(store, keeper, "pa", "DeviceUseStatement", "u1", 1, DEVICE)
-    feed(store, keeper, "pa", "AdverseEvent", "a1", 1, EVENT)
+    contributions = DeviceContributions(store, table)
+    feed(store, contributions, "pa", "Condition", "c0", 1, OTHER)  # no device: not even evaluated
+    assert contributions.evaluations == 0 and "pa" not in table
+    feed(store, contributions, "pa", "DeviceUseStatement", "u1", 1, DEVICE)
+    feed(store, contributions, "pa", "AdverseEvent", "a1", 1, EVENT)
     assert table["pa"]["keys"] == [list(k) for k in contribution("pa", store.patient(0, "pa")).keys]
-    writes = keeper.writes
-    feed(store, keeper, "pa", "AdverseEvent", "a1", 1, EVENT)  # a duplicate: nothing written
-    assert keeper.writes == writes
-    feed(store, keeper, "pa", "DeviceUseStatement", "u1", 2, None)  # device retracted
-    assert "pa" not in table and "pa" not in keeper.exposed[0]
+    writes = contributions.writes
+    feed(store, contributions, "pa", "AdverseEvent", "a1", 1, EVENT)  # a duplicate: nothing written
+    assert contributions.writes == writes
+    feed(store, contributions, "pa", "DeviceUseStatement", "u1", 2, None)  # device retracted
+    assert "pa" not in table and "pa" not in contributions.exposed[0]
 
 
 def test_after_a_restart_retractions_of_outcomes_still_move_the_contribution() -> None:
     store, table = PatientStore(), {}
     store.install(0, {})
-    keeper = DeviceKeeper(store, table)
-    feed(store, keeper, "pa", "DeviceUseStatement", "u1", 1, DEVICE)
-    feed(store, keeper, "pa", "AdverseEvent", "a1", 1, EVENT)
+    contributions = DeviceContributions(store, table)
+    feed(store, contributions, "pa", "DeviceUseStatement", "u1", 1, DEVICE)
+    feed(store, contributions, "pa", "AdverseEvent", "a1", 1, EVENT)
     with_event = table["pa"]
     # restart: the patient state is rebuilt, but the table is not (yet) restored
-    restarted = DeviceKeeper(store, {})
+    restarted = DeviceContributions(store, {})
     restarted.recover(0)
     assert "pa" in restarted.exposed[0]
     feed(store, restarted, "pa", "AdverseEvent", "a1", 2, None)  # the outcome retracted

@@ -9,7 +9,7 @@ import pytest
 
 from core.settings import Settings
 from surveillance_stream.app import create_app
-from surveillance_stream.device_stream import DeviceKeeper
+from surveillance_stream.device_stream import DeviceContributions
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -18,5 +18,5 @@ def test_device_counters_can_be_switched_off(tmp_path: Path, enabled: bool) -> N
         home=tmp_path, kafka_bootstrap_servers="127.0.0.1:1", stream_device_counters=enabled
     )
     stream = create_app(settings)
-    assert isinstance(stream.devices, DeviceKeeper) is enabled
+    assert isinstance(stream.devices, DeviceContributions) is enabled
     assert (stream.devices.on_changes in stream.on_change) if enabled else not stream.on_change

@@ -70,8 +70,8 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
     with fresh_database(request.param, tmp_path) as url:
         runtime = build_runtime(RecruitmentSettings(url=url), url=url, channels={}, clock=Clock())
         with runtime.sessions.begin() as session:
-            applier = runtime.service.applier(session)
-            applier.trial("t1", trial(recruiters={"RB1": NAMED}, sites=("RA3", "RB1")))
+            work = runtime.service.unit_of_work(session)
+            work.trial("t1", trial(recruiters={"RB1": NAMED}, sites=("RA3", "RB1")))
             for record in (
                 practitioner("gp1"),
                 practitioner("gp2"),
@@ -80,15 +80,15 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
                 organization("trust-a", "RA3"),
                 recruiter_role("role-n", "nurse", "trust-a"),
             ):
-                applier.reference(record)
-            applier.facts(patient_facts("p1", gps=[GP1]))
-            applier.facts(patient_facts("p2", gps=[GP2]))
-            applier.facts(patient_facts("p3", gps=[GP1], site="RB1"))
-            applier.facts(patient_facts("p4", gps=[GP1]))
-            applier.facts(consent_facts("p4"))  # opted out: never shown
+                work.reference(record)
+            work.facts(patient_facts("p1", gps=[GP1]))
+            work.facts(patient_facts("p2", gps=[GP2]))
+            work.facts(patient_facts("p3", gps=[GP1], site="RB1"))
+            work.facts(patient_facts("p4", gps=[GP1]))
+            work.facts(consent_facts("p4"))  # opted out: never shown
             for patient, site in (("p1", "RA3"), ("p2", "RA3"), ("p3", "RB1"), ("p4", "RA3")):
-                applier.cohort("t1", patient, cohort("t1", patient, 1, site=site))
-            applier.finish()
+                work.cohort("t1", patient, cohort("t1", patient, 1, site=site))
+            work.finish()
         app = FastAPI()
         app.state.token_key = KEY
         app.state.audit = AuditLog(f"sqlite:///{tmp_path / 'audit.sqlite'}")

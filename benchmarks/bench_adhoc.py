@@ -163,7 +163,9 @@ def main() -> None:
     (n_engine, n_hand), *_ = counts
     # The whole sponsor answer: engine, exact sets per site/region/funnel step, disclosure
     # control against a registry (fresh, in memory, so every answer is "first seen").
-    from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, protect
+    from feasibility.disclosure.policy import DisclosurePolicy
+    from feasibility.disclosure.protection import protect
+    from feasibility.disclosure.registry import PublicationRegistry
     from feasibility.service import answer_sets
 
     full: list[float] = []

@@ -50,10 +50,11 @@ from benchmarks.bench_recruitment import (
 )
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
-from concierge.auth import issue
+from core.auth import issue
+from core.contracts.cohorts import CohortRecord
+from core.contracts.trials import OpaqueTrialRecord
 from fhir_adapters.extract import IdentityRecord
 from fhir_adapters.vault import SqlVault
-from recruitment.contracts import CohortRecord, TrialRecord
 from recruitment.db import upgrade
 from recruitment.models import Invitation
 from recruitment.runtime import build_runtime
@@ -73,21 +74,21 @@ def seed(home: Path, invitations: int, sites: int, clinicians: int) -> str:
     runtime = build_runtime(RecruitmentSettings(url=url), url=url, channels={})
     try:
         with runtime.sessions.begin() as session:
-            applier = runtime.service.applier(session)
+            work = runtime.service.unit_of_work(session)
             for record in reference_records(sites, clinicians):
-                applier.reference(record)
-            applier.trial(
-                trial_record(sites)["id"], TrialRecord.model_validate(trial_record(sites))
+                work.reference(record)
+            work.trial(
+                trial_record(sites)["id"], OpaqueTrialRecord.model_validate(trial_record(sites))
             )
-            applier.finish()
+            work.finish()
         for start in range(0, invitations, CHUNK):
             with runtime.sessions.begin() as session:
-                applier = runtime.service.applier(session)
+                work = runtime.service.unit_of_work(session)
                 for i in range(start, min(start + CHUNK, invitations)):
-                    applier.facts(patient_envelope(i, sites, clinicians))
+                    work.facts(patient_envelope(i, sites, clinicians))
                     entry = CohortRecord.model_validate(cohort_record(i, sites))
-                    applier.cohort(entry.trial, entry.patient, entry)
-                applier.finish()
+                    work.cohort(entry.trial, entry.patient, entry)
+                work.finish()
             print(f"  seeded {min(start + CHUNK, invitations)} candidates", file=sys.stderr)
     finally:
         runtime.close()

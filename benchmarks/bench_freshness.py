@@ -36,9 +36,9 @@ from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
-from concierge.auth import issue
-from fhir_adapters.facts import envelopes_of
-from fhir_adapters.synthetic.cli import bundle
+from concierge.commands.generate import bundle
+from core.auth import issue
+from core.contracts.facts import envelopes_of
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,

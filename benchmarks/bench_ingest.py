@@ -28,7 +28,7 @@ from confluent_kafka import Producer
 from fhir.resources.R4B import get_fhir_model_class
 
 from benchmarks.common import summary, write_result
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from fhir_adapters.synthetic.generator import (

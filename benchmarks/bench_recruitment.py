@@ -40,7 +40,7 @@ from confluent_kafka import Consumer, Producer
 
 from benchmarks.bench_stream import cpu_seconds
 from benchmarks.common import summary, write_result
-from fhir_adapters.facts import (
+from core.contracts.facts import (
     Coding,
     OrganizationRecord,
     PatientFact,

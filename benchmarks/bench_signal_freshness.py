@@ -38,8 +38,8 @@ import orjson
 from benchmarks.bench_freshness import BackgroundLoad, KafkaWatch, percentile, spawn, wait
 from benchmarks.bench_stream import free_port
 from benchmarks.common import write_result
-from concierge.auth import issue
-from fhir_adapters.synthetic.cli import bundle
+from concierge.commands.generate import bundle
+from core.auth import issue
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,

@@ -41,10 +41,10 @@ import httpx
 from confluent_kafka import Producer
 
 from benchmarks.common import summary, write_result
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from core.settings import Settings
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     DENSE_IMPLANT_RATES,
     GeneratorConfig,
@@ -121,7 +121,7 @@ def record_population(
         accepted = ingestor.stats.counts["accepted"]
         print(f"  {accepted} resources in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     facts = [(key, value) for topic, key, value in sink.recorded if topic.endswith(FACTS)]
-    from fhir_adapters.facts import envelopes_of
+    from core.contracts.facts import envelopes_of
 
     envelopes = sum(len(envelopes_of(v)) for _, v in facts)
     return facts, envelopes

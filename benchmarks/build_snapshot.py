@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from core.contracts.facts import DeviceDescription, OrganizationRecord, resource_key
 from feasibility.snapshot import ColumnarSnapshot
 from fhir_adapters.extract import (
     EXTRACTORS,
@@ -37,7 +38,6 @@ from fhir_adapters.extract import (
     extract_organization,
     extract_patient,
 )
-from fhir_adapters.facts import DeviceDescription, OrganizationRecord, resource_key
 from fhir_adapters.primitives import read_identifier_token
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.synthetic.generator import (

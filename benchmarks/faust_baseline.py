@@ -12,7 +12,7 @@ from typing import Any
 
 import faust
 
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
 
 TOPIC = os.environ.get("FAUST_BASELINE_TOPIC", "concierge.facts.v1")
 app = faust.App(

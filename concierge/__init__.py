@@ -1,1 +1,8 @@
-"""Shared core of the concierge: settings, the CLI and the fact types every package speaks."""
+"""The application layer: the FastAPI app (:mod:`.api`, routes in :mod:`.routes`), every
+``concierge`` command-line verb (:mod:`.cli`, verbs in :mod:`.commands`), the demo, and the
+configuration tree (:mod:`.configuration`) validated when a process starts.
+
+It sits on top: it wires the domain packages together and nothing imports it (``lint-imports``
+checks the layers). Shared settings, security, audit and HTTP errors live in :mod:`core`. See
+``docs/explanation/architecture.md``.
+"""

@@ -1,25 +1,41 @@
-"""The FastAPI application: the FHIR ingest endpoint and the product API under /v1."""
+"""The FastAPI application: the FHIR ingest endpoint and the product API under /v1.
+
+:func:`create_app` mounts the routes (:mod:`concierge.routes`) and, at start-up, builds each
+side's service that was not given (``build_feasibility``, ``build_recruitment``,
+``build_surveillance``) when its setting turns it on; readiness is :mod:`concierge.readiness`.
+See ``docs/explanation/architecture.md``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 
-from concierge.audit import AuditLog
-from concierge.http import install_audit, install_problem_details
-from concierge.settings import Settings, get_settings
+from core.audit import AuditLog
+from core.http import install_audit, install_problem_details
+from core.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
 
+if TYPE_CHECKING:
+    # Imported where they are built, at start-up: an app for one side loads only that side.
+    from concierge.routes.recruitment import VaultIdentities
+    from feasibility.service import FeasibilityService
+    from recruitment.runtime import Runtime
+    from recruitment.service import RecruitmentService
+    from surveillance_stream.monitor import SignalMonitor
 
-def build_feasibility(settings: Settings) -> Any:
+
+def build_feasibility(settings: Settings) -> FeasibilityService:
     """The sponsor service on the real broker: a snapshot fed from the facts topic, the
     registry of saved questions, and disclosure control persisted in SQL."""
     import threading
 
-    from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+    from feasibility.disclosure.budget import QueryBudget
+    from feasibility.disclosure.policy import DisclosurePolicy
+    from feasibility.disclosure.registry import PublicationRegistry
     from feasibility.engines.polars_engine import PolarsEngine
     from feasibility.feed import FactsFeed
     from feasibility.live import CohortView
@@ -99,11 +115,11 @@ class HighWatermarks:
             }
 
 
-def build_recruitment(settings: Settings) -> tuple[Any, Any]:
+def build_recruitment(settings: Settings) -> tuple[Runtime, VaultIdentities]:
     """The clinician side: the recruitment database (migrated on start) and a vault reader of
     the API's own for the identities only a patient's clinicians may see."""
+    from concierge.routes.recruitment import VaultIdentities
     from fhir_adapters.vault import SqlVault
-    from recruitment.api import VaultIdentities
     from recruitment.db import upgrade
     from recruitment.runtime import build_runtime
     from recruitment.settings import get_recruitment_settings
@@ -116,7 +132,7 @@ def build_recruitment(settings: Settings) -> tuple[Any, Any]:
     return runtime, identities
 
 
-def build_surveillance(settings: Settings, audit: AuditLog) -> Any:
+def build_surveillance(settings: Settings, audit: AuditLog) -> SignalMonitor:
     """The regulator side: the signal monitor over the device-contribution topic."""
     from infra.topics import DEVICES, SIGNALS, TOPICS
     from infra.topics_admin import ensure_topics
@@ -138,11 +154,14 @@ def build_surveillance(settings: Settings, audit: AuditLog) -> Any:
 def create_app(
     settings: Settings | None = None,
     ingest_service: IngestService | None = None,
-    feasibility: Any = None,
-    recruitment: Any = None,
-    recruitment_identities: Any = None,
-    surveillance: Any = None,
+    feasibility: FeasibilityService | None = None,
+    recruitment: Runtime | None = None,
+    recruitment_identities: VaultIdentities | None = None,
+    surveillance: SignalMonitor | None = None,
 ) -> FastAPI:
+    """The API with the services given; each one left None is built at start-up from
+    ``settings`` when its switch is on (``feasibility_feed``, ``recruitment_api``,
+    ``surveillance_monitor``), and stopped at shutdown."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -177,12 +196,9 @@ def create_app(
             app.state.surveillance.stop()
         app.state.ingest.ingestor.commit()
         app.state.ingest.ingestor.vault.close()
-        service = app.state.feasibility
-        parts = () if service is None else (service.feed, service.saved, service.cohorts,
-                                            getattr(service, "sites", None))  # fmt: skip
-        for part in parts:
-            if part is not None:
-                part.stop()
+        feasibility_service: FeasibilityService | None = app.state.feasibility
+        if feasibility_service is not None:
+            feasibility_service.stop()
         if getattr(app.state, "recruitment", None) is not None:
             app.state.recruitment.close()
 
@@ -204,6 +220,9 @@ def create_app(
     app.state.identities = recruitment_identities
     app.state.surveillance = surveillance
     app.state.token_key = settings.token_key.get_secret_value().encode()
+    app.state.token_audience = settings.token_audience
+    app.state.token_issuer = settings.token_issuer
+    app.state.token_leeway_seconds = settings.token_leeway_seconds
     app.state.audit = AuditLog(settings.resolved_audit_url())
     app.state.settings = settings
     install_problem_details(app)
@@ -216,7 +235,7 @@ def create_app(
         service: IngestService = request.app.state.ingest
         return service
 
-    from concierge.auth import require_role
+    from core.auth import require_role
 
     app.include_router(
         build_router(
@@ -227,16 +246,16 @@ def create_app(
         )
     )
 
-    from feasibility.api import build_admin_router
-    from feasibility.api import build_router as feasibility_router
-    from recruitment.api import build_router as clinician_router
+    from concierge.routes.feasibility import build_admin_router
+    from concierge.routes.feasibility import build_router as feasibility_router
+    from concierge.routes.recruitment import build_router as clinician_router
     from recruitment.page import build_page_router
 
-    def recruitment_or_none(request: Request) -> Any:
-        runtime = getattr(request.app.state, "recruitment", None)
+    def recruitment_or_none(request: Request) -> RecruitmentService | None:
+        runtime: Runtime | None = getattr(request.app.state, "recruitment", None)
         return runtime.service if runtime is not None else None
 
-    def recruitment_service(request: Request) -> Any:
+    def recruitment_service(request: Request) -> RecruitmentService:
         service = recruitment_or_none(request)
         if service is None:
             raise HTTPException(503, "recruitment is not running in this API")
@@ -246,13 +265,16 @@ def create_app(
     app.include_router(feasibility_router(recruitment_or_none))
     app.include_router(build_admin_router())
 
-    def identities(request: Request) -> Any:
-        return request.app.state.identities
+    def identities(request: Request) -> VaultIdentities:
+        found: VaultIdentities | None = request.app.state.identities
+        if found is None:
+            raise HTTPException(503, "recruitment is not running in this API")
+        return found
 
     app.include_router(clinician_router(recruitment_service, identities))
     app.include_router(build_page_router())
 
-    from surveillance_stream.api import build_router as surveillance_router
+    from concierge.routes.surveillance import build_router as surveillance_router
 
     app.include_router(surveillance_router())
 

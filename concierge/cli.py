@@ -9,23 +9,33 @@ import click
 
 #: verb -> "module:attribute" of a click command or group.
 VERBS: dict[str, str] = {
-    "broker": "infra.cli:broker",
-    "topics": "infra.cli:topics",
-    "ingest": "fhir_adapters.cli:ingest",
-    "api": "concierge.api_cli:api",
-    "dashboard": "concierge.dashboard_cli:dashboard",
-    "worker": "surveillance_stream.cli:worker",
-    "generate": "fhir_adapters.synthetic.cli:generate",
-    "stats": "surveillance_stream.statistics.cli:stats",
+    "broker": "concierge.commands.infra:broker",
+    "topics": "concierge.commands.infra:topics",
+    "ingest": "concierge.commands.ingest:ingest",
+    "api": "concierge.commands.api:api",
+    "dashboard": "concierge.commands.dashboard:dashboard",
+    "worker": "concierge.commands.worker:worker",
+    "generate": "concierge.commands.generate:generate",
+    "stats": "concierge.commands.stats:stats",
     "demo": "concierge.demo:demo",
-    "feasibility": "feasibility.cli:feasibility",
-    "recruitment": "recruitment.cli:recruitment",
-    "token": "concierge.admin_cli:token",
-    "audit": "concierge.admin_cli:audit",
+    "feasibility": "concierge.commands.feasibility:feasibility",
+    "recruitment": "concierge.commands.recruitment:recruitment",
+    "token": "concierge.commands.admin:token",
+    "audit": "concierge.commands.admin:audit",
 }
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the verb; a bad configuration value is one line on stderr and status 2."""
+        from core.settings import ConfigurationError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            click.echo(f"concierge: {exc}", err=True)
+            ctx.exit(2)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(VERBS)
 

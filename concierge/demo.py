@@ -268,7 +268,7 @@ def wait_ready(
 
 
 def _headers(settings: Any, role: Any, org: str) -> dict[str, str]:
-    from concierge.auth import issue
+    from core.auth import issue
 
     token = issue(settings.token_key.get_secret_value().encode(), role, org)
     return {"Authorization": f"Bearer {token}"}
@@ -313,7 +313,7 @@ def _free_port() -> int:
 def _approve_one(api: Api, api_url: str, public_url: str, settings: Any, trial: str) -> bool:
     """A GP approves contact for one candidate the concierge sent them, through the clinician
     API as the clinician page would; prints the GP's page link. True once done."""
-    from concierge.auth import issue
+    from core.auth import issue
     from recruitment.models import Invitation
     from recruitment.runtime import build_runtime
 
@@ -385,7 +385,7 @@ def _show_answer(
 ) -> bool:
     """Ask the API a question (a 503 while its snapshot catches up is waited out) and print
     the answer. False, reported, if there is none."""
-    from feasibility.cli import render_answer
+    from concierge.commands.feasibility import render_answer
 
     body = api.json(
         "POST",
@@ -461,12 +461,13 @@ def demo(
     patients: int, seed: int, bulk_fraction: float, rate: float, duration: float, reset: bool
 ) -> None:
     """Run the product live: broker, worker, API and a synthetic population streaming in."""
-    from concierge.settings import get_settings
+    from concierge.configuration import load_configuration
+    from core.settings import get_settings
 
+    configuration = load_configuration()  # every section checked before anything starts
     if not {"KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"} & set(os.environ):
         # the local broker the demo starts, on CONCIERGE_BROKER_PORT, is the one to use
-        port = os.environ.get("CONCIERGE_BROKER_PORT", "9092")
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{configuration.broker.port}"
         get_settings.cache_clear()
     settings = get_settings()
     children = Children(settings.home / "logs" / "demo-processes.json")
@@ -537,12 +538,14 @@ def _run(
     """The demo itself; returns the exit code (1 when a process it started died)."""
     from datetime import date
 
+    from concierge.commands.generate import bundle
+    from dashboards.settings import DashboardSettings
     from fhir_adapters.service import build_ingestor
-    from fhir_adapters.synthetic.cli import bundle
     from fhir_adapters.synthetic.generator import iter_patients, iter_reference_resources, sites
     from infra.broker import BrokerConfig
     from infra.broker import _pid as broker_pid
     from infra.broker import answers as broker_answers
+    from infra.settings import BrokerSettings
     from recruitment.settings import get_recruitment_settings
 
     home = settings.home
@@ -551,7 +554,7 @@ def _run(
     concierge = [sys.executable, "-m", "concierge"]
     started_at = time.monotonic()
     deadline = started_at + duration if duration else None
-    local = BrokerConfig.from_env(settings)
+    local = BrokerConfig.from_settings(home, BrokerSettings())
     # a cluster named by KAFKA_BOOTSTRAP_SERVERS that answers is used as it is
     external = settings.kafka_bootstrap_servers != local.bootstrap and broker_answers(
         settings.kafka_bootstrap_servers
@@ -591,7 +594,7 @@ def _run(
     children.spawn(
         "recruitment", [*concierge, "recruitment", "run"], logs / "recruitment.log", mail_env
     )
-    dashboard_port = int(os.environ.get("CONCIERGE_DASHBOARD_PORT", "8501"))
+    dashboard_port = DashboardSettings().port
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     children.spawn(
         "dashboard",

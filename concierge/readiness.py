@@ -2,8 +2,9 @@
 
 Every view the API answers from is a topic reader (:class:`infra.mirror.TopicMirror` or one
 that reports the same :class:`infra.mirror.ReaderStatus`): the facts snapshot, the saved
-questions, the live cohorts, the signal monitor. ``GET /readyz`` answers 200 only when each of
-them is connected and has caught up; otherwise 503 with ``Retry-After`` and, per view, why not.
+questions, the live cohorts, the sites, the signal monitor. ``GET /readyz`` answers 200 only
+when each of them is connected and has caught up; otherwise 503 with ``Retry-After`` and, per
+view, why not.
 ``GET /healthz`` stays the liveness probe (the process answers at all).
 """
 

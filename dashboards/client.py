@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import httpx
 
+from core.contracts.signals import SignalEvent
+
 Level = Literal["class", "manufacturer", "model", "lot"]
 State = Literal["none", "signalled", "under_review", "confirmed", "dismissed", "closed"]
 Action = Literal["review", "confirm", "dismiss", "close", "reopen"]
@@ -87,26 +89,6 @@ class SignalList(TypedDict):
     at: str
     generated_at: str
     signals: list[Signal]
-
-
-class SignalEvent(TypedDict, total=False):
-    """A lifecycle event (``concierge.signal-event/1``).
-
-    It also has ``from``, the state before the action; a keyword, so not declared here: read it
-    as ``event.get("from")``.
-    """
-
-    schema: str
-    signal: str
-    node: str
-    outcome: str
-    version: int
-    action: str
-    to: str
-    actor: str
-    reason: str
-    statistics: dict[str, Any]
-    at: str
 
 
 class SignalDetail(TypedDict):

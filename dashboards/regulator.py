@@ -1,14 +1,9 @@
 """The regulator's dashboard: live device-safety signals from ``/v1/surveillance``.
 
 Run it with ``concierge dashboard`` (or ``streamlit run dashboards/regulator.py``). Configuration
-is by environment variables:
-
-``CONCIERGE_API_URL``
-    the API (default http://127.0.0.1:8000);
-``CONCIERGE_DASHBOARD_TOKEN``
-    a bearer token with the role ``regulator``;
-``CONCIERGE_DASHBOARD_REFRESH_SECONDS``
-    how often the live parts re-read the API (default 2).
+is :class:`dashboards.settings.DashboardSettings` (``CONCIERGE_API_URL``,
+``CONCIERGE_DASHBOARD_TOKEN``, ``CONCIERGE_DASHBOARD_REFRESH_SECONDS``, ``_ROWS``); a wrong value
+shows as one line on the page instead of the page.
 
 The page has a live part (status and the ranked signal table, then the chosen signal's charts,
 statistics, drill-down, provenance and history), each a fragment that reruns on a timer, and a
@@ -23,16 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import altair as alt
 import pandas as pd
 import streamlit as st
+from pydantic import ValidationError
 
+from core.contracts.signals import SignalEvent
+from core.settings import describe
 from dashboards.client import (
     BREAKDOWNS,
     LEVELS,
@@ -44,16 +40,14 @@ from dashboards.client import (
     HistoryPoint,
     Level,
     Signal,
-    SignalEvent,
     Source,
     State,
     Status,
     SurveillanceApi,
     SurveillanceClient,
 )
+from dashboards.settings import DashboardSettings
 
-DEFAULT_API_URL = "http://127.0.0.1:8000"
-DEFAULT_REFRESH_SECONDS = 2.0
 #: Session-state key under which a client may be injected (unit tests put a fake there).
 CLIENT_KEY = "surveillance_client"
 #: The selected signal's widget key, also its query parameter (``?signal=sig-...``).
@@ -70,43 +64,6 @@ ACTION_LABELS: dict[str, str] = {
     "close": "Close",
     "reopen": "Reopen",
 }
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class DashboardConfig:
-    api_url: str
-    token: str | None
-    refresh_seconds: float
-    #: rows of the signal table shown at first (``CONCIERGE_DASHBOARD_ROWS``)
-    rows: int = 15
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> DashboardConfig:
-        env = os.environ if environ is None else environ
-        raw = env.get("CONCIERGE_DASHBOARD_REFRESH_SECONDS", "")
-        try:
-            refresh = float(raw) if raw.strip() else DEFAULT_REFRESH_SECONDS
-        except ValueError:
-            refresh = DEFAULT_REFRESH_SECONDS
-        if not math.isfinite(refresh) or refresh <= 0:
-            refresh = DEFAULT_REFRESH_SECONDS
-        return cls(
-            api_url=env.get("CONCIERGE_API_URL") or DEFAULT_API_URL,
-            token=env.get("CONCIERGE_DASHBOARD_TOKEN") or None,
-            refresh_seconds=refresh,
-            rows=_rows(env.get("CONCIERGE_DASHBOARD_ROWS", "")),
-        )
-
-
-def _rows(raw: str) -> int:
-    try:
-        value = int(raw) if raw.strip() else 15
-    except ValueError:
-        return 15
-    return min(1000, max(5, value))
 
 
 # --------------------------------------------------------------------------- formatting
@@ -252,7 +209,7 @@ def event_rows(events: Iterable[SignalEvent]) -> list[dict[str, str]]:
     """The lifecycle history, oldest first as the API gives it."""
     rows = []
     for event in events:
-        before = event.get("from")  # "from" is a keyword, so not declared; see SignalEvent
+        before = event.get("from")
         rows.append(
             {
                 "At": fmt_time(event.get("at")),
@@ -479,11 +436,12 @@ def _shared_client(api_url: str, token: str | None) -> SurveillanceApi:
     return SurveillanceClient(api_url, token, timeout=10.0)
 
 
-def _client(config: DashboardConfig) -> SurveillanceApi:
+def _client(config: DashboardSettings) -> SurveillanceApi:
     injected = st.session_state.get(CLIENT_KEY)
     if injected is not None:
         return injected
-    return _shared_client(config.api_url, config.token)
+    token = config.token.get_secret_value() if config.token is not None else None
+    return _shared_client(config.api, token)
 
 
 def _styled_signal_table(signals: Sequence[Signal]) -> Any:
@@ -720,10 +678,14 @@ def _live_detail(client: SurveillanceApi, signal_id: str) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="Device-safety signals", layout="wide")
-    config = DashboardConfig.from_env()
+    try:
+        config = DashboardSettings()
+    except ValidationError as exc:
+        st.error(describe(exc, [DashboardSettings]))
+        st.stop()
     client = _client(config)
     st.title("Device-safety signals")
-    st.caption(f"Regulator view of {config.api_url}; live, every {config.refresh_seconds:g} s.")
+    st.caption(f"Regulator view of {config.api}; live, every {config.refresh_seconds:g} s.")
     with st.sidebar:
         level: Level = st.selectbox("Level", LEVELS, index=LEVELS.index("model"), key="level")
         state_choice = st.selectbox(

@@ -24,6 +24,8 @@ The JSON schema is versioned by ``schema``: ``concierge.criteria/1``.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal, Union
 
@@ -36,8 +38,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from . import terminology
+from . import terminology, units
 
 SCHEMA = "concierge.criteria/1"
 
@@ -154,7 +157,9 @@ class ConditionCriterion(_Events):
 
 
 class ValueTest(_Model):
-    """Bounds on a numeric value in ``unit`` (UCUM); values in other units are converted."""
+    """Bounds on a numeric value in ``unit`` (UCUM, or an alias :mod:`feasibility.units`
+    accepts); values in other units are converted, and those that do not convert are not
+    tested (counted per step as unconvertible)."""
 
     gt: float | None = None
     ge: float | None = None
@@ -162,6 +167,18 @@ class ValueTest(_Model):
     le: float | None = None
     eq: float | None = None
     unit: str | None = None
+
+    @field_validator("unit")
+    @classmethod
+    def _ucum(cls, unit: str | None) -> str | None:
+        # A unit that does not parse converts from nothing: the step would be UNKNOWN for
+        # every patient, an answer that looks like one. Refused instead.
+        if unit is not None:
+            try:
+                units.parse(unit)
+            except units.UnitError as exc:
+                raise ValueError(f"{exc}; criteria take UCUM units (e.g. 'mmol/L')") from None
+        return unit
 
     @model_validator(mode="after")
     def _some_bound(self) -> ValueTest:
@@ -206,9 +223,65 @@ class ObservationCriterion(_Events):
             )
         return self
 
+    @model_validator(mode="after")
+    def _unit_of_its_kind(self) -> ObservationCriterion:
+        """The value test's unit must convert from the unit of at least one of the codes it
+        tests (component codes when there are some), where the codes' units are known
+        (:data:`feasibility.units.UNIT_BY_LOINC`): ``kg`` for HbA1c is refused. Codes whose
+        unit is not known are not checked."""
+        unit = self.value.unit if self.value is not None else None
+        if unit is None:
+            return self
+        tested = self.component or self.codes
+        known: list[tuple[str, str]] = []
+        for term in tested:
+            for code in _loinc_codes(term):
+                fits = units.suits(unit, code)
+                if fits:
+                    return self
+                if fits is False:
+                    known.append((_term_name(term), units.UNIT_BY_LOINC[code]))
+        if not known:
+            return self
+        names = ", ".join(dict.fromkeys(name for name, _ in known))
+        reported = " or ".join(dict.fromkeys(unit for _, unit in known))
+        message = (
+            f"unit {unit!r} does not fit {names}: its results are reported in {reported}, "
+            f"which do not convert to {unit!r}"
+        )
+        # raised as a validation error of the unit itself, so its location is the unit's
+        raise ValidationError.from_exception_data(
+            type(self).__name__,
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError("unit_kind", "{message}", {"message": message}),
+                    loc=("value", "unit"),
+                    input=unit,
+                )
+            ],
+        )
+
     @property
     def has_test(self) -> bool:
         return bool(self.value or self.value_codes or self.interpretation)
+
+
+def _loinc_codes(term: Code) -> list[str]:
+    """The LOINC codes a coded term names (a concept's, or its code), for unit checks."""
+    if term.concept is not None:
+        return [c for system, c in terminology.CONCEPTS[term.concept].codes if system == LOINC]
+    if term.code is not None and term.canonical_system == LOINC:
+        return [term.code]
+    return []
+
+
+def _term_name(term: Code) -> str:
+    if term.concept is not None:
+        return f"{terminology.CONCEPTS[term.concept].display} (concept {term.concept})"
+    return f"LOINC {term.code}"
+
+
+LOINC = terminology.LOINC
 
 
 class MedicationCriterion(_Events):
@@ -277,6 +350,12 @@ class CancerStageCriterion(_Events):
     type: Literal["cancer_stage"] = "cancer_stage"
     stages: Annotated[list[str], Field(min_length=1)]
 
+    @model_validator(mode="after")
+    def _latest_only(self) -> CancerStageCriterion:
+        if self.min_count > 1:
+            raise ValueError("min_count does not apply: the latest recorded stage decides")
+        return self
+
     @field_validator("stages")
     @classmethod
     def _known(cls, stages: list[str]) -> list[str]:
@@ -298,6 +377,8 @@ class MolecularMarkerCriterion(_Events):
 
     @model_validator(mode="after")
     def _known(self) -> MolecularMarkerCriterion:
+        if self.min_count > 1:
+            raise ValueError("min_count does not apply: the latest result of the marker decides")
         marker = terminology.MARKERS.get(self.marker.upper())
         if marker is None:
             raise ValueError(
@@ -499,14 +580,65 @@ _QUESTION = TypeAdapter(Question)
 
 
 class CriteriaError(ValueError):
-    """Malformed criteria, with one readable line per problem (``errors``)."""
+    """Malformed criteria, with one readable line per problem (``errors``: ``loc``, the
+    model's path; ``pointer``, a JSON pointer into the criteria as given; ``msg``)."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         self.errors = errors
         super().__init__(
             "invalid criteria:\n"
-            + "\n".join(f"  {e['loc'] or '(root)'}: {e['msg']}" for e in errors)
+            + "\n".join(
+                f"  {e['loc'] or '(root)'}: {e['msg']}"
+                + (f" (at {e['pointer']})" if e.get("pointer") else "")
+                for e in errors
+            )
         )
+
+
+def json_pointer(body: Any, loc: Sequence[str | int]) -> str:
+    """The JSON pointer (RFC 6901) into ``body`` of a validation error at ``loc``.
+
+    The model's path and the body differ where the model adds what the body leaves out: the
+    discriminator of a criterion (``...any_of.0.observation.value``) and the step around a
+    bare criterion (``inclusion.0.any_of.0`` for ``inclusion[0] = {"type": ...}``). Those
+    parts are skipped; a missing member named last is kept (it is what is missing)."""
+    parts: list[str] = []
+    node = body
+    for n, part in enumerate(loc):
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
+        if in_list or in_dict:
+            node = node[part]
+        elif not (
+            isinstance(node, dict)
+            and n == len(loc) - 1
+            and isinstance(part, str)
+            and part != node.get("type")
+            and part not in ("any_of", "all_of")
+        ):
+            continue  # a part the model adds (else: a missing member, pointed at)
+        parts.append(str(part).replace("~", "~0").replace("/", "~1"))
+    return "".join(f"/{p}" for p in parts)
+
+
+def criteria_errors(
+    errors: Sequence[Mapping[str, Any]], body: Any, prefix: Sequence[str | int] = ()
+) -> list[dict[str, Any]]:
+    """Pydantic's errors for criteria in ``body`` as :class:`CriteriaError` lines: ``loc``
+    without ``prefix`` (where the criteria sit in a request), ``pointer`` into ``body``."""
+    out = []
+    for e in errors:
+        loc = list(e["loc"])
+        if loc[: len(prefix)] == list(prefix):
+            loc = loc[len(prefix) :]
+        out.append(
+            {
+                "loc": ".".join(str(p) for p in loc),
+                "pointer": json_pointer(body, loc),
+                "msg": str(e["msg"]).removeprefix("Value error, "),
+            }
+        )
+    return out
 
 
 def parse_question(data: str | bytes | dict[str, Any]) -> Question:
@@ -516,15 +648,13 @@ def parse_question(data: str | bytes | dict[str, Any]) -> Question:
             return _QUESTION.validate_json(data)
         return _QUESTION.validate_python(data)
     except ValidationError as exc:
-        raise CriteriaError(
-            [
-                {
-                    "loc": ".".join(str(p) for p in e["loc"]),
-                    "msg": e["msg"].removeprefix("Value error, "),
-                }
-                for e in exc.errors()
-            ]
-        ) from None
+        body: Any = data
+        if isinstance(data, str | bytes):
+            try:
+                body = json.loads(data)
+            except ValueError:
+                body = None
+        raise CriteriaError(criteria_errors(exc.errors(), body)) from None
 
 
 def json_schema() -> dict[str, Any]:
@@ -555,7 +685,9 @@ __all__ = [
     "SiteCriterion",
     "ValueTest",
     "Window",
+    "criteria_errors",
     "iter_criteria",
+    "json_pointer",
     "json_schema",
     "parse_question",
     "step_label",

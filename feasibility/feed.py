@@ -14,12 +14,15 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 from confluent_kafka import Message
 
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
 from infra.mirror import ReaderStatus, TopicMirror
+
+if TYPE_CHECKING:
+    from .snapshot import ColumnarSnapshot
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class FactsFeed:
         self,
         bootstrap: str,
         topic: str,
-        snapshot: Any,
+        snapshot: ColumnarSnapshot,
         lock: threading.Lock,
         poll_batch: int = 2000,
         *,

@@ -18,18 +18,15 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
+from core.contracts.cohorts import (
+    BOOKKEEPING_PREFIX,
+    EVALUATED_PREFIX,
+    WATERMARK_PREFIX,
+    key_text,
+)
 from infra.mirror import ReaderStatus, TopicMirror
 
 log = logging.getLogger(__name__)
-
-
-def record_key_text(raw: bytes | None) -> str:
-    """A cohort-topic key as text: the stream's table writes keys as JSON strings."""
-    text = (raw or b"").decode()
-    if text.startswith('"'):
-        decoded: str = orjson.loads(text)
-        return decoded
-    return text
 
 
 class CohortView:
@@ -76,21 +73,21 @@ class CohortView:
     def _absorb(self, messages: list[Message]) -> None:
         with self._lock:
             for message in messages:
-                key = record_key_text(message.key())
+                key = key_text(message.key())
                 value = message.value()
                 self.messages += 1
-                if key.startswith("\x00watermark|"):
+                if key.startswith(WATERMARK_PREFIX):
                     if value is not None:
                         mark = orjson.loads(value)
                         self.watermarks[int(mark["partition"])] = mark
                     continue
-                if key.startswith("\x00evaluated|"):
+                if key.startswith(EVALUATED_PREFIX):
                     if value is not None:
                         mark = orjson.loads(value)
                         done = self.evaluated.setdefault(str(mark["trial"]), {})
                         done[int(mark["partition"])] = int(mark["version"])
                     continue
-                if key.startswith("\x00"):
+                if key.startswith(BOOKKEEPING_PREFIX):
                     continue
                 trial, _, patient = key.partition("|")
                 if value is None:
@@ -148,4 +145,4 @@ class CohortView:
             }
 
 
-__all__ = ["CohortView", "record_key_text"]
+__all__ = ["CohortView"]

@@ -1,17 +1,18 @@
 """The ``recruitment`` block of a saved question's answer: how far the trial's invited patients
 have got, per invitation state, under the sponsor's disclosure control.
 
-The exact counts come from the recruitment store (:func:`invited_by_state`); only what
+The exact counts come from recruitment through the
+:class:`core.contracts.invitations.InvitedByState` contract (``recruitment.funnel``); only what
 :func:`protect_recruitment` lets through reaches the sponsor. Each invited patient is counted
 once, in the state of their latest invitation for the trial, so the states partition the
 invited patients and the threshold is about people, not invitations.
 
-Protection reuses :func:`feasibility.disclosure.protect` with the relation *total = sum of the
-states*: small cells are withheld, shown counts are rounded, and complementary suppression makes
-sure no withheld state can be recovered by subtracting the shown ones from the total (nor a group
-of withheld states add up to fewer than the threshold). The sets handed to ``protect`` are
-stand-ins with the exact sizes and the same partition structure, not patient ids, so overlap
-control against earlier publications (rule 4) does not apply to this block.
+Protection reuses :func:`feasibility.disclosure.protection.protect` with the relation *total =
+sum of the states*: small cells are withheld, shown counts are rounded, and complementary
+suppression makes sure no withheld state can be recovered by subtracting the shown ones from the
+total (nor a group of withheld states add up to fewer than the threshold). The sets handed to
+``protect`` are stand-ins with the exact sizes and the same partition structure, not patient
+ids, so overlap control against earlier publications (rule 4) does not apply to this block.
 
 There is no per-site breakdown: a state-by-site table is mostly small (and, under
 ``suppress_zero``, zero) cells, and protecting it would withhold the per-state counts too. See
@@ -21,38 +22,22 @@ There is no per-site breakdown: a state-by-site table is mostly small (and, unde
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import sqlalchemy as sa
 from pyroaring import BitMap
-from sqlalchemy.orm import Session
 
-from recruitment.lifecycle import InvitationState
-from recruitment.models import Invitation
+from core.contracts.invitations import INVITATION_STATES
 
-from .disclosure import AnswerSets, DisclosurePolicy, ProtectionAudit, protect
+from .disclosure.answer import AnswerSets, ProtectionAudit, withheld_among
+from .disclosure.policy import DisclosurePolicy
+from .disclosure.protection import protect
 
 #: Invitation states in lifecycle order (the order of the block's ``by_state``).
-STATES: tuple[str, ...] = tuple(state.value for state in InvitationState)
+STATES: tuple[str, ...] = INVITATION_STATES
 
 _ALL = "all"
 COUNTED = "patients invited to this trial, each in the state of their latest invitation"
-
-
-def invited_by_state(session: Session, trial_id: str) -> dict[str, int]:
-    """Exact counts (never for a sponsor as they are): ``state -> patients``, each invited
-    patient once, in the state of their latest invitation for ``trial_id``."""
-    rows = session.execute(
-        sa.select(Invitation.patient, Invitation.state)
-        .where(Invitation.trial_id == trial_id)
-        .order_by(Invitation.created_at, Invitation.id)
-    )
-    latest: dict[str, str] = {}
-    for patient, state in rows:
-        latest[patient] = state
-    return dict(Counter(latest.values()))
 
 
 def rules(policy: DisclosurePolicy) -> list[str]:
@@ -65,7 +50,7 @@ def rules(policy: DisclosurePolicy) -> list[str]:
         out.append(f"rounded to the nearest {policy.rounding}")
     out += [
         "complementary suppression across the states and the total",
-        f"every withheld cell is shown as {policy.suppressed_display}",
+        f'every withheld cell reads "{policy.withheld_display}", whatever its size',
     ]
     return out
 
@@ -105,6 +90,12 @@ def protect_recruitment(
         "by_state": {state: protected.by_site[state].to_dict() for state in STATES},
         "rules": rules(policy),
     }
+    note = withheld_among(
+        {state: protected.by_site[state] for state in STATES},
+        "invitation state",
+        "invitation states",
+    )
+    block["notes"] = [] if note is None else [note]
     return block, audit
 
 
@@ -115,7 +106,6 @@ def unavailable(reason: str) -> dict[str, Any]:
 __all__ = [
     "COUNTED",
     "STATES",
-    "invited_by_state",
     "protect_recruitment",
     "rules",
     "unavailable",

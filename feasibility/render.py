@@ -12,6 +12,8 @@ from .criteria import (
     Code,
     ConditionCriterion,
     DeviceCriterion,
+    ExclusionStep,
+    InclusionStep,
     MedicationCriterion,
     MolecularMarkerCriterion,
     Not,
@@ -23,7 +25,6 @@ from .criteria import (
     SiteCriterion,
     ValueTest,
     Window,
-    step_label,
 )
 from .terminology import CONCEPTS
 
@@ -82,7 +83,16 @@ def criterion(c: Any) -> str:
         if c.interpretation:
             tests.append("flagged " + "/".join(c.interpretation))
         if not tests:
-            return f"{count}a {subject} result, {window(c.window)}"
+            if c.min_count > 1:
+                return f"at least {c.min_count} {subject} results, {window(c.window)}"
+            return f"a {subject} result, {window(c.window)}"
+        if c.select == "any":
+            many = (
+                f"at least {c.min_count} {subject} results"
+                if c.min_count > 1
+                else (f"any {subject} result")
+            )
+            return f"{many} {' and '.join(tests)}, {window(c.window)}"
         return f"{c.select} {subject} {' and '.join(tests)}, {window(c.window)}"
     if isinstance(c, AgeCriterion):
         if c.min is not None and c.max is not None:
@@ -107,18 +117,31 @@ def criterion(c: Any) -> str:
     raise TypeError(type(c).__name__)
 
 
+def step(number: int, s: InclusionStep | ExclusionStep) -> str:
+    """One funnel step in words: its number, whether it includes or excludes, its label, and
+    its criteria (OR within an inclusion step, AND within an exclusion step)."""
+    if isinstance(s, InclusionStep):
+        kind, joiner, items = "include", " OR ", s.any_of
+    else:
+        kind, joiner, items = "exclude", " AND ", s.all_of
+    label = f" ({s.label})" if s.label else ""
+    return f"  {number}. {kind}{label}: " + joiner.join(criterion(c) for c in items)
+
+
 def render(question: Question) -> str:
     lines = [question.title or "Feasibility question"]
     when = question.index_date.isoformat() if question.index_date else "the time of asking"
     lines.append(f"Index date: {when}")
-    for i, step in enumerate(question.steps):
-        items = step.any_of if hasattr(step, "any_of") else step.all_of
-        joiner = " OR " if hasattr(step, "any_of") else " AND "
-        lines.append(f"  {step_label(step, i)}: " + joiner.join(criterion(c) for c in items))
+    lines.append("Included when every step holds:")
+    lines += [step(i + 1, s) for i, s in enumerate(question.inclusion)]
+    if question.exclusion:
+        lines.append("Excluded when any step holds:")
+        first = len(question.inclusion) + 1
+        lines += [step(first + i, s) for i, s in enumerate(question.exclusion)]
     if question.exclusion:
         keep = "kept" if question.exclusion_unknown == "keep" else "excluded"
         lines.append(f"Patients whose exclusion criteria cannot be decided are {keep}.")
     return "\n".join(lines)
 
 
-__all__ = ["render"]
+__all__ = ["criterion", "render", "step"]

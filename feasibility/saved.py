@@ -12,49 +12,30 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from confluent_kafka import Message, Producer
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.contracts.trials import TRIAL_ID_PATTERN, TrialRecord, TrialTerms
 from infra.mirror import ReaderStatus, TopicMirror
 
 from .criteria import Question
 
 log = logging.getLogger(__name__)
 
-TRIAL_SCHEMA = "concierge.trial/1"
 
-
-class TrialCreate(BaseModel):
+class TrialCreate(TrialTerms[Question]):
     """What a sponsor sends to register (or change) a saved question."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{2,63}$", description="Slug, e.g. t2dm-sglt2-001")
-    title: str = Field(min_length=1, max_length=300)
-    criteria: Question
-    recruiting_sites: list[str] = Field(default_factory=list, description="ODS codes")
-    target: int | None = Field(default=None, ge=1)
-    site_targets: dict[str, int] = Field(default_factory=dict)
-    #: Site ODS code -> Practitioner reference key of the site's named recruiter.
-    recruiters: dict[str, str] = Field(default_factory=dict)
+    id: str = Field(pattern=TRIAL_ID_PATTERN, description="Slug, e.g. t2dm-sglt2-001")
 
 
-class TrialRecord(TrialCreate):
-    """A saved question as kept on the trials topic."""
-
-    schema_: Literal["concierge.trial/1"] = Field(default="concierge.trial/1", alias="schema")
-    version: int = Field(ge=1)
-    sponsor: str
-    status: Literal["active", "retired"] = "active"
-    registered_at: datetime
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+#: A saved question as kept on the trials topic, its criteria read as a :class:`Question`.
+SavedTrial = TrialRecord[Question]
 
 
 class TrialPublic(BaseModel):
@@ -71,7 +52,7 @@ class TrialPublic(BaseModel):
     registered_at: datetime
 
     @classmethod
-    def of(cls, record: TrialRecord) -> TrialPublic:
+    def of(cls, record: SavedTrial) -> TrialPublic:
         return cls(
             id=record.id,
             version=record.version,
@@ -97,7 +78,7 @@ class SavedQuestions:
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
-        self.trials: dict[str, TrialRecord] = {}
+        self.trials: dict[str, SavedTrial] = {}
         self._lock = threading.Lock()
         self._producer: Producer | None = None
         self.mirror = TopicMirror(
@@ -138,7 +119,7 @@ class SavedQuestions:
 
     def _absorb(self, value: bytes) -> None:
         try:
-            record = TrialRecord.model_validate_json(value)
+            record = SavedTrial.model_validate_json(value)
         except ValueError as exc:
             log.error("unreadable trial record skipped: %s", exc)
             return
@@ -147,7 +128,7 @@ class SavedQuestions:
             if current is None or current.version < record.version:
                 self.trials[record.id] = record
 
-    def _publish(self, record: TrialRecord) -> None:
+    def _publish(self, record: SavedTrial) -> None:
         if self._producer is None:
             self._producer = Producer(
                 {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "acks": "all"}
@@ -164,12 +145,12 @@ class SavedQuestions:
             raise RuntimeError(f"trial record not delivered: {errors or remaining}")
         self._absorb(record.to_json())
 
-    def register(self, create: TrialCreate, sponsor: str) -> TrialRecord:
+    def register(self, create: TrialCreate, sponsor: str) -> SavedTrial:
         with self._lock:
             current = self.trials.get(create.id)
         if current is not None and current.sponsor != sponsor:
             raise NotYours(f"trial {create.id} belongs to another sponsor")
-        record = TrialRecord(
+        record = SavedTrial(
             **create.model_dump(),
             version=(current.version + 1) if current else 1,
             sponsor=sponsor,
@@ -179,7 +160,7 @@ class SavedQuestions:
         self._publish(record)
         return record
 
-    def retire(self, trial_id: str, sponsor: str) -> TrialRecord:
+    def retire(self, trial_id: str, sponsor: str) -> SavedTrial:
         current = self.get(trial_id, sponsor)
         record = current.model_copy(
             update={
@@ -191,7 +172,7 @@ class SavedQuestions:
         self._publish(record)
         return record
 
-    def get(self, trial_id: str, sponsor: str | None = None) -> TrialRecord:
+    def get(self, trial_id: str, sponsor: str | None = None) -> SavedTrial:
         with self._lock:
             record = self.trials.get(trial_id)
         if record is None:
@@ -200,7 +181,7 @@ class SavedQuestions:
             raise NotYours(f"trial {trial_id} belongs to another sponsor")
         return record
 
-    def of_sponsor(self, sponsor: str) -> list[TrialRecord]:
+    def of_sponsor(self, sponsor: str) -> list[SavedTrial]:
         with self._lock:
             return sorted(
                 (r for r in self.trials.values() if r.sponsor == sponsor), key=lambda r: r.id
@@ -217,4 +198,4 @@ class SavedQuestions:
         return False
 
 
-__all__ = ["NotYours", "SavedQuestions", "TrialCreate", "TrialPublic", "TrialRecord"]
+__all__ = ["NotYours", "SavedQuestions", "SavedTrial", "TrialCreate", "TrialPublic"]

@@ -1,9 +1,12 @@
 """The feasibility service: answers sponsors' questions under disclosure control.
 
 Ad hoc questions run over the columnar snapshot (kept current from the facts topic by
-:class:`~feasibility.feed.FactsFeed`) with the polars engine; the exact per-patient results
-become sets of patient ids (bitmaps), and only what :func:`feasibility.disclosure.protect`
-lets through leaves this module. Nothing patient-level is returned, logged or audited.
+:class:`~feasibility.feed.FactsFeed`) with an engine that evaluates over its frames (the polars
+engine, a :class:`~feasibility.engines.base.FrameEngine`); saved questions count the cohort as
+the stream keeps it (:class:`~feasibility.readers.CohortReader`). The exact per-patient results
+become sets of patient ids (bitmaps), and only what
+:func:`feasibility.disclosure.protection.protect` lets through leaves this module. Nothing
+patient-level is returned, logged or audited. See ``docs/explanation/disclosure-control.md``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,24 +24,27 @@ from typing import Any
 import polars as pl
 from pyroaring import BitMap
 
-from .criteria import ExclusionStep, Question, step_label
-from .disclosure import (
-    AnswerSets,
-    DisclosurePolicy,
-    FunnelStepSets,
-    PublicationRegistry,
-    QueryBudget,
-    protect,
-)
+from .criteria import ExclusionStep, ObservationCriterion, Question, step_label
+from .disclosure.answer import AnswerSets, Cell, FunnelStepSets
+from .disclosure.budget import QueryBudget
+from .disclosure.policy import DisclosurePolicy
+from .disclosure.protection import protect
+from .disclosure.registry import PublicationRegistry
+from .engines.base import FrameEngine
+from .engines.reference import walk_criterion
+from .readers import CohortReader, FactsReader, Reader
+from .saved import SavedQuestions, SavedTrial
 from .sites import (
     UNRESOLVED,
     UNRESOLVED_REGION,
+    SiteDirectory,
     SiteResolver,
     describe_sites,
     label_population,
     label_site,
     with_site_columns,
 )
+from .snapshot import ColumnarSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +60,17 @@ class NotCurrent(RuntimeError):
         self.retry_after = retry_after
 
 
-def _not_ready(name: str, reader: Any) -> str | None:
-    """Why ``reader`` is not current, or None when it is (a reader that cannot say its
-    readiness is trusted only when it is a static test double without a broker)."""
-    readiness = getattr(reader, "readiness", None)
-    if readiness is None:
+#: An answer's JSON body, or its audit detail (counts of rules applied, never patient-level).
+Body = dict[str, Any]
+
+
+def _not_ready(name: str, reader: object) -> str | None:
+    """Why ``reader`` is not current, or None when it is (a view that cannot say its
+    readiness, not a :class:`~feasibility.readers.Reader`, is trusted only because it is a
+    static test double without a broker)."""
+    if not isinstance(reader, Reader):
         return None
-    status = readiness()
+    status = reader.readiness()
     if status.ready:
         return None
     return f"{name}: {status.waiting_for or 'not ready'}"
@@ -138,23 +149,70 @@ def answer_sets(
     )
 
 
+def unconvertible_results(
+    question: Question, steps: pl.DataFrame, policy: DisclosurePolicy
+) -> dict[int, Cell]:
+    """Per funnel step whose criteria convert units (index into ``question.steps``): the
+    results its criteria skipped because their unit does not convert (the step frame's
+    ``u{i}``), among the patients who entered the step. Published under the policy's small
+    number rule applied both to the results and to the patients they belong to (a few
+    patients' many results would otherwise point at them), then rounded; withheld cells look
+    like every other withheld cell. These counts are not sets of patients, so they are not
+    in the publication registry: the threshold on patients is what protects them."""
+    population = steps.filter(pl.col("in_population"))
+    remaining = pl.lit(True)
+    out: dict[int, Cell] = {}
+    for i, step in enumerate(question.steps):
+        column = pl.col(f"s{i}")
+        exclusion = isinstance(step, ExclusionStep)
+        tops = step.all_of if isinstance(step, ExclusionStep) else step.any_of
+        if any(
+            isinstance(c, ObservationCriterion) and c.value is not None and c.value.unit
+            for top in tops
+            for c in walk_criterion(top)
+        ):
+            skipped = pl.col(f"u{i}").filter(remaining)
+            results, patients = population.select(
+                skipped.sum().alias("results"), (skipped > 0).sum().alias("patients")
+            ).row(0)
+            if policy.is_small(results) or policy.is_small(patients):
+                out[i] = Cell(None, policy.withheld_display, True)
+            else:
+                shown = policy.rounded(results)
+                out[i] = Cell(shown, str(shown), False)
+        passed = (column == 0) if exclusion else (column == 1)
+        if exclusion and question.exclusion_unknown == "keep":
+            passed = passed | column.is_null()
+        remaining = remaining & passed
+    return out
+
+
+def _with_unconvertible(body: Body, cells: dict[int, Cell]) -> Body:
+    for i, cell in cells.items():
+        body["funnel"][i + 1]["unconvertible_results"] = cell.to_dict()
+    return body
+
+
 @dataclass
 class FeasibilityService:
     """Everything a sponsor request needs: the snapshot, the engine and disclosure control."""
 
-    snapshot: Any
+    snapshot: ColumnarSnapshot
     lock: threading.Lock
-    engine: Any
+    engine: FrameEngine
     policy: DisclosurePolicy
     registry: PublicationRegistry
     budget: QueryBudget
-    feed: Any = None
-    saved: Any = None
-    cohorts: Any = None
+    #: Keeps ``snapshot`` current from the facts topic (None: the snapshot is fed by hand).
+    feed: FactsReader | None = None
+    #: The registry of saved questions (trials topic); None: no saved questions here.
+    saved: SavedQuestions | None = None
+    #: Live cohorts from the stream; None: saved questions are answered like ad hoc ones.
+    cohorts: CohortReader | None = None
     #: Organisations from the reference topic (:class:`feasibility.sites.SiteView`): how
     #: answers name sites. None: by the ODS codes the facts carry.
-    sites: Any = None
-    clock: Any = field(default=lambda: datetime.now(UTC))
+    sites: SiteDirectory | None = None
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     #: How long a saved answer waits for the snapshot to reach the stream's position.
     consistency_timeout: float = 5.0
     #: How far behind the wall clock the stream's time may be for a saved answer (None: not
@@ -162,22 +220,16 @@ class FeasibilityService:
     stream_max_lag_seconds: float | None = None
     #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
     #: a broker call; None where there is no broker).
-    facts_high_watermarks: Any = None
+    facts_high_watermarks: Callable[[], dict[int, int]] | None = None
 
     def require(self, *views: str) -> None:
         """Raise :class:`NotCurrent` unless each named view (``facts``, ``cohorts``,
         ``trials``, ``sites``) is connected and caught up."""
-        readers = {
-            "facts": self.feed,
-            "cohorts": self.cohorts,
-            "trials": self.saved,
-            "sites": self.sites,
-        }
+        readers = self._readers()
         waiting = [
             reason
             for name in views
-            if readers.get(name) is not None
-            and (reason := _not_ready(name, readers[name])) is not None
+            if name in readers and (reason := _not_ready(name, readers[name])) is not None
         ]
         if waiting:
             raise NotCurrent(waiting)
@@ -189,7 +241,7 @@ class FeasibilityService:
         if self.facts_high_watermarks is None or self.feed is None:
             return None
         try:
-            highs: dict[int, int] = self.facts_high_watermarks()
+            highs = self.facts_high_watermarks()
         except Exception as exc:
             raise NotCurrent([f"facts: broker unreachable ({type(exc).__name__})"]) from None
         if not self.feed.wait_positions(highs, self.consistency_timeout):
@@ -200,7 +252,7 @@ class FeasibilityService:
         """The engine's step frame, with each patient's ``site_key`` (row i is pid i in both)."""
         with self.lock:
             frames = self.snapshot.frames()
-        steps: pl.DataFrame = self.engine.evaluate_frames(question, frames, at)
+        steps = self.engine.evaluate_frames(question, frames, at)
         patients = frames.patients
         if "site_key" not in steps.columns and "site_key" in patients.columns:
             if steps.height != patients.height:
@@ -208,11 +260,11 @@ class FeasibilityService:
             steps = steps.with_columns(patients.get_column("site_key"))
         return steps
 
-    def answer_live(self, trial: Any, org: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def answer_live(self, trial: SavedTrial, org: str) -> tuple[Body, Body]:
         """A saved question's answer: cohort counts as the stream keeps them (per event), the
         funnel from the snapshot at the stream's time, both under disclosure control."""
         started = time.perf_counter()
-        question: Question = trial.criteria
+        question = trial.criteria
         if self.cohorts is None:
             raise RuntimeError("the live cohort view is not running")
         self.require("facts", "cohorts", "trials", "sites")
@@ -290,28 +342,36 @@ class FeasibilityService:
             "funnel_from": "snapshot at the stream's time",
             "stream_and_snapshot_agree": cohort == batch_cohort,
             "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
-            **protected.to_dict(),
+            **_with_unconvertible(
+                protected.to_dict(), unconvertible_results(question, steps, self.policy)
+            ),
             "sites": describe_sites(protected.by_site, self.sites),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         }
         return body, {"question": fp, "kind": "saved", **audit.to_dict()}
 
-    def readiness(self) -> dict[str, Any]:
-        """Each view's readiness, lag and what it waits for (as ``/readyz`` shows them)."""
-        out: dict[str, Any] = {}
-        for name, reader in (("facts", self.feed), ("cohorts", self.cohorts),
-                             ("trials", self.saved), ("sites", self.sites)):  # fmt: skip
-            readiness = getattr(reader, "readiness", None)
-            if readiness is not None:
-                out[name] = readiness().to_dict()
-        return out
+    def _readers(self) -> dict[str, Reader]:
+        """The views that can say whether they are current, by the name ``require`` takes."""
+        views: dict[str, object | None] = {
+            "facts": self.feed,
+            "cohorts": self.cohorts,
+            "trials": self.saved,
+            "sites": self.sites,
+        }
+        return {name: view for name, view in views.items() if isinstance(view, Reader)}
 
-    def as_of(self) -> dict[str, Any]:
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        """Each view's readiness, lag and what it waits for (as ``/readyz`` shows them)."""
+        return {name: reader.readiness().to_dict() for name, reader in self._readers().items()}
+
+    def stop(self) -> None:
+        """Stop the readers that keep the views current (at the API's shutdown)."""
+        for reader in self._readers().values():
+            reader.stop()
+
+    def as_of(self) -> Body:
         status = self.feed.status() if self.feed is not None else None
-        watermark = getattr(self.snapshot, "watermark", None)
-        info: dict[str, Any] = {}
-        if callable(watermark):
-            info.update(watermark())
+        info: Body = dict(self.snapshot.watermark())
         if status is not None:
             info.update(
                 {
@@ -325,7 +385,7 @@ class FeasibilityService:
 
     def answer(
         self, question: Question, org: str, kind: str = "ad hoc", charge: bool = True
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    ) -> tuple[Body, Body]:
         """The protected answer for ``org``, and an audit detail (counts of rules applied, never
         patient-level)."""
         self.require("facts", "sites")
@@ -345,13 +405,21 @@ class FeasibilityService:
             "evaluated_at": at.isoformat(),
             "index_instant": question.index_instant(at).isoformat(),
             "as_of": self.as_of(),
-            **protected.to_dict(),
+            **_with_unconvertible(
+                protected.to_dict(), unconvertible_results(question, steps, self.policy)
+            ),
             "sites": describe_sites(protected.by_site, self.sites),
-            "engine": getattr(self.engine, "name", type(self.engine).__name__),
+            "engine": self.engine.name,
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
             "evaluation_ms": round((evaluated - started) * 1000, 1),
         }
         return body, {"question": fp, "kind": kind, **audit.to_dict()}
 
 
-__all__ = ["FeasibilityService", "NotCurrent", "answer_sets", "fingerprint"]
+__all__ = [
+    "FeasibilityService",
+    "NotCurrent",
+    "answer_sets",
+    "fingerprint",
+    "unconvertible_results",
+]

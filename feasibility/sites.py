@@ -2,7 +2,7 @@
 
 A patient fact keeps the managing organisation's reference key (``source|Organization|id``),
 which does not depend on arrival order, and the ODS code only if the adapter knew it then
-(:class:`fhir_adapters.facts.PatientFact`). Which site a patient is at is decided here, at
+(:class:`core.contracts.facts.PatientFact`). Which site a patient is at is decided here, at
 answer time, from the organisations on the compacted reference topic: an Organization that
 arrives after its patients names them in every answer from then on, and an ODS code corrected
 at the source moves them at once.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
 
-from fhir_adapters.facts import OrganizationRecord, ReferenceRecord, decode_reference
+from core.contracts.facts import OrganizationRecord, ReferenceRecord, decode_reference
 
 if TYPE_CHECKING:
     from confluent_kafka import Message

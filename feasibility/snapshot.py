@@ -37,9 +37,11 @@ Layout
   dictionaries, the resource versions (so replays stay idempotent after a reload) and
   ``meta.json`` (the watermark). :func:`scan_table` scans one table lazily, bucket by bucket.
 
-Semantics that are read from facts (dates, tokens, "first Patient by resource key wins", the
-condition date ``onset or recorded``) follow :mod:`feasibility.patient_data`, which the
-reference engine reads, so both engines see the same data.
+Rows are read from the patient view (:mod:`core.patient_view`): each live resource version
+becomes its typed items (:func:`core.patient_view.parse_resource`, the same per-resource fold
+the reference engine, device surveillance and recruitment read), so dates, tokens, the
+condition date ``onset or recorded`` and the demographics rule (the latest live Patient version
+by ``(last_updated, seq, resource key)``; region "Unknown" is null) are the view's.
 """
 
 from __future__ import annotations
@@ -48,16 +50,20 @@ import json
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from fhir_adapters.facts import patient_site
+from core.patient_view import epoch_us as _view_epoch_us
+from core.patient_view import parse_resource
 
 from .terminology import token as make_token
+
+#: How a resource version becomes typed items: the patient view's per-resource fold.
+read_resource = parse_resource
 
 FORMAT = "concierge.snapshot/1"
 SEP = "\x1f"  # patient SEP resource key: one string per (patient, resource key), as the stream
@@ -82,6 +88,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "site": pl.String,
         "site_key": pl.String,
         "region": pl.String,
+        #: ``provenance.last_updated`` of the version (epoch us; null: undated), for the rule
+        #: that picks a patient's demographics
+        "effective_us": I64,
     },
     "conditions": {
         **_BASE,
@@ -178,7 +187,7 @@ DEMOGRAPHICS_SCHEMA: dict[str, Any] = {
     "deceased": pl.Boolean,
     "deceased_us": I64,
     #: ODS code as the fact knew it; ``site_key``: the managing organisation's reference key
-    #: (see :func:`fhir_adapters.facts.patient_site`)
+    #: (see :func:`core.contracts.facts.patient_site`)
     "site": pl.String,
     "site_key": pl.String,
     "region": pl.String,
@@ -198,23 +207,9 @@ MAX_TAIL_CHUNKS = 16
 
 
 def epoch_us(value: Any) -> int | None:
-    """Epoch microseconds of an ISO date-time (UTC when no offset), or None: the integer form
-    of :func:`feasibility.patient_data.epoch` (``us / 1e6`` is exactly its float)."""
-    if not value:
-        return None
-    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    delta = parsed - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _birth(value: Any) -> date | None:
-    if not value:
-        return None
-    if isinstance(value, date):
-        return value
-    return date.fromisoformat(value)
+    """Epoch microseconds of an ISO date-time (UTC when no offset), or None: the patient
+    view's (:func:`core.patient_view.epoch_us`; ``us / 1e6`` is exactly its float seconds)."""
+    return _view_epoch_us(value)
 
 
 # --------------------------------------------------------------------------- views
@@ -292,7 +287,8 @@ class SnapshotFrames:
     """An immutable view of the snapshot for one evaluation (safe to read outside the lock)."""
 
     #: One row per pid in pid order: ``pid``, ``patient`` (pseudonym) and the demographics
-    #: from the patient's first live Patient fact (by resource key): ``has_demographics``,
+    #: the patient view picks (latest live Patient version by ``(last_updated, seq, key)``):
+    #: ``has_demographics``,
     #: ``birth_date``, ``sex`` ("unknown" when the fact has none; null without a Patient
     #: fact), ``deceased``, ``deceased_us``, ``site`` (ODS code as the fact knew it),
     #: ``site_key`` (the organisation's reference key), ``region`` (null for "Unknown").
@@ -455,7 +451,7 @@ class ColumnarSnapshot:
         # dictionaries
         self._token_ids: dict[str, int] = {}
         self._tokens: list[str] = []
-        self._coding_tokens: dict[tuple[Any, Any], int] = {}
+        self._codesets_of_tokens: dict[frozenset[str], int] = {}
         self._codeset_ids: dict[tuple[int, ...], int] = {(): 0}
         self._value_set_ids: dict[tuple[tuple[str, str], ...], int] = {(): 0}
         self._interp_set_ids: dict[tuple[str, ...], int] = {(): 0}
@@ -469,7 +465,6 @@ class ColumnarSnapshot:
         self._codesets_frame = pl.DataFrame(schema=CODESETS_SCHEMA)
         self._value_sets_frame = pl.DataFrame(schema=VALUE_SETS_SCHEMA)
         self._interp_sets_frame = pl.DataFrame(schema=INTERP_SETS_SCHEMA)
-        self._dates: dict[str, int | None] = {}
         self._casefold: dict[str, int | None] = {}
         # demographics cache (aligned by pid)
         self._demo: pl.DataFrame | None = None
@@ -535,7 +530,7 @@ class ColumnarSnapshot:
             envelope["key"],
             int(envelope["seq"]),
             bool(envelope.get("retracted")),
-            envelope.get("facts") or (),
+            envelope,
         )
         if changed:
             self._applied += 1
@@ -548,11 +543,7 @@ class ColumnarSnapshot:
             self._pid_for(patient)
             for key, entry in entries.items():
                 self._apply_version(
-                    patient,
-                    key,
-                    int(entry.get("seq", 1)),
-                    bool(entry.get("retracted")),
-                    entry.get("facts") or (),
+                    patient, key, int(entry.get("seq", 1)), bool(entry.get("retracted")), entry
                 )
 
     def _index(self) -> dict[str, int]:
@@ -578,7 +569,7 @@ class ColumnarSnapshot:
         return self._rids
 
     def _apply_version(
-        self, patient: str, key: str, seq: int, retracted: bool, facts: Iterable[Any]
+        self, patient: str, key: str, seq: int, retracted: bool, entry: Mapping[str, Any]
     ) -> bool:
         pid = self._pid_for(patient)
         rids = self._rids if self._rids is not None else self._index()
@@ -601,20 +592,11 @@ class ColumnarSnapshot:
                 self._dead_total += 1
             self._rid_seq[rid] = seq
             self._rid_retracted[rid] = retracted
-        self._rid_rows[rid] = 0 if retracted else self._add_facts(pid, rid, seq, key, facts)
+        self._rid_rows[rid] = 0 if retracted else self._add_facts(pid, rid, seq, key, entry)
         self._cached_frames = None
         return True
 
     # ------------------------------------------------------------------ facts -> rows
-
-    def _token(self, coding: Mapping[str, Any]) -> int:
-        system, code = coding.get("system"), coding.get("code", "")
-        memo = (system, code)
-        found = self._coding_tokens.get(memo)
-        if found is None:
-            found = self._token_id(make_token(system, str(code)))
-            self._coding_tokens[memo] = found
-        return found
 
     def _token_id(self, tok: str) -> int:
         found = self._token_ids.get(tok)
@@ -624,23 +606,26 @@ class ColumnarSnapshot:
             self._tokens.append(tok)
         return found
 
-    def _codeset(self, codings: Iterable[Mapping[str, Any]] | None) -> int:
-        if not codings:
+    def _codeset(self, tokens: frozenset[str]) -> int:
+        """The codeset id of a set of match tokens (0: the empty set)."""
+        if not tokens:
             return 0
-        ids = tuple(sorted({self._token(c) for c in codings}))
-        found = self._codeset_ids.get(ids)
+        found = self._codesets_of_tokens.get(tokens)
         if found is None:
-            found = len(self._codeset_ids)
-            self._codeset_ids[ids] = found
-            self._codeset_rows.extend((found, t) for t in ids)
+            ids = tuple(sorted({self._token_id(t) for t in tokens}))
+            found = self._codeset_ids.get(ids)
+            if found is None:
+                found = len(self._codeset_ids)
+                self._codeset_ids[ids] = found
+                self._codeset_rows.extend((found, t) for t in ids)
+            if len(self._codesets_of_tokens) < 1_000_000:
+                self._codesets_of_tokens[tokens] = found
         return found
 
-    def _value_set(self, codings: Iterable[Mapping[str, Any]] | None) -> int:
-        if not codings:
+    def _value_set(self, value_codes: tuple[tuple[str, str], ...]) -> int:
+        if not value_codes:
             return 0
-        pairs = tuple(
-            sorted({(str(c.get("system") or ""), str(c.get("code", ""))) for c in codings})
-        )
+        pairs = tuple(sorted(set(value_codes)))
         found = self._value_set_ids.get(pairs)
         if found is None:
             found = len(self._value_set_ids)
@@ -650,10 +635,10 @@ class ColumnarSnapshot:
                 self._value_set_rows.append((found, system, code, tok))
         return found
 
-    def _interp_set(self, codings: Iterable[Mapping[str, Any]] | None) -> int:
-        if not codings:
+    def _interp_set(self, interpretation: frozenset[str]) -> int:
+        if not interpretation:
             return 0
-        codes = tuple(sorted({str(c.get("code", "")) for c in codings}))
+        codes = tuple(sorted(interpretation))
         found = self._interp_set_ids.get(codes)
         if found is None:
             found = len(self._interp_set_ids)
@@ -676,19 +661,6 @@ class ColumnarSnapshot:
             self._label_ids[value] = found
         return found
 
-    def _date(self, value: Any) -> int | None:
-        if not value:
-            return None
-        if not isinstance(value, str):
-            return epoch_us(value)
-        found = self._dates.get(value, -1)
-        if found == -1:
-            if len(self._dates) > 1_000_000:
-                self._dates.clear()
-            found = epoch_us(value)
-            self._dates[value] = found
-        return found
-
     def _fold(self, name: str | None) -> int | None:
         """The label of a casefolded device name (a missing name is "", as the reference
         reads it)."""
@@ -700,129 +672,130 @@ class ColumnarSnapshot:
                 self._casefold[text] = found
         return found
 
-    def _add_facts(self, pid: int, rid: int, seq: int, key: str, facts: Iterable[Any]) -> int:
+    def _add_facts(self, pid: int, rid: int, seq: int, key: str, entry: Mapping[str, Any]) -> int:
+        """The rows of one live resource version, read from its patient-view items
+        (:func:`core.patient_view.parse_resource`, the per-resource half of the one fold)."""
+        version = read_resource(key, entry)
         rows = 0
         tables = self._tables
-        for index, fact in enumerate(facts):
-            kind = fact.get("kind")
-            if kind == "observation":
-                effective = self._date(fact.get("effective"))
-                status = self._label(fact.get("status"))
-                codeset = self._codeset(fact.get("codes"))
-                value = fact.get("value")
-                tables["observations"].buffer.append(
+        label = self._label
+        if version.observations:
+            buffer = tables["observations"].buffer
+            components = tables["components"].buffer
+            for obs in version.observations:
+                status = label(obs.status)
+                codeset = self._codeset(obs.tokens)
+                m = obs.result
+                buffer.append(
                     (
                         pid,
                         rid,
                         seq,
-                        index,
-                        effective,
+                        obs.index,
+                        obs.when_us,
                         status,
                         codeset,
-                        float(value) if value is not None else None,
-                        self._label(fact.get("unit")),
-                        self._value_set(fact.get("value_codes")),
-                        self._interp_set(fact.get("interpretation")),
+                        m.value,
+                        label(m.unit),
+                        self._value_set(m.value_codes),
+                        self._interp_set(m.interpretation),
                     )
                 )
                 rows += 1
-                components = fact.get("components")
-                if components:
-                    buffer = tables["components"].buffer
-                    for number, comp in enumerate(components):
-                        value = comp.get("value")
-                        buffer.append(
-                            (
-                                pid,
-                                rid,
-                                seq,
-                                index,
-                                number,
-                                effective,
-                                status,
-                                codeset,
-                                self._codeset(comp.get("codes")),
-                                float(value) if value is not None else None,
-                                self._label(comp.get("unit")),
-                                self._value_set(comp.get("value_codes")),
-                                self._interp_set(comp.get("interpretation")),
-                            )
+                for number, comp in enumerate(obs.components):
+                    components.append(
+                        (
+                            pid,
+                            rid,
+                            seq,
+                            obs.index,
+                            number,
+                            obs.when_us,
+                            status,
+                            codeset,
+                            self._codeset(comp.tokens),
+                            comp.value,
+                            label(comp.unit),
+                            self._value_set(comp.value_codes),
+                            self._interp_set(comp.interpretation),
                         )
-                        rows += 1
-            elif kind == "condition":
-                # patient_data: ``epoch(onset) or epoch(recorded)`` (an onset at epoch 0 falls
-                # through to recorded there too)
-                when = self._date(fact.get("onset")) or self._date(fact.get("recorded"))
-                tables["conditions"].buffer.append(
+                    )
+                    rows += 1
+        if version.conditions:
+            buffer = tables["conditions"].buffer
+            for cond in version.conditions:
+                buffer.append(
                     (
                         pid,
                         rid,
                         seq,
-                        when,
-                        self._codeset(fact.get("codes")),
-                        self._label(fact.get("clinical_status")),
-                        self._label(fact.get("verification_status")),
+                        cond.when_us,
+                        self._codeset(cond.tokens),
+                        label(cond.clinical_status),
+                        label(cond.verification_status),
                     )
                 )
                 rows += 1
-            elif kind == "medication" or kind == "procedure":
-                table = "medications" if kind == "medication" else "procedures"
-                when = self._date(fact.get("start" if kind == "medication" else "performed"))
-                tables[table].buffer.append(
+        for name, events in (
+            ("medications", version.medications),
+            ("procedures", version.procedures),
+        ):
+            if events:
+                buffer = tables[name].buffer
+                for event in events:
+                    buffer.append(
+                        (pid, rid, seq, event.when_us, self._codeset(event.tokens),
+                         label(event.status))
+                    )  # fmt: skip
+                    rows += 1
+        if version.exposures:
+            buffer = tables["devices"].buffer
+            for exposure in version.exposures:
+                buffer.append(
                     (
                         pid,
                         rid,
                         seq,
-                        when,
-                        self._codeset(fact.get("codes")),
-                        self._label(fact.get("status")),
+                        exposure.when_us,
+                        self._codeset(exposure.tokens),
+                        label(exposure.status),
+                        self._fold(exposure.manufacturer),
+                        self._fold(exposure.model),
                     )
                 )
                 rows += 1
-            elif kind == "device_exposure":
-                device = fact.get("device") or {}
-                tables["devices"].buffer.append(
+        if version.patients:
+            buffer = tables["patient_facts"].buffer
+            for demo in version.patients:
+                buffer.append(
                     (
                         pid,
                         rid,
                         seq,
-                        self._date(fact.get("start")),
-                        self._codeset(device.get("type_codes")),
-                        self._label(fact.get("status")),
-                        self._fold(device.get("manufacturer")),
-                        self._fold(device.get("model")),
-                    )
-                )
-                rows += 1
-            elif kind == "patient":
-                region = fact.get("region")
-                site, site_key = patient_site(fact)
-                tables["patient_facts"].buffer.append(
-                    (
-                        pid,
-                        rid,
-                        seq,
-                        index,
+                        demo.index,
                         key,
-                        _birth(fact.get("birth_date")),
-                        fact.get("sex") or "unknown",
-                        bool(fact.get("deceased")),
-                        self._date(fact.get("deceased_date")),
-                        site,
-                        site_key,
-                        region if region and region != "Unknown" else None,
+                        demo.birth_date,
+                        demo.sex,
+                        demo.deceased,
+                        demo.deceased_us,
+                        demo.site,
+                        demo.site_key,
+                        demo.region,
+                        demo.effective_us,
                     )
                 )
                 rows += 1
-            elif kind == "consent":
-                tables["consents"].buffer.append(
+        if version.consents:
+            buffer = tables["consents"].buffer
+            for consent in version.consents:
+                buffer.append(
                     (
                         pid,
                         rid,
                         seq,
-                        self._date(fact.get("date")),
-                        self._label(fact.get("status")),
-                        bool(fact.get("research_opt_out")),
+                        consent.when_us,
+                        label(consent.status),
+                        consent.research_opt_out,
                     )
                 )
                 rows += 1
@@ -1160,15 +1133,21 @@ def _nulls(n: int) -> pl.DataFrame:
 
 
 def _winners(live: pl.DataFrame) -> pl.DataFrame:
-    """Per pid, the first live Patient fact by (resource key, fact index), as
-    :func:`feasibility.patient_data.digest` reads them."""
+    """Per pid, the demographics the patient view's rule picks
+    (:func:`core.patient_view.latest_demographics`): the first fact of the live Patient version
+    latest by ``(last_updated, seq, resource key)``."""
     if live.height == 0:
         return pl.DataFrame(schema={"pid": U32, **DEMOGRAPHICS_SCHEMA})
     dup = pl.col("pid").is_duplicated()
     single = live.filter(~dup)
     multi = live.filter(dup)
     if multi.height:
-        multi = multi.sort(["pid", "key", "fact"]).unique(subset="pid", keep="first")
+        # the latest version by (last_updated, seq, key), undated lowest; its first fact
+        multi = multi.sort(
+            ["pid", "effective_us", "seq", "key", "fact"],
+            descending=[False, False, False, False, True],
+            nulls_last=False,
+        ).unique(subset="pid", keep="last", maintain_order=True)
         single = pl.concat([single, multi])
     return single.select(
         "pid",

@@ -2,8 +2,10 @@
 
 Criteria name codes the way people write them (``{"system": "icd10", "prefix": "E11"}``,
 ``{"concept": "hba1c"}``); facts carry FHIR codings (system URI, code). Everything that
-decides whether a coding in the data matches a term in a criterion lives here, so the engines
-agree by construction on what a code means:
+decides whether a coding in the data matches a term in a criterion lives here or in the one
+code normaliser it re-exports (:mod:`core.codes`: systems, aliases, dots, tokens, prefix and
+range rules, shared with device surveillance), so the engines agree by construction on what a
+code means:
 
 * **Systems.** Aliases (``snomed``, ``icd10``, ``loinc``, ``dmd``, ``opcs4``, ...) and the URIs
   seen in UK Core, Synthea and our adapters resolve to one canonical system each. dm+d concept
@@ -22,91 +24,27 @@ agree by construction on what a code means:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-SNOMED = "http://snomed.info/sct"
-ICD10 = "http://hl7.org/fhir/sid/icd-10"
-LOINC = "http://loinc.org"
-DMD = "https://dmd.nhs.uk"
-OPCS4 = "https://fhir.hl7.org.uk/Id/opcs-4"
-AJCC = "http://cancerstaging.org"
-INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-
-#: alias or URI (lower-cased) -> canonical matching system
-_SYSTEMS: dict[str, str] = {
-    "snomed": SNOMED,
-    "sct": SNOMED,
-    "snomed-ct": SNOMED,
-    "snomedct": SNOMED,
-    SNOMED: SNOMED,
-    "http://snomed.info/sct/83821000000107": SNOMED,  # UK edition module URI
-    "dmd": SNOMED,
-    "dm+d": SNOMED,
-    DMD: SNOMED,
-    "http://dmd.nhs.uk": SNOMED,
-    "https://fhir.nhs.uk/id/dmd": SNOMED,
-    "icd10": ICD10,
-    "icd-10": ICD10,
-    "icd10uk": ICD10,
-    "icd-10-uk": ICD10,
-    ICD10: ICD10,
-    "http://hl7.org/fhir/sid/icd-10-uk": ICD10,
-    "http://hl7.org/fhir/sid/icd-10-cm": ICD10,
-    "loinc": LOINC,
-    LOINC: LOINC,
-    "opcs4": OPCS4,
-    "opcs-4": OPCS4,
-    "opcs": OPCS4,
-    OPCS4.lower(): OPCS4,
-    "https://fhir.nhs.uk/id/opcs-4": OPCS4,
-    "http://www.datadictionary.nhs.uk/opcs-4": OPCS4,
-    "ajcc": AJCC,
-    AJCC: AJCC,
-    "interpretation": INTERPRETATION,
-    INTERPRETATION.lower(): INTERPRETATION,
-}
-
-#: Systems whose codes are classification codes with optional dots (prefix/range allowed).
-CLASSIFICATIONS = frozenset({ICD10, OPCS4})
-
-
-class UnknownSystem(ValueError):
-    pass
-
-
-def canonical_system(system: str) -> str:
-    """The canonical matching system for an alias or URI; other URIs stay as they are."""
-    found = _SYSTEMS.get(system.strip().lower())
-    if found is not None:
-        return found
-    if "://" in system or system.startswith("urn:"):
-        return system.strip()
-    raise UnknownSystem(
-        f"unknown code system {system!r}: use a URI or one of "
-        "snomed, icd10, loinc, dmd, opcs4, ajcc"
-    )
-
-
-def system_of_data(system: str | None) -> str:
-    """Canonical system of a coding found in the data (never raises)."""
-    if not system:
-        return ""
-    return _SYSTEMS.get(system.lower(), system)
-
-
-def normalise_code(system: str, code: str) -> str:
-    """The form codes of ``system`` (canonical) are compared in."""
-    if system in CLASSIFICATIONS:
-        return code.replace(".", "").replace(" ", "").upper()
-    return code.strip()
-
-
-@lru_cache(maxsize=262_144)
-def token(system: str | None, code: str) -> str:
-    """One string per (canonical system, normalised code): the unit of matching and indexing.
-    Cached: the same few thousand codes recur across millions of facts."""
-    canonical = system_of_data(system)
-    return f"{canonical}|{normalise_code(canonical, code)}"
+# Systems, aliases, dots and tokens live in the one code normaliser; re-exported here for the
+# feasibility engines and criteria.
+from core.codes import (
+    AJCC,
+    CLASSIFICATIONS,
+    DMD,
+    ICD10,
+    INTERPRETATION,
+    LOINC,
+    OPCS4,
+    SNOMED,
+    UnknownSystem,
+    canonical_system,
+    normalise_code,
+    prefix_covers,
+    range_bounds,
+    range_covers,
+    system_of_data,
+    token,
+)
 
 
 @dataclass(frozen=True)
@@ -213,6 +151,9 @@ __all__ = [
     "UnknownSystem",
     "canonical_system",
     "normalise_code",
+    "prefix_covers",
+    "range_bounds",
+    "range_covers",
     "stage_matches",
     "system_of_data",
     "token",

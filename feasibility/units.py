@@ -14,7 +14,8 @@ Grammar, as in the UCUM specification: an expression is a term, optionally led b
 is a simple unit with an optional integer exponent (``m2``, ``s-1``, ``cm3``, ``10*9``), a
 positive integer factor (``24`` in ``mg/(24.h)``), a parenthesised term, or an annotation.
 Annotations ``{...}`` are dimensionless with factor 1, standing alone (``{cells}/uL``) or after
-a unit (``mL{total}``). The empty string and ``1`` are dimensionless 1. Whitespace is an error.
+a unit (``mL{total}``), except ``{1.73_m2}`` (see "Deviations"). The empty string and ``1`` are
+dimensionless 1. Whitespace is an error.
 
 Prefixes (metric atoms only): Y Z E P T G M k h da d c m u n p f a z y; ``u`` is micro.
 
@@ -45,6 +46,7 @@ dimension of its own, so ``mg/dL`` and ``mmol/L`` convert only through an analyt
 ``eq`` is a separate, mol-like dimension too (``mmol`` <-> ``meq`` needs the valence, which is
 not modelled), and ``[iU]``/``[IU]`` form an arbitrary dimension: convertible only to
 themselves, with prefixes (``m[IU]/mL`` -> ``[IU]/L``). Like UCUM, ``rad`` is a dimension.
+``per_body_surface`` is the normalisation to 1.73 m2 of body surface (``{1.73_m2}``).
 
 Exact arithmetic: factors are kept as :class:`fractions.Fraction` from decimal constants, so a
 scale is the correctly rounded float of the exact ratio (no drift from chains of float
@@ -52,13 +54,22 @@ products); :attr:`Unit.factor` is its float rendering.
 
 Deviations and aliases
 ----------------------
+In UCUM an annotation never changes a unit, so ``mL/min/{1.73_m2}`` (an eGFR, normalised to a
+body surface of 1.73 m2) would equal ``mL/min`` (a clearance). They are different quantities:
+one converts to the other only through the patient's own body surface area, which a result does
+not carry. Comparing 20 mL/min with "eGFR < 30 mL/min/{1.73_m2}" would be a silent wrong
+answer, so the annotation ``{1.73_m2}`` (also written ``{1.73m2}``, ``{1.73 m2}``) counts as
+one power of its own dimension, ``per_body_surface``, in the divisor: ``L/h/{1.73_m2}``
+converts to ``mL/min/{1.73_m2}``, never to ``mL/min``. Every other annotation is ignored.
+
 ``m[Hg]`` is the conventional 13.5951 g/cm3 x 9.80665 m/s2 x 1 m = 133.322387415 kPa (UCUM's
 table lists it rounded to 133.3220 kPa). Identical unit strings (after trimming and alias
 mapping) always convert with ``(1.0, 0.0)`` even when they do not parse, so unknown local units
 still compare with themselves. A few common non-UCUM spellings are accepted:
 
 * whole expressions (:data:`EXPRESSION_ALIASES`): ``mg/dl`` -> ``mg/dL``,
-  ``mmol/l`` -> ``mmol/L``, ``kg/m^2`` -> ``kg/m2``, ``bpm`` and ``beats/min`` -> ``/min``;
+  ``mmol/l`` -> ``mmol/L``, ``kg/m^2`` -> ``kg/m2``, ``bpm`` and ``beats/min`` -> ``/min``,
+  ``mL/min/1.73m2`` (and ``ml``, ``1.73 m2``, ``1.73m^2`` spellings) -> ``mL/min/{1.73_m2}``;
 * unit symbols inside any expression (:data:`SYMBOL_ALIASES`): ``IU`` -> ``[IU]`` (prefixable:
   ``mIU/mL``), ``Eq`` -> ``eq`` (``mEq/L``), ``mmHg`` -> ``mm[Hg]``, ``cmH2O`` -> ``cm[H2O]``,
   ``degC`` -> ``Cel``, ``degF`` -> ``[degF]``.
@@ -90,6 +101,22 @@ ratio, so callers must pass the analyte for HbA1c (:func:`analyte_for_loinc` giv
 14937-7 (urea nitrogen, moles) map to ``urea_nitrogen``: a criterion "BUN <= 20 mg/dL" must read
 7 mmol/L of urea nitrogen as 19.6 mg/dL, not as 42 mg/dL of urea. 22664-7 (urea, moles) maps to
 ``urea``.
+
+Units of criteria
+-----------------
+:data:`UNIT_BY_LOINC` gives the UCUM unit LOINC reports each known code in; :func:`suits` says
+whether a criterion's unit can be compared with that code's results (it converts from the
+code's unit, for the code's analyte). Criteria use it to refuse a unit of the wrong kind
+(``kg`` for HbA1c) when a question is asked, instead of answering UNKNOWN for everyone.
+
+Why a module of our own
+-----------------------
+The Python UCUM packages were weighed: ``ucumvert`` (0.3, a lark grammar of full UCUM mapped
+onto ``pint``) drops every annotation, so it has the eGFR defect above; ``pint`` treats
+``eq`` as ``mol`` (so ``mmol`` <-> ``meq`` would convert 1:1 whatever the valence), converts in
+floats and knows neither the HbA1c master equation nor molar masses; and the two add two
+dependencies to answer what this module answers exactly (fractions), for the subset of UCUM
+that lab results use, tested against UCUM's definitions in ``tests/unit/feasibility/test_units.py``.
 """
 
 from __future__ import annotations
@@ -109,6 +136,7 @@ __all__ = [
     "EXPRESSION_ALIASES",
     "MOLAR_MASS_G_PER_MOL",
     "SYMBOL_ALIASES",
+    "UNIT_BY_LOINC",
     "IncommensurableUnits",
     "Unit",
     "UnitError",
@@ -117,6 +145,7 @@ __all__ = [
     "commensurable",
     "convert",
     "parse",
+    "suits",
 ]
 
 
@@ -140,10 +169,12 @@ DIMENSIONS: Final[tuple[str, ...]] = (
     "angle",
     "equivalents",
     "international_units",
+    "per_body_surface",
 )
-_BASE_SYMBOLS: Final = ("m", "g", "s", "mol", "K", "A", "cd", "rad", "eq", "[iU]")
+_BASE_SYMBOLS: Final = ("m", "g", "s", "mol", "K", "A", "cd", "rad", "eq", "[iU]", "{1.73_m2}")
 _MASS: Final = 1
 _SUBSTANCE: Final = 3
+_PER_BODY_SURFACE: Final = 10
 _ZERO_DIMS: Final[tuple[int, ...]] = (0,) * len(DIMENSIONS)
 _MAX_EXPONENT: Final = 99
 
@@ -193,6 +224,12 @@ class _Exact:
 
 
 _ONE: Final = _Exact(Fraction(1), _ZERO_DIMS)
+#: "per 1.73 m2 of body surface": a dimension of its own (see "Deviations" in the docstring)
+_PER_1_73_M2: Final = _Exact(
+    Fraction(1), tuple(int(i == _PER_BODY_SURFACE) for i in range(len(DIMENSIONS)))
+)
+#: annotation texts (without spaces and underscores, lower case) that name it
+_BODY_SURFACE_ANNOTATIONS: Final = frozenset({"1.73m2", "1.73m^2", "1.73sqm"})
 
 _PREFIXES: Final[Mapping[str, Fraction]] = MappingProxyType(
     {
@@ -229,6 +266,12 @@ EXPRESSION_ALIASES: Final[Mapping[str, str]] = MappingProxyType(
         "kg/m^2": "kg/m2",
         "bpm": "/min",
         "beats/min": "/min",
+        "mL/min/1.73m2": "mL/min/{1.73_m2}",
+        "ml/min/1.73m2": "mL/min/{1.73_m2}",
+        "mL/min/1.73 m2": "mL/min/{1.73_m2}",
+        "ml/min/1.73 m2": "mL/min/{1.73_m2}",
+        "mL/min/1.73m^2": "mL/min/{1.73_m2}",
+        "ml/min/1.73m^2": "mL/min/{1.73_m2}",
     }
 )
 #: Non-UCUM unit symbols accepted inside any expression. Targets that are metric atoms
@@ -315,18 +358,14 @@ class _Parser:
             if self.peek() != ")":
                 self.fail("unclosed '('", open_pos)
             self.pos += 1
-            self.skip_annotation()
-            return inner
+            return self.annotated(inner)
         if char == "{":
-            self.skip_annotation()
-            return _ONE
+            return self.annotation()
         if char in _DELIMITERS:
             self.fail(f"expected a unit, found {char!r}", self.pos)
         start = self.pos
         symbol = self.symbol()
-        result = self.simple_unit(symbol, start)
-        self.skip_annotation()
-        return result
+        return self.annotated(self.simple_unit(symbol, start))
 
     def symbol(self) -> str:
         start = self.pos
@@ -350,9 +389,9 @@ class _Parser:
             self.fail("unclosed '['", bracket_pos)
         return self.text[start : self.pos]
 
-    def skip_annotation(self) -> None:
-        if self.peek() != "{":
-            return
+    def annotation(self) -> _Exact:
+        """The annotation at the cursor: dimensionless 1, except a body-surface normalisation
+        (see "Deviations" in the module docstring)."""
         start = self.pos
         self.pos += 1
         while (char := self.peek()) != "}":
@@ -362,6 +401,20 @@ class _Parser:
                 self.fail("'{' inside an annotation", self.pos)
             self.pos += 1
         self.pos += 1
+        text = re.sub(r"[\s_]", "", self.text[start + 1 : self.pos - 1]).lower()
+        return _PER_1_73_M2 if text in _BODY_SURFACE_ANNOTATIONS else _ONE
+
+    def annotated(self, unit: _Exact) -> _Exact:
+        """``unit`` with the annotation that may follow it."""
+        if self.peek() != "{":
+            return unit
+        start = self.pos
+        note = self.annotation()
+        if note is _ONE:
+            return unit
+        if unit.offset is not None:
+            self.fail("a unit with an offset cannot be normalised to body surface", start)
+        return unit.times(note, 1)
 
     def simple_unit(self, symbol: str, pos: int) -> _Exact:
         if _INTEGER.fullmatch(symbol):
@@ -583,6 +636,55 @@ ANALYTE_BY_LOINC: Final[dict[str, str]] = {
     "59261-8": _HBA1C,
 }
 
+_EGFR: Final = "mL/min/{1.73_m2}"
+#: LOINC code -> the UCUM unit LOINC reports its results in (its example unit), for the codes
+#: the criteria's concepts name and those with an analyte. A criterion's unit must convert
+#: from the unit of one of its codes (:func:`suits`).
+UNIT_BY_LOINC: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        # HbA1c
+        "59261-8": "mmol/mol",
+        "4548-4": "%",
+        "17856-6": "%",
+        # eGFR, every equation: per 1.73 m2 of body surface
+        "62238-1": _EGFR,
+        "33914-3": _EGFR,
+        "48642-3": _EGFR,
+        "48643-1": _EGFR,
+        "69405-9": _EGFR,
+        "98979-8": _EGFR,
+        # lipids
+        "2093-3": "mg/dL",
+        "14647-2": "mmol/L",
+        "13457-7": "mg/dL",
+        "18262-6": "mg/dL",
+        "2089-1": "mg/dL",
+        "22748-8": "mmol/L",
+        "2085-9": "mg/dL",
+        "14646-4": "mmol/L",
+        "2571-8": "mg/dL",
+        "14927-8": "mmol/L",
+        # glucose
+        "2345-7": "mg/dL",
+        "15074-8": "mmol/L",
+        "2339-0": "mg/dL",
+        "14749-6": "mmol/L",
+        # kidney
+        "2160-0": "mg/dL",
+        "14682-9": "umol/L",
+        "3094-0": "mg/dL",
+        "14937-7": "mmol/L",
+        "22664-7": "mmol/L",
+        # vital signs
+        "39156-5": "kg/m2",
+        "8480-6": "mm[Hg]",
+        "8462-4": "mm[Hg]",
+        "29463-7": "kg",
+        "8302-2": "cm",
+        "8867-4": "/min",
+    }
+)
+
 
 def analyte_for_loinc(code: str) -> str | None:
     """The analyte whose conversions apply to LOINC ``code``, or None."""
@@ -665,6 +767,16 @@ def affine(from_unit: str, to_unit: str, analyte: str | None = None) -> tuple[fl
         return None if exact is None else _as_floats(from_unit, to_unit, exact)
     except UnitError:
         return None
+
+
+def suits(unit: str, loinc_code: str) -> bool | None:
+    """Whether results of ``loinc_code`` (in its :data:`UNIT_BY_LOINC` unit) convert to
+    ``unit``; None when the code's unit is not known here."""
+    code = loinc_code.strip()
+    reported = UNIT_BY_LOINC.get(code)
+    if reported is None:
+        return None
+    return affine(reported, unit, analyte_for_loinc(code)) is not None
 
 
 def commensurable(a: str, b: str, analyte: str | None = None) -> bool:

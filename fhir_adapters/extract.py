@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
 
-from .facts import (
+from core.contracts.facts import (
     AdverseEventFact,
     Coding,
     Component,
@@ -32,6 +32,7 @@ from .facts import (
     ProcedureFact,
     Reference,
 )
+
 from .primitives import (
     InvalidElement,
     get_bool,

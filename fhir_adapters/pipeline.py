@@ -37,6 +37,16 @@ from urllib.parse import unquote
 
 import orjson
 
+from core.contracts.facts import (
+    DeviceDescription,
+    DeviceRecord,
+    OrganizationRecord,
+    Provenance,
+    ReferenceRecord,
+    ResourceFacts,
+    resource_key,
+)
+
 from .extract import (
     EXTRACTORS,
     PATIENT_SCOPED,
@@ -47,15 +57,6 @@ from .extract import (
     check_resource_header,
     extract_device,
     extract_patient,
-)
-from .facts import (
-    DeviceDescription,
-    DeviceRecord,
-    OrganizationRecord,
-    Provenance,
-    ReferenceRecord,
-    ResourceFacts,
-    resource_key,
 )
 from .outcome import Issue, model_class, operation_outcome, validate_with_models
 from .primitives import InvalidElement, parse_instant

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from .facts import Coding
+from core.contracts.facts import Coding
 
 
 class InvalidElement(ValueError):

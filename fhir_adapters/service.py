@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concierge.settings import Settings
+from core.settings import Settings
 
 from .pipeline import Ingestor
 from .pseudonym import Pseudonymiser

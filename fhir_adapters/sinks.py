@@ -11,7 +11,7 @@ Facts are published per patient: the envelopes of one patient that arrive betwee
 ``concierge.factbatch/1`` batch (a single envelope travels alone). Per-message overhead is what
 limits a Python stream processor, so a patient's Bundle costs the stream one message, not thirty;
 order within the patient is kept, and consumers read either shape with
-:func:`fhir_adapters.facts.envelopes_of`.
+:func:`core.contracts.facts.envelopes_of`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import Any, Literal, Protocol
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from core.contracts.facts import BATCH_SCHEMA, ReferenceRecord, ResourceFacts
 from infra.topics import DEADLETTER, FACTS, REFERENCE
-
-from .facts import BATCH_SCHEMA, ReferenceRecord, ResourceFacts
 
 #: A patient's batch is published early once it holds this many envelopes or bytes.
 BATCH_ENVELOPES = 500

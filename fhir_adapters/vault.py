@@ -23,12 +23,15 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from core.contracts.facts import DeviceDescription, OrganizationRecord
+from core.db import Schema, ensure_schema, make_engine
+
 from .extract import IdentityRecord
-from .facts import DeviceDescription, OrganizationRecord
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,13 @@ seq_floor_table = sa.Table(
     sa.Column("seq", sa.Integer, nullable=False),
 )
 
+#: The tables above are made only by the migrations in ``fhir_adapters/migrations``.
+SCHEMA = Schema(
+    name="identity vault",
+    migrations=Path(__file__).parent / "migrations",
+    version_table="vault_alembic_version",
+)
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
@@ -148,18 +158,9 @@ class SqlVault:
     _CHUNK = 400
 
     def __init__(self, url: str) -> None:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine = sa.create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        metadata.create_all(self.engine)
+        ensure_schema(SCHEMA, url)
+        self.engine = make_engine(url)
         self._conn = self.engine.connect()
-        if url.startswith("sqlite"):
-            self._conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
-            self._conn.commit()
         self._tx = self._conn.begin()
         self._orgs: dict[str, OrganizationRecord | None] = {}
         self._statements: dict[str, Any] = {}

@@ -22,9 +22,8 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
-from concierge.settings import Settings
+from infra.settings import DEFAULT_VERSION, BrokerSettings
 
-DEFAULT_VERSION = "4.1.1"
 POM = Path(__file__).parent / "kafka" / "pom.xml"
 LOG4J = Path(__file__).parent / "kafka" / "log4j2.properties"
 
@@ -42,15 +41,11 @@ class BrokerConfig:
     heap: str = "768m"
 
     @classmethod
-    def from_env(cls, settings: Settings | None = None) -> BrokerConfig:
-        settings = settings or Settings()
-        return cls(
-            home=settings.home,
-            version=os.environ.get("CONCIERGE_KAFKA_VERSION", DEFAULT_VERSION),
-            port=int(os.environ.get("CONCIERGE_BROKER_PORT", "9092")),
-            controller_port=int(os.environ.get("CONCIERGE_CONTROLLER_PORT", "9093")),
-            heap=os.environ.get("CONCIERGE_BROKER_HEAP", "768m"),
-        )
+    def from_settings(cls, home: Path, section: BrokerSettings | None = None) -> BrokerConfig:
+        """The broker under ``home`` as the broker section says (read from the environment when
+        none is given)."""
+        section = section if section is not None else BrokerSettings()
+        return cls(home=home, **section.model_dump())
 
     @property
     def lib(self) -> Path:

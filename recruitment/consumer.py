@@ -51,7 +51,7 @@ from .contracts import (
     split_cohort_key,
 )
 from .models import ConsumerOffset, SkippedMessage
-from .service import Applier, RecruitmentService
+from .service import RecruitmentService, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ class RecruitmentConsumer:
         applied = skipped = 0
         next_offsets: dict[tuple[str, int], int] = {}
         with self.service.sessions.begin() as session:
-            applier = self.service.applier(session)
+            work = self.service.unit_of_work(session)
             for message in messages:
                 topic, partition, offset = (
                     message.topic(),
@@ -326,14 +326,14 @@ class RecruitmentConsumer:
                 )
                 assert topic is not None and partition is not None and offset is not None
                 try:
-                    if self.apply(applier, self.topics[topic], message):
+                    if self.apply(work, self.topics[topic], message):
                         applied += 1
                 except MessageError as exc:
                     skipped += 1
                     self._skip(session, message, str(exc))
                 next_offsets[(topic, partition)] = offset + 1
-            applier.finish()
-            self._store_offsets(session, next_offsets, applier.now)
+            work.finish()
+            self._store_offsets(session, next_offsets, work.now)
         with self._lock:
             for key, offset in next_offsets.items():
                 if key in self._positions or key in self._assignment:
@@ -350,7 +350,7 @@ class RecruitmentConsumer:
         except KafkaException as exc:
             log.warning("Kafka offset commit failed (database offsets stand): %s", exc)
 
-    def apply(self, applier: Applier, kind: str, message: Message) -> bool:
+    def apply(self, work: UnitOfWork, kind: str, message: Message) -> bool:
         raw_key = message.key()
         key = raw_key.decode("utf-8", "replace") if isinstance(raw_key, bytes) else raw_key
         value = message.value()
@@ -358,23 +358,23 @@ class RecruitmentConsumer:
             parts = split_cohort_key(key or "")
             if parts is None:
                 return False  # the stream worker's bookkeeping
-            return applier.cohort(parts[0], parts[1], decode_cohort(value, key or ""))
+            return work.cohort(parts[0], parts[1], decode_cohort(value, key or ""))
         if kind == "trials":
             trial = decode_trial(value, key)
             trial_id = trial.id if trial is not None else key
             if not trial_id:
                 raise MessageError("trial tombstone without a key")
-            return applier.trial(trial_id, trial)
+            return work.trial(trial_id, trial)
         if kind == "facts":
             changed = False
             for envelope in decode_facts(value):
-                changed = applier.facts(envelope) or changed
+                changed = work.facts(envelope) or changed
             return changed
         if kind == "reference":
             if value is None:
-                return applier.reference_tombstone(key) if key else False
+                return work.reference_tombstone(key) if key else False
             record = decode_reference_record(value, key)
-            return applier.reference(record) if record is not None else False
+            return work.reference(record) if record is not None else False
         raise MessageError(f"no handler for {kind}")  # pragma: no cover - topics are fixed
 
     # -- helpers --

@@ -1,30 +1,28 @@
 """The messages recruitment reads, decoded into small typed values.
 
-* trials topic: ``concierge.trial/1`` (see ``docs/reference/cohort-events.md``);
-* cohort topic: ``concierge.cohort/1``, key ``trial|patient``; a tombstone means ``member: false``;
-  keys beginning with ``\\u0000`` are the stream worker's bookkeeping and are skipped;
+* trials topic: ``concierge.trial/1``, :class:`core.contracts.trials.TrialRecord`, criteria kept
+  as an opaque JSON object;
+* cohort topic: :mod:`core.contracts.cohorts` (``concierge.cohort/1``); the worker's bookkeeping
+  keys are skipped;
 * facts topic: one ``concierge.facts/1`` envelope, or a ``concierge.factbatch/1`` object holding
-  several (read with :func:`fhir_adapters.facts.envelopes_of`); only Patient and Consent
+  several (read with :func:`core.contracts.facts.envelopes_of`); only Patient and Consent
   resources matter here, so everything else is skipped before it is validated;
 * reference topic: ``concierge.reference/1`` records (practitioners, roles, organisations).
 
-Trial and cohort records are read tolerantly (unknown fields are ignored: the criteria are not
-ours to read); facts and reference records are validated by their owner's types
-(:mod:`fhir_adapters.facts`).
+Trial and cohort records are read tolerantly (unknown fields are ignored); facts and reference
+records are validated by their owner's types (:mod:`core.contracts.facts`).
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fhir_adapters.facts import ReferenceRecord, ResourceFacts, decode_reference, envelopes_of
-
-TRIAL_SCHEMA = "concierge.trial/1"
-COHORT_SCHEMA = "concierge.cohort/1"
+from core.contracts.cohorts import CohortKeyError, CohortRecord, split_record_key
+from core.contracts.facts import ReferenceRecord, ResourceFacts, decode_reference, envelopes_of
+from core.contracts.trials import OpaqueTrialRecord
 
 #: Resource types on the facts topic that recruitment reads.
 FACT_RESOURCE_TYPES = frozenset({"Patient", "Consent"})
@@ -38,37 +36,6 @@ class MessageError(ValueError):
 
 class _Tolerant(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
-
-
-class TrialRecord(_Tolerant):
-    schema_: Literal["concierge.trial/1"] = Field(default="concierge.trial/1", alias="schema")
-    id: str = Field(min_length=1, max_length=200)
-    version: int = Field(ge=1)
-    title: str | None = None
-    sponsor: str | None = None
-    status: str = "active"
-    recruiting_sites: tuple[str, ...] = ()
-    target: int | None = Field(default=None, ge=0)
-    site_targets: dict[str, int] = Field(default_factory=dict)
-    recruiters: dict[str, str] = Field(default_factory=dict)
-    registered_at: datetime | None = None
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
-
-
-class CohortRecord(_Tolerant):
-    schema_: Literal["concierge.cohort/1"] = Field(default="concierge.cohort/1", alias="schema")
-    trial: str
-    trial_version: int | None = None
-    patient: str
-    site: str | None = None
-    region: str | None = None
-    member: bool
-    steps: str | None = None
-    change: int = Field(ge=0)
-    at: datetime | None = None
-
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
 
 def _json(value: bytes | str) -> Any:
@@ -93,30 +60,22 @@ def _short(exc: ValidationError) -> str:
     return f"{len(errors)} error(s), first at {where or '(root)'}: {errors[0]['msg']}"
 
 
-def decode_trial(value: bytes | str | None, key: str | None) -> TrialRecord | None:
+def decode_trial(value: bytes | str | None, key: str | None) -> OpaqueTrialRecord | None:
     """A trial record; None for a tombstone (the trial is gone)."""
     if value is None:
         return None
-    record: TrialRecord = _validate(TrialRecord, _json(value))
+    record: OpaqueTrialRecord = _validate(OpaqueTrialRecord, _json(value))
     if key is not None and key != record.id:
         raise MessageError(f"trial record for {record.id!r} under key {key!r}")
     return record
 
 
 def split_cohort_key(key: str) -> tuple[str, str] | None:
-    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys. The
-    stream worker writes keys as JSON strings (``"trial|patient"``, quotes included)."""
-    if key.startswith('"'):
-        try:
-            key = str(json.loads(key))
-        except ValueError:
-            raise MessageError(f"cohort key {key!r} is not a JSON string") from None
-    if not key or key.startswith("\u0000"):
-        return None
-    trial, sep, patient = key.rpartition("|")
-    if not sep or not trial or not patient:
-        raise MessageError(f"cohort key {key!r} is not trial|patient")
-    return trial, patient
+    """``(trial, patient)`` from a cohort key; None for the worker's bookkeeping keys."""
+    try:
+        return split_record_key(key)
+    except CohortKeyError as exc:
+        raise MessageError(str(exc)) from None
 
 
 def decode_cohort(value: bytes | str | None, key: str) -> CohortRecord | None:
@@ -170,9 +129,7 @@ def decode_reference_record(value: bytes | str | None, key: str | None) -> Refer
 
 
 __all__ = [
-    "CohortRecord",
     "MessageError",
-    "TrialRecord",
     "decode_cohort",
     "decode_facts",
     "decode_reference_record",

@@ -142,9 +142,11 @@ class FactVersion(Base):
     kind: Mapped[str] = mapped_column(sa.String(16))
     seq: Mapped[int]
     retracted: Mapped[bool] = mapped_column(default=False)
-    #: The facts that matter: site, region, GP, deceased; or consent status and opt-out.
+    #: ``{"facts": [...], "last_updated": ...}``: the version's Patient or Consent facts as JSON,
+    #: read through the patient view (rows written before it hold the first fact's fields).
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    #: lastUpdated of the source resource (or its ingestion time), to pick the newest Patient.
+    #: lastUpdated of the source resource (or its ingestion time); the patient view ranks
+    #: Patient versions by ``data["last_updated"]``, as every other consumer does.
     effective_at: Mapped[datetime]
 
 

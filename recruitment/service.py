@@ -2,8 +2,8 @@
 
 Two kinds of callers share it:
 
-* the consumer applies messages from the trials, cohort, facts and reference topics through an
-  :class:`Applier`, one database transaction per batch, and calls :meth:`Applier.finish` to
+* the consumer applies messages from the trials, cohort, facts and reference topics through a
+  :class:`UnitOfWork`, one database transaction per batch, and calls :meth:`UnitOfWork.finish` to
   re-evaluate what the batch touched before committing;
 * the clinician API and the scheduler move invitations through their states with
   :meth:`RecruitmentService.transition`, then ``finish`` the same way, so a freed slot or a lifted
@@ -27,7 +27,8 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from fhir_adapters.facts import (
+from core.contracts.cohorts import CohortRecord
+from core.contracts.facts import (
     ConsentFact,
     OrganizationRecord,
     PatientFact,
@@ -35,10 +36,11 @@ from fhir_adapters.facts import (
     PractitionerRoleRecord,
     ReferenceRecord,
     ResourceFacts,
-    patient_site,
 )
+from core.contracts.trials import ENDED_STATUSES, OpaqueTrialRecord
+from core.patient_view import build_view
 
-from .contracts import CohortRecord, TrialRecord, resource_type_of
+from .contracts import resource_type_of
 from .lifecycle import (
     ACTIVE,
     AWAITING_CLINICIAN,
@@ -85,9 +87,6 @@ _Ref = TypeVar("_Ref", Practitioner, PractitionerRole, Organization)
 
 S = InvitationState
 _CHUNK = 500
-
-#: Trial statuses that end recruitment for good: every open invitation is withdrawn.
-ENDED_STATUSES = frozenset({"retired", "closed", "withdrawn", "completed"})
 
 
 class CandidateStatus(StrEnum):
@@ -196,8 +195,8 @@ class SqlDirectory:
 
 
 @dataclass
-class _Work:
-    """What a unit of work touched, re-evaluated together by :meth:`Applier.finish`."""
+class _Touched:
+    """What a unit of work touched, re-evaluated together by :meth:`UnitOfWork.finish`."""
 
     patients: set[str] = field(default_factory=set)
     trials: set[str] = field(default_factory=set)
@@ -227,8 +226,8 @@ class RecruitmentService:
         self.eligibility = eligibility
 
     # -- units of work --
-    def applier(self, session: Session) -> Applier:
-        return Applier(self, session)
+    def unit_of_work(self, session: Session) -> UnitOfWork:
+        return UnitOfWork(self, session)
 
     @staticmethod
     def new_id() -> str:
@@ -254,7 +253,7 @@ class RecruitmentService:
         actor: str,
         note: str | None = None,
         expected_version: int | None = None,
-        work: Applier | None = None,
+        work: UnitOfWork | None = None,
     ) -> Invitation:
         """Move an invitation to ``target``, recording who, when and why.
 
@@ -268,10 +267,10 @@ class RecruitmentService:
                 f"not {expected_version}; reload it"
             )
         own = work is None
-        applier = work or self.applier(session)
-        applier.move(invitation, target, actor, note)
+        unit = work or self.unit_of_work(session)
+        unit.move(invitation, target, actor, note)
         if own:
-            applier.finish()
+            unit.finish()
         return invitation
 
     def on_alert_delivered(self, session: Session, invitation_id: str, channel: str) -> None:
@@ -281,7 +280,7 @@ class RecruitmentService:
         except NotFound:
             return
         if invitation.state == S.PROPOSED:
-            self.applier(session).move(
+            self.unit_of_work(session).move(
                 invitation, S.SENT_TO_CLINICIAN, "system:notify", f"alert delivered by {channel}"
             )
 
@@ -333,26 +332,28 @@ class RecruitmentService:
         changed = 0
         for candidate_id in ids:
             with self.sessions.begin() as session:
-                applier = self.applier(session)
-                if applier.recheck(candidate_id, now or self.clock()):
+                work = self.unit_of_work(session)
+                if work.recheck(candidate_id, now or self.clock()):
                     changed += 1
         return changed
 
 
-class Applier:
-    """Applies changes within one session and re-evaluates what they touched on :meth:`finish`."""
+class UnitOfWork:
+    """One unit of work in one session (the caller's transaction): applies topic messages
+    (trial, cohort, facts, reference) and invitation moves, records what they touched, and
+    re-evaluates it on :meth:`finish`, before the caller commits."""
 
     def __init__(self, service: RecruitmentService, session: Session) -> None:
         self.service = service
         self.session = session
         self.policy = service.policy
         self.now = service.clock()
-        self.work = _Work()
+        self.touched = _Touched()
         self._arrival: int | None = None
 
     # ------------------------------------------------------------------ trials
 
-    def trial(self, trial_id: str, record: TrialRecord | None) -> bool:
+    def trial(self, trial_id: str, record: OpaqueTrialRecord | None) -> bool:
         """Apply a trial record (None: a tombstone, the trial is gone). False when stale."""
         s = self.session
         trial = s.get(Trial, trial_id)
@@ -388,12 +389,12 @@ class Applier:
             for site in old_sites - set(sites):
                 self._site_dropped(trial, site)
             self._candidates_from_memberships(trial)
-        self.work.trials.add(trial.id)
+        self.touched.trials.add(trial.id)
         return True
 
     @staticmethod
     def _trial_site(
-        row: TrialSite | None, trial_id: str, site: str, record: TrialRecord
+        row: TrialSite | None, trial_id: str, site: str, record: OpaqueTrialRecord
     ) -> TrialSite:
         row = row or TrialSite(trial_id=trial_id, site=site)
         row.target = record.site_targets.get(site)
@@ -485,7 +486,7 @@ class Applier:
         elif candidate.status in OPEN_STATUSES and candidate.site != site:
             candidate.site = site
             candidate.updated_at = self.now
-        self.work.candidates.add(candidate.id)
+        self.touched.candidates.add(candidate.id)
 
     def _next_arrival(self) -> int:
         if self._arrival is None:
@@ -546,24 +547,20 @@ class Applier:
                 )
             )
         )
-        patients = [v for v in versions if v.kind == "patient" and v.data]
-        latest = max(patients, key=lambda v: (v.effective_at, v.seq)) if patients else None
-        opt_out = any(
-            v.kind == "consent"
-            and v.data.get("research_opt_out") is True
-            and v.data.get("status") == "active"
-            for v in versions
-        )
+        # the patient view decides (one rule with the engines and the device counters): the
+        # latest Patient version's demographics, an active research opt-out
+        view = build_view(patient, {v.key: _entry_of(v) for v in versions})
+        demographics = view.demographics
+        opt_out = view.research_opt_out
         profile = self._profile(patient)
         before = (profile.research_opt_out, tuple(profile.general_practitioners), profile.known)
-        data = latest.data if latest else {}
-        profile.known = latest is not None
-        profile.site = data.get("site")
-        profile.region = data.get("region")
-        profile.gp_practice = data.get("gp_practice")
-        gps = [str(k) for k in data.get("general_practitioners", [])]
+        profile.known = demographics is not None
+        profile.site = demographics.site if demographics else None
+        profile.region = demographics.region if demographics else None
+        profile.gp_practice = demographics.gp_practice if demographics else None
+        gps = list(demographics.general_practitioners) if demographics else []
         profile.general_practitioners = gps
-        profile.deceased = bool(data.get("deceased"))
+        profile.deceased = bool(demographics and demographics.deceased)
         if opt_out != profile.research_opt_out:
             profile.research_opt_out = opt_out
             profile.opt_out_changed_at = self.now
@@ -578,7 +575,7 @@ class Applier:
             self._opted_out(patient)
         if profile.deceased:
             self._deceased(patient)
-        self.work.patients.add(patient)
+        self.touched.patients.add(patient)
 
     def _opted_out(self, patient: str) -> None:
         """Opt-outs win: every open invitation of the patient is withdrawn, at any stage."""
@@ -587,7 +584,7 @@ class Applier:
             candidate = self.session.get(Candidate, invitation.candidate_id)
             if candidate is not None:
                 self._set_status(candidate, C.HELD, ())  # re-evaluated: excluded
-                self.work.candidates.add(candidate.id)
+                self.touched.candidates.add(candidate.id)
 
     def _deceased(self, patient: str) -> None:
         for invitation in self._active_invitations(patient):
@@ -595,7 +592,7 @@ class Applier:
             candidate = self.session.get(Candidate, invitation.candidate_id)
             if candidate is not None:
                 self._set_status(candidate, C.HELD, ())
-                self.work.candidates.add(candidate.id)
+                self.touched.candidates.add(candidate.id)
 
     def _profile(self, patient: str) -> PatientProfile:
         profile = self.session.get(PatientProfile, patient)
@@ -651,7 +648,7 @@ class Applier:
             org_row.part_of = org.part_of if org else None
         else:
             return False
-        self.work.reference_changed = True
+        self.touched.reference_changed = True
         return True
 
     def _reference_row(self, model: type[_Ref], record: ReferenceRecord) -> _Ref | None:
@@ -684,7 +681,7 @@ class Applier:
         row.retracted = True
         row.active = False
         row.updated_at = self.now
-        self.work.reference_changed = True
+        self.touched.reference_changed = True
         return True
 
     # ------------------------------------------------------------------ invitations
@@ -732,8 +729,8 @@ class Applier:
             if candidate is not None and candidate.status == C.INVITED:
                 self._set_status(candidate, C.CLOSED, ())
             # A slot, or the patient's one open invitation, is free: look again.
-            self.work.trials.add(invitation.trial_id)
-            self.work.patients.add(invitation.patient)
+            self.touched.trials.add(invitation.trial_id)
+            self.touched.patients.add(invitation.patient)
         self.session.flush()
 
     def _create_invitation(self, candidate: Candidate, practitioner: str, trial: Trial) -> None:
@@ -777,21 +774,21 @@ class Applier:
     def finish(self) -> None:
         """Re-evaluate every open candidate the unit of work touched, oldest first."""
         rounds = 0
-        while not self.work.empty():
-            work, self.work = self.work, _Work()
+        while not self.touched.empty():
+            touched, self.touched = self.touched, _Touched()
             rounds += 1
             if rounds > 10:  # pragma: no cover - a bug guard: evaluation always settles
                 raise RuntimeError("candidate re-evaluation does not settle")
             conditions: list[sa.ColumnElement[bool]] = []
             for column, values in (
-                (Candidate.patient, work.patients),
-                (Candidate.trial_id, work.trials),
-                (Candidate.id, work.candidates),
+                (Candidate.patient, touched.patients),
+                (Candidate.trial_id, touched.trials),
+                (Candidate.id, touched.candidates),
             ):
                 ordered = sorted(values)
                 for start in range(0, len(ordered), _CHUNK):
                     conditions.append(column.in_(ordered[start : start + _CHUNK]))
-            if work.reference_changed:
+            if touched.reference_changed:
                 conditions.append(Candidate.status == C.UNROUTED)
             candidates = self._candidates(
                 Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
@@ -977,24 +974,34 @@ class Applier:
 
 
 def _fact_data(kind: str, envelope: ResourceFacts) -> dict[str, Any]:
+    """What a Patient or Consent version keeps: its facts of that kind as JSON objects and its
+    ``last_updated``, read back through the patient view (:func:`_entry_of`)."""
     if envelope.retracted:
         return {}
-    for fact in envelope.facts:
-        if kind == "patient" and isinstance(fact, PatientFact):
-            return {
-                "site": patient_site(fact.model_dump())[0],
-                "region": fact.region,
-                "gp_practice": fact.gp_practice,
-                "general_practitioners": list(fact.general_practitioners),
-                "deceased": fact.deceased,
-            }
-        if kind == "consent" and isinstance(fact, ConsentFact):
-            return {
-                "status": fact.status,
-                "research_opt_out": fact.research_opt_out,
-                "date": fact.date.isoformat() if fact.date else None,
-            }
-    return {}
+    wanted = PatientFact if kind == "patient" else ConsentFact
+    updated = envelope.provenance.last_updated
+    return {
+        "facts": [f.model_dump(mode="json") for f in envelope.facts if isinstance(f, wanted)],
+        "last_updated": updated.isoformat() if updated else None,
+    }
+
+
+def _entry_of(version: FactVersion) -> dict[str, Any]:
+    """A stored version as the patient view reads an entry. Rows written before the view
+    (``data`` holding the first fact's fields) read as that one fact, dated by
+    ``effective_at``."""
+    data = version.data or {}
+    if "facts" in data:
+        facts, updated = list(data["facts"]), data.get("last_updated")
+    else:
+        facts = [{**data, "kind": version.kind}] if data else []
+        updated = version.effective_at.isoformat() if version.effective_at else None
+    return {
+        "seq": version.seq,
+        "retracted": version.retracted,
+        "facts": facts,
+        "provenance": {"last_updated": updated},
+    }
 
 
 # --------------------------------------------------------------------------- aggregates
@@ -1046,13 +1053,13 @@ def awaiting_by_practitioner(session: Session) -> dict[str, dict[str, int]]:
 
 __all__ = [
     "OPEN_STATUSES",
-    "Applier",
     "CandidateStatus",
     "ConcurrentChange",
     "EligibilityCheck",
     "NotFound",
     "RecruitmentService",
     "SqlDirectory",
+    "UnitOfWork",
     "awaiting_by_practitioner",
     "counts_by_state",
 ]

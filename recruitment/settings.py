@@ -1,8 +1,9 @@
 """Recruitment configuration, by environment variables prefixed ``CONCIERGE_RECRUITMENT_``.
 
-Kafka, the topic prefix and ``CONCIERGE_HOME`` come from :mod:`concierge.settings`; everything
+Kafka, the topic prefix and ``CONCIERGE_HOME`` come from :mod:`core.settings`; everything
 specific to recruitment (its database, the fatigue rules, notification channels and schedules) is
-here, so the product-wide settings class does not grow a field per package.
+here, so the product-wide settings class does not grow a field per package. It is the
+``recruitment`` section of the tree :mod:`concierge.configuration` validates at start-up.
 """
 
 from __future__ import annotations
@@ -10,22 +11,17 @@ from __future__ import annotations
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from concierge.settings import get_settings
+from core.settings import get_settings
 
 
 def _default_public_url() -> str:
-    """The API as this machine reaches it: its host (loopback for a wildcard bind) and port."""
-    settings = get_settings()
-    host = settings.api_host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.api_port}"
+    """The API as this machine reaches it (``CONCIERGE_API_HOST``, ``CONCIERGE_API_PORT``)."""
+    return get_settings().api_address()
 
 
 class RecruitmentSettings(BaseSettings):
@@ -68,16 +64,16 @@ class RecruitmentSettings(BaseSettings):
     )
     email_enabled: bool = True
     smtp_host: str = "127.0.0.1"
-    smtp_port: int = 25
+    smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_sender: str = "recruitment@concierge.invalid"
     smtp_starttls: bool = False
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
-    smtp_timeout_seconds: float = 10.0
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     #: When set, every notification is also POSTed here as JSON, signed with ``webhook_secret``.
     webhook_url: str | None = None
     webhook_secret: SecretStr = SecretStr("change-me-this-is-a-development-webhook-key")
-    webhook_timeout_seconds: float = 10.0
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     max_attempts: int = Field(default=8, ge=1)
     backoff_seconds: float = Field(default=30.0, gt=0)
     backoff_max_seconds: float = Field(default=6 * 3600.0, gt=0)
@@ -87,6 +83,15 @@ class RecruitmentSettings(BaseSettings):
     digest_hour: int = Field(default=7, ge=0, le=23)
     dispatch_interval_seconds: int = Field(default=15, ge=1)
     housekeeping_interval_minutes: int = Field(default=60, ge=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _a_time_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"not a time zone: {name!r} (e.g. Europe/London)") from None
+        return name
 
     def resolved_url(self, home: Path | None = None) -> str:
         if self.url:

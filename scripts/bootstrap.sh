@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for this project: a virtualenv with the project and its test tools.
+# Set up a fresh machine for this project: a virtualenv with the project and its test tools, at
+# the versions pinned in requirements.lock.
 # Idempotent and quiet when there is nothing to do. Sourced by scripts/test.sh, scripts/demo.sh
 # and benchmarks/run.sh, or by hand (`source scripts/bootstrap.sh`): the work runs in a subshell
 # with `set -euo pipefail`, so the caller's shell keeps its own options and directory, and a
@@ -17,12 +18,17 @@ _concierge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
       apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
     fi
   done
-  stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+  # The versions installed are requirements.lock's (every dependency pinned, with hashes;
+  # `bash scripts/lock.sh` refreshes it), so a fresh machine gets what CI tested. A change to the
+  # lock or to pyproject.toml changes the stamp, and the next run installs again.
+  stamp=.venv/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
   if [ ! -f "$stamp" ]; then
-    echo "bootstrap: creating .venv and installing the project (first run takes a minute or two)" >&2
+    echo "bootstrap: creating .venv and installing the locked environment (first run takes a minute or two)" >&2
     "$python" -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    .venv/bin/pip install -q --require-hashes -r requirements.lock
+    # the project itself, editable, with nothing more: its dependencies are all in the lock
+    .venv/bin/pip install -q --no-deps -e .
     rm -f .venv/.installed-*
     touch "$stamp"
   fi

@@ -39,8 +39,10 @@ export CONCIERGE_CHROMIUM CONCIERGE_CHROMEDRIVER
 echo "== ruff"
 ruff check .
 ruff format --check .
+echo "== import layers (lint-imports: contracts in pyproject.toml)"
+lint-imports --no-cache
 echo "== mypy"
-mypy concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards
+mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards
 echo "== pytest"
 mkdir -p test-artifacts
 pytest -p no:cacheprovider "$@"

@@ -29,20 +29,23 @@ import gc
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from concierge.settings import Settings
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
+from core.settings import Settings
 from infra.mirror import ReaderHealth, ReaderStatus
 from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
 from . import patient_state
-from .cohorts import CohortKeeper
+from .cohorts import LiveCohorts
 from .store import PatientStore, canonical, read_messages, read_partition
+
+if TYPE_CHECKING:
+    from .device_stream import DeviceContributions
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ class StreamApp:
             "trials", default=None, key_type=str, partitions=PARTITIONS
         )
         self.store = PatientStore()
-        self.keeper = CohortKeeper(self.store, self.cohort_table, self.trials_table)
+        self.cohorts = LiveCohorts(self.store, self.cohort_table, self.trials_table)
         self._rebuilding: dict[int, asyncio.Future[None]] = {}
         #: Partitions whose state was checked against the stream's position since the last
         #: rebalance; facts offset each partition's state reflects (everything before it).
@@ -173,8 +176,9 @@ class StreamApp:
         self.on_recover: list[Callable[[int], None]] = []
         #: Called when a partition's state is dropped (revoked and not assigned back).
         self.on_forget: list[Callable[[int], None]] = []
-        #: The device keeper, when the device-counter extension is installed.
-        self.devices: Any = None
+        #: The per-patient device contributions (:class:`~.device_stream.DeviceContributions`),
+        #: when the device extension is installed.
+        self.devices: DeviceContributions | None = None
         self._register()
         for extension in extensions or ():
             extension(self)
@@ -220,12 +224,12 @@ class StreamApp:
         self._verified.clear()
         self._trials_sent.clear()
         for partition in sorted(set(self.store.partitions) - facts_partitions):
-            self.keeper.forget(partition)
+            self.cohorts.forget(partition)
             for hook in self.on_forget:
                 hook(partition)
             self.store.drop(partition)
             self.folded_to.pop(partition, None)
-            self.keeper.facts_offset.pop(partition, None)
+            self.cohorts.facts_offset.pop(partition, None)
             log.info("partition %s revoked: its patient state was dropped", partition)
 
     async def _committed(self, partition: int) -> int:
@@ -316,9 +320,9 @@ class StreamApp:
                     )
             self.store.install(partition, patients)
             self.folded_to[partition] = end
-            self.keeper.facts_offset[partition] = end
+            self.cohorts.facts_offset[partition] = end
             gc.freeze()
-            self.keeper.recover(partition)
+            self.cohorts.recover(partition)
             for hook in self.on_recover:
                 hook(partition)
             self.rebuilds.append(
@@ -387,10 +391,10 @@ class StreamApp:
             else:
                 self.ignored += 1
             by_patient.setdefault(change.patient, []).append(change)
-        self.keeper.facts_offset[partition] = offset + 1
+        self.cohorts.facts_offset[partition] = offset + 1
         self.folded_to[partition] = offset + 1
         for patient, changes in by_patient.items():
-            self.keeper.on_changes(partition, patient, changes)
+            self.cohorts.on_changes(partition, patient, changes)
             for hook in self.on_change:
                 hook(partition, patient, changes)
 
@@ -407,9 +411,9 @@ class StreamApp:
             at = datetime.fromisoformat(message["time"])
             if at.tzinfo is None:
                 at = at.replace(tzinfo=UTC)
-            self.keeper.on_tick(partition, at.timestamp())
+            self.cohorts.on_tick(partition, at.timestamp())
         elif kind == "trial":
-            self.keeper.on_trial(partition, message["trial"])
+            self.cohorts.on_trial(partition, message["trial"])
         else:
             log.warning("unknown control message %r on partition %s", kind, partition)
 
@@ -497,7 +501,7 @@ class StreamApp:
         @app.page("/state/cohorts")
         async def cohorts(web: Any, request: Any) -> Any:
             # operations view on the worker's loopback port: member counts per trial only
-            return web.json(self.keeper.summary())
+            return web.json(self.cohorts.summary())
 
     async def sync_trials(self) -> None:
         """Send each assigned partition every trial version it was not sent since the last

@@ -28,32 +28,27 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
+from core.contracts.cohorts import (
+    BOOKKEEPING_PREFIX,
+    COHORT_SCHEMA,
+    evaluated_key,
+    record_key,
+    watermark_key,
+)
+from core.patient_view import PatientView
 from feasibility.criteria import parse_question
-from feasibility.engines.incremental import CompiledQuestion, fact_tokens, patient_tokens
-from feasibility.patient_data import PatientData, digest
+from feasibility.engines.incremental import CompiledQuestion, fact_tokens
 
 from .store import Change, PatientStore
 
 log = logging.getLogger(__name__)
-
-COHORT_SCHEMA = "concierge.cohort/1"
-WATERMARK = "\x00watermark|"
-#: ``\x00evaluated|<trial>|<partition>`` -> {"trial", "version", "partition", "status"}: the
-#: partition has evaluated every patient at that version of the trial's criteria, so a reader
-#: of the cohort topic knows when a version's membership is complete (before that, counting the
-#: records at the new version would undercount without saying so).
-EVALUATED = "\x00evaluated|"
-
-
-def record_key(trial: str, patient: str) -> str:
-    return f"{trial}|{patient}"
 
 
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
-class CohortKeeper:
+class LiveCohorts:
     """Live cohort membership for every active trial, over one worker's partitions."""
 
     def __init__(
@@ -71,7 +66,6 @@ class CohortKeeper:
         self.facts_offset: dict[int, int] = {}
         self.timers: dict[int, list[tuple[float, str, str]]] = {}
         self._compiled: dict[tuple[str, int], CompiledQuestion] = {}
-        self._digests: dict[str, PatientData] = {}
         self._tokens: dict[str, set[str]] = {}
         self.skipped = 0
         self.evaluations = 0
@@ -100,17 +94,14 @@ class CohortKeeper:
             self._compiled[key] = found
         return found
 
-    def data(self, partition: int, patient: str) -> PatientData:
-        found = self._digests.get(patient)
-        if found is None:
-            found = digest(patient, self.store.patient(partition, patient))
-            self._digests[patient] = found
-        return found
+    def data(self, partition: int, patient: str) -> PatientView:
+        """The patient's view, as the store keeps it per event."""
+        return self.store.view(partition, patient)
 
     def tokens(self, partition: int, patient: str) -> set[str]:
         found = self._tokens.get(patient)
         if found is None:
-            found = patient_tokens(self.store.patient(partition, patient))
+            found = self.data(partition, patient).tokens()
             self._tokens[patient] = found
         return found
 
@@ -125,12 +116,16 @@ class CohortKeeper:
 
     def recover(self, partition: int) -> None:
         """After the partition's state is rebuilt: stream time and timers from the table."""
-        mark = self.table.get(f"{WATERMARK}{partition}")
+        mark = self.table.get(watermark_key(partition))
         if mark:
             self.stream_time[partition] = float(mark["stream_time_epoch"])
         heap: list[tuple[float, str, str]] = []
         for key, record in list(self.table.items()):
-            if key.startswith("\x00") or not record or record.get("partition") != partition:
+            if (
+                key.startswith(BOOKKEEPING_PREFIX)
+                or not record
+                or record.get("partition") != partition
+            ):
                 continue
             if record.get("next_check") is not None:
                 heap.append((float(record["next_check"]), record["trial"], record["patient"]))
@@ -143,7 +138,7 @@ class CohortKeeper:
                 self._mark_evaluated(partition, spec)
 
     def _mark_evaluated(self, partition: int, spec: Mapping[str, Any]) -> None:
-        key = f"{EVALUATED}{spec['id']}|{partition}"
+        key = evaluated_key(spec["id"], partition)
         mark = {
             "trial": spec["id"],
             "version": int(spec["version"]),
@@ -157,7 +152,6 @@ class CohortKeeper:
         self.timers.pop(partition, None)
         self.stream_time.pop(partition, None)
         for patient in self.store.patients(partition):
-            self._digests.pop(patient, None)
             self._tokens.pop(patient, None)
 
     # ------------------------------------------------------------------ evaluation
@@ -202,7 +196,6 @@ class CohortKeeper:
         changes = list(changes)
         if not changes:
             return
-        self._digests.pop(patient, None)
         known = self._tokens.get(patient)
         if known is not None and all(c.old is None and c.applied for c in changes):
             for change in changes:  # new resources only: their tokens add to the patient's
@@ -251,8 +244,8 @@ class CohortKeeper:
             "stream_time_epoch": t,
             "facts_offset": self.facts_offset.get(partition, 0),
         }
-        if self.table.get(f"{WATERMARK}{partition}") != mark:
-            self.table[f"{WATERMARK}{partition}"] = mark
+        if self.table.get(watermark_key(partition)) != mark:
+            self.table[watermark_key(partition)] = mark
 
     def on_trial(self, partition: int, trial: Mapping[str, Any]) -> None:
         """A trial was registered, changed or retired. An older version is ignored; the same
@@ -314,14 +307,17 @@ class CohortKeeper:
         return {
             r["patient"]: r
             for k, r in list(self.table.items())
-            if not k.startswith("\x00") and r and r.get("trial") == trial and r.get("member")
+            if not k.startswith(BOOKKEEPING_PREFIX)
+            and r
+            and r.get("trial") == trial
+            and r.get("member")
         }
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for key, record in list(self.table.items()):
             # watermarks are records too (keyed "\x00watermark|p"); only membership has a trial
-            if key.startswith("\x00") or not record or "trial" not in record:
+            if key.startswith(BOOKKEEPING_PREFIX) or not record or "trial" not in record:
                 continue
             counts.setdefault(record["trial"], 0)
             if record.get("member"):
@@ -335,4 +331,4 @@ class CohortKeeper:
         }
 
 
-__all__ = ["COHORT_SCHEMA", "EVALUATED", "WATERMARK", "CohortKeeper", "record_key"]
+__all__ = ["LiveCohorts"]

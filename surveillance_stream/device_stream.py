@@ -1,7 +1,7 @@
 """Device counters in the stream: each patient's contribution, kept per event in a Faust table.
 
 The worker folds a patient's facts into :class:`~.store.PatientStore` and then calls
-:meth:`DeviceKeeper.on_changes`. The keeper recomputes the patient's whole
+:meth:`DeviceContributions.on_changes`, which recomputes the patient's whole
 :func:`~.devices.contribution` (exposures, outcomes, person-time and the provenance of each counter
 key) from the patient's live resources and writes it to the ``devices`` table when it differs
 from the value there. The table's changelog *is* the public, compacted topic
@@ -25,9 +25,7 @@ unset, the defaults of :mod:`.devices` apply.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,6 +40,7 @@ from surveillance_stream.devices import (
     device_classes_from_json,
     outcome_definitions_from_json,
 )
+from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.store import Change, PatientStore
 
 if TYPE_CHECKING:
@@ -49,22 +48,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceKeeper", "install", "load_definitions"]
+__all__ = ["DeviceContributions", "install", "load_definitions"]
 
 
 def load_definitions(
-    environ: Mapping[str, str] | None = None,
+    section: SurveillanceSettings | None = None,
 ) -> tuple[tuple[OutcomeDefinition, ...], tuple[DeviceClass, ...]]:
-    """Outcome definitions and device classes from the files the environment names."""
-    env = os.environ if environ is None else environ
+    """Outcome definitions and device classes from the files the surveillance section names
+    (``CONCIERGE_DEVICE_OUTCOMES`` / ``_CLASSES``; the environment's when none is given)."""
+    section = section if section is not None else SurveillanceSettings()
     definitions: tuple[OutcomeDefinition, ...] = DEFAULT_OUTCOMES
     classes: tuple[DeviceClass, ...] = DEFAULT_DEVICE_CLASSES
-    if env.get("CONCIERGE_DEVICE_OUTCOMES"):
-        path = Path(env["CONCIERGE_DEVICE_OUTCOMES"])
-        definitions = outcome_definitions_from_json(orjson.loads(path.read_bytes()))
-    if env.get("CONCIERGE_DEVICE_CLASSES"):
-        path = Path(env["CONCIERGE_DEVICE_CLASSES"])
-        classes = device_classes_from_json(orjson.loads(path.read_bytes()))
+    if section.device_outcomes is not None:
+        definitions = outcome_definitions_from_json(
+            orjson.loads(section.device_outcomes.read_bytes())
+        )
+    if section.device_classes is not None:
+        classes = device_classes_from_json(orjson.loads(section.device_classes.read_bytes()))
     return definitions, classes
 
 
@@ -82,8 +82,10 @@ def _may_expose(entry: Mapping[str, Any] | None) -> bool:
     return False
 
 
-class DeviceKeeper:
-    """Per patient, the last contribution published; recomputed after every change."""
+class DeviceContributions:
+    """Per patient, the device contribution last published (the ``devices`` table's value);
+    recomputed after every change. The population's counters are their sum, kept by the
+    monitor (:class:`~.devices.Counters`)."""
 
     def __init__(
         self,
@@ -104,7 +106,7 @@ class DeviceKeeper:
     def value(self, partition: int, patient: str) -> dict[str, Any] | None:
         """The contribution the patient's current state gives, as the table stores it."""
         found = contribution(
-            patient, self.store.patient(partition, patient), self.definitions, classes=self.classes
+            patient, self.store.view(partition, patient), self.definitions, classes=self.classes
         )
         if not found.keys and not found.person_time:
             return None
@@ -164,7 +166,8 @@ class DeviceKeeper:
 
 
 def install(stream: StreamApp) -> None:
-    """The worker extension: the ``devices`` table, its keeper and hooks, and a health page."""
+    """The worker extension: the ``devices`` table, the contributions that fill it, their hooks
+    and a health page."""
     from surveillance_stream.app import PARTITIONS
 
     settings = stream.settings
@@ -186,15 +189,15 @@ def install(stream: StreamApp) -> None:
             acks=False,
         ),
     )
-    keeper = DeviceKeeper(stream.store, table, definitions, classes)
-    stream.devices = keeper
-    stream.on_change.append(keeper.on_changes)
-    stream.on_recover.append(keeper.recover)
-    stream.on_forget.append(keeper.forget)
+    contributions = DeviceContributions(stream.store, table, definitions, classes)
+    stream.devices = contributions
+    stream.on_change.append(contributions.on_changes)
+    stream.on_recover.append(contributions.recover)
+    stream.on_forget.append(contributions.forget)
 
     @stream.app.page("/state/devices")
     async def devices_page(web: Any, request: Any) -> Any:
-        return web.json(keeper.summary())
+        return web.json(contributions.summary())
 
     log.info(
         "device counters on: %s outcome definitions, %s device classes",

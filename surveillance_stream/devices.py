@@ -1,7 +1,8 @@
 """Device surveillance: each patient's contribution to the device counters, as pure functions.
 
-A patient's live resources (``resource key -> entry``, the per-patient state the stream keeps,
-see :mod:`.store`) determine everything the device counters need from that patient:
+A patient's view (:mod:`core.patient_view`: the one fold of the patient's live resources, which
+the stream keeps per patient, see :mod:`.store`) determines everything the device counters need
+from that patient; codes are compared through the one code normaliser (:mod:`core.codes`):
 
 * :func:`exposures`: one :class:`Exposure` per device the patient carries, merged from Device,
   DeviceUseStatement/DeviceUsage and implant/revision Procedure facts, placed in the device
@@ -28,12 +29,19 @@ therefore changes no contribution, and no timer has to revisit every exposed pat
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
-from fhir_adapters.facts import patient_site
+from core.codes import ICD10, OPCS4, SNOMED, code_of
+from core.patient_view import (
+    Demographics,
+    DeviceExposure,
+    PatientView,
+    Source,
+    build_view,
+)
 
 __all__ = [
     "DEFAULT_DEVICE_CLASSES",
@@ -53,6 +61,7 @@ __all__ = [
     "Exposure",
     "Outcome",
     "OutcomeDefinition",
+    "PatientState",
     "PersonTime",
     "Source",
     "TimeKey",
@@ -67,12 +76,8 @@ __all__ = [
     "parse_node",
     "period_matches",
     "quarter",
+    "view_of",
 ]
-
-SNOMED = "http://snomed.info/sct"
-ICD10 = "http://hl7.org/fhir/sid/icd-10"
-#: OPCS-4 has no HL7-registered URI; the product uses this one throughout.
-OPCS4 = "https://fhir.hl7.org.uk/Id/opcs-4"
 
 #: Levels of the device hierarchy, from the root down. A node is the path of its first n levels.
 LEVELS: tuple[str, ...] = ("class", "manufacturer", "model", "lot")
@@ -89,9 +94,7 @@ CounterKey = tuple[str, str, str, str, str]
 #: ``(level, node, period, site)``
 TimeKey = tuple[str, str, str, str]
 
-_DOTLESS_SYSTEMS = frozenset({ICD10, OPCS4})
 _FACT_KINDS = frozenset({"condition", "procedure", "adverse_event"})
-_EXPOSURE_KINDS = frozenset({"device_exposure", "procedure"})
 #: Statuses that mean the thing did not (yet) happen or was recorded in error.
 _NOT_EXPOSED = frozenset({"entered-in-error", "intended", "not-done"})
 _NOT_PERFORMED = frozenset({"entered-in-error", "not-done", "preparation"})
@@ -102,12 +105,17 @@ _NOT_A_DIAGNOSIS = frozenset({"refuted", "entered-in-error"})
 
 
 def code(system: str, value: str) -> Code:
-    """A coding as ``(system, code)``; ICD-10 and OPCS-4 codes compare without dots, upper case
-    (``T84.5`` and ``t845`` are the same code)."""
-    value = value.strip()
-    if system in _DOTLESS_SYSTEMS:
-        value = value.replace(".", "").upper()
-    return (system, value)
+    """A coding as ``(system, code)``, normalised by the one code normaliser
+    (:mod:`core.codes`): system aliases and URIs (the NHS OPCS-4 URI, ICD-10-UK, ...) resolve to
+    the canonical system, and ICD-10 and OPCS-4 codes compare without dots, upper case (``T84.5``
+    and ``t845`` are the same code)."""
+    return code_of(system, value.strip())
+
+
+def _tokens(codes: Iterable[Code]) -> frozenset[str]:
+    """Match tokens (:func:`core.codes.token`) of normalised codes: what the patient view's
+    items carry."""
+    return frozenset(f"{system}|{value}" for system, value in codes)
 
 
 def _code_set(items: Iterable[Code | str]) -> frozenset[Code]:
@@ -121,14 +129,6 @@ def _code_set(items: Iterable[Code | str]) -> frozenset[Code]:
         else:
             system, value = item
             out.add(code(system, value))
-    return frozenset(out)
-
-
-def _fact_codes(fact: Mapping[str, Any], name: str = "codes") -> frozenset[Code]:
-    out: set[Code] = set()
-    for coding in fact.get(name) or ():
-        if isinstance(coding, Mapping) and coding.get("system") and coding.get("code"):
-            out.add(code(str(coding["system"]), str(coding["code"])))
     return frozenset(out)
 
 
@@ -235,12 +235,18 @@ class DeviceClass:
     type_codes: frozenset[Code]
     implant_codes: frozenset[Code] = frozenset()
     revision_codes: frozenset[Code] = frozenset()
+    #: the same codes as match tokens (derived)
+    type_tokens: frozenset[str] = field(init=False, repr=False, compare=False)
+    implant_tokens: frozenset[str] = field(init=False, repr=False, compare=False)
+    revision_tokens: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"a device class name must be non-empty without '/': {self.name!r}")
-        for name in ("type_codes", "implant_codes", "revision_codes"):
-            object.__setattr__(self, name, _code_set(getattr(self, name)))
+        for name in ("type", "implant", "revision"):
+            codes = _code_set(getattr(self, f"{name}_codes"))
+            object.__setattr__(self, f"{name}_codes", codes)
+            object.__setattr__(self, f"{name}_tokens", _tokens(codes))
 
 
 def _class(
@@ -285,11 +291,14 @@ class OutcomeDefinition:
     kinds: Collection[str] = frozenset({"condition"})
     device_class: str | Collection[str] | None = None
     window_days: int | None = None
+    #: the codes as match tokens (derived)
+    tokens: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or self.name == EXPOSED:
             raise ValueError(f"an outcome name must be non-empty and not {EXPOSED!r}")
         object.__setattr__(self, "codes", _code_set(self.codes))
+        object.__setattr__(self, "tokens", _tokens(self.code_set))
         kinds = frozenset(self.kinds)
         if not kinds or not kinds <= _FACT_KINDS:
             raise ValueError(
@@ -317,8 +326,9 @@ class OutcomeDefinition:
         classes = self.classes
         return classes is None or device_class in classes
 
-    def matches(self, kind: str, codes: frozenset[Code]) -> bool:
-        return kind in self.kinds and (not self.codes or bool(self.code_set & codes))
+    def matches(self, kind: str, tokens: frozenset[str]) -> bool:
+        """Whether a record of ``kind`` with these match tokens is this outcome."""
+        return kind in self.kinds and (not self.codes or bool(self.tokens & tokens))
 
 
 _THREE_YEARS = 3 * 365
@@ -419,68 +429,8 @@ def device_classes_from_json(document: Sequence[Mapping[str, Any]]) -> tuple[Dev
 # --------------------------------------------------------------------------- provenance
 
 
-@dataclass(frozen=True, order=True)
-class Source:
-    """One version of one resource whose facts were used: enough to fetch it again."""
-
-    resource: str  # resource key: source|Type|id
-    resource_type: str
-    resource_id: str
-    version: str
-    seq: int
-    last_updated: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "resource": self.resource,
-            "resource_type": self.resource_type,
-            "resource_id": self.resource_id,
-            "version": self.version,
-            "seq": self.seq,
-            "last_updated": self.last_updated,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Source:
-        return cls(
-            resource=str(data["resource"]),
-            resource_type=str(data["resource_type"]),
-            resource_id=str(data["resource_id"]),
-            version=str(data["version"]),
-            seq=int(data["seq"]),
-            last_updated=data.get("last_updated"),
-        )
-
-
-def _source(key: str, entry: Mapping[str, Any]) -> Source:
-    provenance = entry.get("provenance") or {}
-    parts = key.split("|")
-    updated = provenance.get("last_updated")
-    return Source(
-        resource=key,
-        resource_type=str(provenance.get("resource_type") or (parts[-2] if len(parts) > 2 else "")),
-        resource_id=str(provenance.get("resource_id") or parts[-1]),
-        version=str(provenance.get("version", "")),
-        seq=int(entry.get("seq", 0)),
-        last_updated=None if updated is None else str(updated),
-    )
-
-
-def _live(
-    entries: Mapping[str, Mapping[str, Any]], kinds: Collection[str]
-) -> Iterator[tuple[Source, Mapping[str, Any]]]:
-    """``(source, fact)`` for every fact of one of ``kinds`` in a live (not retracted) entry, in
-    key order (provenance is built only for entries that have such facts)."""
-    for key in sorted(entries):
-        entry = entries[key]
-        if entry.get("retracted"):
-            continue
-        source: Source | None = None
-        for fact in entry.get("facts") or ():
-            if isinstance(fact, Mapping) and fact.get("kind") in kinds:
-                if source is None:
-                    source = _source(key, entry)
-                yield source, fact
+# ``Source`` (one resource version behind a count) is the patient view's provenance
+# (:class:`core.patient_view.Source`), re-exported here.
 
 
 # --------------------------------------------------------------------------- exposures
@@ -520,49 +470,65 @@ class Exposure:
 
 @dataclass
 class _Evidence:
-    descriptions: list[tuple[int, str, Mapping[str, Any]]] = field(default_factory=list)
+    descriptions: list[tuple[int, str, DeviceExposure]] = field(default_factory=list)
     starts: list[datetime] = field(default_factory=list)
     ends: list[datetime] = field(default_factory=list)
-    procedures: list[tuple[datetime | None, frozenset[Code], Source]] = field(default_factory=list)
+    procedures: list[tuple[datetime | None, frozenset[str], Source]] = field(default_factory=list)
     sources: set[Source] = field(default_factory=set)
 
 
 _DESCRIPTION_PRIORITY = {"device": 0, "use_statement": 1, "usage": 1}
 
+#: What the device functions read of a patient: their view, or their state entries (``resource
+#: key -> entry``), which are read through the view.
+PatientState = PatientView | Mapping[str, Mapping[str, Any]]
+
+
+def view_of(patient: str, state: PatientState) -> PatientView:
+    """The patient view of ``state`` (built with :func:`core.patient_view.build_view` from
+    state entries)."""
+    return state if isinstance(state, PatientView) else build_view(patient, state)
+
 
 def _patient_place(
-    entries: Mapping[str, Mapping[str, Any]],
+    demographics: Demographics | None,
 ) -> tuple[str | None, str | None, Source | None]:
-    for source, fact in _live(entries, ("patient",)):
-        if fact.get("kind") == "patient":
-            return patient_site(fact)[0], fact.get("region"), source
-    return None, None, None
+    """Site (ODS code), region (None for "Unknown") and provenance of the patient's
+    demographics, by the patient view's one rule."""
+    if demographics is None:
+        return None, None, None
+    return demographics.site, demographics.region, demographics.source
+
+
+def _coded(tokens: frozenset[str]) -> bool:
+    """Whether any token has both a system and a code."""
+    return any(not t.startswith("|") and not t.endswith("|") for t in tokens)
 
 
 def _classify(
-    descriptions: Sequence[Mapping[str, Any]],
-    procedure_codes: frozenset[Code],
+    descriptions: Sequence[DeviceExposure],
+    procedure_codes: frozenset[str],
     classes: Sequence[DeviceClass],
 ) -> DeviceClass | None:
     """The class of the first description (in source priority) whose type codes name one; for a
     device without type codes, the class of its procedures' implant or revision codes."""
     typed = False
     for description in descriptions:
-        type_codes = _fact_codes(description, "type_codes")
-        typed = typed or bool(type_codes)
+        type_codes = description.tokens
+        typed = typed or _coded(type_codes)
         for device_class in classes:
-            if device_class.type_codes & type_codes:
+            if device_class.type_tokens & type_codes:
                 return device_class
     if not typed:
         for device_class in classes:
-            if (device_class.implant_codes | device_class.revision_codes) & procedure_codes:
+            if (device_class.implant_tokens | device_class.revision_tokens) & procedure_codes:
                 return device_class
     return None
 
 
-def _first(descriptions: Sequence[Mapping[str, Any]], name: str) -> str | None:
+def _first(descriptions: Sequence[DeviceExposure], name: str) -> str | None:
     for description in descriptions:
-        value = description.get(name)
+        value = getattr(description, name)
         if value not in (None, ""):
             return str(value)
     return None
@@ -570,13 +536,14 @@ def _first(descriptions: Sequence[Mapping[str, Any]], name: str) -> str | None:
 
 def exposures(
     patient: str,
-    entries: Mapping[str, Mapping[str, Any]],
+    entries: PatientState,
     *,
     classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
     as_of: date | datetime | None = None,
 ) -> list[Exposure]:
-    """One exposure per distinct device key named by the patient's live device-exposure facts
-    (Device, DeviceUseStatement, DeviceUsage) or procedures (``focalDevice``).
+    """One exposure per distinct device key named by the patient's live device-exposure records
+    (Device, DeviceUseStatement, DeviceUsage) or procedures (``focalDevice``), read from the
+    patient view (``entries``: the view, or state entries read through it).
 
     * Hierarchy values come from the Device resource's facts first, then from use statements.
     * Class: the first class whose type codes the device has; for a device without type codes, the
@@ -584,38 +551,37 @@ def exposures(
     * Start: the earliest exposure-fact start or implant-coded procedure (a device with neither
       takes its earliest procedure that is not a revision). End: the earliest exposure-fact end or
       revision-coded procedure after the start.
+    * Site and region: the patient view's demographics (one rule for every consumer).
     * ``as_of`` cuts off what is known: an exposure starting later is left out, a later end is
       treated as still open. Retracted resources contribute nothing.
     """
+    view = view_of(patient, entries)
     cutoff = _cutoff(as_of)
-    site, region, place_source = _patient_place(entries)
+    site, region, place_source = _patient_place(view.demographics)
     evidence: dict[str, _Evidence] = {}
-    for source, fact in _live(entries, _EXPOSURE_KINDS):
-        kind = fact.get("kind")
-        if kind == "device_exposure":
-            if fact.get("status") in _NOT_EXPOSED:
-                continue
-            description = fact.get("device") or {}
-            key = description.get("device")
-            if not key:
-                continue
-            item = evidence.setdefault(str(key), _Evidence())
-            priority = _DESCRIPTION_PRIORITY.get(str(fact.get("source")), 2)
-            item.descriptions.append((priority, source.resource, description))
-            start, end = _instant(fact.get("start")), _instant(fact.get("end"))
-            if start is not None:
-                item.starts.append(start)
-            if end is not None:
-                item.ends.append(end)
-            item.sources.add(source)
-        elif kind == "procedure":
-            if fact.get("status") in _NOT_PERFORMED or not fact.get("devices"):
-                continue
-            performed = _instant(fact.get("performed"))
-            codes = _fact_codes(fact)
-            for key in fact.get("devices") or ():
-                item = evidence.setdefault(str(key), _Evidence())
-                item.procedures.append((performed, codes, source))
+    for exposure_item in view.exposures:
+        if exposure_item.status in _NOT_EXPOSED or not exposure_item.device:
+            continue
+        source = exposure_item.source
+        assert source is not None
+        item = evidence.setdefault(exposure_item.device, _Evidence())
+        priority = _DESCRIPTION_PRIORITY.get(str(exposure_item.origin), 2)
+        item.descriptions.append((priority, source.resource, exposure_item))
+        start, end = exposure_item.at, exposure_item.end
+        if start is not None:
+            item.starts.append(start)
+        if end is not None:
+            item.ends.append(end)
+        item.sources.add(source)
+    for procedure in view.procedures:
+        if procedure.status in _NOT_PERFORMED or not procedure.devices:
+            continue
+        source = procedure.source
+        assert source is not None
+        performed = procedure.at
+        for key in procedure.devices:
+            item = evidence.setdefault(key, _Evidence())
+            item.procedures.append((performed, procedure.tokens, source))
     found: list[Exposure] = []
     for key, item in evidence.items():
         exposure = _exposure(patient, key, item, classes, cutoff, site, region, place_source)
@@ -638,8 +604,8 @@ def _exposure(
     descriptions = [d for _, _, d in sorted(item.descriptions, key=lambda t: (t[0], t[1]))]
     procedure_codes = frozenset(c for _, codes, _ in item.procedures for c in codes)
     device_class = _classify(descriptions, procedure_codes, classes)
-    implant = device_class.implant_codes if device_class else frozenset()
-    revision = device_class.revision_codes if device_class else frozenset()
+    implant = device_class.implant_tokens if device_class else frozenset()
+    revision = device_class.revision_tokens if device_class else frozenset()
     implants = sorted(
         (when, s.resource) for when, codes, s in item.procedures if when and codes & implant
     )
@@ -701,32 +667,34 @@ class Outcome:
     source: Source
 
 
-def _outcome_fact(
-    fact: Mapping[str, Any],
-) -> tuple[datetime | None, frozenset[Code], tuple[str, ...]] | None:
-    """``(date, codes, named device keys)`` of a fact that may be an outcome, else ``None``."""
-    kind = fact.get("kind")
-    if kind == "condition":
-        if fact.get("verification_status") in _NOT_A_DIAGNOSIS:
-            return None
-        when = _instant(fact.get("onset")) or _instant(fact.get("recorded"))
-        return when, _fact_codes(fact), ()
-    if kind == "procedure":
-        if fact.get("status") in _NOT_PERFORMED:
-            return None
-        return _instant(fact.get("performed")), _fact_codes(fact), tuple(fact.get("devices") or ())
-    if kind == "adverse_event":
-        if fact.get("actuality") != "actual":
-            return None
-        named = tuple(
-            str(d["device"])
-            for d in fact.get("suspect_devices") or ()
-            if isinstance(d, Mapping) and d.get("device")
-        )
-        if not named:
-            return None  # a device outcome names its device
-        return _instant(fact.get("date")), _fact_codes(fact), named
-    return None
+#: ``(kind, date, tokens, named device keys, source)`` of a record that may be an outcome
+_OutcomeRecord = tuple[str, datetime | None, frozenset[str], tuple[str, ...], Source]
+
+
+def _outcome_records(view: PatientView) -> list[_OutcomeRecord]:
+    """The patient's records that may be outcomes, in resource-key order: conditions (not
+    refuted or in error), procedures (performed), actual adverse events naming a device."""
+    found: list[tuple[str, int, _OutcomeRecord]] = []
+    for condition in view.conditions:
+        if condition.verification_status in _NOT_A_DIAGNOSIS:
+            continue
+        assert condition.source is not None
+        record: _OutcomeRecord = ("condition", condition.at, condition.tokens, (), condition.source)
+        found.append((condition.key, condition.index, record))
+    for procedure in view.procedures:
+        if procedure.status in _NOT_PERFORMED:
+            continue
+        assert procedure.source is not None
+        record = ("procedure", procedure.at, procedure.tokens, procedure.devices, procedure.source)
+        found.append((procedure.key, procedure.index, record))
+    for event in view.adverse_events:
+        if event.status != "actual" or not event.suspect_devices:
+            continue  # a device outcome names its device
+        assert event.source is not None
+        record = ("adverse_event", event.at, event.tokens, event.suspect_devices, event.source)
+        found.append((event.key, event.index, record))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return [record for _, _, record in found]
 
 
 def _in_window(
@@ -744,30 +712,27 @@ def _in_window(
 
 def outcomes(
     patient: str,
-    entries: Mapping[str, Mapping[str, Any]],
+    entries: PatientState,
     exposures: Sequence[Exposure],
     definitions: Sequence[OutcomeDefinition] = DEFAULT_OUTCOMES,
     *,
     as_of: date | datetime | None = None,
 ) -> list[Outcome]:
-    """The patient's outcomes, each attributed to the exposure(s) it belongs to.
+    """The patient's outcomes, each attributed to the exposure(s) it belongs to, read from the
+    patient view (``entries``: the view, or state entries read through it).
 
     A fact that names devices (a procedure's ``focalDevice``, an adverse event's suspect device)
     counts for those devices only; a condition counts for the patient's exposures of the
     definition's classes whose window holds its date. Only actual adverse events that name a
     device count. Outcomes dated after ``as_of`` are left out.
     """
+    view = view_of(patient, entries)
     cutoff = _cutoff(as_of)
     by_device = {e.device: e for e in exposures}
     found: dict[tuple[str, str, str], Outcome] = {}
-    for source, fact in _live(entries, _FACT_KINDS):
-        read = _outcome_fact(fact)
-        if read is None:
-            continue
-        when, codes, named = read
+    for kind, when, codes, named, source in _outcome_records(view):
         if not _known(when, cutoff):
             continue
-        kind = str(fact["kind"])
         for definition in definitions:
             if not definition.matches(kind, codes):
                 continue
@@ -914,17 +879,19 @@ def _time_key(value: Sequence[Any]) -> TimeKey:
 
 def contribution(
     patient: str,
-    entries: Mapping[str, Mapping[str, Any]],
+    entries: PatientState,
     definitions: Sequence[OutcomeDefinition] = DEFAULT_OUTCOMES,
     as_of: date | datetime | None = None,
     *,
     classes: Sequence[DeviceClass] = DEFAULT_DEVICE_CLASSES,
 ) -> Contribution:
-    """The patient's whole contribution to the device counters: a pure function of its live
-    resources (``resource key -> entry``), the definitions and ``as_of`` (``None``: everything
-    known counts, the stream's choice)."""
-    found = exposures(patient, entries, classes=classes, as_of=as_of)
-    events = outcomes(patient, entries, found, definitions, as_of=as_of)
+    """The patient's whole contribution to the device counters: a pure function of its patient
+    view (``entries``: the view, or its live resources ``resource key -> entry`` read through
+    it), the definitions and ``as_of`` (``None``: everything known counts, the stream's
+    choice)."""
+    view = view_of(patient, entries)
+    found = exposures(patient, view, classes=classes, as_of=as_of)
+    events = outcomes(patient, view, found, definitions, as_of=as_of)
     keys: list[CounterKey] = []
     sources: dict[CounterKey, set[Source]] = {}
     person_time: dict[TimeKey, PersonTime] = {}

@@ -20,7 +20,6 @@ any node of any level, and any site, can still be assessed on request (breakdown
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Message, Producer
 
+from core.contracts.signals import SignalEvent
 from infra.mirror import ReaderStatus, TopicMirror
 from surveillance_stream.devices import (
     EXPOSED,
@@ -41,6 +41,7 @@ from surveillance_stream.devices import (
     Counters,
     parse_node,
 )
+from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.signals import (
     Assessment,
     Signal,
@@ -58,23 +59,11 @@ __all__ = [
     "MonitorError",
     "SignalMonitor",
     "UnknownSignal",
-    "levels_from_env",
     "reproduce",
     "summary_of",
 ]
 
-DEFAULT_LEVELS = ("manufacturer", "model", "lot")
 BREAKDOWNS = ("manufacturer", "model", "lot", "site")
-
-
-def levels_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    env = os.environ if environ is None else environ
-    text = env.get("CONCIERGE_SIGNAL_LEVELS", "")
-    levels = tuple(x.strip() for x in text.split(",") if x.strip()) or DEFAULT_LEVELS
-    unknown = [x for x in levels if x not in LEVELS]
-    if unknown:
-        raise ValueError(f"CONCIERGE_SIGNAL_LEVELS: unknown levels {unknown}; one of {LEVELS}")
-    return levels
 
 
 class MonitorError(RuntimeError):
@@ -198,8 +187,12 @@ class SignalMonitor:
         self.bootstrap = bootstrap
         self.devices_topic = devices_topic
         self.signals_topic = signals_topic
-        self.config = config or SignalConfig.from_env()
-        self.levels = tuple(levels) if levels is not None else levels_from_env()
+        if config is None or levels is None:  # what the environment says
+            section = SurveillanceSettings()
+            config = config or section.signal_config()
+            levels = section.levels if levels is None else levels
+        self.config = config
+        self.levels = tuple(levels)
         self.audit = audit
         self.min_interval = min_interval
         self.sweep_seconds = sweep_seconds
@@ -413,7 +406,7 @@ class SignalMonitor:
         changed, not to the number of lots in a class.
         """
         started = time.perf_counter()
-        moved: list[dict[str, Any]] = []
+        moved: list[SignalEvent] = []
         with self.lock:
             day = self.counters.latest_day
             # the first pass, or a new evaluation day (person-time moves everywhere): all of it

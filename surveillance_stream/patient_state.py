@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from fhir_adapters.facts import ResourceFacts
+from core.contracts.facts import ResourceFacts
 
 SEP = "\x1f"
 

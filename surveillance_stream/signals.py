@@ -12,22 +12,24 @@
   ``reopen``); each move returns the new signal and an event. Illegal moves raise
   :class:`IllegalTransition`, naming the moves the state allows.
 
-Configuration (:class:`SignalConfig`) comes from ``CONCIERGE_SIGNAL_*`` environment variables;
-see ``docs/explanation/device-surveillance.md``.
+Configuration (:class:`SignalConfig`) comes from the ``CONCIERGE_SIGNAL_*`` environment variables
+through :class:`surveillance_stream.settings.SurveillanceSettings`; see
+``docs/explanation/device-surveillance.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
+from core.contracts.signals import SIGNAL_EVENT_SCHEMA, SignalEvent
 from surveillance_stream.devices import EXPOSED, Counters, parse_node
+from surveillance_stream.settings import DUMOUCHEL_1999_VALUES, RULES, SurveillanceSettings
 from surveillance_stream.statistics import (
     CriticalValue,
     DisproportionalityResult,
@@ -61,28 +63,10 @@ __all__ = [
 
 #: DuMouchel's (1999) hyperparameters fitted to the FDA spontaneous reporting system, in openEBGM
 #: order (alpha1, beta1, alpha2, beta2, P): the default EBGM prior.
-DUMOUCHEL_1999 = GammaMixturePrior(0.2041, 0.05816, 1.415, 1.838, 0.0969)
-
-#: Every rule :func:`assess` evaluates.
-RULES: tuple[str, ...] = ("maxsprt", "evans", "prr_ci", "ror_ci", "ic025", "eb05")
-
-ENV_PREFIX = "CONCIERGE_SIGNAL_"
+DUMOUCHEL_1999 = GammaMixturePrior(*DUMOUCHEL_1999_VALUES)
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def _number(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(ENV_PREFIX + name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{ENV_PREFIX}{name} must be finite, got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -123,43 +107,10 @@ class SignalConfig:
             raise ValueError(f"require must be 'any' or 'all', got {self.require!r}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> SignalConfig:
-        """Read ``CONCIERGE_SIGNAL_ALPHA``, ``_MIN_EVENTS``, ``_HORIZON``, ``_CONFIDENCE``,
-        ``_EB05_THRESHOLD``, ``_IC025_THRESHOLD``, ``_EBGM_PRIOR`` (``a1,b1,a2,b2,p``), ``_RULES``
-        (comma-separated) and ``_REQUIRE`` (``any``/``all``); unset ones keep their defaults."""
-        env = os.environ if environ is None else environ
-        base = cls()
-        min_events = _number(env, "MIN_EVENTS", float(base.min_events))
-        if not min_events.is_integer():
-            raise ValueError(f"{ENV_PREFIX}MIN_EVENTS must be a whole number, got {min_events}")
-        prior = base.prior
-        raw_prior = env.get(ENV_PREFIX + "EBGM_PRIOR", "").strip()
-        if raw_prior:
-            try:
-                prior = GammaMixturePrior.from_sequence([float(x) for x in raw_prior.split(",")])
-            except ValueError as exc:
-                raise ValueError(f"{ENV_PREFIX}EBGM_PRIOR: {exc}") from None
-        raw_rules = env.get(ENV_PREFIX + "RULES", "").strip()
-        rules = (
-            tuple(r.strip() for r in raw_rules.split(",") if r.strip()) if raw_rules else base.rules
-        )
-        require = env.get(ENV_PREFIX + "REQUIRE", "").strip() or base.require
-        if require not in ("any", "all"):
-            raise ValueError(f"{ENV_PREFIX}REQUIRE must be 'any' or 'all', got {require!r}")
-        try:
-            return cls(
-                alpha=_number(env, "ALPHA", base.alpha),
-                min_events=int(min_events),
-                horizon=_number(env, "HORIZON", base.horizon),
-                confidence=_number(env, "CONFIDENCE", base.confidence),
-                eb05_threshold=_number(env, "EB05_THRESHOLD", base.eb05_threshold),
-                ic025_threshold=_number(env, "IC025_THRESHOLD", base.ic025_threshold),
-                prior=prior,
-                rules=rules,
-                require="all" if require == "all" else "any",
-            )
-        except ValueError as exc:
-            raise ValueError(f"{ENV_PREFIX}*: {exc}") from None
+    def from_environment(cls) -> SignalConfig:
+        """The configuration the ``CONCIERGE_SIGNAL_*`` variables give (pydantic's
+        ``ValidationError`` naming the variable when one is wrong)."""
+        return SurveillanceSettings().signal_config()
 
     def critical_value(self) -> CriticalValue | None:
         """The MaxSPRT design's critical value, or ``None`` when no critical value attains
@@ -305,9 +256,9 @@ def assess(
 
     For a class node the comparator is every other class. Person-days are measured at ``at``
     (default: the latest date in the counters). ``config`` defaults to
-    :meth:`SignalConfig.from_env`.
+    :meth:`SignalConfig.from_environment`.
     """
-    config = config or SignalConfig.from_env()
+    config = config or SignalConfig.from_environment()
     level, parts = parse_node(node)
     device_class = parts[0]
     day = _day(at, counters)
@@ -406,7 +357,7 @@ def assess_all(
 ) -> list[Assessment]:
     """:func:`assess` for every node of a level and every outcome counted on it (or the given
     outcomes), sorted by node then outcome."""
-    config = config or SignalConfig.from_env()
+    config = config or SignalConfig.from_environment()
     found = []
     for _, node in counters.nodes(level):
         names = counters.outcome_names(level, node) if outcomes is None else sorted(outcomes)
@@ -442,8 +393,6 @@ REGULATOR_ACTIONS: dict[str, dict[State, State]] = {
     "reopen": {State.DISMISSED: State.UNDER_REVIEW, State.CLOSED: State.UNDER_REVIEW},
 }
 ACTIONS: dict[str, dict[State, State]] = {**SYSTEM_ACTIONS, **REGULATOR_ACTIONS}
-
-SIGNAL_EVENT_SCHEMA = "concierge.signal-event/1"
 
 
 def signal_id(node: str, outcome: str) -> str:
@@ -531,7 +480,7 @@ def transition(
     at: datetime,
     reason: str = "",
     statistics: Mapping[str, Any] | None = None,
-) -> tuple[Signal, dict[str, Any]]:
+) -> tuple[Signal, SignalEvent]:
     """Apply any action (system or regulator) and return ``(new signal, event)``."""
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; actions: {', '.join(ACTIONS)}")
@@ -544,7 +493,7 @@ def transition(
     new = replace(
         signal, state=target, version=signal.version + 1, statistics=snapshot, updated_at=when
     )
-    event = {
+    event: SignalEvent = {
         "schema": SIGNAL_EVENT_SCHEMA,
         "signal": signal.id,
         "node": signal.node,
@@ -569,7 +518,7 @@ def act(
     at: datetime,
     reason: str = "",
     assessment: Assessment | None = None,
-) -> tuple[Signal, dict[str, Any]]:
+) -> tuple[Signal, SignalEvent]:
     """A regulator's action (``review``, ``confirm``, ``dismiss``, ``close``, ``reopen``).
     Raises :class:`IllegalTransition` naming the allowed actions when the state forbids it."""
     if action not in REGULATOR_ACTIONS:
@@ -590,7 +539,7 @@ def act(
 
 def observe(
     signal: Signal, assessment: Assessment, *, at: datetime, actor: str = "system"
-) -> tuple[Signal, dict[str, Any] | None]:
+) -> tuple[Signal, SignalEvent | None]:
     """The statistic-driven move for a fresh assessment of the signal's node and outcome:
     ``detect`` (none -> signalled) when the signal rule fires, ``lapse`` (signalled -> none) when
     it no longer does; otherwise nothing (reviewed signals move only by regulator action)."""

@@ -7,7 +7,9 @@ nothing (Kafka Streams makes the same optimisation for tables read straight from
 worker that is assigned a partition rebuilds that partition's state by reading it from the
 beginning, then goes on from its committed offset; envelopes it sees twice change nothing.
 
-State lives in memory, per partition: ``partition -> patient -> resource key -> entry``.
+State lives in memory, per partition: ``partition -> patient -> resource key -> entry``, and
+for the patients evaluated since, their patient view (:class:`core.patient_view.PatientFold`,
+updated per event; the entries stay the state and its digest).
 Rebuilding reads with a plain Kafka consumer (tens of thousands of envelopes a second); a
 national deployment adds periodic local checkpoints (state plus the offset it covers) so a
 restart reads only the tail, and more partitions spread the state over more workers.
@@ -23,7 +25,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from fhir_adapters.facts import envelopes_of
+from core.contracts.facts import envelopes_of
+from core.patient_view import PatientFold, PatientView
 
 from . import patient_state
 
@@ -64,6 +67,10 @@ class PatientStore:
     def __init__(self) -> None:
         self.partitions: dict[int, dict[str, Entries]] = {}
         self._resources: dict[int, int] = {}
+        #: per partition, the patient view kept per event (:class:`core.patient_view.PatientFold`)
+        #: of each patient whose view was asked for since the partition was installed; made on
+        #: first use, so a rebuild parses nothing
+        self._folds: dict[int, dict[str, PatientFold]] = {}
 
     def ready(self, partition: int) -> bool:
         return partition in self.partitions
@@ -71,10 +78,22 @@ class PatientStore:
     def install(self, partition: int, patients: dict[str, Entries]) -> None:
         self.partitions[partition] = patients
         self._resources[partition] = sum(len(e) for e in patients.values())
+        self._folds.pop(partition, None)
 
     def drop(self, partition: int) -> None:
         self.partitions.pop(partition, None)
         self._resources.pop(partition, None)
+        self._folds.pop(partition, None)
+
+    def view(self, partition: int, patient: str) -> PatientView:
+        """The patient's view (:mod:`core.patient_view`), kept current per event: the one fold
+        that cohorts and device contributions read."""
+        folds = self._folds.setdefault(partition, {})
+        fold = folds.get(patient)
+        if fold is None:
+            fold = PatientFold.from_entries(patient, self.patient(partition, patient))
+            folds[patient] = fold
+        return fold.view()
 
     def patient(self, partition: int, patient: str) -> Entries:
         return self.partitions.get(partition, {}).get(patient, {})
@@ -94,6 +113,9 @@ class PatientStore:
             entries[key] = new
             if old is None:
                 self._resources[partition] = self._resources.get(partition, 0) + 1
+            fold = self._folds.get(partition, {}).get(patient)
+            if fold is not None:
+                fold.apply(key, new)  # parses this resource only
         return Change(patient, key, old, new if applied else (old or new), applied)
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:

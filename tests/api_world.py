@@ -29,19 +29,22 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import Role, issue
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from concierge.routes.recruitment import VaultIdentities
+from core.auth import Role, issue
+from core.settings import Settings
 from feasibility.criteria import parse_question
-from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+from feasibility.disclosure.budget import QueryBudget
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.live import CohortView
-from feasibility.saved import SavedQuestions, TrialCreate, TrialRecord
+from feasibility.saved import SavedQuestions, SavedTrial, TrialCreate
 from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
 from fhir_adapters.rest import IngestService
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import MemorySink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,
@@ -49,7 +52,6 @@ from fhir_adapters.synthetic.generator import (
 )
 from fhir_adapters.vault import SqlVault
 from infra.mirror import ReaderStatus
-from recruitment.api import VaultIdentities
 from recruitment.models import Invitation
 from recruitment.runtime import Runtime, build_runtime
 from recruitment.settings import RecruitmentSettings
@@ -146,7 +148,7 @@ class MemorySavedQuestions(SavedQuestions):
     def __init__(self) -> None:
         super().__init__("unused:0", "unused.trials")
 
-    def _publish(self, record: TrialRecord) -> None:
+    def _publish(self, record: SavedTrial) -> None:
         self._absorb(record.to_json())
 
     def readiness(self) -> ReaderStatus:
@@ -282,13 +284,13 @@ def build_world(
                 RecruitmentSettings(url=url), url=url, channels={}, clock=Clock()
             )
             with runtime.sessions.begin() as session:
-                applier = runtime.service.applier(session)
-                applier.trial(TRIAL, trial(TRIAL, sites=(SITE_A, SITE_B), title="Matrix trial"))
-                applier.reference(practitioner("matrix-gp-a"))
-                applier.reference(practitioner("matrix-gp-b"))
-                applier.facts(patient_facts(pseudonym, gps=[GP_A], site=SITE_A))
-                applier.cohort(TRIAL, pseudonym, cohort(TRIAL, pseudonym, 1, site=SITE_A))
-                applier.finish()
+                work = runtime.service.unit_of_work(session)
+                work.trial(TRIAL, trial(TRIAL, sites=(SITE_A, SITE_B), title="Matrix trial"))
+                work.reference(practitioner("matrix-gp-a"))
+                work.reference(practitioner("matrix-gp-b"))
+                work.facts(patient_facts(pseudonym, gps=[GP_A], site=SITE_A))
+                work.cohort(TRIAL, pseudonym, cohort(TRIAL, pseudonym, 1, site=SITE_A))
+                work.finish()
             if seed_recruitment is not None:
                 seed_recruitment(runtime, pseudonym)
             with runtime.sessions() as session:

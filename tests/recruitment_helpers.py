@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from fhir_adapters.facts import (
+from core.contracts.cohorts import CohortRecord
+from core.contracts.facts import (
     ConsentFact,
     OrganizationRecord,
     PatientFact,
@@ -34,7 +35,7 @@ from fhir_adapters.facts import (
     ReferenceRecord,
     ResourceFacts,
 )
-from recruitment.contracts import CohortRecord, TrialRecord
+from core.contracts.trials import OpaqueTrialRecord
 from recruitment.db import upgrade
 from recruitment.models import Base
 
@@ -154,8 +155,8 @@ def trial(
     recruiters: dict[str, str] | None = None,
     status: str = "active",
     title: str | None = "A trial",
-) -> TrialRecord:
-    return TrialRecord.model_validate(
+) -> OpaqueTrialRecord:
+    return OpaqueTrialRecord.model_validate(
         {
             "schema": "concierge.trial/1",
             "id": trial_id,

@@ -1,5 +1,8 @@
 """Engines: interchangeable interpreters of the criteria model.
 
+* :mod:`.base` - what an engine promises (:class:`~.base.QueryEngine`, and
+  :class:`~.base.FrameEngine` for one that evaluates over a snapshot's frames); each engine
+  declares which it satisfies, and mypy checks it.
 * :mod:`.reference` - a plain per-patient interpreter, written for clarity: the oracle.
 * :mod:`.incremental` - the per-patient evaluator the stream uses for saved questions: compiled
   matchers, the set of codes a question depends on, and when its answer can next change.

@@ -21,11 +21,23 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from core.patient_view import PatientView, build_view
+
 from ..criteria import EVENT_TYPES, AgeCriterion, Code, Question, iter_criteria
 from ..patient_data import PatientData, digest, tokens
-from ..terminology import CONCEPTS, LOINC, MARKERS, canonical_system, normalise_code
+from ..terminology import (
+    CONCEPTS,
+    LOINC,
+    MARKERS,
+    canonical_system,
+    normalise_code,
+    prefix_covers,
+    range_bounds,
+    range_covers,
+)
 from ..terminology import token as make_token
 from . import reference
+from .base import Population, QueryEngine
 from .results import PatientResult
 
 DAY = reference.DAY
@@ -54,23 +66,18 @@ class _Matcher:
         elif code.prefix is not None:
             self.prefixes.append((f"{system}|", normalise_code(system, code.prefix)))
         elif code.range is not None:
-            low, _, high = code.range.partition("-")
-            self.ranges.append(
-                (f"{system}|", normalise_code(system, low), normalise_code(system, high))
-            )
+            self.ranges.append((f"{system}|", *range_bounds(system, code.range)))
 
     def hits(self, found: Iterable[str]) -> bool:
         for tok in found:
             if tok in self.exact:
                 return True
             for head, prefix in self.prefixes:
-                if tok.startswith(head) and tok[len(head) :].startswith(prefix):
+                if tok.startswith(head) and prefix_covers(prefix, tok[len(head) :]):
                     return True
             for head, lo, hi in self.ranges:
-                if tok.startswith(head):
-                    value = tok[len(head) :]
-                    if len(value) >= len(lo) and lo <= value[: len(lo)] <= hi:
-                        return True
+                if tok.startswith(head) and range_covers(lo, hi, tok[len(head) :]):
+                    return True
         return False
 
 
@@ -160,15 +167,12 @@ def _gate(question: Question) -> _Matcher | None:
     return _Matcher(codes)
 
 
-def patient_tokens(entries: Mapping[str, Mapping[str, Any]]) -> set[str]:
-    """Every match token of a patient's live resources."""
-    found: set[str] = set()
-    for entry in entries.values():
-        if entry.get("retracted"):
-            continue
-        for fact in entry.get("facts") or ():
-            found |= fact_tokens(fact)
-    return found
+def patient_tokens(view: PatientView | Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """Every match token of a patient's live resources (from their view, or their state
+    entries through the view)."""
+    if not isinstance(view, PatientView):
+        view = build_view("", view)
+    return view.tokens()
 
 
 def _next_birthday(birth: date, after: float) -> float:
@@ -189,13 +193,16 @@ def next_change(question: Question, data: PatientData, t: float) -> float | None
 
     As T moves, an event dated ``w`` enters ``[T + start, T + end]`` at ``T = w - end`` and
     leaves after ``T = w - start``; any event dated after T enters at ``T = w``; an age changes
-    at a birthday; the population changes at a future date of death. Every such instant after
-    ``t`` is a candidate; the earliest is returned (re-evaluating early is harmless, late is
-    not).
+    at a birthday; the population changes at a future date of death or birth. Every such
+    instant after ``t`` is a candidate; the earliest is returned (re-evaluating early is
+    harmless, late is not).
     """
     candidates: list[float] = []
     if data.deceased_at is not None and data.deceased_at > t:
         candidates.append(data.deceased_at + EPSILON)
+    if data.birth_date is not None:
+        # a patient born after T's day joins the population at the start of their birth day
+        candidates.append(datetime.combine(data.birth_date, time(), UTC).timestamp())
     criteria = iter_criteria(question)
     if data.birth_date is not None and any(isinstance(c, AgeCriterion) for c in criteria):
         candidates.append(_next_birthday(data.birth_date, t))
@@ -227,7 +234,7 @@ class IncrementalEngine:
     def evaluate(
         self,
         question: Question,
-        population: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        population: Population,
         at: datetime,
     ) -> dict[str, PatientResult]:
         compiled = CompiledQuestion(question)
@@ -236,6 +243,9 @@ class IncrementalEngine:
             for patient, entries in population.items()
         }
 
+
+#: Checked by mypy: the incremental engine is a :class:`~.base.QueryEngine`.
+_engine: type[QueryEngine] = IncrementalEngine
 
 __all__ = [
     "CompiledQuestion",

@@ -18,13 +18,14 @@ UNKNOWN), built from a few joins and group-bys over the snapshot's tables
 
 :meth:`PolarsEngine.evaluate_frames` returns a *step frame*: ``pid``, ``patient``,
 ``in_population``, ``s0``..``sN`` (Int8: 1 TRUE, 0 FALSE, null UNKNOWN; inclusion steps then
-exclusion steps), ``site``, ``region`` and ``member``.
+exclusion steps), ``u0``..``uN`` (UInt32: results each step skipped as unconvertible),
+``site``, ``region`` and ``member``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from fractions import Fraction
 from functools import reduce
@@ -42,6 +43,7 @@ from ..criteria import (
     Code,
     ConditionCriterion,
     DeviceCriterion,
+    InclusionStep,
     MedicationCriterion,
     MolecularMarkerCriterion,
     Not,
@@ -67,12 +69,14 @@ from ..terminology import (
     system_of_data,
 )
 from ..terminology import token as make_token
+from .base import FrameEngine, Population
 from .reference import (
     CONDITION_EXCLUDED_VERIFICATION,
     DEVICE_EXCLUDED,
     MEDICATION_EXCLUDED,
     OBSERVATION_STATUSES,
     PROCEDURE_EXCLUDED,
+    walk_criterion,
 )
 from .results import PatientResult, Tri
 
@@ -622,6 +626,43 @@ class _Evaluation:
         ]
         return out
 
+    def _unconvertible_rows(self, criterion: Any) -> pl.LazyFrame | None:
+        """``pid``, ``rid``, ``comp`` of the readings an observation criterion with a unit
+        could not test because their unit does not convert (reference: ``unconvertible``)."""
+        if not isinstance(criterion, ObservationCriterion) or criterion.value is None:
+            return None
+        if criterion.value.unit is None:
+            return None
+        rows = self._window(self._candidates(criterion), criterion.window)
+        scale, offset = self._scale(criterion)
+        value = pl.col("value")
+        return rows.filter(value.is_not_null() & (value * scale + offset).is_null()).select(
+            "pid", "rid", "comp"
+        )
+
+    def unconvertible(self) -> list[pl.Series]:
+        """Per step, each patient's count of results skipped as unconvertible (UInt32)."""
+        plans: dict[int, pl.LazyFrame] = {}
+        for i, step in enumerate(self.question.steps):
+            tops = step.any_of if isinstance(step, InclusionStep) else step.all_of
+            rows = [
+                plan
+                for top in tops
+                for c in walk_criterion(top)
+                if (plan := self._unconvertible_rows(c)) is not None
+            ]
+            if rows:
+                plans[i] = pl.concat(rows).unique().group_by("pid").agg(pl.len().alias("_n"))
+        counted = dict(zip(plans, pl.collect_all(list(plans.values())), strict=True))
+        out = []
+        for i in range(len(self.question.steps)):
+            column = pl.repeat(0, self.n, dtype=pl.UInt32, eager=True)
+            counts = counted.get(i)
+            if counts is not None and counts.height:
+                column.scatter(counts.get_column("pid"), counts.get_column("_n"))
+            out.append(column)
+        return out
+
     def in_population(self) -> pl.Series:
         deceased_us = pl.col("deceased_us")
         alive = (
@@ -629,7 +670,11 @@ class _Evaluation:
             .then(deceased_us > _last_us_at_or_before(self.t))
             .otherwise(~pl.col("deceased").fill_null(False))
         )
-        return self._demographic(pl.col("has_demographics") & alive).fill_null(False)
+        # the patient view's rule (:meth:`core.patient_view.PatientView.in_population`): a
+        # patient born after T's day is not born yet
+        birth = pl.col("birth_date")
+        born = birth.is_null() | (birth <= pl.lit(self.day, dtype=pl.Date))
+        return self._demographic(pl.col("has_demographics") & alive & born).fill_null(False)
 
     def step_frame(self) -> pl.DataFrame:
         question = self.question
@@ -651,6 +696,7 @@ class _Evaluation:
                 patients.get_column("patient"),
                 population.alias("in_population"),
                 *[s.cast(pl.Int8).alias(f"s{i}") for i, s in enumerate(steps)],
+                *[u.alias(f"u{i}") for i, u in enumerate(self.unconvertible())],
                 patients.get_column("site"),
                 patients.get_column("region"),
                 member.alias("member"),
@@ -677,7 +723,7 @@ class PolarsEngine:
     def evaluate(
         self,
         question: Question,
-        population: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        population: Population,
         at: datetime,
     ) -> dict[str, PatientResult]:
         """Evaluate every patient of ``population`` (patient -> resource key -> entry), like
@@ -691,16 +737,24 @@ class PolarsEngine:
 def results_of(frame: pl.DataFrame, n_steps: int) -> dict[str, PatientResult]:
     """Per-patient results from a step frame."""
     columns = [f"s{i}" for i in range(n_steps)]
+    skipped = [f"u{i}" for i in range(n_steps)]
     out: dict[str, PatientResult] = {}
-    for row in frame.select("patient", "in_population", *columns, "site", "region").iter_rows():
-        patient, population, *steps, site, region = row
+    for row in frame.select(
+        "patient", "in_population", *columns, "site", "region", *skipped
+    ).iter_rows():
+        patient, population, *rest = row
+        steps, (site, region), counts = rest[:n_steps], rest[n_steps : n_steps + 2], rest[-n_steps:]
         out[patient] = PatientResult(
             bool(population),
             tuple(None if s is None else bool(s) for s in steps),
             site,
             region,
+            tuple(counts) if n_steps else (),
         )
     return out
 
+
+#: Checked by mypy: the polars engine is a :class:`~.base.FrameEngine`.
+_engine: type[FrameEngine] = PolarsEngine
 
 __all__ = ["PolarsEngine", "results_of"]

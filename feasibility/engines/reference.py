@@ -12,12 +12,16 @@ implements are the ones documented in :mod:`feasibility.criteria`:
   window; none is UNKNOWN; "latest" is the greatest (date, resource key);
 * values convert to the criterion's unit with :func:`feasibility.units.affine` (analyte from the
   LOINC code); a value whose unit does not convert is not testable;
-* demographics missing (birth date, sex, site, region) are UNKNOWN.
+* demographics missing (birth date, sex, site, region) are UNKNOWN;
+* per step, the results its criteria skipped as unconvertible are counted
+  (:func:`unconvertible`), so an answer can say how many results a unit kept out.
+* the population at T is the patient view's (:meth:`core.patient_view.PatientView.in_population`):
+  a live Patient, alive at T, not born after T's day.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -30,6 +34,7 @@ from ..criteria import (
     Code,
     ConditionCriterion,
     DeviceCriterion,
+    InclusionStep,
     MedicationCriterion,
     MolecularMarkerCriterion,
     Not,
@@ -50,10 +55,14 @@ from ..terminology import (
     MARKERS,
     canonical_system,
     normalise_code,
+    prefix_covers,
+    range_bounds,
+    range_covers,
     stage_matches,
     system_of_data,
 )
 from ..terminology import token as make_token
+from .base import Population, QueryEngine
 from .results import PatientResult, Tri, kleene_and, kleene_not, kleene_or
 
 DAY = 86400.0
@@ -76,17 +85,16 @@ def code_matches(code: Code, found: Tokens) -> bool:
     if code.code is not None:
         return make_token(system, code.code) in found
     head = f"{system}|"
+    prefix = normalise_code(system, code.prefix) if code.prefix is not None else None
+    bounds = range_bounds(system, code.range) if code.range is not None else None
     for tok in found:
         if not tok.startswith(head):
             continue
         value = tok[len(head) :]
-        if code.prefix is not None and value.startswith(normalise_code(system, code.prefix)):
+        if prefix is not None and prefix_covers(prefix, value):
             return True
-        if code.range is not None:
-            low, _, high = code.range.partition("-")
-            lo, hi = normalise_code(system, low), normalise_code(system, high)
-            if lo <= value[: len(lo)] <= hi and len(value) >= len(lo):
-                return True
+        if bounds is not None and range_covers(*bounds, value):
+            return True
     return False
 
 
@@ -216,6 +224,7 @@ class _Reading:
         self.key = row.key
         self.when = row.when
         self.measurement = measurement
+        self.index = index
         self.order = (row.when if row.when is not None else float("-inf"), row.key, index)
 
 
@@ -379,12 +388,38 @@ def evaluate_criterion(criterion: Any, ctx: _Context) -> Tri:
     return _event(criterion, ctx)
 
 
+def walk_criterion(criterion: Any) -> list[Any]:
+    """``criterion`` and every criterion nested in it, depth first."""
+    if isinstance(criterion, AllOf | AnyOf):
+        return [criterion, *(c for child in criterion.criteria for c in walk_criterion(child))]
+    if isinstance(criterion, Not):
+        return [criterion, *walk_criterion(criterion.criterion)]
+    return [criterion]
+
+
+def unconvertible(criteria: list[Any], ctx: _Context) -> int:
+    """Results that the criteria (of one step) read but could not test because their unit
+    does not convert to the criterion's (or they have none): distinct (resource key,
+    component) with a value, in the criterion's window."""
+    skipped: set[tuple[str, int]] = set()
+    for criterion in (c for top in criteria for c in walk_criterion(top)):
+        if not isinstance(criterion, ObservationCriterion) or criterion.value is None:
+            continue
+        if criterion.value.unit is None:
+            continue
+        for reading in _candidates(criterion, ctx):
+            if (
+                reading.measurement.value is not None
+                and ctx.in_window(criterion.window, reading.when)
+                and converted(criterion, reading) is None
+            ):
+                skipped.add((reading.key, reading.index))
+    return len(skipped)
+
+
 def alive(data: PatientData, t: float) -> bool:
-    if not data.has_demographics:
-        return False
-    if data.deceased_at is not None:
-        return data.deceased_at > t
-    return not data.deceased
+    """In the population at ``t``: the patient view's rule (known, alive, born by then)."""
+    return data.in_population(t)
 
 
 def evaluate_patient(question: Question, data: PatientData, at: datetime) -> PatientResult:
@@ -396,7 +431,11 @@ def evaluate_patient(question: Question, data: PatientData, at: datetime) -> Pat
     steps += [
         kleene_and([evaluate_criterion(c, ctx) for c in step.all_of]) for step in question.exclusion
     ]
-    return PatientResult(alive(data, t), tuple(steps), data.site, data.region)
+    skipped = tuple(
+        unconvertible(step.any_of if isinstance(step, InclusionStep) else step.all_of, ctx)
+        for step in question.steps
+    )
+    return PatientResult(alive(data, t), tuple(steps), data.site, data.region, skipped)
 
 
 class ReferenceEngine:
@@ -405,7 +444,7 @@ class ReferenceEngine:
     def evaluate(
         self,
         question: Question,
-        population: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        population: Population,
         at: datetime,
     ) -> dict[str, PatientResult]:
         """Evaluate every patient of ``population`` (patient -> resource key -> entry)."""
@@ -415,6 +454,9 @@ class ReferenceEngine:
         }
 
 
+#: Checked by mypy: the reference engine is a :class:`~.base.QueryEngine`.
+_engine: type[QueryEngine] = ReferenceEngine
+
 __all__ = [
     "ReferenceEngine",
     "age_on",
@@ -423,4 +465,6 @@ __all__ = [
     "code_matches",
     "evaluate_patient",
     "qualifying",
+    "unconvertible",
+    "walk_criterion",
 ]

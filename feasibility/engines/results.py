@@ -20,6 +20,9 @@ class PatientResult:
     steps: tuple[Tri, ...]
     site: str | None = None
     region: str | None = None
+    #: Per step, the results its criteria skipped because their unit does not convert to
+    #: the criterion's (or they have none): distinct (resource, component) in the window.
+    unconvertible: tuple[int, ...] = ()
 
     def member(self, question: Question) -> bool:
         return self.in_population and is_member(question, self.steps)

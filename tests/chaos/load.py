@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.synthetic.generator import GeneratorConfig, iter_patients
 

@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from core.contracts.facts import decode_resource_facts, envelopes_of
 from feasibility.criteria import Question
 from feasibility.engines.reference import ReferenceEngine
 from feasibility.engines.results import cohort
 from fhir_adapters.extract import REFERENCE_TYPES
-from fhir_adapters.facts import decode_resource_facts, envelopes_of
 from surveillance_stream import patient_state
 from surveillance_stream.devices import Counters, contribution
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from concierge.auth import issue
+from core.auth import issue
 from infra import broker as broker_mod
 from infra.topics_admin import ensure_topics
 from tests.faults import PrivateBroker, free_port

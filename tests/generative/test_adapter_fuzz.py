@@ -28,7 +28,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhir_adapters.facts import decode_reference, decode_resource_facts
+from core.contracts.facts import decode_reference, decode_resource_facts
 from fhir_adapters.pipeline import STATUSES, Ingestor, Outcome
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import MemorySink

@@ -22,10 +22,10 @@ import orjson
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from concierge.commands.generate import bundle
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import MemorySink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,

@@ -35,16 +35,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from feasibility.disclosure import (
+from feasibility.disclosure.answer import (
     FUNNEL_FIELDS,
     AnswerSets,
     Cell,
-    DisclosurePolicy,
     FunnelStepSets,
     ProtectedAnswer,
-    PublicationRegistry,
-    protect,
 )
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.protection import protect
+from feasibility.disclosure.registry import PublicationRegistry
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 

@@ -1,5 +1,5 @@
 """Stream equals batch: the live cohort of a saved question, kept per event by the stream's
-:class:`CohortKeeper`, equals the batch answer (reference and polars engines) over the same data
+:class:`LiveCohorts`, equals the batch answer (reference and polars engines) over the same data
 at the same evaluation time, after random interleavings of inserts, updates, retractions, ticks
 of stream time, a trial registration, and worker crashes with restarts.
 
@@ -19,12 +19,21 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from core.contracts.cohorts import (
+    EVALUATED_PREFIX,
+    WATERMARK_PREFIX,
+    CohortRecord,
+    EvaluatedMark,
+    Watermark,
+    split_record_key,
+)
 from feasibility.criteria import Question
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.engines.reference import ReferenceEngine
 from feasibility.engines.results import cohort
-from surveillance_stream.cohorts import CohortKeeper
+from surveillance_stream.cohorts import LiveCohorts
 from surveillance_stream.store import PatientStore
 
 from .test_engine_agreement import (
@@ -186,19 +195,19 @@ class Worker:
 
     def __init__(self, table: dict[str, Any], trials: dict[str, Any]) -> None:
         self.store = PatientStore()
-        self.keeper = CohortKeeper(self.store, table, trials, wall_clock=lambda: START)
+        self.cohorts = LiveCohorts(self.store, table, trials, wall_clock=lambda: START)
 
     def process(self, partition: int, kind: str, payload: Any) -> None:
         if kind == "facts":
             change = self.store.apply(partition, payload)
-            self.keeper.on_changes(partition, change.patient, [change])
+            self.cohorts.on_changes(partition, change.patient, [change])
         elif kind == "tick":
-            self.keeper.on_tick(partition, payload)
+            self.cohorts.on_tick(partition, payload)
         else:
-            self.keeper.on_trial(partition, payload)
+            self.cohorts.on_trial(partition, payload)
 
 
-def run(scenario: dict[str, Any]) -> CohortKeeper:
+def run(scenario: dict[str, Any]) -> LiveCohorts:
     # the log: per partition, facts and control messages in order
     logs: dict[int, list[tuple[str, Any]]] = {p: [] for p in range(PARTITIONS)}
     for kind, payload in scenario["events"]:
@@ -245,7 +254,7 @@ def run(scenario: dict[str, Any]) -> CohortKeeper:
                     if kind == "facts":
                         worker.store.apply(p, payload)
                 worker.store.partitions.setdefault(p, {})
-                worker.keeper.recover(p)
+                worker.cohorts.recover(p)
             position = dict(committed)
             history = [(dict(position), copy.deepcopy(table), copy.deepcopy(trials))]
         pending = [(p, position[p]) for p in range(PARTITIONS) if position[p] < len(logs[p])]
@@ -258,8 +267,8 @@ def run(scenario: dict[str, Any]) -> CohortKeeper:
         history.append((dict(position), copy.deepcopy(table), copy.deepcopy(trials)))
         step += 1
     for p in range(PARTITIONS):
-        worker.keeper.on_tick(p, scenario["end"])
-    return worker.keeper
+        worker.cohorts.on_tick(p, scenario["end"])
+    return worker.cohorts
 
 
 def population(envelopes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -270,14 +279,33 @@ def population(envelopes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def check_live_equals_batch(scenario: dict[str, Any]) -> None:
-    keeper = run(scenario)
+    cohorts = run(scenario)
     question = scenario["question"]
     # the stream's evaluation time is its stream time: the final tick on every partition
-    at = datetime.fromtimestamp(max(keeper.stream_time.values()), UTC)
+    at = datetime.fromtimestamp(max(cohorts.stream_time.values()), UTC)
     data = population(scenario["envelopes"])
     want = cohort(question, ReferenceEngine().evaluate(question, data, at))
-    assert set(keeper.members("trial-1")) == set(want)
+    assert set(cohorts.members("trial-1")) == set(want)
     assert cohort(question, PolarsEngine().evaluate(question, data, at)) == want
+    check_table_follows_the_contract(cohorts.table)
+
+
+def check_table_follows_the_contract(table: dict[str, Any]) -> None:
+    """What the worker writes on the cohort topic is what core.contracts.cohorts defines: each
+    value validates as its key's model and carries no field the contract does not name."""
+    for key, value in table.items():
+        if value is None:
+            continue
+        if key.startswith(WATERMARK_PREFIX):
+            model: type[BaseModel] = Watermark
+        elif key.startswith(EVALUATED_PREFIX):
+            model = EvaluatedMark
+        else:
+            assert split_record_key(key) == (value["trial"], value["patient"]), key
+            model = CohortRecord
+        model.model_validate(value)
+        names = {f.alias or name for name, f in model.model_fields.items()}
+        assert set(value) <= names, (key, set(value) - names)
 
 
 SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]

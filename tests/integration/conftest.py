@@ -51,7 +51,7 @@ def regulator_stack(
 ) -> Iterator[RegulatorStack]:
     """A real worker and ``concierge api`` (subprocess) over a population with a faulty hip
     model; ready once the faulty model signals (see ``surveillance_stack.py``)."""
-    from concierge.settings import Settings
+    from core.settings import Settings
 
     from .surveillance_stack import start_regulator_stack
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import httpx
 
-from concierge.auth import issue
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from core.auth import issue
+from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     DENSE_IMPLANT_RATES,
     GeneratorConfig,

@@ -24,8 +24,8 @@ import uvicorn
 from selenium.webdriver.common.by import By
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from core.auth import issue
+from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.rest import IngestService
@@ -96,18 +96,18 @@ class Served:
 def seed(runtime: Runtime) -> None:
     """One trial at RA3 and RB1, a GP, a recruiter nurse at RB1, one patient entering at RA3."""
     with runtime.sessions.begin() as session:
-        applier = runtime.service.applier(session)
-        applier.trial("t1", trial(sites=("RA3", "RB1"), title="SGLT2 in type 2 diabetes"))
+        work = runtime.service.unit_of_work(session)
+        work.trial("t1", trial(sites=("RA3", "RB1"), title="SGLT2 in type 2 diabetes"))
         for record in (
             practitioner("gp1"),
             practitioner("nurse"),
             organization("trust-b", "RB1"),
             recruiter_role("role-n", "nurse", "trust-b"),
         ):
-            applier.reference(record)
-        applier.facts(patient_facts("p1", gps=[GP1]))
-        applier.cohort("t1", "p1", cohort("t1", "p1", 1, site="RA3"))
-        applier.finish()
+            work.reference(record)
+        work.facts(patient_facts("p1", gps=[GP1]))
+        work.cohort("t1", "p1", cohort("t1", "p1", 1, site="RA3"))
+        work.finish()
 
 
 @pytest.fixture
@@ -190,10 +190,10 @@ def test_a_gp_sees_the_candidate_arrive_and_approves_it(served: Served) -> None:
         # A new candidate arriving while the page is open shows up at the next refresh.
         served.identities.people["p2"] = {"given": "Alan", "family": "Turing"}
         with served.runtime.sessions.begin() as session:
-            applier = served.runtime.service.applier(session)
-            applier.facts(patient_facts("p2", gps=[GP1]))
-            applier.cohort("t1", "p2", cohort("t1", "p2", 1, site="RA3"))
-            applier.finish()
+            work = served.runtime.service.unit_of_work(session)
+            work.facts(patient_facts("p2", gps=[GP1]))
+            work.cohort("t1", "p2", cohort("t1", "p2", 1, site="RA3"))
+            work.finish()
         wait_for(lambda: "Alan Turing" in page_text(driver), timeout=30, what="the new candidate")
         assert "2 invitation(s)" in page_text(driver)
         path = screenshot(driver, "clinician-page")

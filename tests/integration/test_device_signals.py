@@ -24,8 +24,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from core.auth import issue
+from core.settings import Settings
 from infra.topics import SIGNALS
 from tests.generative.test_device_counters import faulty_outcome_records
 

@@ -22,7 +22,7 @@ from selenium.webdriver.common.by import By
 
 from concierge.api import create_app
 from concierge.docs_offline import REDOC_JS, STATIC_PATH
-from concierge.settings import Settings
+from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.rest import IngestService

@@ -15,16 +15,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from core.auth import issue
+from core.contracts.facts import ReferenceRecord, ResourceFacts
+from core.settings import Settings
 from feasibility.criteria import parse_question
 from feasibility.engines.reference import ReferenceEngine
 from feasibility.engines.results import cohort, funnel
 from feasibility.service import answer_sets
-from fhir_adapters.facts import ReferenceRecord, ResourceFacts
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import DeadLetter, KafkaSink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,
@@ -156,9 +156,9 @@ def test_answer_matches_the_reference_engine_under_disclosure(
     answer = response.json()
     total = answer["total"]
     if len(true_cohort) < 10:
-        assert total["suppressed"] and total["display"] == "<10"
+        assert total["suppressed"] and total["display"] == "withheld"
     else:  # shown rounded, or withheld to protect another cell
-        assert total["display"] in (rounded(len(true_cohort)), "<10")
+        assert total["display"] in (rounded(len(true_cohort)), "withheld")
     assert [step["label"] for step in answer["funnel"]][1:] == [
         step.label for step in question.steps
     ]
@@ -166,6 +166,16 @@ def test_answer_matches_the_reference_engine_under_disclosure(
     assert answer["funnel"][0]["entered"]["display"] == rounded(population)
     for cell in [*answer["by_site"].values(), *answer["by_region"].values()]:
         assert cell["suppressed"] or cell["value"] >= 10
+    # what cannot all be shown is said in words, and no cell claims to be under the threshold
+    for step in answer["funnel"]:
+        hidden = [f for f in ("entered", "passed", "failed", "unknown", "remaining")
+                  if step[f]["suppressed"]]  # fmt: skip
+        assert (step["note"] is None) == (not hidden)
+        assert all(step[f]["display"] == "withheld" for f in hidden)
+    sites_hidden = sum(1 for c in answer["by_site"].values() if c["suppressed"])
+    if sites_hidden:
+        assert answer["notes"][0].startswith(f"{sites_hidden} of {len(answer['by_site'])} site")
+    assert "<10" not in response.text
     assert "p-" not in response.text  # no pseudonym, ever
     assert answer["rules"]
 
@@ -295,3 +305,57 @@ def test_the_query_budget_locks_a_sponsor_out_with_retry_after(
         assert budget["remaining"] == 0
         # budgets are per organisation
         assert client.post("/v1/feasibility/ask", json=criteria, headers=other).is_success
+
+
+def test_a_bad_unit_is_refused_with_the_criterion_s_place(world: dict[str, Any]) -> None:
+    """A misspelt unit or one of the wrong kind made the step UNKNOWN for everyone (a 200
+    with an empty cohort); it is a 422 naming where it is, on every route that takes criteria."""
+    client = world["client"]
+    for unit, message in (("mmol/mool", "unknown unit atom 'mool'"), ("kg", "'kg'")):
+        criteria = example("t2dm-sglt2.json")
+        criteria["inclusion"][2]["any_of"][0]["value"]["unit"] = unit
+        trial = {"id": "t2dm-bad-unit", "title": "Bad unit", "criteria": criteria}
+        for route, body, pointer in (
+            ("ask", criteria, "/inclusion/2/any_of/0/value/unit"),
+            ("check", criteria, "/inclusion/2/any_of/0/value/unit"),
+            ("saved-questions", trial, "/criteria/inclusion/2/any_of/0/value/unit"),
+        ):
+            response = client.post(f"/v1/feasibility/{route}", json=body, headers=world["sponsor"])
+            assert response.status_code == 422, (route, response.text)
+            assert response.headers["content-type"].startswith("application/problem+json")
+            (error,) = response.json()["detail"]
+            assert error["pointer"] == pointer, (route, error)
+            assert message in error["msg"], (route, error)
+    listed = client.get("/v1/feasibility/saved-questions", headers=world["sponsor"]).json()
+    assert "t2dm-bad-unit" not in [t["id"] for t in listed]
+
+
+def test_each_step_says_how_many_results_were_skipped_as_unconvertible(
+    world: dict[str, Any],
+) -> None:
+    """Per funnel step with a unit to convert to, the results its criteria skipped because
+    their unit does not convert, among the patients who entered the step (the oracle: the
+    reference engine's per-patient counts), under the small-number rule and rounding."""
+    criteria = example("t2dm-sglt2.json")
+    question = parse_question(criteria)
+    service = world["app"].state.feasibility
+    response = world["client"].post("/v1/feasibility/ask", json=criteria, headers=world["sponsor"])
+    assert response.status_code == 200, response.text
+    results = ReferenceEngine().evaluate(question, world["population"], datetime.now(UTC))
+    true_funnel = funnel(question, results)[1:]
+    for i, step in enumerate(response.json()["funnel"][1:]):
+        if i not in (2, 4):  # only the HbA1c and eGFR steps convert units
+            assert "unconvertible_results" not in step, step
+            continue
+        entered = true_funnel[i].entered
+        skipped = sum(results[p].unconvertible[i] for p in entered)
+        patients = sum(1 for p in entered if results[p].unconvertible[i])
+        cell = step["unconvertible_results"]
+        if service.policy.is_small(skipped) or service.policy.is_small(patients):
+            assert cell == {
+                "value": None,
+                "display": service.policy.withheld_display,
+                "suppressed": True,
+            }, (i, cell)
+        else:
+            assert cell["value"] == service.policy.rounded(skipped), (i, cell)

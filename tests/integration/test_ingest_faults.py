@@ -31,9 +31,9 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
-from fhir_adapters.facts import decode_resource_facts, envelopes_of
+from core.auth import issue
+from core.contracts.facts import decode_resource_facts, envelopes_of
+from core.settings import Settings
 from fhir_adapters.pipeline import EXCERPT_BYTES
 from infra.topics import DEADLETTER, FACTS
 from infra.topics_admin import ensure_topics

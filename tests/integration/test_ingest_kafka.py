@@ -11,8 +11,8 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from concierge.settings import Settings
-from fhir_adapters.facts import decode_reference, decode_resource_facts, envelopes_of
+from core.contracts.facts import decode_reference, decode_resource_facts, envelopes_of
+from core.settings import Settings
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from infra.topics import DEADLETTER, FACTS, REFERENCE

@@ -16,14 +16,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from concierge.commands.generate import bundle
+from core.auth import issue
+from core.settings import Settings
 from feasibility.criteria import parse_question
 from feasibility.engines.reference import ReferenceEngine
 from feasibility.engines.results import cohort
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink
-from fhir_adapters.synthetic.cli import bundle
 from fhir_adapters.synthetic.generator import (
     GeneratorConfig,
     iter_patients,

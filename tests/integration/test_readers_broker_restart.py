@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from feasibility.criteria import parse_question
 from feasibility.feed import FactsFeed
 from feasibility.live import CohortView
-from feasibility.saved import SavedQuestions, TrialRecord
+from feasibility.saved import SavedQuestions, SavedTrial
 from feasibility.snapshot import ColumnarSnapshot
 from infra.mirror import ReaderStatus
 from infra.topics import COHORT, DEVICES, FACTS, REFERENCE, SIGNALS, TRIALS
@@ -173,7 +173,7 @@ def _cohort_view(bootstrap: str, prefix: str) -> Reader:
 
 
 def _trial(trial_id: str) -> bytes:
-    return TrialRecord(
+    return SavedTrial(
         id=trial_id,
         title="A saved question",
         criteria=parse_question(CRITERIA),

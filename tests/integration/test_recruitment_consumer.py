@@ -31,7 +31,7 @@ from recruitment.models import (
 )
 from recruitment.notify import MemoryChannel
 from recruitment.runtime import Runtime, build_runtime
-from recruitment.service import Applier
+from recruitment.service import UnitOfWork
 from recruitment.settings import RecruitmentSettings
 from tests.faults import free_port
 from tests.recruitment_helpers import (
@@ -206,11 +206,11 @@ def test_a_crash_mid_batch_loses_nothing_and_applies_nothing_twice(
         class CrashesMidBatch(RecruitmentConsumer):
             seen = 0
 
-            def apply(self, applier: Applier, kind: str, message: Message) -> bool:
+            def apply(self, work: UnitOfWork, kind: str, message: Message) -> bool:
                 CrashesMidBatch.seen += 1
                 if CrashesMidBatch.seen == 25:  # the 5th message of the 3rd batch of 10
                     raise Crash
-                return super().apply(applier, kind, message)
+                return super().apply(work, kind, message)
 
         crashing = _consumer(runtime, topics, group, CrashesMidBatch)
         with pytest.raises(Crash):
@@ -295,7 +295,7 @@ def test_sigkill_mid_stream_then_restart_gives_exactly_once(topics: Topics, tmp_
             [
                 sys.executable,
                 "-m",
-                "recruitment.cli",
+                "concierge.commands.recruitment",
                 "run",
                 "--no-scheduler",
                 "--no-migrate",

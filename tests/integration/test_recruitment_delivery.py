@@ -74,12 +74,12 @@ def mailbox() -> Iterator[tuple[Mailbox, int]]:
 
 def _invite(runtime: Runtime) -> str:
     with runtime.sessions.begin() as session:
-        applier = runtime.service.applier(session)
-        applier.trial("t1", trial(title="SGLT2 inhibitor study"))
-        applier.reference(practitioner("gp1"))
-        applier.facts(patient_facts(PATIENT, gps=[practitioner_key("gp1")]))
-        applier.cohort("t1", PATIENT, cohort("t1", PATIENT, 1))
-        applier.finish()
+        work = runtime.service.unit_of_work(session)
+        work.trial("t1", trial(title="SGLT2 inhibitor study"))
+        work.reference(practitioner("gp1"))
+        work.facts(patient_facts(PATIENT, gps=[practitioner_key("gp1")]))
+        work.cohort("t1", PATIENT, cohort("t1", PATIENT, 1))
+        work.finish()
         return str(session.scalar(sa.select(Invitation.id)))
 
 

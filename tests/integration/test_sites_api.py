@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from concierge.api import create_app
-from concierge.auth import issue
-from concierge.settings import Settings
+from core.auth import issue
+from core.settings import Settings
 from feasibility.sites import UNRESOLVED
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import KafkaSink

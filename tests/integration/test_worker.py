@@ -14,14 +14,14 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from concierge.settings import Settings
-from fhir_adapters.facts import (
+from core.contracts.facts import (
     ObservationFact,
     Provenance,
     ResourceFacts,
     decode_resource_facts,
     envelopes_of,
 )
+from core.settings import Settings
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from infra.topics import FACTS

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from concierge.settings import Settings
-from fhir_adapters.facts import ResourceFacts
+from core.contracts.facts import ResourceFacts
+from core.settings import Settings
 from infra.topics import FACTS
 from surveillance_stream import patient_state
 from surveillance_stream.app import StreamApp, create_app

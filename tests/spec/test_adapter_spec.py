@@ -18,7 +18,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 
-from fhir_adapters.facts import (
+from core.contracts.facts import (
     AdverseEventFact,
     Coding,
     Component,
@@ -927,7 +927,7 @@ def test_patient_site_from_an_ods_identifier_on_the_reference() -> None:
 
 
 def test_a_legacy_patient_fact_holding_a_key_in_site_is_read_as_a_key() -> None:
-    from fhir_adapters.facts import patient_site
+    from core.contracts.facts import patient_site
 
     legacy = {"site": key("Organization", "org1")}
     assert patient_site(legacy) == (None, key("Organization", "org1"))

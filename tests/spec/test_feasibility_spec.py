@@ -287,6 +287,99 @@ def test_latest_testable_reading_skips_unconvertible_units(engine: Any) -> None:
     assert run(engine, crit, patients) == {"p": True}
 
 
+EGFR = {
+    "type": "observation",
+    "codes": [{"concept": "egfr"}],
+    "value": {"lt": 30, "unit": "mL/min/{1.73_m2}"},
+}
+
+
+def test_egfr_in_ml_per_min_is_not_normalised_egfr_and_is_counted_as_unconvertible(
+    engine: Any,
+) -> None:
+    # mL/min (a clearance) and mL/min/{1.73_m2} (normalised to body surface area) are
+    # different quantities: no conversion without the patient's surface area
+    patients = {
+        "normalised": [patient(), observation("62238-1", "2025-10-01", 20, "mL/min/{1.73_m2}")],
+        "spelt_so": [patient(), observation("62238-1", "2025-10-01", 20, "mL/min/1.73m2")],
+        "absolute": [patient(), observation("62238-1", "2025-10-01", 20, "mL/min")],
+        "absolute_later": [
+            patient(),
+            observation("62238-1", "2025-06-01", 50, "mL/min/{1.73_m2}"),
+            observation("62238-1", "2025-10-01", 20, "mL/min"),
+        ],
+        "two_absolute": [
+            patient(),
+            observation("62238-1", "2025-09-01", 25, "mL/min"),
+            observation("62238-1", "2025-10-01", 20, "mL/min"),
+        ],
+        "no_unit": [patient(), observation("62238-1", "2025-10-01", 20, None)],
+        "after_t": [patient(), observation("62238-1", "2026-06-01", 20, "mL/min")],
+        "none": [patient()],
+    }
+    q = parse_question({"inclusion": [EGFR, {"type": "age", "min": 18}]})
+    results = engine.evaluate(q, population(**patients), AT)
+    assert {p: r.steps[0] for p, r in results.items()} == {
+        "normalised": True,
+        "spelt_so": True,
+        "absolute": None,
+        "absolute_later": False,
+        "two_absolute": None,
+        "no_unit": None,
+        "after_t": None,
+        "none": None,
+    }
+    assert {p: r.unconvertible for p, r in results.items()} == {
+        "normalised": (0, 0),
+        "spelt_so": (0, 0),
+        "absolute": (1, 0),
+        "absolute_later": (1, 0),
+        "two_absolute": (2, 0),
+        "no_unit": (1, 0),
+        "after_t": (0, 0),
+        "none": (0, 0),
+    }
+
+
+def test_unconvertible_results_are_counted_once_per_step_wherever_they_are_read(
+    engine: Any,
+) -> None:
+    # one result read by two criteria of a step (one under not, one windowed) counts once;
+    # a component in a unit that does not convert counts; a step without unit tests counts 0
+    systolic = {
+        "type": "observation",
+        "codes": [{"concept": "bp_panel"}],
+        "component": [{"concept": "systolic_bp"}],
+        "value": {"ge": 140, "unit": "mm[Hg]"},
+    }
+    question = {
+        "inclusion": [
+            {
+                "any_of": [
+                    EGFR,
+                    {"type": "not", "criterion": {**EGFR, "window": {"days_before": 365}}},
+                ]
+            },
+            {"any_of": [systolic, {"type": "sex", "values": ["female"]}]},
+        ],
+        "exclusion": [{"type": "age", "max": 17}],
+    }
+    pop = population(
+        p=[
+            patient(),
+            observation("62238-1", "2025-10-01", 20, "mL/min"),
+            observation("62238-1", "2023-10-01", 20, "mL/min"),
+            observation(
+                "85354-9",
+                "2025-10-01",
+                components=[component("8480-6", 150, "mL"), component("8462-4", 90, "mm[Hg]")],
+            ),
+        ]
+    )
+    q = parse_question(question)
+    assert engine.evaluate(q, pop, AT)["p"].unconvertible == (2, 1, 0)
+
+
 def test_select_any_min_max(engine: Any) -> None:
     readings = [
         patient(),
@@ -556,6 +649,31 @@ def test_population_excludes_deceased_and_patients_without_demographics(engine: 
     assert {p for p, r in results.items() if r.in_population} == {"alive", "died_later"}
 
 
+def test_population_at_an_index_date_excludes_patients_born_after_it(engine: Any) -> None:
+    """Seen on third-party data: patients born after the index date were in the population at
+    that date (and in its funnel). The patient view's rule: born by the index instant's day."""
+    q = parse_question(
+        {"index_date": "2020-06-30", "inclusion": [{"type": "sex", "values": ["female"]}]}
+    )
+    pop = population(
+        before=[patient(birth="1990-01-01")],
+        on_the_day=[patient(birth="2020-06-30")],
+        day_after=[patient(birth="2020-07-01")],
+        years_after=[patient(birth="2023-05-05", site="RB2")],
+        unknown_birth=[patient(birth=None)],
+    )
+    results = engine.evaluate(q, pop, AT)
+    assert {p for p, r in results.items() if r.in_population} == {
+        "before",
+        "on_the_day",
+        "unknown_birth",
+    }
+    assert cohort(q, results) == {"before", "on_the_day", "unknown_birth"}
+    # at today's date (no index date) they are born, so they are in it
+    today = parse_question({"inclusion": [{"type": "sex", "values": ["female"]}]})
+    assert {p for p, r in engine.evaluate(today, pop, AT).items() if r.in_population} == set(pop)
+
+
 def test_funnel_and_cohort_with_exclusion_unknowns(engine: Any) -> None:
     question = {
         "inclusion": [
@@ -652,6 +770,15 @@ def test_funnel_and_cohort_with_exclusion_unknowns(engine: Any) -> None:
             },
             "equal length",
         ),
+        (
+            {"inclusion": [{**HBA1C, "value": {"ge": 58, "unit": "mmol/mool"}}]},
+            "unknown unit atom 'mool'",
+        ),
+        (
+            {"inclusion": [{**HBA1C, "value": {"ge": 58, "unit": "kg"}}]},
+            "'kg' .*hba1c",
+        ),
+        ({"inclusion": [{**EGFR, "value": {"lt": 30, "unit": "mL/min"}}]}, "'mL/min'"),
     ],
 )
 def test_malformed_criteria_have_clear_errors(bad: dict[str, Any], message: str) -> None:
@@ -659,3 +786,38 @@ def test_malformed_criteria_have_clear_errors(bad: dict[str, Any], message: str)
 
     with pytest.raises(CriteriaError, match=message):
         parse_question(bad)
+
+
+def test_a_bad_unit_is_rejected_at_its_place_in_the_question() -> None:
+    from feasibility.criteria import CriteriaError
+
+    body = {
+        "inclusion": [
+            {"type": "age", "min": 18},
+            {"any_of": [{"type": "sex", "values": ["male"]}, {**HBA1C, "value": {"ge": 7}}]},
+        ],
+        "exclusion": [
+            {"all_of": [{"type": "age", "min": 80}, {**EGFR, "value": {"lt": 30, "unit": "kg"}}]},
+            {**HBA1C, "value": {"ge": 58, "unit": "mmol/mool"}},
+        ],
+    }
+    with pytest.raises(CriteriaError) as caught:
+        parse_question(body)
+    assert [e["pointer"] for e in caught.value.errors] == [
+        "/exclusion/0/all_of/1/value/unit",
+        "/exclusion/1/value/unit",
+    ]
+
+
+@pytest.mark.parametrize("unit", ["mmol/mol", "%", "mol/mol", "1", "%{HbA1c}"])
+def test_units_of_the_right_kind_are_accepted(unit: str) -> None:
+    parse_question({"inclusion": [{**HBA1C, "value": {"ge": 7, "unit": unit}}]})
+
+
+def test_codes_whose_unit_is_not_known_are_checked_for_spelling_only() -> None:
+    from feasibility.criteria import CriteriaError
+
+    local = {"type": "observation", "codes": [{"system": "loinc", "code": "1234-5"}]}
+    parse_question({"inclusion": [{**local, "value": {"ge": 1, "unit": "kg"}}]})
+    with pytest.raises(CriteriaError, match="unknown unit atom 'furlongs'"):
+        parse_question({"inclusion": [{**local, "value": {"ge": 1, "unit": "furlongs"}}]})

@@ -16,7 +16,9 @@ import orjson
 import pytest
 
 from feasibility.criteria import parse_question
-from feasibility.disclosure import DisclosurePolicy, PublicationRegistry, QueryBudget
+from feasibility.disclosure.budget import QueryBudget
+from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.service import FeasibilityService
 from feasibility.sites import UNRESOLVED, SiteDirectory

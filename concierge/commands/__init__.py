@@ -1,0 +1,1 @@
+"""The verbs of the ``concierge`` command line (``concierge/cli.py`` loads them lazily)."""

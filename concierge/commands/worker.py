@@ -1,0 +1,42 @@
+"""``concierge worker``: run the stream processor (a Faust worker)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option(
+    "--web-port",
+    type=int,
+    default=None,
+    help="Port of the worker's status pages (default CONCIERGE_WORKER_WEB_PORT).",
+)
+@click.option(
+    "--store", default=None, help="Faust table store URL, e.g. memory:// (default) or rocksdb://."
+)
+@click.option(
+    "--loglevel",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
+    """Run the stream worker: per-patient state and live cohorts of saved questions.
+
+    Patient state is rebuilt from the facts topic on start; cohort membership survives restarts
+    in the cohort topic (the table's changelog). Several workers with the same
+    CONCIERGE_WORKER_ID share the partitions between them. Status pages on the web port:
+    /health, /readyz (503 until every assigned partition is rebuilt and caught up),
+    /state/digest, /state/patients/{pseudonym}, /state/cohorts, /state/devices.
+    """
+    from faust.worker import Worker
+
+    from concierge.configuration import load_configuration
+    from surveillance_stream.app import create_app
+
+    settings = load_configuration().settings  # every section checked before starting
+    if web_port is not None:
+        settings = settings.model_copy(update={"worker_web_port": web_port})
+    stream = create_app(settings, store)
+    Worker(stream.app, loglevel=loglevel).execute_from_commandline()

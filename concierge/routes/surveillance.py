@@ -1,0 +1,173 @@
+"""Regulator API under ``/v1/surveillance``: device-safety signals, their statistics, drill-down
+and lifecycle actions.
+
+Every route needs a regulator token (``concierge token create --role regulator --org MHRA``) and
+every request is audited by the API's middleware (provenance reads also record how many
+pseudonymised patients they touched). Patient counts in breakdowns follow the sponsors'
+small-number rules (:class:`feasibility.disclosure.policy.DisclosurePolicy`); the 2x2 cells of a
+signal are shown as they are, since every statistic the regulator must be able to reproduce is a
+function of them.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel, Field
+
+from core.auth import Principal, require_role
+from surveillance_stream.monitor import MonitorError, SignalMonitor, UnknownSignal
+from surveillance_stream.signals import REGULATOR_ACTIONS, IllegalTransition
+
+Regulator = Annotated[Principal, require_role("regulator")]
+
+
+def _monitor(request: Request) -> SignalMonitor:
+    monitor: SignalMonitor | None = getattr(request.app.state, "surveillance", None)
+    if monitor is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "device surveillance is not running in this API"
+        )
+    return monitor
+
+
+Monitor = Annotated[SignalMonitor, Depends(_monitor)]
+
+
+class Action(BaseModel):
+    action: Literal["review", "confirm", "dismiss", "close", "reopen"] = Field(
+        description="The lifecycle move: " + ", ".join(REGULATOR_ACTIONS)
+    )
+    reason: str = Field(default="", max_length=2000, description="Why (kept in the audit log).")
+
+
+def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except UnknownSignal as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except IllegalTransition as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except MonitorError as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "2"}
+        ) from exc
+
+
+def _protector() -> Any:
+    from feasibility.disclosure.policy import DisclosurePolicy
+
+    policy = DisclosurePolicy.from_env()
+
+    def protect(n: int) -> int | str:
+        return policy.small_display if policy.is_small(n) else policy.rounded(n)
+
+    return protect
+
+
+def build_router() -> APIRouter:
+    # the role is checked first, before the monitor's availability: anonymous callers get 401
+    # and other roles 403 whatever the monitor's state
+    router = APIRouter(
+        prefix="/v1/surveillance",
+        tags=["surveillance (regulators)"],
+        dependencies=[require_role("regulator")],
+    )
+    protect = _protector()
+
+    @router.get("/status", summary="The monitor's state: patients counted, latest data day")
+    def status_(monitor: Monitor, principal: Regulator) -> dict[str, Any]:
+        return monitor.status()
+
+    @router.get(
+        "/signals",
+        summary="Every live (device node, outcome), ranked by strength",
+        description="Strength is the Poisson MaxSPRT log-likelihood ratio over its critical "
+        "value (1 or more: at or over the signalling boundary); signalling rows come first.",
+    )
+    def signals(
+        monitor: Monitor,
+        principal: Regulator,
+        level: Annotated[Literal["class", "manufacturer", "model", "lot"] | None, Query()] = None,
+        state: Annotated[
+            Literal["none", "signalled", "under_review", "confirmed", "dismissed", "closed"] | None,
+            Query(),
+        ] = None,
+    ) -> dict[str, Any]:
+        rows = _call(monitor.rows, level, state)
+        status_now = monitor.status()
+        return {
+            "at": status_now["latest_day"],
+            "generated_at": status_now["updated_at"],
+            "signals": rows,
+        }
+
+    @router.get("/signals/{signal_id}", summary="A signal: statistics, lifecycle, reproduction")
+    def signal(signal_id: str, monitor: Monitor, principal: Regulator) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.detail, signal_id)
+        return found
+
+    @router.get(
+        "/signals/{signal_id}/history",
+        summary="Observed vs expected, cumulative by implant quarter, with the boundary",
+    )
+    def history(signal_id: str, monitor: Monitor, principal: Regulator) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.history, signal_id)
+        return found
+
+    @router.get(
+        "/signals/{signal_id}/breakdown",
+        summary="The signal's outcome by manufacturer, model, lot or site",
+    )
+    def breakdown(
+        signal_id: str,
+        monitor: Monitor,
+        principal: Regulator,
+        by: Annotated[Literal["manufacturer", "model", "lot", "site"], Query()] = "lot",
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.breakdown, signal_id, by, protect)
+        return found
+
+    @router.get(
+        "/signals/{signal_id}/provenance",
+        summary="The pseudonymised facts and source resource versions behind the outcome count",
+    )
+    def provenance(
+        signal_id: str,
+        request: Request,
+        monitor: Monitor,
+        principal: Regulator,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.provenance, signal_id, limit)
+        request.state.audit_detail = {
+            "signal": signal_id,
+            "patients": found["patients"],
+            "sources_returned": len(found["sources"]),
+        }
+        return found
+
+    @router.post(
+        "/signals/{signal_id}/actions",
+        summary="A lifecycle action: review, confirm, dismiss, close, reopen",
+        responses={409: {"description": "The signal's state does not allow the action"}},
+    )
+    def action(
+        signal_id: str,
+        request: Request,
+        monitor: Monitor,
+        principal: Regulator,
+        body: Annotated[Action, Body()],
+    ) -> dict[str, Any]:
+        new = _call(monitor.act, signal_id, body.action, actor=principal.sub, reason=body.reason)
+        request.state.audit_detail = {
+            "signal": signal_id,
+            "action": body.action,
+            "to": new.state.value,
+            "version": new.version,
+        }
+        detail: dict[str, Any] = _call(monitor.detail, signal_id)
+        return {"signal": detail["signal"]}
+
+    return router

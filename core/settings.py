@@ -1,0 +1,212 @@
+"""The product-wide section of the configuration (Kafka, home, site keys, tokens, which services
+run) and the one rule for a bad value: :class:`ConfigurationError`, one line naming the
+environment variable.
+
+It was ``concierge/settings.py``; it is at the bottom now so that every layer can read it. Each
+package keeps its own section (``recruitment.settings``, ``surveillance_stream.settings``,
+``infra.settings``, ``dashboards.settings``, ``feasibility.disclosure.settings``), and
+:mod:`concierge.configuration` composes them with this one into the tree the application
+validates at start-up. See "Configuration" in ``docs/explanation/architecture.md`` and README's
+table of variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: A TCP port to bind or reach.
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "concierge"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONCIERGE_", extra="ignore")
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices(
+            "KAFKA_BOOTSTRAP_SERVERS", "CONCIERGE_KAFKA_BOOTSTRAP_SERVERS"
+        ),
+    )
+    #: Prepended to every topic name; tests use it to get topics of their own.
+    topic_prefix: str = ""
+    #: Where local state lives (broker data, identity vault, worker tables).
+    home: Path = Field(default_factory=_default_home)
+
+    # --- the site: pseudonymisation key and identity vault never leave it ---
+    site_id: str = "site-local"
+    #: Key of the HMAC that turns source identifiers into patient pseudonyms. Keep it secret.
+    pseudonym_key: SecretStr = SecretStr("change-me-this-is-a-development-key")
+    #: The site-local identity vault (SQLAlchemy URL). Defaults to SQLite under ``home``.
+    vault_url: str | None = None
+    #: Default ``source system`` recorded in provenance when a resource does not say.
+    source_system: str = "urn:concierge:source:default"
+
+    #: Key that signs API tokens (HS256; at least 32 bytes, RFC 7518 3.2). Keep it secret; rotate
+    #: by issuing new tokens.
+    token_key: SecretStr = SecretStr("change-me-this-is-a-development-token-key")
+    #: The ``aud`` every API token carries and the API requires.
+    token_audience: str = Field(default="urn:concierge:api", min_length=1)
+    #: The ``iss`` of the tokens this site issues, the only one the API trusts.
+    token_issuer: str = Field(default="urn:concierge:token-issuer", min_length=1)
+    #: Clock skew allowed when checking a token's ``exp`` and ``iat``.
+    token_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    #: The audit log (SQLAlchemy URL). Defaults to SQLite under ``home``.
+    audit_url: str | None = None
+
+    # --- adapters ---
+    #: ``fast``: checked extraction of every element the product uses; fhir.resources runs only to
+    #: explain a rejection. ``full``: fhir.resources validates every resource before extraction.
+    validation_mode: Literal["fast", "full"] = "fast"
+    #: Resources larger than this many bytes are dead-lettered (and refused with 413 over HTTP).
+    max_resource_bytes: int = Field(default=1_000_000, gt=0)
+    #: The largest body ``POST /fhir`` reads (a Bundle); larger ones are refused with 413.
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    #: How long an ingest request may wait for the broker to acknowledge what it published (and
+    #: for its turn at the one ingestor) before answering 503 with Retry-After.
+    ingest_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    # --- feasibility ---
+    #: Disclosure-control registry and query budgets (SQLAlchemy URL). Defaults to SQLite.
+    feasibility_url: str | None = None
+    #: Whether the API keeps a columnar snapshot of the facts topic for ad hoc questions.
+    feasibility_feed: bool = True
+
+    #: Whether the API serves clinicians (the recruitment database, migrated on start).
+    recruitment_api: bool = True
+
+    #: Whether the API runs the device-signal monitor (run exactly one per deployment: it is the
+    #: only writer of the signals topic).
+    surveillance_monitor: bool = True
+
+    # --- services ---
+    api_host: str = "127.0.0.1"
+    api_port: Port = 8000
+    worker_web_port: Port = 6066
+    worker_id: str = Field(default="concierge-stream", min_length=1)
+    #: How often the worker sends a stream-time tick to each partition it owns (0: never; tests
+    #: that control time send their own ticks).
+    stream_tick_seconds: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    #: Whether the worker keeps device-counter contributions (device-safety surveillance).
+    stream_device_counters: bool = True
+    #: How often the worker checks the trials topic for saved questions its partitions lack.
+    stream_trial_sync_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    #: How far the stream's time may trail the wall clock before saved answers say 503 (the
+    #: worker ticks every CONCIERGE_STREAM_TICK_SECONDS; a dead or stalled worker stops them).
+    stream_max_lag_seconds: float = Field(default=15.0, gt=0)
+    #: The worker's consumer-group session timeout: how long the partitions of a worker that
+    #: died wait before another (or the restarted one) gets them.
+    stream_session_timeout_seconds: float = Field(default=10.0, ge=6.0, le=300.0)
+
+    @field_validator("token_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr) -> SecretStr:
+        if len(key.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes (RFC 7518 3.2)")
+        return key
+
+    def resolved_vault_url(self) -> str:
+        if self.vault_url:
+            return self.vault_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'identity-vault.sqlite'}"
+
+    def resolved_audit_url(self) -> str:
+        if self.audit_url:
+            return self.audit_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'audit.sqlite'}"
+
+    def resolved_feasibility_url(self) -> str:
+        if self.feasibility_url:
+            return self.feasibility_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'feasibility.sqlite'}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def api_address(self) -> str:
+        """The API as this machine reaches it: its host (loopback for a wildcard bind) and port."""
+        host = self.api_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.api_port}"
+
+
+class ConfigurationError(ValueError):
+    """A configuration value is missing or wrong. ``str()`` is one line naming the environment
+    variable(s), fit to print at start-up instead of a traceback."""
+
+
+def _field_of(cls: type[BaseSettings], loc: str) -> str | None:
+    """The field an error's location names: the field itself or one of its aliases."""
+    if loc in cls.model_fields:
+        return loc
+    for name, info in cls.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        if any(isinstance(c, str) and c.upper() == loc.upper() for c in choices):
+            return name
+    return None
+
+
+def env_names(cls: type[BaseSettings], field: str) -> list[str]:
+    """The environment variables a field of a settings class is read from, first preferred."""
+    info = cls.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, str):
+        return [alias.upper()]
+    if isinstance(alias, AliasChoices):
+        return [c.upper() for c in alias.choices if isinstance(c, str)]
+    return [f"{cls.model_config.get('env_prefix', '')}{field}".upper()]
+
+
+def _secret(cls: type[BaseSettings], field: str) -> bool:
+    info = cls.model_fields.get(field)
+    return info is not None and "Secret" in repr(info.annotation)
+
+
+def describe(exc: ValidationError, classes: Iterable[type[BaseSettings]]) -> str:
+    """One line for a settings class's validation error: each wrong variable, the value it has
+    (never a secret's) and what is wrong with it."""
+    by_title = {cls.__name__: cls for cls in classes}
+    cls = by_title.get(exc.title)
+    parts: list[str] = []
+    for error in exc.errors(include_url=False):
+        field = _field_of(cls, str(error["loc"][0])) if cls is not None and error["loc"] else None
+        if cls is None or field is None:
+            parts.append(f"{exc.title}: {error['msg']}")
+            continue
+        names = env_names(cls, field)
+        name = next((n for n in names if n in os.environ), names[0])
+        shown = ""
+        if name in os.environ and not _secret(cls, field):
+            value = os.environ[name]
+            shown = f"={value if len(value) <= 200 else value[:197] + '...'!r}"
+        part = f"{name}{shown}: {str(error['msg']).removeprefix('Value error, ')}"
+        if part not in parts:  # one per variable, not one per item of a list
+            parts.append(part)
+    return "bad configuration: " + "; ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The product-wide settings from the environment; :class:`ConfigurationError` (one line)
+    when a value is wrong."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(describe(exc, [Settings])) from None

@@ -1,0 +1,1 @@
+"""Alembic migrations of the identity vault and resource index (run by ``core.db``)."""

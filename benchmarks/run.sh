@@ -2,6 +2,9 @@
 # Every benchmark, one command: set-up, a real broker, each figure beside its same-run baseline.
 #   bash benchmarks/run.sh                 # all of them, default sizes
 #   bash benchmarks/run.sh --quick         # smaller sizes (minutes, for a smoke run)
+#   BENCH_ADHOC_PATIENTS=200000 bash benchmarks/run.sh   # a smaller ad hoc snapshot (building the
+#                                          # default 1,000,000 takes ~25 min on 2 cores)
+#   BENCH_SKIP_INGEST=1 ...                # skip the ingest benchmark (already run)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,12 +23,14 @@ if [ "$quick" = 1 ]; then
   patients_adhoc=100000; patients_stream=5000; probes=60; repeats=1
   cohort_events=2000; invitations=2000; load_seconds=5
 else
-  patients_adhoc=1000000; patients_stream=20000; probes=200; repeats=3
+  patients_adhoc=${BENCH_ADHOC_PATIENTS:-1000000}; patients_stream=20000; probes=200; repeats=3
   cohort_events=20000; invitations=10000; load_seconds=20
 fi
 
+[ -n "${BENCH_SKIP_INGEST:-}" ] || {
 echo "== ingest throughput (adapter vs naive fhir.resources pipeline)"
 python -m benchmarks.bench_ingest --patients 2000 --repeats "$repeats"
+}
 echo "== ad hoc feasibility answer over $patients_adhoc patients (engine vs hand-written polars)"
 snapshot="$CONCIERGE_HOME/snapshot-$patients_adhoc"
 [ -d "$snapshot" ] || python -m benchmarks.build_snapshot "$snapshot" --patients "$patients_adhoc" --seed 42

@@ -123,23 +123,7 @@ class StreamApp:
                "value_serializer": "raw", "partitions": PARTITIONS}  # fmt: skip
         self.inputs = self.app.topic(self.facts_name, self.control_name, **raw)
         self.control_topic = self.app.topic(self.control_name, **raw)
-        self.cohort_table = self.app.Table(
-            "cohort",
-            default=None,
-            key_type=str,
-            partitions=PARTITIONS,
-            changelog_topic=self.app.topic(
-                settings.topic(COHORT),
-                key_type=str,
-                key_serializer="raw",
-                value_serializer="json",
-                partitions=PARTITIONS,
-                compacting=True,
-                # a changelog, never a stream: with acks on, Faust's stuck-stream detector logged
-                # an ERROR per partition every few seconds after 5 min (60-minute soak: 15,552)
-                acks=False,
-            ),
-        )
+        self.cohort_table = self.published_table("cohort", settings.topic(COHORT))
         self.trials_table = self.app.Table(
             "trials", default=None, key_type=str, partitions=PARTITIONS
         )
@@ -182,6 +166,27 @@ class StreamApp:
         self._register()
         for extension in extensions or ():
             extension(self)
+
+    def published_table(self, name: str, topic: str) -> Any:
+        """A Faust table whose changelog is a topic other services read (the cohort topic, the
+        device contributions): JSON values, raw string keys, compacted."""
+        return self.app.Table(
+            name,
+            default=None,
+            key_type=str,
+            partitions=PARTITIONS,
+            changelog_topic=self.app.topic(
+                topic,
+                key_type=str,
+                key_serializer="raw",
+                value_serializer="json",
+                partitions=PARTITIONS,
+                compacting=True,
+                # a changelog, never a stream: with acks on, Faust's stuck-stream detector logged
+                # an ERROR per partition every few seconds after 5 min (60-minute soak: 15,552)
+                acks=False,
+            ),
+        )
 
     # ------------------------------------------------------------------ partitions
 

@@ -168,27 +168,9 @@ class DeviceContributions:
 def install(stream: StreamApp) -> None:
     """The worker extension: the ``devices`` table, the contributions that fill it, their hooks
     and a health page."""
-    from surveillance_stream.app import PARTITIONS
-
     settings = stream.settings
     definitions, classes = load_definitions()
-    table = stream.app.Table(
-        "devices",
-        default=None,
-        key_type=str,
-        partitions=PARTITIONS,
-        changelog_topic=stream.app.topic(
-            settings.topic(DEVICES),
-            key_type=str,
-            key_serializer="raw",
-            value_serializer="json",
-            partitions=PARTITIONS,
-            compacting=True,
-            # a changelog, never a stream: with acks on, Faust's stuck-stream detector logged
-            # an ERROR per partition every few seconds after 5 min (60-minute soak: 15,552)
-            acks=False,
-        ),
-    )
+    table = stream.published_table("devices", settings.topic(DEVICES))
     contributions = DeviceContributions(stream.store, table, definitions, classes)
     stream.devices = contributions
     stream.on_change.append(contributions.on_changes)

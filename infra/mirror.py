@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -259,6 +260,15 @@ class ReaderHealth:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: futures of the admin client's requests still outstanding
+        self._pending: list[Future[Any]] = []
+        #: replaced admin clients, with their outstanding futures and since when all are done:
+        #: released only from the measuring thread once every future is done and a grace period
+        #: has passed. librdkafka completes admin futures on its own background thread; had that
+        #: thread dropped the last reference, the client would be destroyed there, and librdkafka
+        #: aborts the process ("calling rd_kafka_destroy() from librdkafka owned thread is
+        #: prohibited": the chaos suite's recruitment service died so on a broker restart).
+        self._retired: list[tuple[AdminClient, list[Future[Any]], float]] = []
 
     # ------------------------------------------------------------------ fed by the reader
 
@@ -336,8 +346,30 @@ class ReaderHealth:
                 # it cached before (FENCED_LEADER_EPOCH for ever): a failing one is replaced, at
                 # most every stale_after seconds
                 if started - made >= self.stale_after:
+                    self._retire(admin)
                     admin, made = self._admin(), self.clock()
+            self._release_retired()
             self._stop.wait(max(0.0, self.refresh_seconds - (self.clock() - started)))
+        self._retire(admin)  # kept (never destroyed on a librdkafka thread) until the process ends
+
+    #: seconds a replaced admin client is kept after its last future is done
+    RETIRED_GRACE_SECONDS = 30.0
+
+    def _retire(self, admin: AdminClient) -> None:
+        pending, self._pending = self._pending, []
+        self._retired.append((admin, pending, self.clock()))
+
+    def _release_retired(self) -> None:
+        """Drop (here, in the measuring thread) the replaced clients whose futures have all
+        been done for the grace period: by then librdkafka has let go of them."""
+        now = self.clock()
+        kept: list[tuple[AdminClient, list[Future[Any]], float]] = []
+        for admin, futures, since in self._retired:
+            if not all(f.done() for f in futures):
+                kept.append((admin, futures, now))  # the grace period starts once all are done
+            elif now - since < self.RETIRED_GRACE_SECONDS:
+                kept.append((admin, futures, since))
+        self._retired = kept
 
     def measure(self, admin: AdminClient, wanted: list[Key], timeout: float) -> None:
         with self._lock:
@@ -352,6 +384,8 @@ class ReaderHealth:
             )
             for name, spec in specs.items()
         }
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending += [f for by_partition in futures.values() for f in by_partition.values()]
         found: dict[str, dict[Key, int]] = {}
         for name, by_partition in futures.items():
             found[name] = {

@@ -248,3 +248,32 @@ def test_a_poison_message_is_skipped_counted_and_shown_not_fatal() -> None:
     assert mirror._positions == {0: 2, 1: 1}  # read past it
     error = mirror.status().error or ""
     assert "topic[0]@1" in error and "ValueError" in error and "patient" not in error
+
+
+def test_a_replaced_admin_client_is_released_only_when_librdkafka_is_done_with_it() -> None:
+    """Reproduced in the chaos suite: on a broker restart the recruitment service aborted with
+    librdkafka's "calling rd_kafka_destroy() from librdkafka owned thread is prohibited". The
+    watermark thread replaced its admin client while the old one's futures were outstanding;
+    librdkafka completes those on its own thread, which then held the last reference. A replaced
+    client is now kept until its futures are done and a grace period has passed, and released
+    from the measuring thread."""
+    from concurrent.futures import Future
+
+    from confluent_kafka.admin import AdminClient
+
+    clock = FakeClock()
+    health = _health(clock)
+    admin = AdminClient({"bootstrap.servers": "127.0.0.1:9", "socket.timeout.ms": 100})
+    outstanding: Future[object] = Future()
+    health._pending = [outstanding]
+    health._retire(admin)
+    assert health._pending == []
+    clock.now += 3600
+    health._release_retired()  # the future is not done: kept however long it takes
+    assert [a for a, _, _ in health._retired] == [admin]
+    outstanding.set_result(None)
+    health._release_retired()  # done now: the grace period starts
+    assert [a for a, _, _ in health._retired] == [admin]
+    clock.now += health.RETIRED_GRACE_SECONDS + 1
+    health._release_retired()
+    assert health._retired == []

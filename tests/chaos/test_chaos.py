@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from feasibility.criteria import Question, parse_question
 from fhir_adapters.synthetic.generator import GeneratorConfig, iter_reference_resources
 from infra.topics import COHORT, DEVICES, FACTS
+from surveillance_stream.app import PARTITIONS
 from surveillance_stream.store import canonical
 
 from .load import Load, requests_of
@@ -248,13 +251,45 @@ def test_worker_killed_under_load_rebuilds_the_state_its_offsets_reflect(world: 
     world.run_load(8)
     world.stack.services["worker"].kill()
     world.faults += 1
+    # the dead worker commits nothing more: what its group has committed now is what the new
+    # one must rebuild each partition to (a partition may rightly be empty at offset 0)
+    committed = committed_offsets(world.bootstrap, FACTS, WORKER_GROUP)
+    assert sum(committed.values()) > 0, committed
     world.stack.services["worker"].start()  # at once: the killed member is still in the group
     world.run_load(3)
     world.recover()
     world.check()
     log = world.stack.services["worker"].log_path.read_text()
     last_start = log.rsplit("===== start", 1)[-1]
-    assert "rebuilt: 0 patients from 0 envelopes (to offset 0)" not in last_start
+    rebuilt: dict[int, int] = {}
+    for match in REBUILT.finditer(last_start):
+        rebuilt.setdefault(int(match["partition"]), int(match["offset"]))
+    assert set(rebuilt) == set(committed), (rebuilt, committed)
+    short = {p: (rebuilt[p], c) for p, c in committed.items() if rebuilt[p] < c}
+    assert not short, f"rebuilt short of the committed offsets (p: (rebuilt, committed)): {short}"
+
+
+#: The worker's log line for a partition's rebuild.
+REBUILT = re.compile(
+    r"partition (?P<partition>\d+) rebuilt: \d+ patients from \d+ envelopes \(to offset "
+    r"(?P<offset>\d+)\)"
+)
+#: The worker's consumer group (``CONCIERGE_WORKER_ID``'s default; the stack sets no prefix).
+WORKER_GROUP = "concierge-stream"
+
+
+def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (0 where it has none)."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    try:
+        found = consumer.committed(
+            [TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=30
+        )
+    finally:
+        consumer.close()
+    return {tp.partition: max(tp.offset, 0) for tp in found}
 
 
 def test_broker_restart_does_not_freeze_the_snapshot(world: World) -> None:

@@ -132,8 +132,10 @@ def _problem(response: httpx.Response) -> str:
             if body.get(key):
                 value = body[key]
                 return value if isinstance(value, str) else json.dumps(value)[:200]
-        if body.get("waiting_for"):
-            return "waiting for " + ", ".join(map(str, body["waiting_for"]))
+        waiting = body.get("waiting_for")
+        if waiting:  # the API gives a list, a single reader (the worker) one reason
+            reasons = [waiting] if isinstance(waiting, str) else list(map(str, waiting))
+            return "waiting for " + ", ".join(reasons)
     return json.dumps(body)[:200]
 
 

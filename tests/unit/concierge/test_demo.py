@@ -71,6 +71,11 @@ def test_a_problem_detail_is_shown() -> None:
     assert _problem(httpx.Response(503, json={"ready": False, "waiting_for": ["facts"]})) == (
         "waiting for facts"
     )
+    # the worker's /readyz gives one reason as a string: shown as it is, not letter by letter
+    worker = {"ready": False, "waiting_for": "partitions [0, 1] not yet rebuilt"}
+    assert _problem(httpx.Response(503, json=worker)) == (
+        "waiting for partitions [0, 1] not yet rebuilt"
+    )
 
 
 def test_a_503_is_retried_after_its_retry_after() -> None:

@@ -427,6 +427,31 @@ Criterion = Annotated[
     Field(discriminator="type"),
 ]
 
+#: The criteria that read dated records (the classes of :data:`EVENT_TYPES`), for annotations.
+EventCriterion = (
+    ConditionCriterion
+    | ObservationCriterion
+    | MedicationCriterion
+    | ProcedureCriterion
+    | DeviceCriterion
+    | CancerStageCriterion
+    | MolecularMarkerCriterion
+)
+#: The event criteria that read observations.
+ObservationLike = ObservationCriterion | CancerStageCriterion | MolecularMarkerCriterion
+#: Any criterion, for annotations (:data:`Criterion` is the same union with its discriminator,
+#: for parsing).
+AnyCriterion = (
+    EventCriterion
+    | AgeCriterion
+    | SexCriterion
+    | SiteCriterion
+    | RegionCriterion
+    | AllOf
+    | AnyOf
+    | Not
+)
+
 EVENT_TYPES = (
     ConditionCriterion,
     ObservationCriterion,
@@ -664,6 +689,9 @@ def json_schema() -> dict[str, Any]:
 __all__ = [
     "SCHEMA",
     "AgeCriterion",
+    "AnyCriterion",
+    "EventCriterion",
+    "ObservationLike",
     "AllOf",
     "AnyOf",
     "CancerStageCriterion",

@@ -21,13 +21,16 @@ implements are the ones documented in :mod:`feasibility.criteria`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
 from .. import units
 from ..criteria import (
     AgeCriterion,
+    AnyCriterion,
+    EventCriterion,
+    ObservationLike,
     AllOf,
     AnyOf,
     CancerStageCriterion,
@@ -203,7 +206,7 @@ class _Context:
 # --------------------------------------------------------------------------- event criteria
 
 
-def _candidates(criterion: Any, ctx: _Context) -> list[Any]:
+def _candidates(criterion: EventCriterion, ctx: _Context) -> list[Any]:
     """Records of the criterion's kind that match its codes and statuses, before windows (read
     once per criterion and context: steps, counts of unconvertible results and the next-change
     instant all read them)."""
@@ -214,7 +217,7 @@ def _candidates(criterion: Any, ctx: _Context) -> list[Any]:
     return found
 
 
-def _read_candidates(criterion: Any, ctx: _Context) -> list[Any]:
+def _read_candidates(criterion: EventCriterion, ctx: _Context) -> list[Any]:
     data = ctx.data
     if isinstance(criterion, ConditionCriterion):
         return [
@@ -266,7 +269,7 @@ def _read_candidates(criterion: Any, ctx: _Context) -> list[Any]:
     raise TypeError(f"not an event criterion: {type(criterion).__name__}")
 
 
-def _observation_codes(criterion: Any) -> list[Code]:
+def _observation_codes(criterion: ObservationLike) -> list[Code]:
     if isinstance(criterion, ObservationCriterion):
         return criterion.codes
     if isinstance(criterion, CancerStageCriterion):
@@ -287,7 +290,7 @@ class _Reading:
         self.order = (row.when if row.when is not None else float("-inf"), row.key, index)
 
 
-def _observation_rows(criterion: Any, ctx: _Context) -> list[_Reading]:
+def _observation_rows(criterion: ObservationLike, ctx: _Context) -> list[_Reading]:
     codes = _observation_codes(criterion)
     component = criterion.component if isinstance(criterion, ObservationCriterion) else None
     out: list[_Reading] = []
@@ -342,7 +345,7 @@ def _passes(criterion: ObservationCriterion, reading: _Reading) -> bool:
     return not (criterion.interpretation and not (set(criterion.interpretation) & m.interpretation))
 
 
-def qualifying(criterion: Any, ctx: _Context) -> list[Any]:
+def qualifying(criterion: EventCriterion, ctx: _Context) -> list[Any]:
     """Records that qualify for an event criterion (in its window, passing its tests): what
     ``min_count`` counts and what an anchor's date is taken from."""
     rows = [r for r in _candidates(criterion, ctx) if ctx.in_window(criterion.window, r.when)]
@@ -355,7 +358,7 @@ def _distinct(rows: list[Any]) -> int:
     return len({r.key for r in rows})
 
 
-def _event(criterion: Any, ctx: _Context) -> Tri:
+def _event(criterion: EventCriterion, ctx: _Context) -> Tri:
     if isinstance(criterion, ObservationCriterion):
         return _observation(criterion, ctx)
     if isinstance(criterion, CancerStageCriterion):
@@ -386,7 +389,7 @@ def _observation(criterion: ObservationCriterion, ctx: _Context) -> Tri:
     return _passes(criterion, chosen)
 
 
-def _latest_coded(criterion: Any, ctx: _Context) -> _Reading | None:
+def _latest_coded(criterion: ObservationLike, ctx: _Context) -> _Reading | None:
     rows = [
         r
         for r in _candidates(criterion, ctx)
@@ -423,7 +426,7 @@ def _marker(criterion: MolecularMarkerCriterion, ctx: _Context) -> Tri:
 # --------------------------------------------------------------------------- the rest
 
 
-def evaluate_criterion(criterion: Any, ctx: _Context) -> Tri:
+def evaluate_criterion(criterion: AnyCriterion, ctx: _Context) -> Tri:
     data = ctx.data
     if isinstance(criterion, AllOf):
         return kleene_and([evaluate_criterion(c, ctx) for c in criterion.criteria])
@@ -447,7 +450,7 @@ def evaluate_criterion(criterion: Any, ctx: _Context) -> Tri:
     return _event(criterion, ctx)
 
 
-def walk_criterion(criterion: Any) -> list[Any]:
+def walk_criterion(criterion: AnyCriterion) -> list[AnyCriterion]:
     """``criterion`` and every criterion nested in it, depth first."""
     if isinstance(criterion, AllOf | AnyOf):
         return [criterion, *(c for child in criterion.criteria for c in walk_criterion(child))]
@@ -456,7 +459,7 @@ def walk_criterion(criterion: Any) -> list[Any]:
     return [criterion]
 
 
-def unconvertible(criteria: list[Any], ctx: _Context) -> int:
+def unconvertible(criteria: Sequence[AnyCriterion], ctx: _Context) -> int:
     """Results that the criteria (of one step) read but could not test because their unit
     does not convert to the criterion's (or they have none): distinct (resource key,
     component) with a value, in the criterion's window."""

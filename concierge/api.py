@@ -246,10 +246,10 @@ def create_app(
         )
     )
 
+    from concierge.routes.clinician_page import build_page_router
     from concierge.routes.feasibility import build_admin_router
     from concierge.routes.feasibility import build_router as feasibility_router
     from concierge.routes.recruitment import build_router as clinician_router
-    from concierge.routes.clinician_page import build_page_router
 
     def recruitment_or_none(request: Request) -> RecruitmentService | None:
         runtime: Runtime | None = getattr(request.app.state, "recruitment", None)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 
-from core.audit import AuditLog
+from core.audit import AuditKeys, AuditLog
 from core.http import install_audit, install_problem_details
 from core.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
@@ -249,7 +249,7 @@ def create_app(
     app.state.token_audience = settings.token_audience
     app.state.token_issuer = settings.token_issuer
     app.state.token_leeway_seconds = settings.token_leeway_seconds
-    app.state.audit = AuditLog(settings.resolved_audit_url())
+    app.state.audit = AuditLog(settings.resolved_audit_url(), AuditKeys.from_settings(settings))
     app.state.settings = settings
     install_problem_details(app)
     install_audit(app)

@@ -81,6 +81,7 @@ def verify(against_anchors: bool, timeout: float) -> None:
     \b
     Exit status: 0 all holds; 1 a problem was found (or there is no anchor to check against);
     3 the anchors could not be read (broker down); 2 bad configuration.
+    See docs/explanation/security.md (Audit trail and anchors).
     """
     from core.audit import AuditLog
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -270,6 +271,9 @@ class AuditLog:
         # appends never read the same head; reads begin deferred and never wait for a writer.
         self.engine = make_engine(url, immediate_writes=True)
         self._reader = self.engine.execution_options(**{READ_ONLY: True})
+        # Threads of one process queue here first: a cheap hand-over, where SQLite would make
+        # them poll for its write lock. Across processes the database alone orders appends.
+        self._lock = threading.Lock()
 
     def append(
         self, actor: str, role: str, org: str, action: str, detail: dict[str, Any] | None = None
@@ -277,7 +281,7 @@ class AuditLog:
         """Add one record after the head, in one transaction holding the head row; its seq."""
         text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"))
         identifier = self.keys.current_id
-        with self.engine.begin() as conn:
+        with self._lock, self.engine.begin() as conn:
             head = conn.execute(
                 sa.select(head_table.c.seq, head_table.c.hash)
                 .where(head_table.c.id == HEAD_ID)
@@ -425,8 +429,10 @@ class AuditLog:
 
     def sign_anchor(self, head: Head, published_at: str, publisher: str) -> AuditAnchor:
         """An anchor of ``head``, signed with the current key."""
-        if head.seq < 1 or head.at is None:
+        if head.seq < 1:
             raise AuditError("nothing to anchor: the audit log has no records")
+        if head.at is None:
+            raise AuditError(f"the head names record {head.seq}, which is missing")
         identifier = self.keys.current_id
         body = signed_body(head.chain, head.seq, head.hash, head.at, published_at, publisher,
                            identifier)  # fmt: skip

@@ -568,11 +568,11 @@ class Question(_Model):
         return self.model_dump_json(by_alias=True)
 
 
-def iter_criteria(question: Question) -> list[Any]:
+def iter_criteria(question: Question) -> list[AnyCriterion]:
     """Every criterion in the question, depth first, in order."""
-    out: list[Any] = []
+    out: list[AnyCriterion] = []
 
-    def walk(criterion: Any) -> None:
+    def walk(criterion: AnyCriterion) -> None:
         out.append(criterion)
         if isinstance(criterion, AllOf | AnyOf):
             for child in criterion.criteria:

@@ -23,7 +23,16 @@ from typing import Any
 
 from core.patient_view import PatientView, build_view
 
-from ..criteria import EVENT_TYPES, AgeCriterion, Code, Question, iter_criteria
+from ..criteria import (
+    EVENT_TYPES,
+    AgeCriterion,
+    AnyCriterion,
+    CancerStageCriterion,
+    Code,
+    MolecularMarkerCriterion,
+    Question,
+    iter_criteria,
+)
 from ..patient_data import PatientData, digest, tokens
 from ..terminology import (
     CONCEPTS,
@@ -81,13 +90,13 @@ class _Matcher:
         return False
 
 
-def _codes_of(criterion: Any) -> list[Code]:
+def _codes_of(criterion: AnyCriterion) -> list[Code]:
     codes: list[Code] = []
     for name in ("codes", "component", "value_codes", "device_types"):
         codes.extend(getattr(criterion, name, None) or ())
-    if criterion.type == "cancer_stage":
+    if isinstance(criterion, CancerStageCriterion):
         codes.append(Code(concept="stage_group"))
-    if criterion.type == "molecular_marker":
+    if isinstance(criterion, MolecularMarkerCriterion):
         marker = MARKERS[criterion.marker.upper()]
         codes.extend(Code(system=LOINC, code=c) for c in marker.tests)
     return codes

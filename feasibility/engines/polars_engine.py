@@ -38,11 +38,13 @@ from ..criteria import (
     EVENT_TYPES,
     AgeCriterion,
     AllOf,
+    AnyCriterion,
     AnyOf,
     CancerStageCriterion,
     Code,
     ConditionCriterion,
     DeviceCriterion,
+    EventCriterion,
     InclusionStep,
     MedicationCriterion,
     MolecularMarkerCriterion,
@@ -130,7 +132,12 @@ class _Evaluation:
         self.t = question.index_instant(at).timestamp()
         self.day = datetime.fromtimestamp(self.t, UTC).date()
         self.n = frames.patients.height
-        self.ids = {c.id: c for c in iter_criteria(question) if c.id is not None}
+        # window anchors name event criteria (the criteria model checks it)
+        self.ids: dict[str, EventCriterion] = {
+            c.id: c
+            for c in iter_criteria(question)
+            if c.id is not None and isinstance(c, EVENT_TYPES)
+        }
         # lookups that depend on the frames only, kept with them across questions
         cache = frames.cache
         if "label_ids" not in cache:
@@ -290,7 +297,7 @@ class _Evaluation:
 
     # ------------------------------------------------------------------ records
 
-    def _candidates(self, criterion: Any) -> pl.LazyFrame:
+    def _candidates(self, criterion: EventCriterion) -> pl.LazyFrame:
         """Records of the criterion's kind matching its codes and statuses, before windows."""
         tables = self.frames.tables
         if isinstance(criterion, ConditionCriterion):
@@ -363,7 +370,7 @@ class _Evaluation:
             "interp_set",
         )
 
-    def _qualifying(self, criterion: Any) -> pl.LazyFrame:
+    def _qualifying(self, criterion: EventCriterion) -> pl.LazyFrame:
         """Records that qualify for an event criterion (in its window, passing its tests)."""
         rows = self._window(self._candidates(criterion), criterion.window)
         if isinstance(criterion, ObservationCriterion) and criterion.has_test:
@@ -461,7 +468,7 @@ class _Evaluation:
 
     # ------------------------------------------------------------------ event plans
 
-    def _plan(self, criterion: Any) -> pl.LazyFrame:
+    def _plan(self, criterion: EventCriterion) -> pl.LazyFrame:
         """The lazy query of an event criterion; :meth:`_finish` turns its result into a
         column."""
         rows = self._window(self._candidates(criterion), criterion.window)
@@ -490,7 +497,7 @@ class _Evaluation:
             .select("pid")
         )
 
-    def _finish(self, criterion: Any, result: pl.DataFrame) -> pl.Series:
+    def _finish(self, criterion: EventCriterion, result: pl.DataFrame) -> pl.Series:
         if isinstance(criterion, CancerStageCriterion | MolecularMarkerCriterion):
             chosen = self._latest(result)
             verdicts = (
@@ -592,7 +599,7 @@ class _Evaluation:
         for criterion, frame in zip(events, pl.collect_all(plans), strict=True):
             self._collected[id(criterion)] = frame
 
-    def criterion(self, criterion: Any) -> pl.Series:
+    def criterion(self, criterion: AnyCriterion) -> pl.Series:
         if isinstance(criterion, AllOf):
             return reduce(lambda a, b: a & b, [self.criterion(c) for c in criterion.criteria])
         if isinstance(criterion, AnyOf):
@@ -626,7 +633,7 @@ class _Evaluation:
         ]
         return out
 
-    def _unconvertible_rows(self, criterion: Any) -> pl.LazyFrame | None:
+    def _unconvertible_rows(self, criterion: AnyCriterion) -> pl.LazyFrame | None:
         """``pid``, ``rid``, ``comp`` of the readings an observation criterion with a unit
         could not test because their unit does not convert (reference: ``unconvertible``)."""
         if not isinstance(criterion, ObservationCriterion) or criterion.value is None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import units
 from ..criteria import (
+    EVENT_TYPES,
     AgeCriterion,
     AllOf,
     AnyCriterion,
@@ -173,7 +174,12 @@ class _Context:
         self.question = question
         self.data = data
         self.t = t
-        self.ids = {c.id: c for c in iter_criteria(question) if c.id is not None}
+        # window anchors name event criteria (the criteria model checks it)
+        self.ids: dict[str, EventCriterion] = {
+            c.id: c
+            for c in iter_criteria(question)
+            if c.id is not None and isinstance(c, EVENT_TYPES)
+        }
         self._anchors: dict[str, float | None] = {}
         #: a criterion's candidates (they do not depend on T), by the criterion's identity:
         #: the criteria live as long as this context, so ``id`` cannot be reused meanwhile

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from core.db import Schema, ensure_schema, make_engine
+from core.db import READ_ONLY, Schema, ensure_schema, make_engine
 
 metadata = sa.MetaData()
 
@@ -65,7 +65,10 @@ class Verification:
 class AuditLog:
     def __init__(self, url: str) -> None:
         ensure_schema(SCHEMA, url)
-        self.engine = make_engine(url)
+        # Several processes append (the API, the stream worker's state pages): on SQLite each
+        # append takes the write lock at BEGIN, so reading the last record and writing the next
+        # is one step; deferred, two processes read the same last record and one failed.
+        self.engine = make_engine(url, immediate_writes=True)
         self._lock = threading.Lock()
 
     def append(
@@ -97,7 +100,7 @@ class AuditLog:
         return seq
 
     def records(self) -> Iterator[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self.engine.execution_options(**{READ_ONLY: True}).connect() as conn:
             for row in conn.execute(sa.select(audit_table).order_by(audit_table.c.seq)):
                 yield dict(row._mapping)
 

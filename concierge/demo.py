@@ -617,7 +617,9 @@ def _run(
     click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
     click.echo(f"  stream worker state     {worker_url}/state/digest (site admins: bearer token)")
     click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts (site admins: bearer token)")
-    click.echo("                          an admin token: concierge token create --role admin")
+    click.echo(
+        "                          an admin token: concierge token create --role admin --org ops"
+    )
     click.echo(f"  regulator dashboard     {dashboard_url}")
     click.echo(f"  device-safety signals   {api_url}/v1/surveillance/signals (regulator)")
     click.echo(f"  clinician page          {public_url}/clinician (a GP's link is printed below)")

@@ -506,13 +506,26 @@ def supervise(children: Children, body: Callable[[], int]) -> int:
 DEMO_SOURCE = "urn:concierge:demo:ehr"
 
 
+#: The demo sponsor's query budget per 24 h, unless ``CONCIERGE_DC_QUERY_BUDGET`` is set: the
+#: demo reads its saved question's answer every few seconds while patients stream in, and each
+#: answer that changed is charged (about 25 a run), so the default 200 would refuse a demo run
+#: again within the day without ``--reset`` (an unchanged answer is free).
+DEMO_QUERY_BUDGET = "2000"
+
+
 def demo_environment(home: Path) -> tuple[dict[str, str], str]:
     """The environment of the demo's processes and the source system they all write under
     (``CONCIERGE_SOURCE_SYSTEM`` if set, else :data:`DEMO_SOURCE`). The API's ``/fhir`` resolves
     a Patient's ``Organization/x`` under its own source: under another one than the bulk load's,
-    no live patient's site or GP would ever resolve."""
+    no live patient's site or GP would ever resolve. The query budget is
+    :data:`DEMO_QUERY_BUDGET` unless set."""
     source = os.environ.get("CONCIERGE_SOURCE_SYSTEM") or DEMO_SOURCE
-    env = {**os.environ, "CONCIERGE_HOME": str(home), "CONCIERGE_SOURCE_SYSTEM": source}
+    env = {
+        "CONCIERGE_DC_QUERY_BUDGET": DEMO_QUERY_BUDGET,
+        **os.environ,
+        "CONCIERGE_HOME": str(home),
+        "CONCIERGE_SOURCE_SYSTEM": source,
+    }
     return env, source
 
 

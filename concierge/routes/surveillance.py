@@ -71,13 +71,13 @@ def _protector() -> Any:
 def build_router() -> APIRouter:
     # the role is checked first, before the monitor's availability: anonymous callers get 401
     # and other roles 403 whatever the monitor's state
-    prefix, tags = "/v1/surveillance", ["surveillance (regulators)"]
-    router = APIRouter(prefix=prefix, tags=tags, dependencies=[require_role("regulator")])
+    prefix, tag = "/v1/surveillance", "surveillance (regulators)"
+    router = APIRouter(prefix=prefix, tags=[tag], dependencies=[require_role("regulator")])
     protect = _protector()
     # the monitor's status is also the site operators': on a router of its own, since the
     # other routes admit regulators only
     operations = APIRouter(
-        prefix=prefix, tags=tags, dependencies=[require_role("regulator", "admin")]
+        prefix=prefix, tags=[tag], dependencies=[require_role("regulator", "admin")]
     )
 
     @operations.get(

@@ -270,9 +270,11 @@ def test_the_state_pages_need_an_admin_token_bind_loopback_and_are_audited(
             assert refused.headers["content-type"].startswith("application/problem+json")
             assert patient not in refused.text and "resources" not in refused.text
         assert httpx.get(f"{worker.url}{page}", headers=worker.admin, timeout=5).is_success
-    # Faust's own pages, which would serve table values and the cluster's addresses, are off
-    for page in ("/table/cohort/", "/router/", "/stats/"):
+    # Faust's own pages, which would serve table values and the cluster's addresses, are off;
+    # its index says only that it runs
+    for page in ("/table/cohort/", "/router/", "/stats/", "/assignment/", "/graph/"):
         assert httpx.get(f"{worker.url}{page}", headers=worker.admin, timeout=5).status_code == 404
+    assert httpx.get(f"{worker.url}/", timeout=5).json() == {"status": "OK"}
 
     resources = worker.get(f"/state/patients/{patient}")["resources"]
     assert resources and all(key.startswith("urn:test|Observation|") for key in resources)

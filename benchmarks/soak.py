@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from core.settings import Settings
+
 ROLES = ("demo", "broker", "worker", "api", "recruitment", "dashboard", "smtp")
 ERROR_LINE = re.compile(r"\bERROR\b|Traceback \(most recent call last\)")
 PAGE = 4096
@@ -224,7 +226,9 @@ def soak(minutes: float, interval: float, out: Path, demo_args: list[str]) -> in
     registry = logs / "demo-processes.json"
     registry.unlink(missing_ok=True)
     api_port = os.environ.get("CONCIERGE_API_PORT", "8000")
-    worker_port = os.environ.get("CONCIERGE_WORKER_WEB_PORT", "6066")
+    # where the worker's pages listen (CONCIERGE_WORKER_WEB_BIND, loopback by default); its
+    # /readyz needs no token
+    worker_url = Settings().worker_address()
     broker_port = os.environ.get("CONCIERGE_BROKER_PORT", "9092")
     command = [sys.executable, "-m", "concierge", "demo", *demo_args]
     demo_log = logs / "demo.out"
@@ -250,7 +254,7 @@ def soak(minutes: float, interval: float, out: Path, demo_args: list[str]) -> in
     died: dict[str, str] = {}
     readers = {
         "api": Reader(f"http://127.0.0.1:{api_port}/readyz"),
-        "worker": Reader(f"http://127.0.0.1:{worker_port}/readyz"),
+        "worker": Reader(f"{worker_url}/readyz"),
     }
     samples = 0
     end = started + minutes * 60

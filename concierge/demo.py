@@ -506,13 +506,26 @@ def supervise(children: Children, body: Callable[[], int]) -> int:
 DEMO_SOURCE = "urn:concierge:demo:ehr"
 
 
+#: The demo sponsor's query budget per 24 h, unless ``CONCIERGE_DC_QUERY_BUDGET`` is set: the
+#: demo reads its saved question's answer every few seconds while patients stream in, and each
+#: answer that changed is charged (about 25 a run), so the default 200 would refuse a demo run
+#: again within the day without ``--reset`` (an unchanged answer is free).
+DEMO_QUERY_BUDGET = "2000"
+
+
 def demo_environment(home: Path) -> tuple[dict[str, str], str]:
     """The environment of the demo's processes and the source system they all write under
     (``CONCIERGE_SOURCE_SYSTEM`` if set, else :data:`DEMO_SOURCE`). The API's ``/fhir`` resolves
     a Patient's ``Organization/x`` under its own source: under another one than the bulk load's,
-    no live patient's site or GP would ever resolve."""
+    no live patient's site or GP would ever resolve. The query budget is
+    :data:`DEMO_QUERY_BUDGET` unless set."""
     source = os.environ.get("CONCIERGE_SOURCE_SYSTEM") or DEMO_SOURCE
-    env = {**os.environ, "CONCIERGE_HOME": str(home), "CONCIERGE_SOURCE_SYSTEM": source}
+    env = {
+        "CONCIERGE_DC_QUERY_BUDGET": DEMO_QUERY_BUDGET,
+        **os.environ,
+        "CONCIERGE_HOME": str(home),
+        "CONCIERGE_SOURCE_SYSTEM": source,
+    }
     return env, source
 
 
@@ -606,7 +619,7 @@ def _run(
     )
     api_url = f"http://{settings.api_host}:{settings.api_port}"
     public_url = get_recruitment_settings().app_base_url.rstrip("/")
-    worker_url = f"http://127.0.0.1:{settings.worker_web_port}"
+    worker_url = settings.worker_address()
     click.echo("Waiting for the API and the stream worker to be ready:")
     # a rerun without --reset reads every earlier fact first: minutes on a big topic
     wait_ready("API", api_url, "/healthz", 900, children, "api")
@@ -615,8 +628,11 @@ def _run(
     click.echo(f"  API and OpenAPI docs    {api_url}/docs")
     click.echo(f"  readiness               {api_url}/readyz, {worker_url}/readyz")
     click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
-    click.echo(f"  stream worker state     {worker_url}/state/digest")
-    click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts")
+    click.echo(f"  stream worker state     {worker_url}/state/digest (site admins: bearer token)")
+    click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts (site admins: bearer token)")
+    click.echo(
+        "                          an admin token: concierge token create --role admin --org ops"
+    )
     click.echo(f"  regulator dashboard     {dashboard_url}")
     click.echo(f"  device-safety signals   {api_url}/v1/surveillance/signals (regulator)")
     click.echo(f"  clinician page          {public_url}/clinician (a GP's link is printed below)")
@@ -644,6 +660,8 @@ def _run(
     sponsor = _sponsor_headers(settings)
     source = _headers(settings, "source", "Demo EHR")
     regulator = _headers(settings, "regulator", "Demo Regulator")
+    # the worker's state pages are for site admins (the demo runs on the site)
+    site_admin = _headers(settings, "admin", "Demo Site")
     # the snapshot behind ad hoc answers catches up with the bulk load first
     wait_ready("API (after the bulk load)", api_url, "/healthz", 300, children, "api", fatal=False)
     _wait_caught_up(api, api_url, sponsor, 300)
@@ -676,7 +694,9 @@ def _run(
         )
 
     def report(sent: int) -> None:
-        state = api.json("GET", f"{worker_url}/state/digest", "stream worker state", wait=0)
+        state = api.json(
+            "GET", f"{worker_url}/state/digest", "stream worker state", wait=0, headers=site_admin
+        )
         live = api.json("GET", live_url, "saved answer", wait=0, headers=sponsor)
         held = (
             f"{state.get('patients')} patients, {state.get('entries')} resources"

@@ -12,6 +12,7 @@ table of variables.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterable
 from functools import lru_cache
@@ -131,6 +132,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
     worker_web_port: Port = 6066
+    #: The address the worker's status pages listen on (Faust's ``web_bind``; its ``web_host``
+    #: only names the worker in URLs). Loopback unless an operator opens it on purpose: every
+    #: page but ``/health`` and ``/readyz`` needs an admin token even then.
+    worker_web_bind: str = "127.0.0.1"
     worker_id: str = Field(default="concierge-stream", min_length=1)
     #: How often the worker sends a stream-time tick to each partition it owns (0: never; tests
     #: that control time send their own ticks).
@@ -152,6 +157,14 @@ class Settings(BaseSettings):
         if len(key.get_secret_value().encode()) < 32:
             raise ValueError("must be at least 32 bytes (RFC 7518 3.2)")
         return key
+
+    @field_validator("worker_web_bind")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip().strip("[]")))
+        except ValueError:
+            raise ValueError("must be an IP address, e.g. 127.0.0.1, ::1 or 0.0.0.0") from None
 
     def resolved_vault_url(self) -> str:
         if self.vault_url:
@@ -176,12 +189,21 @@ class Settings(BaseSettings):
 
     def api_address(self) -> str:
         """The API as this machine reaches it: its host (loopback for a wildcard bind) and port."""
-        host = self.api_host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        elif ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.api_port}"
+        return f"http://{_reachable(self.api_host)}:{self.api_port}"
+
+    def worker_address(self) -> str:
+        """The worker's status pages as this machine reaches them (loopback for a wildcard
+        bind)."""
+        return f"http://{_reachable(self.worker_web_bind)}:{self.worker_web_port}"
+
+
+def _reachable(host: str) -> str:
+    """A bind address as a URL host: loopback for a wildcard, IPv6 in brackets."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    if ":" in host:
+        return f"[{host}]"
+    return host
 
 
 class ConfigurationError(ValueError):

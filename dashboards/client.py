@@ -78,7 +78,8 @@ class Signal(TypedDict):
 
 class Status(TypedDict):
     ready: bool
-    patients: int
+    #: exact for site admins; for regulators under the small-number rule (``"<10"``) and rounded
+    patients: int | str
     contributions_applied: int
     latest_day: str | None
     updated_at: str

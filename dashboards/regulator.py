@@ -103,6 +103,11 @@ def fmt_count(value: int | str | None) -> str:
     return str(value)
 
 
+def _thousands(value: int | str) -> str:
+    """A count with thousands separators, or a withheld marker as the API gave it."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def fmt_time(value: str | None, clock: bool = False) -> str:
     """An ISO timestamp shortened for reading: ``2026-01-05 14:03:07 UTC`` (``14:03:07 UTC``
     with ``clock``)."""
@@ -170,7 +175,7 @@ def row_styles(signals: Sequence[Signal]) -> list[str]:
 def status_metrics(status: Status) -> list[tuple[str, str]]:
     """(label, value) pairs for the header."""
     return [
-        ("Patients", f"{status['patients']:,}"),
+        ("Patients", _thousands(status["patients"])),
         ("Contributions applied", f"{status['contributions_applied']:,}"),
         ("Latest data day", status.get("latest_day") or DASH),
         ("Last update", fmt_time(status.get("updated_at"), clock=True)),

@@ -16,7 +16,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +26,7 @@ import polars as pl
 from pyroaring import BitMap
 
 from .criteria import ExclusionStep, ObservationCriterion, Question, step_label
-from .disclosure.answer import AnswerSets, Cell, FunnelStepSets
+from .disclosure.answer import AnswerSets, Cell, FunnelStepSets, ProtectionAudit
 from .disclosure.budget import QueryBudget
 from .disclosure.policy import DisclosurePolicy
 from .disclosure.protection import protect
@@ -33,7 +34,7 @@ from .disclosure.registry import PublicationRegistry
 from .engines.base import FrameEngine
 from .engines.reference import walk_criterion
 from .readers import CohortReader, FactsReader, Reader
-from .saved import SavedQuestions, SavedTrial
+from .saved import SavedQuestions, SavedTrial, TrialCreate
 from .sites import (
     UNRESOLVED,
     UNRESOLVED_REGION,
@@ -194,6 +195,35 @@ def _with_unconvertible(body: Body, cells: dict[int, Cell]) -> Body:
 
 
 @dataclass
+class Charge:
+    """One unit of an organisation's query budget, taken for one request that gives it
+    something new: an answer (ad hoc or saved) or a saved question's registration. Taken before
+    any data is read (a locked-out or spent organisation is refused first), given back when the
+    request gives nothing (a view was not current, the request was refused) or when the answer
+    is a republication: the organisation's last answer to the same question again, recorded
+    nothing, told nothing new (``docs/explanation/disclosure-control.md``, rule 7)."""
+
+    #: The budget's ``used`` with this charge counted (0: not charged at all, ``charge=False``).
+    used: int = 0
+    #: What was answered is recorded (publications, a trial version): no refund on an error.
+    given: bool = False
+    #: The answer was a republication: refunded when the request ends.
+    republication: bool = False
+
+    def settle(self, audit: ProtectionAudit | None = None) -> None:
+        """The answer is made (and recorded); a republication costs nothing."""
+        self.given = True
+        self.republication = audit is not None and audit.republished
+
+    def to_audit(self) -> Body:
+        """For the audit log: whether the request was charged, and the budget used after it."""
+        if not self.used:
+            return {"budget": {"charged": False}}
+        charged = not self.republication
+        return {"budget": {"charged": charged, "used": self.used if charged else self.used - 1}}
+
+
+@dataclass
 class FeasibilityService:
     """Everything a sponsor request needs: the snapshot, the engine and disclosure control."""
 
@@ -221,6 +251,41 @@ class FeasibilityService:
     #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
     #: a broker call; None where there is no broker).
     facts_high_watermarks: Callable[[], dict[int, int]] | None = None
+
+    @contextmanager
+    def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:
+        """The query budget around one request of ``org`` (:class:`Charge`): raises
+        :class:`~feasibility.disclosure.budget.LockedOut` or
+        :class:`~feasibility.disclosure.budget.BudgetExceeded` before anything is read. With
+        ``charge=False`` (tests, and nothing else) the budget is not consulted."""
+        if not charge:
+            yield Charge()
+            return
+        charge_id, status = self.budget.reserve(org)
+        taken = Charge(used=status.used)
+        try:
+            yield taken
+        except BaseException:
+            if not taken.given:
+                self.budget.refund(charge_id)
+            raise
+        if taken.republication:
+            self.budget.refund(charge_id)
+
+    def register(self, create: TrialCreate, org: str) -> tuple[SavedTrial, Body]:
+        """Register (or change) ``org``'s saved question: one charge of the query budget, as
+        an answer is (each version is evaluated by the stream and recruits at its sites), so a
+        locked-out or spent organisation cannot register. Returns the record and its audit
+        detail."""
+        if self.saved is None:
+            raise RuntimeError("no saved questions here")
+        with self.charged(org) as charge:
+            # The next version number comes from the registry view: registering before it has
+            # read the trials topic would reuse version 1, which the stream ignores as seen.
+            self.require("trials")
+            record = self.saved.register(create, org)
+            charge.settle()
+        return record, {"trial": record.id, "version": record.version, **charge.to_audit()}
 
     def require(self, *views: str) -> None:
         """Raise :class:`NotCurrent` unless each named view (``facts``, ``cohorts``,
@@ -262,7 +327,13 @@ class FeasibilityService:
 
     def answer_live(self, trial: SavedTrial, org: str) -> tuple[Body, Body]:
         """A saved question's answer: cohort counts as the stream keeps them (per event), the
-        funnel from the snapshot at the stream's time, both under disclosure control."""
+        funnel from the snapshot at the stream's time, both under disclosure control, charged
+        to ``org``'s query budget like an ad hoc answer (a republication is free)."""
+        with self.charged(org) as charge:
+            body, audit = self._answer_live(trial, org, charge)
+        return body, {**audit, **charge.to_audit()}
+
+    def _answer_live(self, trial: SavedTrial, org: str, charge: Charge) -> tuple[Body, Body]:
         started = time.perf_counter()
         question = trial.criteria
         if self.cohorts is None:
@@ -326,6 +397,7 @@ class FeasibilityService:
         )
         fp = fingerprint(question)
         protected, audit = protect(live, self.policy, self.registry, org, fp)
+        charge.settle(audit)
         body = {
             "question": fp,
             "title": question.title,
@@ -387,10 +459,13 @@ class FeasibilityService:
         self, question: Question, org: str, kind: str = "ad hoc", charge: bool = True
     ) -> tuple[Body, Body]:
         """The protected answer for ``org``, and an audit detail (counts of rules applied, never
-        patient-level)."""
+        patient-level), charged to ``org``'s query budget (a republication is free)."""
+        with self.charged(org, charge) as taken:
+            body, audit = self._answer(question, org, kind, taken)
+        return body, {**audit, **taken.to_audit()}
+
+    def _answer(self, question: Question, org: str, kind: str, charge: Charge) -> tuple[Body, Body]:
         self.require("facts", "sites")
-        if charge:
-            self.budget.charge(org)
         started = time.perf_counter()
         at = self.clock()
         steps = self.evaluate(question, at)
@@ -398,6 +473,7 @@ class FeasibilityService:
         evaluated = time.perf_counter()
         fp = fingerprint(question)
         protected, audit = protect(sets, self.policy, self.registry, org, fp)
+        charge.settle(audit)
         body = {
             "question": fp,
             "title": question.title,
@@ -417,6 +493,7 @@ class FeasibilityService:
 
 
 __all__ = [
+    "Charge",
     "FeasibilityService",
     "NotCurrent",
     "answer_sets",

@@ -25,11 +25,13 @@ We deliberately do not rely on Faust's ``exactly_once`` mode (faust-streaming is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import faust
 import orjson
@@ -42,6 +44,7 @@ from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
 from . import patient_state
 from .cohorts import LiveCohorts
+from .status_pages import PROBLEM, AuditUnavailable, PageAccess, Refusal
 from .store import PatientStore, canonical, read_messages, read_partition
 
 if TYPE_CHECKING:
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARTITIONS = 6
+#: A state page's handler: ``(request, **path parameters) -> (body, audit detail)``.
+PageHandler = Callable[..., tuple[Any, dict[str, Any]]]
 #: Messages between two ``gc.freeze()`` calls (see handle_facts).
 FREEZE_EVERY = 500
 
@@ -104,7 +109,18 @@ class StreamApp:
             consumer_auto_offset_reset="earliest",
             processing_guarantee="at_least_once",
             web_port=settings.worker_web_port,
-            web_host="127.0.0.1",
+            # Faust binds to web_bind (0.0.0.0 unless set); web_host only names the worker in
+            # URLs it advertises. The status pages listen on loopback unless configured.
+            web_bind=settings.worker_web_bind,
+            web_host=urlsplit(settings.worker_address()).hostname,
+            # Faust's own pages are off: /table/{name}/{key} serves table values (cohort
+            # records name patients), /router the cluster's addresses, the statistics pages
+            # internal state. Only this module's pages are served, behind status_pages.
+            web_tables_enabled=False,
+            web_router_enabled=False,
+            web_stats_enabled=False,
+            web_graph_enabled=False,
+            web_metrics_enabled=False,
             # A killed worker's partitions wait for its session to time out before a restarted
             # one gets them: Faust's 60 s default was a minute of stale live answers per crash.
             broker_session_timeout=settings.stream_session_timeout_seconds,
@@ -163,6 +179,8 @@ class StreamApp:
         #: The per-patient device contributions (:class:`~.device_stream.DeviceContributions`),
         #: when the device extension is installed.
         self.devices: DeviceContributions | None = None
+        #: Admin tokens and audit records for the state pages (:mod:`.status_pages`).
+        self.access = PageAccess(settings)
         self._register()
         for extension in extensions or ():
             extension(self)
@@ -460,56 +478,103 @@ class StreamApp:
         async def trial_sync() -> None:
             await self.sync_trials()
 
-        @app.page("/health")
+        @app.page("/health", name="health")
         async def health(web: Any, request: Any) -> Any:
-            return web.json(
-                {
-                    "ok": True,
-                    "applied": self.applied,
-                    "ignored": self.ignored,
-                    "rejected": self.rejected,
-                    "messages": self.messages,
-                    "ticks": self.ticks,
-                    "trials": sum(
-                        1
-                        for spec in list(self.trials_table.values())
-                        if spec and spec.get("status") == "active"
-                    ),
-                    "partitions": sorted(self.store.partitions),
-                    **self.store.counts(),
-                    "devices": None if self.devices is None else self.devices.summary(),
-                }
-            )
+            # liveness and processing counters only: no pseudonym, no count of patients
+            return web.json(self.health_summary())
 
         @app.task
         async def start_health() -> None:
             self.health.start()
 
-        @app.page("/readyz")
+        @app.page("/readyz", name="readyz")
         async def readyz(web: Any, request: Any) -> Any:
             status = self.readiness()
-            body = {**status.to_dict(), "rebuilds": self.rebuilds[-12:], "gaps": self.gaps[-12:]}
+            body = {
+                **status.to_dict(),
+                # what each rebuild read, in messages (its patient count stays in the log)
+                "rebuilds": [
+                    {k: v for k, v in r.items() if k != "patients"} for r in self.rebuilds[-12:]
+                ],
+                "gaps": self.gaps[-12:],
+            }
             if status.ready:
                 return web.json(body)
             return web.json(body, status=503, headers={"Retry-After": "2"})
 
-        @app.page("/state/digest")
-        async def state_digest(web: Any, request: Any) -> Any:
-            return web.json(self.digest())
+        @self.admin_page("/state/digest")
+        def state_digest(request: Any) -> tuple[Any, dict[str, Any]]:
+            return self.digest(), {}
 
-        @app.page("/state/patients/{patient}")
-        async def patient_page(web: Any, request: Any, patient: str) -> Any:
+        @self.admin_page("/state/patients/{patient}")
+        def patient_page(request: Any, patient: str) -> tuple[Any, dict[str, Any]]:
             for partition in list(self.store.partitions):
                 entries = self.store.patient(partition, patient)
                 if entries:
                     resources = {key: canonical(entry) for key, entry in entries.items()}
-                    return web.json({"patient": patient, "resources": resources})
-            return web.json({"patient": patient, "resources": {}})
+                    body = {"patient": patient, "resources": resources}
+                    return body, {"pseudonyms_read": [patient]}
+            return {"patient": patient, "resources": {}}, {"pseudonyms_read": []}
 
-        @app.page("/state/cohorts")
-        async def cohorts(web: Any, request: Any) -> Any:
-            # operations view on the worker's loopback port: member counts per trial only
-            return web.json(self.cohorts.summary())
+        @self.admin_page("/state/cohorts")
+        def cohorts(request: Any) -> tuple[Any, dict[str, Any]]:
+            # exact member counts per saved question: site admins only, never sponsors
+            return self.cohorts.summary(), {}
+
+    def health_summary(self) -> dict[str, Any]:
+        """What ``/health`` shows: that the worker runs, and counts of messages handled."""
+        return {
+            "ok": True,
+            "applied": self.applied,
+            "ignored": self.ignored,
+            "rejected": self.rejected,
+            "messages": self.messages,
+            "ticks": self.ticks,
+            "trials": sum(
+                1
+                for spec in list(self.trials_table.values())
+                if spec and spec.get("status") == "active"
+            ),
+            "partitions": sorted(self.store.partitions),
+            "devices": None if self.devices is None else self.devices.progress(),
+        }
+
+    def admin_page(self, path: str) -> Callable[[PageHandler], PageHandler]:
+        """Register a state page that needs an admin token. ``handler(request, **match)``
+        returns the body and the audit record's detail (``pseudonyms_read`` for patient-level
+        reads); every request, answered or refused, is audited before it is answered."""
+
+        def register(handler: PageHandler) -> PageHandler:
+            async def page(web: Any, request: Any, **params: str) -> Any:
+                action = f"{request.method} {request.path}"
+                query = {"query": request.query_string}
+                principal, refusal = self.access.authorise(request.headers.get("Authorization"))
+                if refusal is None:
+                    body, detail = handler(request, **params)
+                    try:
+                        await self.access.record_async(principal, action, 200, query | detail)
+                    except AuditUnavailable:
+                        refusal = Refusal(
+                            503, "the audit log cannot be written", {"Retry-After": "2"}
+                        )
+                    else:
+                        return web.json(body)
+                else:
+                    # refused anyway: a failed audit write is logged by record()
+                    with contextlib.suppress(AuditUnavailable):
+                        await self.access.record_async(principal, action, refusal.status, query)
+                return web.json(
+                    refusal.body(),
+                    status=refusal.status,
+                    content_type=PROBLEM,
+                    headers=dict(refusal.headers),
+                )
+
+            page.__name__ = page.__qualname__ = handler.__name__
+            self.app.page(path, name=handler.__name__)(page)
+            return handler
+
+        return register
 
     async def sync_trials(self) -> None:
         """Send each assigned partition every trial version it was not sent since the last

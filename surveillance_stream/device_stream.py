@@ -158,11 +158,15 @@ class DeviceContributions:
         self.exposed.pop(partition, None)
 
     def summary(self) -> dict[str, Any]:
+        """For ``/state/devices`` (admin only): with the exact number of exposed patients."""
         return {
             "exposed_patients": sum(len(v) for v in self.exposed.values()),
-            "evaluations": self.evaluations,
-            "writes": self.writes,
+            **self.progress(),
         }
+
+    def progress(self) -> dict[str, int]:
+        """For ``/health`` (no token): work done, no count of patients."""
+        return {"evaluations": self.evaluations, "writes": self.writes}
 
 
 def install(stream: StreamApp) -> None:
@@ -177,9 +181,9 @@ def install(stream: StreamApp) -> None:
     stream.on_recover.append(contributions.recover)
     stream.on_forget.append(contributions.forget)
 
-    @stream.app.page("/state/devices")
-    async def devices_page(web: Any, request: Any) -> Any:
-        return web.json(contributions.summary())
+    @stream.admin_page("/state/devices")
+    def devices_page(request: Any) -> tuple[Any, dict[str, Any]]:
+        return contributions.summary(), {}
 
     log.info(
         "device counters on: %s outcome definitions, %s device classes",

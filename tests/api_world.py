@@ -317,10 +317,12 @@ def build_world(
 
 
 __all__ = [
+    "CONDITION",
     "CRITERIA",
     "GP_A",
     "GP_B",
     "IDENTITY",
+    "PATIENT",
     "RETIRE",
     "SERVED_IDENTITY",
     "SITE_A",
@@ -329,4 +331,5 @@ __all__ = [
     "TRIAL",
     "World",
     "build_world",
+    "settings_for",
 ]

@@ -10,6 +10,7 @@ offsets and committed group offsets survive exactly as they would on a real mach
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -84,4 +85,24 @@ class PrivateBroker:
         broker_mod.stop(self.config)
 
 
-__all__ = ["PrivateBroker", "free_port"]
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on ``port`` (Linux's /proc/net/tcp{,6})."""
+    found: set[str] = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            # the kernel writes each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(str(ipaddress.ip_address(words if width == 32 else words[:4])))
+    return found
+
+
+__all__ = ["PrivateBroker", "free_port", "listening_addresses"]

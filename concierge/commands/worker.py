@@ -26,9 +26,11 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
 
     Patient state is rebuilt from the facts topic on start; cohort membership survives restarts
     in the cohort topic (the table's changelog). Several workers with the same
-    CONCIERGE_WORKER_ID share the partitions between them. Status pages on the web port:
-    /health, /readyz (503 until every assigned partition is rebuilt and caught up),
-    /state/digest, /state/patients/{pseudonym}, /state/cohorts, /state/devices.
+    CONCIERGE_WORKER_ID share the partitions between them. Status pages on the web port, bound
+    to CONCIERGE_WORKER_WEB_BIND (127.0.0.1 by default): /health and /readyz (503 until every
+    assigned partition is rebuilt and caught up) for anyone; /state/digest,
+    /state/patients/{pseudonym}, /state/cohorts and /state/devices for an admin bearer token
+    only, each request audited.
     """
     from faust.worker import Worker
 

@@ -2,7 +2,10 @@
 
 Every route needs a sponsor token (``concierge token create --role sponsor --org NAME``) and
 answers aggregates only, under disclosure control; errors are problem+json; the audit middleware
-records each request with the question's fingerprint and the disclosure rules' bookkeeping.
+records each request with the question's fingerprint, the disclosure rules' bookkeeping and
+whether it was charged. Every route that gives a sponsor something new (an ad hoc answer, a
+saved question's registration or new version, a saved answer that changed) goes through one
+query budget and its lockout (:meth:`feasibility.service.FeasibilityService.charged`).
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
@@ -18,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.auth import Principal, require_role
 from feasibility.criteria import CriteriaError, Question, json_pointer, json_schema
-from feasibility.disclosure.budget import BudgetExceeded
+from feasibility.disclosure.budget import BudgetExceeded, LockedOut
 from feasibility.fhir_group import GroupError, question_from_group
 from feasibility.recruitment_funnel import protect_recruitment, unavailable
 from feasibility.render import render
@@ -115,6 +118,25 @@ NOT_CURRENT: dict[int | str, dict[str, Any]] = {
 }
 
 
+def over_budget(request: Request, exc: BudgetExceeded) -> HTTPException:
+    """429 with ``Retry-After``: the organisation's query budget is spent, or it is locked out
+    until an administrator unlocks it. Nothing was read or recorded for the request."""
+    request.state.audit_detail = {"budget": "locked" if isinstance(exc, LockedOut) else "exceeded"}
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        str(exc),
+        headers={"Retry-After": str(int(exc.retry_after_seconds))},
+    )
+
+
+OVER_BUDGET: dict[int | str, dict[str, Any]] = {
+    429: {
+        "description": "The organisation's query budget is spent, or it is locked out pending "
+        "an administrator's review; `Retry-After` says when to ask again"
+    }
+}
+
+
 def _answer(
     request: Request, service: FeasibilityService, question: Question, org: str, kind: str
 ) -> dict[str, Any]:
@@ -123,12 +145,7 @@ def _answer(
     except NotCurrent as exc:
         raise not_current(request, exc) from None
     except BudgetExceeded as exc:
-        request.state.audit_detail = {"budget": "exceeded"}
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            str(exc),
-            headers={"Retry-After": str(int(exc.retry_after_seconds))},
-        ) from None
+        raise over_budget(request, exc) from None
     request.state.audit_detail = audit
     return body
 
@@ -174,9 +191,11 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         description="Counts of eligible patients (total, per site and region) and the attrition "
         "funnel in criterion order, under disclosure control: a withheld count reads `withheld` "
         "whatever its size, and `notes` (per funnel row, `note`) says in words what cannot all "
-        "be shown. Counts one question against the sponsor's query budget. 503 while the "
+        "be shown. Counts one question against the sponsor's query budget, unless the answer "
+        "is exactly the organisation's last answer to the same question (a republication); "
+        "429 once the budget is spent or the organisation is locked out. 503 while the "
         "snapshot is behind the facts topic.",
-        responses=NOT_CURRENT,
+        responses={**NOT_CURRENT, **OVER_BUDGET},
     )
     def ask(
         request: Request,
@@ -190,8 +209,9 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "/ask-group",
         summary="Ask with a definitional FHIR R5 Group as the criteria",
         description="The Group's characteristics become funnel steps (see "
-        "feasibility/fhir_group.py for the codes understood); answered like /ask.",
-        responses=NOT_CURRENT,
+        "feasibility/fhir_group.py for the codes understood); answered and charged like "
+        "/ask.",
+        responses={**NOT_CURRENT, **OVER_BUDGET},
     )
     def ask_group(
         request: Request,
@@ -233,7 +253,11 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "/saved-questions",
         status_code=status.HTTP_201_CREATED,
         summary="Register a trial (a saved question), or change one you registered",
-        responses=NOT_CURRENT,
+        description="Each registration (a new saved question or a new version of one) counts "
+        "one question against the sponsor's query budget: the stream evaluates it and it "
+        "recruits at its sites. 429 once the budget is spent or the organisation is locked "
+        "out; 503 while the registry of saved questions is behind.",
+        responses={**NOT_CURRENT, **OVER_BUDGET},
     )
     def register(
         request: Request,
@@ -242,15 +266,16 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         trial: TrialCreate,
         response: Response,
     ) -> TrialPublic:
+        saved(service)
         try:
-            # The next version number comes from the registry view: registering before it has
-            # read the trials topic would reuse version 1, which the stream ignores as seen.
-            service.require("trials")
-            record = saved(service).register(trial, principal.org)
+            record, audit = service.register(trial, principal.org)
         except NotCurrent as exc:
             raise not_current(request, exc) from None
+        except BudgetExceeded as exc:
+            raise over_budget(request, exc) from None
         except NotYours as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        request.state.audit_detail = audit
         response.headers["Location"] = f"/v1/feasibility/saved-questions/{record.id}"
         return TrialPublic.of(record)
 
@@ -271,7 +296,12 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     def get_saved(trial_id: str, principal: Sponsor, service: Service) -> TrialPublic:
         return TrialPublic.of(_get(service, trial_id, principal.org))
 
-    @router.delete("/saved-questions/{trial_id}", summary="Retire a saved question")
+    @router.delete(
+        "/saved-questions/{trial_id}",
+        summary="Retire a saved question",
+        description="Free, and allowed to a locked-out organisation: it stops the question's "
+        "evaluation and recruitment and answers no count.",
+    )
     def retire(trial_id: str, principal: Sponsor, service: Service) -> TrialPublic:
         _get(service, trial_id, principal.org)
         return TrialPublic.of(saved(service).retire(trial_id, principal.org))
@@ -279,13 +309,15 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     @router.get(
         "/saved-questions/{trial_id}/answer",
         summary="The current answer to a saved question",
-        description="Counts under the same disclosure control as ad hoc questions. Reading the "
-        "answer of a saved question does not count against the query budget. The "
-        "`recruitment` block gives invited patients per invitation state, under the same "
-        "disclosure control (`available: false` when recruitment is not running). 503 while "
-        "the cohort view or the snapshot is behind, or the snapshot has not reached the "
-        "stream's position.",
-        responses=NOT_CURRENT,
+        description="Counts under the same disclosure control as ad hoc questions, and charged "
+        "to the same query budget: each answer that differs from the last one this "
+        "organisation got for the question counts one question; reading it again unchanged "
+        "(a republication) is free. 429 once the budget is spent or the organisation is "
+        "locked out, changed or not. The `recruitment` block gives invited patients per "
+        "invitation state, under the same disclosure control (`available: false` when "
+        "recruitment is not running). 503 while the cohort view or the snapshot is behind, "
+        "or the snapshot has not reached the stream's position.",
+        responses={**NOT_CURRENT, **OVER_BUDGET},
     )
     def live_answer(
         trial_id: str, request: Request, principal: Sponsor, service: Service
@@ -295,11 +327,13 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
             raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
         try:
             if service.cohorts is None:
-                body, audit = service.answer(record.criteria, principal.org, "saved", charge=False)
+                body, audit = service.answer(record.criteria, principal.org, "saved")
             else:
                 body, audit = service.answer_live(record, principal.org)
         except NotCurrent as exc:
             raise not_current(request, exc) from None
+        except BudgetExceeded as exc:
+            raise over_budget(request, exc) from None
         block, block_audit = _recruitment_block(request, recruitment_provider, service, trial_id)
         request.state.audit_detail = {
             **audit,

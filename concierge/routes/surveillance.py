@@ -1,9 +1,10 @@
 """Regulator API under ``/v1/surveillance``: device-safety signals, their statistics, drill-down
 and lifecycle actions.
 
-Every route needs a regulator token (``concierge token create --role regulator --org MHRA``) and
-every request is audited by the API's middleware (provenance reads also record how many
-pseudonymised patients they touched). Patient counts in breakdowns follow the sponsors'
+Every route needs a regulator token (``concierge token create --role regulator --org MHRA``);
+``/status`` also admits site admins, who alone see its patient count exact. Every request is
+audited by the API's middleware (provenance reads also record how many pseudonymised patients
+they touched). Patient counts in breakdowns follow the sponsors'
 small-number rules (:class:`feasibility.disclosure.policy.DisclosurePolicy`); the 2x2 cells of a
 signal are shown as they are, since every statistic the regulator must be able to reproduce is a
 function of them.
@@ -21,6 +22,7 @@ from surveillance_stream.monitor import MonitorError, SignalMonitor, UnknownSign
 from surveillance_stream.signals import REGULATOR_ACTIONS, IllegalTransition
 
 Regulator = Annotated[Principal, require_role("regulator")]
+RegulatorOrAdmin = Annotated[Principal, require_role("regulator", "admin")]
 
 
 def _monitor(request: Request) -> SignalMonitor:
@@ -69,16 +71,27 @@ def _protector() -> Any:
 def build_router() -> APIRouter:
     # the role is checked first, before the monitor's availability: anonymous callers get 401
     # and other roles 403 whatever the monitor's state
-    router = APIRouter(
-        prefix="/v1/surveillance",
-        tags=["surveillance (regulators)"],
-        dependencies=[require_role("regulator")],
-    )
+    prefix, tag = "/v1/surveillance", "surveillance (regulators)"
+    router = APIRouter(prefix=prefix, tags=[tag], dependencies=[require_role("regulator")])
     protect = _protector()
+    # the monitor's status is also the site operators': on a router of its own, since the
+    # other routes admit regulators only
+    operations = APIRouter(
+        prefix=prefix, tags=[tag], dependencies=[require_role("regulator", "admin")]
+    )
 
-    @router.get("/status", summary="The monitor's state: patients counted, latest data day")
-    def status_(monitor: Monitor, principal: Regulator) -> dict[str, Any]:
-        return monitor.status()
+    @operations.get(
+        "/status",
+        summary="The monitor's state: patients counted, latest data day",
+        description="`patients` (patients with a device contribution) is exact for site admins "
+        "only; regulators get it under the small-number rule and rounding of sponsors' answers "
+        "(no statistic needs it: the 2x2 tables of the signals carry their own counts).",
+    )
+    def status_(monitor: Monitor, principal: RegulatorOrAdmin) -> dict[str, Any]:
+        found = monitor.status()
+        if principal.role != "admin":
+            found["patients"] = protect(int(found["patients"]))
+        return found
 
     @router.get(
         "/signals",
@@ -170,4 +183,7 @@ def build_router() -> APIRouter:
         detail: dict[str, Any] = _call(monitor.detail, signal_id)
         return {"signal": detail["signal"]}
 
-    return router
+    both = APIRouter()
+    both.include_router(operations)
+    both.include_router(router)
+    return both

@@ -183,6 +183,14 @@ class QueryBudget:
     def charge(self, org: str) -> BudgetStatus:
         """Count one answered question for ``org``, or raise :class:`LockedOut` /
         :class:`BudgetExceeded` (then nothing is counted)."""
+        return self.reserve(org)[1]
+
+    def reserve(self, org: str) -> tuple[int, BudgetStatus]:
+        """Count one answer for ``org`` before it is made, or raise :class:`LockedOut` /
+        :class:`BudgetExceeded` (then nothing is counted): the charge's id (for
+        :meth:`refund`, when the answer turns out to be no news or is not given) and the
+        status with it counted. The lockout is checked first, so a locked-out organisation is
+        refused whatever its budget."""
         now = self.clock()
         q = budget_queries_table
         with self._lock:
@@ -194,8 +202,17 @@ class QueryBudget:
                 conn.execute(q.delete().where(q.c.org == org, q.c.at <= now - self.window))
                 if self._used(conn, org, now) >= self.max_queries:
                     raise BudgetExceeded(self._retry_after(conn, org, now))
-                conn.execute(q.insert().values(org=org, at=now))
-                return self._status(conn, org, now, False)
+                charge = conn.execute(q.insert().values(org=org, at=now).returning(q.c.id))
+                charge_id = int(charge.scalar_one())
+                return charge_id, self._status(conn, org, now, False)
+
+    def refund(self, charge_id: int) -> None:
+        """Take back a charge made by :meth:`reserve`: the answer was not given (a view was not
+        current, the request was refused) or was a republication of the organisation's last
+        answer to the same question (nothing new; see ``disclosure-control.md``)."""
+        q = budget_queries_table
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(q.delete().where(q.c.id == charge_id))
 
     def status(self, org: str) -> BudgetStatus:
         now = self.clock()

@@ -100,7 +100,9 @@ class World:
         counters = truth.counters()
 
         def worker_state() -> Any:
-            got = httpx.get(f"{self.stack.worker}/state/digest", timeout=30).json()
+            got = httpx.get(
+                f"{self.stack.worker}/state/digest", headers=self.admin, timeout=30
+            ).json()
             return True if got == want_digest else (got, want_digest)
 
         def state_difference() -> list[str]:
@@ -108,7 +110,9 @@ class World:
             where = truth.where()
             out = []
             for patient, entries in sorted(truth.patients().items()):
-                page = httpx.get(f"{self.stack.worker}/state/patients/{patient}", timeout=10)
+                page = httpx.get(
+                    f"{self.stack.worker}/state/patients/{patient}", headers=self.admin, timeout=10
+                )
                 held = page.json()["resources"]
                 for key, entry in entries.items():
                     if held.get(key) != canonical(entry):
@@ -158,7 +162,9 @@ class World:
                     "published": published.get(p) is not None,
                     "batch": batch.get(p) is not None,
                     "topic": history.get(p),
-                    "worker": httpx.get(f"{self.stack.worker}/state/devices", timeout=10).json(),
+                    "worker": httpx.get(
+                        f"{self.stack.worker}/state/devices", headers=self.admin, timeout=10
+                    ).json(),
                     "resources": {
                         k.rsplit("|", 2)[-2]: (e["seq"], where.get(k))
                         for k, e in fold.get(p, {}).items()
@@ -200,7 +206,9 @@ class World:
         # The reported symptom: /state/patients/{p} empty for members after a restart.
         fold = truth.patients()
         for patient in sorted(members)[:30]:
-            page = httpx.get(f"{self.stack.worker}/state/patients/{patient}", timeout=10).json()
+            page = httpx.get(
+                f"{self.stack.worker}/state/patients/{patient}", headers=self.admin, timeout=10
+            ).json()
             assert page["resources"] == {k: canonical(v) for k, v in fold[patient].items()}
         assert self.probe.violations() == []
         self.checks += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"http://127.0.0.1:{api_port}/docs" in run.stdout
     assert "streaming the rest live" in run.stdout
-    assert "the stream holds" in run.stdout
+    assert re.search(r"the stream holds \d+ patients", run.stdout), run.stdout  # admin token
+    assert "stream worker state: 401" not in run.stdout + run.stderr
     assert "device signals:" in run.stdout
     assert f"http://127.0.0.1:{dashboard_port}" in run.stdout
     for port in (api_port, dashboard_port):  # everything the demo started is stopped again
@@ -133,7 +135,8 @@ def test_sigterm_stops_every_process_the_demo_started(
         )
     try:
         deadline = time.monotonic() + 300
-        while "the stream holds" not in output.read_text(errors="replace"):
+        # the demo reads the worker's state page with an admin token: a number, not a 401
+        while not re.search(r"the stream holds \d+ patients", output.read_text(errors="replace")):
             assert demo.poll() is None, output.read_text(errors="replace")
             assert time.monotonic() < deadline, output.read_text(errors="replace")
             time.sleep(1)

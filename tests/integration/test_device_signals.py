@@ -99,9 +99,7 @@ def test_faulty_model_signals_live_and_retractions_move_it_back(
     with TestClient(app) as client:
         monitor = app.state.surveillance
         worker.start()
-        worker.wait_until(
-            lambda h: (h.get("devices") or {}).get("exposed_patients", 0) > 0, 120, "/health"
-        )
+        worker.wait_until(lambda d: d.get("exposed_patients", 0) > 0, 120, "/state/devices")
         worker.kill()  # mid-stream: no final commit, table writes after the last one in flight
         population.send()
         worker.start()

@@ -295,8 +295,15 @@ def test_the_query_budget_locks_a_sponsor_out_with_retry_after(
     criteria = example("t2dm-sglt2.json")
     with TestClient(create_app(settings)) as client:
         wait_ready(client, 120)  # a 503 while views catch up is charged nothing
-        for _ in range(2):
-            assert client.post("/v1/feasibility/ask", json=criteria, headers=sponsor).is_success
+        # the same question twice: its unchanged answer is republished, free; then another one
+        for title in ("first", "first", "second"):
+            asked = {**criteria, "title": title}
+            assert client.post("/v1/feasibility/ask", json=asked, headers=sponsor).is_success
+        assert client.get("/v1/feasibility/budget", headers=sponsor).json()["used"] == 2
+        # spent: refused, even the question whose answer would be unchanged
+        again = client.post("/v1/feasibility/ask", json={**criteria, "title": "first"},
+                            headers=sponsor)  # fmt: skip
+        assert again.status_code == 429
         refused = client.post("/v1/feasibility/ask", json=criteria, headers=sponsor)
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) > 0

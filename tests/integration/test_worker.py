@@ -1,7 +1,9 @@
-"""The Faust worker on the real broker: state from facts, updates, retractions, SIGKILL."""
+"""The Faust worker on the real broker: state from facts, updates, retractions, SIGKILL, and
+who may read its status pages."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import threading
@@ -10,10 +12,13 @@ import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from confluent_kafka import Producer
 
+from core.audit import AuditLog
+from core.auth import issue
 from core.contracts.facts import (
     ObservationFact,
     Provenance,
@@ -26,9 +31,10 @@ from fhir_adapters.service import build_ingestor
 from fhir_adapters.sources import expand, ingest_file
 from infra.topics import FACTS
 from surveillance_stream import patient_state
+from tests.faults import listening_addresses
 
 from .test_ingest_kafka import SAMPLES, read_all
-from .worker_proc import WorkerProcess
+from .worker_proc import TOKEN_KEY, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -223,3 +229,76 @@ def test_no_stuck_stream_errors_for_the_changelog_topics(
     time.sleep(20)
     log = worker.log_path.read_text(errors="replace")
     assert "Stream has not started processing" not in log, worker.tail()
+
+
+def test_the_state_pages_need_an_admin_token_bind_loopback_and_are_audited(
+    settings: Settings, worker: WorkerProcess
+) -> None:
+    envelopes = synthetic_envelopes(400, seed=3)
+    want = patient_state.digest(patient_state.fold(envelopes).items())
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for envelope in envelopes:
+        producer.produce(
+            settings.topic(FACTS), key=envelope.patient.encode(), value=envelope.to_json()
+        )
+    assert producer.flush(30) == 0
+    worker.start()
+    worker.wait_until(lambda d: d == want, timeout=120)
+
+    # the probes answer anyone, and say nothing about patients
+    health = httpx.get(f"{worker.url}/health", timeout=5)
+    assert health.status_code == 200 and health.json()["ok"] is True
+    ready = httpx.get(f"{worker.url}/readyz", timeout=5)
+    assert ready.status_code in (200, 503)
+    for probe in (health.text, ready.text):
+        assert '"patients"' not in probe and "p-" not in probe
+
+    patient = envelopes[0].patient
+    key = TOKEN_KEY.encode()
+    wrong_key = b"not-the-worker-s-key-0123456789abcdefghij"
+    callers = {
+        "anonymous": ({}, 401),
+        "sponsor": ({"Authorization": f"Bearer {issue(key, 'sponsor', 'Acme')}"}, 403),
+        "regulator": ({"Authorization": f"Bearer {issue(key, 'regulator', 'MHRA')}"}, 403),
+        "forged admin": ({"Authorization": f"Bearer {issue(wrong_key, 'admin', 'x')}"}, 401),
+    }
+    pages = ["/state/digest", f"/state/patients/{patient}", "/state/cohorts", "/state/devices"]
+    for page in pages:
+        for caller, (headers, status) in callers.items():
+            refused = httpx.get(f"{worker.url}{page}", headers=headers, timeout=5)
+            assert refused.status_code == status, (page, caller, refused.text)
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert patient not in refused.text and "resources" not in refused.text
+        assert httpx.get(f"{worker.url}{page}", headers=worker.admin, timeout=5).is_success
+    # Faust's own pages, which would serve table values and the cluster's addresses, are off;
+    # its index says only that it runs
+    for page in ("/table/cohort/", "/router/", "/stats/", "/assignment/", "/graph/"):
+        assert httpx.get(f"{worker.url}{page}", headers=worker.admin, timeout=5).status_code == 404
+    assert httpx.get(f"{worker.url}/", timeout=5).json() == {"status": "OK"}
+
+    resources = worker.get(f"/state/patients/{patient}")["resources"]
+    assert resources and all(key.startswith("urn:test|Observation|") for key in resources)
+
+    audit = AuditLog(f"sqlite:///{worker.home / 'audit.sqlite'}")
+    records = [
+        {**r, "detail": json.loads(r["detail"])}
+        for r in audit.records()
+        if r["action"] == f"GET /state/patients/{patient}"
+    ]
+    assert [(r["role"], r["detail"]["status"]) for r in records] == [
+        ("anonymous", 401),
+        ("sponsor", 403),
+        ("regulator", 403),
+        ("anonymous", 401),
+        ("admin", 200),
+        ("admin", 200),
+    ]
+    assert [r["detail"].get("pseudonyms_read") for r in records if r["role"] == "admin"] == [
+        [patient],
+        [patient],
+    ]
+    assert all(r["detail"]["service"] == "worker" for r in records)
+    assert audit.verify().ok
+
+    # the pages listen on loopback only (CONCIERGE_WORKER_WEB_BIND's default)
+    assert listening_addresses(worker.port) == {"127.0.0.1"}

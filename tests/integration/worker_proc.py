@@ -13,19 +13,26 @@ from typing import Any
 
 import httpx
 
+from core.auth import issue
 from tests.faults import free_port
+
+#: The key the worker under test checks tokens with (its state pages need an admin token).
+TOKEN_KEY = "worker-process-test-token-key-0123456789abcdef"
 
 
 class WorkerProcess:
     def __init__(self, bootstrap: str, prefix: str, home: Path, log_path: Path) -> None:
         self.port = free_port()
+        self.home = home
         self.env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "CONCIERGE_TOPIC_PREFIX": prefix,
             "CONCIERGE_HOME": str(home),
             "CONCIERGE_WORKER_WEB_PORT": str(self.port),
+            "CONCIERGE_TOKEN_KEY": TOKEN_KEY,
         }
+        self.admin = {"Authorization": f"Bearer {issue(TOKEN_KEY.encode(), 'admin', 'site-ops')}"}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -40,8 +47,13 @@ class WorkerProcess:
         )
         return self
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def get(self, path: str) -> Any:
-        response = httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+        """A page's JSON, as a site admin (the probes need no token; sending one is harmless)."""
+        response = httpx.get(f"{self.url}{path}", headers=self.admin, timeout=5)
         response.raise_for_status()
         return response.json()
 

@@ -11,6 +11,12 @@ real ids and a valid body and must answer in its class; no response to anyone bu
 own clinician may carry the patient's identifiable values; the patient's own clinician must see
 them where identity is resolved, and each such read must leave an audit record naming the
 patient's pseudonym. Invariant 6 of the design: identity stays home.
+
+The stream worker's status pages (Faust's web server, not the API) get the same treatment from
+their own table, ``WORKER_PAGES``, over the real pages served in process
+(``tests/stream_pages.py``); the signal monitor's status is checked for exact counts; and the
+query budget's cases for saved questions (registration, new versions, saved answers, a spent
+budget, a lockout) close the file.
 """
 
 from __future__ import annotations
@@ -22,15 +28,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from core.audit import AuditLog
+from feasibility.disclosure.budget import QueryBudget
+from fhir_adapters.service import build_ingestor
+from fhir_adapters.sinks import MemorySink
 from tests.api_world import (
+    CONDITION,
     CRITERIA,
     GP_A,
     GP_B,
     IDENTITY,
+    PATIENT,
     RETIRE,
     SERVED_IDENTITY,
     SITE_A,
@@ -39,7 +52,9 @@ from tests.api_world import (
     TRIAL,
     World,
     build_world,
+    settings_for,
 )
+from tests.stream_pages import Pages, serve_pages
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
 
@@ -50,6 +65,8 @@ class Outcome(Enum):
 
     OK = "2xx"
     ALLOWED = "2xx/404/409/422"
+    #: a readiness probe: 200 ready, 503 not ready (with Retry-After), whoever asks
+    PROBE = "200/503"
     HIDDEN = "404"
     FORBIDDEN = "403"
     UNAUTHENTICATED = "401"
@@ -59,6 +76,8 @@ class Outcome(Enum):
             return 200 <= status < 300
         if self is Outcome.ALLOWED:
             return 200 <= status < 300 or status in (404, 409, 422)
+        if self is Outcome.PROBE:
+            return status in (200, 503)
         return status == {"404": 404, "403": 403, "401": 401}[self.value]
 
 
@@ -180,7 +199,8 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/clinician/invitations/{invitation_id}/screen-failed"): invitation_action(),
     ("POST", "/v1/clinician/invitations/{invitation_id}/withdraw"): invitation_action(),
     # regulators: device-safety surveillance
-    ("GET", "/v1/surveillance/status"): only("regulator"),
+    # the monitor's status: its patient count is exact for admins only (see below)
+    ("GET", "/v1/surveillance/status"): only("regulator", "admin"),
     ("GET", "/v1/surveillance/signals"): only("regulator"),
     ("GET", "/v1/surveillance/signals/{signal_id}"): only("regulator"),
     ("GET", "/v1/surveillance/signals/{signal_id}/history"): only("regulator"),
@@ -362,3 +382,306 @@ def test_authorisation_comes_before_availability(bare: World) -> None:
             if not expected.admits(response.status_code):
                 wrong.append(f"{method} {template} as {caller}: {response.status_code}")
     assert not wrong, "\n".join(wrong)
+
+
+# --------------------------------------------------------------------------- worker pages
+
+
+def admin_only() -> dict[str, Outcome]:
+    expect = dict.fromkeys(CALLERS, FORBIDDEN)
+    expect.update(anonymous=UNAUTHENTICATED, admin=OK)
+    return expect
+
+
+#: Every page of the stream worker's web port and the outcome per caller: the probes are open
+#: (``/readyz`` answers 503 here: no broker), every state page is for site admins only.
+WORKER_PAGES: dict[str, dict[str, Outcome]] = {
+    "/health": dict.fromkeys(CALLERS, OK),
+    "/readyz": dict.fromkeys(CALLERS, Outcome.PROBE),
+    "/state/digest": admin_only(),
+    "/state/patients/{patient}": admin_only(),
+    "/state/cohorts": admin_only(),
+    "/state/devices": admin_only(),
+}
+#: Keys no open page may carry: counts of patients or of a cohort's members.
+PATIENT_COUNT_KEYS = {"patients", "members", "exposed_patients", "resources", "entries"}
+
+
+@dataclass
+class WorkerWorld:
+    pages: Pages
+    pseudonym: str
+    audit: AuditLog
+
+
+@pytest.fixture(scope="module")
+def worker_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerWorld]:
+    """The worker's pages holding the matrix patient's facts, with the API's token key."""
+    home = tmp_path_factory.mktemp("worker-pages") / "home"
+    settings = settings_for(home)
+    assert settings.token_key == world.settings.token_key
+    sink = MemorySink()
+    ingestor = build_ingestor(settings, sink=sink)
+    for resource in (PATIENT, CONDITION):
+        assert ingestor.ingest_resource(resource, "test").status == "accepted"
+    ingestor.commit()
+    ingestor.vault.close()
+    pseudonym = sink.published_facts[0].patient
+    with serve_pages(settings, sink.published_facts) as pages:
+        yield WorkerWorld(pages, pseudonym, AuditLog(settings.resolved_audit_url()))
+
+
+def worker_records(audit: AuditLog) -> list[dict[str, Any]]:
+    return [{**r, "detail": json.loads(r["detail"])} for r in audit.records()]
+
+
+def keys_of(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in keys_of(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in keys_of(v)}
+    return set()
+
+
+def test_every_worker_page_is_classified(worker_world: WorkerWorld) -> None:
+    """A page the worker serves that the table does not classify fails (Faust's own /table and
+    /router pages are off: they would serve table values and the cluster's addresses)."""
+    assert worker_world.pages.paths() == set(WORKER_PAGES)
+    for path in ("/table/cohort/x/", "/router/", "/stats/"):
+        response = httpx.get(f"{worker_world.pages.url}{path}", timeout=10)
+        assert response.status_code == 404, path
+
+
+def _worker_cases() -> Iterator[Any]:
+    for template in WORKER_PAGES:
+        for caller in CALLERS:
+            yield pytest.param(template, caller, id=f"worker {template} {caller}")
+
+
+@pytest.mark.parametrize(("template", "caller"), list(_worker_cases()))
+def test_worker_page_answers_each_caller_as_the_table_says(
+    world: World, worker_world: WorkerWorld, template: str, caller: str
+) -> None:
+    expected = WORKER_PAGES[template][caller]
+    path = template.format(patient=worker_world.pseudonym)
+    before = len(worker_records(worker_world.audit))
+    response = httpx.get(
+        f"{worker_world.pages.url}{path}", headers=caller_headers(world, caller), timeout=10
+    )
+    where = f"GET {template} as {caller}"
+    if template == "/readyz":  # no broker here: not ready, and says so
+        assert response.status_code == 503 and response.headers["Retry-After"], where
+    assert expected.admits(response.status_code), (
+        f"{where}: expected {expected.value}, got {response.status_code}: {response.text[:300]}"
+    )
+    text = response.text
+    served = caller == "admin" and template == "/state/patients/{patient}"
+    if served:
+        # the admin reads the patient's pseudonymised facts (birth date among them): audited
+        assert response.json()["resources"], where
+        assert IDENTITY["birth_date"] in text
+    else:
+        assert worker_world.pseudonym not in text, f"{where}: the pseudonym was served"
+        assert IDENTITY["birth_date"] not in text, f"{where}: a birth date was served"
+    if response.status_code in (401, 403):
+        assert response.headers["content-type"].startswith("application/problem+json"), where
+        assert set(response.json()) == {"type", "title", "status", "detail"}, where
+    if response.status_code == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    if template in ("/health", "/readyz"):
+        # liveness and readiness only: no count of patients, no pseudonym
+        assert not keys_of(response.json()) & PATIENT_COUNT_KEYS, f"{where}: {text[:300]}"
+
+    records = worker_records(worker_world.audit)[before:]
+    if template.startswith("/state/"):
+        assert len(records) == 1, f"{where}: {len(records)} audit records"
+        record = records[0]
+        assert record["action"] == f"GET {path}"
+        assert record["role"] == ("anonymous" if caller == "anonymous" else caller.split("_")[-1])
+        assert record["detail"]["status"] == response.status_code
+        assert record["detail"]["service"] == "worker"
+        read = record["detail"].get("pseudonyms_read", [])
+        assert read == ([worker_world.pseudonym] if served else []), where
+    else:
+        assert not records, f"{where}: probes are not audited"
+    assert worker_world.audit.verify().ok
+
+
+def test_a_worker_state_page_is_not_served_when_its_read_cannot_be_audited(
+    world: World, tmp_path: Path
+) -> None:
+    """No unaudited read: an audit log that cannot be written makes the page answer 503."""
+    settings = settings_for(tmp_path / "home")
+    with serve_pages(settings) as pages:
+        pages.stream.access.audit_url = f"sqlite:///{tmp_path / 'missing' / 'audit.sqlite'}"
+        response = httpx.get(
+            f"{pages.url}/state/digest", headers=caller_headers(world, "admin"), timeout=30
+        )
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]
+    assert "entries" not in response.text
+
+
+# ----------------------------------------------------------------- the signal monitor's status
+
+
+def test_the_monitor_status_counts_patients_exactly_for_admins_only(world: World) -> None:
+    monitor = world.app.state.surveillance
+    saved = dict(monitor.contributions)
+    monitor.contributions.update({f"p-{i}": object() for i in range(3)})
+    try:
+        shown = {
+            caller: world.client.get(
+                "/v1/surveillance/status", headers=caller_headers(world, caller)
+            ).json()["patients"]
+            for caller in ("regulator", "admin")
+        }
+    finally:
+        monitor.contributions.clear()
+        monitor.contributions.update(saved)
+    assert shown == {"regulator": "<10", "admin": 3}
+
+
+# ------------------------------------------------------------------ saved questions and budget
+
+
+@pytest.fixture
+def budgeted(tmp_path: Path) -> Iterator[World]:
+    """A world of its own whose budget shares the publication registry's database (as the
+    API's do: one URL), so overlap control's fires count towards the lockout."""
+    with build_world(tmp_path) as built:
+        service = built.app.state.feasibility
+        service.budget = QueryBudget(service.registry.engine, max_queries=200, lockout_after=0)
+        yield built
+
+
+def used(world: World) -> int:
+    response = world.client.get("/v1/feasibility/budget", headers=sponsor_of(world))
+    assert response.status_code == 200, response.text
+    count: int = response.json()["used"]
+    return count
+
+
+def sponsor_of(world: World) -> dict[str, str]:
+    return caller_headers(world, "sponsor")
+
+
+def last_budget(world: World) -> Any:
+    return world.audit()[-1]["detail"].get("budget")
+
+
+#: Every sponsor route that gives something new: each is charged, each refused when spent or
+#: locked out. (method, path, body)
+CHARGED: list[tuple[str, str, Any]] = [
+    ("POST", "/v1/feasibility/ask", CRITERIA),
+    (
+        "POST",
+        "/v1/feasibility/ask-group",
+        json.loads((EXAMPLES / "fhir" / "t2dm-group.json").read_text()),
+    ),
+    ("POST", "/v1/feasibility/saved-questions", TRIAL_BODY),
+    (  # a new version of an existing saved question
+        "POST",
+        "/v1/feasibility/saved-questions",
+        {"id": TRIAL, "title": "Matrix trial, changed", "criteria": CRITERIA},
+    ),
+    ("GET", f"/v1/feasibility/saved-questions/{TRIAL}/answer", None),
+]
+#: Sponsor routes that answer no count: free, and open to a locked-out organisation.
+FREE: list[tuple[str, str]] = [
+    ("GET", "/v1/feasibility/budget"),
+    ("GET", "/v1/feasibility/saved-questions"),
+    ("GET", f"/v1/feasibility/saved-questions/{TRIAL}"),
+    ("GET", "/v1/feasibility/status"),
+    ("DELETE", f"/v1/feasibility/saved-questions/{RETIRE}"),
+]
+
+
+def test_registering_and_reading_saved_questions_are_charged_and_audited(
+    budgeted: World,
+) -> None:
+    client, sponsor = budgeted.client, sponsor_of(budgeted)
+    assert used(budgeted) == 0
+    created = client.post("/v1/feasibility/saved-questions", json=TRIAL_BODY, headers=sponsor)
+    assert created.status_code == 201, created.text
+    assert used(budgeted) == 1
+    record = next(r for r in reversed(budgeted.audit()) if r["action"].startswith("POST"))
+    assert record["detail"]["budget"] == {"charged": True, "used": 1}
+    assert (record["detail"]["trial"], record["detail"]["version"]) == ("matrix-new", 1)
+
+    again = client.post("/v1/feasibility/saved-questions", json=TRIAL_BODY, headers=sponsor)
+    assert again.status_code == 201 and again.json()["version"] == 2
+    assert used(budgeted) == 2  # a new version is a new question
+
+    answer_path = f"/v1/feasibility/saved-questions/{TRIAL}/answer"
+    first = client.get(answer_path, headers=sponsor)
+    assert first.status_code == 200, first.text
+    assert last_budget(budgeted) == {"charged": True, "used": 3}
+    assert used(budgeted) == 3
+    # the same answer again: a republication, free, and no overlap hit
+    for _ in range(3):
+        repeat = client.get(answer_path, headers=sponsor)
+        assert repeat.status_code == 200
+        assert {k: repeat.json()[k] for k in ("total", "funnel")} == {
+            k: first.json()[k] for k in ("total", "funnel")
+        }
+        record = budgeted.audit()[-1]
+        assert record["detail"]["republished"] is True
+        assert record["detail"]["budget"] == {"charged": False, "used": 3}
+        assert record["detail"]["overlap_hits"] == 0
+    assert used(budgeted) == 3
+    assert budgeted.app.state.feasibility.budget.overlap_fires(SPONSOR_ORG) == 0
+
+
+def test_a_spent_budget_refuses_every_charged_route(budgeted: World) -> None:
+    service = budgeted.app.state.feasibility
+    service.budget = QueryBudget(service.registry.engine, max_queries=1, lockout_after=0)
+    sponsor = sponsor_of(budgeted)
+    first = budgeted.client.post("/v1/feasibility/ask", json=CRITERIA, headers=sponsor)
+    assert first.status_code == 200, first.text
+    for method, path, body in CHARGED:
+        response = budgeted.client.request(method, path, json=body, headers=sponsor)
+        assert response.status_code == 429, f"{method} {path}: {response.text}"
+        assert int(response.headers["Retry-After"]) > 0
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert "query budget exceeded" in response.json()["detail"]
+        assert last_budget(budgeted) == "exceeded"
+    assert used(budgeted) == 1
+    assert service.saved.get(TRIAL).version == 1  # no new version was registered
+    for method, path in FREE:
+        response = budgeted.client.request(method, path, headers=sponsor)
+        assert response.status_code == 200, f"{method} {path}: {response.text}"
+
+
+def test_a_locked_out_organisation_is_refused_every_charged_route(budgeted: World) -> None:
+    service = budgeted.app.state.feasibility
+    sponsor = sponsor_of(budgeted)
+    assert budgeted.client.get(
+        f"/v1/feasibility/saved-questions/{TRIAL}/answer", headers=sponsor
+    ).is_success
+    # overlap control fired in one answer of this organisation; lockout_after is 0
+    service.registry.record([], SPONSOR_ORG, "differencing", overlap_hits=3)
+    for method, path, body in CHARGED:
+        response = budgeted.client.request(method, path, json=body, headers=sponsor)
+        assert response.status_code == 429, f"{method} {path}: {response.text}"
+        assert int(response.headers["Retry-After"]) > 0
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert "suspended" in response.json()["detail"]
+        assert last_budget(budgeted) == "locked"
+    assert service.saved.get(TRIAL).version == 1
+    assert "matrix-new" not in service.saved.trials  # nor a new saved question
+    status = budgeted.client.get("/v1/feasibility/budget", headers=sponsor).json()
+    assert status["locked"] is True and status["used"] == 1
+    for method, path in FREE:
+        response = budgeted.client.request(method, path, headers=sponsor)
+        assert response.status_code == 200, f"{method} {path}: {response.text}"
+    # another organisation is not affected; an administrator lifts the lockout
+    rival = budgeted.headers("sponsor", "Rival Bio")
+    assert budgeted.client.post("/v1/feasibility/ask", json=CRITERIA, headers=rival).is_success
+    unlocked = budgeted.client.post(
+        f"/v1/admin/budgets/{SPONSOR_ORG}/unlock", headers=caller_headers(budgeted, "admin")
+    )
+    assert unlocked.status_code == 200 and unlocked.json()["locked"] is False
+    assert budgeted.client.get(
+        f"/v1/feasibility/saved-questions/{TRIAL}/answer", headers=sponsor
+    ).is_success

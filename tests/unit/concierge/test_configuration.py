@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from concierge.configuration import SECTIONS, Configuration, load_configuration
 from core.settings import ConfigurationError, Settings, get_settings
@@ -151,6 +152,7 @@ def start(args: list[str], bad: dict[str, str], tmp_path: Path) -> subprocess.Co
     [
         (["api"], "CONCIERGE_STREAM_MAX_LAG_SECONDS", "0"),
         (["worker"], "CONCIERGE_SIGNAL_MIN_EVENTS", "three"),
+        (["worker"], "CONCIERGE_WORKER_WEB_BIND", "everywhere"),
         (["recruitment", "run", "--status-port", "0"], "CONCIERGE_RECRUITMENT_YEARLY_CAP", "0"),
         (["dashboard"], "CONCIERGE_DASHBOARD_ROWS", "lots"),
         (["broker", "status"], "CONCIERGE_BROKER_PORT", "ninety"),
@@ -164,3 +166,18 @@ def test_a_verb_started_with_a_bad_value_says_so_in_one_line(
     assert "Traceback" not in done.stderr and done.stdout == ""
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"concierge: bad configuration: {name}={bad!r}: "), line
+
+
+def test_the_worker_pages_bind_loopback_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CONCIERGE_WORKER_WEB_BIND", raising=False)
+    assert Settings().worker_web_bind == "127.0.0.1"
+    wildcard = Settings(worker_web_bind="0.0.0.0", worker_web_port=7001)
+    assert wildcard.worker_address() == "http://127.0.0.1:7001"  # reached on loopback
+    assert Settings(worker_web_bind="[::1]", worker_web_port=7002).worker_address() == (
+        "http://[::1]:7002"
+    )
+    monkeypatch.setenv("CONCIERGE_WORKER_WEB_BIND", "everywhere")
+    with pytest.raises(ValidationError, match="must be an IP address"):
+        Settings()

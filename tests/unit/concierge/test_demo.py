@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from concierge.demo import Api, _problem
+from concierge.demo import DEMO_QUERY_BUDGET, Api, _problem, demo_environment
 
 ERROR_PAGE = "<html><body><h1>Internal Server Error</h1></body></html>"
 
@@ -211,3 +211,16 @@ def test_a_stop_signal_stops_every_child(tmp_path: Path, signum: signal.Signals)
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
+
+
+def test_the_demo_gives_its_sponsor_a_budget_for_polling_unless_one_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each changed saved answer the demo polls is charged (issue 12): the demo's own budget
+    keeps reruns without --reset answering; a budget the user set is kept."""
+    monkeypatch.delenv("CONCIERGE_DC_QUERY_BUDGET", raising=False)
+    env, _ = demo_environment(tmp_path)
+    assert env["CONCIERGE_DC_QUERY_BUDGET"] == DEMO_QUERY_BUDGET
+    monkeypatch.setenv("CONCIERGE_DC_QUERY_BUDGET", "7")
+    env, _ = demo_environment(tmp_path)
+    assert env["CONCIERGE_DC_QUERY_BUDGET"] == "7"

@@ -97,7 +97,9 @@ def serve(timeout_seconds: float = 5.0, **overrides: Any) -> Iterator[Api]:
         max_resource_bytes=settings.max_resource_bytes,
     )
     app = create_app(settings, ingest_service=IngestService(ingestor, timeout_seconds))
-    token = issue(settings.token_key.get_secret_value().encode(), "source", "test-ehr")
+    token = issue(
+        settings.token_key.get_secret_value().encode(), "source", "test-ehr", source_system=SOURCE
+    )
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         yield Api(client, ingestor)
 

@@ -314,7 +314,8 @@ class _JwksFile:
 class OidcProvider:
     """Verifies tokens of an external OpenID Connect provider with its published key set (a
     JWKS, fetched over HTTP(S) by PyJWT's :class:`~jwt.PyJWKClient`, cached for
-    ``lifespan_seconds`` and fetched again for a key id it does not know; or a ``file://``)."""
+    ``lifespan_seconds`` and fetched again for a key id it does not know, at most once per
+    ``refresh_cooldown_seconds``; or a ``file://``, read again when it changes)."""
 
     def __init__(
         self,
@@ -325,6 +326,7 @@ class OidcProvider:
         leeway_seconds: float = 30.0,
         timeout_seconds: float = 5.0,
         lifespan_seconds: float = 300.0,
+        refresh_cooldown_seconds: float = 30.0,
     ) -> None:
         if not algorithms or any(a.startswith("HS") or a == "none" for a in algorithms):
             raise ValueError("an external provider's tokens are verified with asymmetric keys")
@@ -342,6 +344,9 @@ class OidcProvider:
                 cache_keys=False,  # its per-kid cache never expires: a withdrawn key would live on
                 lifespan=lifespan_seconds,
                 timeout=timeout_seconds,
+                # an unknown kid fetches the set again at most this often (a flood of made-up
+                # kids must not become a flood of requests to the provider)
+                cooldown_duration=refresh_cooldown_seconds,
             )
 
     def verify(self, token: str) -> Principal:

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -188,6 +189,21 @@ class Settings(BaseSettings):
             parse_token_keys(keys.get_secret_value())  # raises ValueError with the reason
         return keys
 
+    @field_validator("token_key_id")
+    @classmethod
+    def _names_a_key(cls, kid: str | None, info: ValidationInfo) -> str | None:
+        if kid is None or "token_keys" not in info.data:  # the list itself is wrong: said so
+            return kid
+        listed = info.data["token_keys"]
+        kids = (
+            list(parse_token_keys(listed.get_secret_value()))
+            if isinstance(listed, SecretStr)
+            else [DEFAULT_KEY_ID]
+        )
+        if kid not in kids:
+            raise ValueError(f"names no signing key (the keys are {', '.join(kids)})")
+        return kid
+
     @field_validator("oidc_algorithms")
     @classmethod
     def _asymmetric(cls, value: str) -> str:
@@ -206,12 +222,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 "set CONCIERGE_TOKEN_KEYS or CONCIERGE_TOKEN_KEY, not both (list the single key "
                 "in CONCIERGE_TOKEN_KEYS as default=...)"
-            )
-        kids = list(self.signing_keys())
-        if self.token_key_id is not None and self.token_key_id not in kids:
-            raise ValueError(
-                f"CONCIERGE_TOKEN_KEY_ID={self.token_key_id!r} names no signing key "
-                f"(the keys are {', '.join(kids)})"
             )
         if (self.oidc_issuer is None) != (self.oidc_jwks_url is None):
             raise ValueError("set CONCIERGE_OIDC_ISSUER and CONCIERGE_OIDC_JWKS_URL together")

@@ -42,6 +42,7 @@ from tests.jwks_server import (
     provider_claims,
     serve_jwks,
 )
+from tests.unit.concierge.test_configuration import start
 
 OLD, NEW = b"o" * 32, b"n" * 32
 ROTATING = SigningKeys({"2025-06": OLD, "2026-01": NEW}, current="2026-01")
@@ -340,3 +341,22 @@ def test_a_key_set_in_a_file_is_read_and_read_again_when_it_changes(tmp_path: Pa
     path.unlink()
     with pytest.raises(TokenCheckUnavailable):
         verifier.verify(second.sign(provider_claims("sponsor", "Acme")))
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "reason"),
+    [
+        ("CONCIERGE_TOKEN_KEY_ID", "retired", "names no signing key"),
+        ("CONCIERGE_TOKEN_KEYS", "a=short", "at least 32 bytes"),
+        ("CONCIERGE_OIDC_ALGORITHMS", "HS256", "RS256"),
+    ],
+)
+def test_the_api_started_with_a_bad_token_setting_says_so_in_one_line(
+    tmp_path: Path, name: str, bad: str, reason: str
+) -> None:
+    done = start(["api"], {name: bad}, tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"concierge: bad configuration: {name}") and reason in line, line
+    if name == "CONCIERGE_TOKEN_KEYS":
+        assert "short" not in line, "a key was shown"

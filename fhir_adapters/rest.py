@@ -5,6 +5,12 @@ Responses are FHIR: created/updated resources answer 201/200 with Location, inva
 with an OperationOutcome (and is dead-lettered, so nothing is lost), Bundles answer with a
 ``batch-response`` Bundle giving each entry's outcome.
 
+Each request is ingested as the source system its caller's token names (``get_source``), the
+first part of every resource key it reaches: a source writes and retracts only its own source
+system's resources. The type and id in a URL are checked before anything else (400, the FHIR id
+type without the dot segments ``.`` and ``..``), and a ``Location`` is made only of checked,
+escaped segments.
+
 A request is answered only once what it published is on the broker (the producer flushed, every
 delivery acknowledged) and the resource index committed. If publishing fails nothing of the
 request is indexed (:meth:`~fhir_adapters.pipeline.Ingestor.abort`) and the answer says so: 503

@@ -360,3 +360,41 @@ def test_the_api_started_with_a_bad_token_setting_says_so_in_one_line(
     assert line.startswith(f"concierge: bad configuration: {name}") and reason in line, line
     if name == "CONCIERGE_TOKEN_KEYS":
         assert "short" not in line, "a key was shown"
+
+
+def test_the_cli_issues_a_source_token_only_for_a_named_source_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from concierge.commands.admin import token
+    from core.settings import get_settings
+
+    monkeypatch.setenv("CONCIERGE_HOME", str(tmp_path))
+    monkeypatch.setenv("CONCIERGE_TOKEN_KEYS", f"a={'a' * 32},b={'b' * 32}")
+    monkeypatch.setenv("CONCIERGE_TOKEN_KEY_ID", "b")
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        refused = runner.invoke(token, ["create", "--role", "source", "--org", "EHR"])
+        assert refused.exit_code == 2 and "--source-system" in refused.output
+        wrong = ["create", "--role", "sponsor", "--org", "x", "--source-system", "urn:a"]
+        assert runner.invoke(token, wrong).exit_code == 2
+        made = runner.invoke(
+            token,
+            ["create", "--role", "source", "--org", "EHR", "--source-system", "urn:a", "--json"],
+        )
+        assert made.exit_code == 0, made.output
+        issued = json.loads(made.output)
+        principal = verify(SigningKeys.from_settings(get_settings()), issued["token"])
+        assert (principal.source_system, issued["kid"], issued["jti"]) == (
+            "urn:a",
+            "b",
+            principal.jti,
+        )
+        revoked = runner.invoke(token, ["revoke", issued["token"], "--reason", "test"])
+        assert json.loads(revoked.output)["expires_at"] == principal.exp
+        listed = runner.invoke(token, ["list", "--json"])
+        assert [json.loads(line)["jti"] for line in listed.output.splitlines()] == [principal.jti]
+    finally:
+        get_settings.cache_clear()

@@ -8,21 +8,25 @@ See ``docs/explanation/architecture.md``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
 
-from core.audit import AuditLog
+from core.audit import AuditKeys, AuditLog
 from core.http import install_audit, install_problem_details
 from core.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     # Imported where they are built, at start-up: an app for one side loads only that side.
     from concierge.routes.recruitment import VaultIdentities
     from feasibility.service import FeasibilityService
+    from infra.audit_anchors import AnchorPublisher
     from recruitment.runtime import Runtime
     from recruitment.service import RecruitmentService
     from surveillance_stream.monitor import SignalMonitor
@@ -151,6 +155,24 @@ def build_surveillance(settings: Settings, audit: AuditLog) -> SignalMonitor:
     ).start()
 
 
+def build_audit_anchors(settings: Settings, audit: AuditLog) -> AnchorPublisher:
+    """The publisher of the audit chain's head to the anchors topic (on its own thread: a
+    broker that is down is reported in ``/readyz``'s ``audit_anchors``, never a slow request)."""
+    from infra.audit_anchors import AnchorPublisher
+
+    if audit.keys.development:
+        log.warning(
+            "the audit log is chained with the development key: set CONCIERGE_AUDIT_KEY in "
+            "production (docs/explanation/security.md)"
+        )
+    return AnchorPublisher(
+        audit,
+        settings.kafka_bootstrap_servers,
+        settings.topic_prefix,
+        settings.audit_anchor_seconds,
+    ).start()
+
+
 def create_app(
     settings: Settings | None = None,
     ingest_service: IngestService | None = None,
@@ -188,6 +210,8 @@ def create_app(
             app.state.recruitment, app.state.identities = build_recruitment(settings)
         if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:
             app.state.surveillance = build_surveillance(settings, app.state.audit)
+        if getattr(app.state, "audit_anchors", None) is None and settings.audit_anchor_seconds:
+            app.state.audit_anchors = build_audit_anchors(settings, app.state.audit)
         app.state.starting = False
         progress = ProgressLogger(app).start()
         yield
@@ -201,6 +225,8 @@ def create_app(
             feasibility_service.stop()
         if getattr(app.state, "recruitment", None) is not None:
             app.state.recruitment.close()
+        if getattr(app.state, "audit_anchors", None) is not None:
+            app.state.audit_anchors.stop()  # last: the head after every other record
 
     app = FastAPI(
         title="Trial concierge",
@@ -224,7 +250,7 @@ def create_app(
     # this site's keys, the identity provider if one is set, and the revocation list
     app.state.token_verifier = TokenVerifier.from_settings(settings)
     app.state.token_key = settings.token_key.get_secret_value().encode()
-    app.state.audit = AuditLog(settings.resolved_audit_url())
+    app.state.audit = AuditLog(settings.resolved_audit_url(), AuditKeys.from_settings(settings))
     app.state.settings = settings
     install_problem_details(app)
     install_audit(app)
@@ -249,10 +275,10 @@ def create_app(
         )
     )
 
+    from concierge.routes.clinician_page import build_page_router
     from concierge.routes.feasibility import build_admin_router
     from concierge.routes.feasibility import build_router as feasibility_router
     from concierge.routes.recruitment import build_router as clinician_router
-    from recruitment.page import build_page_router
 
     def recruitment_or_none(request: Request) -> RecruitmentService | None:
         runtime: Runtime | None = getattr(request.app.state, "recruitment", None)

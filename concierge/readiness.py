@@ -53,7 +53,13 @@ def report(app: FastAPI) -> tuple[bool, dict[str, Any]]:
                if not v.get("ready")]  # fmt: skip
     if starting:
         waiting.insert(0, "the API is starting")
-    return not waiting, {"ready": not waiting, "waiting_for": waiting, "views": views}
+    body: dict[str, Any] = {"ready": not waiting, "waiting_for": waiting, "views": views}
+    anchors = getattr(app.state, "audit_anchors", None)
+    if anchors is not None:
+        # shown, never a reason to refuse traffic: requests are audited in the database either
+        # way, and the publisher retries (docs/explanation/security.md)
+        body["audit_anchors"] = anchors.status()
+    return not waiting, body
 
 
 def install(app: FastAPI) -> None:

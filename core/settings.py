@@ -77,6 +77,10 @@ def parse_token_keys(text: str) -> dict[str, bytes]:
     return keys
 
 
+#: The audit key used when CONCIERGE_AUDIT_KEY is not set: for development only.
+DEVELOPMENT_AUDIT_KEY = "change-me-this-is-a-development-audit-key"
+
+
 def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "concierge"
 
@@ -130,6 +134,40 @@ class Settings(BaseSettings):
     token_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
     #: The audit log (SQLAlchemy URL). Defaults to SQLite under ``home``.
     audit_url: str | None = None
+    #: Key of the HMAC that chains audit records (at least 32 bytes). It must not live in the
+    #: audit database: whoever holds it can rebuild the chain. Keep it secret; see
+    #: ``docs/explanation/security.md`` (Audit trail and anchors).
+    audit_key: SecretStr = SecretStr(DEVELOPMENT_AUDIT_KEY)
+    #: Earlier audit keys, comma-separated, still accepted when verifying the records they
+    #: chained (each record names its key by id); new records use ``audit_key`` only.
+    audit_retired_keys: SecretStr = SecretStr("")
+    #: How often the API publishes the audit chain's head to the anchors topic (0: never, for
+    #: tests and processes without a broker; ``concierge audit verify --against-anchors`` then
+    #: has nothing to check against).
+    audit_anchor_seconds: float = Field(default=10.0, ge=0, le=3600, allow_inf_nan=False)
+
+    @field_validator("audit_key")
+    @classmethod
+    def _audit_key_long_enough(cls, key: SecretStr) -> SecretStr:
+        if len(key.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes")
+        return key
+
+    @field_validator("audit_retired_keys")
+    @classmethod
+    def _retired_audit_keys_long_enough(cls, keys: SecretStr) -> SecretStr:
+        for part in keys.get_secret_value().split(","):
+            if part.strip() and len(part.strip().encode()) < 32:
+                raise ValueError("each key must be at least 32 bytes (comma-separated)")
+        return keys
+
+    def audit_keys(self) -> tuple[bytes, tuple[bytes, ...]]:
+        """The current audit key and the retired ones still accepted for verification."""
+        retired = self.audit_retired_keys.get_secret_value().split(",")
+        return (
+            self.audit_key.get_secret_value().encode(),
+            tuple(part.strip().encode() for part in retired if part.strip()),
+        )
 
     # --- adapters ---
     #: ``fast``: checked extraction of every element the product uses; fhir.resources runs only to

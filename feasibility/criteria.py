@@ -427,6 +427,31 @@ Criterion = Annotated[
     Field(discriminator="type"),
 ]
 
+#: The criteria that read dated records (the classes of :data:`EVENT_TYPES`), for annotations.
+EventCriterion = (
+    ConditionCriterion
+    | ObservationCriterion
+    | MedicationCriterion
+    | ProcedureCriterion
+    | DeviceCriterion
+    | CancerStageCriterion
+    | MolecularMarkerCriterion
+)
+#: The event criteria that read observations.
+ObservationLike = ObservationCriterion | CancerStageCriterion | MolecularMarkerCriterion
+#: Any criterion, for annotations (:data:`Criterion` is the same union with its discriminator,
+#: for parsing).
+AnyCriterion = (
+    EventCriterion
+    | AgeCriterion
+    | SexCriterion
+    | SiteCriterion
+    | RegionCriterion
+    | AllOf
+    | AnyOf
+    | Not
+)
+
 EVENT_TYPES = (
     ConditionCriterion,
     ObservationCriterion,
@@ -665,6 +690,7 @@ __all__ = [
     "SCHEMA",
     "AgeCriterion",
     "AllOf",
+    "AnyCriterion",
     "AnyOf",
     "CancerStageCriterion",
     "Code",
@@ -672,12 +698,14 @@ __all__ = [
     "CriteriaError",
     "Criterion",
     "DeviceCriterion",
+    "EventCriterion",
     "ExclusionStep",
     "InclusionStep",
     "MedicationCriterion",
     "MolecularMarkerCriterion",
     "Not",
     "ObservationCriterion",
+    "ObservationLike",
     "ProcedureCriterion",
     "Question",
     "RegionCriterion",

@@ -36,6 +36,10 @@ DEVICES = "concierge.device-contrib.v1"
 #: Device-safety signal lifecycle events (``concierge.signal-event/1``) keyed by signal id: every
 #: state change, by the statistics or by a regulator; kept forever (the signals' history).
 SIGNALS = "concierge.signals.v1"
+#: Heads of the audit chain (``concierge.audit-anchor/1``) keyed by chain id, published by the
+#: API; append-only and kept forever (never compacted: every anchor, not just the latest, is
+#: what ``concierge audit verify --against-anchors`` checks the audit database against).
+AUDIT_ANCHORS = "concierge.audit-anchors.v1"
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -82,6 +86,12 @@ TOPICS: tuple[TopicSpec, ...] = (
         doc="Device-safety signal lifecycle events keyed by signal id; kept forever.",
     ),
     TopicSpec(
+        AUDIT_ANCHORS,
+        partitions=1,
+        config={"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
+        doc="Audit chain heads keyed by chain id; append-only, never compacted, kept forever.",
+    ),
+    TopicSpec(
         DEADLETTER,
         partitions=1,
         config={
@@ -94,6 +104,7 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 __all__ = [
+    "AUDIT_ANCHORS",
     "COHORT",
     "CONTROL",
     "DEADLETTER",

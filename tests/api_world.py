@@ -174,6 +174,7 @@ def settings_for(home: Path) -> Settings:
         "feasibility_feed": False,
         "recruitment_api": False,
         "surveillance_monitor": False,
+        "audit_anchor_seconds": 0,
     }
     return Settings(**{k: v for k, v in values.items() if k in Settings.model_fields})
 

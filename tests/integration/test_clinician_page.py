@@ -122,6 +122,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
             feasibility_feed=False,
             recruitment_api=False,
             surveillance_monitor=False,
+            audit_anchor_seconds=0,
         )
         ingestor = Ingestor(MemoryVault(), MemorySink(), Pseudonymiser(b"p" * 32), SOURCE)
         identities = Identities(people={"p1": dict(ADA)})

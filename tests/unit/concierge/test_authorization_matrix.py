@@ -144,7 +144,8 @@ def invitation_action() -> Rule:
 MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): public(),
     ("GET", "/readyz"): public(),
-    # the clinician page (recruitment/page.py): static, no patient data; its script calls the API
+    # the clinician page (concierge/routes/clinician_page.py): static, no patient data; its
+    # script calls the API
     ("GET", "/clinician"): public(),
     # -- FHIR ingest (role source)
     ("POST", "/fhir"): fhir(BUNDLE),

@@ -86,6 +86,7 @@ def serve(timeout_seconds: float = 5.0, **overrides: Any) -> Iterator[Api]:
         "feasibility_feed": False,
         "recruitment_api": False,
         "surveillance_monitor": False,
+        "audit_anchor_seconds": 0,
         **overrides,
     }
     settings = Settings(**values)

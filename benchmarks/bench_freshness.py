@@ -156,7 +156,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{api_port}"
     admin = {"Authorization": f"Bearer {issue(KEY.encode(), 'admin', 'site')}"}
     sponsor = {"Authorization": f"Bearer {issue(KEY.encode(), 'sponsor', 'bench')}"}
-    source = issue(KEY.encode(), "source", "bench-ehr")
+    source = issue(KEY.encode(), "source", "bench-ehr", source_system="urn:bench:ehr")
     fhir = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {source}"}
     try:
         wait(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 120, "API")

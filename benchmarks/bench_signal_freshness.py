@@ -56,7 +56,7 @@ NODE = node_path("hip", MANUFACTURER, MODEL)
 SIGNAL = signal_id(NODE, "adverse event")
 FHIR = {
     "Content-Type": "application/fhir+json",
-    "Authorization": f"Bearer {issue(KEY.encode(), 'source', 'bench-ehr')}",
+    "Authorization": f"Bearer {issue(KEY.encode(), 'source', 'bench-ehr', source_system='urn:bench:ehr')}",  # noqa: E501
 }
 
 

@@ -245,10 +245,11 @@ def create_app(
     app.state.recruitment = recruitment
     app.state.identities = recruitment_identities
     app.state.surveillance = surveillance
+    from core.auth import TokenVerifier
+
+    # this site's keys, the identity provider if one is set, and the revocation list
+    app.state.token_verifier = TokenVerifier.from_settings(settings)
     app.state.token_key = settings.token_key.get_secret_value().encode()
-    app.state.token_audience = settings.token_audience
-    app.state.token_issuer = settings.token_issuer
-    app.state.token_leeway_seconds = settings.token_leeway_seconds
     app.state.audit = AuditLog(settings.resolved_audit_url(), AuditKeys.from_settings(settings))
     app.state.settings = settings
     install_problem_details(app)
@@ -261,7 +262,7 @@ def create_app(
         service: IngestService = request.app.state.ingest
         return service
 
-    from core.auth import require_role
+    from core.auth import caller_source_system, require_role
 
     app.include_router(
         build_router(
@@ -269,6 +270,8 @@ def create_app(
             max_resource_bytes=settings.max_resource_bytes,
             max_body_bytes=settings.max_body_bytes,
             dependencies=[require_role("source")],
+            # a source writes and retracts only its own source system's resources
+            get_source=caller_source_system,
         )
     )
 

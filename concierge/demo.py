@@ -269,10 +269,12 @@ def wait_ready(
         time.sleep(0.5)
 
 
-def _headers(settings: Any, role: Any, org: str) -> dict[str, str]:
-    from core.auth import issue
+def _headers(
+    settings: Any, role: Any, org: str, source_system: str | None = None
+) -> dict[str, str]:
+    from core.auth import SigningKeys, issue
 
-    token = issue(settings.token_key.get_secret_value().encode(), role, org)
+    token = issue(SigningKeys.from_settings(settings), role, org, source_system=source_system)
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -315,7 +317,7 @@ def _free_port() -> int:
 def _approve_one(api: Api, api_url: str, public_url: str, settings: Any, trial: str) -> bool:
     """A GP approves contact for one candidate the concierge sent them, through the clinician
     API as the clinician page would; prints the GP's page link. True once done."""
-    from core.auth import issue
+    from core.auth import SigningKeys, issue
     from recruitment.models import Invitation
     from recruitment.runtime import build_runtime
 
@@ -340,7 +342,7 @@ def _approve_one(api: Api, api_url: str, public_url: str, settings: Any, trial: 
         return False
     invitation_id, practitioner, site = found
     token = issue(
-        settings.token_key.get_secret_value().encode(),
+        SigningKeys.from_settings(settings),
         "clinician",
         site,
         subject=f"clinician:{practitioner}",
@@ -658,7 +660,8 @@ def _run(
     )
     api = Api()
     sponsor = _sponsor_headers(settings)
-    source = _headers(settings, "source", "Demo EHR")
+    # the demo's EHR writes as the bulk load's source system, so its patients' sites resolve
+    source = _headers(settings, "source", "Demo EHR", source_system)
     regulator = _headers(settings, "regulator", "Demo Regulator")
     # the worker's state pages are for site admins (the demo runs on the site)
     site_admin = _headers(settings, "admin", "Demo Site")

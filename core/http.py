@@ -84,6 +84,8 @@ def install_audit(app: FastAPI) -> None:
                 "status": response.status_code,
                 "query": str(request.url.query),
             }
+            if principal is not None:  # the token's id: what `concierge token revoke` takes
+                detail["jti"] = principal.jti
             detail.update(getattr(request.state, "audit_detail", {}))
             # the audit write is a SQL transaction: off the event loop, so other requests go
             # on meanwhile; it completes before this response is sent (no unaudited answer)

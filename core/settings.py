@@ -13,17 +13,69 @@ table of variables.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: A TCP port to bind or reach.
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+#: The key id of ``CONCIERGE_TOKEN_KEY`` (the one key, when no others are listed).
+DEFAULT_KEY_ID = "default"
+#: What a key id may look like (it travels in every token's header).
+KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+#: Algorithms an external OpenID Connect provider may sign with: asymmetric only, so a key the
+#: API can read (the provider's public key) can never sign.
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+
+
+def parse_token_keys(text: str) -> dict[str, bytes]:
+    """``kid=key,kid=key`` or a JSON object ``{"kid": "key"}`` as ``{kid: key bytes}``, in the
+    order given; :class:`ValueError` naming what is wrong (never a key)."""
+    text = text.strip()
+    pairs: list[tuple[str, str]] = []
+    if text.startswith("{"):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("is not valid JSON") from None
+        if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+            raise ValueError('must be a JSON object of strings {"kid": "key"}')
+        pairs = list(document.items())
+    else:
+        for item in text.split(","):
+            kid, sep, key = item.strip().partition("=")
+            if not sep:
+                raise ValueError("must be kid=key pairs separated by commas, or a JSON object")
+            pairs.append((kid.strip(), key.strip()))
+    if not pairs:
+        raise ValueError("lists no key")
+    keys: dict[str, bytes] = {}
+    for kid, key in pairs:
+        if not KEY_ID_RE.match(kid):
+            raise ValueError(f"key id {kid[:70]!r} is not 1 to 64 of A-Z a-z 0-9 . _ -")
+        if kid in keys:
+            raise ValueError(f"key id {kid!r} is listed twice")
+        if len(key.encode()) < 32:
+            raise ValueError(f"key {kid!r} must be at least 32 bytes (RFC 7518 3.2)")
+        keys[kid] = key.encode()
+    return keys
 
 
 #: The audit key used when CONCIERGE_AUDIT_KEY is not set: for development only.
@@ -57,9 +109,24 @@ class Settings(BaseSettings):
     #: Default ``source system`` recorded in provenance when a resource does not say.
     source_system: str = "urn:concierge:source:default"
 
-    #: Key that signs API tokens (HS256; at least 32 bytes, RFC 7518 3.2). Keep it secret; rotate
-    #: by issuing new tokens.
+    #: Key that signs API tokens (HS256; at least 32 bytes, RFC 7518 3.2), under the key id
+    #: ``default``. Keep it secret. To rotate, list several keys in ``token_keys`` instead.
     token_key: SecretStr = SecretStr("change-me-this-is-a-development-token-key")
+    #: Several signing keys at once, for rotation: ``kid=key,kid=key`` or a JSON object
+    #: ``{"kid": "key"}``. Every listed key verifies tokens; ``token_key_id`` (default: the first
+    #: listed) signs new ones. Replaces ``token_key`` (setting both is an error).
+    token_keys: SecretStr | None = None
+    #: The key id (``kid``) that signs new tokens: one of ``token_keys``, or ``default``.
+    token_key_id: str | None = None
+    #: The token revocation list (SQLAlchemy URL; a table of its own, with its own migrations).
+    #: Defaults to the audit log's database.
+    token_revocation_url: str | None = None
+    #: An external OpenID Connect provider whose tokens the API also accepts: its ``iss``, and
+    #: where its signing keys are published (a JWKS, by ``https://``, ``http://`` or ``file://``).
+    oidc_issuer: str | None = None
+    oidc_jwks_url: str | None = None
+    #: The asymmetric algorithms accepted from the provider (comma-separated).
+    oidc_algorithms: str = "RS256,ES256"
     #: The ``aud`` every API token carries and the API requires.
     token_audience: str = Field(default="urn:concierge:api", min_length=1)
     #: The ``iss`` of the tokens this site issues, the only one the API trusts.
@@ -166,6 +233,76 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("must be an IP address, e.g. 127.0.0.1, ::1 or 0.0.0.0") from None
 
+    @field_validator("token_keys")
+    @classmethod
+    def _key_list(cls, keys: SecretStr | None) -> SecretStr | None:
+        if keys is not None:
+            parse_token_keys(keys.get_secret_value())  # raises ValueError with the reason
+        return keys
+
+    @field_validator("token_key_id")
+    @classmethod
+    def _names_a_key(cls, kid: str | None, info: ValidationInfo) -> str | None:
+        if kid is None or "token_keys" not in info.data:  # the list itself is wrong: said so
+            return kid
+        listed = info.data["token_keys"]
+        kids = (
+            list(parse_token_keys(listed.get_secret_value()))
+            if isinstance(listed, SecretStr)
+            else [DEFAULT_KEY_ID]
+        )
+        if kid not in kids:
+            raise ValueError(f"names no signing key (the keys are {', '.join(kids)})")
+        return kid
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _asymmetric(cls, value: str) -> str:
+        names = [a.strip() for a in value.split(",") if a.strip()]
+        wrong = [a for a in names if a not in OIDC_ALGORITHMS]
+        if not names or wrong:
+            raise ValueError(
+                f"must be a comma-separated list of {', '.join(OIDC_ALGORITHMS)}"
+                + (f" (not {', '.join(wrong)})" if wrong else "")
+            )
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _tokens_agree(self) -> Settings:
+        if self.token_keys is not None and "token_key" in self.model_fields_set:
+            raise ValueError(
+                "set CONCIERGE_TOKEN_KEYS or CONCIERGE_TOKEN_KEY, not both (list the single key "
+                "in CONCIERGE_TOKEN_KEYS as default=...)"
+            )
+        if (self.oidc_issuer is None) != (self.oidc_jwks_url is None):
+            raise ValueError("set CONCIERGE_OIDC_ISSUER and CONCIERGE_OIDC_JWKS_URL together")
+        if self.oidc_issuer is not None and self.oidc_issuer == self.token_issuer:
+            raise ValueError(
+                "CONCIERGE_OIDC_ISSUER must differ from CONCIERGE_TOKEN_ISSUER (the issuer says "
+                "which keys verify a token)"
+            )
+        if self.oidc_jwks_url is not None and not self.oidc_jwks_url.startswith(
+            ("https://", "http://", "file://")
+        ):
+            raise ValueError("CONCIERGE_OIDC_JWKS_URL must be an https://, http:// or file:// URL")
+        return self
+
+    def signing_keys(self) -> dict[str, bytes]:
+        """Every key that verifies this site's tokens, by key id, in the order configured."""
+        if self.token_keys is not None:
+            return parse_token_keys(self.token_keys.get_secret_value())
+        return {DEFAULT_KEY_ID: self.token_key.get_secret_value().encode()}
+
+    def signing_key_id(self) -> str:
+        """The key id that signs new tokens."""
+        return self.token_key_id or next(iter(self.signing_keys()))
+
+    def resolved_token_revocation_url(self) -> str:
+        return self.token_revocation_url or self.resolved_audit_url()
+
+    def oidc_algorithm_list(self) -> list[str]:
+        return self.oidc_algorithms.split(",")
+
     def resolved_vault_url(self) -> str:
         if self.vault_url:
             return self.vault_url
@@ -248,7 +385,7 @@ def describe(exc: ValidationError, classes: Iterable[type[BaseSettings]]) -> str
     for error in exc.errors(include_url=False):
         field = _field_of(cls, str(error["loc"][0])) if cls is not None and error["loc"] else None
         if cls is None or field is None:
-            parts.append(f"{exc.title}: {error['msg']}")
+            parts.append(f"{exc.title}: {str(error['msg']).removeprefix('Value error, ')}")
             continue
         names = env_names(cls, field)
         name = next((n for n in names if n in os.environ), names[0])

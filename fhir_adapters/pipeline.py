@@ -29,6 +29,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
@@ -59,7 +60,7 @@ from .extract import (
     extract_patient,
 )
 from .outcome import Issue, model_class, operation_outcome, validate_with_models
-from .primitives import InvalidElement, parse_instant
+from .primitives import InvalidElement, id_problem, is_id, parse_instant
 from .pseudonym import Pseudonymiser
 from .sinks import DEADLETTER_MAX_BYTES, DeadLetter, FactSink
 from .vault import IndexEntry, Vault
@@ -280,6 +281,24 @@ class Ingestor:
         #: in memory too, in case the vault could not record them).
         self._floors: dict[str, int] = {}
         self._burned: dict[str, int] = {}
+
+    @contextmanager
+    def acting_as(self, source: str | None) -> Iterator[Ingestor]:
+        """Ingest as the source system ``source`` (None: this ingestor's own) until the block
+        ends: every key, provenance and dead letter names it, so a source reaches only its own
+        resources (the API passes the source system of the caller's token). Not for
+        concurrent use: the API runs one request at a time (``rest.IngestService``)."""
+        if source is None or source == self.source:
+            yield self
+            return
+        if "|" in source:
+            raise ValueError("a source system may not contain '|' (it is part of resource keys)")
+        own = self.source
+        self.source = source
+        try:
+            yield self
+        finally:
+            self.source = own
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -719,7 +738,15 @@ class Ingestor:
         )
 
     def delete(self, rtype: str, rid: str, origin: str) -> Outcome:
-        """Retract a resource (FHIR DELETE): every count its last version moved moves back."""
+        """Retract a resource (FHIR DELETE): every count its last version moved moves back.
+        Only this source system's: the key names it."""
+        if not is_id(rid):
+            return self.dead_letter(
+                {"request": {"method": "DELETE", "url": f"{rtype}/{rid}"}},
+                [Issue("value", id_problem(rid), f"{rtype}.id")],
+                origin,
+                rtype,
+            )
         key = resource_key(self.source, rtype, rid)
         entry = self._entry(key)
         if entry is None or entry.retracted:

@@ -28,6 +28,27 @@ class InvalidElement(ValueError):
 
 
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}\Z")
+#: What an id may not be although the pattern allows it: path segments that mean "this" and
+#: "parent" in every URL (``Patient/..`` is not a resource, and must not become a path).
+DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` is a FHIR id (1 to 64 of A-Z a-z 0-9 - .) that is not ``.`` or
+    ``..``; ids are used in URLs (``Location``, references), so a dot segment is refused."""
+    return isinstance(value, str) and bool(ID_RE.match(value)) and value not in DOT_SEGMENTS
+
+
+def id_problem(value: object) -> str:
+    """Why ``value`` is not an id (for an OperationOutcome), or ``""`` if it is one."""
+    if is_id(value):
+        return ""
+    shown = repr(value) if not isinstance(value, str) else repr(value[:80])
+    if isinstance(value, str) and value in DOT_SEGMENTS:
+        return f"invalid id {shown}: '.' and '..' are path segments, not ids"
+    return f"invalid id {shown} (1-64 of A-Z a-z 0-9 - .)"
+
+
 CODE_RE = re.compile(r"^[^\s]+( [^\s]+)*\Z")
 URI_RE = re.compile(r"^\S*\Z")
 DATE_RE = re.compile(r"^(?P<y>[0-9]{4})(-(?P<m>0[1-9]|1[0-2])(-(?P<d>0[1-9]|[12][0-9]|3[01]))?)?\Z")
@@ -104,8 +125,9 @@ def get_id(parent: Mapping[str, Any], name: str, path: str) -> str | None:
     value = parent.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise InvalidElement(f"{path}.{name}", f"invalid id {value!r} (1-64 of A-Z a-z 0-9 - .)")
+    if not is_id(value):
+        raise InvalidElement(f"{path}.{name}", id_problem(value))
+    assert isinstance(value, str)
     return value
 
 

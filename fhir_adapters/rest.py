@@ -5,6 +5,12 @@ Responses are FHIR: created/updated resources answer 201/200 with Location, inva
 with an OperationOutcome (and is dead-lettered, so nothing is lost), Bundles answer with a
 ``batch-response`` Bundle giving each entry's outcome.
 
+Each request is ingested as the source system its caller's token names (``get_source``), the
+first part of every resource key it reaches: a source writes and retracts only its own source
+system's resources. The type and id in a URL are checked before anything else (400, the FHIR id
+type without the dot segments ``.`` and ``..``), and a ``Location`` is made only of checked,
+escaped segments.
+
 A request is answered only once what it published is on the broker (the producer flushed, every
 delivery acknowledged) and the resource index committed. If publishing fails nothing of the
 request is indexed (:meth:`~fhir_adapters.pipeline.Ingestor.abort`) and the answer says so: 503
@@ -22,12 +28,14 @@ runs on a worker thread, one request at a time, so the event loop keeps serving 
 
 import asyncio
 import math
+import re
 import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -37,6 +45,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from .extract import FhirVersion
 from .outcome import Issue, operation_outcome
 from .pipeline import EXCERPT_BYTES, Excerpt, Ingestor, Outcome, loads
+from .primitives import id_problem, is_id
 from .sinks import DeliveryFailed
 
 FHIR_JSON = "application/fhir+json"
@@ -82,8 +91,10 @@ class IngestService:
         finally:
             self._lock.release()
 
-    async def run(self, work: Callable[[Ingestor], T]) -> T:
-        """``work(ingestor)`` in a session, on a worker thread, after the requests before it."""
+    async def run(self, work: Callable[[Ingestor], T], source: str | None = None) -> T:
+        """``work(ingestor)`` in a session, on a worker thread, after the requests before it;
+        as the source system ``source`` (None: the ingestor's own), so keys, provenance and
+        dead letters name the caller's source system."""
         loop = asyncio.get_running_loop()
         turn = self._turns.get(loop)
         if turn is None:
@@ -97,7 +108,7 @@ class IngestService:
         try:
 
             def job() -> T:
-                with self.session(self.timeout_seconds) as ingestor:
+                with self.session(self.timeout_seconds) as ingestor, ingestor.acting_as(source):
                     return work(ingestor)
 
             # Not abandoned on cancellation: a request whose client went away still finishes
@@ -127,8 +138,40 @@ _STATUS = {
 }
 
 
-def _location(outcome: Outcome) -> str:
-    return f"{outcome.resource_type}/{outcome.resource_id}/_history/{outcome.seq}"
+#: A resource type as it may appear in a URL (the types themselves are checked later).
+_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{0,63}\Z")
+
+
+def _location(outcome: Outcome) -> str | None:
+    """``Type/id/_history/seq`` of an outcome, each segment escaped; None unless the type and
+    id are ones a URL may carry (never a dot segment: ``Patient/..`` is not a resource)."""
+    rtype, rid = outcome.resource_type, outcome.resource_id
+    if not _TYPE_RE.match(rtype) or not is_id(rid) or outcome.seq is None:
+        return None
+    return f"{quote(rtype, safe='')}/{quote(str(rid), safe='')}/_history/{outcome.seq}"
+
+
+def _path_problem(resource_type: str, resource_id: str | None) -> Issue | None:
+    """Why the type or id in a request's URL is not one (checked at the edge, before anything
+    is looked up or reflected), or None."""
+    if not _TYPE_RE.match(resource_type):
+        return Issue(
+            "value", f"invalid resource type {resource_type[:80]!r} in the URL", "resourceType"
+        )
+    if resource_id is not None and not is_id(resource_id):
+        return Issue("value", f"{id_problem(resource_id)} in the URL", f"{resource_type}.id")
+    return None
+
+
+def _refuse_path(
+    ingestor: Ingestor, payload: bytes | dict[str, Any], problem: Issue, origin: str, rtype: str
+) -> Response:
+    """A request whose URL names no resource: dead-lettered with the reason (nothing is lost),
+    answered 400 with the OperationOutcome."""
+    outcome = ingestor.dead_letter(
+        payload, [problem], origin, rtype if _TYPE_RE.match(rtype) else "(unparsed)"
+    )
+    return _fhir(outcome.outcome or {}, 400)
 
 
 def _too_long(outcome: Outcome) -> bool:
@@ -138,8 +181,9 @@ def _too_long(outcome: Outcome) -> bool:
 
 def _entry_response(outcome: Outcome) -> dict[str, Any]:
     response: dict[str, Any] = {"status": _STATUS[outcome.status]}
-    if outcome.resource_id and outcome.status == "accepted":
-        response["location"] = _location(outcome)
+    location = _location(outcome) if outcome.status == "accepted" else None
+    if location is not None:
+        response["location"] = location
     if outcome.outcome is not None:
         response["outcome"] = outcome.outcome
     elif outcome.reason:
@@ -153,8 +197,9 @@ def _single(outcome: Outcome) -> Response:
     if outcome.status == "dead_lettered":
         return _fhir(outcome.outcome or operation_outcome([]), 413 if _too_long(outcome) else 422)
     headers = {}
-    if outcome.resource_id:
-        headers["Location"] = _location(outcome)
+    location = _location(outcome)
+    if location is not None:
+        headers["Location"] = location
     body = operation_outcome(
         [Issue("informational", outcome.reason or f"{outcome.status}", severity="information")]
     )
@@ -224,17 +269,19 @@ async def _answer(
     service: IngestService,
     work: Callable[[Ingestor], Response],
     too_large: Callable[[Ingestor], Response] | None = None,
+    source: str | None = None,
 ) -> Response:
-    """Run ``work`` and answer its response once committed; a failed publication answers 503
-    (retry later) or, if a message was too large for the broker, what ``too_large`` answers."""
+    """Run ``work`` as the source system ``source`` and answer its response once committed; a
+    failed publication answers 503 (retry later) or, if a message was too large for the
+    broker, what ``too_large`` answers."""
     try:
-        return await service.run(work)
+        return await service.run(work, source)
     except IngestBusy as exc:
         return _unavailable(service, f"ingest is busy ({exc}); nothing was stored: retry")
     except DeliveryFailed as exc:
         if exc.kind == "too_large" and too_large is not None:
             try:
-                return await service.run(too_large)
+                return await service.run(too_large, source)
             except (IngestBusy, DeliveryFailed) as again:
                 return _unavailable(service, f"nothing was stored ({again}): retry")
         return _unavailable(
@@ -265,17 +312,27 @@ def _too_large_for_broker(
     return refuse
 
 
+def _own_source() -> None:
+    """No source system from the caller: the ingestor writes as its own."""
+    return None
+
+
 def build_router(
     get_service: Any,
     max_resource_bytes: int,
     max_body_bytes: int,
     dependencies: Sequence[Any] = (),
+    get_source: Any = None,
 ) -> APIRouter:
     """The ingest endpoint. ``dependencies`` run before every route (the API passes the
-    ``source`` role check: only systems holding a source token may write). Single resources
-    are limited to ``max_resource_bytes``, ``POST /fhir`` bodies to ``max_body_bytes``."""
+    ``source`` role check: only systems holding a source token may write). ``get_source``, a
+    dependency, names the source system each request writes as (the API: the one its token
+    names, so a source reaches only its own resources; None: the ingestor's own). Single
+    resources are limited to ``max_resource_bytes``, ``POST /fhir`` bodies to
+    ``max_body_bytes``. The type and id in a URL are checked before anything else."""
     router = APIRouter(prefix="/fhir", tags=["FHIR ingest"], dependencies=list(dependencies))
     Service = Annotated[IngestService, Depends(get_service)]
+    Source = Annotated[str | None, Depends(get_source or _own_source)]
 
     @router.post(
         "",
@@ -283,7 +340,10 @@ def build_router(
         "or a Subscription notification)",
     )
     async def post_bundle(
-        request: Request, service: Service, content_type: Annotated[str | None, Header()] = None
+        request: Request,
+        service: Service,
+        source: Source,
+        content_type: Annotated[str | None, Header()] = None,
     ) -> Response:
         origin = "http:POST /fhir"
         body = await _read_body(request, max_body_bytes)
@@ -294,6 +354,7 @@ def build_router(
                 lambda ingestor: _refuse_oversize(
                     ingestor, excerpt, max_body_bytes, "CONCIERGE_MAX_BODY_BYTES", origin
                 ),
+                source=source,
             )
         raw = body
         version = _version(content_type)
@@ -301,6 +362,7 @@ def build_router(
             service,
             lambda ingestor: _post_bundle(ingestor, raw, origin, version),
             _too_large_for_broker(raw, origin),
+            source,
         )
 
     @router.post("/{resource_type}", summary="Create a resource")
@@ -308,9 +370,10 @@ def build_router(
         resource_type: str,
         request: Request,
         service: Service,
+        source: Source,
         content_type: Annotated[str | None, Header()] = None,
     ) -> Response:
-        return await _one(request, service, resource_type, None, content_type, "POST")
+        return await _one(request, service, source, resource_type, None, content_type, "POST")
 
     @router.put("/{resource_type}/{resource_id}", summary="Create or update a resource")
     async def update(
@@ -318,13 +381,15 @@ def build_router(
         resource_id: str,
         request: Request,
         service: Service,
+        source: Source,
         content_type: Annotated[str | None, Header()] = None,
     ) -> Response:
-        return await _one(request, service, resource_type, resource_id, content_type, "PUT")
+        return await _one(request, service, source, resource_type, resource_id, content_type, "PUT")
 
     async def _one(
         request: Request,
         service: IngestService,
+        source: str | None,
         resource_type: str,
         resource_id: str | None,
         content_type: str | None,
@@ -345,8 +410,17 @@ def build_router(
                     resource_type,
                     resource_id,
                 ),
+                source=source,
             )
         raw = body
+        problem = _path_problem(resource_type, resource_id)
+        if problem is not None:
+            found = problem
+            return await _answer(
+                service,
+                lambda ingestor: _refuse_path(ingestor, raw, found, origin, resource_type),
+                source=source,
+            )
         version = _version(content_type)
         return await _answer(
             service,
@@ -354,14 +428,29 @@ def build_router(
                 ingestor, raw, resource_type, resource_id, version, origin
             ),
             _too_large_for_broker(raw, origin, resource_type, resource_id),
+            source,
         )
 
     @router.delete("/{resource_type}/{resource_id}", summary="Delete (retract) a resource")
-    async def delete(resource_type: str, resource_id: str, service: Service) -> Response:
-        def work(ingestor: Ingestor) -> Response:
-            outcome = ingestor.delete(
-                resource_type, resource_id, f"http:DELETE /fhir/{resource_type}/{resource_id}"
+    async def delete(
+        resource_type: str, resource_id: str, service: Service, source: Source
+    ) -> Response:
+        origin = f"http:DELETE /fhir/{resource_type}/{resource_id}"
+        problem = _path_problem(resource_type, resource_id)
+        if problem is not None:
+            found = problem
+            request = {"request": {"method": "DELETE", "url": f"{resource_type}/{resource_id}"}}
+            return await _answer(
+                service,
+                lambda ingestor: _refuse_path(ingestor, request, found, origin, resource_type),
+                source=source,
             )
+
+        def work(ingestor: Ingestor) -> Response:
+            # the caller's source system's resource only: another source's never matches
+            outcome = ingestor.delete(resource_type, resource_id, origin)
+            if outcome.status == "dead_lettered":
+                return _fhir(outcome.outcome or {}, 400)
             return _fhir(
                 operation_outcome(
                     [Issue("informational", outcome.reason or "deleted", severity="information")]
@@ -369,7 +458,7 @@ def build_router(
                 200,
             )
 
-        return await _answer(service, work)
+        return await _answer(service, work, source=source)
 
     return router
 

@@ -548,7 +548,10 @@ class StreamApp:
             async def page(web: Any, request: Any, **params: str) -> Any:
                 action = f"{request.method} {request.path}"
                 query = {"query": request.query_string}
-                principal, refusal = self.access.authorise(request.headers.get("Authorization"))
+                # the revocation list is a database read: off the event loop
+                principal, refusal = await asyncio.get_running_loop().run_in_executor(
+                    None, self.access.authorise, request.headers.get("Authorization")
+                )
                 if refusal is None:
                     body, detail = handler(request, **params)
                     try:

@@ -5,7 +5,8 @@ processing counters) and ``/readyz`` (readiness, and what it waits for): neither
 pseudonym, a fact or a count of patients. Every other page (``/state/digest``,
 ``/state/patients/{pseudonym}``, ``/state/cohorts``, ``/state/devices``) shows patient-level
 data or exact counts, so it needs an admin bearer token (``concierge token create --role admin``,
-checked by :func:`core.auth.verify` with this site's key, audience and issuer), and each request
+checked by :class:`core.auth.TokenVerifier` exactly as the API checks it: keys by ``kid``, an
+external provider's keys, the revocation list), and each request
 to one of them, refused or answered, leaves a record in the audit log the API writes
 (``CONCIERGE_AUDIT_URL``), naming the pseudonyms a patient page served. An answer is sent only
 once its record is written: when the audit log cannot be written the page answers 503.
@@ -28,7 +29,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.audit import AuditLog
-from core.auth import Principal, TokenError, verify
+from core.auth import Principal, TokenCheckUnavailable, TokenError, TokenVerifier
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,9 @@ class AuditUnavailable(RuntimeError):
 class PageAccess:
     """Admin tokens for the worker's pages, and their audit records."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.key = settings.token_key.get_secret_value().encode()
-        self.audience = settings.token_audience
-        self.issuer = settings.token_issuer
-        self.leeway = settings.token_leeway_seconds
+    def __init__(self, settings: Settings, verifier: TokenVerifier | None = None) -> None:
+        # the API's whole check: this site's keys by kid, the provider's, the revocation list
+        self.verifier = verifier or TokenVerifier.from_settings(settings)
         self.audit_url = settings.resolved_audit_url()
         self._audit: AuditLog | None = None
         self._opening = threading.Lock()
@@ -85,13 +84,9 @@ class PageAccess:
                 401, "a bearer token of role admin is required", {"WWW-Authenticate": "Bearer"}
             )
         try:
-            principal = verify(
-                self.key,
-                token.strip(),
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway_seconds=self.leeway,
-            )
+            principal = self.verifier.verify(token.strip())
+        except TokenCheckUnavailable as exc:
+            return None, Refusal(503, str(exc), {"Retry-After": "2"})
         except TokenError as exc:
             return None, Refusal(401, str(exc), {"WWW-Authenticate": "Bearer"})
         if principal.role != "admin":

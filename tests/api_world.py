@@ -198,8 +198,20 @@ class World:
         org: str,
         practitioner: str | None = None,
         sites: tuple[str, ...] = (),
+        source_system: str | None = None,
     ) -> dict[str, str]:
-        token = issue(self.key, role, org, practitioner=practitioner, sites=sites)
+        """A bearer header; a ``source`` writes as :data:`SOURCE` (the world's own EHR, whose
+        resources were ingested) unless it names another source system."""
+        if role == "source" and source_system is None:
+            source_system = SOURCE
+        token = issue(
+            self.key,
+            role,
+            org,
+            practitioner=practitioner,
+            sites=sites,
+            source_system=source_system,
+        )
         return {"Authorization": f"Bearer {token}"}
 
     def audit(self) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ from core.settings import get_settings
 
 @click.group()
 def token() -> None:
-    """API bearer tokens (OAuth2-style, signed with CONCIERGE_TOKEN_KEY)."""
+    """API bearer tokens: issue, revoke, list revocations (keys: CONCIERGE_TOKEN_KEYS or
+    CONCIERGE_TOKEN_KEY)."""
 
 
 @token.command("create")
@@ -24,22 +25,149 @@ def token() -> None:
 @click.option("--subject", help="Holder's id (default role:org).")
 @click.option("--practitioner", help="Clinicians: their Practitioner reference key.")
 @click.option("--site", "sites", multiple=True, help="Clinicians: a site (ODS code); repeatable.")
+@click.option(
+    "--source-system",
+    help="Sources (required): the source system whose resources the holder writes and "
+    "retracts, e.g. the CONCIERGE_SOURCE_SYSTEM its files are ingested under.",
+)
 @click.option("--days", default=30, show_default=True, help="Validity in days.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the token with its jti, kid and expiry."
+)
 def create(
     role: str,
     org: str,
     subject: str | None,
     practitioner: str | None,
     sites: tuple[str, ...],
+    source_system: str | None,
     days: int,
+    as_json: bool,
 ) -> None:
-    """Issue a token and print it (use it as `Authorization: Bearer <token>`)."""
-    from core.auth import ROLES, issue
+    """Issue a token, signed with the current key (CONCIERGE_TOKEN_KEY_ID), and print it (use
+    it as `Authorization: Bearer <token>`)."""
+    from core.auth import ROLES, SigningKeys, TokenError, issue
+
+    if role == "source" and not source_system:
+        raise click.UsageError(
+            "a source token names its source system: --source-system URI (a source writes and "
+            "retracts only its own source system's resources)"
+        )
+    if role != "source" and source_system:
+        raise click.UsageError("--source-system is for source tokens only")
+    if days < 1:
+        raise click.UsageError("--days must be at least 1")
+    keys = SigningKeys.from_settings(get_settings())
+    assert role in ROLES
+    try:
+        issued = issue(
+            keys,
+            role,  # type: ignore[arg-type]
+            org,
+            subject,
+            practitioner,
+            sites,
+            days * 24 * 3600,
+            source_system=source_system,
+        )
+    except TokenError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not as_json:
+        click.echo(issued)
+        return
+    import jwt
+
+    claims = jwt.decode(issued, options={"verify_signature": False})
+    click.echo(
+        json.dumps(
+            {
+                "token": issued,
+                "jti": claims["jti"],
+                "kid": jwt.get_unverified_header(issued)["kid"],
+                "exp": claims["exp"],
+            }
+        )
+    )
+
+
+@token.command("revoke")
+@click.argument("token_or_jti")
+@click.option("--reason", default="", help="Why (kept with the revocation).")
+def revoke(token_or_jti: str, reason: str) -> None:
+    """Revoke a token by its id (jti) or the token itself: every API process refuses it from
+    its next request on. Prints the revocation as JSON."""
+    import getpass
+
+    from core.revocation import MAX_JTI, RevocationList
+
+    jti, expires = _jti_of(token_or_jti)
+    if not jti or len(jti) > MAX_JTI:
+        raise click.UsageError(f"a token id is 1 to {MAX_JTI} characters")
+    settings = get_settings()
+    revocations = RevocationList(settings.resolved_token_revocation_url())
+    try:
+        entry = revocations.revoke(jti, reason, f"cli:{getpass.getuser()}", expires)
+    finally:
+        revocations.close()
+    click.echo(json.dumps(entry.__dict__))
+
+
+def _jti_of(token_or_jti: str) -> tuple[str, int | None]:
+    """The jti (and expiry) of a token, or the argument itself when it is a jti. A token is
+    read without checking its signature: revoking it needs only its id."""
+    if token_or_jti.count(".") != 2:
+        return token_or_jti.strip(), None
+    import jwt
+
+    try:
+        claims = jwt.decode(token_or_jti, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise click.UsageError("that is neither a token id nor a readable token") from None
+    jti, exp = claims.get("jti"), claims.get("exp")
+    if not isinstance(jti, str):
+        raise click.UsageError("the token has no jti: it cannot be revoked by id")
+    return jti, exp if isinstance(exp, int) else None
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_revoked(as_json: bool) -> None:
+    """The revocation list: every revoked token id, when, by whom and why."""
+    from core.revocation import RevocationList
+
+    revocations = RevocationList(get_settings().resolved_token_revocation_url())
+    try:
+        entries = revocations.entries()
+    finally:
+        revocations.close()
+    for entry in entries:
+        if as_json:
+            click.echo(json.dumps(entry.__dict__))
+        else:
+            expires = "?" if entry.expires_at is None else str(entry.expires_at)
+            click.echo(
+                f"{entry.jti}  revoked {entry.revoked_at} by {entry.revoked_by or '?'}  "
+                f"expires {expires}  {entry.reason}"
+            )
+    if not entries and not as_json:
+        click.echo("no token is revoked")
+
+
+@token.command("prune")
+def prune() -> None:
+    """Forget revocations of tokens that have expired (they are refused as expired anyway)."""
+    import time
+
+    from core.revocation import RevocationList
 
     settings = get_settings()
-    key = settings.token_key.get_secret_value().encode()
-    assert role in ROLES
-    click.echo(issue(key, role, org, subject, practitioner, sites, days * 24 * 3600))  # type: ignore[arg-type]
+    revocations = RevocationList(settings.resolved_token_revocation_url())
+    try:
+        # past the expiry plus the clock skew the API allows, a token is refused anyway
+        forgotten = revocations.prune(int(time.time() - settings.token_leeway_seconds))
+    finally:
+        revocations.close()
+    click.echo(json.dumps({"forgotten": forgotten}))
 
 
 @click.group()

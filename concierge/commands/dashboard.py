@@ -32,11 +32,11 @@ def default_api_url() -> str:
 
 def issue_regulator_token(org: str) -> str:
     """A regulator token signed with this site's key, as ``concierge token create`` issues."""
-    from core.auth import issue
+    from core.auth import SigningKeys, issue
     from core.settings import get_settings
 
-    key = get_settings().token_key.get_secret_value().encode()
-    return issue(key, "regulator", org, ttl_seconds=ISSUED_TOKEN_DAYS * 24 * 3600)
+    keys = SigningKeys.from_settings(get_settings())
+    return issue(keys, "regulator", org, ttl_seconds=ISSUED_TOKEN_DAYS * 24 * 3600)
 
 
 def streamlit_command(path: Path, port: int) -> list[str]:

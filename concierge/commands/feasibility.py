@@ -18,11 +18,10 @@ def _token(token: str | None, org: str) -> str:
     if os.environ.get("CONCIERGE_TOKEN"):
         return os.environ["CONCIERGE_TOKEN"]
     # On the site itself the token key is at hand: issue a short-lived sponsor token.
-    from core.auth import issue
+    from core.auth import SigningKeys, issue
     from core.settings import get_settings
 
-    key = get_settings().token_key.get_secret_value().encode()
-    return issue(key, "sponsor", org, ttl_seconds=600)
+    return issue(SigningKeys.from_settings(get_settings()), "sponsor", org, ttl_seconds=600)
 
 
 def _api(url: str | None) -> str:

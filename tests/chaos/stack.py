@@ -113,7 +113,9 @@ class Stack:
         return f"http://127.0.0.1:{self.worker_port}"
 
     def token(self, role: str, org: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {issue(TOKEN_KEY.encode(), role, org)}"}  # type: ignore[arg-type]
+        source_system = SOURCE if role == "source" else None  # the stack's one EHR
+        token = issue(TOKEN_KEY.encode(), role, org, source_system=source_system)  # type: ignore[arg-type]
+        return {"Authorization": f"Bearer {token}"}
 
     def env(self) -> dict[str, str]:
         home = self.root / "home"

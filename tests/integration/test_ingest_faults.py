@@ -86,7 +86,9 @@ def serve(bootstrap: str, prefix: str, home: Path, **overrides: Any) -> Iterator
         **overrides,
     )
     app = create_app(settings)
-    token = issue(settings.token_key.get_secret_value().encode(), "source", "test-ehr")
+    token = issue(
+        settings.token_key.get_secret_value().encode(), "source", "test-ehr", source_system=SOURCE
+    )
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         yield Api(client, settings)
 

@@ -92,7 +92,7 @@ def test_patients_before_their_organization_are_named_once_it_arrives(
 ) -> None:
     client, settings = api
     key = settings.token_key.get_secret_value().encode()
-    source = {"Authorization": f"Bearer {issue(key, 'source', 'Live EHR')}"}
+    source = {"Authorization": f"Bearer {issue(key, 'source', 'Live EHR', source_system=SOURCE)}"}
     sponsor = {"Authorization": f"Bearer {issue(key, 'sponsor', 'Acme Pharma')}"}
     bundle = {
         "resourceType": "Bundle",

@@ -22,18 +22,24 @@ budget, a lockout) close the file.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from core.audit import AuditLog
+from core.auth import Role, SigningKeys, TokenVerifier, issue
+from core.revocation import RevocationList
+from core.settings import Settings
 from feasibility.disclosure.budget import QueryBudget
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import MemorySink
@@ -54,6 +60,8 @@ from tests.api_world import (
     build_world,
     settings_for,
 )
+from tests.jwks_server import ISSUER, ProviderKey, provider_claims, serve_jwks
+from tests.recruitment_helpers import SOURCE
 from tests.stream_pages import Pages, serve_pages
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
@@ -685,3 +693,380 @@ def test_a_locked_out_organisation_is_refused_every_charged_route(budgeted: Worl
     assert budgeted.client.get(
         f"/v1/feasibility/saved-questions/{TRIAL}/answer", headers=sponsor
     ).is_success
+
+
+# --------------------------------------------------------------------------- tokens
+#
+# Every route that needs a token refuses one that is not right (expired, for another API or
+# from another issuer, without or with an unknown key id, not valid yet, unsigned, signed with
+# another key), one that was revoked (at once, no restart), and one signed with a key taken out
+# of rotation; an external provider's tokens are honoured like the site's own.
+
+#: Who each caller is, as token claims (role, organisation, the rest).
+CALLER_CLAIMS: dict[str, tuple[Role, str, dict[str, Any]]] = {
+    "sponsor": ("sponsor", SPONSOR_ORG, {}),
+    "own_clinician": ("clinician", "Practice A", {"practitioner": GP_A, "sites": (SITE_A,)}),
+    "other_clinician": ("clinician", "Practice B", {"practitioner": GP_B, "sites": (SITE_B,)}),
+    "regulator": ("regulator", "MHRA", {}),
+    "source": ("source", "EHR A", {"source_system": SOURCE}),
+    "admin": ("admin", "Site A", {}),
+}
+
+
+def caller_token(key: bytes | SigningKeys, caller: str, **overrides: Any) -> str:
+    role, org, claims = CALLER_CLAIMS[caller]
+    return issue(key, role, org, **{**claims, **overrides})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def protected() -> Iterator[tuple[str, str, Rule, str]]:
+    """Every route that needs a token, with a caller it admits (ALLOWED or OK)."""
+    for (method, template), rule in MATRIX.items():
+        if rule.expect["anonymous"] is not UNAUTHENTICATED:
+            continue
+        caller = next(c for c in CALLER_CLAIMS if rule.expect[c] in (ALLOWED, OK))
+        yield method, template, rule, caller
+
+
+def call(world: World, method: str, template: str, rule: Rule, token: str) -> Any:
+    return world.client.request(
+        method,
+        fill(world, template, rule),
+        headers=bearer(token),
+        json=rule.body if method in ("POST", "PUT") else None,
+    )
+
+
+@contextmanager
+def verifying_with(world: World, verifier: TokenVerifier) -> Iterator[None]:
+    """The app checks tokens with ``verifier`` (as a restart with other settings would)."""
+    before = world.app.state.token_verifier
+    world.app.state.token_verifier = verifier
+    try:
+        yield
+    finally:
+        world.app.state.token_verifier = before
+
+
+def _unsigned_claims(token: str) -> dict[str, Any]:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def bad_tokens(world: World, caller: str) -> dict[str, str]:
+    """Tokens for ``caller`` that no route may accept, by what is wrong with them."""
+    key = world.key
+    claims = _unsigned_claims(caller_token(key, caller))
+    return {
+        "expired": caller_token(key, caller, ttl_seconds=-3600),
+        "audience": caller_token(key, caller, audience="urn:elsewhere:api"),
+        "issuer": caller_token(key, caller, issuer="urn:elsewhere:issuer"),
+        "no kid": jwt.encode(claims, key, algorithm="HS256"),
+        "unknown kid": jwt.encode(claims, key, algorithm="HS256", headers={"kid": "retired"}),
+        "nbf in the future": caller_token(key, caller, not_before=int(time.time()) + 3600),
+        "alg none": jwt.encode(claims, None, algorithm="none", headers={"kid": "default"}),
+        "other key": caller_token(b"not-this-sites-key-0123456789abcdef", caller),
+    }
+
+
+BAD_KINDS = (
+    "expired",
+    "audience",
+    "issuer",
+    "no kid",
+    "unknown kid",
+    "nbf in the future",
+    "alg none",
+    "other key",
+)
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_every_route_refuses_a_token_that_is_not_right(world: World, kind: str) -> None:
+    wrong: list[str] = []
+    for method, template, rule, caller in protected():
+        token = bad_tokens(world, caller)[kind]
+        response = call(world, method, template, rule, token)
+        if response.status_code != 401:
+            wrong.append(f"{method} {template} as {caller}: {response.status_code}")
+    assert not wrong, f"a token with {kind} was not refused:\n" + "\n".join(wrong)
+
+
+def test_a_revoked_token_is_refused_by_every_route_at_once(world: World) -> None:
+    """Revoked as ``concierge token revoke`` does (another connection to the shared list),
+    while the app runs: the next request is refused, other tokens of the same caller are not."""
+    tokens = {caller: caller_token(world.key, caller) for caller in CALLER_CLAIMS}
+    admitted = {
+        caller: (method, template, rule)
+        for method, template, rule, caller in reversed(list(protected()))
+        if method == "GET"
+    }
+    for caller, (method, template, rule) in admitted.items():
+        status = call(world, method, template, rule, tokens[caller]).status_code
+        assert rule.expect[caller].admits(status), (caller, template, status)
+        if template.startswith("/v1"):  # the audit record names the token: revocable by it
+            assert world.audit()[-1]["detail"]["jti"] == _unsigned_claims(tokens[caller])["jti"]
+    revocations = RevocationList(world.settings.resolved_token_revocation_url())
+    try:
+        for token in tokens.values():
+            revocations.revoke(_unsigned_claims(token)["jti"], "matrix", "test")
+    finally:
+        revocations.close()
+    wrong: list[str] = []
+    for method, template, rule, caller in protected():
+        response = call(world, method, template, rule, tokens[caller])
+        if response.status_code != 401 or "revoked" not in response.text:
+            wrong.append(f"{method} {template} as {caller}: {response.status_code}")
+    assert not wrong, "a revoked token was honoured:\n" + "\n".join(wrong)
+    for caller, (method, template, rule) in admitted.items():
+        status = call(world, method, template, rule, caller_token(world.key, caller)).status_code
+        assert rule.expect[caller].admits(status), (caller, template, status)
+
+
+OLD_KEY, NEW_KEY = "o" * 32 + "-old", "n" * 32 + "-new"
+
+
+def test_tokens_of_a_rotated_key_work_while_it_is_listed_and_not_once_it_is_removed(
+    world: World,
+) -> None:
+    home = world.settings.home
+    both = Settings(home=home, token_keys=f"old={OLD_KEY},new={NEW_KEY}", token_key_id="new")
+    only_new = Settings(home=home, token_keys=f"new={NEW_KEY}")
+    old_tokens = {
+        c: caller_token(SigningKeys.from_settings(both), c, kid="old") for c in CALLER_CLAIMS
+    }
+    new_tokens = {c: caller_token(SigningKeys.from_settings(only_new), c) for c in CALLER_CLAIMS}
+    assert {jwt.get_unverified_header(t)["kid"] for t in new_tokens.values()} == {"new"}
+    wrong: list[str] = []
+    with verifying_with(world, TokenVerifier.from_settings(both)):
+        for method, template, rule, caller in protected():
+            for tokens in (old_tokens, new_tokens):
+                status = call(world, method, template, rule, tokens[caller]).status_code
+                if not rule.expect[caller].admits(status):
+                    wrong.append(f"both keys: {method} {template} as {caller}: {status}")
+    with verifying_with(world, TokenVerifier.from_settings(only_new)):
+        for method, template, rule, caller in protected():
+            status = call(world, method, template, rule, old_tokens[caller]).status_code
+            if status != 401:
+                wrong.append(f"old key removed: {method} {template} as {caller}: {status}")
+            status = call(world, method, template, rule, new_tokens[caller]).status_code
+            if not rule.expect[caller].admits(status):
+                wrong.append(f"new key: {method} {template} as {caller}: {status}")
+        # the site's former single key (kid "default") is gone with it
+        assert (
+            call(
+                world,
+                "GET",
+                "/v1/feasibility/budget",
+                MATRIX[("GET", "/v1/feasibility/budget")],
+                caller_token(world.key, "sponsor"),
+            ).status_code
+            == 401
+        )
+    assert not wrong, "\n".join(wrong)
+
+
+def test_an_identity_providers_tokens_are_honoured_like_the_sites_own(world: World) -> None:
+    """Tokens of an external OpenID Connect provider (RS256 and ES256, its key set on a real
+    HTTP server) get every route's answer the matrix gives each caller, identity included."""
+    keys = [ProviderKey.rsa("idp-rsa"), ProviderKey.ec("idp-ec")]
+    with serve_jwks(keys) as jwks:
+        settings = Settings(home=world.settings.home, oidc_issuer=ISSUER, oidc_jwks_url=jwks.url)
+        wrong: list[str] = []
+        with verifying_with(world, TokenVerifier.from_settings(settings)):
+            for index, ((method, template), rule) in enumerate(MATRIX.items()):
+                for caller in CALLER_CLAIMS:
+                    role, org, extra = CALLER_CLAIMS[caller]
+                    claims = provider_claims(
+                        role,
+                        org,
+                        **{k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()},
+                    )
+                    token = keys[index % 2].sign(claims)
+                    response = call(world, method, template, rule, token)
+                    expected = rule.expect[caller]
+                    if not expected.admits(response.status_code):
+                        wrong.append(f"{method} {template} as {caller}: {response.status_code}")
+                    if rule.identity and caller == "own_clinician":
+                        assert IDENTITY["family"] in response.text, template
+            # the site's own tokens keep working beside the provider's
+            sponsor = call(
+                world,
+                "GET",
+                "/v1/feasibility/budget",
+                MATRIX[("GET", "/v1/feasibility/budget")],
+                caller_token(world.key, "sponsor"),
+            )
+            assert sponsor.status_code == 200
+        assert jwks.fetches == 1
+    assert not wrong, "\n".join(wrong)
+
+
+# --------------------------------------------------------------------------- sources
+#
+# A source token names its source system; the API ingests as that system, whose name is the
+# first part of every resource key. So another source's resources are out of reach: a PUT to
+# the same type and id makes the caller's own resource, a DELETE or an entered-in-error
+# retracts only the caller's own, and the answers do not reveal whether another source holds
+# the id (Patient ids can be NHS numbers).
+
+OTHER_SOURCE = "urn:matrix:other-ehr"
+
+
+def _fhir_request(world: World, method: str, path: str, token: str, body: Any = None) -> Any:
+    return world.client.request(
+        method,
+        path,
+        headers={**bearer(token), "Content-Type": "application/fhir+json"},
+        content=None if body is None else json.dumps(body),
+    )
+
+
+def test_a_source_writes_and_retracts_only_its_own_source_systems_resources(
+    world: World,
+) -> None:
+    ingestor = world.app.state.ingest.ingestor
+    sink = ingestor.sink
+    own = caller_token(world.key, "source")
+    other = caller_token(world.key, "source", source_system=OTHER_SOURCE)
+    condition_key = f"{SOURCE}|Condition|matrix-condition"
+    pr_key, other_pr_key = (
+        f"{SOURCE}|Practitioner|cross-pr",
+        f"{OTHER_SOURCE}|Practitioner|cross-pr",
+    )
+
+    def entry(key: str) -> Any:
+        return ingestor.vault.get_index([key]).get(key)
+
+    practitioner = {"resourceType": "Practitioner", "id": "cross-pr", "name": [{"family": "Own"}]}
+    assert (
+        _fhir_request(world, "PUT", "/fhir/Practitioner/cross-pr", own, practitioner).status_code
+        == 201
+    )
+    condition_before, pr_before = entry(condition_key), entry(pr_key)
+    facts_before, references_before = len(sink.published_facts), len(sink.published_references)
+
+    # DELETE another source's resource: nothing happens, and the answer is the one for an id
+    # that nobody holds (no oracle of another source's ids)
+    held = _fhir_request(world, "DELETE", "/fhir/Condition/matrix-condition", other)
+    unheld = _fhir_request(world, "DELETE", "/fhir/Condition/nobody-has-this", other)
+    assert (
+        (held.status_code, held.json())
+        == (unheld.status_code, unheld.json())
+        == (
+            200,
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "information",
+                        "code": "informational",
+                        "diagnostics": "nothing to delete",
+                    }
+                ],
+            },
+        )
+    )
+    # PUT over another source's resource: the caller's own resource, beside it
+    theirs = {**practitioner, "name": [{"family": "Other"}]}
+    put = _fhir_request(world, "PUT", "/fhir/Practitioner/cross-pr", other, theirs)
+    assert (put.status_code, put.headers["location"]) == (201, "Practitioner/cross-pr/_history/1")
+    assert [r.key for r in sink.published_references[references_before:]] == [other_pr_key]
+    # ... which its own DELETE retracts, and only it
+    assert _fhir_request(world, "DELETE", "/fhir/Practitioner/cross-pr", other).status_code == 200
+    retraction = sink.published_references[-1]
+    assert (retraction.key, retraction.retracted) == (other_pr_key, True)
+    # entered-in-error and a DELETE in a Bundle reach only the caller's own resources too; a
+    # reference by URL to another source's patient does not resolve (only by identifier)
+    retract = {
+        "resourceType": "Condition",
+        "id": "matrix-condition",
+        "verificationStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                    "code": "entered-in-error",
+                }
+            ]
+        },
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11.9"}]},
+        "subject": {"reference": "Patient/matrix-patient"},
+    }
+    by_url = _fhir_request(world, "PUT", "/fhir/Condition/matrix-condition", other, retract)
+    assert by_url.status_code == 422 and "unknown patient" in by_url.text
+    nhs = f"https://fhir.nhs.uk/Id/nhs-number|{IDENTITY['nhs_number']}"
+    by_identifier = {**retract, "subject": {"reference": f"Patient?identifier={nhs}"}}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {
+                "resource": by_identifier,
+                "request": {"method": "PUT", "url": "Condition/matrix-condition"},
+            },
+            {"request": {"method": "DELETE", "url": "Condition/matrix-condition"}},
+            {"request": {"method": "DELETE", "url": "Practitioner/cross-pr"}},
+        ],
+    }
+    answered = _fhir_request(world, "POST", "/fhir", other, bundle)
+    assert answered.status_code == 200, answered.text
+    published = sink.published_facts[facts_before:] + sink.published_references[references_before:]
+    assert {p.key.split("|")[0] for p in published} == {OTHER_SOURCE}, (
+        "another source's key was written"
+    )
+    assert entry(condition_key) == condition_before and not condition_before.retracted
+    assert entry(pr_key) == pr_before and not pr_before.retracted
+    assert entry(other_pr_key).retracted
+    # the world's own source may retract its own (the control)
+    assert _fhir_request(world, "DELETE", "/fhir/Practitioner/cross-pr", own).status_code == 200
+    assert (sink.published_references[-1].key, sink.published_references[-1].retracted) == (
+        pr_key,
+        True,
+    )
+    # provenance names the source system that wrote, as the key does
+    assert {p.provenance.source for p in published} == {OTHER_SOURCE}
+
+
+def test_a_source_token_must_name_its_source_system(world: World) -> None:
+    claims = _unsigned_claims(caller_token(world.key, "source"))
+    del claims["source_system"]
+    token = jwt.encode(claims, world.key, algorithm="HS256", headers={"kid": "default"})
+    response = _fhir_request(world, "PUT", "/fhir/Practitioner/matrix-pr", token, PRACTITIONER)
+    assert response.status_code == 401
+    assert "source system" in response.json()["issue"][0]["diagnostics"]
+
+
+def test_the_worker_pages_check_tokens_as_the_api_does(
+    world: World, worker_world: WorkerWorld
+) -> None:
+    """The worker's state pages go through the API's whole check: a revoked admin token is
+    refused at once, and keys are found by ``kid`` (a rotated key while it is listed)."""
+    url = f"{worker_world.pages.url}/state/digest"
+    token = caller_token(world.key, "admin")
+    assert httpx.get(url, headers=bearer(token), timeout=10).status_code == 200
+    # the worker's list (with the API's by default: both in the shared audit database)
+    worker_settings = worker_world.pages.stream.settings
+    revocations = RevocationList(worker_settings.resolved_token_revocation_url())
+    try:
+        revocations.revoke(_unsigned_claims(token)["jti"], "matrix", "test")
+    finally:
+        revocations.close()
+    refused = httpx.get(url, headers=bearer(token), timeout=10)
+    assert refused.status_code == 401 and "revoked" in refused.text, refused.text
+    fresh = caller_token(world.key, "admin")
+    assert httpx.get(url, headers=bearer(fresh), timeout=10).status_code == 200
+
+    access = worker_world.pages.stream.access
+    saved = access.verifier
+    both = Settings(home=world.settings.home, token_keys=f"old={OLD_KEY},new={NEW_KEY}")
+    only_new = Settings(home=world.settings.home, token_keys=f"new={NEW_KEY}")
+    old = caller_token(SigningKeys.from_settings(both), "admin", kid="old")
+    try:
+        access.verifier = TokenVerifier.from_settings(both)
+        assert httpx.get(url, headers=bearer(old), timeout=10).status_code == 200
+        access.verifier = TokenVerifier.from_settings(only_new)
+        assert httpx.get(url, headers=bearer(old), timeout=10).status_code == 401
+    finally:
+        access.verifier = saved

@@ -1,4 +1,5 @@
-"""The demo's live patients name their sites: the API writes under the bulk load's source."""
+"""The demo's live patients name their sites: the API writes as the source system of the demo's
+EHR token, the bulk load's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from concierge.demo import demo_environment
+from concierge.demo import _headers, demo_environment
+from core.auth import SigningKeys, verify
 from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
 from fhir_adapters.pseudonym import Pseudonymiser
@@ -25,11 +27,17 @@ def test_patients_streamed_through_the_api_resolve_the_bulk_loaded_organizations
         monkeypatch.setenv(name, env[name])
     api = Settings()  # what the API process the demo starts reads
     assert api.source_system == source
+    # the API ingests as the source system of the caller's token: the demo's EHR token names
+    # the bulk load's
+    token = _headers(api, "source", "Demo EHR", source)["Authorization"].removeprefix("Bearer ")
+    principal = verify(SigningKeys.from_settings(api), token)
+    assert principal.source_system == source
     vault, secret = MemoryVault(), Pseudonymiser(b"d" * 32)
     bulk = Ingestor(vault, MemorySink(), secret, source)
     bulk.ingest_text(orjson.dumps(ORGANIZATION), "demo:reference")
-    live = Ingestor(vault, MemorySink(), secret, api.source_system)
-    live.ingest_text(orjson.dumps(PATIENT), "POST /fhir")
+    live = Ingestor(vault, MemorySink(), secret, "urn:the-api:own")
+    with live.acting_as(principal.source_system):
+        live.ingest_text(orjson.dumps(PATIENT), "POST /fhir")
     assert isinstance(live.sink, MemorySink)
     fact = live.sink.published_facts[0].facts[0]
     assert (fact.site, fact.site_key) == (ODS, f"{source}|Organization|org1")  # type: ignore[union-attr]

@@ -83,12 +83,15 @@ def test_unsigned_other_algorithm_and_incomplete_tokens_are_refused() -> None:
     hs512 = jwt.encode(claims, KEY * 2, algorithm="HS512")
     with pytest.raises(TokenError, match="algorithm"):
         verify(KEY * 2, hs512)
-    for claim in ("aud", "iss", "exp", "jti"):
+    kid = {"kid": "default"}
+    for claim in ("aud", "iss", "exp", "nbf", "jti"):
         partial = {k: v for k, v in claims.items() if k != claim}
         with pytest.raises(TokenError, match=f"'{claim}'"):
-            verify(KEY, jwt.encode(partial, KEY, algorithm="HS256"))
+            verify(KEY, jwt.encode(partial, KEY, algorithm="HS256", headers=kid))
+    with pytest.raises(TokenError, match="kid"):
+        verify(KEY, jwt.encode(claims, KEY, algorithm="HS256"))  # no key id
     with pytest.raises(TokenError, match="claims"):
-        verify(KEY, jwt.encode({**claims, "role": "patient"}, KEY, algorithm="HS256"))
+        verify(KEY, jwt.encode({**claims, "role": "patient"}, KEY, algorithm="HS256", headers=kid))
     with pytest.raises(TokenError, match="malformed"):
         verify(KEY, "not-a-token")
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from core import audit, db
+from core import audit, db, revocation
 from feasibility.disclosure import tables as disclosure_tables
 from fhir_adapters import vault
 from tests.recruitment_helpers import BACKENDS, fresh_database
@@ -23,6 +23,7 @@ STORES = {
     "vault": (vault.SCHEMA, vault.metadata),
     "audit": (audit.SCHEMA, audit.metadata),
     "disclosure": (disclosure_tables.SCHEMA, disclosure_tables.metadata),
+    "revocation": (revocation.SCHEMA, revocation.metadata),
 }
 
 

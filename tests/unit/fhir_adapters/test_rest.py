@@ -98,7 +98,9 @@ def serve(timeout_seconds: float = 5.0, **overrides: Any) -> Iterator[Api]:
         max_resource_bytes=settings.max_resource_bytes,
     )
     app = create_app(settings, ingest_service=IngestService(ingestor, timeout_seconds))
-    token = issue(settings.token_key.get_secret_value().encode(), "source", "test-ehr")
+    token = issue(
+        settings.token_key.get_secret_value().encode(), "source", "test-ehr", source_system=SOURCE
+    )
     with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         yield Api(client, ingestor)
 
@@ -258,6 +260,83 @@ def test_put_with_mismatched_url_is_400_and_dead_lettered(
     assert orjson.loads(letter["payload"]) == resource
     assert letter["operation_outcome"] == outcome
     assert letter["origin"] == f"http:PUT {path}"
+    assert api.sink.published_facts == []
+
+
+# --- identifiers in URLs ------------------------------------------------------------------------
+
+#: Ids a URL may not carry (as sent: percent-encoded, so the client sends them unnormalised).
+#: Seen: ``PUT /fhir/Patient/..`` was accepted and answered ``Location: Patient/../_history/1``.
+BAD_URL_IDS = {
+    "dot-dot": "%2E%2E",
+    "dot": "%2E",
+    "too-long": "x" * 65,
+    "space": "a%20b",
+    "dollar": "a$b",
+    "unicode": "%C3%A9",
+}
+
+
+@pytest.mark.parametrize("sent", list(BAD_URL_IDS.values()), ids=list(BAD_URL_IDS))
+def test_put_to_an_id_that_is_no_fhir_id_is_400_dead_lettered_and_never_a_location(
+    api: Api, sent: str
+) -> None:
+    body = {**patient(), "id": ".."}
+    status, outcome, headers = api.send("PUT", f"/fhir/Patient/{sent}", body)
+    assert status == 400
+    assert "location" not in headers
+    [issue] = outcome["issue"]
+    assert (issue["code"], issue["expression"]) == ("value", ["Patient.id"])
+    assert "in the URL" in issue["diagnostics"]
+    letter = api.last_letter()
+    assert orjson.loads(letter["payload"]) == body  # nothing is lost
+    assert letter["operation_outcome"] == outcome
+    assert api.sink.published_facts == []
+    assert api.ingestor.vault.get_index([f"{SOURCE}|Patient|.."]) == {}
+
+
+@pytest.mark.parametrize("sent", list(BAD_URL_IDS.values()), ids=list(BAD_URL_IDS))
+def test_delete_of_an_id_that_is_no_fhir_id_is_400(api: Api, sent: str) -> None:
+    response = api.client.delete(f"/fhir/Patient/{sent}")
+    assert response.status_code == 400
+    assert response.json()["issue"][0]["expression"] == ["Patient.id"]
+    assert "location" not in response.headers
+    assert api.last_letter()["origin"].startswith("http:DELETE /fhir/Patient/")
+    assert api.sink.published_facts == []
+
+
+@pytest.mark.parametrize("rtype", ["patient", "Pat1ent", "%2E%2E"])
+def test_a_url_resource_type_that_is_no_type_is_400(api: Api, rtype: str) -> None:
+    status, outcome, headers = api.send("PUT", f"/fhir/{rtype}/pat1", patient())
+    assert status == 400
+    assert outcome["issue"][0]["expression"] == ["resourceType"]
+    assert "location" not in headers
+    assert api.client.delete(f"/fhir/{rtype}/pat1").status_code == 400
+
+
+@pytest.mark.parametrize("rid", ["..", ".", "a/b", "../../x"])
+def test_an_id_in_a_body_that_is_no_fhir_id_is_refused_and_never_a_location(
+    api: Api, rid: str
+) -> None:
+    """POST takes the id from the body; a skipped type is answered with its Location too."""
+    status, outcome, headers = api.send("POST", "/fhir/Patient", {**patient(), "id": rid})
+    assert status == 422
+    assert "location" not in headers
+    assert outcome["issue"][-1]["expression"] == ["Patient.id"]
+    status, _, headers = api.send("POST", "/fhir/Claim", {"resourceType": "Claim", "id": rid})
+    assert status == 200 and "location" not in headers
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": {**patient(), "id": rid}},
+            {"request": {"method": "DELETE", "url": f"Patient/{rid}"}},
+        ],
+    }
+    status, body, _ = api.send("POST", "/fhir", bundle)
+    responses = [e["response"] for e in body["entry"]]
+    assert [r["status"] for r in responses] == ["422 Unprocessable Entity"] * 2
+    assert not any("location" in r for r in responses)
     assert api.sink.published_facts == []
 
 

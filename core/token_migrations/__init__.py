@@ -1,0 +1,1 @@
+"""Alembic migrations of the token revocation list (run by ``core.db``)."""

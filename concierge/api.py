@@ -160,10 +160,14 @@ def build_audit_anchors(settings: Settings, audit: AuditLog) -> AnchorPublisher:
     broker that is down is reported in ``/readyz``'s ``audit_anchors``, never a slow request)."""
     from infra.audit_anchors import AnchorPublisher
 
-    if audit.keys.development:
+    development = settings.development_keys()
+    if audit.keys.development and "CONCIERGE_AUDIT_KEY" not in development:
+        development.append("CONCIERGE_AUDIT_KEY")
+    if development:
         log.warning(
-            "the audit log is chained with the development key: set CONCIERGE_AUDIT_KEY in "
-            "production (docs/explanation/security.md)"
+            "%s still at the public development default: set them in production "
+            "(docs/explanation/security.md)",
+            ", ".join(development),
         )
     return AnchorPublisher(
         audit,

@@ -78,6 +78,8 @@ DEVICE_EXCLUDED = frozenset({"entered-in-error"})
 
 def code_matches(code: Code, found: Tokens) -> bool:
     """Whether any token in ``found`` is covered by the coded term ``code``."""
+    if code.needs_expansion:  # ECL or ValueSet: its expansion, fixed when compiled
+        return not code.expanded_tokens().isdisjoint(found)
     if code.concept is not None:
         wanted = {make_token(system, c) for system, c in CONCEPTS[code.concept].codes}
         return bool(wanted & found)

@@ -43,6 +43,39 @@ class CodeExpansion:
         }
 
 
+def expand_ecl(hierarchy: Hierarchy, version: str, text: str) -> CodeExpansion:
+    """The concepts ``text`` selects in ``hierarchy`` (release ``version``), with a warning per
+    focus concept that is not active in it and when nothing at all is selected."""
+    try:
+        parsed = ecl.parse(text)
+    except ecl.EclSyntaxError as exc:
+        raise ExpansionFailed(str(exc)) from None
+    result = ecl.evaluate(parsed, hierarchy)
+    warnings = [
+        f"concept {sctid} is not an active concept of release {version}"
+        for sctid in dict.fromkeys(result.unknown)
+    ]
+    codes = hierarchy.codes(result.index)
+    if not codes:
+        warnings.append(f"the expression matches no concept in release {version}")
+    return CodeExpansion({SNOMED: codes} if codes else {}, "ecl", version, None, warnings)
+
+
+class HierarchySource:
+    """ECL expansion over a hierarchy held in memory (no store, no ValueSets): for tests and
+    tools that build a hierarchy themselves."""
+
+    def __init__(self, hierarchy: Hierarchy, version: str = "in-memory") -> None:
+        self.hierarchy = hierarchy
+        self.version = version
+
+    def expand_ecl(self, text: str) -> CodeExpansion:
+        return expand_ecl(self.hierarchy, self.version, text)
+
+    def expand_valueset(self, url: str, version: str | None = None) -> CodeExpansion:
+        raise ExpansionFailed(f"ValueSet {url}: no ValueSets in an in-memory hierarchy")
+
+
 class Terminology:
     """ECL and ValueSet expansion over a :class:`~terminology.store.TerminologyStore`; each
     expansion is cached until the store's next load."""
@@ -93,23 +126,8 @@ class Terminology:
         found = self._cached(key)
         if found is not None:
             return found
-        try:
-            parsed = ecl.parse(text)
-        except ecl.EclSyntaxError as exc:
-            raise ExpansionFailed(str(exc)) from None
         version, hierarchy = self._hierarchy()
-        result = ecl.evaluate(parsed, hierarchy)
-        warnings = [
-            f"concept {sctid} is not an active concept of release {version}"
-            for sctid in dict.fromkeys(result.unknown)
-        ]
-        codes = hierarchy.codes(result.index)
-        if not codes:
-            warnings.append(f"the expression matches no concept in release {version}")
-        expansion = self._checked(
-            CodeExpansion({SNOMED: codes} if codes else {}, "ecl", version, None, warnings),
-            f"ECL {text!r}",
-        )
+        expansion = self._checked(expand_ecl(hierarchy, version, text), f"ECL {text!r}")
         self._keep(key, expansion)
         return expansion
 
@@ -144,4 +162,4 @@ class Terminology:
         return expansion
 
 
-__all__ = ["CodeExpansion", "ExpansionFailed", "Terminology"]
+__all__ = ["CodeExpansion", "ExpansionFailed", "HierarchySource", "Terminology", "expand_ecl"]

@@ -39,11 +39,15 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     from feasibility.engines.polars_engine import PolarsEngine
     from feasibility.feed import FactsFeed
     from feasibility.live import CohortView
+    from feasibility.refresh import ExpansionRefresher
     from feasibility.saved import SavedQuestions
     from feasibility.service import FeasibilityService
     from feasibility.sites import SiteView
     from feasibility.snapshot import ColumnarSnapshot
     from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
+    from terminology.expand import Terminology
+    from terminology.settings import TerminologySettings
+    from terminology.store import TerminologyStore
 
     lock = threading.Lock()
     snapshot = ColumnarSnapshot()
@@ -56,7 +60,13 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     # answers name sites from the organisations on the reference topic, as they are now
     sites = SiteView(settings.kafka_bootstrap_servers, settings.topic(REFERENCE)).start()
     url = settings.resolved_feasibility_url()
-    return FeasibilityService(
+    # ECL and ValueSets in criteria expand against the site's terminology store
+    terms = TerminologySettings()
+    terminology = Terminology(
+        TerminologyStore(terms.resolved_store_url(settings.home), terms.language_refset_ids),
+        terms.max_expansion,
+    )
+    service = FeasibilityService(
         stream_max_lag_seconds=settings.stream_max_lag_seconds,
         facts_high_watermarks=HighWatermarks(
             settings.kafka_bootstrap_servers, settings.topic(FACTS)
@@ -71,7 +81,11 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
         saved=saved,
         cohorts=cohorts,
         sites=sites,
+        terminology=terminology,
     )
+    if terms.refresh_seconds > 0:
+        service.refresher = ExpansionRefresher(saved, terminology, terms.refresh_seconds).start()
+    return service
 
 
 class HighWatermarks:
@@ -275,6 +289,9 @@ def create_app(
     app.include_router(build_page_router())
 
     from concierge.routes.surveillance import build_router as surveillance_router
+    from concierge.routes.terminology import build_router as terminology_router
+
+    app.include_router(terminology_router())
 
     app.include_router(surveillance_router())
 

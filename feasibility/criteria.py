@@ -72,8 +72,15 @@ class Expansion(_Model):
     warnings: list[str] = Field(default_factory=list)
 
     def __hash__(self) -> int:  # the engines cache per coded term; dicts do not hash
-        return hash((self.release, self.valueset, self.method, self.size,
-                     tuple((s, tuple(c)) for s, c in sorted(self.codes.items()))))  # fmt: skip
+        return hash(
+            (
+                self.release,
+                self.valueset,
+                self.method,
+                self.size,
+                tuple((s, tuple(c)) for s, c in sorted(self.codes.items())),
+            )
+        )
 
     @property
     def size(self) -> int:
@@ -770,14 +777,14 @@ __all__ = [
     "ConditionCriterion",
     "CriteriaError",
     "Criterion",
-    "Expansion",
     "DeviceCriterion",
     "ExclusionStep",
+    "Expansion",
     "InclusionStep",
     "MedicationCriterion",
     "MolecularMarkerCriterion",
-    "NotExpanded",
     "Not",
+    "NotExpanded",
     "ObservationCriterion",
     "ProcedureCriterion",
     "Question",

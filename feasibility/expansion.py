@@ -66,10 +66,14 @@ def needs_expansion(question: Question) -> bool:
 
 
 def compile_question(
-    question: Question, source: ExpansionSource | None, body: Any = None
+    question: Question,
+    source: ExpansionSource | None,
+    body: Any = None,
+    prefix: tuple[str | int, ...] = (),
 ) -> Compiled:
     """``question`` with every ECL and ValueSet entry expanded (again, if it was before), and
-    the report of what each expanded to. ``body``: the criteria as sent, for error pointers."""
+    the report of what each expanded to. ``body``: the request as sent, for error pointers;
+    ``prefix``: where the criteria sit in it (``("criteria",)`` in a trial)."""
     dumped = question.model_dump(by_alias=True, mode="json")
     entries = list(_entries(dumped, []))
     if not entries:
@@ -79,11 +83,16 @@ def compile_question(
     warnings: list[str] = []
     for path, entry in entries:
         member = "ecl" if entry.get("ecl") else "valueset"
-        loc = [*path, member]
+        loc = [*prefix, *path, member]
         pointer = json_pointer(body, loc) if body is not None else _pointer(loc)
         if source is None:
-            errors.append(_error(loc, pointer, "no terminology store in this service: "
-                                 "ECL and ValueSets cannot be expanded"))  # fmt: skip
+            errors.append(
+                _error(
+                    loc,
+                    pointer,
+                    "no terminology store in this service: ECL and ValueSets cannot be expanded",
+                )
+            )
             continue
         try:
             if member == "ecl":
@@ -158,7 +167,7 @@ def _pointer(loc: list[str | int]) -> str:
 
 
 def _error(loc: list[str | int], pointer: str, message: str) -> dict[str, Any]:
-    return {"loc": ".".join(str(p) for p in loc), "pointer": pointer, "msg": message}
+    return {"loc": ".".join(str(p) for p in loc), "path": loc, "pointer": pointer, "msg": message}
 
 
 __all__ = [

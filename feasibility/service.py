@@ -32,7 +32,9 @@ from .disclosure.protection import protect
 from .disclosure.registry import PublicationRegistry
 from .engines.base import FrameEngine
 from .engines.reference import walk_criterion
+from .expansion import ExpansionSource
 from .readers import CohortReader, FactsReader, Reader
+from .refresh import ExpansionRefresher
 from .saved import SavedQuestions, SavedTrial
 from .sites import (
     UNRESOLVED,
@@ -221,6 +223,11 @@ class FeasibilityService:
     #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
     #: a broker call; None where there is no broker).
     facts_high_watermarks: Callable[[], dict[int, int]] | None = None
+    #: Expands ECL and ValueSet code entries when a question is compiled
+    #: (:class:`terminology.expand.Terminology`); None: questions naming them are refused.
+    terminology: ExpansionSource | None = None
+    #: Re-expands saved questions after terminology loads (stopped with the service).
+    refresher: ExpansionRefresher | None = None
 
     def require(self, *views: str) -> None:
         """Raise :class:`NotCurrent` unless each named view (``facts``, ``cohorts``,
@@ -366,6 +373,8 @@ class FeasibilityService:
 
     def stop(self) -> None:
         """Stop the readers that keep the views current (at the API's shutdown)."""
+        if self.refresher is not None:
+            self.refresher.stop()
         for reader in self._readers().values():
             reader.stop()
 

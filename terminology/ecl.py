@@ -242,9 +242,15 @@ class _Parser:
                     i += 1
                 found = f"{word!r}"
                 if word.lower() in {
-                    "descendantof", "descendantorselfof", "childof", "childorselfof",
-                    "ancestorof", "ancestororselfof", "parentof", "parentorselfof",
-                }:  # fmt: skip
+                    "descendantof",
+                    "descendantorselfof",
+                    "childof",
+                    "childorselfof",
+                    "ancestorof",
+                    "ancestororselfof",
+                    "parentof",
+                    "parentorselfof",
+                }:
                     return self.error(
                         f"the long form {word!r} is not supported: use <, <<, <!, >, >>, >!"
                     )

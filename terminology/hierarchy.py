@@ -52,13 +52,19 @@ class Hierarchy:
     children: Index
 
     @classmethod
-    def build(cls, ids: Iterable[int] | Ids, edges: Iterable[tuple[int, int]] | None = None,
-              child_ids: Ids | None = None, parent_ids: Ids | None = None) -> Hierarchy:  # fmt: skip
+    def build(
+        cls,
+        ids: Iterable[int] | Ids,
+        edges: Iterable[tuple[int, int]] | None = None,
+        child_ids: Ids | None = None,
+        parent_ids: Ids | None = None,
+    ) -> Hierarchy:
         """From concept ids and ``(child, parent)`` is-a edges (or two arrays of them). Edges
         naming a concept not among ``ids`` are dropped (an inactive concept, or a relationship
         row left active on one)."""
-        concept_ids = np.unique(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids,
-                                           dtype=np.int64))  # fmt: skip
+        concept_ids = np.unique(
+            np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        )
         if edges is not None:
             pairs = np.asarray(list(edges), dtype=np.int64).reshape(-1, 2)
             child_ids, parent_ids = pairs[:, 0], pairs[:, 1]
@@ -69,8 +75,11 @@ class Hierarchy:
         c_ok = (c < n) & (concept_ids[np.minimum(c, n - 1)] == child_ids) if n else c < 0
         p_ok = (p < n) & (concept_ids[np.minimum(p, n - 1)] == parent_ids) if n else p < 0
         keep = c_ok & p_ok & (child_ids != parent_ids)
-        pairs = np.unique(np.stack([c[keep], p[keep]], axis=1), axis=0) if keep.any() else (
-            np.zeros((0, 2), dtype=np.int64))  # fmt: skip
+        pairs = (
+            np.unique(np.stack([c[keep], p[keep]], axis=1), axis=0)
+            if keep.any()
+            else (np.zeros((0, 2), dtype=np.int64))
+        )
         child_idx = pairs[:, 0].astype(np.int32)
         parent_idx = pairs[:, 1].astype(np.int32)
         parent_ptr, parents = _csr(n, child_idx, parent_idx)

@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -44,17 +45,46 @@ ROOT = 138875005
 CORE_MODULE = 900000000000207008
 #: Language reference sets, most preferred first: the UK clinical and pharmacy English
 #: dialects, then GB English, then US English.
-DEFAULT_LANGUAGE_REFSETS = (999001261000000100, 999000691000001104, 900000000000508004,
-                            900000000000509007)  # fmt: skip
+DEFAULT_LANGUAGE_REFSETS = (
+    999001261000000100,
+    999000691000001104,
+    900000000000508004,
+    900000000000509007,
+)
 
 CONCEPT_COLUMNS = ["id", "effectiveTime", "active", "moduleId", "definitionStatusId"]
-DESCRIPTION_COLUMNS = ["id", "effectiveTime", "active", "moduleId", "conceptId", "languageCode",
-                       "typeId", "term", "caseSignificanceId"]  # fmt: skip
-RELATIONSHIP_COLUMNS = ["id", "effectiveTime", "active", "moduleId", "sourceId", "destinationId",
-                        "relationshipGroup", "typeId", "characteristicTypeId",
-                        "modifierId"]  # fmt: skip
-LANGUAGE_COLUMNS = ["id", "effectiveTime", "active", "moduleId", "refsetId",
-                    "referencedComponentId", "acceptabilityId"]  # fmt: skip
+DESCRIPTION_COLUMNS = [
+    "id",
+    "effectiveTime",
+    "active",
+    "moduleId",
+    "conceptId",
+    "languageCode",
+    "typeId",
+    "term",
+    "caseSignificanceId",
+]
+RELATIONSHIP_COLUMNS = [
+    "id",
+    "effectiveTime",
+    "active",
+    "moduleId",
+    "sourceId",
+    "destinationId",
+    "relationshipGroup",
+    "typeId",
+    "characteristicTypeId",
+    "modifierId",
+]
+LANGUAGE_COLUMNS = [
+    "id",
+    "effectiveTime",
+    "active",
+    "moduleId",
+    "refsetId",
+    "referencedComponentId",
+    "acceptabilityId",
+]
 
 _DATE_IN_NAME = re.compile(r"_(\d{8})(?:T\d+Z?)?\.txt$")
 
@@ -128,13 +158,11 @@ class Release:
             return self._zip.read(name)
         return (self.path / name).read_bytes()
 
-    def _frame(self, name: str, columns: list[str], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    def _frame(self, name: str, columns: list[str], schema: dict[str, Any]) -> pl.DataFrame:
         data = self._bytes(name)
         header = data.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r").split("\t")
         if header != columns:
-            raise ReleaseError(
-                f"{name}: the header is {header}, RF2 needs {columns}"
-            )
+            raise ReleaseError(f"{name}: the header is {header}, RF2 needs {columns}")
         try:
             return pl.read_csv(
                 io.BytesIO(data),
@@ -147,7 +175,7 @@ class Release:
         except Exception as exc:  # polars raises several kinds; one clear message
             raise ReleaseError(f"{name}: not readable as RF2 ({exc})") from None
 
-    def _read(self, kind: str, columns: list[str], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    def _read(self, kind: str, columns: list[str], schema: dict[str, Any]) -> pl.DataFrame:
         frames = [self._frame(n, columns, schema) for n in self.names(kind)]
         if not frames:
             return pl.DataFrame(schema=schema)

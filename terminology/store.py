@@ -155,9 +155,9 @@ class TerminologyStore:
     def current(self) -> ReleaseInfo | None:
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(releases).where(releases.c.current.is_(True)).order_by(
-                    releases.c.id.desc()
-                )
+                sa.select(releases)
+                .where(releases.c.current.is_(True))
+                .order_by(releases.c.id.desc())
             ).first()
         if row is None:
             return None
@@ -178,10 +178,14 @@ class TerminologyStore:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(releases).order_by(releases.c.id)).all()
         return [
-            {"version": r.version, "loaded_at": _utc(r.loaded_at).isoformat(),
-             "current": bool(r.current), "source": r.source}
+            {
+                "version": r.version,
+                "loaded_at": _utc(r.loaded_at).isoformat(),
+                "current": bool(r.current),
+                "source": r.source,
+            }
             for r in rows
-        ]  # fmt: skip
+        ]
 
     def hierarchy(self) -> tuple[ReleaseInfo, Hierarchy]:
         """The current release and its hierarchy (cached until another release is loaded)."""
@@ -317,7 +321,7 @@ class TerminologyStore:
     ) -> None:
         raw = self.engine.raw_connection()
         try:
-            cursor = raw.cursor()
+            cursor: Any = raw.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             cursor.execute("DELETE FROM sct_concepts")
             cursor.execute("DELETE FROM sct_descriptions")
@@ -330,20 +334,24 @@ class TerminologyStore:
                 (
                     (cid, bool(act), module, eff, fsn, term, tag, counts.get(cid, 0))
                     for cid, act, module, eff, fsn, term, tag in table.select(
-                        "id", "active", "moduleId", "effectiveTime", "fsn", "term",
+                        "id",
+                        "active",
+                        "moduleId",
+                        "effectiveTime",
+                        "fsn",
+                        "term",
                         "semantic_tag",
                     ).iter_rows()
-                ),  # fmt: skip
+                ),
             )
             rows = descriptions.select("id", "conceptId", "term", "typeId")
             cursor.executemany(
                 "INSERT INTO sct_descriptions (id, concept, term, kind, preferred) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (
-                    (did, cid, term, "fsn" if kind == rf2.FSN else "synonym",
-                     did in preferred_ids)
+                    (did, cid, term, "fsn" if kind == rf2.FSN else "synonym", did in preferred_ids)
                     for did, cid, term, kind in rows.iter_rows()
-                ),  # fmt: skip
+                ),
             )
             cursor.executemany(
                 f"INSERT INTO {SEARCH_TABLE} (rowid, term, concept) VALUES (?, ?, ?)",
@@ -409,9 +417,14 @@ class TerminologyStore:
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT(url, version) DO UPDATE SET "
                     "name = excluded.name, resource = excluded.resource, "
                     "loaded_at = excluded.loaded_at",
-                    (url, version, resource.get("name"), orjson.dumps(resource).decode(),
-                     now.isoformat(sep=" ")),
-                )  # fmt: skip
+                    (
+                        url,
+                        version,
+                        resource.get("name"),
+                        orjson.dumps(resource).decode(),
+                        now.isoformat(sep=" "),
+                    ),
+                )
             conn.exec_driver_sql(
                 "INSERT INTO terminology_state (key, value) VALUES ('generation', 1) "
                 "ON CONFLICT(key) DO UPDATE SET value = value + 1"
@@ -442,8 +455,10 @@ class TerminologyStore:
             rows = conn.exec_driver_sql(
                 "SELECT url, version, name, loaded_at FROM fhir_valuesets ORDER BY url, version"
             ).all()
-        return [{"url": r[0], "version": r[1] or None, "name": r[2], "loaded_at": str(r[3])}
-                for r in rows]  # fmt: skip
+        return [
+            {"url": r[0], "version": r[1] or None, "name": r[2], "loaded_at": str(r[3])}
+            for r in rows
+        ]
 
     # ------------------------------------------------------------------ reading
 
@@ -505,8 +520,9 @@ class TerminologyStore:
         return sorted(self.summaries(hierarchy.ids[found].tolist()), key=lambda s: -s.descendants)
 
     def search(self, text: str, limit: int = 20) -> list[ConceptSummary]:
-        """Concepts whose descriptions hold a word starting with each word of ``text``, or the concept whose id ``text`` is. Ranked: a match on the preferred term
-        first, then shorter terms, then more descendants."""
+        """Concepts whose descriptions hold a word starting with each word of ``text``, or
+        the concept whose id ``text`` is. Ranked: a match on the preferred term first, then
+        shorter terms, then more descendants."""
         text = text.strip()
         if text.isdigit():
             return self.summaries([int(text)])
@@ -533,11 +549,12 @@ class TerminologyStore:
             ),
         )
         return [
-            ConceptSummary(s.code, s.term, s.fsn, s.semantic_tag, s.active, s.descendants,
-                           best[int(s.code)])
+            ConceptSummary(
+                s.code, s.term, s.fsn, s.semantic_tag, s.active, s.descendants, best[int(s.code)]
+            )
             for s in ranked[:limit]
             if s.active
-        ]  # fmt: skip
+        ]
 
 
 __all__ = [

@@ -109,7 +109,7 @@ class Expansion:
             codes: CodeSets = {}
             _from_expansion(expansion["contains"], codes)
             total = expansion.get("total")
-            warnings = []
+            warnings: list[str] = []
             if isinstance(total, int) and total > sum(len(c) for c in codes.values()):
                 raise ValueSetError(
                     f"{url}: its expansion is paged ({total} codes, "
@@ -124,9 +124,9 @@ class Expansion:
             _union(out.codes, self._part(include, f"{url} include[{n}]", depth, out))
         for n, exclude in enumerate(compose.get("exclude") or ()):
             removed = self._part(exclude, f"{url} exclude[{n}]", depth, out)
-            for system, codes in removed.items():
+            for system, gone in removed.items():
                 if system in out.codes:
-                    out.codes[system] -= codes
+                    out.codes[system] -= gone
         out.codes = {s: c for s, c in out.codes.items() if c}
         out.release = self.release
         return out
@@ -141,12 +141,16 @@ class Expansion:
         if system_uri:
             system = system_of_data(system_uri)
             if concepts:
-                codes = {normalise_code(system, str(c.get("code"))) for c in concepts
-                         if isinstance(c, dict) and c.get("code")}  # fmt: skip
+                codes = {
+                    normalise_code(system, str(c.get("code")))
+                    for c in concepts
+                    if isinstance(c, dict) and c.get("code")
+                }
                 if system == SNOMED:
                     hierarchy = self.snomed()
-                    missing = [c for c in codes if not c.isdigit()
-                               or hierarchy.index_of(int(c)) is None]  # fmt: skip
+                    missing = [
+                        c for c in codes if not c.isdigit() or hierarchy.index_of(int(c)) is None
+                    ]
                     if missing:
                         out.warnings.append(
                             f"{where}: {len(missing)} concept(s) not active in the loaded "

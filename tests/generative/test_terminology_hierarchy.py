@@ -180,9 +180,11 @@ def test_engines_match_the_oracle_on_expanded_questions(
         for n in range(data.draw(st.integers(1, 8)))
     }
     population = helpers.population(
-        **{p: [helpers.patient(), *(helpers.condition(SNOMED, str(c)) for c in codes)]
-           for p, codes in drawn.items()}
-    )  # fmt: skip
+        **{
+            p: [helpers.patient(), *(helpers.condition(SNOMED, str(c)) for c in codes)]
+            for p, codes in drawn.items()
+        }
+    )
     question = parse_question(
         {"inclusion": [{"type": "condition", "codes": [{"system": "snomed", "ecl": text}]}]}
     )

@@ -88,8 +88,10 @@ def run(
         ),
         ("(<< 73211009 MINUS << 44054006) AND < 90708001", {"dm_kidney"}),
         ("< (44054006 OR 90708001)", {"t2_plain", "dm_kidney", "t2_kidney"}),
-        ("<< 73211009 |Diabetes mellitus| minus (<< 44054006 or 46635009)",
-         {"dm", "dm_kidney", "gestational"}),  # fmt: skip
+        (
+            "<< 73211009 |Diabetes mellitus| minus (<< 44054006 or 46635009)",
+            {"dm", "dm_kidney", "gestational"},
+        ),
         ("/* any disorder */ < 64572001 MINUS << 73211009", {"kidney", "hypertension"}),
         ("*", set(DIAGNOSES)),
         ("< *", set(DIAGNOSES)),
@@ -109,8 +111,9 @@ def test_ecl_over_dmd_medicines(engine: Any, terminology: Terminology) -> None:
         "vmp_snomed": [patient(), medication("325278007", system=SNOMED)],
         "other": [patient(), medication("38341003")],
     }
-    found, _ = run(engine, terminology, {"system": "dmd", "ecl": "<< 109081006"}, patients,
-                   "medication")  # fmt: skip
+    found, _ = run(
+        engine, terminology, {"system": "dmd", "ecl": "<< 109081006"}, patients, "medication"
+    )
     assert found == {"amp_dmd", "vmp_snomed"}
     found, _ = run(engine, terminology, {"ecl": "< 325278007"}, patients, "medication")
     assert found == {"amp_dmd"}
@@ -132,15 +135,14 @@ def test_an_expression_matching_nothing_is_a_warning_not_a_silent_zero(
     ("url", "version", "expected"),
     [
         # is-a include, is-a exclude
-        (VS_NOT_TYPE_1, "1.0.0",
-         {"dm", "t2", "t2_plain", "dm_kidney", "t2_kidney", "gestational"}),
+        (VS_NOT_TYPE_1, "1.0.0", {"dm", "t2", "t2_plain", "dm_kidney", "t2_kidney", "gestational"}),
         # descendent-of (proper descendants) and =
         (VS_COMPLICATIONS, None, {"t2_kidney", "kidney"}),
         # constraint = ECL, and a concept list
         (VS_ECL, "1", {"t2", "t2_kidney", "t1"}),
         # valueSet include intersected with an is-not-a filter
         (VS_NESTED, None, {"dm", "dm_kidney", "gestational"}),
-    ],  # fmt: skip
+    ],
 )
 def test_valueset_compose_filters(
     engine: Any, terminology: Terminology, url: str, version: str | None, expected: set[str]
@@ -167,6 +169,8 @@ def test_valueset_expansion_is_used_as_it_is(engine: Any, terminology: Terminolo
 
 
 def test_an_unexpanded_entry_is_refused_by_every_engine(engine: Any) -> None:
-    question = parse_question({"inclusion": [{"type": "condition", "codes": [{"ecl": "< 1234567"}]}]})
+    question = parse_question(
+        {"inclusion": [{"type": "condition", "codes": [{"ecl": "< 1234567"}]}]}
+    )
     with pytest.raises(NotExpanded, match="was not expanded"):
         engine.evaluate(question, population(**PATIENTS), AT)

@@ -79,6 +79,12 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(f"DROP TABLE IF EXISTS {SEARCH_TABLE}")
-    for table in ("terminology_state", "fhir_valuesets", "sct_hierarchy", "sct_descriptions",
-                  "sct_concepts", "terminology_releases"):  # fmt: skip
+    for table in (
+        "terminology_state",
+        "fhir_valuesets",
+        "sct_hierarchy",
+        "sct_descriptions",
+        "sct_concepts",
+        "terminology_releases",
+    ):
         op.drop_table(table)

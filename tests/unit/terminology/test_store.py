@@ -78,8 +78,15 @@ def test_search_by_words_prefixes_and_id(store: TerminologyStore) -> None:
 def test_ancestors(store: TerminologyStore) -> None:
     store.load_release(RELEASE_2025)
     codes = {s.code for s in store.ancestors(420279001)}
-    assert codes == {"44054006", "127013003", "73211009", "90708001", "64572001", "404684003",
-                     "138875005"}  # fmt: skip
+    assert codes == {
+        "44054006",
+        "127013003",
+        "73211009",
+        "90708001",
+        "64572001",
+        "404684003",
+        "138875005",
+    }
 
 
 def test_a_new_release_replaces_the_old_and_bumps_the_generation(store: TerminologyStore) -> None:
@@ -90,7 +97,9 @@ def test_a_new_release_replaces_the_old_and_bumps_the_generation(store: Terminol
     store.load_release(RELEASE_2026)
     assert store.generation() == generation + 1
     after = terminology.expand_ecl("<< 73211009")
-    assert set(before.codes["http://snomed.info/sct"]) - set(after.codes["http://snomed.info/sct"]) == {"11687002"}  # noqa: E501
+    assert set(before.codes["http://snomed.info/sct"]) - set(
+        after.codes["http://snomed.info/sct"]
+    ) == {"11687002"}
     assert after.release is not None and after.release.endswith("/version/20260101")
     history = store.history()
     assert [h["current"] for h in history] == [False, True]
@@ -132,7 +141,7 @@ def test_valuesets_load_and_expand(store: TerminologyStore) -> None:
     expansion = terminology.expand_valueset(VS_NOT_TYPE_1, "1.0.0")
     assert expansion.valueset == f"{VS_NOT_TYPE_1}|1.0.0"
     assert "46635009" not in expansion.codes["http://snomed.info/sct"]
-    with pytest.raises(ExpansionFailed, match="is not loaded .versions loaded: 1.0.0"):
+    with pytest.raises(ExpansionFailed, match=r"is not loaded \(versions loaded: 1.0.0\)"):
         terminology.expand_valueset(VS_NOT_TYPE_1, "9")
     with pytest.raises(ExpansionFailed, match="is not loaded"):
         terminology.expand_valueset("https://example.org/nothing")

@@ -289,9 +289,11 @@ def create_app(
     app.include_router(build_page_router())
 
     from concierge.routes.surveillance import build_router as surveillance_router
+    from concierge.routes.terminology import build_import_router
     from concierge.routes.terminology import build_router as terminology_router
 
     app.include_router(terminology_router())
+    app.include_router(build_import_router())
 
     app.include_router(surveillance_router())
 

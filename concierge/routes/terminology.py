@@ -7,10 +7,12 @@ data, not patient data: nothing here reads a fact.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
 
 from core.auth import Principal, require_role
 from core.codes import SNOMED, UnknownSystem, canonical_system
+from feasibility.atlas import ACCEPTABLE, AtlasImportError, import_atlas
+from feasibility.expansion import ExpansionError, compile_question
 from terminology.expand import Terminology
 from terminology.store import NoRelease
 
@@ -89,16 +91,71 @@ def build_router() -> APIRouter:
         _snomed_only(system)
         if not code.isdigit():
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no concept {code}")
-        try:
-            detail = terms.store.concept(int(code))
-            info = terms.store.current()
-        except NoRelease as exc:
-            raise _no_release(exc) from None
-        if detail is None or info is None:
+        info = terms.store.current()
+        if info is None:
+            raise _no_release(NoRelease("no SNOMED CT release is loaded at this site"))
+        detail = terms.store.concept(int(code))
+        if detail is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no concept {code} in the release")
         return {"release": info.version, **detail.to_dict()}
 
     return router
 
 
-__all__ = ["build_router"]
+def build_import_router() -> APIRouter:
+    """``POST /v1/feasibility/import/atlas``: an ATLAS cohort definition as criteria."""
+    router = APIRouter(prefix="/v1/feasibility/import", tags=["feasibility (sponsors)"])
+
+    @router.post(
+        "/atlas",
+        summary="Translate an ATLAS (OHDSI Circe) cohort definition into criteria",
+        description="The criteria (`concierge.criteria/1`, ready for `/ask` or a saved "
+        "question), the report of what did not translate exactly (`report.issues`, each with "
+        "`changes_meaning`), and what each concept set expands to in this site's release "
+        "(`terminology`). 422 with the report when a part that changes the meaning does not "
+        "translate, unless its kind is listed in `accept` ("
+        + ", ".join(f"`{k}`: {v}" for k, v in ACCEPTABLE.items())
+        + "). Reads no patient data and costs no query budget.",
+    )
+    def atlas(
+        request: Request,
+        principal: Sponsor,
+        definition: Annotated[dict[str, Any], Body(description="The JSON ATLAS exports")],
+        accept: Annotated[list[str] | None, Query()] = None,
+    ) -> dict[str, Any]:
+        try:
+            imported = import_atlas(definition, accept or ())
+        except AtlasImportError as exc:
+            request.state.audit_detail = {"atlas": "refused"}
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                {"message": str(exc), "report": exc.report.to_dict()},
+            ) from None
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        service = getattr(request.app.state, "feasibility", None)
+        source = getattr(request.app.state, "terminology", None) or getattr(
+            service, "terminology", None
+        )
+        try:
+            compiled = compile_question(imported.question, source)
+        except ExpansionError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                {
+                    "message": "the translated criteria cannot be expanded here",
+                    "errors": exc.errors,
+                    "criteria": imported.criteria,
+                    "report": imported.report.to_dict(),
+                },
+            ) from None
+        return {
+            "criteria": imported.criteria,
+            "report": imported.report.to_dict(),
+            "terminology": compiled.report,
+        }
+
+    return router
+
+
+__all__ = ["build_import_router", "build_router"]

@@ -159,6 +159,9 @@ MATRIX: dict[tuple[str, str], Rule] = {
         only("sponsor"), params={"trial_id": RETIRE}
     ),
     ("GET", "/v1/feasibility/saved-questions/{trial_id}/answer"): only("sponsor"),
+    ("POST", "/v1/feasibility/import/atlas"): only(
+        "sponsor", body=json.loads((EXAMPLES / "atlas" / "t2dm-metformin.json").read_text())
+    ),
     # -- sponsors: terminology (reference data, no patient data)
     ("GET", "/v1/terminology/search"): only("sponsor"),
     ("GET", "/v1/terminology/status"): only("sponsor"),

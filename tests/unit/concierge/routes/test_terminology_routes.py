@@ -3,7 +3,9 @@ process (``tests/api_world.py``: real stores, the hand-made SNOMED CT release lo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +151,79 @@ def test_a_saved_question_keeps_its_expansion_in_its_record(world: World) -> Non
         "/v1/feasibility/saved-questions/ecl-saved/answer", headers=sponsor(world)
     )
     assert answer.status_code in (200, 503), answer.text
+
+
+ATLAS = Path(__file__).resolve().parents[4] / "docs" / "examples" / "atlas"
+
+
+def test_import_atlas_translates_reports_and_refuses(world: World) -> None:
+    clean = json.loads((ATLAS / "t2dm-metformin.json").read_text())
+    response = world.client.post("/v1/feasibility/import/atlas", json=clean, headers=sponsor(world))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["report"]["refused"] is False
+    assert body["criteria"]["inclusion"][0]["any_of"][0]["id"] == "index_event"
+    ecl = [e for e in body["terminology"]["expansions"] if "ecl" in e]
+    assert {e["ecl"] for e in ecl} == {
+        "<< 44054006 MINUS << 999001021000000105",
+        "<< 109081006",
+        "<< 46635009",
+    }
+    # the translation is criteria the API answers
+    asked = world.client.post("/v1/feasibility/ask", json=body["criteria"], headers=sponsor(world))
+    assert asked.status_code == 200, asked.text
+
+    changed = json.loads((ATLAS / "dkd-older-women.json").read_text())
+    refused = world.client.post(
+        "/v1/feasibility/import/atlas", json=changed, headers=sponsor(world)
+    )
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert detail["report"]["refused"] is True
+    kinds = {i["kind"] for i in detail["report"]["issues"] if i["changes_meaning"]}
+    assert kinds == {"observation_window", "age_at_index"}
+    accepted = world.client.post(
+        "/v1/feasibility/import/atlas",
+        params=[("accept", "observation_window"), ("accept", "age_at_index")],
+        json=changed,
+        headers=sponsor(world),
+    )
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["report"]["accepted"] == ["observation_window", "age_at_index"]
+
+
+def test_import_atlas_on_the_command_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from concierge.cli import main
+
+    runner = CliRunner()
+    refused = runner.invoke(
+        main, ["feasibility", "import-atlas", str(ATLAS / "dkd-older-women.json")]
+    )
+    assert refused.exit_code == 1
+    assert "accept with observation_window" in refused.output
+    out = tmp_path / "criteria.json"
+    done = runner.invoke(
+        main,
+        [
+            "feasibility",
+            "import-atlas",
+            str(ATLAS / "dkd-older-women.json"),
+            "--accept",
+            "observation_window",
+            "--accept",
+            "age_at_index",
+            "--out",
+            str(out),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "accepted [age_at_index]" in done.output
+    criteria = json.loads(out.read_text())
+    assert [s["label"] for s in criteria["inclusion"]] == [
+        "initial event",
+        "Women aged 65 or over",
+        "Two eGFR results under 60 at any time",
+        "No dialysis",
+    ]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from recruitment.runtime import Runtime
     from recruitment.service import RecruitmentService
     from surveillance_stream.monitor import SignalMonitor
+    from terminology.expand import Terminology
 
 
 def build_feasibility(settings: Settings) -> FeasibilityService:
@@ -45,9 +46,7 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     from feasibility.sites import SiteView
     from feasibility.snapshot import ColumnarSnapshot
     from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
-    from terminology.expand import Terminology
     from terminology.settings import TerminologySettings
-    from terminology.store import TerminologyStore
 
     lock = threading.Lock()
     snapshot = ColumnarSnapshot()
@@ -62,10 +61,7 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     url = settings.resolved_feasibility_url()
     # ECL and ValueSets in criteria expand against the site's terminology store
     terms = TerminologySettings()
-    terminology = Terminology(
-        TerminologyStore(terms.resolved_store_url(settings.home), terms.language_refset_ids),
-        terms.max_expansion,
-    )
+    terminology = build_terminology(settings)
     service = FeasibilityService(
         stream_max_lag_seconds=settings.stream_max_lag_seconds,
         facts_high_watermarks=HighWatermarks(
@@ -86,6 +82,20 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     if terms.refresh_seconds > 0:
         service.refresher = ExpansionRefresher(saved, terminology, terms.refresh_seconds).start()
     return service
+
+
+def build_terminology(settings: Settings) -> Terminology:
+    """The site's terminology store (``CONCIERGE_TERMINOLOGY_*``), for ECL and ValueSets in
+    criteria and for concept search."""
+    from terminology.expand import Terminology
+    from terminology.settings import TerminologySettings
+    from terminology.store import TerminologyStore
+
+    terms = TerminologySettings()
+    return Terminology(
+        TerminologyStore(terms.resolved_store_url(settings.home), terms.language_refset_ids),
+        terms.max_expansion,
+    )
 
 
 class HighWatermarks:
@@ -198,6 +208,9 @@ def create_app(
             )
         if getattr(app.state, "feasibility", None) is None and settings.feasibility_feed:
             app.state.feasibility = build_feasibility(settings)
+        if getattr(app.state, "terminology", None) is None:
+            found = getattr(app.state.feasibility, "terminology", None)
+            app.state.terminology = found or build_terminology(settings)
         if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
             app.state.recruitment, app.state.identities = build_recruitment(settings)
         if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:

@@ -353,9 +353,22 @@ class TerminologyStore:
                     for did, cid, term, kind in rows.iter_rows()
                 ),
             )
+            # The search index's rowids rank the descriptions (preferred terms first, then
+            # synonyms, then FSNs, shorter first): a search reads matches in rowid order and
+            # stops at its limit, rather than sorting every match of a common word.
+            ranked = (
+                rows.with_columns(
+                    pl.col("id").is_in(list(preferred_ids)).alias("preferred"),
+                    pl.col("term").str.len_chars().alias("length"),
+                )
+                .sort(
+                    ["preferred", "typeId", "length", "id"], descending=[True, True, False, False]
+                )
+                .select("term", "conceptId")
+            )
             cursor.executemany(
                 f"INSERT INTO {SEARCH_TABLE} (rowid, term, concept) VALUES (?, ?, ?)",
-                ((did, term, cid) for did, cid, term, _ in rows.iter_rows()),
+                ((n, term, cid) for n, (term, cid) in enumerate(ranked.iter_rows(), start=1)),
             )
             cursor.execute("UPDATE terminology_releases SET current = 0")
             cursor.execute(
@@ -521,8 +534,8 @@ class TerminologyStore:
 
     def search(self, text: str, limit: int = 20) -> list[ConceptSummary]:
         """Concepts whose descriptions hold a word starting with each word of ``text``, or
-        the concept whose id ``text`` is. Ranked: a match on the preferred term first, then
-        shorter terms, then more descendants."""
+        the concept whose id ``text`` is. Ranked: matches on a preferred term first, then on
+        other synonyms, then on fully specified names, shorter terms first."""
         text = text.strip()
         if text.isdigit():
             return self.summaries([int(text)])
@@ -532,22 +545,16 @@ class TerminologyStore:
         query = " AND ".join(f'"{w}"*' for w in words)
         with self.engine.connect() as conn:
             hits = conn.exec_driver_sql(
-                f"SELECT concept, term, length(term) FROM {SEARCH_TABLE} "
-                f"WHERE {SEARCH_TABLE} MATCH ? ORDER BY length(term) LIMIT ?",
+                f"SELECT concept, term FROM {SEARCH_TABLE} "
+                f"WHERE {SEARCH_TABLE} MATCH ? ORDER BY rowid LIMIT ?",
                 (query, max(limit * 5, 50)),
             ).all()
+        # rowid order is rank order (see _write): each concept's best match comes first
         best: dict[int, str] = {}
-        for concept, term, _ in hits:
+        for concept, term in hits:
             best.setdefault(int(concept), term)
-        summaries = self.summaries(best)
-        ranked = sorted(
-            summaries,
-            key=lambda s: (
-                (s.term or "").lower() != best[int(s.code)].lower(),
-                len(best[int(s.code)]),
-                -s.descendants,
-            ),
-        )
+        by_id = {int(s.code): s for s in self.summaries(best)}
+        ranked = [by_id[c] for c in best if c in by_id]
         return [
             ConceptSummary(
                 s.code, s.term, s.fsn, s.semantic_tag, s.active, s.descendants, best[int(s.code)]

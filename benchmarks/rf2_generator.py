@@ -126,7 +126,7 @@ def _vocabulary(rng: random.Random, size: int) -> list[str]:
     return sorted(words)
 
 
-def generate(out: Path, concepts: int, is_a_rows: int, seed: int = 7) -> dict[str, int]:
+def generate(out: Path, concepts: int, is_a_rows: int, seed: int = 7) -> dict[str, float]:
     rng = random.Random(seed)
     vocabulary = _vocabulary(rng, 12000)
     common = vocabulary[:300]  # words many terms share ("disorder", "of", "structure" ...)

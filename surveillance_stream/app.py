@@ -298,6 +298,9 @@ class StreamApp:
     async def _recover(self, partition: int, facts_offset: int | None) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        # Faust may have restored the trials table from its changelog since the last
+        # assignment (another worker's trial messages): read it afresh
+        self.cohorts.invalidate(partition)
         if not self.store.ready(partition):
             # The state is folded up to the group's committed offset, the point up to which
             # every effect (cohort records, device contributions) is durable; everything after

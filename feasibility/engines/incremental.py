@@ -139,18 +139,28 @@ class CompiledQuestion:
             return False
         return self.matcher.hits(fact_tokens(fact))
 
-    def evaluate(self, data: PatientData, at: datetime) -> tuple[PatientResult, float | None]:
+    def evaluate(
+        self, data: PatientData, at: datetime, *, count_unconvertible: bool = False
+    ) -> tuple[PatientResult, float | None]:
         """The patient's result at ``at`` and the next instant (epoch seconds) at which it could
-        change without new data, or None."""
-        result = reference.evaluate_patient(self.question, data, at)
+        change without new data, or None. The per-step counts of unconvertible results are
+        left out unless asked for: the live cohort does not publish them (ad hoc answers do)."""
+        t = self.question.index_instant(at).timestamp()
+        ctx = reference._Context(self.question, data, t)
+        result = reference.evaluate_in(ctx, count_unconvertible)
         if not self.moves_with_time:
             return result, None
-        return result, next_change(self.question, data, at.timestamp())
+        return result, next_change(self.question, data, t, ctx)
 
     def evaluate_entries(
-        self, patient: str, entries: Mapping[str, Mapping[str, Any]], at: datetime
+        self,
+        patient: str,
+        entries: Mapping[str, Mapping[str, Any]],
+        at: datetime,
+        *,
+        count_unconvertible: bool = True,
     ) -> tuple[PatientResult, float | None]:
-        return self.evaluate(digest(patient, entries), at)
+        return self.evaluate(digest(patient, entries), at, count_unconvertible=count_unconvertible)
 
 
 #: Criteria that are FALSE for a patient without a record matching their codes.
@@ -191,7 +201,9 @@ def _next_birthday(birth: date, after: float) -> float:
     return datetime.combine(day + timedelta(days=366), time(), UTC).timestamp()
 
 
-def next_change(question: Question, data: PatientData, t: float) -> float | None:
+def next_change(
+    question: Question, data: PatientData, t: float, ctx: reference._Context | None = None
+) -> float | None:
     """A conservative next instant after ``t`` at which any criterion could change value.
 
     As T moves, an event dated ``w`` enters ``[T + start, T + end]`` at ``T = w - end`` and
@@ -209,7 +221,8 @@ def next_change(question: Question, data: PatientData, t: float) -> float | None
     criteria = iter_criteria(question)
     if data.birth_date is not None and any(isinstance(c, AgeCriterion) for c in criteria):
         candidates.append(_next_birthday(data.birth_date, t))
-    ctx = reference._Context(question, data, t)
+    if ctx is None or ctx.t != t:
+        ctx = reference._Context(question, data, t)
     for criterion in criteria:
         if not isinstance(criterion, EVENT_TYPES):
             continue

@@ -76,32 +76,79 @@ DEVICE_EXCLUDED = frozenset({"entered-in-error"})
 # --------------------------------------------------------------------------- codes
 
 
+class _CodeTerm:
+    """A coded term compiled once: the exact tokens it covers, or the system head with the
+    prefix or range bounds it covers. ``Code`` is a frozen model, so terms are cached per code
+    (:func:`compiled`): a term is compiled once, not on every record it is matched against."""
+
+    __slots__ = ("bounds", "exact", "head", "prefix")
+
+    def __init__(self, code: Code) -> None:
+        self.exact: frozenset[str] | None = None
+        self.head = ""
+        self.prefix: str | None = None
+        self.bounds: tuple[str, str] | None = None
+        if code.needs_expansion:  # ECL or ValueSet: its expansion, fixed when compiled
+            self.exact = code.expanded_tokens()
+            return
+        if code.concept is not None:
+            self.exact = frozenset(
+                make_token(system, c) for system, c in CONCEPTS[code.concept].codes
+            )
+            return
+        system = canonical_system(code.system or "")
+        if code.code is not None:
+            self.exact = frozenset({make_token(system, code.code)})
+            return
+        self.head = f"{system}|"
+        self.prefix = normalise_code(system, code.prefix) if code.prefix is not None else None
+        self.bounds = range_bounds(system, code.range) if code.range is not None else None
+
+    def matches(self, found: Tokens) -> bool:
+        if self.exact is not None:
+            return not self.exact.isdisjoint(found)
+        head, prefix, bounds = self.head, self.prefix, self.bounds
+        cut = len(head)
+        for tok in found:
+            if not tok.startswith(head):
+                continue
+            value = tok[cut:]
+            if prefix is not None and prefix_covers(prefix, value):
+                return True
+            if bounds is not None and range_covers(*bounds, value):
+                return True
+        return False
+
+
+#: Compiled terms by the identity of their ``Code``, which each entry keeps alive, so an id
+#: cannot be reused by another object while its entry exists. Not an ``lru_cache`` on the code:
+#: hashing and comparing pydantic models on every lookup cost more than the matching itself.
+_TERMS: dict[int, tuple[Code, _CodeTerm]] = {}
+_TERMS_MAX = 100_000
+
+
+def compiled(code: Code) -> _CodeTerm:
+    found = _TERMS.get(id(code))
+    if found is not None and found[0] is code:
+        return found[1]
+    if len(_TERMS) >= _TERMS_MAX:
+        _TERMS.clear()
+    term = _CodeTerm(code)
+    _TERMS[id(code)] = (code, term)
+    return term
+
+
 def code_matches(code: Code, found: Tokens) -> bool:
     """Whether any token in ``found`` is covered by the coded term ``code``."""
-    if code.needs_expansion:  # ECL or ValueSet: its expansion, fixed when compiled
-        return not code.expanded_tokens().isdisjoint(found)
-    if code.concept is not None:
-        wanted = {make_token(system, c) for system, c in CONCEPTS[code.concept].codes}
-        return bool(wanted & found)
-    system = canonical_system(code.system or "")
-    if code.code is not None:
-        return make_token(system, code.code) in found
-    head = f"{system}|"
-    prefix = normalise_code(system, code.prefix) if code.prefix is not None else None
-    bounds = range_bounds(system, code.range) if code.range is not None else None
-    for tok in found:
-        if not tok.startswith(head):
-            continue
-        value = tok[len(head) :]
-        if prefix is not None and prefix_covers(prefix, value):
-            return True
-        if bounds is not None and range_covers(*bounds, value):
-            return True
-    return False
+    return compiled(code).matches(found)
 
 
 def any_code(codes: list[Code], found: Tokens) -> bool:
-    return any(code_matches(c, found) for c in codes)
+    # a plain loop: the generator of any() cost a fifth of the matching on the stream's path
+    for code in codes:  # noqa: SIM110
+        if compiled(code).matches(found):
+            return True
+    return False
 
 
 def analyte_of(found: Tokens) -> str | None:
@@ -128,6 +175,9 @@ class _Context:
         self.t = t
         self.ids = {c.id: c for c in iter_criteria(question) if c.id is not None}
         self._anchors: dict[str, float | None] = {}
+        #: a criterion's candidates (they do not depend on T), by the criterion's identity:
+        #: the criteria live as long as this context, so ``id`` cannot be reused meanwhile
+        self.candidates: dict[int, list[Any]] = {}
 
     def anchor(self, window: Window) -> float | None:
         if window.anchor == "index":
@@ -157,7 +207,17 @@ class _Context:
 
 
 def _candidates(criterion: Any, ctx: _Context) -> list[Any]:
-    """Records of the criterion's kind that match its codes and statuses, before windows."""
+    """Records of the criterion's kind that match its codes and statuses, before windows (read
+    once per criterion and context: steps, counts of unconvertible results and the next-change
+    instant all read them)."""
+    found = ctx.candidates.get(id(criterion))
+    if found is None:
+        found = _read_candidates(criterion, ctx)
+        ctx.candidates[id(criterion)] = found
+    return found
+
+
+def _read_candidates(criterion: Any, ctx: _Context) -> list[Any]:
     data = ctx.data
     if isinstance(criterion, ConditionCriterion):
         return [
@@ -424,18 +484,31 @@ def alive(data: PatientData, t: float) -> bool:
     return data.in_population(t)
 
 
-def evaluate_patient(question: Question, data: PatientData, at: datetime) -> PatientResult:
-    t = question.index_instant(at).timestamp()
-    ctx = _Context(question, data, t)
+def evaluate_patient(
+    question: Question, data: PatientData, at: datetime, *, count_unconvertible: bool = True
+) -> PatientResult:
+    """One patient's result at ``at``. ``count_unconvertible=False`` leaves the per-step counts
+    of unconvertible results out (empty): the stream's live cohorts do not publish them."""
+    return evaluate_in(_Context(question, data, question.index_instant(at).timestamp()),
+                       count_unconvertible)  # fmt: skip
+
+
+def evaluate_in(ctx: _Context, count_unconvertible: bool = True) -> PatientResult:
+    """The patient's result in an evaluation context (its question, data and instant)."""
+    question, data, t = ctx.question, ctx.data, ctx.t
     steps: list[Tri] = [
         kleene_or([evaluate_criterion(c, ctx) for c in step.any_of]) for step in question.inclusion
     ]
     steps += [
         kleene_and([evaluate_criterion(c, ctx) for c in step.all_of]) for step in question.exclusion
     ]
-    skipped = tuple(
-        unconvertible(step.any_of if isinstance(step, InclusionStep) else step.all_of, ctx)
-        for step in question.steps
+    skipped = (
+        tuple(
+            unconvertible(step.any_of if isinstance(step, InclusionStep) else step.all_of, ctx)
+            for step in question.steps
+        )
+        if count_unconvertible
+        else ()
     )
     return PatientResult(alive(data, t), tuple(steps), data.site, data.region, skipped)
 
@@ -465,6 +538,7 @@ __all__ = [
     "alive",
     "any_code",
     "code_matches",
+    "evaluate_in",
     "evaluate_patient",
     "qualifying",
     "unconvertible",

@@ -341,7 +341,7 @@ def test_nothing_changes_before_the_next_check(scenario: dict[str, Any], where: 
     t0 = datetime.fromtimestamp(START + where * 700 * 86400, UTC)
     for patient, entries in data.items():
         patient_data = digest(patient, entries)
-        result, next_check = compiled.evaluate(patient_data, t0)
+        result, next_check = compiled.evaluate(patient_data, t0, count_unconvertible=True)
         horizon = next_check if next_check is not None else t0.timestamp() + 3 * 365 * 86400
         for fraction in (0.0, 0.25, 0.5, 0.999999):
             t = t0.timestamp() + (horizon - t0.timestamp()) * fraction

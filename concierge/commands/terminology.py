@@ -11,21 +11,22 @@ import click
 
 
 def _store() -> Any:
-    from core.settings import get_settings
-    from terminology.settings import TerminologySettings
+    from concierge.configuration import load_configuration
     from terminology.store import TerminologyStore
 
-    settings = TerminologySettings()
+    # the whole tree is checked: a wrong value is one line and exit 2, not a traceback
+    configuration = load_configuration()
+    terms = configuration.terminology
     return TerminologyStore(
-        settings.resolved_store_url(get_settings().home), settings.language_refset_ids
+        terms.resolved_store_url(configuration.settings.home), terms.language_refset_ids
     )
 
 
 def _terminology() -> Any:
+    from concierge.configuration import load_configuration
     from terminology.expand import Terminology
-    from terminology.settings import TerminologySettings
 
-    return Terminology(_store(), TerminologySettings().max_expansion)
+    return Terminology(_store(), load_configuration().terminology.max_expansion)
 
 
 def _line(concept: dict[str, Any]) -> str:

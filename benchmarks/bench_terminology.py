@@ -170,6 +170,9 @@ def bench_search(store_url: str, queries: int, home: Path) -> dict[str, Any]:
     mix = _queries(store, queries, 11)
     route: list[float] = []
     direct: list[float] = []
+    #: CPU time of each direct search: what the search itself costs, whatever else the
+    #: machine runs (wall times on a shared machine wait for a core)
+    cpu: list[float] = []
     found = 0
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -196,8 +199,10 @@ def bench_search(store_url: str, queries: int, home: Path) -> dict[str, Any]:
                     "/v1/terminology/search", params={"q": q, "limit": 20}, headers=headers
                 )
                 t1 = time.perf_counter()
+                c1 = time.thread_time()
                 store.search(q, 20)
                 t2 = time.perf_counter()
+                cpu.append((time.thread_time() - c1) * 1000)
                 if response.status_code != 200:
                     raise SystemExit(f"search {q!r}: {response.status_code} {response.text}")
                 found += bool(response.json()["results"])
@@ -220,6 +225,9 @@ def bench_search(store_url: str, queries: int, home: Path) -> dict[str, Any]:
             "p95": percentile(route, 0.95),
             "max": max(route),
             "baseline_p50": statistics.median(direct),
+            "baseline_cpu_p50": statistics.median(cpu),
+            "baseline_cpu_p99": percentile(cpu, 0.99),
+            "load_average": os.getloadavg(),
             "api_floor_p50": statistics.median(floor),
             "api_floor_p99": percentile(floor, 0.99),
             "api_floor_is": "GET /v1/terminology/status: token check, audit record, no search",

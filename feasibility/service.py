@@ -484,7 +484,9 @@ class FeasibilityService:
         site_region = dict(sets.site_region)
         # The stream says who is in the cohort; the snapshot (at or past the stream's
         # position) holds each member's organisation key, labelled now like an ad hoc answer.
-        rows = steps.filter(pl.col("pid").is_in(pl.Series(list(ids.values()), dtype=pl.UInt32)))
+        rows = steps.filter(
+            pl.col("pid").is_in(pl.Series(list(ids.values()), dtype=pl.UInt32).implode())
+        )
         rows = with_site_columns(rows).select("pid", "site_key", "site", "region")
         labels: dict[tuple[str | None, str | None], str | None] = {}
         for pid, key, code, region in rows.iter_rows():

@@ -129,9 +129,14 @@ def forecast(inputs: ForecastInputs, level: float = LEVEL, draws: int = DRAWS) -
         wait = np.where(speed > 0, rng.gamma(float(inputs.remaining), 1.0, draws) / speed, np.inf)
     wait = np.where(wait > HORIZON_DAYS, np.inf, wait)
     tail = (1 - level) / 2
-    low, median, high = np.quantile(wait, [tail, 0.5, 1 - tail])
+    ordered = np.sort(wait)  # quantiles by rank: waits beyond the horizon are infinite
+
+    def quantile(q: float) -> float:
+        return float(ordered[min(round(q * (draws - 1)), draws - 1)])
+
+    low, median, high = quantile(tail), quantile(0.5), quantile(1 - tail)
     reason = None if known else "conversion not observed yet (withheld or none): the prior alone"
-    return Forecast(float(median), float(low), float(high), level, reason, known)
+    return Forecast(median, low, high, level, reason, known)
 
 
 __all__ = ["DRAWS", "LEVEL", "MODEL", "Forecast", "ForecastInputs", "forecast"]

@@ -87,7 +87,7 @@ def profile_sets(
     """The cohort by sex and by age band within sex (age on the index day); patients without
     a birth date are in no band (an unpublished rest). Regions are the answer's own."""
     ids = pl.Series("pid", list(sets.cohort), dtype=pl.UInt32)
-    members = patients.filter(pl.col("pid").is_in(ids)).select(
+    members = patients.filter(pl.col("pid").is_in(ids.implode())).select(
         "pid",
         pl.col("sex").fill_null("unknown"),
         _age(pl.col("birth_date"), day).alias("age"),

@@ -277,7 +277,9 @@ class Workspace:
             arrived = {p for p, at in first.items() if at > baseline and start <= at <= now}
             ids = self._pids(arrived)
             rows = with_site_columns(
-                base.steps.filter(pl.col("pid").is_in(pl.Series(list(ids), dtype=pl.UInt32)))
+                base.steps.filter(
+                    pl.col("pid").is_in(pl.Series(list(ids), dtype=pl.UInt32).implode())
+                )
             )
             for pid, key, code in rows.select("pid", "site_key", "site").iter_rows():
                 site = label_site(key, code, self.service.sites)

@@ -49,7 +49,7 @@ from .sites import (
     with_site_columns,
 )
 from .snapshot import ColumnarSnapshot
-from .workspace.history import AnswerHistory
+from .workspace.history import AnswerHistory, CohortHistory
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,9 @@ class FeasibilityService:
     refresher: ExpansionRefresher | None = None
     #: Every answer each organisation got (its history and exports); None: not kept.
     answers: AnswerHistory | None = None
+    #: The history of saved questions' cohorts, kept from the cohort view (arrival rates, the
+    #: live count's daily series); None: not kept.
+    cohort_history: CohortHistory | None = None
 
     @contextmanager
     def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:

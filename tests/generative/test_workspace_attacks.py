@@ -246,8 +246,9 @@ def test_workspace_outputs_with_exact_counts(scenario: Any, policy: DisclosurePo
 
 @attack(6)
 @given(scenarios(max_steps=3, p_pass=(0.85, 0.99)), policies)
-def test_workspace_outputs_with_criteria_that_drop_few(scenario: Any,
-                                                      policy: DisclosurePolicy) -> None:  # fmt: skip
+def test_workspace_outputs_with_criteria_that_drop_few(
+    scenario: Any, policy: DisclosurePolicy
+) -> None:
     """Criteria that drop only a few patients: the cohort without one of them is within the
     threshold of the cohort, and must not be both shown."""
     attack_all(scenario, policy, ["impact", "profile", "sites", "series"])

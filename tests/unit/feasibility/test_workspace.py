@@ -246,7 +246,7 @@ def test_forecast_has_an_interval_and_a_protected_daily_series(
     assert low is not None and low <= trial["median_days"]
     assert high is None or trial["median_days"] <= high
     series = body["series"]
-    assert [p["day"] for p in series][0] == (AT - timedelta(days=30)).date().isoformat()
+    assert series[0]["day"] == (AT - timedelta(days=30)).date().isoformat()
     assert series[-1]["day"] == AT.date().isoformat() and len(series) == 31
     for point in series:
         shown_or_withheld({k: v for k, v in point.items() if k != "day"})

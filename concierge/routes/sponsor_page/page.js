@@ -81,8 +81,8 @@ function stepCard(step, i) {
         results.replaceChildren();
         if (!found.results.length) results.append(el("span", { class: "muted", text: "no concept found" }));
         for (const c of found.results) {
-          const pick = el("button", { class: "pick", text: c.term + " (" + c.id + ", " + (c.descendants || 0) + " descendants)" });
-          pick.onclick = () => { step.codes.push({ id: c.id, term: c.term, descendants: desc.checked, count: c.descendants || 0 }); renderSteps(); };
+          const pick = el("button", { class: "pick", text: c.term + " (" + c.code + ", " + (c.descendants || 0) + " descendants)" });
+          pick.onclick = () => { step.codes.push({ id: String(c.code), term: c.term, descendants: desc.checked, count: c.descendants || 0 }); renderSteps(); };
           results.append(pick);
         }
       } catch (e) { results.replaceChildren(el("span", { class: "muted", text: e.message })); }
@@ -288,7 +288,7 @@ async function register() {
     const q = lastQuestion || question();
     const record = await api("POST", "/v1/feasibility/saved-questions", { id, title: q.title || id, criteria: q, recruiting_sites: sites, target });
     saved = record.id; $("live").style.display = "block"; $("live-title").textContent = record.title + " (" + record.id + ", version " + record.version + ")";
-    slow = 0; poll();
+    slow = 0; poll(); $("live").scrollIntoView();
   } catch (e) { showError(e.message); }
 }
 function showLive(answer) {

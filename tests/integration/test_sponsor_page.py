@@ -227,6 +227,15 @@ def test_a_sponsor_builds_asks_registers_and_watches_the_live_count(
         driver.execute_script("document.getElementById('live').scrollIntoView()")
         screenshot(driver, "sponsor-page-4-moved")
 
+        # the demo's link: the page opens on the saved question, answered, its forecast shown
+        driver.get("about:blank")
+        driver.get(f"{served}/sponsor#saved={TRIAL}&token={token}")
+        wait_for(lambda: _count(driver, "status") != "" and _count(driver, "total"), 60,
+                 what="the saved question's answer")  # fmt: skip
+        wait_for(lambda: "reached about" in _count(driver, "forecast"), 60, what="its forecast")
+        assert TRIAL in _count(driver, "live-title") and "token=" not in driver.current_url
+        screenshot(driver, "sponsor-page-5-opened-saved")
+
     # what the page showed is in the organisation's history, exportable as it was sent
     sponsor = {"Authorization": f"Bearer {token}"}
     history = httpx.get(f"{served}/v1/feasibility/history", headers=sponsor).json()["answers"]

@@ -323,7 +323,22 @@ async function poll() {
   } catch (e) { status(e.status === 503 ? "waiting for the stream..." : ""); if (e.status !== 503) showError(e.message); }
   timer = setTimeout(poll, REFRESH_MS);
 }
-async function openSaved(id) { saved = id; $("live").style.display = "block"; $("live-title").textContent = id; slow = 0; poll(); }
+// Open a saved question (#saved=ID): its criteria are answered as the builder's would be, and
+// its live count, forecast and site ranking are followed.
+async function openSaved(id) {
+  saved = id; $("live").style.display = "block"; $("live-title").textContent = id; slow = 0;
+  try {
+    const record = await api("GET", "/v1/feasibility/saved-questions/" + encodeURIComponent(id));
+    $("live-title").textContent = record.title + " (" + record.id + ", version " + record.version + ")";
+    imported = record.criteria; $("paste").value = JSON.stringify(record.criteria, null, 2);
+    $("trial-id").value = record.id; $("target").value = record.target || "";
+    $("sites-input").value = (record.recruiting_sites || []).join(",");
+    $("imported").textContent = "The criteria of saved question " + record.id + ". The builder is set aside.";
+    $("unimport").style.display = "inline";
+    await ask();
+  } catch (e) { showError(e.message); }
+  poll();
+}
 
 function start() {
   const fromFragment = new URLSearchParams(location.hash.slice(1));

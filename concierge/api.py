@@ -41,6 +41,7 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     from feasibility.disclosure.budget import QueryBudget
     from feasibility.disclosure.policy import DisclosurePolicy
     from feasibility.disclosure.registry import PublicationRegistry
+    from feasibility.disclosure.settings import DisclosureSettings
     from feasibility.engines.polars_engine import PolarsEngine
     from feasibility.feed import FactsFeed
     from feasibility.live import CohortView
@@ -71,6 +72,7 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     # ECL and ValueSets in criteria expand against the site's terminology store
     terms = TerminologySettings()
     terminology = build_terminology(settings)
+    disclosure = DisclosureSettings.load()
     service = FeasibilityService(
         stream_max_lag_seconds=settings.stream_max_lag_seconds,
         facts_high_watermarks=HighWatermarks(
@@ -88,6 +90,7 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
         sites=sites,
         terminology=terminology,
         cohort_history=cohort_history,
+        rate_min_history_hours=disclosure.rate_min_history_hours,
         # every answer given, for each sponsor's history and exports
         answers=AnswerHistory(registry.engine),
     )

@@ -320,6 +320,9 @@ class FeasibilityService:
     #: The history of saved questions' cohorts, kept from the cohort view (arrival rates, the
     #: live count's daily series); None: not kept.
     cohort_history: CohortHistory | None = None
+    #: Arrival rates and forecasts wait for this much cohort history (hours;
+    #: ``CONCIERGE_DC_RATE_MIN_HISTORY_HOURS``); before it they say how long is left.
+    rate_min_history_hours: float = 24.0
 
     @contextmanager
     def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:

@@ -39,6 +39,10 @@ class DisclosureSettings(BaseSettings):
     query_budget: int = Field(default=200, ge=1)
     #: Answers in which overlap control fired, per window, before a sponsor is locked out.
     lockout_after: int = Field(default=20, ge=0)
+    #: Arrival rates and accrual forecasts need a cohort history at least this long: a rate
+    #: from minutes of history reads as a fact (one arrival in 90 s is "28,800 per 30 days")
+    #: and tells when single patients arrived. 0: any history.
+    rate_min_history_hours: float = Field(default=24.0, ge=0)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> DisclosureSettings:

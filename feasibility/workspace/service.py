@@ -244,7 +244,17 @@ class Workspace:
                 "available": False,
                 "reason": "the saved question's first evaluation is not complete yet",
             }
-        window = min(max(now - baseline, 0.0), RATE_WINDOW_DAYS * DAY)
+        observed = max(now - baseline, 0.0)
+        needed = self.service.rate_min_history_hours * 3600.0
+        if observed < needed:
+            return {
+                "available": False,
+                "baseline": datetime.fromtimestamp(baseline, UTC).isoformat(),
+                "reason": f"the cohort's history covers {observed / 3600:.1f} h; arrival rates "
+                f"and forecasts need {needed / 3600:g} h "
+                f"(available from {datetime.fromtimestamp(baseline + needed, UTC).isoformat()})",
+            }
+        window = min(observed, RATE_WINDOW_DAYS * DAY)
         state: dict[str, Any] = {
             "available": True,
             "baseline": datetime.fromtimestamp(baseline, UTC).isoformat(),

@@ -75,8 +75,10 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
 
 
 @pytest.fixture
-def served(settings: Settings) -> Iterator[str]:
-    """The API over the real broker, served by uvicorn on a free port."""
+def served(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The API over the real broker, served by uvicorn on a free port. Rates and forecasts
+    from any length of history (the default waits 24 h), so the page's forecast can be seen."""
+    monkeypatch.setenv("CONCIERGE_DC_RATE_MIN_HISTORY_HOURS", "0")
     settings.home.mkdir(parents=True, exist_ok=True)
     TerminologyStore(f"sqlite:///{settings.home / 'terminology.db'}").load(RELEASE_2025)
     app = create_app(settings)

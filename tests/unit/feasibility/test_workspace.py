@@ -255,3 +255,25 @@ def test_forecast_has_an_interval_and_a_protected_daily_series(
     # days a few arrivals apart are never both shown exactly
     shown = [p["value"] for p in series if not p["suppressed"]]
     assert len(shown) < len(series)
+
+
+def test_rates_and_forecasts_wait_for_enough_history(service: FeasibilityService) -> None:
+    """Seen in the browser: minutes after registration one arrival read "1500000.00 new / 30
+    days" and the target "reached today". Before CONCIERGE_DC_RATE_MIN_HISTORY_HOURS of history
+    there is no rate and no forecast, and the answer says when there will be."""
+    record, history, _ = trial_world(service, [])  # 30 days of history
+    service.rate_min_history_hours = 31 * 24.0
+    body, _ = Workspace(service, history).forecast("Acme", record, None)
+    assert body["history"]["available"] is False
+    assert "covers 720.0 h" in body["history"]["reason"]
+    assert "need 744 h" in body["history"]["reason"]
+    assert body["forecast"]["forecast"] is False
+    assert body["forecast"]["reason"] == body["history"]["reason"]
+    sites, _ = Workspace(service, history).sites("Acme", record, None)
+    assert sites["totals"]["new_per_30_days"] is None
+    assert all(row["new_per_30_days"] is None for row in sites["sites"])
+    assert all(row["rank"] is None for row in sites["sites"])
+    # with the history long enough, the same question has its rate and forecast
+    service.rate_min_history_hours = 24.0
+    body, _ = Workspace(service, history).forecast("Acme", record, None)
+    assert body["history"]["available"] and body["forecast"]["forecast"]

@@ -45,4 +45,10 @@ echo "== mypy"
 mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology
 echo "== pytest"
 mkdir -p test-artifacts
-pytest -p no:cacheprovider --durations=30 "$@"
+# Both cores: test files are spread over CONCIERGE_TEST_WORKERS pytest-xdist workers, a file
+# whole to one worker (module fixtures such as the chaos suite's stack stay one); 0 runs in
+# this process.
+workers="${CONCIERGE_TEST_WORKERS:-2}"
+parallel=()
+if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadfile); fi
+pytest -p no:cacheprovider --durations=30 "${parallel[@]}" "$@"

@@ -110,7 +110,8 @@ def summary_of(signal: Signal, assessment: Assessment | None) -> dict[str, Any]:
     maxsprt = stats["maxsprt"]
     ebgm = stats["ebgm"] or {}
     llr, cv = maxsprt.get("llr"), maxsprt.get("cv")
-    strength = (llr / cv) if llr is not None and cv else 0.0
+    strength = assessment.strength
+    adjustment = stats.get("adjustment") or {}
     row.update(
         level=assessment.level,
         device_class=assessment.device_class,
@@ -128,8 +129,12 @@ def summary_of(signal: Signal, assessment: Assessment | None) -> dict[str, Any]:
         eb05=ebgm.get("eb05"),
         observed=maxsprt.get("observed"),
         expected=maxsprt.get("expected"),
+        expected_crude=maxsprt.get("expected_crude"),
+        adjusted_by=adjustment.get("by", []),
         llr=llr,
         cv=cv,
+        method=assessment.method,
+        controls=[c.get("control") for c in stats.get("controls", [])],
         at=stats["at"],
     )
     return row
@@ -155,7 +160,18 @@ def reproduce(assessment: Assessment) -> dict[str, str]:
             f"--expected {expected!r} --T {config.horizon} --M {config.min_events} "
             f"--alpha {config.alpha}"
         )
-    table_expected = assessment.disproportionality.expected
+    if assessment.binomial is not None:
+        found = assessment.binomial
+        commands["binomial_cv"] = (
+            f"concierge stats maxsprt-cv --model binomial --N {found.max_events} "
+            f"--z {found.z!r} --M {found.min_events} --alpha {config.alpha}"
+        )
+    adjustment = assessment.adjustment
+    table_expected = (
+        adjustment.table_expected
+        if adjustment is not None and adjustment.table_expected is not None
+        else assessment.disproportionality.expected
+    )
     if assessment.ebgm is not None and table_expected:
         prior = config.prior
         commands["ebgm"] = (

@@ -44,6 +44,10 @@ class SurveillanceSettings(BaseSettings):
     * ``ebgm_prior``: the EBGM prior ``a1,b1,a2,b2,p`` (default DuMouchel 1999).
     * ``rules`` and ``require``: the signal rule is ``any`` (or ``all``) of these rules.
     * ``levels``: the levels of the device hierarchy the monitor keeps live signals for.
+    * ``strata``: what expected counts are standardised over (``age``, ``sex``, ``region``,
+      ``site``; ``none`` for crude expectations).
+    * ``binomial_max_events``, ``cusum_odds_ratio``, ``cusum_threshold``: the binomial MaxSPRT's
+      N and the CUSUM's RA and h, for outcomes whose definitions choose those tests.
     """
 
     model_config = SettingsConfigDict(
@@ -63,6 +67,11 @@ class SurveillanceSettings(BaseSettings):
     rules: CommaList = ("maxsprt",)
     require: Literal["any", "all"] = "any"
     levels: CommaList = DEFAULT_LEVELS
+    #: what expected counts are standardised over (``none``: crude)
+    strata: CommaList = ("age", "sex")
+    binomial_max_events: int = Field(default=200, ge=1, le=5000)
+    cusum_odds_ratio: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    cusum_threshold: float = Field(default=4.5, gt=0, allow_inf_nan=False)
     #: JSON files of outcome definitions and device classes (built-in ones when unset).
     device_outcomes: FilePath | None = Field(
         default=None, validation_alias="CONCIERGE_DEVICE_OUTCOMES"
@@ -70,6 +79,30 @@ class SurveillanceSettings(BaseSettings):
     device_classes: FilePath | None = Field(
         default=None, validation_alias="CONCIERGE_DEVICE_CLASSES"
     )
+
+    @field_validator("strata", mode="before")
+    @classmethod
+    def _strata_list(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("none", ""):
+            return ()
+        return _split(value)
+
+    @field_validator("strata")
+    @classmethod
+    def _known_strata(cls, strata: tuple[str, ...]) -> tuple[str, ...]:
+        from surveillance_stream.devices import STRATIFIERS
+
+        unknown = [x for x in strata if x not in STRATIFIERS]
+        if unknown:
+            raise ValueError(f"unknown strata {unknown}; any of {', '.join(STRATIFIERS)} or none")
+        return strata
+
+    @field_validator("cusum_odds_ratio")
+    @classmethod
+    def _not_one(cls, value: float) -> float:
+        if value == 1.0:
+            raise ValueError("the CUSUM's odds ratio under the alternative must not be 1")
+        return value
 
     @field_validator("rules", "levels", "ebgm_prior", mode="before")
     @classmethod
@@ -107,11 +140,13 @@ class SurveillanceSettings(BaseSettings):
         return GammaMixturePrior.from_sequence(values).as_tuple()
 
     def signal_config(self) -> SignalConfig:
-        """The value the statistics read (:class:`surveillance_stream.signals.SignalConfig`)."""
+        """The value the statistics read (:class:`surveillance_stream.signals.SignalConfig`),
+        with the sequential test of each outcome from the outcome definitions."""
+        from surveillance_stream.device_stream import load_definitions
         from surveillance_stream.signals import SignalConfig
         from surveillance_stream.statistics.ebgm import GammaMixturePrior
 
-        return SignalConfig(
+        config = SignalConfig(
             alpha=self.alpha,
             min_events=self.min_events,
             horizon=self.horizon,
@@ -121,4 +156,10 @@ class SurveillanceSettings(BaseSettings):
             prior=GammaMixturePrior.from_sequence(self.ebgm_prior),
             rules=self.rules,
             require=self.require,
+            strata=self.strata,
+            binomial_max_events=self.binomial_max_events,
+            cusum_odds_ratio=self.cusum_odds_ratio,
+            cusum_threshold=self.cusum_threshold,
         )
+        # each outcome's sequential test comes from its definition
+        return config.with_definitions(load_definitions(self)[0])

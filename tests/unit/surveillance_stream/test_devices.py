@@ -162,7 +162,17 @@ def ae_fact(
 
 
 def patient_fact(site: str | None = "RA1", region: str = "London") -> dict[str, Any]:
-    return {"kind": "patient", "site": site, "region": region, "sex": "female"}
+    return {
+        "kind": "patient",
+        "site": site,
+        "region": region,
+        "sex": "female",
+        "birth_date": "1950-06-15",
+    }
+
+
+#: the stratum of the patient above's implants in 2023: age band at implant, sex, region
+STRATUM = "65-74|female|London"
 
 
 IMPLANT_HIP = [(OPCS4, "W37.1"), (SNOMED, "52734007")]
@@ -502,21 +512,21 @@ def test_contribution_keys_for_one_revised_hip() -> None:
         "joint mechanical complication",
     ]
     assert got.keys == tuple(
-        (level, node, name, "2023Q1", "RA1") for level, node in nodes for name in names
+        (level, node, name, "2023Q1", "RA1", STRATUM) for level, node in nodes for name in names
     )
     spent = PersonTime(closed_days=60)
-    assert got.person_time == tuple(((lv, node, "2023Q1", "RA1"), spent) for lv, node in nodes)
+    assert got.person_time == tuple(((lv, node, "2023Q1", "RA1", STRATUM), spent) for lv, node in nodes)
     assert got.latest == (T0 + timedelta(days=60)).date().toordinal()
 
 
 def test_two_exposures_in_one_node_count_twice_and_open_time_ages() -> None:
     entries = state(implanted_hip("d1"), implanted_hip("d2", at=T0 + timedelta(days=3)))
     got = contribution(PATIENT, entries)
-    assert got.keys.count(("model", MODEL, EXPOSED, "2023Q1", "RA1")) == 2
+    assert got.keys.count(("model", MODEL, EXPOSED, "2023Q1", "RA1", STRATUM)) == 2
     counters = Counters.rebuild([got])
     assert counters.count("model", MODEL, EXPOSED) == 2
     first = T0.date().toordinal()
-    assert dict(got.person_time)[("model", MODEL, "2023Q1", "RA1")] == PersonTime(
+    assert dict(got.person_time)[("model", MODEL, "2023Q1", "RA1", STRATUM)] == PersonTime(
         0, 2, 2 * first + 3
     )
     assert counters.person_days("model", MODEL, T0.date() + timedelta(days=10)) == 10 + 7
@@ -558,8 +568,8 @@ def test_drill_down_from_a_count_to_patients_and_resource_versions() -> None:
     mine = contribution(PATIENT, revised_hip_patient())
     theirs = contribution("pat-2", state(implanted_hip()))
     counters = Counters.rebuild([mine, theirs])
-    exposed = ("model", MODEL, EXPOSED, "2023Q1", "RA1")
-    revision = ("model", MODEL, "hip revision within 1 year", "2023Q1", "RA1")
+    exposed = ("model", MODEL, EXPOSED, "2023Q1", "RA1", STRATUM)
+    revision = ("model", MODEL, "hip revision within 1 year", "2023Q1", "RA1", STRATUM)
     assert counters.patients(exposed) == ("pat-1", "pat-2")
     assert counters.patients(revision) == ("pat-1",)
     assert counters.patients_of("model", MODEL, "hip revision within 1 year", "2023") == ("pat-1",)

@@ -48,8 +48,17 @@ AT = datetime(2025, 1, 1, tzinfo=UTC)
 CONFIG = SignalConfig()
 
 
+#: one stratum for every hand-made patient (age band, sex, region)
+S = "65-74|female|London"
+
+
 def patient(
-    name: str, node: str, outcome: bool, period: str = "2023Q1", days: int = 100
+    name: str,
+    node: str,
+    outcome: bool,
+    period: str = "2023Q1",
+    days: int = 100,
+    stratum: str = S,
 ) -> Contribution:
     """One exposure of ``node`` (a model path) with ``days`` of closed exposure time."""
     parts = node.split("/")
@@ -57,10 +66,10 @@ def patient(
     times: list[tuple[TimeKey, PersonTime]] = []
     for level, depth in (("class", 1), ("manufacturer", 2), ("model", 3)):
         path = "/".join(parts[:depth])
-        keys.append((level, path, EXPOSED, period, "RA1"))
+        keys.append((level, path, EXPOSED, period, "RA1", stratum))
         if outcome:
-            keys.append((level, path, AE, period, "RA1"))
-        times.append(((level, path, period, "RA1"), PersonTime(closed_days=days)))
+            keys.append((level, path, AE, period, "RA1", stratum))
+        times.append(((level, path, period, "RA1", stratum), PersonTime(closed_days=days)))
     return Contribution(name, tuple(sorted(keys)), tuple(sorted(times)), (), None)
 
 
@@ -135,10 +144,10 @@ def test_open_exposure_time_is_measured_at_the_evaluation_day() -> None:
     start = date(2024, 1, 1).toordinal()
     open_one = Contribution(
         "p",
-        (("model", X, EXPOSED, "2024Q1", "RA1"), ("class", "hip", EXPOSED, "2024Q1", "RA1")),
+        (("model", X, EXPOSED, "2024Q1", "RA1", S), ("class", "hip", EXPOSED, "2024Q1", "RA1", S)),
         (
-            (("class", "hip", "2024Q1", "RA1"), PersonTime(0, 1, start)),
-            (("model", X, "2024Q1", "RA1"), PersonTime(0, 1, start)),
+            (("class", "hip", "2024Q1", "RA1", S), PersonTime(0, 1, start)),
+            (("model", X, "2024Q1", "RA1", S), PersonTime(0, 1, start)),
         ),
         (),
         start,

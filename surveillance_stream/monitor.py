@@ -41,6 +41,7 @@ from surveillance_stream.devices import (
     Counters,
     parse_node,
 )
+from surveillance_stream.scan import SCAN_LOOK_SCHEMA, ScanPlan, build_trees, run_look
 from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.signals import (
     Assessment,
@@ -199,15 +200,30 @@ class SignalMonitor:
         prepare: Any = None,
         stale_after: float = 5.0,
         max_staleness: float = 5.0,
+        plan: ScanPlan | None = None,
+        scan: bool | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.devices_topic = devices_topic
         self.signals_topic = signals_topic
-        if config is None or levels is None:  # what the environment says
-            section = SurveillanceSettings()
+        if config is None or levels is None or plan is None or scan is None:
+            section = SurveillanceSettings()  # what the environment says
             config = config or section.signal_config()
             levels = section.levels if levels is None else levels
+            plan = plan or section.scan_plan()
+            scan = section.scan if scan is None else scan
         self.config = config
+        #: the tree-based scan's looks (scheduled when ``scan`` is on; on demand always)
+        self.plan = plan
+        self.scheduled_scans = scan
+        self.looks: list[dict[str, Any]] = []
+        #: per signal id, what the tree scan said at the look where the pair signalled
+        self.tree_flags: dict[str, dict[str, Any]] = {}
+        #: the latest scan (scheduled or on demand), for the API and the dashboard
+        self.last_scan: dict[str, Any] | None = None
+        self.scan_seconds = 0.0
+        self._scan_lock = threading.Lock()
+        self._scan_thread: threading.Thread | None = None
         self.levels = tuple(levels)
         self.audit = audit
         self.min_interval = min_interval
@@ -296,6 +312,8 @@ class SignalMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._scan_thread is not None:
+            self._scan_thread.join(60)
         self.history_reader.stop()
         self.devices.stop()
         if self._producer is not None:
@@ -359,6 +377,13 @@ class SignalMonitor:
             elif self._touched and now - last >= self.min_interval:
                 last = now
                 self.reassess(sweep=False)
+            elif self.scheduled_scans and not self._scanning() and self._look_due():
+                # a look takes seconds (Monte Carlo): on a thread of its own, so the
+                # statistics stay fresh per event meanwhile
+                self._scan_thread = threading.Thread(
+                    target=self._scheduled_look, name="signal-monitor-scan", daemon=True
+                )
+                self._scan_thread.start()
             else:
                 self._stop.wait(min(0.05, self.min_interval))
 
@@ -367,8 +392,13 @@ class SignalMonitor:
         with self.lock:
             for message in messages:
                 body = message.value()
-                if body:
-                    self._remember(orjson.loads(body))
+                if not body:
+                    continue
+                event = orjson.loads(body)
+                if event.get("schema") == SCAN_LOOK_SCHEMA:
+                    self._remember_look(event)
+                else:
+                    self._remember(event)
 
     def _remember(self, event: Mapping[str, Any]) -> None:
         identifier = str(event["signal"])
@@ -444,9 +474,11 @@ class SignalMonitor:
                     if not everything and not wanted(node):
                         continue
                     for outcome in self.counters.outcome_names(level, node):
-                        fresh[signal_id(node, outcome)] = assess(
-                            self.counters, node, outcome, at=day, config=self.config
-                        )
+                        identifier = signal_id(node, outcome)
+                        fresh[identifier] = assess(
+                            self.counters, node, outcome, at=day, config=self.config,
+                            tree=self.tree_flags.get(identifier),
+                        )  # fmt: skip
             # nodes or outcomes that vanished (retracted): assessed at zero, so signals lapse
             for identifier, old in list(self.assessments.items()):
                 if identifier in fresh:
@@ -460,8 +492,9 @@ class SignalMonitor:
                     del self.assessments[identifier]
                     continue
                 fresh[identifier] = assess(
-                    self.counters, old.node, old.outcome, at=day, config=self.config
-                )
+                    self.counters, old.node, old.outcome, at=day, config=self.config,
+                    tree=self.tree_flags.get(identifier),
+                )  # fmt: skip
             for identifier, result in fresh.items():
                 previous = self.assessments.get(identifier)
                 self.assessments[identifier] = result
@@ -483,6 +516,140 @@ class SignalMonitor:
         if moved and self._producer is not None:
             self._producer.flush(10)
         return len(fresh)
+
+    # ------------------------------------------------------------------ the tree scan
+
+    def _scanning(self) -> bool:
+        return self._scan_thread is not None and self._scan_thread.is_alive()
+
+    def _scheduled_look(self) -> None:
+        try:
+            self.scan(spend=True)
+        except Exception as exc:  # recorded and tried again at the next due check
+            self.error = f"scan: {type(exc).__name__}: {exc}"
+            log.exception("signal monitor: the scheduled look failed")
+            self._stop.wait(5.0)
+
+    def _look_due(self) -> bool:
+        latest = self.counters.latest_day
+        last = date.fromisoformat(self.looks[-1]["data_day"]) if self.looks else None
+        return bool(self.contributions) and self.plan.due(last, latest)
+
+    def _remember_look(self, event: Mapping[str, Any]) -> None:
+        self.looks.append(dict(event))
+        self.looks.sort(key=lambda look: int(look["look"]))
+        for cut in event.get("signals", ()):
+            identifier = signal_id(str(cut["node"]), str(cut["outcome"]))
+            self.tree_flags.setdefault(identifier, self._flag(event, cut))
+        self.last_scan = dict(event)
+
+    def _flag(self, look: Mapping[str, Any], cut: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "description": "the tree-based scan (conditional Poisson, Monte Carlo p-value) over "
+            "every node and outcome, at a look of the alpha-spending plan",
+            "look": look["look"],
+            "data_day": look["data_day"],
+            "p_value": cut["p_value"],
+            "llr": cut["llr"],
+            "observed": cut["observed"],
+            "expected": cut["expected"],
+            "alpha_at_look": look["alpha"],
+            "alpha_spent": look["alpha_spent"],
+            "alpha": self.plan.spending.alpha,
+            "replications": look["replications"],
+        }
+
+    def scan(self, *, spend: bool = False, seed: int | None = None) -> dict[str, Any]:
+        """Run the tree-based scan now. With ``spend`` it is the plan's next look (published on
+        the signals topic; its signals pass family-wise control and move the signals); without,
+        an exploratory scan compared with the next look's alpha that signals nothing."""
+        if spend:
+            self._require_ready()
+        with self._scan_lock:
+            started = time.perf_counter()
+            with self.lock:
+                day = self.counters.latest_day
+                trees = build_trees(self.counters, at=day, by=self.config.strata)
+                look = len(self.looks) + 1
+            result, alpha = run_look(trees, self.plan, look, seed=seed, spend=spend)
+            outcome_of = {tree.label: tree.label.split(" · ", 1)[1] for tree in trees}
+            cuts = [
+                {**cut.to_dict(), "outcome": outcome_of[cut.tree],
+                 "level": parse_node(cut.node)[0]}
+                for cut in result.cuts
+            ]  # fmt: skip
+            event: dict[str, Any] = {
+                "schema": SCAN_LOOK_SCHEMA,
+                "look": look if spend else None,
+                "spends_alpha": spend,
+                "at": self.clock().isoformat(),
+                "data_day": None if day is None else day.isoformat(),
+                "variant": "conditional Poisson tree-based scan",
+                "strata": list(self.config.strata),
+                "alpha": alpha,
+                "alpha_spent": self.plan.spending.spent(look) if spend else
+                self.plan.spending.spent(look - 1),
+                "plan": self.plan.to_dict(),
+                "statistic": result.statistic,
+                "replications": result.replications,
+                "planned_replications": result.planned,
+                "complete": result.complete,
+                "seed": seed,
+                "trees": len(trees),
+                "cuts": len(cuts),
+                "signals": [c for c in cuts if c["signal"]],
+                "top": cuts[:200],
+            }  # fmt: skip
+            self.scan_seconds = time.perf_counter() - started
+            if spend:
+                key = f"scan-look-{look}"
+                if self._producer is not None:
+                    self._producer.produce(
+                        self.signals_topic, key=key.encode(), value=orjson.dumps(event)
+                    )
+                    if self._producer.flush(10) > 0:
+                        raise MonitorError("the signals topic did not acknowledge the look")
+                with self.lock:
+                    self._remember_look(event)
+                    for cut in event["signals"]:
+                        if cut["level"] in self.levels:
+                            self._touched.add(str(cut["node"]))
+                if self.audit is not None:
+                    self.audit.append(
+                        "system", "system", "surveillance", "scan.look",
+                        {"look": look, "alpha": alpha, "signals": len(event["signals"])},
+                    )  # fmt: skip
+            else:
+                self.last_scan = event
+            return event
+
+    def scan_view(self) -> dict[str, Any]:
+        """The latest scan, the looks so far and the plan."""
+        self._require_ready()
+        with self.lock:
+            return {
+                "plan": self.plan.to_dict(),
+                "scheduled": self.scheduled_scans,
+                "looks": [
+                    {
+                        k: look.get(k)
+                        for k in (
+                            "look",
+                            "at",
+                            "data_day",
+                            "alpha",
+                            "alpha_spent",
+                            "statistic",
+                            "replications",
+                            "complete",
+                        )
+                    }
+                    | {"signals": len(look.get("signals", ()))}
+                    for look in self.looks
+                ],
+                "latest": self.last_scan,
+                "scan_seconds": round(self.scan_seconds, 3),
+            }
 
     def _trace(self, identifier: str, result: Assessment, now: datetime) -> None:
         points = self.trace.setdefault(identifier, deque(maxlen=500))
@@ -571,6 +738,8 @@ class SignalMonitor:
                 "levels": list(self.levels),
                 "signals": len(self.assessments),
                 "signalling": sum(1 for a in self.assessments.values() if a.signal),
+                "looks": len(self.looks),
+                "alpha_spent": self.looks[-1]["alpha_spent"] if self.looks else 0.0,
                 "config": self.config.to_dict(),
             }
 

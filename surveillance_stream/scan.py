@@ -100,6 +100,10 @@ def build_trees(
     ``class · outcome``; node names are the device nodes' paths."""
     day = at or counters.latest_day or date(1970, 1, 1)
     trees = []
+    members: dict[str, list[str]] = {}
+    for level in LEVELS:  # parents before children
+        for _, node in counters.nodes(level):
+            members.setdefault(parse_node(node)[1][0], []).append(node)
     for _, device_class in counters.nodes("class"):
         names_for_class = counters.outcome_names("class", device_class)
         for outcome in sorted(names_for_class):
@@ -108,13 +112,8 @@ def build_trees(
             rates, crude = _rates(counters, device_class, outcome, day, by)
             if crude is None:
                 continue
-            nodes: list[str] = []
-            index: dict[str, int] = {}
-            for level in LEVELS:
-                for _, node in counters.nodes(level):
-                    if parse_node(node)[1][0] == device_class:
-                        index[node] = len(nodes)
-                        nodes.append(node)
+            nodes = members[device_class]
+            index = {node: i for i, node in enumerate(nodes)}
             parents, observed, expected = [], [], []
             for node in nodes:
                 _, parts = parse_node(node)

@@ -14,10 +14,19 @@ from pydantic import Field, FilePath, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from surveillance_stream.scan import ScanPlan
     from surveillance_stream.signals import SignalConfig
 
 #: Every rule :func:`surveillance_stream.signals.assess` evaluates.
-RULES: tuple[str, ...] = ("maxsprt", "evans", "prr_ci", "ror_ci", "ic025", "eb05")
+RULES: tuple[str, ...] = (
+    "maxsprt",
+    "evans",
+    "prr_ci",
+    "ror_ci",
+    "ic025",
+    "eb05",
+    "tree_scan",
+)
 #: Levels of the device hierarchy with live signals unless ``CONCIERGE_SIGNAL_LEVELS`` says.
 DEFAULT_LEVELS: tuple[str, ...] = ("manufacturer", "model", "lot")
 #: DuMouchel's (1999) hyperparameters fitted to the FDA spontaneous reporting system, in openEBGM
@@ -69,6 +78,16 @@ class SurveillanceSettings(BaseSettings):
     levels: CommaList = DEFAULT_LEVELS
     #: what expected counts are standardised over (``none``: crude)
     strata: CommaList = ("age", "sex")
+    #: the tree-based scan's looks: alpha over every look, planned looks, rho of the spending
+    #: function, days of data between scheduled looks, least Monte Carlo replications
+    scan: bool = Field(default=True, validation_alias="CONCIERGE_SCAN")
+    scan_alpha: float = Field(default=0.05, gt=0, lt=1, validation_alias="CONCIERGE_SCAN_ALPHA")
+    scan_looks: int = Field(default=104, ge=1, validation_alias="CONCIERGE_SCAN_LOOKS")
+    scan_rho: float = Field(default=1.0, gt=0, le=10, validation_alias="CONCIERGE_SCAN_RHO")
+    scan_every_days: int = Field(default=7, ge=1, validation_alias="CONCIERGE_SCAN_EVERY_DAYS")
+    scan_replications: int = Field(
+        default=999, ge=19, le=1_000_000, validation_alias="CONCIERGE_SCAN_REPLICATIONS"
+    )
     binomial_max_events: int = Field(default=200, ge=1, le=5000)
     cusum_odds_ratio: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     cusum_threshold: float = Field(default=4.5, gt=0, allow_inf_nan=False)
@@ -138,6 +157,17 @@ class SurveillanceSettings(BaseSettings):
         from surveillance_stream.statistics.ebgm import GammaMixturePrior
 
         return GammaMixturePrior.from_sequence(values).as_tuple()
+
+    def scan_plan(self) -> ScanPlan:
+        """The tree scan's looks (:class:`surveillance_stream.scan.ScanPlan`)."""
+        from surveillance_stream.scan import ScanPlan
+        from surveillance_stream.statistics.treescan import AlphaSpending
+
+        return ScanPlan(
+            spending=AlphaSpending(self.scan_alpha, self.scan_looks, self.scan_rho),
+            every_days=self.scan_every_days,
+            replications=self.scan_replications,
+        )
 
     def signal_config(self) -> SignalConfig:
         """The value the statistics read (:class:`surveillance_stream.signals.SignalConfig`),

@@ -580,6 +580,7 @@ def assess(
     site: str | Collection[str] | None = None,
     at: date | datetime | None = None,
     config: SignalConfig | None = None,
+    tree: Mapping[str, Any] | None = None,
 ) -> Assessment:
     """The statistics of ``outcome`` on ``node`` (e.g. ``"hip/Orthomedica/Acetabulon X2"``).
 
@@ -592,7 +593,8 @@ def assess(
     For a class node the comparator is every other class. Person-days are measured at ``at``
     (default: the latest date in the counters). Expected counts are standardised over
     ``config.strata`` (:class:`Adjustment`); the crude ones are kept alongside. ``config``
-    defaults to :meth:`SignalConfig.from_environment`.
+    defaults to :meth:`SignalConfig.from_environment`. ``tree`` is what the tree-based scan
+    said of this pair at the look where it signalled (the ``tree_scan`` rule), if it did.
     """
     config = config or SignalConfig.from_environment()
     level, parts = parse_node(node)
@@ -644,21 +646,25 @@ def assess(
         "ror_ci": table.ror_ci[0] is not None and table.ror_ci[0] > 1.0,
         "ic025": ic025 is not None and ic025 > config.ic025_threshold,
         "eb05": scores is not None and scores.eb05 >= config.eb05_threshold,
+        "tree_scan": tree is not None,
     }
     chosen = [rules[r] for r in config.rules]
     signal = all(chosen) if config.require == "all" else any(chosen)
     period_label = period if isinstance(period, str) or period is None else ",".join(sorted(period))
-    controls: tuple[dict[str, Any], ...] = ()
-    if signal:
-        controls = (
+    controls: list[dict[str, Any]] = []
+    pair_rules = [r for r in config.rules if r != "tree_scan" and rules[r]]
+    if signal and pair_rules:
+        controls.append(
             {
                 "control": "pair",
                 "description": "the per-pair rule at its own alpha, not adjusted for the "
                 "number of (node, outcome) pairs or looks",
-                "rules": [r for r in config.rules if rules[r]],
+                "rules": pair_rules,
                 "alpha": config.alpha,
-            },
+            }
         )
+    if signal and tree is not None and "tree_scan" in config.rules:
+        controls.append({"control": "tree_scan", **dict(tree)})
     return Assessment(
         node=node,
         level=level,
@@ -681,7 +687,7 @@ def assess(
         method=method,
         binomial=binomial,
         cusum=cusum,
-        controls=controls,
+        controls=tuple(controls),
     )
 
 

@@ -68,8 +68,8 @@ class Tree:
     observed: tuple[int, ...]
     expected: tuple[float, ...]
     leaves: tuple[int, ...] = field(init=False)
-    #: cuts x leaves: 1 where the leaf is under (or is) the cut
-    membership: NDArray[np.float64] = field(init=False, repr=False, compare=False)
+    #: per leaf, the cuts it belongs to (itself and its ancestors), padded with ``len(names)``
+    ancestors: NDArray[np.int64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -82,20 +82,24 @@ class Tree:
             if parent >= 0:
                 children[parent] += 1
         leaves = tuple(i for i in range(n) if children[i] == 0)
-        membership = np.zeros((n, len(leaves)))
-        for column, leaf in enumerate(leaves):
-            node, seen = leaf, 0
+        paths = []
+        for leaf in leaves:
+            path, node = [], leaf
             while node >= 0:
-                membership[node, column] = 1.0
+                path.append(node)
                 node = self.parents[node]
-                seen += 1
-                if seen > n:
+                if len(path) > n:
                     raise ValueError("the parents form a cycle")
+            paths.append(path)
+        depth = max((len(p) for p in paths), default=1)
+        ancestors = np.full((len(leaves), depth), n, dtype=np.int64)
+        for row, path in enumerate(paths):
+            ancestors[row, : len(path)] = path
         for leaf in leaves:
             if self.observed[leaf] < 0 or not self.expected[leaf] >= 0:
                 raise ValueError(f"leaf {self.names[leaf]!r}: counts must be >= 0")
         object.__setattr__(self, "leaves", leaves)
-        object.__setattr__(self, "membership", membership)
+        object.__setattr__(self, "ancestors", ancestors)
 
     @property
     def leaf_observed(self) -> NDArray[np.float64]:
@@ -113,6 +117,38 @@ class Tree:
     @property
     def total(self) -> int:
         return int(self.leaf_observed.sum())
+
+    def cut_sums(self, leaf_values: NDArray[np.float64]) -> NDArray[np.float64]:
+        """Per cut, the sum of the leaf values under it."""
+        depth = self.ancestors.shape[1]
+        sums = np.bincount(
+            self.ancestors.ravel(),
+            weights=np.repeat(np.asarray(leaf_values, dtype=float), depth),
+            minlength=len(self.names) + 1,
+        )
+        return np.asarray(sums[: len(self.names)], dtype=float)
+
+    def simulate_maxima(self, rng: np.random.Generator, size: int) -> NDArray[np.float64]:
+        """The largest LLR over this tree's cuts in ``size`` draws under the null (the tree's
+        total spread over its leaves in proportion to their expectations)."""
+        total, n = self.total, len(self.names)
+        expected = self.leaf_expected
+        cdf = np.cumsum(expected / total)
+        leaves = np.minimum(
+            np.searchsorted(cdf, rng.random((size, total)), side="right"), len(cdf) - 1
+        )
+        cuts = self.ancestors[leaves]  # size x total x depth
+        rows = np.arange(size).reshape(size, 1, 1)
+        counts = np.bincount((rows * (n + 1) + cuts).ravel(), minlength=size * (n + 1))
+        counts = counts.reshape(size, n + 1)[:, :n]
+        hit_rows, hit_cuts = np.nonzero(counts)
+        cut_expected = self.cut_sums(expected)
+        llr = conditional_poisson_llr(
+            counts[hit_rows, hit_cuts].astype(float), cut_expected[hit_cuts], float(total)
+        )
+        maxima = np.zeros(size)
+        np.maximum.at(maxima, hit_rows, llr)
+        return maxima
 
 
 def conditional_poisson_llr(
@@ -206,8 +242,8 @@ def tree_scan(
     observed_llr: list[NDArray[np.float64]] = []
     cut_counts: list[tuple[NDArray[np.float64], NDArray[np.float64]]] = []
     for tree in live:
-        counts = tree.membership @ tree.leaf_observed
-        expect = tree.membership @ tree.leaf_expected
+        counts = tree.cut_sums(tree.leaf_observed)
+        expect = tree.cut_sums(tree.leaf_expected)
         cut_counts.append((counts, expect))
         observed_llr.append(conditional_poisson_llr(counts, expect, tree.total))
     statistic = max((float(x.max()) for x in observed_llr if x.size), default=0.0)
@@ -215,22 +251,22 @@ def tree_scan(
     # reached the cut's LLR
     allowed = math.floor(alpha * (replications + 1) + 1e-9) - 1
     all_llr = np.concatenate(observed_llr) if observed_llr else np.zeros(0)
-    reached = np.zeros(all_llr.size)
+    order = np.sort(all_llr)
+    reached_sorted = np.zeros(all_llr.size)
     done = 0
     while done < replications:
         size = min(batch, replications - done)
         maxima = np.zeros(size)
         for tree in live:
-            probabilities = tree.leaf_expected / tree.total
-            draws = rng.multinomial(tree.total, probabilities, size=size)
-            counts = draws @ tree.membership.T
-            expect = tree.membership @ tree.leaf_expected
-            llr = conditional_poisson_llr(counts, expect[np.newaxis, :], tree.total)
-            maxima = np.maximum(maxima, llr.max(axis=1))
-        reached += (maxima[:, np.newaxis] >= all_llr[np.newaxis, :] - 1e-9).sum(axis=0)
+            maxima = np.maximum(maxima, tree.simulate_maxima(rng, size))
+        # per cut: how many maxima reached its LLR (counted on the sorted LLRs)
+        positions = np.searchsorted(order, maxima + 1e-9, side="right")
+        at_least = np.bincount(positions, minlength=order.size + 1)[::-1].cumsum()[::-1]
+        reached_sorted += at_least[1:]
         done += size
-        if early_stop and all_llr.size and reached.min() > allowed:
+        if early_stop and all_llr.size and reached_sorted[-1] > allowed:
             break
+    reached = reached_sorted[np.searchsorted(order, all_llr, side="left")]
     complete = done == replications
     cuts: list[CutResult] = []
     offset = 0

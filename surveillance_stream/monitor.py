@@ -465,7 +465,7 @@ class SignalMonitor:
             self._day = day
 
             def wanted(node: str) -> bool:
-                return _class_of(node) in dirty if sweep else node in touched
+                return node in touched or (sweep and _class_of(node) in dirty)
 
             now = self.clock()
             fresh: dict[str, Assessment] = {}

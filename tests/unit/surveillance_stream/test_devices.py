@@ -515,7 +515,9 @@ def test_contribution_keys_for_one_revised_hip() -> None:
         (level, node, name, "2023Q1", "RA1", STRATUM) for level, node in nodes for name in names
     )
     spent = PersonTime(closed_days=60)
-    assert got.person_time == tuple(((lv, node, "2023Q1", "RA1", STRATUM), spent) for lv, node in nodes)
+    assert got.person_time == tuple(
+        ((lv, node, "2023Q1", "RA1", STRATUM), spent) for lv, node in nodes
+    )
     assert got.latest == (T0 + timedelta(days=60)).date().toordinal()
 
 

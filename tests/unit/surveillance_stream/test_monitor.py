@@ -25,7 +25,9 @@ from click.testing import CliRunner
 from concierge.commands.stats import stats
 from surveillance_stream.devices import Contribution, Counters, contribution
 from surveillance_stream.monitor import SignalMonitor, UnknownSignal
+from surveillance_stream.scan import ScanPlan
 from surveillance_stream.signals import IllegalTransition, SignalConfig, State
+from surveillance_stream.statistics.treescan import AlphaSpending
 from tests.generative.test_device_counters import (
     FAULTY_NODE,
     faulty_outcome_records,
@@ -262,3 +264,47 @@ def test_between_sweeps_only_the_nodes_whose_counts_changed_are_assessed() -> No
     assert watcher.reassess(sweep=True) > touched  # the sweep covers the class's other nodes
     rebuilt = [c for p, c in sim.last.items() if p != patient]
     assert watcher.counters == Counters.rebuild(rebuilt)
+
+
+def test_a_look_of_the_tree_scan_spends_alpha_and_moves_signals_it_passes() -> None:
+    """With ``tree_scan`` as the signal rule, only the cuts a look of the alpha-spending plan
+    rejects signal; each records the control it passed, and a restored monitor has the looks."""
+    sim, _ = world()
+    plan = ScanPlan(spending=AlphaSpending(alpha=0.2, looks=2), replications=199)
+    config = SignalConfig(rules=("tree_scan",))
+    watcher = SignalMonitor(
+        "unused:9092", "devices", "signals", config=config, clock=lambda: AT, plan=plan,
+        scan=True, levels=("manufacturer", "model", "lot"),
+    )  # fmt: skip
+    watcher.ready = True
+    watcher.absorb(records(sim.last.values()))
+    watcher.reassess()
+    assert not any(a.signal for a in watcher.assessments.values())  # no look yet
+    exploratory = watcher.scan(spend=False, seed=1)
+    assert exploratory["look"] is None and exploratory["signals"] == []
+    assert watcher.looks == [] and not watcher.tree_flags
+    look = watcher.scan(spend=True, seed=1)
+    assert look["look"] == 1 and look["alpha"] == pytest.approx(0.1)
+    assert look["alpha_spent"] == pytest.approx(0.1)
+    assert look["signals"], "the faulty model's cluster should pass at alpha 0.1"
+    assert all(c["p_value"] <= 0.1 for c in look["signals"])
+    watcher.reassess()
+    flagged = {(c["node"], c["outcome"]) for c in look["signals"] if c["level"] != "class"}
+    signalling = {(a.node, a.outcome) for a in watcher.assessments.values() if a.signal}
+    assert signalling == flagged
+    identifier = next(iter(i for i, a in watcher.assessments.items() if a.signal))
+    events = watcher.events[identifier]
+    control = events[-1]["statistics"]["controls"][0]
+    assert control["control"] == "tree_scan" and control["look"] == 1
+    assert control["p_value"] <= control["alpha_at_look"]
+    view = watcher.scan_view()
+    assert [x["look"] for x in view["looks"]] == [1] and view["plan"]["looks"] == 2
+    # the look is an event on the signals topic: a monitor restored from it continues the plan
+    restored = SignalMonitor(
+        "unused:9092", "devices", "signals", config=config, clock=lambda: AT, plan=plan,
+        scan=True, levels=("manufacturer", "model", "lot"),
+    )  # fmt: skip
+    restored._restore([Message("scan-look-1", orjson.dumps(look), 0)])
+    assert len(restored.looks) == 1 and restored.tree_flags == watcher.tree_flags
+    restored.ready = True
+    assert restored.scan(spend=True, seed=2)["look"] == 2

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from numpy.typing import NDArray
@@ -101,11 +102,24 @@ class Tree:
         object.__setattr__(self, "leaves", leaves)
         object.__setattr__(self, "ancestors", ancestors)
 
-    @property
+    def recount(self, observed: Sequence[int], expected: Sequence[float]) -> Tree:
+        """The same tree with other counts (the structure's work is kept)."""
+        if not (len(observed) == len(expected) == len(self.names)):
+            raise ValueError("observed and expected must have one value per node")
+        if any(observed[i] < 0 or not expected[i] >= 0 for i in self.leaves):
+            raise ValueError("leaf counts must be >= 0")
+        other = object.__new__(Tree)
+        for name in ("label", "names", "parents", "leaves", "ancestors"):
+            object.__setattr__(other, name, getattr(self, name))
+        object.__setattr__(other, "observed", tuple(observed))
+        object.__setattr__(other, "expected", tuple(expected))
+        return other
+
+    @cached_property
     def leaf_observed(self) -> NDArray[np.float64]:
         return np.array([self.observed[i] for i in self.leaves], dtype=float)
 
-    @property
+    @cached_property
     def leaf_expected(self) -> NDArray[np.float64]:
         """Leaf expectations scaled so their sum is the observed total (zero if it is zero)."""
         raw = np.array([self.expected[i] for i in self.leaves], dtype=float)
@@ -114,7 +128,7 @@ class Tree:
             return np.zeros_like(raw)
         return raw * (total / weight)
 
-    @property
+    @cached_property
     def total(self) -> int:
         return int(self.leaf_observed.sum())
 
@@ -224,7 +238,7 @@ def tree_scan(
     replications: int = 999,
     alpha: float = 0.05,
     seed: int | None = None,
-    batch: int = 50,
+    batch: int = 200,
     early_stop: bool = True,
 ) -> ScanResult:
     """Scan a family of trees at level ``alpha`` with ``replications`` Monte Carlo draws.
@@ -254,8 +268,10 @@ def tree_scan(
     order = np.sort(all_llr)
     reached_sorted = np.zeros(all_llr.size)
     done = 0
+    step = min(10, batch)  # small first: under the null a look usually stops within a few
     while done < replications:
-        size = min(batch, replications - done)
+        size = min(step, replications - done)
+        step = min(step * 2, batch)
         maxima = np.zeros(size)
         for tree in live:
             maxima = np.maximum(maxima, tree.simulate_maxima(rng, size))

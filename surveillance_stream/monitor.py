@@ -41,6 +41,7 @@ from surveillance_stream.devices import (
     Counters,
     parse_node,
 )
+from surveillance_stream.report import ReportData
 from surveillance_stream.scan import SCAN_LOOK_SCHEMA, ScanPlan, build_trees, run_look
 from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.signals import (
@@ -53,6 +54,7 @@ from surveillance_stream.signals import (
     observe,
     signal_id,
 )
+from surveillance_stream.statistics import poisson_llr
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,7 @@ class SignalMonitor:
         self.scan_seconds = 0.0
         self._scan_lock = threading.Lock()
         self._scan_thread: threading.Thread | None = None
+        self._last_look_started = -float("inf")
         self.levels = tuple(levels)
         self.audit = audit
         self.min_interval = min_interval
@@ -523,6 +526,7 @@ class SignalMonitor:
         return self._scan_thread is not None and self._scan_thread.is_alive()
 
     def _scheduled_look(self) -> None:
+        self._last_look_started = time.monotonic()
         try:
             self.scan(spend=True)
         except Exception as exc:  # recorded and tried again at the next due check
@@ -531,6 +535,8 @@ class SignalMonitor:
             self._stop.wait(5.0)
 
     def _look_due(self) -> bool:
+        if time.monotonic() - self._last_look_started < self.plan.min_seconds:
+            return False
         latest = self.counters.latest_day
         last = date.fromisoformat(self.looks[-1]["data_day"]) if self.looks else None
         return bool(self.contributions) and self.plan.due(last, latest)
@@ -563,8 +569,7 @@ class SignalMonitor:
         """Run the tree-based scan now. With ``spend`` it is the plan's next look (published on
         the signals topic; its signals pass family-wise control and move the signals); without,
         an exploratory scan compared with the next look's alpha that signals nothing."""
-        if spend:
-            self._require_ready()
+        self._require_ready()
         with self._scan_lock:
             started = time.perf_counter()
             with self.lock:
@@ -783,35 +788,67 @@ class SignalMonitor:
             }
 
     def history(self, identifier: str) -> dict[str, Any]:
-        """Observed vs expected, cumulative by implant quarter, with the boundary."""
+        """Observed vs expected, cumulative by implant quarter, with the boundary.
+
+        Each quarter's implant cohort is assessed on its own (its adjusted expectation from the
+        comparator's same-quarter cohort) and the points are running sums, so neither line can
+        fall: an earlier cumulative assessment against ``..quarter`` used the comparator's rate
+        over all cohorts so far, which moved as later cohorts joined, and the expected line
+        dipped. The LLR is the Poisson MaxSPRT's at each point's sums; ``expected_crude`` is
+        the same sum of crude expectations.
+        """
         self._require_ready()
         with self.lock:
             signal, _ = self._signal(identifier)
             level = parse_node(signal.node)[0]
             periods = [p for p in self.counters.periods(level, signal.node) if p != UNKNOWN]
             day = self.counters.latest_day
+            cv = self.config.critical_value()
             points = []
+            observed, expected, crude = 0, 0.0, 0.0
             for period in periods:
                 result = assess(
-                    self.counters,
-                    signal.node,
-                    signal.outcome,
-                    f"..{period}",
-                    at=day,
+                    self.counters, signal.node, signal.outcome, period, at=day,
                     config=self.config,
-                )
+                )  # fmt: skip
+                observed += result.a
+                expected += result.maxsprt.expected or 0.0
+                crude += result.maxsprt.expected_crude or 0.0
+                llr = poisson_llr(observed, expected) if expected > 0 else None
+                fires = (
+                    llr is not None and cv is not None and observed >= self.config.min_events
+                    and llr >= cv.cv
+                )  # fmt: skip
                 points.append(
                     {
                         "period": period,
-                        "observed": result.a,
-                        "expected": result.maxsprt.expected,
-                        "llr": result.maxsprt.llr,
-                        "cv": result.maxsprt.cv,
-                        "signal": result.maxsprt.signal,
+                        "observed": observed,
+                        "expected": expected,
+                        "expected_crude": crude,
+                        "llr": llr,
+                        "cv": None if cv is None else cv.cv,
+                        "signal": fires,
                     }
                 )
         return {"signal": identifier, "node": signal.node, "outcome": signal.outcome,
                 "points": points}  # fmt: skip
+
+    def report_data(self, identifier: str, base_url: str = "") -> ReportData:
+        """Everything a signal's report shows (:mod:`.report`), read at one moment."""
+        self._require_ready()
+        with self.lock:
+            detail = self.detail(identifier)
+            history = self.history(identifier)
+            provenance = self.provenance(identifier, limit=100_000)
+            scan = None if self.last_scan is None else dict(self.last_scan)
+        return ReportData(
+            detail=detail,
+            history=history,
+            provenance=provenance,
+            scan=scan,
+            generated_at=self.clock().isoformat(),
+            base_url=base_url,
+        )
 
     def breakdown(self, identifier: str, by: str, protect: Any) -> dict[str, Any]:
         """The signal's outcome by manufacturer, model, lot (the nodes under or at the signal's

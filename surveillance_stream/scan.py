@@ -47,11 +47,15 @@ class ScanPlan:
       past the last look's (weekly by default).
     * ``replications``: the least number of Monte Carlo replications per look (more when the
       look's alpha needs them: ``R + 1 >= 5 / alpha_k``).
+    * ``min_seconds``: the least wall-clock time between scheduled looks.
     """
 
     spending: AlphaSpending = field(default_factory=AlphaSpending)
     every_days: int = 7
     replications: int = 999
+    #: the least wall-clock time between scheduled looks: while a backlog is replayed the data's
+    #: day moves fast, and a look per week of data would queue Monte Carlo runs back to back
+    min_seconds: float = 60.0
 
     def due(self, last: date | None, latest: date | None) -> bool:
         if latest is None:
@@ -63,6 +67,7 @@ class ScanPlan:
             **self.spending.to_dict(),
             "every_days": self.every_days,
             "replications": self.replications,
+            "min_seconds": self.min_seconds,
         }
 
 

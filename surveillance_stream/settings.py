@@ -85,6 +85,9 @@ class SurveillanceSettings(BaseSettings):
     scan_looks: int = Field(default=104, ge=1, validation_alias="CONCIERGE_SCAN_LOOKS")
     scan_rho: float = Field(default=1.0, gt=0, le=10, validation_alias="CONCIERGE_SCAN_RHO")
     scan_every_days: int = Field(default=7, ge=1, validation_alias="CONCIERGE_SCAN_EVERY_DAYS")
+    scan_min_seconds: float = Field(
+        default=60.0, ge=0, allow_inf_nan=False, validation_alias="CONCIERGE_SCAN_MIN_SECONDS"
+    )
     scan_replications: int = Field(
         default=999, ge=19, le=1_000_000, validation_alias="CONCIERGE_SCAN_REPLICATIONS"
     )
@@ -167,6 +170,7 @@ class SurveillanceSettings(BaseSettings):
             spending=AlphaSpending(self.scan_alpha, self.scan_looks, self.scan_rho),
             every_days=self.scan_every_days,
             replications=self.scan_replications,
+            min_seconds=self.scan_min_seconds,
         )
 
     def signal_config(self) -> SignalConfig:

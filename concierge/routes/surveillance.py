@@ -14,7 +14,7 @@ function of them.
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
 from core.auth import Principal, require_role
@@ -183,7 +183,77 @@ def build_router() -> APIRouter:
         detail: dict[str, Any] = _call(monitor.detail, signal_id)
         return {"signal": detail["signal"]}
 
+    _scan_and_report_routes(router)
     both = APIRouter()
     both.include_router(operations)
     both.include_router(router)
     return both
+
+
+class ScanRequest(BaseModel):
+    spend: bool = Field(
+        default=False,
+        description="Make this scan the plan's next look: it spends that look's alpha and its "
+        "signals move the lifecycle. Without it the scan is exploratory: compared with the next "
+        "look's alpha, it signals nothing and spends nothing.",
+    )
+    seed: int | None = Field(default=None, ge=0, description="Monte Carlo seed (reproducible).")
+
+
+def _scan_and_report_routes(router: APIRouter) -> None:
+    """The tree-based scan (its looks and an on-demand run) and a signal's filed report."""
+
+    @router.get(
+        "/scan",
+        summary="The tree-based scan: the alpha-spending plan, its looks, the latest scan",
+        description="One tree per (device class, outcome), conditional Poisson, Monte Carlo "
+        "p-values; `latest.top` holds the highest cuts with observed, expected, LLR and p-value.",
+    )
+    def scan_view(monitor: Monitor, principal: Regulator) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.scan_view)
+        return found
+
+    @router.post(
+        "/scan",
+        summary="Run the tree-based scan now (exploratory, or as the plan's next look)",
+    )
+    def scan_now(
+        request: Request,
+        monitor: Monitor,
+        principal: Regulator,
+        body: Annotated[ScanRequest, Body()] = ScanRequest(),
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.scan, spend=body.spend, seed=body.seed)
+        request.state.audit_detail = {"spend": body.spend, "look": found.get("look")}
+        return found
+
+    @router.get(
+        "/signals/{signal_id}/report",
+        summary="A signal's report to file: statistics with their inputs, charts, adjustment, "
+        "multiplicity, provenance summary, lifecycle and reproduce commands",
+        response_class=Response,
+        responses={200: {"content": {"text/html": {}, "application/pdf": {}}}},
+    )
+    def report(
+        signal_id: str,
+        request: Request,
+        monitor: Monitor,
+        principal: Regulator,
+        format: Annotated[Literal["html", "pdf"], Query()] = "html",
+    ) -> Response:
+        from surveillance_stream.report import render_html, render_pdf
+
+        data = _call(monitor.report_data, signal_id, str(request.base_url).rstrip("/"))
+        request.state.audit_detail = {
+            "signal": signal_id,
+            "format": format,
+            "patients": data.provenance.get("patients", 0),
+        }
+        if format == "pdf":
+            filename = f"{signal_id}.pdf"
+            return Response(
+                render_pdf(data),
+                media_type="application/pdf",
+                headers={"Content-Disposition": f'inline; filename="{filename}"'},
+            )
+        return Response(render_html(data), media_type="text/html; charset=utf-8")

@@ -193,6 +193,8 @@ def test_history_is_cumulative_and_breakdowns_follow_small_number_rules() -> Non
     points = watcher.history(row["id"])["points"]
     assert points and points[-1]["observed"] <= row["observed"]
     assert [p["observed"] for p in points] == sorted(p["observed"] for p in points)
+    # the cumulative expected line never dips (each quarter's cohort adds its own expectation)
+    assert [p["expected"] for p in points] == sorted(p["expected"] for p in points)
     assert all(p["cv"] == row["cv"] for p in points)
 
     def protect(n: int) -> int | str:
@@ -308,3 +310,41 @@ def test_a_look_of_the_tree_scan_spends_alpha_and_moves_signals_it_passes() -> N
     assert len(restored.looks) == 1 and restored.tree_flags == watcher.tree_flags
     restored.ready = True
     assert restored.scan(spend=True, seed=2)["look"] == 2
+
+
+def test_the_report_shows_the_numbers_the_api_gives(tmp_path: Any) -> None:
+    from surveillance_stream.report import fmt, render_html, render_pdf
+    from tests.integration.test_device_signals import pdf_text, render_pdf_pages
+
+    sim, _ = world()
+    watcher = monitor()
+    watcher.absorb(records(sim.last.values()))
+    watcher.reassess()
+    row = next(r for r in watcher.rows(level="model") if r["node"] == FAULTY_NODE and r["signal"])
+    watcher.scan(spend=False, seed=3)
+    data = watcher.report_data(row["id"])
+    detail = watcher.detail(row["id"])
+    maxsprt = detail["assessment"]["maxsprt"]
+    prr = detail["assessment"]["disproportionality"]["prr"]
+    numbers = [fmt(maxsprt[k]) for k in ("llr", "expected", "expected_crude", "cv")] + [fmt(prr)]
+    page = render_html(data)
+    assert row["node"] in page and "<svg" in page and 'data-series="expected"' in page
+    for number in numbers:
+        assert number in page, number
+    assert not any(p in page for p in data.provenance_patients())  # no pseudonym in a report
+    content = render_pdf(data)
+    text = pdf_text(content)
+    for number in numbers:
+        assert number in text, number
+    assert "tree scan" in text.lower() and "Reproduce" in text
+    pages = render_pdf_pages(content, tmp_path)
+    assert pages and pages[0].stat().st_size > 10_000
+
+
+def test_report_numbers_are_plain_notation() -> None:
+    from surveillance_stream.report import fmt
+
+    assert fmt(6.6e-05) == "0.00006600"
+    assert fmt(1234.5678) == "1235"
+    assert fmt(12.3456) == "12.35"
+    assert (fmt(None), fmt(float("nan")), fmt(3)) == ("—", "—", "3")

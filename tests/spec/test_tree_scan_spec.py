@@ -125,9 +125,7 @@ def test_a_family_of_trees_shares_one_maximum() -> None:
     cluster has a larger p-value in a larger family."""
     alone = tree_scan([hand_tree()], replications=4_999, alpha=0.5, seed=2, early_stop=False)
     other = Tree("other", NAMES, PARENTS, (0, 0, 4, 4, 4), (0.0, 0.0, 4.0, 4.0, 4.0))
-    both = tree_scan(
-        [hand_tree(), other], replications=4_999, alpha=0.5, seed=2, early_stop=False
-    )
+    both = tree_scan([hand_tree(), other], replications=4_999, alpha=0.5, seed=2, early_stop=False)
     cut = next(c for c in both.cuts if (c.tree, c.node) == ("hand", "a1"))
     assert cut.p_value >= alone.cuts[0].p_value - 0.02
     assert {c.tree for c in both.cuts} == {"hand", "other"}

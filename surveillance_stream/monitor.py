@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -225,6 +225,10 @@ class SignalMonitor:
         self.last_scan: dict[str, Any] | None = None
         self.scan_seconds = 0.0
         self._scan_lock = threading.Lock()
+        #: called with every signal event once it is on the signals topic (notifications)
+        self.listeners: list[Callable[[Mapping[str, Any]], None]] = []
+        self.notify_failures = 0
+        self.notify_error: str | None = None
         self._scan_thread: threading.Thread | None = None
         self._last_look_started = -float("inf")
         self.levels = tuple(levels)
@@ -677,7 +681,19 @@ class SignalMonitor:
         )
         self._producer.poll(0)
 
+    def _notify(self, event: Mapping[str, Any]) -> None:
+        """Hand an event (already on the signals topic) to the listeners (notifications); a
+        failure is counted and shown in :meth:`status`, and the event stays on the topic."""
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # recorded: status() says notifications are failing
+                self.notify_failures += 1
+                self.notify_error = f"{type(exc).__name__}: {exc}"
+                log.exception("signal monitor: a notification listener failed")
+
     def _audit(self, event: Mapping[str, Any]) -> None:
+        self._notify(event)
         if self.audit is None:
             return
         actor = str(event.get("actor") or "system")
@@ -743,6 +759,8 @@ class SignalMonitor:
                 "levels": list(self.levels),
                 "signals": len(self.assessments),
                 "signalling": sum(1 for a in self.assessments.values() if a.signal),
+                "notify_failures": self.notify_failures,
+                "notify_error": self.notify_error,
                 "looks": len(self.looks),
                 "alpha_spent": self.looks[-1]["alpha_spent"] if self.looks else 0.0,
                 "config": self.config.to_dict(),

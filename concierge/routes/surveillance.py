@@ -184,6 +184,7 @@ def build_router() -> APIRouter:
         return {"signal": detail["signal"]}
 
     _scan_and_report_routes(router)
+    _subscription_routes(router)
     both = APIRouter()
     both.include_router(operations)
     both.include_router(router)
@@ -257,3 +258,65 @@ def _scan_and_report_routes(router: APIRouter) -> None:
                 headers={"Content-Disposition": f'inline; filename="{filename}"'},
             )
         return Response(render_html(data), media_type="text/html; charset=utf-8")
+
+
+class SubscriptionCreate(BaseModel):
+    channel: Literal["email", "webhook"]
+    address: str = Field(max_length=2000, description="An e-mail address or an https URL.")
+    device_class: str | None = Field(default=None, max_length=200, description="Any if unset.")
+    outcome: str | None = Field(default=None, max_length=500, description="Any if unset.")
+    level: Literal["class", "manufacturer", "model", "lot"] | None = None
+    actions: (
+        list[Literal["detect", "lapse", "review", "confirm", "dismiss", "close", "reopen"]] | None
+    ) = Field(default=None, description="The moves to be told of; every one if unset.")
+
+
+def _notices(request: Request) -> Any:
+    notices = getattr(request.app.state, "signal_notices", None)
+    if notices is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "signal notifications need the signal monitor and the recruitment database (its "
+            "outbox) in this API",
+        )
+    return notices
+
+
+def _subscription_routes(router: APIRouter) -> None:
+    """Regulators' subscriptions to signal notifications (e-mail or webhook, via the outbox)."""
+
+    @router.post(
+        "/subscriptions",
+        summary="Subscribe to notifications of signal moves (detect, lapse, each action)",
+        status_code=status.HTTP_201_CREATED,
+        responses={422: {"description": "An address, level or action that cannot be kept"}},
+    )
+    def subscribe(
+        request: Request, principal: Regulator, body: Annotated[SubscriptionCreate, Body()]
+    ) -> dict[str, Any]:
+        from recruitment.signal_notices import SubscriptionError
+
+        try:
+            found: dict[str, Any] = _notices(request).subscribe(
+                principal.sub, principal.org or "", body.channel, body.address,
+                device_class=body.device_class, outcome=body.outcome, level=body.level,
+                actions=body.actions,
+            )  # fmt: skip
+        except SubscriptionError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+        request.state.audit_detail = {"subscription": found["id"], "channel": body.channel}
+        return found
+
+    @router.get("/subscriptions", summary="Your subscriptions to signal notifications")
+    def subscriptions(request: Request, principal: Regulator) -> dict[str, Any]:
+        return {"subscriptions": _notices(request).subscriptions(principal.sub)}
+
+    @router.delete(
+        "/subscriptions/{subscription_id}",
+        summary="End one of your subscriptions",
+        status_code=status.HTTP_204_NO_CONTENT,
+    )
+    def unsubscribe(subscription_id: str, request: Request, principal: Regulator) -> Response:
+        if not _notices(request).unsubscribe(subscription_id, principal.sub):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no subscription {subscription_id}")
+        return Response(status_code=status.HTTP_204_NO_CONTENT)

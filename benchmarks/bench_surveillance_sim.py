@@ -226,7 +226,9 @@ def tree_signals(
             expected[leaves] = leaf_time @ stratum_rate
             trees.append(template.recount(observed.tolist(), expected.tolist()))
             object.__setattr__(trees[-1], "label", f"{c}|{o}")
-    result = tree_scan(trees, replications=replications_for(alpha, least), alpha=alpha, seed=seed)
+    result = tree_scan(
+        trees, replications=replications_for(alpha, least), alpha=alpha, seed=seed, keep=50
+    )
     return [(cut.node, int(cut.tree.split("|")[1])) for cut in result.cuts if cut.signal]
 
 
@@ -314,15 +316,21 @@ def main(argv: list[str] | None = None) -> int:
     spending = AlphaSpending(args.alpha, args.weeks, args.rho)
     per_pair = PerPair(world)
     started = time.perf_counter()
-    null = [
-        replicate(world, 10_000 + i, 1.0, None, spending, args.least_replications, per_pair)
-        for i in range(args.null_replications)
-    ]
+    null = []
+    for i in range(args.null_replications):
+        null.append(
+            replicate(world, 10_000 + i, 1.0, None, spending, args.least_replications, per_pair)
+        )
+        _progress("null", i + 1, args.null_replications, null[-1], started)
     faulty = ("c0/m1/d2", 3)
-    power = [
-        replicate(world, 20_000 + i, args.rr, faulty, spending, args.least_replications, per_pair)
-        for i in range(args.power_replications)
-    ]
+    power = []
+    for i in range(args.power_replications):
+        power.append(
+            replicate(
+                world, 20_000 + i, args.rr, faulty, spending, args.least_replications, per_pair
+            )
+        )
+        _progress("power", i + 1, args.power_replications, power[-1], started)
     seconds = time.perf_counter() - started
     n_null, n_power = len(null), len(power)
     report: dict[str, Any] = {"world": {**world.__dict__, "device_nodes": world.n_nodes,
@@ -358,10 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def json_dump(value: Any) -> str:
+def _progress(kind: str, done: int, total: int, result: dict[str, Any], started: float) -> None:
+    """One line per replication on stderr (a long run can be followed, and read if cut short)."""
+    seconds = time.perf_counter() - started
+    sys.stderr.write(f"{kind} {done}/{total} {json_dump(result, indent=None)} {seconds:.0f}s\n")
+    sys.stderr.flush()
+
+
+def json_dump(value: Any, indent: int | None = 2) -> str:
     import json
 
-    return json.dumps(value, indent=2, default=float)
+    return json.dumps(value, indent=indent, default=float)
 
 
 if __name__ == "__main__":

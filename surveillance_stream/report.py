@@ -268,8 +268,11 @@ def _svg_lines(
         f'<text x="4" y="{y(top) + 4}" font-size="10">{fmt(top, 3)}</text>',
         f'<text x="4" y="{y(0)}" font-size="10">0</text>',
     ]
+    step = max(1, len(points) // 6)
+    last = len(points) - 1
     for i, point in enumerate(points):
-        if i in (0, len(points) - 1) or i % max(1, len(points) // 6) == 0:
+        # every step-th quarter, and the last one unless it would overprint its neighbour
+        if i % step == 0 or (i == last and last % step >= max(1, step // 2)):
             parts.append(
                 f'<text x="{x(i) - 14}" y="{height - 8}" font-size="10">'
                 f"{html.escape(str(point.get('period', '')))}</text>"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+from core.contracts.signals import SCAN_LOOK_SCHEMA as CONTRACT_SCAN_LOOK_SCHEMA
 from surveillance_stream.devices import LEVELS, Counters, parse_node
 from surveillance_stream.statistics.treescan import AlphaSpending, ScanResult, Tree, tree_scan
 
@@ -32,8 +33,8 @@ __all__ = [
 ]
 
 #: A look published on the signals topic (keyed ``scan-look-<n>``), read back on start so the
-#: spending continues where it was.
-SCAN_LOOK_SCHEMA = "concierge.scan-look/1"
+#: spending continues where it was (the schema lives with the topic's other contract).
+SCAN_LOOK_SCHEMA = CONTRACT_SCAN_LOOK_SCHEMA
 #: Replications are at least this many over the look's alpha, so a cut can reach it with room.
 _MC_MARGIN = 5
 

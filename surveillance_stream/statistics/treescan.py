@@ -240,12 +240,15 @@ def tree_scan(
     seed: int | None = None,
     batch: int = 200,
     early_stop: bool = True,
+    keep: int | None = None,
 ) -> ScanResult:
     """Scan a family of trees at level ``alpha`` with ``replications`` Monte Carlo draws.
 
     A cut signals when its p-value ``(r + 1) / (R + 1)`` is at most ``alpha``. With
     ``early_stop`` the draws stop as soon as no cut can reach that (the decision is the same
-    as with all ``R``; the p-values are then estimates over the draws run).
+    as with all ``R``; the p-values are then estimates over the draws run). ``keep`` limits
+    the cuts reported to the highest ``keep`` (every cut that signals is among them, since a
+    signal needs a p-value no larger than the top cut's).
     """
     if replications < 1:
         raise ValueError("replications must be >= 1")
@@ -286,18 +289,21 @@ def tree_scan(
     complete = done == replications
     cuts: list[CutResult] = []
     offset = 0
+    # with ``keep``, only the ``keep`` highest cuts (and every cut that signals) are reported
+    floor = -1.0
+    if keep is not None and all_llr.size > keep:
+        floor = float(np.sort(all_llr)[-keep])
     for tree, llr, (counts, expect) in zip(live, observed_llr, cut_counts, strict=True):
-        for i, name in enumerate(tree.names):
+        for i in np.nonzero(llr >= floor)[0] if floor >= 0 else range(len(tree.names)):
             r = reached[offset + i]
-            p = (r + 1) / (done + 1)
             cuts.append(
                 CutResult(
                     tree=tree.label,
-                    node=name,
+                    node=tree.names[i],
                     observed=int(counts[i]),
                     expected=float(expect[i]),
                     llr=float(llr[i]),
-                    p_value=float(p),
+                    p_value=float((r + 1) / (done + 1)),
                     signal=bool(complete and llr[i] > 0 and r <= allowed),
                 )
             )

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 
 from concierge.api import create_app
 from core.auth import issue
+from core.contracts.signals import SIGNAL_EVENT_SCHEMA
 from core.settings import Settings
 from infra.topics import SIGNALS
 from tests.generative.test_device_counters import faulty_outcome_records
@@ -78,11 +79,16 @@ def signal_events(settings: Settings) -> list[dict[str, Any]]:
     high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     events: list[dict[str, Any]] = []
+    read = 0
     deadline = time.monotonic() + 30
-    while len(events) < high and time.monotonic() < deadline:
+    while read < high and time.monotonic() < deadline:
         for message in consumer.consume(500, timeout=0.5):
+            if message.error() is None:
+                read = max(read, message.offset() + 1)
             if message.error() is None and message.value():
-                events.append(orjson.loads(message.value()))
+                found = orjson.loads(message.value())
+                if found.get("schema") == SIGNAL_EVENT_SCHEMA:  # not the tree scan's looks
+                    events.append(found)
     consumer.close()
     return events
 

@@ -152,3 +152,11 @@ def test_alpha_spending_spends_alpha_over_the_planned_looks() -> None:
         [0.0, 0.003125, 0.0125, 0.028125, 0.05]
     )
     assert all(a < b for a, b in itertools.pairwise(late.at(k) for k in range(1, 5)))
+
+
+def test_keep_reports_only_the_highest_cuts_and_every_signal() -> None:
+    strong = hand_tree((11, 1, 0))
+    every = tree_scan([strong], replications=999, alpha=0.01, seed=5)
+    kept = tree_scan([strong], replications=999, alpha=0.01, seed=5, keep=2)
+    assert [c.node for c in kept.cuts] == [c.node for c in every.cuts[:2]]
+    assert {c.node for c in kept.cuts if c.signal} == {c.node for c in every.cuts if c.signal}

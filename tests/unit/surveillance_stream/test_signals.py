@@ -106,7 +106,7 @@ def test_the_two_by_two_table_of_a_model_against_its_class() -> None:
     # IC025 = log2(Gamma^-1(0.025; shape a + 0.5, rate E + 0.5)) = -0.304: below 0
     assert table.ic025 == pytest.approx(math.log2(gamma.ppf(0.025, 4.5, scale=1 / (70 / 60 + 0.5))))
     assert result.rules == {"maxsprt": True, "evans": True, "prr_ci": True, "ror_ci": True,
-                            "ic025": False, "eb05": False}  # fmt: skip
+                            "ic025": False, "eb05": False, "tree_scan": False}  # fmt: skip
     assert result.fired == ("maxsprt", "evans", "prr_ci", "ror_ci")
     assert result.signal
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))

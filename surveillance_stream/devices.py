@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
@@ -679,9 +679,11 @@ def exposures(
             item.procedures.append((performed, procedure.tokens, source))
     found: list[Exposure] = []
     for key, item in evidence.items():
-        exposure = _exposure(patient, key, item, classes, cutoff, site, region, place_source)
+        exposure = _exposure(
+            patient, key, item, classes, cutoff, site, region, place_source, sex or UNKNOWN, birth
+        )
         if exposure is not None:
-            found.append(replace(exposure, sex=sex or UNKNOWN, age=_age(birth, exposure.start)))
+            found.append(exposure)
     far = datetime.max.replace(tzinfo=UTC)
     return sorted(found, key=lambda e: (e.start or far, e.device))
 
@@ -703,6 +705,8 @@ def _exposure(
     site: str | None,
     region: str | None,
     place_source: Source | None,
+    sex: str = UNKNOWN,
+    birth: date | None = None,
 ) -> Exposure | None:
     descriptions = [d for _, _, d in sorted(item.descriptions, key=lambda t: (t[0], t[1]))]
     procedure_codes = frozenset(c for _, codes, _ in item.procedures for c in codes)
@@ -750,6 +754,8 @@ def _exposure(
         site=site,
         region=region,
         sources=tuple(sorted(sources)),
+        sex=sex,
+        age=_age(birth, start),
     )
 
 

@@ -271,6 +271,8 @@ def tree_scan(
     order = np.sort(all_llr)
     reached_sorted = np.zeros(all_llr.size)
     done = 0
+    if not live:  # nothing observed anywhere: no cut to test
+        return ScanResult((), 0.0, alpha, 0, replications, True, seed)
     step = min(10, batch)  # small first: under the null a look usually stops within a few
     while done < replications:
         size = min(step, replications - done)

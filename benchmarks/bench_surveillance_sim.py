@@ -240,6 +240,7 @@ def replicate(
     spending: AlphaSpending,
     least: int,
     per_pair: PerPair,
+    look_every: int = 1,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     mix = case_mix(world, rng)
@@ -282,7 +283,9 @@ def replicate(
             if out[method] is not None and out[method] != "false-only":
                 continue
             if method == "tree":
-                alpha = spending.at(week)
+                if week % look_every:
+                    continue  # the tree scan looks every ``look_every`` weeks
+                alpha = spending.at(week // look_every)
                 found = tree_signals(world, events, time, alpha, seed * 1000 + week, least)
             else:
                 found = per_pair.signals(events, time)
@@ -307,19 +310,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rr", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--rho", type=float, default=1.0)
+    parser.add_argument(
+        "--look-every", type=int, default=1, help="weeks between the tree scan's looks"
+    )
     parser.add_argument("--least-replications", type=int, default=999)
     parser.add_argument("--implants", type=float, default=0.5, help="per lot per week")
     parser.add_argument("--name", default="surveillance_simulation")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     world = World(weeks=args.weeks, implants_per_lot_week=args.implants)
-    spending = AlphaSpending(args.alpha, args.weeks, args.rho)
+    spending = AlphaSpending(args.alpha, max(1, args.weeks // args.look_every), args.rho)
     per_pair = PerPair(world)
     started = time.perf_counter()
     null = []
     for i in range(args.null_replications):
         null.append(
-            replicate(world, 10_000 + i, 1.0, None, spending, args.least_replications, per_pair)
+            replicate(
+                world,
+                10_000 + i,
+                1.0,
+                None,
+                spending,
+                args.least_replications,
+                per_pair,
+                args.look_every,
+            )
         )
         _progress("null", i + 1, args.null_replications, null[-1], started)
     faulty = ("c0/m1/d2", 3)
@@ -327,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.power_replications):
         power.append(
             replicate(
-                world, 20_000 + i, args.rr, faulty, spending, args.least_replications, per_pair
+                world,
+                20_000 + i,
+                args.rr,
+                faulty,
+                spending,
+                args.least_replications,
+                per_pair,
+                args.look_every,
             )
         )
         _progress("power", i + 1, args.power_replications, power[-1], started)

@@ -33,7 +33,9 @@ from .disclosure.protection import protect
 from .disclosure.registry import NewPublication, PublicationRegistry, current_display
 from .engines.base import FrameEngine
 from .engines.reference import walk_criterion
+from .expansion import ExpansionSource
 from .readers import CohortReader, FactsReader, Reader
+from .refresh import ExpansionRefresher
 from .saved import SavedQuestions, SavedTrial, TrialCreate
 from .sites import (
     UNRESOLVED,
@@ -293,6 +295,11 @@ class FeasibilityService:
     #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
     #: a broker call; None where there is no broker).
     facts_high_watermarks: Callable[[], dict[int, int]] | None = None
+    #: Expands ECL and ValueSet code entries when a question is compiled
+    #: (:class:`terminology.expand.Terminology`); None: questions naming them are refused.
+    terminology: ExpansionSource | None = None
+    #: Re-expands saved questions after terminology loads (stopped with the service).
+    refresher: ExpansionRefresher | None = None
 
     @contextmanager
     def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:
@@ -481,6 +488,8 @@ class FeasibilityService:
 
     def stop(self) -> None:
         """Stop the readers that keep the views current (at the API's shutdown)."""
+        if self.refresher is not None:
+            self.refresher.stop()
         for reader in self._readers().values():
             reader.stop()
 

@@ -3,14 +3,14 @@
 The pipeline is spaCy's blank English tokenizer and rule sentencizer, medspaCy's target matcher
 with the rules in ``note_rules/device_problems.json`` (device problems such as loosening,
 dislocation, revision, infection, lead fracture and pump failure, and device mentions), and
-medspaCy's ConText with its own shipped rules (and the few in the rule file), which marks each mention negated ("no evidence
-of"), uncertain ("possible"), historical ("history of"), hypothetical ("if ... returns") or about
-the family ("mother had"). Nothing is downloaded: there is no statistical model, only rules.
+medspaCy's ConText with its own shipped rules (and the few in the rule file), which marks each
+mention negated ("no evidence of"), uncertain ("possible"), historical ("history of"),
+hypothetical ("if ... returns") or about the family ("mother had"). Nothing is downloaded: there is no statistical model, only rules.
 
 A problem counts as a finding when a device is mentioned within :data:`DEVICE_WINDOW` tokens of
 it in the same sentence, or when its phrase names the device itself (``names_device`` in the
-rule's metadata: "lead fracture", "pump failure"); a finding is *asserted* (a candidate outcome) when ConText marked it none
-of negated, uncertain, historical, hypothetical or family. The spans are character offsets in the
+rule's metadata: "lead fracture", "pump failure"); a finding is *asserted* (a candidate outcome)
+when ConText marked it none of negated, uncertain, historical, hypothetical or family. The spans are character offsets in the
 text given, so with the resource's version they say exactly what was read.
 
 Why rules and not a model: the issue asks for an auditable, deterministic pipeline a regulator can
@@ -72,10 +72,9 @@ def rule_set() -> dict[str, Any]:
 @functools.cache
 def _pipeline() -> Any:
     # imported here: spaCy and medspaCy take seconds to import, and only note readers need them
+    import medspacy  # noqa: F401  (registers the medspacy_* pipeline factories)
     import spacy
     from loguru import logger
-
-    import medspacy  # noqa: F401  (registers the medspacy_* pipeline factories)
     from medspacy.context import ConTextRule
     from medspacy.target_matcher import TargetRule
 
@@ -84,10 +83,10 @@ def _pipeline() -> Any:
     logger.disable("PyRuSH")
     nlp = spacy.blank("en")
     nlp.add_pipe("sentencizer")
-    matcher = nlp.add_pipe("medspacy_target_matcher")
+    matcher: Any = nlp.add_pipe("medspacy_target_matcher")
     rules = rule_set()
     matcher.add([TargetRule.from_dict(rule) for rule in rules["target_rules"]])
-    context = nlp.add_pipe("medspacy_context")
+    context: Any = nlp.add_pipe("medspacy_context")
     context.add([ConTextRule.from_dict(rule) for rule in rules.get("context_rules", ())])
     return nlp
 

@@ -1,17 +1,17 @@
 """Device problems in clinical notes: a rule-based clinical NLP pipeline (medspaCy).
 
-The pipeline is spaCy's blank English tokenizer and rule sentencizer, medspaCy's target matcher
-with the rules in ``note_rules/device_problems.json`` (device problems such as loosening,
-dislocation, revision, infection, lead fracture and pump failure, and device mentions), and
-medspaCy's ConText with its own shipped rules (and the few in the rule file), which marks each
-mention negated ("no evidence of"), uncertain ("possible"), historical ("history of"),
-hypothetical ("if ... returns") or about the family ("mother had"). Nothing is downloaded: there is no statistical model, only rules.
+The pipeline is spaCy's blank English tokenizer and rule sentencizer, medspaCy's target matcher with
+the rules in ``note_rules/device_problems.json`` (device problems such as loosening, dislocation,
+revision, infection, lead fracture and pump failure, and device mentions), and medspaCy's ConText
+with its own shipped rules (and the few in the rule file), which marks each mention negated ("no
+evidence of"), uncertain ("possible"), historical ("history of"), hypothetical ("if ... returns") or
+about the family ("mother had"). Nothing is downloaded: there is no statistical model, only rules.
 
-A problem counts as a finding when a device is mentioned within :data:`DEVICE_WINDOW` tokens of
-it in the same sentence, or when its phrase names the device itself (``names_device`` in the
-rule's metadata: "lead fracture", "pump failure"); a finding is *asserted* (a candidate outcome)
-when ConText marked it none of negated, uncertain, historical, hypothetical or family. The spans are character offsets in the
-text given, so with the resource's version they say exactly what was read.
+A problem counts as a finding when a device is mentioned within :data:`DEVICE_WINDOW` tokens of it
+in the same sentence, or when its phrase names the device itself (``names_device`` in the rule's
+metadata: "lead fracture", "pump failure"); a finding is *asserted* (a candidate outcome) when
+ConText marked it none of negated, uncertain, historical, hypothetical or family. The spans are
+character offsets in the text given, so with the resource's version they say exactly what was read.
 
 Why rules and not a model: the issue asks for an auditable, deterministic pipeline a regulator can
 re-run; each rule is a line in the JSON file and has a spec test

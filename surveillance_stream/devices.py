@@ -401,6 +401,23 @@ METHODS: tuple[str, ...] = ("poisson", "binomial", "cusum")
 WINDOW_MARK = "@"
 
 
+#: Marks an outcome counted from free text (:class:`core.contracts.facts.TextFindingFact`): a
+#: candidate outcome, counted apart from the coded one (``"device infection (from text)"``).
+FROM_TEXT = " (from text)"
+#: The record kind of a device problem read from text.
+TEXT = "text"
+
+
+def text_outcome(name: str) -> str:
+    """The counter key's outcome for candidate events of ``name`` read from free text."""
+    return f"{name}{FROM_TEXT}"
+
+
+def from_text(outcome: str) -> bool:
+    """Whether an outcome name counts device problems read from text (not coded outcomes)."""
+    return outcome.split(WINDOW_MARK, 1)[0].endswith(FROM_TEXT)
+
+
 def window_outcome(name: str, window: str) -> str:
     """The counter key's outcome for events of ``name`` in a window (``risk`` or ``control``)."""
     return f"{name}{WINDOW_MARK}{window}"
@@ -769,7 +786,7 @@ class Outcome:
     name: str
     device: str  # the exposure's device key
     date: datetime | None
-    kind: str  # condition, procedure or adverse_event
+    kind: str  # condition, procedure, adverse_event or text (read from a note: a candidate)
     #: ``device``: the fact names the device; ``window``: by class and window after implant
     #: (when the patient has several such exposures, each of them gets the outcome).
     attribution: str
@@ -782,7 +799,8 @@ _OutcomeRecord = tuple[str, datetime | None, frozenset[str], tuple[str, ...], So
 
 def _outcome_records(view: PatientView) -> list[_OutcomeRecord]:
     """The patient's records that may be outcomes, in resource-key order: conditions (not
-    refuted or in error), procedures (performed), actual adverse events naming a device."""
+    refuted or in error), procedures (performed), actual adverse events naming a device, and
+    device problems read from text (candidates)."""
     found: list[tuple[str, int, _OutcomeRecord]] = []
     for condition in view.conditions:
         if condition.verification_status in _NOT_A_DIAGNOSIS:
@@ -802,6 +820,10 @@ def _outcome_records(view: PatientView) -> list[_OutcomeRecord]:
         assert event.source is not None
         record = ("adverse_event", event.at, event.tokens, event.suspect_devices, event.source)
         found.append((event.key, event.index, record))
+    for finding in view.text_findings:
+        assert finding.source is not None
+        record = (TEXT, finding.at, finding.tokens, finding.devices, finding.source)
+        found.append((finding.key, finding.index, record))
     found.sort(key=lambda t: (t[0], t[1]))
     return [record for _, _, record in found]
 
@@ -843,7 +865,15 @@ def outcomes(
         if not _known(when, cutoff):
             continue
         for definition in definitions:
-            if not definition.matches(kind, codes):
+            if kind == TEXT:
+                # a problem read from text is the outcome its codes name, whatever kind of fact
+                # the definition reads, counted under its own name
+                if not definition.tokens & codes:
+                    continue
+                name = text_outcome(definition.name)
+            elif definition.matches(kind, codes):
+                name = definition.name
+            else:
                 continue
             if named:
                 candidates = [by_device[k] for k in named if k in by_device]
@@ -854,11 +884,11 @@ def outcomes(
                     continue
                 if not _in_window(when, exposure, definition.window_days, bool(named)):
                     continue
-                key = (definition.name, exposure.device, source.resource)
+                key = (name, exposure.device, source.resource)
                 found.setdefault(
                     key,
                     Outcome(
-                        name=definition.name,
+                        name=name,
                         device=exposure.device,
                         date=when,
                         kind=kind,

@@ -608,3 +608,57 @@ def test_periods() -> None:
     assert period_matches("2023Q2..2023Q3", "2023Q3")
     assert not period_matches("2023Q2..", "unknown")
     assert not period_matches("2023", "2024Q1")
+
+
+# --------------------------------------------------------------------------- outcomes from text
+
+
+def text_finding_fact(
+    problem: str, at: datetime, *codes: tuple[str, str], devices: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    return {
+        "kind": "text_finding",
+        "from_text": True,
+        "problem": problem,
+        "codes": [coding(s, c) for s, c in codes],
+        "date": iso(at),
+        "element": "DocumentReference.content[0].attachment",
+        "start": 10,
+        "end": 19,
+        "devices": [dev(d) for d in devices],
+    }
+
+
+def test_a_problem_read_from_text_is_a_candidate_outcome_counted_apart() -> None:
+    note = entry(
+        "DocumentReference",
+        "note-1",
+        text_finding_fact("LOOSENING", T0 + timedelta(days=200), (ICD10, "T84.0")),
+    )
+    entries = state(implanted_hip(), note)
+    found = outcomes(PATIENT, entries, exposures(PATIENT, entries))
+    assert [(o.name, o.kind, o.attribution) for o in found] == [
+        ("joint mechanical complication (from text)", "text", "window")
+    ]
+    assert found[0].source.resource == key("DocumentReference", "note-1")
+    names = {k[2] for k in contribution(PATIENT, entries).keys}
+    assert "joint mechanical complication (from text)" in names
+    assert "joint mechanical complication" not in names  # the coded outcome is not touched
+
+
+def test_a_text_problem_matches_by_code_whatever_kind_the_definition_reads() -> None:
+    # "revised" in a note stands for the hip revision procedure's code; the definition reads
+    # procedures, and its class and window still apply (a knee code on a hip counts nothing)
+    note = entry(
+        "DocumentReference",
+        "note-2",
+        text_finding_fact("REVISION", T0 + timedelta(days=100), (OPCS4, "W37.3"), (OPCS4, "W40.3")),
+    )
+    late = entry(
+        "DocumentReference",
+        "note-3",
+        text_finding_fact("REVISION", T0 + timedelta(days=500), (OPCS4, "W37.3")),
+    )
+    entries = state(implanted_hip(), note, late)
+    names = [o.name for o in outcomes(PATIENT, entries, exposures(PATIENT, entries))]
+    assert names == ["hip revision within 1 year (from text)"]

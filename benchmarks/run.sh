@@ -21,10 +21,10 @@ quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 if [ "$quick" = 1 ]; then
   patients_adhoc=100000; patients_stream=5000; probes=60; repeats=1
-  cohort_events=2000; invitations=2000; load_seconds=5
+  cohort_events=2000; invitations=2000; load_seconds=5; sim_null=20; sim_power=10
 else
   patients_adhoc=${BENCH_ADHOC_PATIENTS:-1000000}; patients_stream=20000; probes=200; repeats=3
-  cohort_events=20000; invitations=10000; load_seconds=20
+  cohort_events=20000; invitations=10000; load_seconds=20; sim_null=120; sim_power=50
 fi
 
 [ -n "${BENCH_SKIP_INGEST:-}" ] || {
@@ -55,3 +55,6 @@ else
 fi
 echo "== clinician API p99, 16 clients over $invitations invitations (clinician endpoints vs /healthz)"
 python -m benchmarks.bench_clinician_api --invitations "$invitations" --duration "$load_seconds"
+echo "== surveillance null/power simulation: tree scan with alpha spending vs per-pair MaxSPRT"
+nice -n 10 python -m benchmarks.bench_surveillance_sim \
+  --null-replications "$sim_null" --power-replications "$sim_power"

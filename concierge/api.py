@@ -212,6 +212,22 @@ def build_audit_anchors(settings: Settings, audit: AuditLog) -> AnchorPublisher:
     ).start()
 
 
+def attach_signal_notices(app: FastAPI) -> None:
+    """Regulators' signal notifications: every move of a signal the monitor publishes is
+    matched against the subscriptions in the recruitment database and queued in its outbox
+    (delivered by ``concierge recruitment run``'s dispatcher). Needs both the monitor and the
+    recruitment database; without either the subscription routes answer 503."""
+    monitor = getattr(app.state, "surveillance", None)
+    runtime = getattr(app.state, "recruitment", None)
+    if monitor is None or runtime is None or getattr(app.state, "signal_notices", None):
+        return
+    from recruitment.signal_notices import SignalNotices
+
+    notices = SignalNotices(runtime.sessions, runtime.writer.base_url)
+    app.state.signal_notices = notices
+    monitor.listeners.append(notices.notify)
+
+
 def create_app(
     settings: Settings | None = None,
     ingest_service: IngestService | None = None,
@@ -252,6 +268,7 @@ def create_app(
             app.state.recruitment, app.state.identities = build_recruitment(settings)
         if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:
             app.state.surveillance = build_surveillance(settings, app.state.audit)
+        attach_signal_notices(app)
         if getattr(app.state, "audit_anchors", None) is None and settings.audit_anchor_seconds:
             app.state.audit_anchors = build_audit_anchors(settings, app.state.audit)
         app.state.starting = False

@@ -363,6 +363,18 @@ class AdverseEvent(Event):
 
 
 @record
+class TextFinding(Event):
+    """A device problem read from free text (``from_text``): ``when`` is the text's date,
+    ``status`` the problem category, ``tokens`` the outcome codes it stands for, ``devices`` the
+    keys of devices its resource names, ``element`` and ``start``/``end`` where the words are."""
+
+    devices: tuple[str, ...] = ()
+    element: str = ""
+    start: int = 0
+    end: int = 0
+
+
+@record
 class Consent(Event):
     research_opt_out: bool = False
 
@@ -384,6 +396,7 @@ class ResourceVersion:
     procedures: tuple[Procedure, ...] = ()
     exposures: tuple[DeviceExposure, ...] = ()
     adverse_events: tuple[AdverseEvent, ...] = ()
+    text_findings: tuple[TextFinding, ...] = ()
     consents: tuple[Consent, ...] = ()
 
 
@@ -522,6 +535,15 @@ def parse_resource(key: str, entry: Mapping[str, Any]) -> ResourceVersion:
                 ),
             )
             name = "adverse_events"
+        elif kind == "text_finding":
+            when_us = epoch_us(fact.get("date"))
+            item = TextFinding(
+                key, seconds(when_us), fact.get("problem"), tokens(fact.get("codes")), when_us,
+                source, index, devices=_keys(fact.get("devices")),
+                element=str(fact.get("element") or ""),
+                start=int(fact.get("start") or 0), end=int(fact.get("end") or 0),
+            )  # fmt: skip
+            name = "text_findings"
         elif kind == "consent":
             when_us = epoch_us(fact.get("date"))
             item = Consent(
@@ -568,6 +590,8 @@ class PatientView:
     procedures: tuple[Procedure, ...] = ()
     exposures: tuple[DeviceExposure, ...] = ()
     adverse_events: tuple[AdverseEvent, ...] = ()
+    #: device problems read from free text: candidate outcomes, never coded ones
+    text_findings: tuple[TextFinding, ...] = ()
     consents: tuple[Consent, ...] = ()
 
     # demographics, flattened for criteria (None / "unknown" without a Patient)
@@ -665,6 +689,7 @@ def assemble(patient: str, versions: Mapping[str, ResourceVersion]) -> PatientVi
         procedures=tuple(i for v in live for i in v.procedures),
         exposures=tuple(i for v in live for i in v.exposures),
         adverse_events=tuple(i for v in live for i in v.adverse_events),
+        text_findings=tuple(i for v in live for i in v.text_findings),
         consents=tuple(i for v in live for i in v.consents),
     )
 
@@ -736,6 +761,7 @@ __all__ = [
     "Procedure",
     "ResourceVersion",
     "Source",
+    "TextFinding",
     "Tokens",
     "assemble",
     "build_view",

@@ -11,7 +11,7 @@ problem+json ``detail``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, TypedDict, cast
+from typing import Any, Literal, NotRequired, Protocol, TypedDict, cast
 from urllib.parse import quote
 
 import httpx
@@ -71,6 +71,8 @@ class Signal(TypedDict):
     eb05: float | None
     observed: int
     expected: float | None
+    #: the comparator's crude rate times the node's person-time (``expected`` is standardised)
+    expected_crude: NotRequired[float | None]
     llr: float | None
     cv: float | None
     updated_at: str | None
@@ -121,6 +123,8 @@ class BreakdownRow(TypedDict):
     with_outcome: int | str
     prr: float | None
     prr_ci: list[float | None]
+    #: a count is withheld, so the ratio is too
+    withheld: NotRequired[bool]
 
 
 class Breakdown(TypedDict):
@@ -147,6 +151,41 @@ class Provenance(TypedDict):
 
 class ActionResult(TypedDict):
     signal: Signal
+
+
+class ScanCut(TypedDict):
+    tree: str
+    node: str
+    level: Level
+    outcome: str
+    observed: int
+    expected: float
+    ratio: float | None
+    llr: float
+    p_value: float
+    signal: bool
+
+
+class ScanLook(TypedDict):
+    look: int | None
+    at: str
+    data_day: str | None
+    alpha: float
+    alpha_spent: float
+    statistic: float
+    replications: int
+    complete: bool
+    signals: list[ScanCut]
+    top: list[ScanCut]
+
+
+class ScanView(TypedDict):
+    """``GET /v1/surveillance/scan``: the plan, the looks so far, the latest scan."""
+
+    plan: dict[str, Any]
+    scheduled: bool
+    looks: list[dict[str, Any]]
+    latest: ScanLook | None
 
 
 class ApiError(Exception):
@@ -191,6 +230,8 @@ class SurveillanceApi(Protocol):
     def provenance(self, signal_id: str, limit: int = 100) -> Provenance: ...
 
     def act(self, signal_id: str, action: Action, reason: str) -> ActionResult: ...
+
+    def scan(self) -> ScanView: ...
 
 
 def _problem(response: httpx.Response) -> tuple[str, str]:
@@ -312,6 +353,9 @@ class SurveillanceClient:
             Provenance,
             self._request("GET", f"/signals/{self._id(signal_id)}/provenance", {"limit": limit}),
         )
+
+    def scan(self) -> ScanView:
+        return cast(ScanView, self._request("GET", "/scan"))
 
     def act(self, signal_id: str, action: Action, reason: str) -> ActionResult:
         return cast(

@@ -39,6 +39,8 @@ from dashboards.client import (
     BreakdownRow,
     HistoryPoint,
     Level,
+    ScanCut,
+    ScanView,
     Signal,
     Source,
     State,
@@ -77,8 +79,13 @@ def fmt_number(value: float | int | None, digits: int = 2) -> str:
         return str(value)
     if not math.isfinite(value):
         return DASH
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** (-digits)):
-        return f"{value:.{digits}g}"
+    if abs(value) >= 1e5:
+        return f"{value:,.0f}"
+    if value != 0 and abs(value) < 10 ** (-digits):
+        # never scientific notation (6.6e-05 reads as 6.6 at a glance): enough decimals for
+        # ``digits`` significant figures
+        places = -math.floor(math.log10(abs(value))) + digits - 1
+        return f"{value:.{places}f}"
     return f"{value:.{digits}f}"
 
 
@@ -175,7 +182,8 @@ def row_styles(signals: Sequence[Signal]) -> list[str]:
 def status_metrics(status: Status) -> list[tuple[str, str]]:
     """(label, value) pairs for the header."""
     return [
-        ("Patients", _thousands(status["patients"])),
+        # patients with a device contribution, not the population (the monitor sees no other)
+        ("Patients with an implant", _thousands(status["patients"])),
         ("Contributions applied", f"{status['contributions_applied']:,}"),
         ("Latest data day", status.get("latest_day") or DASH),
         ("Last update", fmt_time(status.get("updated_at"), clock=True)),
@@ -193,6 +201,21 @@ def breakdown_rows(rows: Iterable[BreakdownRow]) -> list[dict[str, str]]:
         }
         for row in rows
     ]
+
+
+def default_breakdown(level: str) -> BreakdownBy:
+    """The drill-down a signal opens with: the level below a class or manufacturer; by site for
+    a model or lot (a model's lots are mostly too small to show)."""
+    return {"class": "manufacturer", "manufacturer": "model"}.get(level, "site")  # type: ignore[return-value]
+
+
+def split_withheld(rows: Iterable[BreakdownRow]) -> tuple[list[BreakdownRow], list[BreakdownRow]]:
+    """Rows with a count to show, and rows whose counts are all withheld."""
+    shown: list[BreakdownRow] = []
+    withheld: list[BreakdownRow] = []
+    for row in rows:
+        (withheld if row.get("withheld") else shown).append(row)
+    return shown, withheld
 
 
 def provenance_rows(sources: Iterable[Source]) -> list[dict[str, str]]:
@@ -233,7 +256,8 @@ def assessment_metrics(signal: Signal) -> list[tuple[str, str]]:
     """The headline numbers of one signal."""
     return [
         ("Observed", fmt_number(signal.get("observed"))),
-        ("Expected", fmt_number(signal.get("expected"))),
+        ("Expected (adjusted)", fmt_number(signal.get("expected"))),
+        ("Expected (crude)", fmt_number(signal.get("expected_crude"))),
         ("LLR", fmt_number(signal.get("llr"))),
         ("Critical value", fmt_number(signal.get("cv"))),
         ("Strength", fmt_number(signal.get("strength"))),
@@ -430,6 +454,73 @@ def forest_chart(rows: pd.DataFrame) -> alt.LayerChart:
     return (reference + bars + points).properties(
         height=100 + 40 * max(len(rows), 1), width="container"
     )
+
+
+def scan_frame(cuts: Sequence[ScanCut], limit: int = 25) -> pd.DataFrame:
+    """The highest cuts of a tree scan, one row each, for the chart."""
+    rows = []
+    for cut in list(cuts)[:limit]:
+        rows.append(
+            {
+                "cut": f"{cut['node']} · {cut['outcome']}",
+                "level": cut["level"],
+                "llr": float(cut["llr"]),
+                "observed": cut["observed"],
+                "expected": fmt_number(cut["expected"]),
+                "p": fmt_number(cut["p_value"], 3),
+                "signal": "passes" if cut["signal"] else "does not pass",
+            }
+        )
+    columns = ["cut", "level", "llr", "observed", "expected", "p", "signal"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def scan_chart(frame: pd.DataFrame) -> alt.Chart:
+    """The scan statistic over the tree: each cut's log-likelihood ratio (highest first),
+    coloured by its level; cuts that pass the look's alpha are outlined."""
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("llr:Q", title="Log-likelihood ratio (conditional Poisson)"),
+            y=alt.Y("cut:N", sort="-x", title=None, axis=alt.Axis(labelLimit=420)),
+            color=alt.Color(
+                "level:N",
+                scale=alt.Scale(domain=list(LEVELS)),
+                legend=alt.Legend(orient="top", title="level"),
+            ),
+            stroke=alt.Stroke(
+                "signal:N",
+                scale=alt.Scale(domain=["passes", "does not pass"], range=["#c0392b", "#ffffff"]),
+                legend=alt.Legend(orient="top", title="family-wise control"),
+            ),
+            strokeWidth=alt.value(2),
+            tooltip=[
+                "cut:N",
+                "level:N",
+                alt.Tooltip("llr:Q", format=".3f"),
+                "observed:Q",
+                "expected:N",
+                "p:N",
+                "signal:N",
+            ],
+        )
+        .properties(height=24 * max(len(frame), 1) + 40, width="container")
+    )
+
+
+def look_rows(view: ScanView) -> list[dict[str, str]]:
+    return [
+        {
+            "Look": fmt_count(look.get("look")),
+            "Data day": str(look.get("data_day") or DASH),
+            "Alpha at the look": fmt_number(look.get("alpha"), 2),
+            "Alpha spent": fmt_number(look.get("alpha_spent"), 2),
+            "Signals": fmt_count(look.get("signals")),
+            "Replications": fmt_count(look.get("replications")),
+        }
+        for look in view.get("looks", [])
+    ]
 
 
 # --------------------------------------------------------------------------- the page
@@ -642,30 +733,36 @@ def _live_detail(client: SurveillanceApi, signal_id: str) -> None:
     st.markdown("**Reproduce these statistics**")
     for name, command in (detail.get("reproduce") or {}).items():
         st.caption(name)
-        st.code(command, language="bash")
+        st.code(command, language="bash", wrap_lines=True)
     with st.expander("Full statistics"):
         st.json(detail.get("assessment") or {}, expanded=2)
 
     st.markdown("**Drill-down**")
+    first = default_breakdown(signal["level"])
     by: BreakdownBy = (
         st.segmented_control(
             "Break down by",
             BREAKDOWNS,
-            default="lot",
+            default=first,
             key=f"breakdown-{signal_id}",
             required=True,
         )
-        or "lot"
+        or first
     )
     try:
         breakdown = client.breakdown(signal_id, by)
     except ApiError as exc:
         st.error(str(exc))
     else:
-        if breakdown["rows"]:
-            st.table(pd.DataFrame(breakdown_rows(breakdown["rows"])).set_index("Key"))
-            st.caption("Counts below the small-number threshold are withheld as the API gives.")
-        else:
+        shown, withheld = split_withheld(breakdown["rows"])
+        if shown:
+            st.table(pd.DataFrame(breakdown_rows(shown)).set_index("Key"))
+        if withheld:
+            st.caption(
+                f"{len(withheld)} {by} rows with counts below the small-number threshold are not "
+                "listed (the API withholds their counts)."
+            )
+        if not breakdown["rows"]:
             st.info(f"Nothing to break down by {by}.")
 
     st.markdown("**Lifecycle history**")
@@ -679,6 +776,40 @@ def _live_detail(client: SurveillanceApi, signal_id: str) -> None:
         st.dataframe(pd.DataFrame(provenance_rows(provenance["sources"])), hide_index=True)
     else:
         st.caption("No source resources recorded.")
+
+
+def _tree_scan(client: SurveillanceApi) -> None:
+    """The tree-based scan: the latest scan's highest cuts as a chart, and the looks so far."""
+    try:
+        view = client.scan()
+    except ApiError as exc:
+        st.error(f"Cannot read the tree scan: {exc}")
+        return
+    with st.container(key="tree-scan"):
+        st.subheader("Tree-based scan over the device hierarchy")
+        plan = view["plan"]
+        latest = view.get("latest")
+        spent = view["looks"][-1]["alpha_spent"] if view["looks"] else 0.0
+        st.caption(
+            f"Conditional Poisson scan of every node and outcome at once, Monte Carlo p-values; "
+            f"alpha {fmt_number(plan.get('alpha'))} spent over {plan.get('looks')} looks "
+            f"(every {plan.get('every_days')} days of data): {len(view['looks'])} looks so far, "
+            f"{fmt_number(spent, 2)} spent."
+        )
+        if latest is None:
+            st.info("No scan yet: the first look runs once the monitor has data.")
+            return
+        where = f"look {latest['look']}" if latest.get("look") else "exploratory scan"
+        st.markdown(
+            f"**Latest: {where}**, data day {latest.get('data_day') or DASH}, alpha at the look "
+            f"{fmt_number(latest.get('alpha'), 2)}; {len(latest.get('signals') or [])} cuts pass."
+        )
+        frame = scan_frame(latest.get("top") or [])
+        if len(frame):
+            st.altair_chart(scan_chart(frame), width="stretch")
+        rows = look_rows(view)
+        if rows:
+            st.table(pd.DataFrame(rows).set_index("Look"))
 
 
 def main() -> None:
@@ -710,6 +841,7 @@ def main() -> None:
     shown: str | None = st.session_state.get(SIGNAL_KEY)
     st.fragment(_live_signals, run_every=every)(client, level, state, only_firing, shown, limit)
     shown = st.session_state.get(SIGNAL_KEY)
+    st.fragment(_tree_scan, run_every=max(every, 10.0))(client)
     if not shown:
         st.info("Choose a signal above to see observed vs expected, intervals and provenance.")
         return

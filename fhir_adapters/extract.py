@@ -8,7 +8,11 @@ the small :class:`ExtractionContext` protocol, so this module has no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+import binascii
+import html
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Literal, Protocol
@@ -31,8 +35,10 @@ from core.contracts.facts import (
     PractitionerRoleRecord,
     ProcedureFact,
     Reference,
+    TextFindingFact,
 )
 
+from .notes import find_device_problems
 from .primitives import (
     InvalidElement,
     get_bool,
@@ -74,6 +80,8 @@ PATIENT_SCOPED = frozenset(
         "DeviceUsage",
         "AdverseEvent",
         "Consent",
+        "DocumentReference",
+        "Composition",
     }
 )
 REFERENCE_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Device"})
@@ -467,11 +475,12 @@ def extract_observation(resource: Mapping[str, Any], ctx: ExtractionContext) -> 
         components=tuple(components),
         category=category,
     )
+    findings = _text_findings(_notes(resource, path), effective)
     return Extracted(
         "Observation",
         "facts",
         patient=patient,
-        facts=(fact,),
+        facts=(fact, *findings),
         entered_in_error=status == "entered-in-error",
     )
 
@@ -575,11 +584,12 @@ def extract_procedure(resource: Mapping[str, Any], ctx: ExtractionContext) -> Ex
         performed_end=performed_end,
         devices=tuple(_device_keys(resource, ctx, path)),
     )
+    findings = _text_findings(_notes(resource, path), performed, fact.devices)
     return Extracted(
         "Procedure",
         "facts",
         patient=patient,
-        facts=(fact,),
+        facts=(fact, *findings),
         entered_in_error=status == "entered-in-error",
     )
 
@@ -730,11 +740,20 @@ def extract_adverse_event(resource: Mapping[str, Any], ctx: ExtractionContext) -
         suspect_devices=tuple(devices),
         suspect_medications=tuple(medications),
     )
+    texts = _notes(resource, path)
+    event_field = "code" if r5 else "event"
+    event_concept = resource.get(event_field)
+    if isinstance(event_concept, Mapping):
+        text = get_string(event_concept, "text", f"{path}.{event_field}")
+        if text:
+            texts.insert(0, (f"{path}.{event_field}.text", text))
+    named = tuple(d.device for d in devices)
+    findings = _text_findings(texts, when, named) if actuality == "actual" else ()
     return Extracted(
         "AdverseEvent",
         "facts",
         patient=patient,
-        facts=(fact,),
+        facts=(fact, *findings),
         entered_in_error=status == "entered-in-error",
     )
 
@@ -881,6 +900,135 @@ def extract_practitioner_role(resource: Mapping[str, Any], ctx: ExtractionContex
     return Extracted("PractitionerRole", "reference", record=record)
 
 
+# --- free text: notes, attachments, narratives ---------------------------------------------------
+
+DOCUMENT_STATUS = frozenset({"current", "superseded", "entered-in-error"})
+COMPOSITION_STATUS = frozenset(
+    {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "deprecated",
+        "unknown",
+    }
+)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _notes(resource: Mapping[str, Any], path: str) -> list[tuple[str, str]]:
+    """``(element, text)`` of each ``note`` (Annotation) of a resource."""
+    found = []
+    for index, item in enumerate(get_list(resource, "note", path)):
+        npath = f"{path}.note[{index}]"
+        if not isinstance(item, Mapping):
+            raise InvalidElement(npath, "expected an object")
+        text = get_string(item, "text", npath)
+        if text:
+            found.append((f"{npath}.text", text))
+    return found
+
+
+def _text_findings(
+    texts: Sequence[tuple[str, str]], when: datetime | None, devices: tuple[str, ...] = ()
+) -> tuple[TextFindingFact, ...]:
+    """The asserted device problems in the texts (:mod:`fhir_adapters.notes`) as facts."""
+    found = []
+    for element, text in texts:
+        for finding in find_device_problems(text):
+            if not finding.asserted:
+                continue
+            codes = tuple(
+                Coding(system=system, code=value)
+                for system, _, value in (c.rpartition("|") for c in finding.codes)
+            )
+            found.append(
+                TextFindingFact(
+                    problem=finding.problem,
+                    codes=codes,
+                    date=when,
+                    element=element,
+                    start=finding.start,
+                    end=finding.end,
+                    devices=devices,
+                )
+            )
+    return tuple(found)
+
+
+def _attachment_text(attachment: Mapping[str, Any], path: str) -> str | None:
+    """The text of an attachment carried inline as plain text (``contentType`` text/plain);
+    None for anything else (a PDF, an image, a URL only: not read)."""
+    content_type = get_code(attachment, "contentType", path) or ""
+    data = get_string(attachment, "data", path)
+    if data is None or content_type.split(";")[0].strip().lower() != "text/plain":
+        return None
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as error:
+        raise InvalidElement(f"{path}.data", f"not base64 of UTF-8 text: {error}") from None
+
+
+def _narrative(section: Mapping[str, Any], path: str) -> str | None:
+    """A narrative's XHTML as plain text (tags dropped, entities decoded)."""
+    text = get_object(section, "text", path)
+    if text is None:
+        return None
+    div = get_string(text, "div", f"{path}.text")
+    return html.unescape(_TAG.sub(" ", div)) if div else None
+
+
+def extract_document(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extracted:
+    """A DocumentReference (its inline text/plain attachments) or a Composition (its sections'
+    narratives): only the device problems read from its text become facts."""
+    path = str(resource.get("resourceType"))
+    composition = path == "Composition"
+    _require(resource, "status", path)
+    status = (
+        get_code(resource, "status", path, COMPOSITION_STATUS if composition else DOCUMENT_STATUS)
+        or "unknown"
+    )
+    patient = _subject(resource, "subject", path, ctx)
+    when = get_datetime(resource, "date", path)
+    texts: list[tuple[str, str]] = []
+    if composition:
+        sections = [
+            (f"{path}.section[{i}]", s) for i, s in enumerate(get_list(resource, "section", path))
+        ]
+        while sections:
+            spath, section = sections.pop(0)
+            if not isinstance(section, Mapping):
+                raise InvalidElement(spath, "expected an object")
+            narrative = _narrative(section, spath)
+            if narrative:
+                texts.append((f"{spath}.text", narrative))
+            sections.extend(
+                (f"{spath}.section[{i}]", s)
+                for i, s in enumerate(get_list(section, "section", spath))
+            )
+    else:
+        for index, content in enumerate(get_list(resource, "content", path)):
+            cpath = f"{path}.content[{index}]"
+            if not isinstance(content, Mapping):
+                raise InvalidElement(cpath, "expected an object")
+            attachment = get_object(content, "attachment", cpath)
+            text = _attachment_text(attachment, f"{cpath}.attachment") if attachment else None
+            if text:
+                texts.append((f"{cpath}.attachment", text))
+    return Extracted(
+        path,
+        "facts",
+        patient=patient,
+        facts=_text_findings(texts, when),
+        entered_in_error=status == "entered-in-error",
+    )
+
+
 def check_resource_header(resource: Mapping[str, Any], path: str) -> None:
     """The elements every resource must get right before anything else is read."""
     get_id(resource, "id", path)
@@ -900,6 +1048,8 @@ EXTRACTORS = {
     "DeviceUseStatement": extract_device_use,
     "DeviceUsage": extract_device_use,
     "AdverseEvent": extract_adverse_event,
+    "DocumentReference": extract_document,
+    "Composition": extract_document,
     "Consent": extract_consent,
     "Organization": extract_organization,
     "Practitioner": extract_practitioner,

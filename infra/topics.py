@@ -83,7 +83,8 @@ TOPICS: tuple[TopicSpec, ...] = (
         SIGNALS,
         partitions=1,
         config={"cleanup.policy": "delete", "retention.ms": "-1"},
-        doc="Device-safety signal lifecycle events keyed by signal id; kept forever.",
+        doc="Device-safety signal lifecycle events keyed by signal id, and the tree scan's "
+        "looks keyed scan-look-<n>; kept forever.",
     ),
     TopicSpec(
         AUDIT_ANCHORS,

@@ -347,6 +347,27 @@ class OutboxMessage(Base):
     last_error: Mapped[str | None] = mapped_column(sa.Text)
 
 
+class SignalSubscription(Base):
+    """A regulator's subscription to device-signal notifications (delivered through the outbox):
+    which signals (device class, outcome, level; ``None`` for any), which moves (``actions``;
+    ``None`` for every one: detect, lapse and each regulator action), where (``channel`` e-mail
+    or webhook, ``address`` an e-mail address or an https URL)."""
+
+    __tablename__ = "signal_subscriptions"
+
+    id: Mapped[str] = mapped_column(sa.String(ID), primary_key=True)
+    subscriber: Mapped[str] = mapped_column(sa.String(KEY), index=True)
+    org: Mapped[str] = mapped_column(sa.String(KEY))
+    channel: Mapped[str] = mapped_column(sa.String(16))
+    address: Mapped[str] = mapped_column(sa.Text)
+    device_class: Mapped[str | None] = mapped_column(sa.String(KEY))
+    outcome: Mapped[str | None] = mapped_column(sa.Text)
+    level: Mapped[str | None] = mapped_column(sa.String(STATE))
+    actions: Mapped[list[Any] | None]
+    created_at: Mapped[datetime]
+    active: Mapped[bool] = mapped_column(default=True)
+
+
 # --------------------------------------------------------------------------- consumer bookkeeping
 
 

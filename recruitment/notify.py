@@ -48,6 +48,8 @@ ID_HEADER = "X-Concierge-Notification"
 
 EMAIL = "email"
 WEBHOOK = "webhook"
+#: device-signal notifications to a regulator's own webhook URL (the row's recipient)
+SIGNAL_WEBHOOK = "signal-webhook"
 
 
 # --------------------------------------------------------------------------- writing
@@ -367,6 +369,9 @@ class WebhookChannel:
         self.clock = clock
 
     def send(self, notification: Notification) -> None:
+        self._post(self.url, notification)
+
+    def _post(self, url: str, notification: Notification) -> None:
         body = json.dumps(notification.payload, sort_keys=True, separators=(",", ":")).encode()
         timestamp = str(int(self.clock()))
         headers = {
@@ -376,7 +381,7 @@ class WebhookChannel:
             SIGNATURE_HEADER: sign(self.secret, timestamp, body),
         }
         try:
-            response = self.client.post(self.url, content=body, headers=headers)
+            response = self.client.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise DeliveryError(f"webhook {type(exc).__name__}: {exc}") from None
         status = response.status_code
@@ -387,6 +392,18 @@ class WebhookChannel:
 
     def close(self) -> None:
         self.client.close()
+
+
+class AddressedWebhookChannel(WebhookChannel):
+    """A webhook whose URL is each notification's recipient (a regulator's subscription), signed
+    with the deployment's webhook secret like every webhook."""
+
+    def __init__(self, secret: bytes, timeout: float = 10.0,
+                 client: httpx.Client | None = None) -> None:  # fmt: skip
+        super().__init__("", secret, timeout=timeout, client=client)
+
+    def send(self, notification: Notification) -> None:
+        self._post(notification.recipient, notification)
 
 
 @dataclass

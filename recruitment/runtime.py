@@ -19,7 +19,9 @@ from .db import check_schema, make_engine, make_read_sessionmaker, make_sessionm
 from .models import OutboxMessage, utcnow
 from .notify import (
     EMAIL,
+    SIGNAL_WEBHOOK,
     WEBHOOK,
+    AddressedWebhookChannel,
     Backoff,
     Channel,
     Dispatcher,
@@ -55,6 +57,11 @@ def channels_from_settings(settings: RecruitmentSettings) -> dict[str, Channel]:
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
             timeout=settings.smtp_timeout_seconds,
         )
+    # regulators' signal webhooks: each to its subscription's URL, signed with the same secret
+    channels[SIGNAL_WEBHOOK] = AddressedWebhookChannel(
+        settings.webhook_secret.get_secret_value().encode(),
+        timeout=settings.webhook_timeout_seconds,
+    )
     if settings.webhook_url:
         channels[WEBHOOK] = WebhookChannel(
             settings.webhook_url,

@@ -26,7 +26,9 @@ _concierge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     echo "bootstrap: creating .venv and installing the locked environment (first run takes a minute or two)" >&2
     "$python" -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q --require-hashes -r requirements.lock
+    # --no-deps: the lock already holds every dependency, some chosen by an override that pip's
+    # resolver would refuse (scripts/lock-overrides.txt)
+    .venv/bin/pip install -q --require-hashes --no-deps -r requirements.lock
     # the project itself, editable, with nothing more: its dependencies are all in the lock
     .venv/bin/pip install -q --no-deps -e .
     rm -f .venv/.installed-*

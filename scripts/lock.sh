@@ -38,6 +38,7 @@ fi
   --generate-hashes \
   --quiet \
   --custom-compile-command "bash scripts/lock.sh" \
+  --override scripts/lock-overrides.txt \
   --output-file requirements.lock \
   "$@"
 # A constraints file given with -c is a means, not a reason: keep its (often temporary) path out

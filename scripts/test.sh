@@ -35,6 +35,9 @@ fi
 echo "== Chromium for page tests (Debian's packages)"
 read -r CONCIERGE_CHROMIUM CONCIERGE_CHROMEDRIVER < <(bash scripts/chromium.sh)
 export CONCIERGE_CHROMIUM CONCIERGE_CHROMEDRIVER
+echo "== pdftoppm for report tests (Debian's poppler-utils)"
+CONCIERGE_PDFTOPPM="$(bash scripts/pdftoppm.sh)"
+export CONCIERGE_PDFTOPPM
 
 echo "== ruff"
 ruff check .

@@ -35,7 +35,18 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 
 from core.codes import ICD10, OPCS4, SNOMED, code_of
-from core.contracts.devices import ZERO_TIME, Contribution, CounterKey, PersonTime, TimeKey
+from core.contracts.devices import (
+    STRATUM_PARTS,
+    UNKNOWN_STRATUM,
+    ZERO_TIME,
+    Contribution,
+    CounterKey,
+    PersonTime,
+    TimeKey,
+    age_band,
+    stratum_of,
+    stratum_parts,
+)
 from core.patient_view import (
     Demographics,
     DeviceExposure,
@@ -50,10 +61,15 @@ __all__ = [
     "EXPOSED",
     "ICD10",
     "LEVELS",
+    "METHODS",
     "OPCS4",
     "OTHER",
     "SNOMED",
+    "STRATIFIERS",
+    "STRATUM_PARTS",
     "UNKNOWN",
+    "UNKNOWN_STRATUM",
+    "WINDOW_MARK",
     "Contribution",
     "CounterKey",
     "Counters",
@@ -76,8 +92,11 @@ __all__ = [
     "outcomes",
     "parse_node",
     "period_matches",
+    "project_stratum",
     "quarter",
+    "stratum_parts",
     "view_of",
+    "window_outcome",
 ]
 
 #: Levels of the device hierarchy, from the root down. A node is the path of its first n levels.
@@ -281,6 +300,11 @@ class OutcomeDefinition:
     * ``window_days``: the outcome must fall in ``(implant, implant + window_days]`` (``None``:
       any time after implant). Without a device named by the fact the outcome must also fall
       before the exposure's end.
+    * ``method``: the sequential test the monitor runs live on the outcome: ``poisson`` (the
+      Poisson MaxSPRT against the comparator's adjusted expectation, the default), ``binomial``
+      (the binomial MaxSPRT of a self-controlled risk interval: events in ``risk_window``
+      against events in ``control_window`` of the same exposures, both in days after implant,
+      inclusive) or ``cusum`` (the risk-adjusted Bernoulli CUSUM by implant quarter).
     """
 
     name: str
@@ -288,6 +312,9 @@ class OutcomeDefinition:
     kinds: Collection[str] = frozenset({"condition"})
     device_class: str | Collection[str] | None = None
     window_days: int | None = None
+    method: str = "poisson"
+    risk_window: tuple[int, int] | None = None
+    control_window: tuple[int, int] | None = None
     #: the codes as match tokens (derived)
     tokens: frozenset[str] = field(init=False, repr=False, compare=False)
 
@@ -310,6 +337,44 @@ class OutcomeDefinition:
             object.__setattr__(self, "device_class", frozenset(self.device_class))
         if self.window_days is not None and self.window_days < 0:
             raise ValueError(f"{self.name!r}: window_days must be >= 0")
+        if WINDOW_MARK in self.name:
+            raise ValueError(f"an outcome name may not contain {WINDOW_MARK!r}: {self.name!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"{self.name!r}: method must be one of {', '.join(METHODS)}")
+        for which in ("risk_window", "control_window"):
+            window = getattr(self, which)
+            if window is None:
+                continue
+            first, last = (int(x) for x in window)
+            if not 0 <= first <= last:
+                raise ValueError(
+                    f"{self.name!r}: {which} must be [first, last] days, 0 <= first <= last"
+                )
+            object.__setattr__(self, which, (first, last))
+        if self.method == "binomial":
+            if self.risk_window is None or self.control_window is None:
+                raise ValueError(f"{self.name!r}: the binomial method needs both windows")
+            risk, control = self.risk_window, self.control_window
+            if not (risk[1] < control[0] or control[1] < risk[0]):
+                raise ValueError(f"{self.name!r}: the risk and control windows overlap")
+
+    @property
+    def z(self) -> float | None:
+        """Control window length over risk window length (the binomial MaxSPRT's ``z``)."""
+        if self.risk_window is None or self.control_window is None:
+            return None
+        risk = self.risk_window[1] - self.risk_window[0] + 1
+        control = self.control_window[1] - self.control_window[0] + 1
+        return control / risk
+
+    def window_of(self, days: int) -> str | None:
+        """``risk`` or ``control``: the window a day after implant falls in (binomial only)."""
+        if self.method != "binomial":
+            return None
+        for name, window in (("risk", self.risk_window), ("control", self.control_window)):
+            if window is not None and window[0] <= days <= window[1]:
+                return name
+        return None
 
     @property
     def code_set(self) -> frozenset[Code]:
@@ -329,6 +394,34 @@ class OutcomeDefinition:
 
 
 _THREE_YEARS = 3 * 365
+#: Sequential tests an outcome definition can choose (:attr:`OutcomeDefinition.method`).
+METHODS: tuple[str, ...] = ("poisson", "binomial", "cusum")
+#: Joins an outcome's name and a self-controlled window in a counter key
+#: (``"device infection@risk"``): the binomial MaxSPRT's cases and controls.
+WINDOW_MARK = "@"
+
+
+#: Marks an outcome counted from free text (:class:`core.contracts.facts.TextFindingFact`): a
+#: candidate outcome, counted apart from the coded one (``"device infection (from text)"``).
+FROM_TEXT = " (from text)"
+#: The record kind of a device problem read from text.
+TEXT = "text"
+
+
+def text_outcome(name: str) -> str:
+    """The counter key's outcome for candidate events of ``name`` read from free text."""
+    return f"{name}{FROM_TEXT}"
+
+
+def from_text(outcome: str) -> bool:
+    """Whether an outcome name counts device problems read from text (not coded outcomes)."""
+    return outcome.split(WINDOW_MARK, 1)[0].endswith(FROM_TEXT)
+
+
+def window_outcome(name: str, window: str) -> str:
+    """The counter key's outcome for events of ``name`` in a window (``risk`` or ``control``)."""
+    return f"{name}{WINDOW_MARK}{window}"
+
 
 #: The default outcome definitions (see ``docs/explanation/device-surveillance.md``).
 DEFAULT_OUTCOMES: tuple[OutcomeDefinition, ...] = (
@@ -396,7 +489,8 @@ def outcome_definitions_from_json(
     document: Sequence[Mapping[str, Any]],
 ) -> tuple[OutcomeDefinition, ...]:
     """Definitions from plain objects (e.g. a JSON file):
-    ``[{"name", "codes": ["system|code", ...], "kinds", "device_class", "window_days"}]``."""
+    ``[{"name", "codes": ["system|code", ...], "kinds", "device_class", "window_days",
+    "method", "risk_window": [first, last], "control_window": [first, last]}]``."""
     return tuple(
         OutcomeDefinition(
             name=str(item["name"]),
@@ -404,9 +498,19 @@ def outcome_definitions_from_json(
             kinds=[str(k) for k in item.get("kinds", ("condition",))],
             device_class=item.get("device_class"),
             window_days=item.get("window_days"),
+            method=str(item.get("method", "poisson")),
+            risk_window=_window(item.get("risk_window")),
+            control_window=_window(item.get("control_window")),
         )
         for item in document
     )
+
+
+def _window(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    first, last = value
+    return (int(first), int(last))
 
 
 def device_classes_from_json(document: Sequence[Mapping[str, Any]]) -> tuple[DeviceClass, ...]:
@@ -449,6 +553,15 @@ class Exposure:
     site: str | None
     region: str | None
     sources: tuple[Source, ...]
+    #: the patient's sex and age in whole years at implant (the stratum of indirect
+    #: standardisation; ``None`` without a birth date or an implant date)
+    sex: str = "unknown"
+    age: int | None = None
+
+    @property
+    def stratum(self) -> str:
+        """Age band at implant, sex and region: ``"65-74|female|London"``."""
+        return stratum_of(age_band(self.age), self.sex, self.region or UNKNOWN)
 
     @property
     def period(self) -> str:
@@ -555,6 +668,8 @@ def exposures(
     view = view_of(patient, entries)
     cutoff = _cutoff(as_of)
     site, region, place_source = _patient_place(view.demographics)
+    birth = view.demographics.birth_date if view.demographics else None
+    sex = view.demographics.sex if view.demographics else UNKNOWN
     evidence: dict[str, _Evidence] = {}
     for exposure_item in view.exposures:
         if exposure_item.status in _NOT_EXPOSED or not exposure_item.device:
@@ -581,11 +696,21 @@ def exposures(
             item.procedures.append((performed, procedure.tokens, source))
     found: list[Exposure] = []
     for key, item in evidence.items():
-        exposure = _exposure(patient, key, item, classes, cutoff, site, region, place_source)
+        exposure = _exposure(
+            patient, key, item, classes, cutoff, site, region, place_source, sex or UNKNOWN, birth
+        )
         if exposure is not None:
             found.append(exposure)
     far = datetime.max.replace(tzinfo=UTC)
     return sorted(found, key=lambda e: (e.start or far, e.device))
+
+
+def _age(birth: date | None, at: datetime | None) -> int | None:
+    """Whole years from birth to ``at`` (``None`` when either is missing)."""
+    if birth is None or at is None:
+        return None
+    day = at.date()
+    return day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
 
 
 def _exposure(
@@ -597,6 +722,8 @@ def _exposure(
     site: str | None,
     region: str | None,
     place_source: Source | None,
+    sex: str = UNKNOWN,
+    birth: date | None = None,
 ) -> Exposure | None:
     descriptions = [d for _, _, d in sorted(item.descriptions, key=lambda t: (t[0], t[1]))]
     procedure_codes = frozenset(c for _, codes, _ in item.procedures for c in codes)
@@ -644,6 +771,8 @@ def _exposure(
         site=site,
         region=region,
         sources=tuple(sorted(sources)),
+        sex=sex,
+        age=_age(birth, start),
     )
 
 
@@ -657,7 +786,7 @@ class Outcome:
     name: str
     device: str  # the exposure's device key
     date: datetime | None
-    kind: str  # condition, procedure or adverse_event
+    kind: str  # condition, procedure, adverse_event or text (read from a note: a candidate)
     #: ``device``: the fact names the device; ``window``: by class and window after implant
     #: (when the patient has several such exposures, each of them gets the outcome).
     attribution: str
@@ -670,7 +799,8 @@ _OutcomeRecord = tuple[str, datetime | None, frozenset[str], tuple[str, ...], So
 
 def _outcome_records(view: PatientView) -> list[_OutcomeRecord]:
     """The patient's records that may be outcomes, in resource-key order: conditions (not
-    refuted or in error), procedures (performed), actual adverse events naming a device."""
+    refuted or in error), procedures (performed), actual adverse events naming a device, and
+    device problems read from text (candidates)."""
     found: list[tuple[str, int, _OutcomeRecord]] = []
     for condition in view.conditions:
         if condition.verification_status in _NOT_A_DIAGNOSIS:
@@ -690,6 +820,10 @@ def _outcome_records(view: PatientView) -> list[_OutcomeRecord]:
         assert event.source is not None
         record = ("adverse_event", event.at, event.tokens, event.suspect_devices, event.source)
         found.append((event.key, event.index, record))
+    for finding in view.text_findings:
+        assert finding.source is not None
+        record = (TEXT, finding.at, finding.tokens, finding.devices, finding.source)
+        found.append((finding.key, finding.index, record))
     found.sort(key=lambda t: (t[0], t[1]))
     return [record for _, _, record in found]
 
@@ -731,7 +865,15 @@ def outcomes(
         if not _known(when, cutoff):
             continue
         for definition in definitions:
-            if not definition.matches(kind, codes):
+            if kind == TEXT:
+                # a problem read from text is the outcome its codes name, whatever kind of fact
+                # the definition reads, counted under its own name
+                if not definition.tokens & codes:
+                    continue
+                name = text_outcome(definition.name)
+            elif definition.matches(kind, codes):
+                name = definition.name
+            else:
                 continue
             if named:
                 candidates = [by_device[k] for k in named if k in by_device]
@@ -742,11 +884,11 @@ def outcomes(
                     continue
                 if not _in_window(when, exposure, definition.window_days, bool(named)):
                     continue
-                key = (definition.name, exposure.device, source.resource)
+                key = (name, exposure.device, source.resource)
                 found.setdefault(
                     key,
                     Outcome(
-                        name=definition.name,
+                        name=name,
                         device=exposure.device,
                         date=when,
                         kind=kind,
@@ -772,6 +914,7 @@ def contribution(
     view = view_of(patient, entries)
     found = exposures(patient, view, classes=classes, as_of=as_of)
     events = outcomes(patient, view, found, definitions, as_of=as_of)
+    windowed = {d.name: d for d in definitions if d.method == "binomial"}
     keys: list[CounterKey] = []
     sources: dict[CounterKey, set[Source]] = {}
     person_time: dict[TimeKey, PersonTime] = {}
@@ -779,19 +922,22 @@ def contribution(
     for exposure in found:
         mine = [o for o in events if o.device == exposure.device]
         names = sorted({o.name for o in mine})
-        period, site = exposure.period, exposure.site_key
+        if windowed and exposure.start is not None:
+            names = sorted(names + _windows(exposure, mine, windowed))
+        period, site, stratum = exposure.period, exposure.site_key, exposure.stratum
         for level, node in exposure.nodes():
-            exposed: CounterKey = (level, node, EXPOSED, period, site)
+            exposed: CounterKey = (level, node, EXPOSED, period, site, stratum)
             keys.append(exposed)
             sources.setdefault(exposed, set()).update(exposure.sources)
             for name in names:
-                key: CounterKey = (level, node, name, period, site)
+                key: CounterKey = (level, node, name, period, site, stratum)
                 keys.append(key)
                 bucket = sources.setdefault(key, set())
                 bucket.update(exposure.sources)
-                bucket.update(o.source for o in mine if o.name == name)
+                plain = name.split(WINDOW_MARK, 1)[0]
+                bucket.update(o.source for o in mine if o.name == plain)
             if exposure.start is not None:
-                time_key: TimeKey = (level, node, period, site)
+                time_key: TimeKey = (level, node, period, site, stratum)
                 spent = PersonTime.of(exposure.start, exposure.end)
                 person_time[time_key] = person_time.get(time_key, ZERO_TIME) + spent
         days.extend(d.date().toordinal() for d in (exposure.start, exposure.end) if d)
@@ -803,6 +949,23 @@ def contribution(
         sources=tuple((k, tuple(sorted(v))) for k, v in sorted(sources.items())),
         latest=max(days) if days else None,
     )
+
+
+def _windows(
+    exposure: Exposure, mine: Sequence[Outcome], windowed: Mapping[str, OutcomeDefinition]
+) -> list[str]:
+    """The self-controlled window keys of an exposure: for each binomial outcome, the window
+    (risk or control) its first event falls in, if any."""
+    assert exposure.start is not None
+    found = []
+    for name, definition in windowed.items():
+        days = sorted(
+            (o.date - exposure.start).days for o in mine if o.name == name and o.date is not None
+        )
+        window = definition.window_of(days[0]) if days else None
+        if window is not None:
+            found.append(window_outcome(name, window))
+    return found
 
 
 # --------------------------------------------------------------------------- diffs and counters
@@ -872,9 +1035,13 @@ class Counters:
         self.person_time: dict[TimeKey, PersonTime] = {}
         self._patients: dict[CounterKey, dict[str, int]] = {}
         self._latest: dict[int, int] = {}
-        # (level, node, outcome) -> (period, site) -> count; (level, node) -> ... -> time
-        self._by_node: dict[tuple[str, str, str], dict[tuple[str, str], int]] = {}
-        self._time_by_node: dict[tuple[str, str], dict[tuple[str, str], PersonTime]] = {}
+        # (level, node, outcome) -> (period, site, stratum) -> count; (level, node) -> ... -> time
+        self._by_node: dict[tuple[str, str, str], dict[tuple[str, str, str], int]] = {}
+        self._time_by_node: dict[tuple[str, str], dict[tuple[str, str, str], PersonTime]] = {}
+        # a version per (level, node), moved by every change to it: the stratified sums over all
+        # periods and sites are cached against it (the live assessments ask for them repeatedly)
+        self._versions: dict[tuple[str, str], int] = {}
+        self._cache: dict[tuple[Any, ...], tuple[int, Any]] = {}
 
     @classmethod
     def rebuild(cls, contributions: Iterable[Contribution]) -> Counters:
@@ -900,18 +1067,20 @@ class Counters:
             _bump(holders, delta.patient, change)
             if not holders:
                 del self._patients[key]
-            level, node, outcome, period, site = key
+            level, node, outcome, period, site, stratum = key
             cell = self._by_node.setdefault((level, node, outcome), {})
-            _bump(cell, (period, site), change)
+            _bump(cell, (period, site, stratum), change)
             if not cell:
                 del self._by_node[(level, node, outcome)]
+            self._versions[(level, node)] = self._versions.get((level, node), 0) + 1
         for time_key, spent in delta.person_time.items():
-            level, node, period, site = time_key
+            level, node, period, site, stratum = time_key
             _add_time(self.person_time, time_key, spent)
             cells = self._time_by_node.setdefault((level, node), {})
-            _add_time(cells, (period, site), spent)
+            _add_time(cells, (period, site, stratum), spent)
             if not cells:
                 del self._time_by_node[(level, node)]
+            self._versions[(level, node)] = self._versions.get((level, node), 0) + 1
         for day, change in delta.latest.items():
             _bump(self._latest, day, change)
 
@@ -941,9 +1110,11 @@ class Counters:
     ) -> int:
         """Exposures of a node (``outcome="exposed"``) or those with an outcome, optionally for
         implant periods (see :func:`period_matches`) and sites."""
+        if period is None and site is None:
+            return sum(self.stratified(level, node, outcome, by=()).values())
         cells = self._by_node.get((level, node, outcome), {})
         return sum(
-            n for (p, s), n in cells.items() if period_matches(period, p) and _select(s, site)
+            n for (p, s, _), n in cells.items() if period_matches(period, p) and _select(s, site)
         )
 
     def person_days(
@@ -955,12 +1126,78 @@ class Counters:
         site: str | Collection[str] | None = None,
     ) -> int:
         """Person-days of exposure of a node at day ``at``."""
+        if period is None and site is None:
+            return sum(t.days(at) for t in self.stratified_time(level, node, by=()).values())
         cells = self._time_by_node.get((level, node), {})
         total = ZERO_TIME
-        for (p, s), spent in cells.items():
+        for (p, s, _), spent in cells.items():
             if period_matches(period, p) and _select(s, site):
                 total = total + spent
         return total.days(at)
+
+    def _cached(self, key: tuple[Any, ...], level: str, node: str, compute: Any) -> Any:
+        version = self._versions.get((level, node), 0)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = compute()
+        self._cache[key] = (version, value)
+        return value
+
+    def stratified(
+        self,
+        level: str,
+        node: str,
+        outcome: str,
+        period: str | Collection[str] | None = None,
+        site: str | Collection[str] | None = None,
+        by: Sequence[str] = ("age", "sex"),
+    ) -> dict[tuple[str, ...], int]:
+        """:meth:`count` per stratum, the stratum projected on the parts ``by`` (of ``age``,
+        ``sex``, ``region`` and ``site``; ``()``: one stratum, the total)."""
+        parts = tuple(by)
+
+        def compute() -> dict[tuple[str, ...], int]:
+            out: dict[tuple[str, ...], int] = {}
+            for (p, s, stratum), n in self._by_node.get((level, node, outcome), {}).items():
+                if period_matches(period, p) and _select(s, site):
+                    key = project_stratum(stratum, s, parts)
+                    out[key] = out.get(key, 0) + n
+            return out
+
+        if period is None and site is None:
+            return cast(
+                dict[tuple[str, ...], int],
+                self._cached(("n", level, node, outcome, parts), level, node, compute),
+            )
+        return compute()
+
+    def stratified_time(
+        self,
+        level: str,
+        node: str,
+        period: str | Collection[str] | None = None,
+        site: str | Collection[str] | None = None,
+        by: Sequence[str] = ("age", "sex"),
+    ) -> dict[tuple[str, ...], PersonTime]:
+        """Person-time per stratum (see :meth:`stratified`); ``.days(at)`` of each value gives
+        its person-days."""
+        parts = tuple(by)
+
+        def compute() -> dict[tuple[str, ...], PersonTime]:
+            out: dict[tuple[str, ...], PersonTime] = {}
+            for (p, s, stratum), spent in self._time_by_node.get((level, node), {}).items():
+                if period_matches(period, p) and _select(s, site):
+                    key = project_stratum(stratum, s, parts)
+                    out[key] = out.get(key, ZERO_TIME) + spent
+            return out
+
+        if period is None and site is None:
+            return cast(
+                dict[tuple[str, ...], PersonTime],
+                self._cached(("t", level, node, parts), level, node, compute),
+            )
+        return compute()
 
     def patients(self, key: CounterKey) -> tuple[str, ...]:
         """Pseudonyms of the patients counted in a key (drill-down)."""
@@ -976,18 +1213,18 @@ class Counters:
     ) -> tuple[str, ...]:
         """Pseudonyms behind :meth:`count` with the same arguments."""
         found: set[str] = set()
-        for p, s in self._by_node.get((level, node, outcome), {}):
+        for p, s, stratum in self._by_node.get((level, node, outcome), {}):
             if period_matches(period, p) and _select(s, site):
-                found.update(self._patients.get((level, node, outcome, p, s), {}))
+                found.update(self._patients.get((level, node, outcome, p, s, stratum), {}))
         return tuple(sorted(found))
 
     def periods(self, level: str, node: str) -> list[str]:
         """Implant periods with exposures of a node, sorted."""
-        return sorted({p for p, _ in self._by_node.get((level, node, EXPOSED), {})})
+        return sorted({p for p, _, _ in self._by_node.get((level, node, EXPOSED), {})})
 
     def sites(self, level: str, node: str) -> list[str]:
         """Sites with exposures of a node, sorted."""
-        return sorted({s for _, s in self._by_node.get((level, node, EXPOSED), {})})
+        return sorted({s for _, s, _ in self._by_node.get((level, node, EXPOSED), {})})
 
     def nodes(self, level: str | None = None) -> list[tuple[str, str]]:
         """``(level, node)`` of every node with exposures, sorted."""
@@ -1004,6 +1241,7 @@ class Counters:
                 outcome
                 for (lv, nd, outcome) in self._by_node
                 if outcome != EXPOSED
+                and WINDOW_MARK not in outcome
                 and (level is None or lv == level)
                 and (node is None or nd == node)
             }
@@ -1029,6 +1267,20 @@ class Counters:
         return self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+#: The parts a stratum can be projected on: the contribution's own (age band, sex, region) and
+#: the counter key's site.
+STRATIFIERS: tuple[str, ...] = (*STRATUM_PARTS, "site")
+
+
+def project_stratum(stratum: str, site: str, by: Sequence[str]) -> tuple[str, ...]:
+    """The values of the parts ``by`` (see :data:`STRATIFIERS`) of a stratum and its site."""
+    if not by:
+        return ()
+    parts = stratum_parts(stratum)
+    parts["site"] = site
+    return tuple(parts[name] for name in by)
 
 
 def _bump(table: dict[Any, int], key: Any, change: int) -> None:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -41,6 +41,8 @@ from surveillance_stream.devices import (
     Counters,
     parse_node,
 )
+from surveillance_stream.report import ReportData
+from surveillance_stream.scan import SCAN_LOOK_SCHEMA, ScanPlan, build_trees, run_look
 from surveillance_stream.settings import SurveillanceSettings
 from surveillance_stream.signals import (
     Assessment,
@@ -52,6 +54,7 @@ from surveillance_stream.signals import (
     observe,
     signal_id,
 )
+from surveillance_stream.statistics import poisson_llr
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,8 @@ def summary_of(signal: Signal, assessment: Assessment | None) -> dict[str, Any]:
     maxsprt = stats["maxsprt"]
     ebgm = stats["ebgm"] or {}
     llr, cv = maxsprt.get("llr"), maxsprt.get("cv")
-    strength = (llr / cv) if llr is not None and cv else 0.0
+    strength = assessment.strength
+    adjustment = stats.get("adjustment") or {}
     row.update(
         level=assessment.level,
         device_class=assessment.device_class,
@@ -128,8 +132,12 @@ def summary_of(signal: Signal, assessment: Assessment | None) -> dict[str, Any]:
         eb05=ebgm.get("eb05"),
         observed=maxsprt.get("observed"),
         expected=maxsprt.get("expected"),
+        expected_crude=maxsprt.get("expected_crude"),
+        adjusted_by=adjustment.get("by", []),
         llr=llr,
         cv=cv,
+        method=assessment.method,
+        controls=[c.get("control") for c in stats.get("controls", [])],
         at=stats["at"],
     )
     return row
@@ -155,7 +163,18 @@ def reproduce(assessment: Assessment) -> dict[str, str]:
             f"--expected {expected!r} --T {config.horizon} --M {config.min_events} "
             f"--alpha {config.alpha}"
         )
-    table_expected = assessment.disproportionality.expected
+    if assessment.binomial is not None:
+        found = assessment.binomial
+        commands["binomial_cv"] = (
+            f"concierge stats maxsprt-cv --model binomial --N {found.max_events} "
+            f"--z {found.z!r} --M {found.min_events} --alpha {config.alpha}"
+        )
+    adjustment = assessment.adjustment
+    table_expected = (
+        adjustment.table_expected
+        if adjustment is not None and adjustment.table_expected is not None
+        else assessment.disproportionality.expected
+    )
     if assessment.ebgm is not None and table_expected:
         prior = config.prior
         commands["ebgm"] = (
@@ -183,15 +202,35 @@ class SignalMonitor:
         prepare: Any = None,
         stale_after: float = 5.0,
         max_staleness: float = 5.0,
+        plan: ScanPlan | None = None,
+        scan: bool | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.devices_topic = devices_topic
         self.signals_topic = signals_topic
-        if config is None or levels is None:  # what the environment says
-            section = SurveillanceSettings()
+        if config is None or levels is None or plan is None or scan is None:
+            section = SurveillanceSettings()  # what the environment says
             config = config or section.signal_config()
             levels = section.levels if levels is None else levels
+            plan = plan or section.scan_plan()
+            scan = section.scan if scan is None else scan
         self.config = config
+        #: the tree-based scan's looks (scheduled when ``scan`` is on; on demand always)
+        self.plan = plan
+        self.scheduled_scans = scan
+        self.looks: list[dict[str, Any]] = []
+        #: per signal id, what the tree scan said at the look where the pair signalled
+        self.tree_flags: dict[str, dict[str, Any]] = {}
+        #: the latest scan (scheduled or on demand), for the API and the dashboard
+        self.last_scan: dict[str, Any] | None = None
+        self.scan_seconds = 0.0
+        self._scan_lock = threading.Lock()
+        #: called with every signal event once it is on the signals topic (notifications)
+        self.listeners: list[Callable[[Mapping[str, Any]], None]] = []
+        self.notify_failures = 0
+        self.notify_error: str | None = None
+        self._scan_thread: threading.Thread | None = None
+        self._last_look_started = -float("inf")
         self.levels = tuple(levels)
         self.audit = audit
         self.min_interval = min_interval
@@ -280,6 +319,8 @@ class SignalMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._scan_thread is not None:
+            self._scan_thread.join(60)
         self.history_reader.stop()
         self.devices.stop()
         if self._producer is not None:
@@ -343,6 +384,13 @@ class SignalMonitor:
             elif self._touched and now - last >= self.min_interval:
                 last = now
                 self.reassess(sweep=False)
+            elif self.scheduled_scans and not self._scanning() and self._look_due():
+                # a look takes seconds (Monte Carlo): on a thread of its own, so the
+                # statistics stay fresh per event meanwhile
+                self._scan_thread = threading.Thread(
+                    target=self._scheduled_look, name="signal-monitor-scan", daemon=True
+                )
+                self._scan_thread.start()
             else:
                 self._stop.wait(min(0.05, self.min_interval))
 
@@ -351,8 +399,13 @@ class SignalMonitor:
         with self.lock:
             for message in messages:
                 body = message.value()
-                if body:
-                    self._remember(orjson.loads(body))
+                if not body:
+                    continue
+                event = orjson.loads(body)
+                if event.get("schema") == SCAN_LOOK_SCHEMA:
+                    self._remember_look(event)
+                else:
+                    self._remember(event)
 
     def _remember(self, event: Mapping[str, Any]) -> None:
         identifier = str(event["signal"])
@@ -419,7 +472,7 @@ class SignalMonitor:
             self._day = day
 
             def wanted(node: str) -> bool:
-                return _class_of(node) in dirty if sweep else node in touched
+                return node in touched or (sweep and _class_of(node) in dirty)
 
             now = self.clock()
             fresh: dict[str, Assessment] = {}
@@ -428,9 +481,11 @@ class SignalMonitor:
                     if not everything and not wanted(node):
                         continue
                     for outcome in self.counters.outcome_names(level, node):
-                        fresh[signal_id(node, outcome)] = assess(
-                            self.counters, node, outcome, at=day, config=self.config
-                        )
+                        identifier = signal_id(node, outcome)
+                        fresh[identifier] = assess(
+                            self.counters, node, outcome, at=day, config=self.config,
+                            tree=self.tree_flags.get(identifier),
+                        )  # fmt: skip
             # nodes or outcomes that vanished (retracted): assessed at zero, so signals lapse
             for identifier, old in list(self.assessments.items()):
                 if identifier in fresh:
@@ -444,8 +499,9 @@ class SignalMonitor:
                     del self.assessments[identifier]
                     continue
                 fresh[identifier] = assess(
-                    self.counters, old.node, old.outcome, at=day, config=self.config
-                )
+                    self.counters, old.node, old.outcome, at=day, config=self.config,
+                    tree=self.tree_flags.get(identifier),
+                )  # fmt: skip
             for identifier, result in fresh.items():
                 previous = self.assessments.get(identifier)
                 self.assessments[identifier] = result
@@ -468,6 +524,142 @@ class SignalMonitor:
             self._producer.flush(10)
         return len(fresh)
 
+    # ------------------------------------------------------------------ the tree scan
+
+    def _scanning(self) -> bool:
+        return self._scan_thread is not None and self._scan_thread.is_alive()
+
+    def _scheduled_look(self) -> None:
+        self._last_look_started = time.monotonic()
+        try:
+            self.scan(spend=True)
+        except Exception as exc:  # recorded and tried again at the next due check
+            self.error = f"scan: {type(exc).__name__}: {exc}"
+            log.exception("signal monitor: the scheduled look failed")
+            self._stop.wait(5.0)
+
+    def _look_due(self) -> bool:
+        if time.monotonic() - self._last_look_started < self.plan.min_seconds:
+            return False
+        latest = self.counters.latest_day
+        last = date.fromisoformat(self.looks[-1]["data_day"]) if self.looks else None
+        return bool(self.contributions) and self.plan.due(last, latest)
+
+    def _remember_look(self, event: Mapping[str, Any]) -> None:
+        self.looks.append(dict(event))
+        self.looks.sort(key=lambda look: int(look["look"]))
+        for cut in event.get("signals", ()):
+            identifier = signal_id(str(cut["node"]), str(cut["outcome"]))
+            self.tree_flags.setdefault(identifier, self._flag(event, cut))
+        self.last_scan = dict(event)
+
+    def _flag(self, look: Mapping[str, Any], cut: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "description": "the tree-based scan (conditional Poisson, Monte Carlo p-value) over "
+            "every node and outcome, at a look of the alpha-spending plan",
+            "look": look["look"],
+            "data_day": look["data_day"],
+            "p_value": cut["p_value"],
+            "llr": cut["llr"],
+            "observed": cut["observed"],
+            "expected": cut["expected"],
+            "alpha_at_look": look["alpha"],
+            "alpha_spent": look["alpha_spent"],
+            "alpha": self.plan.spending.alpha,
+            "replications": look["replications"],
+        }
+
+    def scan(self, *, spend: bool = False, seed: int | None = None) -> dict[str, Any]:
+        """Run the tree-based scan now. With ``spend`` it is the plan's next look (published on
+        the signals topic; its signals pass family-wise control and move the signals); without,
+        an exploratory scan compared with the next look's alpha that signals nothing."""
+        self._require_ready()
+        with self._scan_lock:
+            started = time.perf_counter()
+            with self.lock:
+                day = self.counters.latest_day
+                trees = build_trees(self.counters, at=day, by=self.config.strata)
+                look = len(self.looks) + 1
+            result, alpha = run_look(trees, self.plan, look, seed=seed, spend=spend)
+            outcome_of = {tree.label: tree.label.split(" · ", 1)[1] for tree in trees}
+            cuts = [
+                {**cut.to_dict(), "outcome": outcome_of[cut.tree],
+                 "level": parse_node(cut.node)[0]}
+                for cut in result.cuts
+            ]  # fmt: skip
+            event: dict[str, Any] = {
+                "schema": SCAN_LOOK_SCHEMA,
+                "look": look if spend else None,
+                "spends_alpha": spend,
+                "at": self.clock().isoformat(),
+                "data_day": None if day is None else day.isoformat(),
+                "variant": "conditional Poisson tree-based scan",
+                "strata": list(self.config.strata),
+                "alpha": alpha,
+                "alpha_spent": self.plan.spending.spent(look) if spend else
+                self.plan.spending.spent(look - 1),
+                "plan": self.plan.to_dict(),
+                "statistic": result.statistic,
+                "replications": result.replications,
+                "planned_replications": result.planned,
+                "complete": result.complete,
+                "seed": seed,
+                "trees": len(trees),
+                "cuts": len(cuts),
+                "signals": [c for c in cuts if c["signal"]],
+                "top": cuts[:200],
+            }  # fmt: skip
+            self.scan_seconds = time.perf_counter() - started
+            if spend:
+                key = f"scan-look-{look}"
+                if self._producer is not None:
+                    self._producer.produce(
+                        self.signals_topic, key=key.encode(), value=orjson.dumps(event)
+                    )
+                    if self._producer.flush(10) > 0:
+                        raise MonitorError("the signals topic did not acknowledge the look")
+                with self.lock:
+                    self._remember_look(event)
+                    for cut in event["signals"]:
+                        if cut["level"] in self.levels:
+                            self._touched.add(str(cut["node"]))
+                if self.audit is not None:
+                    self.audit.append(
+                        "system", "system", "surveillance", "scan.look",
+                        {"look": look, "alpha": alpha, "signals": len(event["signals"])},
+                    )  # fmt: skip
+            else:
+                self.last_scan = event
+            return event
+
+    def scan_view(self) -> dict[str, Any]:
+        """The latest scan, the looks so far and the plan."""
+        self._require_ready()
+        with self.lock:
+            return {
+                "plan": self.plan.to_dict(),
+                "scheduled": self.scheduled_scans,
+                "looks": [
+                    {
+                        k: look.get(k)
+                        for k in (
+                            "look",
+                            "at",
+                            "data_day",
+                            "alpha",
+                            "alpha_spent",
+                            "statistic",
+                            "replications",
+                            "complete",
+                        )
+                    }
+                    | {"signals": len(look.get("signals", ()))}
+                    for look in self.looks
+                ],
+                "latest": self.last_scan,
+                "scan_seconds": round(self.scan_seconds, 3),
+            }
+
     def _trace(self, identifier: str, result: Assessment, now: datetime) -> None:
         points = self.trace.setdefault(identifier, deque(maxlen=500))
         points.append(
@@ -489,7 +681,19 @@ class SignalMonitor:
         )
         self._producer.poll(0)
 
+    def _notify(self, event: Mapping[str, Any]) -> None:
+        """Hand an event (already on the signals topic) to the listeners (notifications); a
+        failure is counted and shown in :meth:`status`, and the event stays on the topic."""
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception as exc:  # recorded: status() says notifications are failing
+                self.notify_failures += 1
+                self.notify_error = f"{type(exc).__name__}: {exc}"
+                log.exception("signal monitor: a notification listener failed")
+
     def _audit(self, event: Mapping[str, Any]) -> None:
+        self._notify(event)
         if self.audit is None:
             return
         actor = str(event.get("actor") or "system")
@@ -555,6 +759,10 @@ class SignalMonitor:
                 "levels": list(self.levels),
                 "signals": len(self.assessments),
                 "signalling": sum(1 for a in self.assessments.values() if a.signal),
+                "notify_failures": self.notify_failures,
+                "notify_error": self.notify_error,
+                "looks": len(self.looks),
+                "alpha_spent": self.looks[-1]["alpha_spent"] if self.looks else 0.0,
                 "config": self.config.to_dict(),
             }
 
@@ -598,35 +806,67 @@ class SignalMonitor:
             }
 
     def history(self, identifier: str) -> dict[str, Any]:
-        """Observed vs expected, cumulative by implant quarter, with the boundary."""
+        """Observed vs expected, cumulative by implant quarter, with the boundary.
+
+        Each quarter's implant cohort is assessed on its own (its adjusted expectation from the
+        comparator's same-quarter cohort) and the points are running sums, so neither line can
+        fall: an earlier cumulative assessment against ``..quarter`` used the comparator's rate
+        over all cohorts so far, which moved as later cohorts joined, and the expected line
+        dipped. The LLR is the Poisson MaxSPRT's at each point's sums; ``expected_crude`` is
+        the same sum of crude expectations.
+        """
         self._require_ready()
         with self.lock:
             signal, _ = self._signal(identifier)
             level = parse_node(signal.node)[0]
             periods = [p for p in self.counters.periods(level, signal.node) if p != UNKNOWN]
             day = self.counters.latest_day
+            cv = self.config.critical_value()
             points = []
+            observed, expected, crude = 0, 0.0, 0.0
             for period in periods:
                 result = assess(
-                    self.counters,
-                    signal.node,
-                    signal.outcome,
-                    f"..{period}",
-                    at=day,
+                    self.counters, signal.node, signal.outcome, period, at=day,
                     config=self.config,
-                )
+                )  # fmt: skip
+                observed += result.a
+                expected += result.maxsprt.expected or 0.0
+                crude += result.maxsprt.expected_crude or 0.0
+                llr = poisson_llr(observed, expected) if expected > 0 else None
+                fires = (
+                    llr is not None and cv is not None and observed >= self.config.min_events
+                    and llr >= cv.cv
+                )  # fmt: skip
                 points.append(
                     {
                         "period": period,
-                        "observed": result.a,
-                        "expected": result.maxsprt.expected,
-                        "llr": result.maxsprt.llr,
-                        "cv": result.maxsprt.cv,
-                        "signal": result.maxsprt.signal,
+                        "observed": observed,
+                        "expected": expected,
+                        "expected_crude": crude,
+                        "llr": llr,
+                        "cv": None if cv is None else cv.cv,
+                        "signal": fires,
                     }
                 )
         return {"signal": identifier, "node": signal.node, "outcome": signal.outcome,
                 "points": points}  # fmt: skip
+
+    def report_data(self, identifier: str, base_url: str = "") -> ReportData:
+        """Everything a signal's report shows (:mod:`.report`), read at one moment."""
+        self._require_ready()
+        with self.lock:
+            detail = self.detail(identifier)
+            history = self.history(identifier)
+            provenance = self.provenance(identifier, limit=100_000)
+            scan = None if self.last_scan is None else dict(self.last_scan)
+        return ReportData(
+            detail=detail,
+            history=history,
+            provenance=provenance,
+            scan=scan,
+            generated_at=self.clock().isoformat(),
+            base_url=base_url,
+        )
 
     def breakdown(self, identifier: str, by: str, protect: Any) -> dict[str, Any]:
         """The signal's outcome by manufacturer, model, lot (the nodes under or at the signal's

@@ -54,6 +54,9 @@ def streamlit_command(path: Path, port: int) -> list[str]:
         "127.0.0.1",
         "--browser.gatherUsageStats",
         "false",
+        # a regulator sees the page, not Streamlit's developer menu (Deploy, Rerun, Stop)
+        "--client.toolbarMode",
+        "minimal",
     ]
 
 

@@ -14,7 +14,7 @@ function of them.
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, Field
 
 from core.auth import Principal, require_role
@@ -183,7 +183,140 @@ def build_router() -> APIRouter:
         detail: dict[str, Any] = _call(monitor.detail, signal_id)
         return {"signal": detail["signal"]}
 
+    _scan_and_report_routes(router)
+    _subscription_routes(router)
     both = APIRouter()
     both.include_router(operations)
     both.include_router(router)
     return both
+
+
+class ScanRequest(BaseModel):
+    spend: bool = Field(
+        default=False,
+        description="Make this scan the plan's next look: it spends that look's alpha and its "
+        "signals move the lifecycle. Without it the scan is exploratory: compared with the next "
+        "look's alpha, it signals nothing and spends nothing.",
+    )
+    seed: int | None = Field(default=None, ge=0, description="Monte Carlo seed (reproducible).")
+
+
+def _scan_and_report_routes(router: APIRouter) -> None:
+    """The tree-based scan (its looks and an on-demand run) and a signal's filed report."""
+
+    @router.get(
+        "/scan",
+        summary="The tree-based scan: the alpha-spending plan, its looks, the latest scan",
+        description="One tree per (device class, outcome), conditional Poisson, Monte Carlo "
+        "p-values; `latest.top` holds the highest cuts with observed, expected, LLR and p-value.",
+    )
+    def scan_view(monitor: Monitor, principal: Regulator) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.scan_view)
+        return found
+
+    @router.post(
+        "/scan",
+        summary="Run the tree-based scan now (exploratory, or as the plan's next look)",
+    )
+    def scan_now(
+        request: Request,
+        monitor: Monitor,
+        principal: Regulator,
+        body: Annotated[ScanRequest, Body()] = ScanRequest(),
+    ) -> dict[str, Any]:
+        found: dict[str, Any] = _call(monitor.scan, spend=body.spend, seed=body.seed)
+        request.state.audit_detail = {"spend": body.spend, "look": found.get("look")}
+        return found
+
+    @router.get(
+        "/signals/{signal_id}/report",
+        summary="A signal's report to file: statistics with their inputs, charts, adjustment, "
+        "multiplicity, provenance summary, lifecycle and reproduce commands",
+        response_class=Response,
+        responses={200: {"content": {"text/html": {}, "application/pdf": {}}}},
+    )
+    def report(
+        signal_id: str,
+        request: Request,
+        monitor: Monitor,
+        principal: Regulator,
+        format: Annotated[Literal["html", "pdf"], Query()] = "html",
+    ) -> Response:
+        from surveillance_stream.report import render_html, render_pdf
+
+        data = _call(monitor.report_data, signal_id, str(request.base_url).rstrip("/"))
+        request.state.audit_detail = {
+            "signal": signal_id,
+            "format": format,
+            "patients": data.provenance.get("patients", 0),
+        }
+        if format == "pdf":
+            filename = f"{signal_id}.pdf"
+            return Response(
+                render_pdf(data),
+                media_type="application/pdf",
+                headers={"Content-Disposition": f'inline; filename="{filename}"'},
+            )
+        return Response(render_html(data), media_type="text/html; charset=utf-8")
+
+
+class SubscriptionCreate(BaseModel):
+    channel: Literal["email", "webhook"]
+    address: str = Field(max_length=2000, description="An e-mail address or an https URL.")
+    device_class: str | None = Field(default=None, max_length=200, description="Any if unset.")
+    outcome: str | None = Field(default=None, max_length=500, description="Any if unset.")
+    level: Literal["class", "manufacturer", "model", "lot"] | None = None
+    actions: (
+        list[Literal["detect", "lapse", "review", "confirm", "dismiss", "close", "reopen"]] | None
+    ) = Field(default=None, description="The moves to be told of; every one if unset.")
+
+
+def _notices(request: Request) -> Any:
+    notices = getattr(request.app.state, "signal_notices", None)
+    if notices is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "signal notifications need the signal monitor and the recruitment database (its "
+            "outbox) in this API",
+        )
+    return notices
+
+
+def _subscription_routes(router: APIRouter) -> None:
+    """Regulators' subscriptions to signal notifications (e-mail or webhook, via the outbox)."""
+
+    @router.post(
+        "/subscriptions",
+        summary="Subscribe to notifications of signal moves (detect, lapse, each action)",
+        status_code=status.HTTP_201_CREATED,
+        responses={422: {"description": "An address, level or action that cannot be kept"}},
+    )
+    def subscribe(
+        request: Request, principal: Regulator, body: Annotated[SubscriptionCreate, Body()]
+    ) -> dict[str, Any]:
+        from recruitment.signal_notices import SubscriptionError
+
+        try:
+            found: dict[str, Any] = _notices(request).subscribe(
+                principal.sub, principal.org or "", body.channel, body.address,
+                device_class=body.device_class, outcome=body.outcome, level=body.level,
+                actions=body.actions,
+            )  # fmt: skip
+        except SubscriptionError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+        request.state.audit_detail = {"subscription": found["id"], "channel": body.channel}
+        return found
+
+    @router.get("/subscriptions", summary="Your subscriptions to signal notifications")
+    def subscriptions(request: Request, principal: Regulator) -> dict[str, Any]:
+        return {"subscriptions": _notices(request).subscriptions(principal.sub)}
+
+    @router.delete(
+        "/subscriptions/{subscription_id}",
+        summary="End one of your subscriptions",
+        status_code=status.HTTP_204_NO_CONTENT,
+    )
+    def unsubscribe(subscription_id: str, request: Request, principal: Regulator) -> Response:
+        if not _notices(request).unsubscribe(subscription_id, principal.sub):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no subscription {subscription_id}")
+        return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -13,10 +13,53 @@ from typing import Any
 
 from core.patient_view import Source
 
-#: ``(level, node, outcome or "exposed", period, site)``
-CounterKey = tuple[str, str, str, str, str]
-#: ``(level, node, period, site)``
-TimeKey = tuple[str, str, str, str]
+#: The contribution's schema. Version 2 added the stratum (the last element of every counter and
+#: person-time key) so expected counts can be standardised indirectly; a version-1 value (no
+#: ``schema``, five-part keys) reads as stratum :data:`UNKNOWN_STRATUM`.
+CONTRIBUTION_SCHEMA = "concierge.device-contribution/2"
+
+#: ``(level, node, outcome or "exposed", period, site, stratum)``
+CounterKey = tuple[str, str, str, str, str, str]
+#: ``(level, node, period, site, stratum)``
+TimeKey = tuple[str, str, str, str, str]
+
+#: Age bands (years at implant) of the stratum: ``(label, lowest age)``, youngest first.
+AGE_BANDS: tuple[tuple[str, int], ...] = (
+    ("0-44", 0),
+    ("45-54", 45),
+    ("55-64", 55),
+    ("65-74", 65),
+    ("75-84", 75),
+    ("85+", 85),
+)
+#: The parts of a stratum, in the order they are written (``"65-74|female|London"``).
+STRATUM_PARTS: tuple[str, ...] = ("age", "sex", "region")
+UNKNOWN_STRATUM = "unknown|unknown|unknown"
+
+
+def age_band(age: int | None) -> str:
+    """The band of an age in whole years (``"unknown"`` for ``None`` or a negative age)."""
+    if age is None or age < 0:
+        return "unknown"
+    label = AGE_BANDS[0][0]
+    for name, lowest in AGE_BANDS:
+        if age >= lowest:
+            label = name
+    return label
+
+
+def stratum_of(age: str, sex: str, region: str) -> str:
+    """The stratum string of an exposure: age band at implant, sex and region (``|`` and
+    missing values are written ``unknown``)."""
+    parts = (age, sex, region)
+    return "|".join((p or "unknown").replace("|", "/") for p in parts)
+
+
+def stratum_parts(stratum: str) -> dict[str, str]:
+    """``{"age": ..., "sex": ..., "region": ...}`` of a stratum string."""
+    values = stratum.split("|")
+    values += ["unknown"] * (len(STRATUM_PARTS) - len(values))
+    return dict(zip(STRATUM_PARTS, values, strict=False))
 
 
 # --------------------------------------------------------------------------- person-time
@@ -102,6 +145,7 @@ class Contribution:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe object (for a table value)."""
         return {
+            "schema": CONTRIBUTION_SCHEMA,
             "patient": self.patient,
             "keys": [list(k) for k in self.keys],
             "person_time": [[list(k), t.to_list()] for k, t in self.person_time],
@@ -111,6 +155,9 @@ class Contribution:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Contribution:
+        schema = data.get("schema")
+        if schema not in (None, CONTRIBUTION_SCHEMA):
+            raise ValueError(f"unknown device contribution schema {schema!r}")
         return cls(
             patient=str(data["patient"]),
             keys=tuple(_counter_key(k) for k in data.get("keys", ())),
@@ -127,13 +174,32 @@ class Contribution:
 
 
 def _counter_key(value: Sequence[Any]) -> CounterKey:
-    level, node, outcome, period, site = (str(v) for v in value)
-    return (level, node, outcome, period, site)
+    parts = [str(v) for v in value]
+    if len(parts) == 5:  # schema 1: no stratum
+        parts.append(UNKNOWN_STRATUM)
+    level, node, outcome, period, site, stratum = parts
+    return (level, node, outcome, period, site, stratum)
 
 
 def _time_key(value: Sequence[Any]) -> TimeKey:
-    level, node, period, site = (str(v) for v in value)
-    return (level, node, period, site)
+    parts = [str(v) for v in value]
+    if len(parts) == 4:  # schema 1: no stratum
+        parts.append(UNKNOWN_STRATUM)
+    level, node, period, site, stratum = parts
+    return (level, node, period, site, stratum)
 
 
-__all__ = ["ZERO_TIME", "Contribution", "CounterKey", "PersonTime", "TimeKey"]
+__all__ = [
+    "AGE_BANDS",
+    "CONTRIBUTION_SCHEMA",
+    "STRATUM_PARTS",
+    "UNKNOWN_STRATUM",
+    "ZERO_TIME",
+    "Contribution",
+    "CounterKey",
+    "PersonTime",
+    "TimeKey",
+    "age_band",
+    "stratum_of",
+    "stratum_parts",
+]

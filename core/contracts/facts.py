@@ -152,6 +152,32 @@ class AdverseEventFact(_Frozen):
     suspect_medications: tuple[Coding, ...] = ()
 
 
+class TextFindingFact(_Frozen):
+    """A device problem read from free text (a note, an attachment, a narrative) by the rule-based
+    clinical NLP pipeline (:mod:`fhir_adapters.notes`): a candidate outcome, never a coded one.
+
+    Only asserted mentions become facts (not negated, uncertain, historical, hypothetical or about
+    the family). The envelope's provenance gives the resource and its version; ``element`` and the
+    span say where in it the words are.
+    """
+
+    kind: Literal["text_finding"] = "text_finding"
+    from_text: Literal[True] = True
+    #: the rule's problem category (``LOOSENING``, ``INFECTION`` ...)
+    problem: str
+    #: the outcome codes the problem stands for
+    codes: tuple[Coding, ...]
+    #: when the text was written or is about (the note's date, else the resource's own date)
+    date: datetime | None = None
+    #: FHIRPath-like location of the text read (``DocumentReference.content[0].attachment``)
+    element: str
+    #: character span ``[start, end)`` of the problem's words in that text
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    #: reference keys of devices the resource itself names (a procedure's focal device)
+    devices: tuple[str, ...] = ()
+
+
 class ConsentFact(_Frozen):
     kind: Literal["consent"] = "consent"
     status: str
@@ -168,6 +194,7 @@ Fact = Annotated[
     | ProcedureFact
     | DeviceExposureFact
     | AdverseEventFact
+    | TextFindingFact
     | ConsentFact,
     Field(discriminator="kind"),
 ]
@@ -180,6 +207,7 @@ FACT_KINDS: tuple[str, ...] = (
     "procedure",
     "device_exposure",
     "adverse_event",
+    "text_finding",
     "consent",
 )
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 SIGNAL_EVENT_SCHEMA = "concierge.signal-event/1"
+#: The tree-based scan's looks share the topic (key ``scan-look-<n>``); readers of lifecycle
+#: events skip other schemas. Fields: ``docs/reference/topics-and-facts.md``.
+SCAN_LOOK_SCHEMA = "concierge.scan-look/1"
 
 #: One move of a signal. ``from`` is a Python keyword, hence the functional form.
 SignalEvent = TypedDict(
@@ -29,4 +32,4 @@ SignalEvent = TypedDict(
     },
 )
 
-__all__ = ["SIGNAL_EVENT_SCHEMA", "SignalEvent"]
+__all__ = ["SCAN_LOOK_SCHEMA", "SIGNAL_EVENT_SCHEMA", "SignalEvent"]

@@ -42,6 +42,7 @@ __all__ = [
     "evans_signal",
     "expected_count",
     "information_component",
+    "information_component_of",
     "prr",
     "ror",
 ]
@@ -166,7 +167,14 @@ def information_component(
     ``IC_q = log2(Gamma^-1(q; shape=a+0.5, rate=E+0.5))``.
     Returns ``(ic, ic_low, ic_high)`` -- IC025/IC975 for the default 95 %.
     """
-    expected = expected_count(a, b, c, d)
+    return information_component_of(a, expected_count(a, b, c, d), credibility=credibility)
+
+
+def information_component_of(
+    a: float, expected: float | None, *, credibility: float = 0.95
+) -> tuple[float | None, float | None, float | None]:
+    """:func:`information_component` for an observed count and any expected count (e.g. one
+    standardised over strata)."""
     if not 0.0 < credibility < 1.0:
         raise ValueError(f"credibility must be in (0, 1), got {credibility!r}")
     if expected is None:

@@ -33,8 +33,11 @@ Binomial MaxSPRT
     signal may occur (the wording of ``CV.G.Binomial`` in ``Sequential``).  Because
     the LLR takes finitely many values, alpha is a step function of ``cv``: we return
     the least conservative critical value whose alpha does not exceed the target.
-    Every ``cv`` in ``(cv_lower, cv_upper]`` defines the same test; ``cv`` is their
-    midpoint, so floating-point noise in an LLR can never flip a decision.
+    Every ``cv`` in ``(cv_lower, cv_upper]`` defines the same test. ``cv`` is reported as
+    R Sequential's ``CV.Binomial`` reports it, the attainable LLR value at the boundary
+    (``cv_upper``), so a reviewer checking against Sequential sees the same number;
+    decisions compare with ``cv_midpoint`` (:attr:`CriticalValue.threshold`), halfway to
+    the next attainable value below, so floating-point noise in an LLR can never flip one.
 
 Risk-adjusted CUSUM (Steiner et al. 2000)
     Bernoulli outcome ``y`` with predicted risk ``p``; testing odds ratio ``R0`` (usually
@@ -63,6 +66,7 @@ __all__ = [
     "binomial_alpha",
     "binomial_critical_value",
     "binomial_llr",
+    "grouped_cusum",
     "poisson_alpha",
     "poisson_critical_value",
     "poisson_llr",
@@ -120,6 +124,14 @@ class CriticalValue:
     M: int = 1
     cv_lower: float | None = None
     cv_upper: float | None = None
+    #: binomial only: halfway between the attainable values around the boundary (our own
+    #: field, what decisions compare with; ``cv`` is what R Sequential reports)
+    cv_midpoint: float | None = None
+
+    @property
+    def threshold(self) -> float:
+        """What an LLR is compared with: ``cv_midpoint`` where there is one, else ``cv``."""
+        return self.cv_midpoint if self.cv_midpoint is not None else self.cv
 
     def to_dict(self) -> dict[str, float | int | str | None]:
         return {
@@ -133,6 +145,7 @@ class CriticalValue:
             "M": self.M,
             "cv_lower": self.cv_lower,
             "cv_upper": self.cv_upper,
+            "cv_midpoint": self.cv_midpoint,
         }
 
 
@@ -289,8 +302,9 @@ def binomial_critical_value(N: int, z: float, M: int = 1, alpha: float = 0.05) -
     """Exact critical value of the continuous binomial MaxSPRT (cf. ``CV.Binomial``).
 
     ``N`` is the upper limit on the total number of events (cases + controls).
-    Returns the smallest rejection region (in LLR) whose exact alpha is <= ``alpha``;
-    ``cv`` is the midpoint of ``(cv_lower, cv_upper]``, all of which define that region.
+    Returns the largest rejection region (in LLR) whose exact alpha is <= ``alpha``; ``cv``
+    is its lowest attainable LLR (``cv_upper``, as ``CV.Binomial`` reports it) and
+    ``cv_midpoint`` the middle of ``(cv_lower, cv_upper]``, all of which define that region.
     """
     _check_binomial_design(N, z, M)
     if not 0.0 < alpha < 1.0:
@@ -316,9 +330,8 @@ def binomial_critical_value(N: int, z: float, M: int = 1, alpha: float = 0.05) -
             lo = mid + 1
     upper = float(values[lo])
     lower = float(values[lo - 1]) if lo > 0 else 0.0
-    cv = (lower + upper) / 2.0
     return CriticalValue(
-        cv=cv,
+        cv=upper,
         alpha_attained=_binomial_alpha(upper, N, z, M),
         alpha=alpha,
         model="binomial",
@@ -327,6 +340,7 @@ def binomial_critical_value(N: int, z: float, M: int = 1, alpha: float = 0.05) -
         M=M,
         cv_lower=lower,
         cv_upper=upper,
+        cv_midpoint=(lower + upper) / 2.0,
     )
 
 
@@ -409,3 +423,35 @@ def risk_adjusted_cusum(
     if len(outcomes_list) != len(risks_list):
         raise ValueError("outcomes and risks must have the same length")
     return [chart.update(y, p) for y, p in zip(outcomes_list, risks_list, strict=True)]
+
+
+def grouped_cusum(
+    groups: Iterable[tuple[int, Sequence[tuple[int, float]]]],
+    *,
+    odds_ratio: float = 2.0,
+    threshold: float = 4.5,
+) -> list[CusumStep]:
+    """The risk-adjusted Bernoulli CUSUM of Steiner et al. (2000) taken one group at a time.
+
+    Each group is ``(events, [(patients, risk), ...])``: the number of patients with the outcome
+    and, per risk level, how many patients had that predicted risk. The group's weight is the
+    sum of its patients' :meth:`RiskAdjustedCusum.weight` (``events * ln(RA)`` plus, per
+    patient, ``-ln(1 - p + RA p)``), which needs only those counts, so the chart can be kept
+    from aggregate counters; the score is clipped at zero between groups, not within one. The
+    score is not reset after a signal (a live chart reports whether it is over ``h``).
+    """
+    chart = RiskAdjustedCusum(odds_ratio, threshold, reset_on_signal=False)
+    steps = []
+    for events, risks in groups:
+        if events < 0:
+            raise ValueError(f"events must be >= 0, got {events!r}")
+        weight = 0.0
+        for patients, risk in risks:
+            if patients and 0.0 < risk < 1.0:
+                weight += patients * chart.weight(0, risk)
+        if events:
+            weight += events * math.log(chart.odds_ratio / chart.null_odds_ratio)
+        score = max(0.0, chart.score + weight)
+        chart.score = score
+        steps.append(CusumStep(weight=weight, score=score, signal=score >= chart.threshold))
+    return steps

@@ -148,3 +148,59 @@ def test_regulator_dashboard_shows_the_faulty_signal(
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", chart)
         time.sleep(0.5)
         screenshot(driver, "regulator-dashboard")  # the detail: observed vs expected and more
+
+
+#: The tree scan's chart (``st.container(key="tree-scan")``).
+SCAN_CHART = ".st-key-tree-scan .vega-embed canvas, .st-key-tree-scan .vega-embed svg"
+
+
+def test_the_tree_scan_chart_and_a_signal_report_in_the_browser(
+    regulator_stack: Any, dashboard_url: str
+) -> None:
+    """The dashboard draws the tree scan over the device hierarchy; the signal's report page
+    (``/v1/surveillance/signals/{id}/report``) shows the numbers the API gives."""
+    from selenium.webdriver.common.by import By
+
+    from surveillance_stream.report import fmt
+
+    headers = {"Authorization": f"Bearer {regulator_stack.token}"}
+    api = regulator_stack.api_url
+    scanned = httpx.post(f"{api}/v1/surveillance/scan", json={"seed": 5}, headers=headers,
+                         timeout=120)  # fmt: skip
+    assert scanned.status_code == 200, scanned.text
+    top = scanned.json()["top"][0]
+    rows = regulator_stack.signals()
+    target = next(r for r in rows if r["node"] == regulator_stack.faulty_node and r["signal"])
+    detail = httpx.get(f"{api}/v1/surveillance/signals/{target['id']}", headers=headers,
+                       timeout=30).json()  # fmt: skip
+    with chromium(height=2400) as driver:
+        driver.get(dashboard_url)
+        wait_for(
+            lambda: driver.find_elements(By.CSS_SELECTOR, SCAN_CHART),
+            timeout=120,
+            what="the tree scan's chart",
+        )
+        text = page_text(driver)
+        assert "Tree-based scan over the device hierarchy" in text
+        assert "Deploy" not in text  # Streamlit's developer toolbar is hidden
+        chart = driver.find_elements(By.CSS_SELECTOR, SCAN_CHART)[0]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", chart)
+        time.sleep(1)
+        screenshot(driver, "regulator-dashboard-scan")
+        assert top["llr"] > 0
+
+        # the report page, with the regulator's token on every request (DevTools protocol)
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": headers})
+        driver.get(f"{api}/v1/surveillance/signals/{target['id']}/report")
+        wait_for(lambda: "Device-safety signal report" in page_text(driver), timeout=30,
+                 what="the report page")  # fmt: skip
+        report = page_text(driver)
+        maxsprt = detail["assessment"]["maxsprt"]
+        for number in (fmt(maxsprt["llr"]), fmt(maxsprt["expected"]),
+                       fmt(maxsprt["expected_crude"]), fmt(maxsprt["cv"])):  # fmt: skip
+            assert number in report, number
+        assert target["node"] in report
+        charts = driver.find_elements(By.CSS_SELECTOR, "#chart-observed-expected svg polyline")
+        assert len(charts) >= 2  # observed and expected lines drawn
+        screenshot(driver, "signal-report")

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 
 from concierge.api import create_app
 from core.auth import issue
+from core.contracts.signals import SIGNAL_EVENT_SCHEMA
 from core.settings import Settings
 from infra.topics import SIGNALS
 from tests.generative.test_device_counters import faulty_outcome_records
@@ -78,13 +79,77 @@ def signal_events(settings: Settings) -> list[dict[str, Any]]:
     high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     events: list[dict[str, Any]] = []
+    read = 0
     deadline = time.monotonic() + 30
-    while len(events) < high and time.monotonic() < deadline:
+    while read < high and time.monotonic() < deadline:
         for message in consumer.consume(500, timeout=0.5):
+            if message.error() is None:
+                read = max(read, message.offset() + 1)
             if message.error() is None and message.value():
-                events.append(orjson.loads(message.value()))
+                found = orjson.loads(message.value())
+                if found.get("schema") == SIGNAL_EVENT_SCHEMA:  # not the tree scan's looks
+                    events.append(found)
     consumer.close()
     return events
+
+
+def check_report(
+    client: TestClient, headers: dict[str, str], identifier: str, detail: dict[str, Any]
+) -> None:
+    """The HTML and PDF reports show the API's numbers; the PDF renders (pdftoppm)."""
+    from surveillance_stream.report import fmt
+
+    maxsprt = detail["assessment"]["maxsprt"]
+    numbers = [fmt(maxsprt["llr"]), fmt(maxsprt["expected"]), fmt(maxsprt["expected_crude"]),
+               fmt(maxsprt["cv"]), str(detail["assessment"]["table"]["a"])]  # fmt: skip
+    page = client.get(f"/v1/surveillance/signals/{identifier}/report", headers=headers)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for number in numbers:
+        assert number in page.text, number
+    pdf = client.get(f"/v1/surveillance/signals/{identifier}/report?format=pdf", headers=headers)
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
+    text = pdf_text(pdf.content)
+    for number in numbers:
+        assert number in text, number
+    pages = render_pdf_pages(pdf.content)
+    assert pages and all(p.stat().st_size > 10_000 for p in pages)
+
+
+def pdf_text(content: bytes) -> str:
+    """The PDF's text (pdftotext, poppler-utils, beside pdftoppm)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "report.pdf"
+        path.write_bytes(content)
+        tool = str(Path(pdftoppm_path()).with_name("pdftotext"))
+        out = subprocess.run([tool, "-layout", str(path), "-"], capture_output=True, check=True)
+        return out.stdout.decode()
+
+
+def pdftoppm_path() -> str:
+    import os
+    import shutil
+
+    found = os.environ.get("CONCIERGE_PDFTOPPM") or shutil.which("pdftoppm")
+    assert found, "pdftoppm is missing: scripts/test.sh installs poppler-utils"
+    return found
+
+
+def render_pdf_pages(content: bytes, folder: Path | None = None) -> list[Path]:
+    """Each page of a PDF as a PNG (pdftoppm at 60 dpi)."""
+    import subprocess
+    import tempfile
+
+    target = folder or Path(tempfile.mkdtemp())
+    path = target / "report.pdf"
+    path.write_bytes(content)
+    subprocess.run(
+        [pdftoppm_path(), "-png", "-r", "60", str(path), str(target / "page")], check=True
+    )
+    return sorted(target.glob("page*.png"))
 
 
 def test_faulty_model_signals_live_and_retractions_move_it_back(
@@ -142,6 +207,25 @@ def test_faulty_model_signals_live_and_retractions_move_it_back(
         ).json()["points"]
         assert history and history[-1]["observed"] == target["observed"]
         assert [p["observed"] for p in history] == sorted(p["observed"] for p in history)
+
+        # adjusted expectations with the crude alongside; the cumulative expected never dips
+        assert detail["assessment"]["adjustment"]["by"] == ["age", "sex"]
+        assert detail["assessment"]["maxsprt"]["expected_crude"] is not None
+        assert [p["expected"] for p in history] == sorted(p["expected"] for p in history)
+
+        # the tree-based scan on demand (exploratory: spends nothing, signals nothing)
+        scanned = client.post("/v1/surveillance/scan", json={"seed": 7}, headers=regulator)
+        assert scanned.status_code == 200, scanned.text
+        look = scanned.json()
+        assert look["look"] is None and look["signals"] == [] and look["top"]
+        assert look["variant"] == "conditional Poisson tree-based scan"
+        top = look["top"][0]
+        assert top["observed"] > top["expected"] and 0 < top["p_value"] <= 1
+        view = client.get("/v1/surveillance/scan", headers=regulator).json()
+        assert view["latest"]["at"] == look["at"] and view["plan"]["looks"] == 104
+
+        # the report to file: HTML and PDF with the numbers the API gives
+        check_report(client, regulator, target["id"], detail)
 
         by_lot = client.get(
             f"/v1/surveillance/signals/{target['id']}/breakdown?by=lot", headers=regulator

@@ -246,6 +246,16 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/surveillance/signals/{signal_id}/actions"): only(
         "regulator", body={"action": "review", "reason": "checked by the authorisation matrix"}
     ),
+    ("GET", "/v1/surveillance/signals/{signal_id}/report"): only("regulator"),
+    ("GET", "/v1/surveillance/scan"): only("regulator"),
+    ("POST", "/v1/surveillance/scan"): only("regulator", body={"seed": 1}),
+    ("POST", "/v1/surveillance/subscriptions"): only(
+        "regulator", body={"channel": "webhook", "address": "https://regulator.example/hook"}
+    ),
+    ("GET", "/v1/surveillance/subscriptions"): only("regulator"),
+    ("DELETE", "/v1/surveillance/subscriptions/{subscription_id}"): _with(
+        only("regulator"), params={"subscription_id": "matrix-subscription"}
+    ),
 }
 
 

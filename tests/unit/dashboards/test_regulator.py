@@ -30,6 +30,7 @@ from dashboards.client import (
     HistoryPoint,
     Level,
     Provenance,
+    ScanView,
     Signal,
     SignalDetail,
     SignalList,
@@ -208,6 +209,7 @@ class FakeApi:
                     "with_outcome": 9,
                     "prr": 3.3,
                     "prr_ci": [1.5, 7.2],
+                    "withheld": False,
                 },
                 {
                     "key": "LOT-999",
@@ -216,9 +218,40 @@ class FakeApi:
                     "with_outcome": "<10",
                     "prr": None,
                     "prr_ci": [None, None],
+                    "withheld": True,
                 },
             ],
         }
+
+    def scan(self) -> ScanView:
+        self._check()
+        cut = {
+            "tree": f"hip · {OUTCOME}",
+            "node": FAULTY,
+            "level": "model",
+            "outcome": OUTCOME,
+            "observed": 12,
+            "expected": 3.5,
+            "ratio": 12 / 3.5,
+            "llr": 7.25,
+            "p_value": 0.0004,
+            "signal": True,
+        }
+        other = {**cut, "node": "hip/Orthomedica", "level": "manufacturer", "llr": 3.1,
+                 "p_value": 0.2, "signal": False}  # fmt: skip
+        look = {"look": 3, "at": "2026-01-05T10:00:00+00:00", "data_day": "2026-01-05",
+                "alpha": 0.00048, "alpha_spent": 0.00144, "statistic": 7.25,
+                "replications": 10_399, "complete": True, "signals": [cut],
+                "top": [cut, other]}  # fmt: skip
+        return cast(
+            ScanView,
+            {
+                "plan": {"alpha": 0.05, "looks": 104, "rho": 1.0, "every_days": 7},
+                "scheduled": True,
+                "looks": [{**look, "signals": 1}],
+                "latest": look,
+            },
+        )
 
     def provenance(self, signal_id: str, limit: int = 100) -> Provenance:
         self._get(signal_id)
@@ -273,7 +306,10 @@ def test_numbers_and_intervals() -> None:
     assert regulator.fmt_number(float("inf")) == "—"
     assert regulator.fmt_number(3) == "3"
     assert regulator.fmt_number(3.14159) == "3.14"
-    assert regulator.fmt_number(0.0004) == "0.0004"
+    assert regulator.fmt_number(0.0004) == "0.00040"
+    # never scientific notation: a strength of 6.6e-05 must not read as 6.6
+    assert regulator.fmt_number(6.6e-05) == "0.000066"
+    assert regulator.fmt_number(123_456.7) == "123,457"
     assert regulator.fmt_interval(3.1, [1.6, 5.9]) == "3.10 (1.60 to 5.90)"
     assert regulator.fmt_interval(3.1, [None, 5.9]) == "3.10 (— to 5.90)"
     assert regulator.fmt_interval(3.1, []) == "3.10 (— to —)"
@@ -321,7 +357,7 @@ def test_states_read_as_words() -> None:
 
 def test_status_metrics() -> None:
     metrics = dict(regulator.status_metrics(FakeApi().status()))
-    assert metrics["Patients"] == "120,345"
+    assert metrics["Patients with an implant"] == "120,345"
     assert metrics["Latest data day"] == "2026-01-05"
     assert metrics["Last update"] == "10:00:03 UTC"
 
@@ -551,7 +587,7 @@ def test_page_shows_status_and_the_ranked_signal_table() -> None:
     assert not at.exception
     assert not at.error
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Patients"] == "120,345"
+    assert metrics["Patients with an implant"] == "120,345"
     assert metrics["Latest data day"] == "2026-01-05"
     first = at.table[0].value.iloc[0]
     assert (first["Node"], first["Outcome"], first["State"]) == (FAULTY, OUTCOME, "signalled")
@@ -570,10 +606,11 @@ def test_choosing_a_signal_shows_its_detail_and_actions() -> None:
         assert section in text
     codes = [c.value for c in at.code]
     assert "concierge stats disproportionality --a 12 --b 88 --c 30 --d 970" in codes
-    # observed vs expected, LLR vs the boundary, the forest plot
-    assert len(at.get("vega_lite_chart")) == 3
+    # the tree scan; observed vs expected, LLR vs the boundary, the forest plot
+    assert len(at.get("vega_lite_chart")) == 4
     breakdown = next(t.value for t in at.table if "Exposed" in t.value.columns)
-    assert "<10" in list(breakdown["Exposed"])
+    assert list(breakdown.index) == ["LOT-123"]  # withheld rows are counted, not listed
+    assert "1 site rows with counts below the small-number threshold" in text
     assert {b.label for b in at.button} >= {"Start review", "Dismiss"}
 
 
@@ -659,6 +696,7 @@ def test_dashboard_command_runs_streamlit_with_the_api_and_a_regulator_token(
         "--server.port": "8501",
         "--server.address": "127.0.0.1",
         "--browser.gatherUsageStats": "false",
+        "--client.toolbarMode": "minimal",
     }
     assert env["CONCIERGE_API_URL"] == "http://api.test:9000"
     assert env["CONCIERGE_DASHBOARD_REFRESH_SECONDS"] == "0.5"
@@ -686,3 +724,38 @@ def test_dashboard_is_a_concierge_verb() -> None:
     result = CliRunner().invoke(main, ["dashboard", "--help"])
     assert result.exit_code == 0
     assert "regulator" in result.output
+
+
+def test_the_tree_scan_chart_and_looks() -> None:
+    view = FakeApi().scan()
+    assert view["latest"] is not None
+    frame = regulator.scan_frame(view["latest"]["top"])
+    assert list(frame["cut"]) == [f"{FAULTY} · {OUTCOME}", f"hip/Orthomedica · {OUTCOME}"]
+    assert list(frame["signal"]) == ["passes", "does not pass"]
+    spec = regulator.scan_chart(frame).to_dict()
+    assert spec["encoding"]["x"]["field"] == "llr" and spec["mark"]["type"] == "bar"
+    rows = regulator.look_rows(view)
+    assert rows[0]["Look"] == "3" and rows[0]["Alpha spent"] == "0.0014"
+
+
+def test_page_shows_the_tree_scan() -> None:
+    at = page(FakeApi())
+    assert not at.exception
+    assert "Tree-based scan over the device hierarchy" in [s.value for s in at.subheader]
+    assert len(at.get("vega_lite_chart")) == 1  # the scan chart, before any signal is chosen
+    text = _texts(at)
+    assert "look 3" in text and "1 cuts pass" in text
+
+
+def test_drill_down_opens_at_a_readable_level() -> None:
+    assert regulator.default_breakdown("model") == "site"
+    assert regulator.default_breakdown("lot") == "site"
+    assert regulator.default_breakdown("manufacturer") == "model"
+    assert regulator.default_breakdown("class") == "manufacturer"
+
+
+def test_the_dashboard_hides_streamlits_developer_toolbar() -> None:
+    from concierge.commands.dashboard import streamlit_command
+
+    command = streamlit_command(Path("app.py"), 8501)
+    assert command[command.index("--client.toolbarMode") + 1] == "minimal"

@@ -42,7 +42,7 @@ def test_migrations_create_exactly_the_models_and_go_down_again(empty_url: str) 
             db.check_schema(engine)
         db.upgrade(empty_url)
         db.check_schema(engine)
-        assert db.current_revision(engine) == db.head_revision() == "0001"
+        assert db.current_revision(engine) == db.head_revision() == "0002"
         tables = set(sa.inspect(engine).get_table_names())
         assert set(Base.metadata.tables) | {db.VERSION_TABLE} == tables
         assert _diff(engine) == []
@@ -144,7 +144,7 @@ def test_the_migrate_command_and_alembic_env_read_the_url_from_the_environment(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert '"revision": "0001"' in done.stdout
+    assert '"revision": "0002"' in done.stdout
     engine = db.make_engine(url)
     try:
         db.check_schema(engine)

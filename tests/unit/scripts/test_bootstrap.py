@@ -111,7 +111,7 @@ def test_a_changed_lock_installs_the_locked_versions_then_the_project(tmp_path: 
     assert "status=0" in done.stdout, done.stderr
     calls = log.read_text().splitlines()
     assert calls[1:] == [
-        "install -q --require-hashes -r requirements.lock",
+        "install -q --require-hashes --no-deps -r requirements.lock",
         "install -q --no-deps -e .",
     ], calls
     stamps = [p.name for p in (root / ".venv").glob(".installed-*")]

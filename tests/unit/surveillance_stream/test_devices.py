@@ -162,7 +162,17 @@ def ae_fact(
 
 
 def patient_fact(site: str | None = "RA1", region: str = "London") -> dict[str, Any]:
-    return {"kind": "patient", "site": site, "region": region, "sex": "female"}
+    return {
+        "kind": "patient",
+        "site": site,
+        "region": region,
+        "sex": "female",
+        "birth_date": "1950-06-15",
+    }
+
+
+#: the stratum of the patient above's implants in 2023: age band at implant, sex, region
+STRATUM = "65-74|female|London"
 
 
 IMPLANT_HIP = [(OPCS4, "W37.1"), (SNOMED, "52734007")]
@@ -502,21 +512,23 @@ def test_contribution_keys_for_one_revised_hip() -> None:
         "joint mechanical complication",
     ]
     assert got.keys == tuple(
-        (level, node, name, "2023Q1", "RA1") for level, node in nodes for name in names
+        (level, node, name, "2023Q1", "RA1", STRATUM) for level, node in nodes for name in names
     )
     spent = PersonTime(closed_days=60)
-    assert got.person_time == tuple(((lv, node, "2023Q1", "RA1"), spent) for lv, node in nodes)
+    assert got.person_time == tuple(
+        ((lv, node, "2023Q1", "RA1", STRATUM), spent) for lv, node in nodes
+    )
     assert got.latest == (T0 + timedelta(days=60)).date().toordinal()
 
 
 def test_two_exposures_in_one_node_count_twice_and_open_time_ages() -> None:
     entries = state(implanted_hip("d1"), implanted_hip("d2", at=T0 + timedelta(days=3)))
     got = contribution(PATIENT, entries)
-    assert got.keys.count(("model", MODEL, EXPOSED, "2023Q1", "RA1")) == 2
+    assert got.keys.count(("model", MODEL, EXPOSED, "2023Q1", "RA1", STRATUM)) == 2
     counters = Counters.rebuild([got])
     assert counters.count("model", MODEL, EXPOSED) == 2
     first = T0.date().toordinal()
-    assert dict(got.person_time)[("model", MODEL, "2023Q1", "RA1")] == PersonTime(
+    assert dict(got.person_time)[("model", MODEL, "2023Q1", "RA1", STRATUM)] == PersonTime(
         0, 2, 2 * first + 3
     )
     assert counters.person_days("model", MODEL, T0.date() + timedelta(days=10)) == 10 + 7
@@ -558,8 +570,8 @@ def test_drill_down_from_a_count_to_patients_and_resource_versions() -> None:
     mine = contribution(PATIENT, revised_hip_patient())
     theirs = contribution("pat-2", state(implanted_hip()))
     counters = Counters.rebuild([mine, theirs])
-    exposed = ("model", MODEL, EXPOSED, "2023Q1", "RA1")
-    revision = ("model", MODEL, "hip revision within 1 year", "2023Q1", "RA1")
+    exposed = ("model", MODEL, EXPOSED, "2023Q1", "RA1", STRATUM)
+    revision = ("model", MODEL, "hip revision within 1 year", "2023Q1", "RA1", STRATUM)
     assert counters.patients(exposed) == ("pat-1", "pat-2")
     assert counters.patients(revision) == ("pat-1",)
     assert counters.patients_of("model", MODEL, "hip revision within 1 year", "2023") == ("pat-1",)
@@ -596,3 +608,57 @@ def test_periods() -> None:
     assert period_matches("2023Q2..2023Q3", "2023Q3")
     assert not period_matches("2023Q2..", "unknown")
     assert not period_matches("2023", "2024Q1")
+
+
+# --------------------------------------------------------------------------- outcomes from text
+
+
+def text_finding_fact(
+    problem: str, at: datetime, *codes: tuple[str, str], devices: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    return {
+        "kind": "text_finding",
+        "from_text": True,
+        "problem": problem,
+        "codes": [coding(s, c) for s, c in codes],
+        "date": iso(at),
+        "element": "DocumentReference.content[0].attachment",
+        "start": 10,
+        "end": 19,
+        "devices": [dev(d) for d in devices],
+    }
+
+
+def test_a_problem_read_from_text_is_a_candidate_outcome_counted_apart() -> None:
+    note = entry(
+        "DocumentReference",
+        "note-1",
+        text_finding_fact("LOOSENING", T0 + timedelta(days=200), (ICD10, "T84.0")),
+    )
+    entries = state(implanted_hip(), note)
+    found = outcomes(PATIENT, entries, exposures(PATIENT, entries))
+    assert [(o.name, o.kind, o.attribution) for o in found] == [
+        ("joint mechanical complication (from text)", "text", "window")
+    ]
+    assert found[0].source.resource == key("DocumentReference", "note-1")
+    names = {k[2] for k in contribution(PATIENT, entries).keys}
+    assert "joint mechanical complication (from text)" in names
+    assert "joint mechanical complication" not in names  # the coded outcome is not touched
+
+
+def test_a_text_problem_matches_by_code_whatever_kind_the_definition_reads() -> None:
+    # "revised" in a note stands for the hip revision procedure's code; the definition reads
+    # procedures, and its class and window still apply (a knee code on a hip counts nothing)
+    note = entry(
+        "DocumentReference",
+        "note-2",
+        text_finding_fact("REVISION", T0 + timedelta(days=100), (OPCS4, "W37.3"), (OPCS4, "W40.3")),
+    )
+    late = entry(
+        "DocumentReference",
+        "note-3",
+        text_finding_fact("REVISION", T0 + timedelta(days=500), (OPCS4, "W37.3")),
+    )
+    entries = state(implanted_hip(), note, late)
+    names = [o.name for o in outcomes(PATIENT, entries, exposures(PATIENT, entries))]
+    assert names == ["hip revision within 1 year (from text)"]

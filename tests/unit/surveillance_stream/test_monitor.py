@@ -25,7 +25,9 @@ from click.testing import CliRunner
 from concierge.commands.stats import stats
 from surveillance_stream.devices import Contribution, Counters, contribution
 from surveillance_stream.monitor import SignalMonitor, UnknownSignal
+from surveillance_stream.scan import ScanPlan
 from surveillance_stream.signals import IllegalTransition, SignalConfig, State
+from surveillance_stream.statistics.treescan import AlphaSpending
 from tests.generative.test_device_counters import (
     FAULTY_NODE,
     faulty_outcome_records,
@@ -191,6 +193,8 @@ def test_history_is_cumulative_and_breakdowns_follow_small_number_rules() -> Non
     points = watcher.history(row["id"])["points"]
     assert points and points[-1]["observed"] <= row["observed"]
     assert [p["observed"] for p in points] == sorted(p["observed"] for p in points)
+    # the cumulative expected line never dips (each quarter's cohort adds its own expectation)
+    assert [p["expected"] for p in points] == sorted(p["expected"] for p in points)
     assert all(p["cv"] == row["cv"] for p in points)
 
     def protect(n: int) -> int | str:
@@ -262,3 +266,85 @@ def test_between_sweeps_only_the_nodes_whose_counts_changed_are_assessed() -> No
     assert watcher.reassess(sweep=True) > touched  # the sweep covers the class's other nodes
     rebuilt = [c for p, c in sim.last.items() if p != patient]
     assert watcher.counters == Counters.rebuild(rebuilt)
+
+
+def test_a_look_of_the_tree_scan_spends_alpha_and_moves_signals_it_passes() -> None:
+    """With ``tree_scan`` as the signal rule, only the cuts a look of the alpha-spending plan
+    rejects signal; each records the control it passed, and a restored monitor has the looks."""
+    sim, _ = world()
+    plan = ScanPlan(spending=AlphaSpending(alpha=0.2, looks=2), replications=199)
+    config = SignalConfig(rules=("tree_scan",))
+    watcher = SignalMonitor(
+        "unused:9092", "devices", "signals", config=config, clock=lambda: AT, plan=plan,
+        scan=True, levels=("manufacturer", "model", "lot"),
+    )  # fmt: skip
+    watcher.ready = True
+    watcher.absorb(records(sim.last.values()))
+    watcher.reassess()
+    assert not any(a.signal for a in watcher.assessments.values())  # no look yet
+    exploratory = watcher.scan(spend=False, seed=1)
+    assert exploratory["look"] is None and exploratory["signals"] == []
+    assert watcher.looks == [] and not watcher.tree_flags
+    look = watcher.scan(spend=True, seed=1)
+    assert look["look"] == 1 and look["alpha"] == pytest.approx(0.1)
+    assert look["alpha_spent"] == pytest.approx(0.1)
+    assert look["signals"], "the faulty model's cluster should pass at alpha 0.1"
+    assert all(c["p_value"] <= 0.1 for c in look["signals"])
+    watcher.reassess()
+    flagged = {(c["node"], c["outcome"]) for c in look["signals"] if c["level"] != "class"}
+    signalling = {(a.node, a.outcome) for a in watcher.assessments.values() if a.signal}
+    assert signalling == flagged
+    identifier = next(iter(i for i, a in watcher.assessments.items() if a.signal))
+    events = watcher.events[identifier]
+    control = events[-1]["statistics"]["controls"][0]
+    assert control["control"] == "tree_scan" and control["look"] == 1
+    assert control["p_value"] <= control["alpha_at_look"]
+    view = watcher.scan_view()
+    assert [x["look"] for x in view["looks"]] == [1] and view["plan"]["looks"] == 2
+    # the look is an event on the signals topic: a monitor restored from it continues the plan
+    restored = SignalMonitor(
+        "unused:9092", "devices", "signals", config=config, clock=lambda: AT, plan=plan,
+        scan=True, levels=("manufacturer", "model", "lot"),
+    )  # fmt: skip
+    restored._restore([Message("scan-look-1", orjson.dumps(look), 0)])
+    assert len(restored.looks) == 1 and restored.tree_flags == watcher.tree_flags
+    restored.ready = True
+    assert restored.scan(spend=True, seed=2)["look"] == 2
+
+
+def test_the_report_shows_the_numbers_the_api_gives(tmp_path: Any) -> None:
+    from surveillance_stream.report import fmt, render_html, render_pdf
+    from tests.integration.test_device_signals import pdf_text, render_pdf_pages
+
+    sim, _ = world()
+    watcher = monitor()
+    watcher.absorb(records(sim.last.values()))
+    watcher.reassess()
+    row = next(r for r in watcher.rows(level="model") if r["node"] == FAULTY_NODE and r["signal"])
+    watcher.scan(spend=False, seed=3)
+    data = watcher.report_data(row["id"])
+    detail = watcher.detail(row["id"])
+    maxsprt = detail["assessment"]["maxsprt"]
+    prr = detail["assessment"]["disproportionality"]["prr"]
+    numbers = [fmt(maxsprt[k]) for k in ("llr", "expected", "expected_crude", "cv")] + [fmt(prr)]
+    page = render_html(data)
+    assert row["node"] in page and "<svg" in page and 'data-series="expected"' in page
+    for number in numbers:
+        assert number in page, number
+    assert not any(p in page for p in data.provenance_patients())  # no pseudonym in a report
+    content = render_pdf(data)
+    text = pdf_text(content)
+    for number in numbers:
+        assert number in text, number
+    assert "tree scan" in text.lower() and "Reproduce" in text
+    pages = render_pdf_pages(content, tmp_path)
+    assert pages and pages[0].stat().st_size > 10_000
+
+
+def test_report_numbers_are_plain_notation() -> None:
+    from surveillance_stream.report import fmt
+
+    assert fmt(6.6e-05) == "0.00006600"
+    assert fmt(1234.5678) == "1235"
+    assert fmt(12.3456) == "12.35"
+    assert (fmt(None), fmt(float("nan")), fmt(3)) == ("—", "—", "3")

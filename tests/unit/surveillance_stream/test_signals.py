@@ -48,8 +48,17 @@ AT = datetime(2025, 1, 1, tzinfo=UTC)
 CONFIG = SignalConfig()
 
 
+#: one stratum for every hand-made patient (age band, sex, region)
+S = "65-74|female|London"
+
+
 def patient(
-    name: str, node: str, outcome: bool, period: str = "2023Q1", days: int = 100
+    name: str,
+    node: str,
+    outcome: bool,
+    period: str = "2023Q1",
+    days: int = 100,
+    stratum: str = S,
 ) -> Contribution:
     """One exposure of ``node`` (a model path) with ``days`` of closed exposure time."""
     parts = node.split("/")
@@ -57,10 +66,10 @@ def patient(
     times: list[tuple[TimeKey, PersonTime]] = []
     for level, depth in (("class", 1), ("manufacturer", 2), ("model", 3)):
         path = "/".join(parts[:depth])
-        keys.append((level, path, EXPOSED, period, "RA1"))
+        keys.append((level, path, EXPOSED, period, "RA1", stratum))
         if outcome:
-            keys.append((level, path, AE, period, "RA1"))
-        times.append(((level, path, period, "RA1"), PersonTime(closed_days=days)))
+            keys.append((level, path, AE, period, "RA1", stratum))
+        times.append(((level, path, period, "RA1", stratum), PersonTime(closed_days=days)))
     return Contribution(name, tuple(sorted(keys)), tuple(sorted(times)), (), None)
 
 
@@ -97,7 +106,7 @@ def test_the_two_by_two_table_of_a_model_against_its_class() -> None:
     # IC025 = log2(Gamma^-1(0.025; shape a + 0.5, rate E + 0.5)) = -0.304: below 0
     assert table.ic025 == pytest.approx(math.log2(gamma.ppf(0.025, 4.5, scale=1 / (70 / 60 + 0.5))))
     assert result.rules == {"maxsprt": True, "evans": True, "prr_ci": True, "ror_ci": True,
-                            "ic025": False, "eb05": False}  # fmt: skip
+                            "ic025": False, "eb05": False, "tree_scan": False}  # fmt: skip
     assert result.fired == ("maxsprt", "evans", "prr_ci", "ror_ci")
     assert result.signal
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
@@ -135,10 +144,10 @@ def test_open_exposure_time_is_measured_at_the_evaluation_day() -> None:
     start = date(2024, 1, 1).toordinal()
     open_one = Contribution(
         "p",
-        (("model", X, EXPOSED, "2024Q1", "RA1"), ("class", "hip", EXPOSED, "2024Q1", "RA1")),
+        (("model", X, EXPOSED, "2024Q1", "RA1", S), ("class", "hip", EXPOSED, "2024Q1", "RA1", S)),
         (
-            (("class", "hip", "2024Q1", "RA1"), PersonTime(0, 1, start)),
-            (("model", X, "2024Q1", "RA1"), PersonTime(0, 1, start)),
+            (("class", "hip", "2024Q1", "RA1", S), PersonTime(0, 1, start)),
+            (("model", X, "2024Q1", "RA1", S), PersonTime(0, 1, start)),
         ),
         (),
         start,

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from core.auth import CurrentPrincipal, Principal, require_role
+from core.http import problem_responses
 from recruitment.access import ClinicianScope
 from recruitment.lifecycle import ACTIONS, IllegalTransition, InvitationState, allowed_next
 from recruitment.models import Candidate, Invitation, InvitationEvent, Trial
@@ -240,7 +241,19 @@ def build_router(
         return identities(request)
 
     router = APIRouter(
-        prefix="/v1/clinician", tags=["clinician"], dependencies=[require_role("clinician")]
+        prefix="/v1/clinician",
+        tags=["clinician"],
+        dependencies=[require_role("clinician")],
+        responses=problem_responses(
+            401,
+            403,
+            503,
+            descriptions={
+                403: "Not a clinician's token, or one that names no practitioner",
+                503: "Recruitment is not running in this API, or the token cannot be checked "
+                "now; `Retry-After` says when to ask again",
+            },
+        ),
     )
 
     def read_identities(request: Request, pseudonyms: Sequence[str]) -> dict[str, Any]:
@@ -256,7 +269,9 @@ def build_router(
     def scope(session: Session, principal: Principal) -> ClinicianScope:
         return ClinicianScope.resolve(session, _practitioner(principal), principal.sites)
 
-    @router.get("/candidates", response_model=Page[CandidatePublic])
+    @router.get(
+        "/candidates", response_model=Page[CandidatePublic], responses=problem_responses(422)
+    )
     def list_candidates(
         request: Request,
         principal: CurrentPrincipal,
@@ -309,7 +324,9 @@ def build_router(
         ]
         return Page(items=items, count=int(count or 0), limit=limit, offset=offset)
 
-    @router.get("/invitations", response_model=Page[InvitationPublic])
+    @router.get(
+        "/invitations", response_model=Page[InvitationPublic], responses=problem_responses(422)
+    )
     def list_invitations(
         request: Request,
         principal: CurrentPrincipal,
@@ -362,7 +379,11 @@ def build_router(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no invitation {invitation_id} for you")
         return invitation
 
-    @router.get("/invitations/{invitation_id}", response_model=InvitationPublic)
+    @router.get(
+        "/invitations/{invitation_id}",
+        response_model=InvitationPublic,
+        responses=problem_responses(404),
+    )
     def get_invitation(
         request: Request, principal: CurrentPrincipal, invitation_id: str
     ) -> InvitationPublic:
@@ -428,6 +449,15 @@ def build_router(
             response_model=InvitationPublic,
             name=f"invitation_{action.replace('-', '_')}",
             summary=f"Move an invitation to {target.value}",
+            responses=problem_responses(
+                404,
+                409,
+                422,
+                descriptions={
+                    409: "The invitation's state does not allow the action, or it changed "
+                    "meanwhile (`version`): `detail` names its state and the next ones allowed"
+                },
+            ),
         )
     return router
 

@@ -33,12 +33,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic.config import JsonDict
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 from . import terminology, units
 
@@ -108,8 +111,22 @@ Codes = Annotated[list[Code], Field(min_length=1)]
 # --------------------------------------------------------------------------- time
 
 
+def _days_before_shorthand(schema: JsonDict) -> None:
+    """The schema of a window says what parsing accepts: ``days_before`` too."""
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        properties["days_before"] = {
+            "type": "integer",
+            "minimum": 0,
+            "title": "Days Before",
+            "description": "Shorthand for start -days_before, end 0 (not with start or end)",
+        }
+
+
 class Window(_Model):
     """Days relative to the anchor (T, or another criterion's first event); None: unbounded."""
+
+    model_config = ConfigDict(json_schema_extra=_days_before_shorthand)
 
     start: int | None = None
     end: int | None = 0
@@ -138,7 +155,17 @@ class Window(_Model):
 # --------------------------------------------------------------------------- criteria
 
 
+def _type_is_required(schema: JsonDict) -> None:
+    """``type`` has a default in Python (a criterion built in code knows its kind), but parsing
+    JSON needs it to pick the kind (the discriminator): required in the schema, as it is."""
+    required = schema.setdefault("required", [])
+    if isinstance(required, list) and "type" not in required:
+        required.insert(0, "type")
+
+
 class _Criterion(_Model):
+    model_config = ConfigDict(json_schema_extra=_type_is_required)
+
     #: Names the criterion so a window can be anchored on it.
     id: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
     label: str | None = None
@@ -477,6 +504,16 @@ def _wrap_step(data: Any, key: str) -> Any:
     return data
 
 
+def _step_or_criterion(
+    key: str, core_schema: CoreSchema, handler: GetJsonSchemaHandler, description: str
+) -> JsonSchemaValue:
+    """A step's schema says what parsing accepts: the step, or a bare criterion (its only
+    member); see :func:`_wrap_step`."""
+    step = handler(core_schema)
+    criterion = handler.resolve_ref_schema(step)["properties"][key]["items"]
+    return {"anyOf": [step, criterion], "description": description}
+
+
 class InclusionStep(_Model):
     """Patients pass when ANY of the criteria is TRUE."""
 
@@ -490,6 +527,17 @@ class InclusionStep(_Model):
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "criteria_key_"}
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return _step_or_criterion(
+            "any_of",
+            core_schema,
+            handler,
+            "Patients pass when ANY of the criteria is TRUE; a bare criterion is a step of one.",
+        )
 
 
 class ExclusionStep(_Model):
@@ -505,6 +553,18 @@ class ExclusionStep(_Model):
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "criteria_key_"}
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return _step_or_criterion(
+            "all_of",
+            core_schema,
+            handler,
+            "Patients are excluded when ALL of the criteria are TRUE; a bare criterion is a "
+            "step of one.",
+        )
 
 
 class Question(_Model):

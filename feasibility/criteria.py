@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -567,18 +567,61 @@ class ExclusionStep(_Model):
         )
 
 
+#: The index dates a question may name. The engines work in POSIX seconds (floats), and an
+#: index instant (the day's last microsecond) further from 1970 rounds into the next day: ages
+#: and windows would be a day late, and 9999-12-31's rounds into a year that is not (a
+#: question dated then answered 500, found probing the API's contract).
+FIRST_INDEX_DATE = date(1800, 1, 1)
+LAST_INDEX_DATE = date(2199, 12, 31)
+
+
+#: How deep all_of / any_of / not may nest. Every reader of a saved question parses its record
+#: as JSON with a bounded recursion (pydantic's parser), so a deeper question would be accepted
+#: and then skipped as unreadable by the registry, the worker and recruitment.
+MAX_NESTING = 32
+
+
+def _nesting(criterion: AnyCriterion) -> int:
+    """How many connectives (all_of, any_of, not) deep the criterion goes."""
+    if isinstance(criterion, AllOf | AnyOf):
+        return 1 + max(_nesting(child) for child in criterion.criteria)
+    if isinstance(criterion, Not):
+        return 1 + _nesting(criterion.criterion)
+    return 0
+
+
 class Question(_Model):
-    """A feasibility question: the criteria of a trial's cohort."""
+    """A feasibility question: the criteria of a trial's cohort (all_of/any_of/not nest at
+    most 32 deep)."""
 
     schema_: Literal["concierge.criteria/1"] = Field(default="concierge.criteria/1", alias="schema")
     title: str | None = None
     description: str | None = None
     #: The index date (its end, UTC). None: the evaluation time.
-    index_date: date | None = None
+    index_date: date | None = Field(
+        default=None,
+        ge=FIRST_INDEX_DATE,
+        le=LAST_INDEX_DATE,
+        description="The date criteria are evaluated at (its end, UTC), 1800-01-01 to "
+        "2199-12-31; none: the time of asking",
+    )
     inclusion: Annotated[list[InclusionStep], Field(min_length=1)]
     exclusion: list[ExclusionStep] = Field(default_factory=list)
     #: Whether an exclusion step that is UNKNOWN keeps the patient (default) or excludes them.
     exclusion_unknown: Literal["keep", "exclude"] = "keep"
+
+    @model_validator(mode="after")
+    def _not_too_deep(self) -> Question:
+        for kind, steps in (("inclusion", self.inclusion), ("exclusion", self.exclusion)):
+            for n, step in enumerate(steps):
+                criteria = step.any_of if isinstance(step, InclusionStep) else step.all_of
+                deepest = max(_nesting(criterion) for criterion in criteria)
+                if deepest > MAX_NESTING:
+                    raise ValueError(
+                        f"{kind} step {n} nests all_of/any_of/not {deepest} deep; at most "
+                        f"{MAX_NESTING}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _anchors(self) -> Question:
@@ -619,9 +662,7 @@ class Question(_Model):
             if evaluation_time.tzinfo is None:
                 return evaluation_time.replace(tzinfo=UTC)
             return evaluation_time.astimezone(UTC)
-        return datetime.combine(self.index_date + timedelta(days=1), time(), UTC) - timedelta(
-            microseconds=1
-        )
+        return datetime.combine(self.index_date, time.max, UTC)  # the day's last instant
 
     def to_json(self) -> str:
         # None is meaningful (an open window end), so it is written out
@@ -747,6 +788,9 @@ def json_schema() -> dict[str, Any]:
 
 
 __all__ = [
+    "FIRST_INDEX_DATE",
+    "LAST_INDEX_DATE",
+    "MAX_NESTING",
     "SCHEMA",
     "AgeCriterion",
     "AllOf",

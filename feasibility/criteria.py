@@ -612,15 +612,16 @@ class Question(_Model):
 
     @model_validator(mode="after")
     def _not_too_deep(self) -> Question:
-        for kind, steps in (("inclusion", self.inclusion), ("exclusion", self.exclusion)):
-            for n, step in enumerate(steps):
-                criteria = step.any_of if isinstance(step, InclusionStep) else step.all_of
-                deepest = max(_nesting(criterion) for criterion in criteria)
-                if deepest > MAX_NESTING:
-                    raise ValueError(
-                        f"{kind} step {n} nests all_of/any_of/not {deepest} deep; at most "
-                        f"{MAX_NESTING}"
-                    )
+        steps: list[tuple[str, int, list[AnyCriterion]]] = [
+            *(("inclusion", n, list(step.any_of)) for n, step in enumerate(self.inclusion)),
+            *(("exclusion", n, list(step.all_of)) for n, step in enumerate(self.exclusion)),
+        ]
+        for kind, n, criteria in steps:
+            deepest = max(_nesting(criterion) for criterion in criteria)
+            if deepest > MAX_NESTING:
+                raise ValueError(
+                    f"{kind} step {n} nests all_of/any_of/not {deepest} deep; at most {MAX_NESTING}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -278,12 +278,14 @@ def install_audit(app: FastAPI) -> None:
             detail.update(getattr(request.state, "audit_detail", {}))
             # the audit write is a SQL transaction: off the event loop, so other requests go
             # on meanwhile; it completes before this response is sent (no unaudited answer)
+            # the path as decoded, but a NUL kept escaped: PostgreSQL keeps no U+0000 in text
+            path = request.url.path.replace("\x00", "%00")
             await run_in_threadpool(
                 request.app.state.audit.append,
                 actor=principal.sub if principal else "anonymous",
                 role=principal.role if principal else "anonymous",
                 org=principal.org if principal else "",
-                action=f"{request.method} {request.url.path}",
+                action=f"{request.method} {path}",
                 detail=detail,
             )
         return response

@@ -23,13 +23,14 @@ from datetime import date, datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from core.auth import CurrentPrincipal, Principal, require_role
+from core.db import NO_NUL
 from core.http import problem_responses
 from recruitment.access import ClinicianScope
 from recruitment.lifecycle import ACTIONS, IllegalTransition, InvitationState, allowed_next
@@ -145,8 +146,12 @@ class Page(BaseModel, Generic[T]):
     offset: int
 
 
+#: An invitation id as it reaches the recruitment database (PostgreSQL keeps no U+0000).
+InvitationId = Annotated[str, Path(pattern=NO_NUL)]
+
+
 class ActionRequest(BaseModel):
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
     #: Act only if the invitation is still at this version (optimistic concurrency).
     version: int | None = Field(default=None, ge=1)
 
@@ -275,8 +280,8 @@ def build_router(
     def list_candidates(
         request: Request,
         principal: CurrentPrincipal,
-        trial: str | None = None,
-        status_: Annotated[str | None, Query(alias="status")] = None,
+        trial: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+        status_: Annotated[str | None, Query(alias="status", pattern=NO_NUL)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger overflows SQL
     ) -> Page[CandidatePublic]:
@@ -330,7 +335,7 @@ def build_router(
     def list_invitations(
         request: Request,
         principal: CurrentPrincipal,
-        trial: str | None = None,
+        trial: Annotated[str | None, Query(pattern=NO_NUL)] = None,
         state: InvitationState | None = None,
         active: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -385,7 +390,7 @@ def build_router(
         responses=problem_responses(404),
     )
     def get_invitation(
-        request: Request, principal: CurrentPrincipal, invitation_id: str
+        request: Request, principal: CurrentPrincipal, invitation_id: InvitationId
     ) -> InvitationPublic:
         """One invitation, with the patient's identity and the invitation's history."""
         svc = get_service(request)
@@ -469,7 +474,7 @@ def _action_endpoint(act: ActFunction, action: str) -> Callable[..., InvitationP
     def endpoint(
         request: Request,
         principal: CurrentPrincipal,
-        invitation_id: str,
+        invitation_id: InvitationId,
         body: Annotated[ActionRequest | None, Body()] = None,
     ) -> InvitationPublic:
         return act(request, principal, invitation_id, action, body)

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.auth import Principal, require_role
+from core.db import NO_NUL
 from core.http import problem_responses
 from feasibility.criteria import CriteriaError, Question, json_pointer, json_schema
 from feasibility.disclosure.budget import BudgetExceeded, LockedOut
@@ -442,7 +443,9 @@ def build_admin_router() -> APIRouter:
         }
 
     @router.post("/budgets/{org}/unlock", summary="Lift a sponsor's query lockout")
-    def unlock(org: str, principal: Admin, service: Service) -> dict[str, Any]:
+    def unlock(
+        org: Annotated[str, Path(pattern=NO_NUL)], principal: Admin, service: Service
+    ) -> dict[str, Any]:
         service.budget.unlock(org)
         status_: dict[str, Any] = service.budget.status(org).to_dict()
         return status_

@@ -118,3 +118,35 @@ def test_the_criteria_schema_says_how_deep() -> None:
     schema = json_schema()
     assert "nest at most 32 deep" in " ".join(schema["description"].split())
     assert "1800-01-01 to 2199-12-31" in schema["properties"]["index_date"]["description"]
+
+
+def test_a_saved_questions_texts_are_what_the_recruitment_store_can_keep(world: World) -> None:
+    """A title with U+0000, or a site code longer than the recruitment store's column, was
+    registered (201) and then stopped the recruitment consumer on PostgreSQL, which retries a
+    batch the database refuses and then gives up. Each is refused with a 422 naming it."""
+    headers = world.headers("sponsor", SPONSOR_ORG)
+    trial = {"id": "limits-texts", "title": "Texts", "criteria": {"inclusion": [DIABETES]}}
+    for change, loc in (
+        ({"title": "T2DM\u0000"}, ["body", "title"]),
+        ({"recruiting_sites": ["R" * 129]}, ["body", "recruiting_sites", 0]),
+        ({"recruiting_sites": ["RA3\u0000"]}, ["body", "recruiting_sites", 0]),
+        ({"site_targets": {"R\u0000": 3}}, ["body", "site_targets", "R\u0000", "[key]"]),
+        ({"recruiters": {"RA3": "urn:x|Practitioner|\u0000"}}, ["body", "recruiters", "RA3"]),
+    ):
+        refused = world.client.post(
+            "/v1/feasibility/saved-questions", json={**trial, **change}, headers=headers
+        )
+        assert refused.status_code == 422, (change, refused.text)
+        assert refused.json()["detail"][0]["loc"] == loc, change
+    fine = {**trial, "recruiting_sites": ["R" * 128], "recruiters": {"RA3": "urn:x|Practitioner|1"}}
+    registered = world.client.post("/v1/feasibility/saved-questions", json=fine, headers=headers)
+    assert registered.status_code == 201, registered.text
+
+
+def test_an_organisation_named_with_a_nul_is_a_422(world: World) -> None:
+    admin = world.headers("admin", "Leeds site")
+    refused = world.client.post("/v1/admin/budgets/Acme%00/unlock", headers=admin)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["path", "org"]
+    unlocked = world.client.post(f"/v1/admin/budgets/{SPONSOR_ORG}/unlock", headers=admin)
+    assert unlocked.status_code == 200, unlocked.text

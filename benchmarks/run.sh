@@ -46,5 +46,12 @@ echo "== signal freshness at 1k resources/s (AdverseEvent at /fhir to the regula
 python -m benchmarks.bench_signal_freshness --rate 1000 --probes "$probes"
 echo "== recruitment: candidates routed/s from $cohort_events cohort events (consumer vs consume-and-decode)"
 python -m benchmarks.bench_recruitment --events "$cohort_events"
+echo "== terminology: UK-size SNOMED CT release load, concept search p99, ad hoc over a 5,000-code ECL expansion"
+if [ "$quick" = 1 ]; then
+  python -m benchmarks.bench_terminology --concepts 40000 --is-a-rows 140000 --queries 500 \
+    --patients "$patients_adhoc" --repeats 5
+else
+  python -m benchmarks.bench_terminology --patients "$patients_adhoc"
+fi
 echo "== clinician API p99, 16 clients over $invitations invitations (clinician endpoints vs /healthz)"
 python -m benchmarks.bench_clinician_api --invitations "$invitations" --duration "$load_seconds"

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from recruitment.runtime import Runtime
     from recruitment.service import RecruitmentService
     from surveillance_stream.monitor import SignalMonitor
+    from terminology.expand import Terminology
 
 
 def build_feasibility(settings: Settings) -> FeasibilityService:
@@ -43,11 +44,13 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     from feasibility.engines.polars_engine import PolarsEngine
     from feasibility.feed import FactsFeed
     from feasibility.live import CohortView
+    from feasibility.refresh import ExpansionRefresher
     from feasibility.saved import SavedQuestions
     from feasibility.service import FeasibilityService
     from feasibility.sites import SiteView
     from feasibility.snapshot import ColumnarSnapshot
     from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
+    from terminology.settings import TerminologySettings
 
     lock = threading.Lock()
     snapshot = ColumnarSnapshot()
@@ -60,7 +63,10 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     # answers name sites from the organisations on the reference topic, as they are now
     sites = SiteView(settings.kafka_bootstrap_servers, settings.topic(REFERENCE)).start()
     url = settings.resolved_feasibility_url()
-    return FeasibilityService(
+    # ECL and ValueSets in criteria expand against the site's terminology store
+    terms = TerminologySettings()
+    terminology = build_terminology(settings)
+    service = FeasibilityService(
         stream_max_lag_seconds=settings.stream_max_lag_seconds,
         facts_high_watermarks=HighWatermarks(
             settings.kafka_bootstrap_servers, settings.topic(FACTS)
@@ -75,6 +81,24 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
         saved=saved,
         cohorts=cohorts,
         sites=sites,
+        terminology=terminology,
+    )
+    if terms.refresh_seconds > 0:
+        service.refresher = ExpansionRefresher(saved, terminology, terms.refresh_seconds).start()
+    return service
+
+
+def build_terminology(settings: Settings) -> Terminology:
+    """The site's terminology store (``CONCIERGE_TERMINOLOGY_*``), for ECL and ValueSets in
+    criteria and for concept search."""
+    from terminology.expand import Terminology
+    from terminology.settings import TerminologySettings
+    from terminology.store import TerminologyStore
+
+    terms = TerminologySettings()
+    return Terminology(
+        TerminologyStore(terms.resolved_store_url(settings.home), terms.language_refset_ids),
+        terms.max_expansion,
     )
 
 
@@ -160,10 +184,14 @@ def build_audit_anchors(settings: Settings, audit: AuditLog) -> AnchorPublisher:
     broker that is down is reported in ``/readyz``'s ``audit_anchors``, never a slow request)."""
     from infra.audit_anchors import AnchorPublisher
 
-    if audit.keys.development:
+    development = settings.development_keys()
+    if audit.keys.development and "CONCIERGE_AUDIT_KEY" not in development:
+        development.append("CONCIERGE_AUDIT_KEY")
+    if development:
         log.warning(
-            "the audit log is chained with the development key: set CONCIERGE_AUDIT_KEY in "
-            "production (docs/explanation/security.md)"
+            "%s still at the public development default: set them in production "
+            "(docs/explanation/security.md)",
+            ", ".join(development),
         )
     return AnchorPublisher(
         audit,
@@ -206,6 +234,9 @@ def create_app(
             )
         if getattr(app.state, "feasibility", None) is None and settings.feasibility_feed:
             app.state.feasibility = build_feasibility(settings)
+        if getattr(app.state, "terminology", None) is None:
+            found = getattr(app.state.feasibility, "terminology", None)
+            app.state.terminology = found or build_terminology(settings)
         if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
             app.state.recruitment, app.state.identities = build_recruitment(settings)
         if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:
@@ -304,6 +335,11 @@ def create_app(
     app.include_router(build_page_router())
 
     from concierge.routes.surveillance import build_router as surveillance_router
+    from concierge.routes.terminology import build_import_router
+    from concierge.routes.terminology import build_router as terminology_router
+
+    app.include_router(terminology_router())
+    app.include_router(build_import_router())
 
     app.include_router(surveillance_router())
 

@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "recruitment": "concierge.commands.recruitment:recruitment",
     "token": "concierge.commands.admin:token",
     "audit": "concierge.commands.admin:audit",
+    "terminology": "concierge.commands.terminology:terminology",
 }
 
 

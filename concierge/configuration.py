@@ -20,6 +20,7 @@ from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettin
 from infra.settings import BrokerSettings
 from recruitment.settings import RecruitmentSettings, get_recruitment_settings
 from surveillance_stream.settings import SurveillanceSettings
+from terminology.settings import TerminologySettings
 
 #: Every section's class, the product-wide one first.
 SECTIONS: tuple[type[BaseSettings], ...] = (
@@ -29,6 +30,7 @@ SECTIONS: tuple[type[BaseSettings], ...] = (
     BrokerSettings,
     DashboardSettings,
     DisclosureSettings,
+    TerminologySettings,
 )
 
 
@@ -49,6 +51,8 @@ class Configuration(BaseModel):
     dashboard: DashboardSettings
     #: ``CONCIERGE_DC_*``: disclosure control (``feasibility.disclosure.settings``).
     disclosure: DisclosureSettings
+    #: ``CONCIERGE_TERMINOLOGY_*``: the terminology store and expansions (``terminology.settings``).
+    terminology: TerminologySettings
 
 
 def load_configuration() -> Configuration:
@@ -67,6 +71,7 @@ def load_configuration() -> Configuration:
         ("surveillance", SurveillanceSettings),
         ("broker", BrokerSettings),
         ("dashboard", DashboardSettings),
+        ("terminology", TerminologySettings),
     ):
         try:
             loaded[name] = build()

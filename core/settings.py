@@ -80,6 +80,8 @@ def parse_token_keys(text: str) -> dict[str, bytes]:
 
 #: The audit key used when CONCIERGE_AUDIT_KEY is not set: for development only.
 DEVELOPMENT_AUDIT_KEY = "change-me-this-is-a-development-audit-key"
+DEVELOPMENT_PSEUDONYM_KEY = "change-me-this-is-a-development-key"
+DEVELOPMENT_TOKEN_KEY = "change-me-this-is-a-development-token-key"
 
 
 def _default_home() -> Path:
@@ -103,7 +105,7 @@ class Settings(BaseSettings):
     # --- the site: pseudonymisation key and identity vault never leave it ---
     site_id: str = "site-local"
     #: Key of the HMAC that turns source identifiers into patient pseudonyms. Keep it secret.
-    pseudonym_key: SecretStr = SecretStr("change-me-this-is-a-development-key")
+    pseudonym_key: SecretStr = SecretStr(DEVELOPMENT_PSEUDONYM_KEY)
     #: The site-local identity vault (SQLAlchemy URL). Defaults to SQLite under ``home``.
     vault_url: str | None = None
     #: Default ``source system`` recorded in provenance when a resource does not say.
@@ -111,7 +113,7 @@ class Settings(BaseSettings):
 
     #: Key that signs API tokens (HS256; at least 32 bytes, RFC 7518 3.2), under the key id
     #: ``default``. Keep it secret. To rotate, list several keys in ``token_keys`` instead.
-    token_key: SecretStr = SecretStr("change-me-this-is-a-development-token-key")
+    token_key: SecretStr = SecretStr(DEVELOPMENT_TOKEN_KEY)
     #: Several signing keys at once, for rotation: ``kid=key,kid=key`` or a JSON object
     #: ``{"kid": "key"}``. Every listed key verifies tokens; ``token_key_id`` (default: the first
     #: listed) signs new ones. Replaces ``token_key`` (setting both is an error).
@@ -286,6 +288,18 @@ class Settings(BaseSettings):
         ):
             raise ValueError("CONCIERGE_OIDC_JWKS_URL must be an https://, http:// or file:// URL")
         return self
+
+    def development_keys(self) -> list[str]:
+        """The variables still at their public development defaults (each must be set in
+        production: ``docs/explanation/security.md``)."""
+        found = []
+        if self.pseudonym_key.get_secret_value() == DEVELOPMENT_PSEUDONYM_KEY:
+            found.append("CONCIERGE_PSEUDONYM_KEY")
+        if DEVELOPMENT_TOKEN_KEY.encode() in self.signing_keys().values():
+            found.append("CONCIERGE_TOKEN_KEY")
+        if self.audit_key.get_secret_value() == DEVELOPMENT_AUDIT_KEY:
+            found.append("CONCIERGE_AUDIT_KEY")
+        return found
 
     def signing_keys(self) -> dict[str, bytes]:
         """Every key that verifies this site's tokens, by key id, in the order configured."""

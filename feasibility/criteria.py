@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time
+from functools import cached_property
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -43,6 +44,8 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
+from terminology import ecl
+
 from . import terminology, units
 
 SCHEMA = "concierge.criteria/1"
@@ -55,25 +58,109 @@ class _Model(BaseModel):
 # --------------------------------------------------------------------------- codes
 
 
+class Expansion(_Model):
+    """The explicit codes an ECL expression or a ValueSet stood for when the question was
+    compiled (:mod:`feasibility.expansion`), and the terminology versions they came from. The
+    engines match these codes and nothing else; a saved question keeps them in its record, so
+    the stream evaluates exactly what the sponsor was answered with."""
+
+    #: canonical system URI -> codes (normalised, sorted)
+    codes: dict[str, list[str]]
+    #: The SNOMED CT release the expansion was resolved against (its version URI), if any.
+    release: str | None = None
+    #: ``url|version`` of the ValueSet expanded, if any.
+    valueset: str | None = None
+    #: ``expansion``: the ValueSet's own; ``compose`` or ``ecl``: expanded here.
+    method: Literal["ecl", "compose", "expansion"]
+    warnings: list[str] = Field(default_factory=list)
+
+    def __hash__(self) -> int:  # the engines cache per coded term; dicts do not hash
+        return hash(
+            (
+                self.release,
+                self.valueset,
+                self.method,
+                self.size,
+                tuple((s, tuple(c)) for s, c in sorted(self.codes.items())),
+            )
+        )
+
+    @property
+    def size(self) -> int:
+        return sum(len(c) for c in self.codes.values())
+
+    @cached_property
+    def tokens(self) -> frozenset[str]:
+        """The match tokens (:func:`core.codes.token`) of every code."""
+        return frozenset(terminology.token(s, c) for s, codes in self.codes.items() for c in codes)
+
+
 class Code(_Model):
-    """A coded term: exactly one of ``code``, ``prefix``, ``range`` (with a system) or
-    ``concept`` (a named code group from :data:`feasibility.terminology.CONCEPTS`)."""
+    """A coded term: exactly one of ``code``, ``prefix``, ``range`` (with a system),
+    ``concept`` (a named code group from :data:`feasibility.terminology.CONCEPTS`), ``ecl``
+    (an Expression Constraint Language expression over SNOMED CT) or ``valueset`` (a FHIR
+    ValueSet's canonical URL, with ``version`` optionally). ``ecl`` and ``valueset`` are
+    expanded to explicit codes (``expansion``) when the question is compiled; an engine given
+    one that was not expanded refuses it."""
 
     system: str | None = None
     code: str | None = None
     prefix: str | None = None
     range: str | None = Field(default=None, description="Inclusive, e.g. 'E10-E14'")
     concept: str | None = None
+    ecl: str | None = Field(
+        default=None, description="SNOMED CT ECL, e.g. '<< 73211009 MINUS << 46635009'"
+    )
+    valueset: str | None = Field(default=None, description="A FHIR ValueSet's canonical URL")
+    version: str | None = Field(default=None, description="The ValueSet's version")
     display: str | None = None
+    expansion: Expansion | None = Field(
+        default=None,
+        description="Filled when the question is compiled: what the ecl or valueset stood for",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Code:
-        given = [n for n in ("code", "prefix", "range", "concept") if getattr(self, n)]
+        given = [
+            n for n in ("code", "prefix", "range", "concept", "ecl", "valueset") if getattr(self, n)
+        ]
         if len(given) != 1:
             raise ValueError(
-                "a code needs exactly one of code, prefix, range or concept"
+                "a code needs exactly one of code, prefix, range, concept, ecl or valueset"
                 + (f" (got {', '.join(given)})" if given else "")
             )
+        if self.version is not None and self.valueset is None:
+            raise ValueError("version goes with valueset (a ValueSet's version)")
+        if self.expansion is not None and self.ecl is None and self.valueset is None:
+            raise ValueError("expansion goes with ecl or valueset")
+        if self.valueset is not None:
+            if self.system is not None:
+                raise ValueError("a valueset names its own systems; leave system out")
+            return self
+        if self.ecl is not None:
+            if self.system is not None and terminology.canonical_system(self.system) != (
+                terminology.SNOMED
+            ):
+                raise ValueError(f"ECL is for SNOMED CT (and dm+d) codes, not {self.system}")
+            try:
+                ecl.parse(self.ecl)
+            except ecl.EclSyntaxError as exc:
+                # raised at the expression itself, so its location is the ecl member's
+                raise ValidationError.from_exception_data(
+                    type(self).__name__,
+                    [
+                        InitErrorDetails(
+                            type=PydanticCustomError(
+                                "ecl_syntax",
+                                "{message}",
+                                {"message": str(exc), "position": exc.position},
+                            ),
+                            loc=("ecl",),
+                            input=self.ecl,
+                        )
+                    ],
+                ) from None
+            return self
         if self.concept is not None:
             if self.concept not in terminology.CONCEPTS:
                 raise ValueError(
@@ -103,6 +190,25 @@ class Code(_Model):
     def canonical_system(self) -> str:
         assert self.system is not None
         return terminology.canonical_system(self.system)
+
+    @property
+    def needs_expansion(self) -> bool:
+        """An ECL or ValueSet term: it matches only through its :attr:`expansion`."""
+        return self.ecl is not None or self.valueset is not None
+
+    def expanded_tokens(self) -> frozenset[str]:
+        """The match tokens of an ECL or ValueSet term's expansion; :class:`NotExpanded` when
+        the question was not compiled (an engine would otherwise match nothing, silently)."""
+        if self.expansion is None:
+            raise NotExpanded(
+                f"{'ECL ' + repr(self.ecl) if self.ecl else 'ValueSet ' + str(self.valueset)} "
+                "was not expanded: compile the question first (feasibility.expansion)"
+            )
+        return self.expansion.tokens
+
+
+class NotExpanded(RuntimeError):
+    """An engine was handed an ECL or ValueSet term without its expansion."""
 
 
 Codes = Annotated[list[Code], Field(min_length=1)]
@@ -805,10 +911,12 @@ __all__ = [
     "DeviceCriterion",
     "EventCriterion",
     "ExclusionStep",
+    "Expansion",
     "InclusionStep",
     "MedicationCriterion",
     "MolecularMarkerCriterion",
     "Not",
+    "NotExpanded",
     "ObservationCriterion",
     "ObservationLike",
     "ProcedureCriterion",

@@ -32,6 +32,12 @@ from .terminology import CONCEPTS
 def code(c: Code) -> str:
     if c.concept:
         return CONCEPTS[c.concept].display
+    if c.ecl is not None:
+        size = f", {c.expansion.size} codes" if c.expansion is not None else ""
+        return f"SNOMED CT {c.ecl}{size}"
+    if c.valueset is not None:
+        size = f", {c.expansion.size} codes" if c.expansion is not None else ""
+        return f"ValueSet {c.valueset}{'|' + c.version if c.version else ''}{size}"
     what = c.code or (f"{c.prefix}*" if c.prefix else c.range)
     label = f" ({c.display})" if c.display else ""
     return f"{c.system} {what}{label}"

@@ -186,6 +186,21 @@ class SavedQuestions:
         self._publish(record)
         return record
 
+    def revise(self, trial_id: str, criteria: Question) -> SavedTrial:
+        """A new version of a trial with ``criteria`` (the same question compiled again, when
+        a terminology load changed what its ECL or ValueSets expand to); everything else as
+        it was. The stream re-evaluates every patient at the new version."""
+        current = self.get(trial_id)
+        record = current.model_copy(
+            update={
+                "version": current.version + 1,
+                "criteria": criteria,
+                "registered_at": datetime.now(UTC),
+            }
+        )
+        self._publish(record)
+        return record
+
     def get(self, trial_id: str, sponsor: str | None = None) -> SavedTrial:
         with self._lock:
             record = self.trials.get(trial_id)

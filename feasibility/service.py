@@ -23,17 +23,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
-from pyroaring import BitMap
+from pyroaring import BitMap, FrozenBitMap
 
 from .criteria import ExclusionStep, ObservationCriterion, Question, step_label
 from .disclosure.answer import AnswerSets, Cell, FunnelStepSets, ProtectionAudit
 from .disclosure.budget import QueryBudget
 from .disclosure.policy import DisclosurePolicy
 from .disclosure.protection import protect
-from .disclosure.registry import PublicationRegistry
+from .disclosure.registry import NewPublication, PublicationRegistry, current_display
 from .engines.base import FrameEngine
 from .engines.reference import walk_criterion
+from .expansion import ExpansionSource
 from .readers import CohortReader, FactsReader, Reader
+from .refresh import ExpansionRefresher
 from .saved import SavedQuestions, SavedTrial, TrialCreate
 from .sites import (
     UNRESOLVED,
@@ -150,19 +152,39 @@ def answer_sets(
     )
 
 
+#: Sets of patients with unconvertible results are recorded in the publication registry with
+#: every patient id moved up by this much: they are a namespace of their own, so they never
+#: equal, nor come near, a set of patients published as a count of patients (whose value would
+#: then be copied as a count of results, or the other way round).
+RESULT_SETS = 1 << 31
+
+
 def unconvertible_results(
-    question: Question, steps: pl.DataFrame, policy: DisclosurePolicy
+    question: Question,
+    steps: pl.DataFrame,
+    policy: DisclosurePolicy,
+    registry: PublicationRegistry | None = None,
+    org: str = "",
+    fingerprint: str = "",
 ) -> dict[int, Cell]:
     """Per funnel step whose criteria convert units (index into ``question.steps``): the
     results its criteria skipped because their unit does not convert (the step frame's
     ``u{i}``), among the patients who entered the step. Published under the policy's small
     number rule applied both to the results and to the patients they belong to (a few
     patients' many results would otherwise point at them), then rounded; withheld cells look
-    like every other withheld cell. These counts are not sets of patients, so they are not
-    in the publication registry: the threshold on patients is what protects them."""
+    like every other withheld cell.
+
+    With overlap control (a ``registry``), each count is published for the set of patients it
+    belongs to, like every other cell (rule 4 of ``docs/explanation/disclosure-control.md``): a
+    set that is, or comes within the threshold of, one published before gets that
+    publication's value again, so two questions whose patients differ by one cannot tell that
+    patient's results by difference; a new set is recorded. The sets live in a namespace of
+    their own (:data:`RESULT_SETS`)."""
     population = steps.filter(pl.col("in_population"))
     remaining = pl.lit(True)
     out: dict[int, Cell] = {}
+    fresh: list[NewPublication] = []
+    used = registry if policy.overlap_control else None
     for i, step in enumerate(question.steps):
         column = pl.col(f"s{i}")
         exclusion = isinstance(step, ExclusionStep)
@@ -172,19 +194,41 @@ def unconvertible_results(
             for top in tops
             for c in walk_criterion(top)
         ):
-            skipped = pl.col(f"u{i}").filter(remaining)
-            results, patients = population.select(
-                skipped.sum().alias("results"), (skipped > 0).sum().alias("patients")
-            ).row(0)
-            if policy.is_small(results) or policy.is_small(patients):
-                out[i] = Cell(None, policy.withheld_display, True)
+            skipped = population.filter(remaining & (pl.col(f"u{i}") > 0))
+            results = int(skipped.get_column(f"u{i}").sum())
+            patients = skipped.height
+            fresh_cell = (
+                Cell(None, policy.withheld_display, True)
+                if policy.is_small(results) or policy.is_small(patients)
+                else Cell(policy.rounded(results), str(policy.rounded(results)), False)
+            )
+            if used is None:
+                out[i] = fresh_cell
             else:
-                shown = policy.rounded(results)
-                out[i] = Cell(shown, str(shown), False)
+                pids = skipped.get_column("pid")
+                if pids.len() and int(pids.max()) >= RESULT_SETS:  # type: ignore[arg-type]
+                    raise ValueError("patient ids reach the result sets' namespace")
+                bits = FrozenBitMap(pids.cast(pl.UInt32).to_numpy() + RESULT_SETS)
+                with used.lock:
+                    if not fresh:
+                        used.refresh()
+                    match = used.match(bits, policy.threshold)
+                if match is not None:
+                    entry = match.entry
+                    out[i] = Cell(entry.value, current_display(entry.display), entry.hidden)
+                    if not match.exact:  # the near set is published as a copy, like a cell's
+                        fresh.append(NewPublication(bits, entry.value, entry.display,
+                                                    entry.hidden, entry.id))  # fmt: skip
+                else:
+                    out[i] = fresh_cell
+                    fresh.append(NewPublication(bits, fresh_cell.value, fresh_cell.display,
+                                                fresh_cell.suppressed, None))  # fmt: skip
         passed = (column == 0) if exclusion else (column == 1)
         if exclusion and question.exclusion_unknown == "keep":
             passed = passed | column.is_null()
         remaining = remaining & passed
+    if used is not None and fresh:
+        used.record(fresh, org, fingerprint, overlap_hits=0)
     return out
 
 
@@ -251,6 +295,11 @@ class FeasibilityService:
     #: ``() -> {partition: high watermark}`` of the facts topic, measured now (the API passes
     #: a broker call; None where there is no broker).
     facts_high_watermarks: Callable[[], dict[int, int]] | None = None
+    #: Expands ECL and ValueSet code entries when a question is compiled
+    #: (:class:`terminology.expand.Terminology`); None: questions naming them are refused.
+    terminology: ExpansionSource | None = None
+    #: Re-expands saved questions after terminology loads (stopped with the service).
+    refresher: ExpansionRefresher | None = None
 
     @contextmanager
     def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:
@@ -415,7 +464,8 @@ class FeasibilityService:
             "stream_and_snapshot_agree": cohort == batch_cohort,
             "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
             **_with_unconvertible(
-                protected.to_dict(), unconvertible_results(question, steps, self.policy)
+                protected.to_dict(),
+                unconvertible_results(question, steps, self.policy, self.registry, org, fp),
             ),
             "sites": describe_sites(protected.by_site, self.sites),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -438,6 +488,8 @@ class FeasibilityService:
 
     def stop(self) -> None:
         """Stop the readers that keep the views current (at the API's shutdown)."""
+        if self.refresher is not None:
+            self.refresher.stop()
         for reader in self._readers().values():
             reader.stop()
 
@@ -482,7 +534,8 @@ class FeasibilityService:
             "index_instant": question.index_instant(at).isoformat(),
             "as_of": self.as_of(),
             **_with_unconvertible(
-                protected.to_dict(), unconvertible_results(question, steps, self.policy)
+                protected.to_dict(),
+                unconvertible_results(question, steps, self.policy, self.registry, org, fp),
             ),
             "sites": describe_sites(protected.by_site, self.sites),
             "engine": self.engine.name,

@@ -11,8 +11,11 @@ notifications). Every resource it is given ends in exactly one of four outcomes,
   dead-letter topic.
 
 Work is done in batches: the resource index is read once per batch, messages are published, the
-producer is flushed (every message acknowledged) and only then is the index committed. A crash in
-between re-publishes the same ``seq`` for the same version on the next run, which consumers ignore.
+producer is flushed (every message acknowledged) and only then is the index committed. After a
+crash in between, the next ingestor on the vault publishes the first version of each key well
+above the index (``RESTART_GAP``), so whatever the dead one published and never indexed can share
+a ``seq`` with nothing new; a version published again is then a higher copy of itself, which
+changes no state.
 
 A failed flush (or any error before the index is committed) *aborts* the batch
 (:meth:`Ingestor.abort`): what the sink still holds is purged, the vault's uncommitted writes are
@@ -83,6 +86,16 @@ _TYPE_ORDER = {
 #: A dead letter of something too large keeps this many of its first bytes, with its size and
 #: SHA-256 (never the whole payload).
 EXCERPT_BYTES = 4096
+
+
+#: The largest batch an ingestor commits at once (resources between two index commits).
+MAX_BATCH = 5000
+#: How far above the index the first version of a key goes when another ingestor ran on the
+#: vault before this one (see ``Ingestor._next_seq``): above two seqs per resource of its last,
+#: possibly uncommitted, batch.
+RESTART_GAP = 2 * MAX_BATCH + 1
+#: Keys an ingestor remembers having published (beyond these, the gap applies again).
+OWN_KEYS = 500_000
 
 
 @dataclass(frozen=True)
@@ -281,6 +294,13 @@ class Ingestor:
         #: in memory too, in case the vault could not record them).
         self._floors: dict[str, int] = {}
         self._burned: dict[str, int] = {}
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be 1 to {MAX_BATCH}")
+        #: Ingestors started on this vault before this one (see :meth:`_next_seq`).
+        self.epoch = vault.start_epoch()
+        #: Keys this ingestor published (most recent last, bounded): every seq of theirs that
+        #: may be on the broker is in the index, the floors or ``_burned``.
+        self._own: OrderedDict[str, None] = OrderedDict()
 
     @contextmanager
     def acting_as(self, source: str | None) -> Iterator[Ingestor]:
@@ -318,6 +338,30 @@ class Ingestor:
         if floor is None:
             floor = self._floors[key] = self.vault.get_seq_floors([key]).get(key, 0)
         return max(floor, self._burned.get(key, 0))
+
+    def _next_seq(self, key: str, indexed: int, floor: int) -> int:
+        """The seq of the next version of ``key`` this ingestor publishes.
+
+        Normally one above the index and the floors. But an ingestor that ran on this vault
+        before may have been killed between the broker's acknowledgement of its last batch and
+        the commit of that batch to the index: versions of its keys may then be on the broker
+        with seqs above the index, that no floor records. Publishing another version at one of
+        those seqs would give two different envelopes the same (key, seq), and consumers keep
+        the first: the new version would be silently lost. So the first version of a key that
+        this ingestor publishes, when another ran before it, goes above every seq the dead one
+        could have used: at most two per resource of a batch (a retraction from the old
+        patient, then the new version) above the index, and a batch is at most
+        :data:`MAX_BATCH` resources. A key dropped from the bounded memory of what this
+        ingestor published only gets the gap again, which is harmless (seqs are ordered, not
+        counted)."""
+        seq = max(indexed, floor) + 1
+        if self.epoch and key not in self._own:
+            seq = max(indexed, floor) + RESTART_GAP
+        self._own[key] = None
+        self._own.move_to_end(key)
+        if len(self._own) > OWN_KEYS:
+            self._own.popitem(last=False)
+        return seq
 
     def patient_by_key(self, key: str) -> str | None:
         cached = self._patients.get(key)
@@ -656,7 +700,7 @@ class Ingestor:
                         reason="an equal or newer version was already ingested",
                     )
                 )
-        seq = max(entry.seq if entry else 0, floor) + 1
+        seq = self._next_seq(key, entry.seq if entry else 0, floor)
         patient = extracted.patient
         # A Patient's own logical id can be an identifier at the source (some systems use the
         # NHS number): downstream, a Patient resource is known by its pseudonym only.
@@ -760,7 +804,7 @@ class Ingestor:
                     reason="nothing to delete",
                 )
             )
-        seq = max(entry.seq, self._floor(key)) + 1
+        seq = self._next_seq(key, entry.seq, self._floor(key))
         # A deleted Patient no longer resolves (the index says retracted; the cache must agree).
         self._patients.pop(key, None)
         public_id = entry.patient if rtype == "Patient" and entry.patient else rid

@@ -72,6 +72,7 @@ class Vault(Protocol):
     def set_subscription_event(self, subscription: str, event: int) -> None: ...
     def get_seq_floors(self, keys: Iterable[str]) -> dict[str, int]: ...
     def put_seq_floors(self, floors: dict[str, int]) -> None: ...
+    def start_epoch(self) -> int: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
     def close(self) -> None: ...
@@ -138,6 +139,14 @@ seq_floor_table = sa.Table(
     metadata,
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("seq", sa.Integer, nullable=False),
+)
+
+#: One row per ingestor started on the vault (:meth:`SqlVault.start_epoch`).
+ingest_epoch_table = sa.Table(
+    "ingest_epoch",
+    metadata,
+    sa.Column("epoch", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("started_at", sa.String(40), nullable=False),
 )
 
 #: The tables above are made only by the migrations in ``fhir_adapters/migrations``.
@@ -342,6 +351,20 @@ class SqlVault:
             rows = [{"key": k, "seq": v} for k, v in floors.items()]
             self._upsert(seq_floor_table, rows, "key")
 
+    def start_epoch(self) -> int:
+        """Record that an ingestor starts on this vault, in a transaction of its own; the
+        number of ingestors started before it (0 for the first)."""
+        with self.engine.begin() as conn:
+            inserted = conn.execute(
+                ingest_epoch_table.insert().values(started_at=_now())
+            ).inserted_primary_key
+            assert inserted is not None
+            epoch = int(inserted[0])
+            earlier = conn.execute(
+                sa.select(sa.func.count()).where(ingest_epoch_table.c.epoch < epoch)
+            ).scalar_one()
+        return int(earlier)
+
     def _flush_buffers(self) -> None:
         if self._identity_buffer:
             self._upsert(identity_table, list(self._identity_buffer.values()), "pseudonym")
@@ -393,7 +416,12 @@ class MemoryVault:
         self.devices: dict[str, DeviceDescription] = {}
         self.subscriptions: dict[str, int] = {}
         self.seq_floors: dict[str, int] = {}
+        self.epochs = 0
         self._journal: list[tuple[dict[str, Any], str, Any]] = []
+
+    def start_epoch(self) -> int:
+        self.epochs += 1
+        return self.epochs - 1
 
     def _set(self, table: dict[str, Any], key: str, value: Any) -> None:
         self._journal.append((table, key, table.get(key, _ABSENT)))

@@ -42,7 +42,7 @@ ruff format --check .
 echo "== import layers (lint-imports: contracts in pyproject.toml)"
 lint-imports --no-cache
 echo "== mypy"
-mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards
+mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology
 echo "== pytest"
 mkdir -p test-artifacts
 pytest -p no:cacheprovider "$@"

@@ -45,7 +45,13 @@ from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 from . import patient_state
 from .cohorts import LiveCohorts
 from .status_pages import PROBLEM, AuditUnavailable, PageAccess, Refusal
-from .store import PatientStore, canonical, read_messages, read_partition
+from .store import (
+    PatientStore,
+    canonical,
+    read_messages,
+    read_partition,
+    read_table_partition,
+)
 
 if TYPE_CHECKING:
     from .device_stream import DeviceContributions
@@ -139,6 +145,8 @@ class StreamApp:
                "value_serializer": "raw", "partitions": PARTITIONS}  # fmt: skip
         self.inputs = self.app.topic(self.facts_name, self.control_name, **raw)
         self.control_topic = self.app.topic(self.control_name, **raw)
+        #: The tables whose changelog is a public topic: (name, table, topic).
+        self.published: list[tuple[str, Any, str]] = []
         self.cohort_table = self.published_table("cohort", settings.topic(COHORT))
         self.trials_table = self.app.Table(
             "trials", default=None, key_type=str, partitions=PARTITIONS
@@ -187,8 +195,9 @@ class StreamApp:
 
     def published_table(self, name: str, topic: str) -> Any:
         """A Faust table whose changelog is a topic other services read (the cohort topic, the
-        device contributions): JSON values, raw string keys, compacted."""
-        return self.app.Table(
+        device contributions): JSON values, raw string keys, compacted. Checked against its
+        topic whenever a partition is rebuilt (:meth:`_verify_published`)."""
+        table = self.app.Table(
             name,
             default=None,
             key_type=str,
@@ -205,6 +214,45 @@ class StreamApp:
                 acks=False,
             ),
         )
+        self.published.append((name, table, topic))
+        return table
+
+    async def _verify_published(self, partition: int) -> None:
+        """Make each published table hold, for the keys of ``partition``, exactly what its topic
+        holds (the latest value of each key), before anything is evaluated on that partition.
+
+        Every decision the worker takes on a published table compares with what the table
+        holds: the next cohort record's ``change`` (readers ignore a record whose ``change`` is
+        not above the one they have), whether a patient who no longer qualifies needs a record
+        saying so, whether a contribution needs a tombstone. A table that lacks what the topic
+        holds therefore makes silent wrong answers: the chaos suite saw a restarted worker
+        write a cohort record with ``change`` 1 over one with ``change`` 2, which every reader
+        ignored, while Faust reported its table recovery complete. So the worker does not rely
+        on that recovery alone: it reads the partition of each table's topic itself (as it
+        reads the facts) and puts back what is missing or different, without sending anything
+        (the topic already holds it)."""
+        for name, table, topic in self.published:
+            latest = read_table_partition(self.settings.kafka_bootstrap_servers, topic, partition)
+            store = table.data
+            restored = removed = 0
+            for key, value in latest.items():
+                if value is None:
+                    if key in store:
+                        del store[key]
+                        removed += 1
+                elif store.get(key) != value:
+                    store[key] = value
+                    restored += 1
+            if restored or removed:
+                log.warning(
+                    "partition %s: the %s table lacked %s of the %s keys its topic holds and had "
+                    "%s it deleted; restored from the topic",
+                    partition,
+                    name,
+                    restored,
+                    len(latest),
+                    removed,
+                )
 
     # ------------------------------------------------------------------ partitions
 
@@ -344,6 +392,7 @@ class StreamApp:
                         f"partition {partition}: the facts topic ends at {end}, before the "
                         f"group's committed offset {committed}"
                     )
+            await self._verify_published(partition)
             self.store.install(partition, patients)
             self.folded_to[partition] = end
             self.cohorts.facts_offset[partition] = end

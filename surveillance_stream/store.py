@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from core.contracts.facts import envelopes_of
@@ -231,4 +232,55 @@ def read_messages(
         consumer.close()
 
 
-__all__ = ["Change", "Entries", "PatientStore", "canonical", "read_messages", "read_partition"]
+def read_table_partition(
+    bootstrap: str, topic: str, partition: int, timeout: float = 600.0
+) -> dict[str, Any]:
+    """The latest value of every key of a table's changelog partition, as it stands when the
+    read starts: ``key -> decoded JSON value`` (None for a tombstone). Keys as the worker's
+    published tables write them (raw strings; a JSON-quoted string is unquoted)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "concierge-rebuild-unused",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+        }
+    )
+    tp = TopicPartition(topic, partition)
+    latest: dict[str, Any] = {}
+    try:
+        low, high = consumer.get_watermark_offsets(tp, timeout=30)
+        if high <= low:
+            return latest
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        position = low
+        deadline = time.monotonic() + timeout
+        while position < high:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}[{partition}] timed out at {position}/{high}")
+            for message in consumer.consume(5000, timeout=0.5):
+                offset = message.offset()
+                if message.error() is not None or offset is None:
+                    continue
+                if offset >= high:
+                    position = high
+                    break
+                position = offset + 1
+                raw = message.key() or b""
+                key = orjson.loads(raw) if raw.startswith(b'"') else raw.decode()
+                value = message.value()
+                latest[str(key)] = None if value is None else orjson.loads(value)
+        return latest
+    finally:
+        consumer.close()
+
+
+__all__ = [
+    "Change",
+    "Entries",
+    "PatientStore",
+    "canonical",
+    "read_messages",
+    "read_partition",
+    "read_table_partition",
+]

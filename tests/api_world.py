@@ -55,6 +55,8 @@ from infra.mirror import ReaderStatus
 from recruitment.models import Invitation
 from recruitment.runtime import Runtime, build_runtime
 from recruitment.settings import RecruitmentSettings
+from terminology.expand import Terminology
+from terminology.store import TerminologyStore
 from tests.recruitment_helpers import (
     SOURCE,
     Clock,
@@ -65,6 +67,7 @@ from tests.recruitment_helpers import (
     practitioner_key,
     trial,
 )
+from tests.terminology_fixtures import RELEASE_2025
 
 SITE_A, SITE_B = "RA3", "RB1"
 GP_A, GP_B = practitioner_key("matrix-gp-a"), practitioner_key("matrix-gp-b")
@@ -283,7 +286,11 @@ def build_world(
                     "change": 1,
                 }
             }
+            # the hand-made SNOMED CT release, for ECL in criteria and concept search
+            store = TerminologyStore(f"sqlite:///{tmp_path / 'terminology.db'}")
+            store.load(RELEASE_2025)
             feasibility = FeasibilityService(
+                terminology=Terminology(store),
                 snapshot=snapshot,
                 lock=threading.Lock(),
                 engine=PolarsEngine(),

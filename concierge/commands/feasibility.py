@@ -238,3 +238,12 @@ def retire(trial_id: str, api: str | None, token: str | None, org: str) -> None:
         "DELETE", f"{_api(api)}/v1/feasibility/saved-questions/{trial_id}", _token(token, org)
     )
     click.echo(f"{record['id']} retired (version {record['version']})")
+
+
+def _register_import_atlas() -> None:
+    from concierge.commands.atlas import import_atlas
+
+    feasibility.add_command(import_atlas)
+
+
+_register_import_atlas()

@@ -24,6 +24,7 @@ from core.db import NO_NUL
 from core.http import problem_responses
 from feasibility.criteria import CriteriaError, Question, json_pointer, json_schema
 from feasibility.disclosure.budget import BudgetExceeded, LockedOut
+from feasibility.expansion import ExpansionError, compile_question, report_of
 from feasibility.fhir_group import GroupError, question_from_group
 from feasibility.recruitment_funnel import protect_recruitment, unavailable
 from feasibility.render import render
@@ -95,6 +96,22 @@ class CriteriaRoute(APIRoute):
                     for e in exc.errors()
                 ]
                 raise RequestValidationError(errors, body=exc.body) from None
+            except ExpansionError as exc:
+                # ECL or ValueSet entries that could not be expanded: 422 pointing at each
+                body = await request.json()
+                raise RequestValidationError(
+                    [
+                        {
+                            "type": "expansion",
+                            "loc": ["body", *e["path"]],
+                            "msg": e["msg"],
+                            "input": None,
+                            "pointer": json_pointer(body, e["path"]),
+                        }
+                        for e in exc.errors
+                    ],
+                    body=body,
+                ) from None
             return response
 
         return pointing
@@ -248,7 +265,10 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         service: Service,
         question: Annotated[Question, Body(openapi_examples={"t2dm": {"value": EXAMPLE}})],
     ) -> dict[str, Any]:
-        return _answer(request, service, question, principal.org, "ad hoc")
+        # ECL and ValueSet entries become explicit codes before any engine sees them
+        compiled = compile_question(question, service.terminology)
+        body = _answer(request, service, compiled.question, principal.org, "ad hoc")
+        return {**body, "terminology": compiled.report} if compiled.report else body
 
     @router.post(
         "/ask-group",
@@ -332,6 +352,9 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         response: Response,
     ) -> TrialPublic:
         saved(service)
+        # the record keeps the expansions, so the stream evaluates what was compiled here
+        compiled = compile_question(trial.criteria, service.terminology, prefix=("criteria",))
+        trial = trial.model_copy(update={"criteria": compiled.question})
         try:
             record, audit = service.register(trial, principal.org)
         except NotCurrent as exc:
@@ -417,6 +440,9 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
             "version": record.version,
             "recruitment": block_audit,
         }
+        terminology = report_of(record.criteria)
+        if terminology:
+            body["terminology"] = terminology
         return {"trial": trial_id, "version": record.version, **body, "recruitment": block}
 
     return router

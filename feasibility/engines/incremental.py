@@ -66,6 +66,9 @@ class _Matcher:
             self.add(code)
 
     def add(self, code: Code) -> None:
+        if code.needs_expansion:  # ECL or ValueSet: its expansion, fixed when compiled
+            self.exact.update(code.expanded_tokens())
+            return
         if code.concept is not None:
             self.exact.update(make_token(s, c) for s, c in CONCEPTS[code.concept].codes)
             return

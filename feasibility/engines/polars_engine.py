@@ -182,6 +182,9 @@ class _Evaluation:
         conditions: list[pl.Expr] = []
         token = pl.col("token")
         for code in codes:
+            if code.needs_expansion:  # ECL or ValueSet: its expansion, fixed when compiled
+                conditions.append(token.is_in(sorted(code.expanded_tokens())))
+                continue
             if code.concept is not None:
                 wanted = [make_token(s, c) for s, c in CONCEPTS[code.concept].codes]
                 conditions.append(token.is_in(wanted))

@@ -92,6 +92,9 @@ class _CodeTerm:
         self.head = ""
         self.prefix: str | None = None
         self.bounds: tuple[str, str] | None = None
+        if code.needs_expansion:  # ECL or ValueSet: its expansion, fixed when compiled
+            self.exact = code.expanded_tokens()
+            return
         if code.concept is not None:
             self.exact = frozenset(
                 make_token(system, c) for system, c in CONCEPTS[code.concept].codes

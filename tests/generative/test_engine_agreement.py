@@ -27,8 +27,11 @@ from pydantic import ValidationError
 from feasibility.criteria import ObservationCriterion, Question, parse_question
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.engines.reference import ReferenceEngine
+from feasibility.expansion import compile_question
 from feasibility.snapshot import ColumnarSnapshot
 from feasibility.terminology import MARKERS, STAGES
+from terminology.expand import HierarchySource
+from terminology.hierarchy import Hierarchy
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 pytestmark = [
@@ -89,6 +92,12 @@ CONDITION_CODES = [
     ("http://hl7.org/fhir/sid/icd-10-cm", "E11.22"),
     (SNOMED, "44054006"),
     (SNOMED, "38341003"),
+    # the hierarchy of HIERARCHY below (ECL terms)
+    (SNOMED, "73211009"),
+    (SNOMED, "46635009"),
+    (SNOMED, "127013003"),
+    (SNOMED, "420279001"),
+    (SNOMED, "11687002"),
     ("urn:local", "DM2"),
     (None, "E11"),
 ]
@@ -476,6 +485,41 @@ CONDITION_TERMS = st.one_of(
         lambda r: {"system": "icd10", "range": r}
     ),
 )
+#: A small SNOMED CT hierarchy (child, parent), with concepts of two parents, for ECL terms:
+#: questions are compiled against it (their ECL entries expanded) before the engines see them.
+HIERARCHY = Hierarchy.build(
+    [64572001, 73211009, 46635009, 44054006, 90708001, 127013003, 420279001, 11687002, 38341003],
+    [
+        (73211009, 64572001),
+        (46635009, 73211009),
+        (44054006, 73211009),
+        (90708001, 64572001),
+        (127013003, 73211009),
+        (127013003, 90708001),
+        (420279001, 44054006),
+        (420279001, 127013003),
+        (11687002, 73211009),
+        (38341003, 64572001),
+    ],
+)
+ECL_TERMS = st.sampled_from(
+    [
+        "<< 73211009",
+        "< 73211009",
+        "<! 73211009",
+        "<<! 73211009",
+        "> 420279001",
+        ">> 420279001",
+        ">! 420279001",
+        ">>! 420279001",
+        "<< 73211009 AND << 90708001",
+        "<< 44054006 OR << 46635009",
+        "<< 73211009 MINUS << 44054006",
+        "< (44054006 OR 90708001)",
+        "<< 12345678",
+    ]
+).map(lambda e: {"system": "snomed", "ecl": e})
+CONDITION_TERMS = st.one_of(CONDITION_TERMS, ECL_TERMS)
 OBS_TERMS = st.one_of(
     st.sampled_from(["hba1c", "egfr", "ldl_cholesterol", "bp_panel"]).map(lambda c: {"concept": c}),
     code_terms(
@@ -747,7 +791,7 @@ def questions(draw: st.DrawFn) -> Question:
             if start is not None and end is not None and start > end:
                 start, end = end, start
             c["window"] = {"start": start, "end": end, "anchor": target["id"]}
-    return parse_question(
+    question = parse_question(
         {
             "index_date": draw(st.sampled_from(INDEX_DATES)),
             "inclusion": [{"any_of": step} for step in inclusion],
@@ -755,6 +799,7 @@ def questions(draw: st.DrawFn) -> Question:
             "exclusion_unknown": draw(st.sampled_from(["keep", "exclude"])),
         }
     )
+    return compile_question(question, HierarchySource(HIERARCHY)).question
 
 
 # --------------------------------------------------------------------------- properties

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from core.contracts.facts import ResourceFacts
 from core.settings import Settings
-from infra.topics import FACTS
+from infra.topics import COHORT, FACTS
+from infra.topics_admin import ensure_topics
 from surveillance_stream import patient_state
 from surveillance_stream.app import StreamApp, create_app
 
@@ -147,3 +149,35 @@ def test_a_partition_not_assigned_back_is_dropped(settings: Settings) -> None:
     stream.on_assigned({0, 1})
     assert stream.store.counts()["resources"] == 0
     assert PARTITION not in stream.folded_to
+
+
+def test_a_rebuild_puts_back_what_the_cohort_table_lacks_of_its_topic(
+    settings: Settings,
+) -> None:
+    """The chaos suite saw a restarted worker write a cohort record with ``change`` 1 over one
+    with ``change`` 2 that its topic held: its table lacked what Faust had reported restored,
+    and every reader ignored the new record (a silent stale cohort). A rebuild now checks each
+    published table against its topic for the partition: missing or different values are put
+    back, deleted ones removed, before anything is evaluated there."""
+    topic = settings.topic(COHORT)
+    ensure_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
+    records = {
+        f"t1|p-{i}": {"schema": "concierge.cohort/1", "trial": "t1", "patient": f"p-{i}",
+                      "member": i % 2 == 0, "steps": "P", "partition": PARTITION, "change": 2}
+        for i in range(5)
+    }  # fmt: skip
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    for key, value in records.items():
+        producer.produce(topic, key=key.encode(), value=orjson.dumps(value), partition=PARTITION)
+    producer.produce(
+        topic, key=b"t1|p-gone", value=orjson.dumps({"change": 1}), partition=PARTITION
+    )
+    producer.produce(topic, key=b"t1|p-gone", value=None, partition=PARTITION)
+    assert producer.flush(30) == 0
+    stream = create_app(settings)
+    store = stream.cohort_table.data
+    store["t1|p-0"] = {**records["t1|p-0"], "change": 1}  # stale: an older record
+    store["t1|p-gone"] = {"change": 1}  # deleted on the topic
+    # p-1 .. p-4 missing, as after the reported restart
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=None))
+    assert {k: store.get(k) for k in [*records, "t1|p-gone"]} == {**records, "t1|p-gone": None}

@@ -187,6 +187,15 @@ MATRIX: dict[tuple[str, str], Rule] = {
         only("sponsor"), params={"trial_id": RETIRE}
     ),
     ("GET", "/v1/feasibility/saved-questions/{trial_id}/answer"): only("sponsor"),
+    ("POST", "/v1/feasibility/import/atlas"): only(
+        "sponsor", body=json.loads((EXAMPLES / "atlas" / "t2dm-metformin.json").read_text())
+    ),
+    # -- sponsors: terminology (reference data, no patient data)
+    ("GET", "/v1/terminology/search"): only("sponsor"),
+    ("GET", "/v1/terminology/status"): only("sponsor"),
+    ("GET", "/v1/terminology/{system}/{code}"): _with(
+        only("sponsor"), params={"system": "snomed", "code": "73211009"}
+    ),
     # -- site admins
     ("GET", "/v1/admin/saved-questions/{trial_id}/live"): only("admin"),
     ("POST", "/v1/admin/budgets/{org}/unlock"): only("admin"),

@@ -52,6 +52,7 @@ def test_the_tree_has_a_section_per_package(monkeypatch: pytest.MonkeyPatch) -> 
     assert tree.surveillance.levels == ("model",)
     assert tree.broker.heap == "1g"
     assert tree.dashboard.rows == 25
+    assert tree.terminology.max_expansion == 50_000
     # addresses of the API follow the API's own host and port unless configured
     assert tree.recruitment.app_base_url == "http://127.0.0.1:21001"
     assert tree.dashboard.api == "http://127.0.0.1:21001"
@@ -67,6 +68,9 @@ def test_every_wrong_variable_of_every_section_in_one_line(
         "CONCIERGE_SIGNAL_ALPHA": "1.5",
         "CONCIERGE_BROKER_PORT": "-1",
         "CONCIERGE_DASHBOARD_REFRESH_SECONDS": "soon",
+        "CONCIERGE_TERMINOLOGY_MAX_EXPANSION": "0",
+        "CONCIERGE_TERMINOLOGY_STORE_URL": "postgresql://db/terms",
+        "CONCIERGE_TERMINOLOGY_LANGUAGE_REFSETS": "gb,us",
     }
     for name, value in wrong.items():
         monkeypatch.setenv(name, value)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from core.contracts.facts import ObservationFact, ResourceFacts, decode_resource_facts
-from fhir_adapters.pipeline import EXCERPT_BYTES, STATUSES, Ingestor, Outcome
+from fhir_adapters.pipeline import EXCERPT_BYTES, RESTART_GAP, STATUSES, Ingestor, Outcome
 from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import DEADLETTER_MAX_BYTES, DeadLetter, DeliveryFailed, MemorySink
 from fhir_adapters.vault import MemoryVault, SqlVault, Vault
@@ -467,11 +467,12 @@ def test_commit_flushes_the_sink_before_the_index() -> None:
     assert vault.index == {}  # nothing acknowledged, so nothing indexed
     retry = make(vault)
     again = one(retry, patient())
-    # Above the seq that may have reached the broker: never the same seq for other content.
-    assert (again.status, again.seq) == ("accepted", 2)
+    # Above every seq the first ingestor may have got to the broker (its floor 1, and the gap
+    # after another ingestor): never the same seq for other content.
+    assert (again.status, again.seq) == ("accepted", 1 + RESTART_GAP)
     retry.commit()
     assert sink(retry).flushes == 1
-    assert vault.index[key("Patient", "pat1")].seq == 2
+    assert vault.index[key("Patient", "pat1")].seq == 1 + RESTART_GAP
 
 
 class FlakySink(MemorySink):
@@ -560,7 +561,8 @@ def test_after_an_aborted_batch_a_seq_is_never_reused_for_other_content(
     second = make(SqlVault(url))
     assert second.vault.get_index([key("Observation", "obs1")])[key("Observation", "obs1")].seq == 1
     retry = one(second, observation(value=6.0 if same_content else 7.0))
-    assert (retry.status, retry.seq) == ("accepted", 3)
+    # above the floor (2), by the gap a second ingestor on the vault keeps
+    assert (retry.status, retry.seq) == ("accepted", 2 + RESTART_GAP)
     second.commit()
     # Resolved: the index is above the floor, so the same content again is unchanged.
     assert one(second, observation(value=6.0 if same_content else 7.0)).status == "unchanged"
@@ -930,11 +932,14 @@ def test_sql_vault_survives_close_and_reopen(tmp_path: Path) -> None:
     )
     assert other.status == "accepted"
     assert published(second, key("Patient", "pat9"))[0].facts[0].site == "Y12345"  # type: ignore[union-attr]
-    # Versions continue: seq numbers pick up where the first process left off.
+    # Versions continue above where the first process left off, by the gap a later ingestor
+    # keeps for the first version of each key (the first may have died before indexing).
     update = one(second, observation(value=8.0, meta={"versionId": "3"}))
-    assert (update.status, update.seq) == ("accepted", 2)
+    assert (update.status, update.seq) == ("accepted", 1 + RESTART_GAP)
+    again = one(second, observation(value=9.0, meta={"versionId": "4"}))
+    assert (again.status, again.seq) == ("accepted", 2 + RESTART_GAP)  # then one by one
     deleted = second.delete("Observation", "gone", "test")
-    assert (deleted.status, deleted.seq) == ("accepted", 2)
+    assert (deleted.status, deleted.seq) == ("accepted", 1 + RESTART_GAP)
     assert published(second, key("Observation", "gone"))[-1].retracted is True
     # Subscription state survives: event 5 after 1-2 is a gap of 2.
     second.ingest_text(orjson.dumps(r5_notification([5])), "n")
@@ -945,7 +950,7 @@ def test_sql_vault_survives_close_and_reopen(tmp_path: Path) -> None:
     third = make(SqlVault(url))
     assert third.delete("Observation", "gone", "test").status == "unchanged"
     assert one(third, observation("gone")).status == "unchanged"  # a replay does not undelete
-    assert one(third, observation(value=8.0, meta={"versionId": "3"})).status == "unchanged"
+    assert one(third, observation(value=9.0, meta={"versionId": "4"})).status == "unchanged"
     identity = third.vault.get_identity(pseudonym)
     assert identity is not None and identity["nhs_number"] == "9434765919"
     third.commit()
@@ -961,7 +966,38 @@ def test_sql_vault_uncommitted_work_is_redone_after_a_crash(tmp_path: Path) -> N
     first.vault.close()
     second = make(SqlVault(url))
     redo = one(second, observation())
-    assert (redo.status, redo.seq) == ("accepted", 1)  # same seq: consumers ignore the duplicate
+    # above anything the first may have published: a higher copy of the same version
+    assert (redo.status, redo.seq) == ("accepted", RESTART_GAP)
+    second.commit()
+    second.vault.close()
+
+
+def test_a_version_after_a_crash_never_shares_a_seq_with_one_the_dead_ingestor_published(
+    tmp_path: Path,
+) -> None:
+    """Killed between the broker's acknowledgement and the index commit: the dead ingestor's
+    versions are on the broker, above the index, with no floor. A different version sent after
+    the restart must not get one of their seqs (consumers keep the first envelope of a (key,
+    seq): the new version would be lost), whatever the dead batch held."""
+    url = f"sqlite:///{tmp_path / 'vault.sqlite'}"
+    first = make(SqlVault(url))
+    one(first, patient())
+    one(first, observation(value=5.0))
+    first.commit()
+    # a batch of three versions of the same observation, acknowledged by the broker...
+    for value in (6.0, 7.0, 8.0):
+        one(first, observation(value=value))
+    first.sink.flush()
+    on_broker = {e.seq for e in published(first, key("Observation", "obs1"))}
+    assert on_broker == {1, 2, 3, 4}
+    # ...and the process killed before the index commit (the vault's transaction is lost)
+    first.vault.rollback()
+    first.vault.close()
+    second = make(SqlVault(url))
+    assert second.vault.get_index([key("Observation", "obs1")])[key("Observation", "obs1")].seq == 1
+    newer = one(second, observation(value=9.0))
+    assert newer.status == "accepted"
+    assert newer.seq is not None and newer.seq > max(on_broker)
     second.commit()
     second.vault.close()
 

@@ -18,6 +18,8 @@ class Calls:
     callers: tuple[str, ...] = ()
     #: Cases generated (each sent as every caller), by schemathesis phase and mode.
     cases: Counter[str] = field(default_factory=Counter)
+    #: Requests not sent: a case for a caller the operation had refused often enough already.
+    skipped: int = 0
     #: What the run was: examples per operation, seed, seconds taken.
     about: dict[str, Any] = field(default_factory=dict)
 
@@ -42,6 +44,8 @@ class Calls:
             f"{len(self.callers)} callers ({about})",
             "statuses: " + " ".join(f"{s}x{n}" for s, n in sorted(self.statuses().items())),
             "cases generated: " + ", ".join(f"{k} {n}" for k, n in sorted(self.cases.items())),
+            f"not sent: {self.skipped} (a case for a caller the operation had refused "
+            "often enough already)",
         ]
         width = max(len(op) for op in operations)
         lines.append(
@@ -67,6 +71,7 @@ class Calls:
             "total": self.total,
             "statuses": {str(s): n for s, n in sorted(self.statuses().items())},
             "cases": dict(sorted(self.cases.items())),
+            "not sent (refused often enough already)": self.skipped,
             "requests": [
                 {"operation": op, "caller": caller, "statuses": dict(sorted(counted.items()))}
                 for (op, caller), counted in sorted(self.counts.items())

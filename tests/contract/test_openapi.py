@@ -19,9 +19,9 @@ required headers (``Retry-After`` on 429 and 503, ``WWW-Authenticate`` on 401). 
 is collected and reported (with a curl command to reproduce it); the run fails on any.
 
 ``SCHEMATHESIS_EXAMPLES`` (default 8) sets the fuzzed examples per operation, ``SCHEMATHESIS_SEED``
-the seed, ``SCHEMATHESIS_REFUSALS`` the refused cases per caller (0: all); the counts (requests per operation and caller, statuses) are printed at the end of the
-run and written to ``test-artifacts/openapi-contract.json``. See
-``docs/reference/api-contract.md``.
+the seed, ``SCHEMATHESIS_REFUSALS`` the refused cases per caller (0: all); the counts (requests
+per operation and caller, statuses) are printed at the end of the run and written to
+``test-artifacts/openapi-contract.json``. See ``docs/reference/api-contract.md``.
 
 Why this drives schemathesis itself rather than through its pytest plugin: the plugin's loader
 for a schema that only a fixture can build (``schemathesis.pytest.from_fixture``) fails on the

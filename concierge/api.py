@@ -49,6 +49,7 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
     from feasibility.service import FeasibilityService
     from feasibility.sites import SiteView
     from feasibility.snapshot import ColumnarSnapshot
+    from feasibility.workspace.history import AnswerHistory, CohortHistory
     from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
     from terminology.settings import TerminologySettings
 
@@ -59,10 +60,14 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
         feed = FactsFeed(settings.kafka_bootstrap_servers, settings.topic(FACTS), snapshot, lock)
         feed.start()
     saved = SavedQuestions(settings.kafka_bootstrap_servers, settings.topic(TRIALS)).start()
-    cohorts = CohortView(settings.kafka_bootstrap_servers, settings.topic(COHORT)).start()
+    cohorts = CohortView(settings.kafka_bootstrap_servers, settings.topic(COHORT))
+    registry = PublicationRegistry(url := settings.resolved_feasibility_url())
+    # the sponsor workspace keeps the cohorts' history (the cohort topic is compacted) from
+    # the view's first batch on, in the disclosure registry's database
+    cohort_history = CohortHistory(registry.engine).follow(cohorts)
+    cohorts.start()
     # answers name sites from the organisations on the reference topic, as they are now
     sites = SiteView(settings.kafka_bootstrap_servers, settings.topic(REFERENCE)).start()
-    url = settings.resolved_feasibility_url()
     # ECL and ValueSets in criteria expand against the site's terminology store
     terms = TerminologySettings()
     terminology = build_terminology(settings)
@@ -75,13 +80,16 @@ def build_feasibility(settings: Settings) -> FeasibilityService:
         lock=lock,
         engine=PolarsEngine(),
         policy=DisclosurePolicy.from_env(),
-        registry=PublicationRegistry(url),
+        registry=registry,
         budget=QueryBudget.from_env(url),
         feed=feed,
         saved=saved,
         cohorts=cohorts,
         sites=sites,
         terminology=terminology,
+        cohort_history=cohort_history,
+        # every answer given, for each sponsor's history and exports
+        answers=AnswerHistory(registry.engine),
     )
     if terms.refresh_seconds > 0:
         service.refresher = ExpansionRefresher(saved, terminology, terms.refresh_seconds).start()
@@ -323,6 +331,11 @@ def create_app(
 
     # Sponsors get the recruitment counts per state (disclosure-controlled) in saved answers.
     app.include_router(feasibility_router(recruitment_or_none))
+    from concierge.routes.workspace import build_router as workspace_router
+    from concierge.routes.workspace_page import build_page_router as workspace_page
+
+    app.include_router(workspace_router(recruitment_or_none))
+    app.include_router(workspace_page())
     app.include_router(build_admin_router())
 
     def identities(request: Request) -> VaultIdentities:

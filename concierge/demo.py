@@ -638,6 +638,9 @@ def _run(
     click.echo(f"  regulator dashboard     {dashboard_url}")
     click.echo(f"  device-safety signals   {api_url}/v1/surveillance/signals (regulator)")
     click.echo(f"  clinician page          {public_url}/clinician (a GP's link is printed below)")
+    click.echo(
+        f"  sponsor page            {public_url}/sponsor (a sponsor's link is printed below)"
+    )
     click.echo(f"  e-mail to clinicians    {logs / 'mail.log'} (a local SMTP server)")
     click.echo(f"  logs                    {logs}")
     click.echo("")
@@ -694,6 +697,13 @@ def _run(
             f"{'registered' if registered.status_code != 409 else 'already registered'}, "
             f"recruiting at {', '.join(recruiting_sites)}; the stream keeps its cohort live and "
             f"the concierge routes new candidates to their GPs: {live_url}"
+        )
+        # the sponsor page opens on the saved question: its criteria answered (funnel, sites,
+        # profile, impact) and its live count, forecast and site ranking followed
+        sponsor_token = sponsor["Authorization"].split(" ", 1)[1]
+        click.echo(
+            f"  sponsor page            {public_url}/sponsor#saved={trial['id']}&token="
+            f"{sponsor_token}"
         )
 
     def report(sent: int) -> None:

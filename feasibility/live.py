@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +45,11 @@ class CohortView:
         self.evaluated: dict[str, dict[int, int]] = {}
         self.messages = 0
         self.last_change_at: float | None = None
+        #: Called after each batch (outside the lock) with the membership changes read (a
+        #: tombstone as ``member: false`` at the stream's time) and the trials whose
+        #: completion marks moved: the workspace keeps the cohort's history from it
+        #: (:class:`feasibility.workspace.history.CohortHistory`), since the topic is compacted.
+        self.on_batch: Callable[[list[dict[str, Any]], set[str]], None] | None = None
         self.mirror = TopicMirror(
             "cohort-view",
             bootstrap,
@@ -71,6 +76,8 @@ class CohortView:
         return self.mirror.status()
 
     def _absorb(self, messages: list[Message]) -> None:
+        changes: list[dict[str, Any]] = []
+        marked: set[str] = set()
         with self._lock:
             for message in messages:
                 key = key_text(message.key())
@@ -86,19 +93,34 @@ class CohortView:
                         mark = orjson.loads(value)
                         done = self.evaluated.setdefault(str(mark["trial"]), {})
                         done[int(mark["partition"])] = int(mark["version"])
+                        marked.add(str(mark["trial"]))
                     continue
                 if key.startswith(BOOKKEEPING_PREFIX):
                     continue
                 trial, _, patient = key.partition("|")
                 if value is None:
-                    self.records.get(trial, {}).pop(patient, None)
+                    gone = self.records.get(trial, {}).pop(patient, None)
+                    if gone is not None and gone.get("member"):
+                        times = [float(m["stream_time_epoch"]) for m in self.watermarks.values()]
+                        changes.append(
+                            {
+                                "trial": trial,
+                                "patient": patient,
+                                "change": int(gone["change"]) + 1,
+                                "member": False,
+                                "at_epoch": min(times) if times else time.time(),
+                            }
+                        )
                     continue
                 record = orjson.loads(value)
                 trial_records = self.records.setdefault(trial, {})
                 current = trial_records.get(patient)
                 if current is None or int(current["change"]) < int(record["change"]):
                     trial_records[patient] = record
+                    changes.append(record)
             self.last_change_at = time.time()
+        if self.on_batch is not None and (changes or marked):
+            self.on_batch(changes, marked)
 
     def members(self, trial: str, version: int | None = None) -> list[Mapping[str, Any]]:
         """Current members of a trial's cohort (at ``version`` of its criteria, if given)."""

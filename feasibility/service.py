@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ from .sites import (
     with_site_columns,
 )
 from .snapshot import ColumnarSnapshot
+from .workspace.history import AnswerHistory, CohortHistory
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,19 @@ def _with_unconvertible(body: Body, cells: dict[int, Cell]) -> Body:
     return body
 
 
+@dataclass(frozen=True)
+class LiveSets:
+    """A saved question's exact answer (:meth:`FeasibilityService.live_sets`)."""
+
+    sets: AnswerSets
+    #: The engine's step frame over the snapshot at the stream's time.
+    steps: pl.DataFrame
+    at: datetime
+    snapshot_at: dict[int, int] | None
+    #: The cohort as the snapshot counts it (equal to the stream's, by invariant 1).
+    batch_cohort: BitMap
+
+
 @dataclass
 class Charge:
     """One unit of an organisation's query budget, taken for one request that gives it
@@ -300,6 +315,11 @@ class FeasibilityService:
     terminology: ExpansionSource | None = None
     #: Re-expands saved questions after terminology loads (stopped with the service).
     refresher: ExpansionRefresher | None = None
+    #: Every answer each organisation got (its history and exports); None: not kept.
+    answers: AnswerHistory | None = None
+    #: The history of saved questions' cohorts, kept from the cohort view (arrival rates, the
+    #: live count's daily series); None: not kept.
+    cohort_history: CohortHistory | None = None
 
     @contextmanager
     def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:
@@ -385,6 +405,51 @@ class FeasibilityService:
     def _answer_live(self, trial: SavedTrial, org: str, charge: Charge) -> tuple[Body, Body]:
         started = time.perf_counter()
         question = trial.criteria
+        live = self.live_sets(trial)
+        at, steps, snapshot_at = live.at, live.steps, live.snapshot_at
+        assert self.cohorts is not None
+        fp = fingerprint(question)
+        protected, audit = protect(live.sets, self.policy, self.registry, org, fp)
+        charge.settle(audit)
+        body = {
+            "question": fp,
+            "title": question.title,
+            "kind": "saved",
+            "evaluated_at": at.isoformat(),
+            "index_instant": question.index_instant(at).isoformat(),
+            "as_of": {
+                **self.as_of(),
+                **self.cohorts.status(),
+                "snapshot_covers_stream": True,
+                "snapshot_reached": snapshot_at,
+            },
+            "counts_from": "stream (per event)",
+            "funnel_from": "snapshot at the stream's time",
+            "stream_and_snapshot_agree": live.sets.cohort == live.batch_cohort,
+            "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
+            **_with_unconvertible(
+                protected.to_dict(),
+                unconvertible_results(question, steps, self.policy, self.registry, org, fp),
+            ),
+            "sites": describe_sites(protected.by_site, self.sites),
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        self._remember(org, "saved", fp, question, body, trial.id)
+        return body, {"question": fp, "kind": "saved", **audit.to_dict()}
+
+    def _remember(
+        self, org: str, kind: str, fp: str, question: Question, body: Body, trial: str | None
+    ) -> None:
+        """Keep the answer in the organisation's history (``GET /v1/feasibility/history``)."""
+        if self.answers is None:
+            return
+        self.answers.record(org, kind, fp, json.loads(question.to_json()), body, trial)
+
+    def live_sets(self, trial: SavedTrial) -> LiveSets:
+        """A saved question's exact sets: the cohort as the stream keeps it (per event), each
+        member's site labelled now from the snapshot, the funnel from the snapshot at the
+        stream's time. :class:`NotCurrent` while any view behind it is not."""
+        question = trial.criteria
         if self.cohorts is None:
             raise RuntimeError("the live cohort view is not running")
         self.require("facts", "cohorts", "trials", "sites")
@@ -422,7 +487,9 @@ class FeasibilityService:
         site_region = dict(sets.site_region)
         # The stream says who is in the cohort; the snapshot (at or past the stream's
         # position) holds each member's organisation key, labelled now like an ad hoc answer.
-        rows = steps.filter(pl.col("pid").is_in(pl.Series(list(ids.values()), dtype=pl.UInt32)))
+        rows = steps.filter(
+            pl.col("pid").is_in(pl.Series(list(ids.values()), dtype=pl.UInt32).implode())
+        )
         rows = with_site_columns(rows).select("pid", "site_key", "site", "region")
         labels: dict[tuple[str | None, str | None], str | None] = {}
         for pid, key, code, region in rows.iter_rows():
@@ -436,7 +503,6 @@ class FeasibilityService:
             )
             by_site.setdefault(site, BitMap()).add(pid)
             by_region.setdefault(site_region[site], BitMap()).add(pid)
-        batch_cohort = sets.cohort
         live = AnswerSets(
             cohort=cohort,
             by_site=by_site,
@@ -444,33 +510,7 @@ class FeasibilityService:
             by_region=by_region,
             funnel=sets.funnel,
         )
-        fp = fingerprint(question)
-        protected, audit = protect(live, self.policy, self.registry, org, fp)
-        charge.settle(audit)
-        body = {
-            "question": fp,
-            "title": question.title,
-            "kind": "saved",
-            "evaluated_at": at.isoformat(),
-            "index_instant": question.index_instant(at).isoformat(),
-            "as_of": {
-                **self.as_of(),
-                **self.cohorts.status(),
-                "snapshot_covers_stream": True,
-                "snapshot_reached": snapshot_at,
-            },
-            "counts_from": "stream (per event)",
-            "funnel_from": "snapshot at the stream's time",
-            "stream_and_snapshot_agree": cohort == batch_cohort,
-            "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
-            **_with_unconvertible(
-                protected.to_dict(),
-                unconvertible_results(question, steps, self.policy, self.registry, org, fp),
-            ),
-            "sites": describe_sites(protected.by_site, self.sites),
-            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-        return body, {"question": fp, "kind": "saved", **audit.to_dict()}
+        return LiveSets(live, steps, at, snapshot_at, sets.cohort)
 
     def _readers(self) -> dict[str, Reader]:
         """The views that can say whether they are current, by the name ``require`` takes."""
@@ -542,12 +582,14 @@ class FeasibilityService:
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
             "evaluation_ms": round((evaluated - started) * 1000, 1),
         }
+        self._remember(org, kind, fp, question, body, None)
         return body, {"question": fp, "kind": kind, **audit.to_dict()}
 
 
 __all__ = [
     "Charge",
     "FeasibilityService",
+    "LiveSets",
     "NotCurrent",
     "answer_sets",
     "fingerprint",

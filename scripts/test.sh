@@ -45,4 +45,4 @@ echo "== mypy"
 mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology
 echo "== pytest"
 mkdir -p test-artifacts
-pytest -p no:cacheprovider "$@"
+pytest -p no:cacheprovider --durations=30 "$@"

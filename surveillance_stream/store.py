@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from core.contracts.facts import envelopes_of
 from core.patient_view import PatientFold, PatientView
@@ -137,6 +137,89 @@ class PatientStore:
         }
 
 
+def _watermarks(
+    consumer: Consumer, topic: str, partition: int, timeout: float = 30.0
+) -> tuple[int, int]:
+    """The partition's low and high watermarks, asked again while the broker answers with a
+    retriable error (a partition just created or whose leader is moving says 'not leader')."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=max(1.0, deadline - time.monotonic())
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable()
+                or error.code()
+                in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+            )
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _partition_messages(
+    bootstrap: str,
+    topic: str,
+    partition: int,
+    start: int | None = None,
+    end: int | None = None,
+    timeout: float = 600.0,
+) -> Iterator[tuple[int, bytes | None, bytes | None]]:
+    """``(offset, key, value)`` of every message of ``partition`` in ``[start, end)``: from its
+    beginning when ``start`` is None, to its end offset when the read starts when ``end`` is
+    None (a fetch returns more than asked for: what lies past ``end`` is not yielded). The one
+    reader of a partition's range that the rebuild, the gap replay and the table check share."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "concierge-rebuild-unused",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+        }
+    )
+    try:
+        low, high = _watermarks(consumer, topic, partition)
+        if end is not None:
+            high = min(high, end)
+        position = low if start is None else max(start, low)
+        if high <= position:
+            return
+        consumer.assign(
+            [TopicPartition(topic, partition, OFFSET_BEGINNING if start is None else position)]
+        )
+        deadline = time.monotonic() + timeout
+        while position < high:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"reading {topic}[{partition}] took over {timeout:.0f} s "
+                    f"(at offset {position} of {high})"
+                )
+            for message in consumer.consume(5000, timeout=0.5):
+                offset = message.offset()
+                if message.error() is not None or offset is None:
+                    continue
+                if offset >= high:
+                    position = high
+                    break
+                position = offset + 1
+                yield offset, message.key(), message.value()
+    finally:
+        consumer.close()
+
+
+def partition_end(bootstrap: str, topic: str, partition: int) -> int:
+    """The partition's end offset (high watermark) now."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "concierge-rebuild-unused"})
+    try:
+        return _watermarks(consumer, topic, partition)[1]
+    finally:
+        consumer.close()
+
+
 def read_partition(
     bootstrap: str,
     topic: str,
@@ -148,51 +231,20 @@ def read_partition(
     the read starts): ``(patients, envelopes read, end)``, exactly the messages before ``end``:
     the state then reflects the stream's position, no more (the hooks of what comes after, cohort
     and device updates, run when the stream delivers it)."""
+    high = partition_end(bootstrap, topic, partition)
+    if end is not None:
+        high = min(high, end)
     store = PatientStore()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "concierge-rebuild-unused",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
-    )
-    tp = TopicPartition(topic, partition)
-    try:
-        low, high = consumer.get_watermark_offsets(tp, timeout=30)
-        if end is not None:
-            high = min(high, end)
-        if high <= low:
-            return {}, 0, high
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        read = 0
-        deadline = time.monotonic() + timeout
-        position = low
-        while position < high:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"rebuilding {topic}[{partition}] took over {timeout:.0f} s "
-                    f"(at offset {position} of {high})"
-                )
-            for message in consumer.consume(5000, timeout=0.5):
-                if message.error() is not None:
-                    continue
-                value = message.value()
-                offset = message.offset()
-                if offset is None:
-                    continue
-                if offset >= high:  # a fetch returns more than asked for: stop at ``end``
-                    position = high
-                    break
-                position = offset + 1
-                if value is None:
-                    continue
-                for envelope in envelopes_of(value):
-                    store.apply(partition, envelope)
-                    read += 1
-        return store.patients(partition), read, high
-    finally:
-        consumer.close()
+    read = 0
+    for _offset, _key, value in _partition_messages(
+        bootstrap, topic, partition, end=high, timeout=timeout
+    ):
+        if value is None:
+            continue
+        for envelope in envelopes_of(value):
+            store.apply(partition, envelope)
+            read += 1
+    return store.patients(partition), read, high
 
 
 def read_messages(
@@ -200,36 +252,13 @@ def read_messages(
 ) -> list[tuple[int, bytes]]:
     """The raw facts messages of ``partition`` in ``[start, end)`` as ``(offset, value)``: the
     gap another member of the group processed while this worker did not hold the partition."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "concierge-rebuild-unused",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
-    )
-    out: list[tuple[int, bytes]] = []
-    try:
-        consumer.assign([TopicPartition(topic, partition, start)])
-        position = start
-        deadline = time.monotonic() + timeout
-        while position < end:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}[{partition}] {start}..{end} timed out")
-            for message in consumer.consume(5000, timeout=0.5):
-                offset = message.offset()
-                if message.error() is not None or offset is None:
-                    continue
-                if offset >= end:
-                    position = end
-                    break
-                position = offset + 1
-                value = message.value()
-                if value is not None:
-                    out.append((offset, value))
-        return out
-    finally:
-        consumer.close()
+    return [
+        (offset, value)
+        for offset, _key, value in _partition_messages(
+            bootstrap, topic, partition, start, end, timeout
+        )
+        if value is not None
+    ]
 
 
 def read_table_partition(
@@ -238,49 +267,9 @@ def read_table_partition(
     """The latest value of every key of a table's changelog partition, as it stands when the
     read starts: ``key -> decoded JSON value`` (None for a tombstone). Keys as the worker's
     published tables write them (raw strings; a JSON-quoted string is unquoted)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "concierge-rebuild-unused",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
-    )
-    tp = TopicPartition(topic, partition)
     latest: dict[str, Any] = {}
-    try:
-        low, high = consumer.get_watermark_offsets(tp, timeout=30)
-        if high <= low:
-            return latest
-        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
-        position = low
-        deadline = time.monotonic() + timeout
-        while position < high:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}[{partition}] timed out at {position}/{high}")
-            for message in consumer.consume(5000, timeout=0.5):
-                offset = message.offset()
-                if message.error() is not None or offset is None:
-                    continue
-                if offset >= high:
-                    position = high
-                    break
-                position = offset + 1
-                raw = message.key() or b""
-                key = orjson.loads(raw) if raw.startswith(b'"') else raw.decode()
-                value = message.value()
-                latest[str(key)] = None if value is None else orjson.loads(value)
-        return latest
-    finally:
-        consumer.close()
-
-
-__all__ = [
-    "Change",
-    "Entries",
-    "PatientStore",
-    "canonical",
-    "read_messages",
-    "read_partition",
-    "read_table_partition",
-]
+    for _offset, raw, value in _partition_messages(bootstrap, topic, partition, timeout=timeout):
+        raw = raw or b""
+        key = orjson.loads(raw) if raw.startswith(b'"') else raw.decode()
+        latest[str(key)] = None if value is None else orjson.loads(value)
+    return latest

@@ -42,6 +42,7 @@ from feasibility.live import CohortView
 from feasibility.saved import SavedQuestions, SavedTrial, TrialCreate
 from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
+from feasibility.workspace.history import AnswerHistory, CohortHistory
 from fhir_adapters.rest import IngestService
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import MemorySink
@@ -289,16 +290,20 @@ def build_world(
             # the hand-made SNOMED CT release, for ECL in criteria and concept search
             store = TerminologyStore(f"sqlite:///{tmp_path / 'terminology.db'}")
             store.load(RELEASE_2025)
+            registry = PublicationRegistry("sqlite://")
             feasibility = FeasibilityService(
                 terminology=Terminology(store),
                 snapshot=snapshot,
                 lock=threading.Lock(),
                 engine=PolarsEngine(),
                 policy=DisclosurePolicy(),
-                registry=PublicationRegistry("sqlite://"),
+                registry=registry,
                 budget=QueryBudget("sqlite://"),
                 saved=saved,
                 cohorts=cohorts,
+                # the sponsor workspace's stores beside the registry, as concierge.api does
+                answers=AnswerHistory(registry.engine),
+                cohort_history=CohortHistory(registry.engine),
             )
             runtime = build_runtime(
                 RecruitmentSettings(url=url), url=url, channels={}, clock=Clock()

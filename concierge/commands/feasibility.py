@@ -247,3 +247,74 @@ def _register_import_atlas() -> None:
 
 
 _register_import_atlas()
+
+
+def render_sites(answer: dict[str, Any]) -> str:
+    """A site-selection answer as a table: ranked sites first, each cell as published."""
+
+    def shown(cell: dict[str, Any] | None) -> str:
+        return "-" if cell is None else _cell(cell)
+
+    target = answer.get("target", {})
+    lines = [
+        f"{answer.get('title') or answer.get('trial')}: site selection",
+        f"evaluated {answer.get('evaluated_at')}; eligible now {_cell(answer['total'])}; "
+        f"target {target.get('target') or '-'} (remaining {target.get('remaining') or '-'})",
+    ]
+    history = answer.get("history", {})
+    if history.get("available"):
+        lines.append(
+            f"arrivals counted since {history.get('baseline')} "
+            f"({history.get('window_days')} days)" + (" PARTIAL" if history.get("partial") else "")
+        )
+    else:
+        lines.append(f"no arrival rates: {history.get('reason')}")
+    lines.append("")
+    lines.append(
+        f"{'rank':>4} {'site':10} {'eligible':>8} {'new/30d':>8} {'opt-outs':>8} "
+        f"{'limits':>8} {'consent':>8} {'enrol':>8}  target reached (90% interval)"
+    )
+    for row in answer.get("sites", []):
+        projection = row.get("projection") or {}
+        if projection.get("forecast"):
+            low, high = projection.get("interval") or [None, None]
+            when = f"{projection.get('projected_date')} ({low or '?'} to {high or 'later'})"
+        else:
+            when = str(projection.get("reason", ""))
+        site = row["site"] + ("*" if row.get("recruiting") else "")
+        lines.append(
+            f"{row.get('rank') or '-':>4} {site[:10]:10} {shown(row.get('eligible_now')):>8} "
+            f"{shown(row.get('new_per_30_days')):>8} {shown(row.get('lost_to_opt_outs')):>8} "
+            f"{shown(row.get('lost_to_limits')):>8} {shown(row.get('consent_rate')):>8} "
+            f"{shown(row.get('enrolment_rate')):>8}  {when}"
+        )
+    forecast = answer.get("trial_forecast", {})
+    lines.append("")
+    if forecast.get("forecast"):
+        low, high = forecast.get("interval") or [None, None]
+        lines.append(
+            f"Trial ({forecast.get('from')}): target reached about {forecast.get('projected_date')}"
+            f" (90% interval {low or '?'} to {high or 'beyond the horizon'})"
+        )
+    else:
+        lines.append(f"Trial: no forecast ({forecast.get('reason')})")
+    lines.append("* recruiting site; ranked by " + str(answer.get("ranked_by", "")))
+    lines.append("Disclosure control: " + "; ".join(answer.get("rules", [])))
+    return "\n".join(lines)
+
+
+@feasibility.command()
+@click.argument("trial_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@_url
+@_tok
+@_org
+def sites(trial_id: str, as_json: bool, api: str | None, token: str | None, org: str) -> None:
+    """Site selection for a saved question: candidate sites ranked by projected time to the
+    trial's target (charged to the query budget like any answer)."""
+    answer = _call(
+        "GET",
+        f"{_api(api)}/v1/feasibility/saved-questions/{trial_id}/sites",
+        _token(token, org),
+    )
+    click.echo(json.dumps(answer, indent=2) if as_json else render_sites(answer))

@@ -49,3 +49,36 @@ class InvitedByState:
         if negative:
             raise ValueError(f"negative counts for {negative}")
         object.__setattr__(self, "by_state", MappingProxyType(dict(self.by_state)))
+
+
+#: The kinds of :class:`RecruitmentBySite`, in the order the sponsor's site selection shows them.
+RECRUITMENT_KINDS: tuple[str, ...] = (
+    "candidates",
+    "opted_out",
+    "limited",
+    "invited",
+    "consented",
+    "enrolled",
+)
+
+
+@dataclass(frozen=True)
+class RecruitmentBySite:
+    """Who recruitment has seen for one trial, per recruiting site (never for a sponsor as it
+    is: feasibility turns it into protected counts). Patients are pseudonyms; each patient is at
+    one site, the site of their candidacy.
+
+    ``patients[kind][site]``, for each kind of :data:`RECRUITMENT_KINDS`: ``candidates`` (every
+    patient who entered the cohort at the site), ``opted_out`` (not a candidate: research
+    opt-out or deceased), ``limited`` (held back now by an invitation limit: an open or earlier
+    invitation, the cool-down, the yearly cap, capacity), ``invited`` (ever invited),
+    ``consented`` and ``enrolled`` (an invitation ever reached that state)."""
+
+    trial_id: str
+    patients: Mapping[str, Mapping[str, frozenset[str]]] = field(default_factory=dict)
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        unknown = set(self.patients) - set(RECRUITMENT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown recruitment kinds: {sorted(unknown)}")

@@ -35,15 +35,31 @@ class FunnelStepSets:
 
 
 @dataclass(frozen=True)
+class Breakdown:
+    """A relation a reader knows between cells of an answer: ``parent`` is the disjoint union of
+    ``parts`` and of the rest, the patients of ``parent`` in none of them (a never-published
+    cell, protected like the patients without a site). Names are cells of the answer: ``total``,
+    ``site:S``, ``region:R``, ``funnel:i:field`` or a name of :attr:`AnswerSets.extra`."""
+
+    parent: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class AnswerSets:
     """The exact answer: the cohort, per site and region (every site of the population, empty
-    ones included), and the funnel."""
+    ones included), and the funnel; and any further published sets (``extra``, by name: a
+    profile's cells, each criterion's impact, site rates, a time series) with the relations a
+    reader knows between them and the rest (``breakdowns``). Every set, extra or not, goes
+    through the same rules in one plan, so no cell can be worked out from the others."""
 
     cohort: BitMap
     by_site: Mapping[str, BitMap]
     site_region: Mapping[str, str]
     by_region: Mapping[str, BitMap]
     funnel: Sequence[FunnelStepSets]
+    extra: Mapping[str, BitMap] = field(default_factory=dict)
+    breakdowns: Sequence[Breakdown] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,9 @@ class ProtectedAnswer:
     rules: list[str]
     policy: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    #: The cells of :attr:`AnswerSets.extra`, by name (not part of :meth:`to_dict`: each
+    #: output that publishes them lays them out itself).
+    extra: dict[str, Cell] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +172,7 @@ class ProtectionAudit:
 __all__ = [
     "FUNNEL_FIELDS",
     "AnswerSets",
+    "Breakdown",
     "Cell",
     "FunnelStepSets",
     "ProtectedAnswer",

@@ -111,6 +111,7 @@ def protect(
         rules=policy.rules(),
         policy=policy.to_dict(),
         notes=notes,
+        extra={name: plan.cell(name) for name in sorted(answer.extra)},
     )
     return protected, audit
 

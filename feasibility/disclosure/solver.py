@@ -226,6 +226,54 @@ class ProtectionPlan:
                 self._relate(cells["remaining"], [steps[i + 1]["entered"]])
         if steps and step_sets[-1]["remaining"] == cohort:
             self._relate(steps[-1]["remaining"], [total])
+        self._build_extra(answer, total, regions, sites, steps)
+
+    def _build_extra(
+        self,
+        answer: AnswerSets,
+        total: int,
+        regions: Mapping[str, int],
+        sites: Mapping[str, int],
+        steps: Sequence[Mapping[str, int]],
+    ) -> None:
+        """Further published sets and the breakdowns a reader knows between cells: each
+        breakdown's parts must be disjoint subsets of its parent; the patients of the parent in
+        no part are a never-published cell (protected like patients without a site)."""
+        by_name: dict[str, int] = {"total": total}
+        by_name.update({f"region:{r}": c for r, c in regions.items()})
+        by_name.update({f"site:{s}": c for s, c in sites.items()})
+        for i, cells in enumerate(steps):
+            by_name.update({f"funnel:{i}:{f}": c for f, c in cells.items()})
+        first_of_unit: dict[int, int] = {}
+        for c, uid in enumerate(self.cell_unit):
+            first_of_unit.setdefault(uid, c)
+        for name in sorted(answer.extra):
+            if name in by_name or name.startswith(("virtual:", "external:")):
+                raise _partition_error(f"extra cell {name!r} has a reserved name")
+            c = self._cell(name, answer.extra[name])
+            by_name[name] = c
+            earlier = first_of_unit.setdefault(self.cell_unit[c], c)
+            if earlier != c:
+                # the same set as another cell: a reader who knows it (the cohort without the
+                # last step is that step's entered) combines the two, so the audit does too
+                self._relate(earlier, [c])
+        for breakdown in answer.breakdowns:
+            names = (breakdown.parent, *breakdown.parts)
+            missing = [n for n in names if n not in by_name]
+            if missing:
+                raise _partition_error(f"breakdown names unknown cells {missing}")
+            parent = self.unit(by_name[breakdown.parent]).bits
+            parts = [self.unit(by_name[n]).bits for n in breakdown.parts]
+            covered = FrozenBitMap().union(*parts) if parts else FrozenBitMap()
+            if sum(len(p) for p in parts) != len(covered):
+                raise _partition_error(f"the parts of {breakdown.parent!r} overlap")
+            if not covered.issubset(parent):
+                raise _partition_error(f"a part of {breakdown.parent!r} is not within it")
+            children = [by_name[n] for n in breakdown.parts]
+            rest = parent - covered
+            if rest:
+                children.append(self._cell(f"virtual:rest:{breakdown.parent}", rest, "virtual"))
+            self._relate(by_name[breakdown.parent], children)
 
     @staticmethod
     def _union_of(

@@ -84,6 +84,48 @@ budget_locks_table = sa.Table(
     sa.Column("unlocked_at", sa.Float, nullable=True),
 )
 
+# The sponsor workspace (``feasibility/workspace/``), in the same database (migration 0002).
+# Every membership change of a saved question's cohort as the API read it from the cohort
+# topic, which is compacted (only each patient's latest record survives): arrival rates and the
+# live count's history need the changes, so they are kept here. Pseudonyms: as sensitive as
+# the registry's bitmaps.
+cohort_changes_table = sa.Table(
+    "ws_cohort_changes",
+    metadata,
+    sa.Column("trial", sa.String(200), primary_key=True),
+    sa.Column("patient", sa.String(128), primary_key=True),
+    sa.Column("change", sa.Integer, primary_key=True),
+    sa.Column("member", sa.Boolean, nullable=False),
+    # stream time of the change, epoch seconds
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+# when the API first saw every partition's first evaluation of a saved question complete:
+# members before it were there when the question was registered; later ones arrived
+cohort_baselines_table = sa.Table(
+    "ws_cohort_baselines",
+    metadata,
+    sa.Column("trial", sa.String(200), primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+# every answer a sponsor organisation got (the protected body, as sent), for its history and
+# exports
+sponsor_answers_table = sa.Table(
+    "ws_sponsor_answers",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("org", sa.Text, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("trial", sa.String(200), nullable=True),
+    sa.Column("title", sa.Text, nullable=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("question", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Index("ix_ws_sponsor_answers_org_at", "org", "at"),
+)
+
 
 #: The tables above are made only by the migrations in ``feasibility/disclosure/migrations``.
 SCHEMA = Schema(
@@ -113,9 +155,12 @@ __all__ = [
     "answers_table",
     "budget_locks_table",
     "budget_queries_table",
+    "cohort_baselines_table",
+    "cohort_changes_table",
     "metadata",
     "open_engine",
     "overlap_events_table",
     "publications_table",
     "relations_table",
+    "sponsor_answers_table",
 ]

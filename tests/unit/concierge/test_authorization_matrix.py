@@ -190,6 +190,26 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/feasibility/import/atlas"): only(
         "sponsor", body=json.loads((EXAMPLES / "atlas" / "t2dm-metformin.json").read_text())
     ),
+    # -- sponsors: the workspace (concierge/routes/workspace.py)
+    ("POST", "/v1/feasibility/profile"): only("sponsor", body=CRITERIA),
+    ("POST", "/v1/feasibility/impact"): only("sponsor", body=CRITERIA),
+    ("GET", "/v1/feasibility/saved-questions/{trial_id}/profile"): only("sponsor"),
+    ("GET", "/v1/feasibility/saved-questions/{trial_id}/impact"): only("sponsor"),
+    ("GET", "/v1/feasibility/saved-questions/{trial_id}/sites"): only("sponsor"),
+    ("GET", "/v1/feasibility/saved-questions/{trial_id}/forecast"): only("sponsor"),
+    ("GET", "/v1/feasibility/history"): only("sponsor"),
+    # another organisation's answer (or none) is 404 alike
+    ("GET", "/v1/feasibility/history/{answer_id}"): _with(
+        only("sponsor"), params={"answer_id": "1"}
+    ),
+    ("GET", "/v1/feasibility/history/{answer_id}/export.csv"): _with(
+        only("sponsor"), params={"answer_id": "1"}
+    ),
+    ("GET", "/v1/feasibility/history/{answer_id}/report.html"): _with(
+        only("sponsor"), params={"answer_id": "1"}
+    ),
+    # the sponsor page: static, no data; its script calls the API with the sponsor's token
+    ("GET", "/sponsor"): public(),
     # -- sponsors: terminology (reference data, no patient data)
     ("GET", "/v1/terminology/search"): only("sponsor"),
     ("GET", "/v1/terminology/status"): only("sponsor"),
@@ -603,6 +623,12 @@ CHARGED: list[tuple[str, str, Any]] = [
         {"id": TRIAL, "title": "Matrix trial, changed", "criteria": CRITERIA},
     ),
     ("GET", f"/v1/feasibility/saved-questions/{TRIAL}/answer", None),
+    ("POST", "/v1/feasibility/profile", CRITERIA),
+    ("POST", "/v1/feasibility/impact", CRITERIA),
+    ("GET", f"/v1/feasibility/saved-questions/{TRIAL}/profile", None),
+    ("GET", f"/v1/feasibility/saved-questions/{TRIAL}/impact", None),
+    ("GET", f"/v1/feasibility/saved-questions/{TRIAL}/sites", None),
+    ("GET", f"/v1/feasibility/saved-questions/{TRIAL}/forecast", None),
 ]
 #: Sponsor routes that answer no count: free, and open to a locked-out organisation.
 FREE: list[tuple[str, str]] = [
@@ -610,6 +636,7 @@ FREE: list[tuple[str, str]] = [
     ("GET", "/v1/feasibility/saved-questions"),
     ("GET", f"/v1/feasibility/saved-questions/{TRIAL}"),
     ("GET", "/v1/feasibility/status"),
+    ("GET", "/v1/feasibility/history"),
     ("DELETE", f"/v1/feasibility/saved-questions/{RETIRE}"),
 ]
 

@@ -99,6 +99,8 @@ CRITERIA_BODIES = frozenset(
         "POST /v1/feasibility/ask",
         "POST /v1/feasibility/check",
         "POST /v1/feasibility/saved-questions",
+        "POST /v1/feasibility/profile",
+        "POST /v1/feasibility/impact",
     }
 )
 

@@ -17,6 +17,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from core.http import RETRY_AFTER_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,30 @@ def report(app: FastAPI) -> tuple[bool, dict[str, Any]]:
     return not waiting, body
 
 
+class Readiness(BaseModel):
+    """The body of ``/readyz``, ready or not."""
+
+    ready: bool
+    waiting_for: list[str] = Field(description="What readiness waits for, in words")
+    views: dict[str, dict[str, Any]] = Field(description="Each topic reader's status, by name")
+    audit_anchors: dict[str, Any] | None = Field(
+        default=None, description="The audit anchor publisher's state (never a reason to wait)"
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.get(
         "/readyz",
         tags=["operations"],
         summary="Readiness: 200 when every view the API answers from has caught up",
-        responses={503: {"description": "Not ready: `waiting_for` says why, per view"}},
+        response_model=Readiness,
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "Not ready: `waiting_for` says why, per view",
+                "headers": RETRY_AFTER_HEADER,
+            }
+        },
     )
     def readyz(request: Request) -> Response:
         ready, body = report(request.app)

@@ -27,6 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 
+#: Text every store can keep, as a JSON Schema / pydantic ``pattern``: PostgreSQL refuses U+0000
+#: in text, so a request parameter or field that reaches SQL takes it (a NUL is answered 422
+#: naming the field, never 500 from the driver).
+NO_NUL = r"^[^\u0000]*$"
+
 #: Execution option marking a connection that only reads (see :func:`make_read_sessionmaker`).
 READ_ONLY = "concierge_read_only"
 
@@ -258,6 +263,7 @@ def run_environment(
 
 
 __all__ = [
+    "NO_NUL",
     "READ_ONLY",
     "Schema",
     "SchemaNotReady",

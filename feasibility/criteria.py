@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time
 from functools import cached_property
 from typing import Annotated, Any, Literal, Union
 
@@ -34,12 +34,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic.config import JsonDict
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError
 
 from terminology import ecl
 
@@ -214,8 +217,22 @@ Codes = Annotated[list[Code], Field(min_length=1)]
 # --------------------------------------------------------------------------- time
 
 
+def _days_before_shorthand(schema: JsonDict) -> None:
+    """The schema of a window says what parsing accepts: ``days_before`` too."""
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        properties["days_before"] = {
+            "type": "integer",
+            "minimum": 0,
+            "title": "Days Before",
+            "description": "Shorthand for start -days_before, end 0 (not with start or end)",
+        }
+
+
 class Window(_Model):
     """Days relative to the anchor (T, or another criterion's first event); None: unbounded."""
+
+    model_config = ConfigDict(json_schema_extra=_days_before_shorthand)
 
     start: int | None = None
     end: int | None = 0
@@ -244,7 +261,17 @@ class Window(_Model):
 # --------------------------------------------------------------------------- criteria
 
 
+def _type_is_required(schema: JsonDict) -> None:
+    """``type`` has a default in Python (a criterion built in code knows its kind), but parsing
+    JSON needs it to pick the kind (the discriminator): required in the schema, as it is."""
+    required = schema.setdefault("required", [])
+    if isinstance(required, list) and "type" not in required:
+        required.insert(0, "type")
+
+
 class _Criterion(_Model):
+    model_config = ConfigDict(json_schema_extra=_type_is_required)
+
     #: Names the criterion so a window can be anchored on it.
     id: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
     label: str | None = None
@@ -583,6 +610,16 @@ def _wrap_step(data: Any, key: str) -> Any:
     return data
 
 
+def _step_or_criterion(
+    key: str, core_schema: CoreSchema, handler: GetJsonSchemaHandler, description: str
+) -> JsonSchemaValue:
+    """A step's schema says what parsing accepts: the step, or a bare criterion (its only
+    member); see :func:`_wrap_step`."""
+    step = handler(core_schema)
+    criterion = handler.resolve_ref_schema(step)["properties"][key]["items"]
+    return {"anyOf": [step, criterion], "description": description}
+
+
 class InclusionStep(_Model):
     """Patients pass when ANY of the criteria is TRUE."""
 
@@ -596,6 +633,17 @@ class InclusionStep(_Model):
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k != "criteria_key_"}
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return _step_or_criterion(
+            "any_of",
+            core_schema,
+            handler,
+            "Patients pass when ANY of the criteria is TRUE; a bare criterion is a step of one.",
+        )
 
 
 class ExclusionStep(_Model):
@@ -612,19 +660,75 @@ class ExclusionStep(_Model):
             data = {k: v for k, v in data.items() if k != "criteria_key_"}
         return data
 
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return _step_or_criterion(
+            "all_of",
+            core_schema,
+            handler,
+            "Patients are excluded when ALL of the criteria are TRUE; a bare criterion is a "
+            "step of one.",
+        )
+
+
+#: The index dates a question may name. The engines work in POSIX seconds (floats), and an
+#: index instant (the day's last microsecond) further from 1970 rounds into the next day: ages
+#: and windows would be a day late, and 9999-12-31's rounds into a year that is not (a
+#: question dated then answered 500, found probing the API's contract).
+FIRST_INDEX_DATE = date(1800, 1, 1)
+LAST_INDEX_DATE = date(2199, 12, 31)
+
+
+#: How deep all_of / any_of / not may nest. Every reader of a saved question parses its record
+#: as JSON with a bounded recursion (pydantic's parser), so a deeper question would be accepted
+#: and then skipped as unreadable by the registry, the worker and recruitment.
+MAX_NESTING = 32
+
+
+def _nesting(criterion: AnyCriterion) -> int:
+    """How many connectives (all_of, any_of, not) deep the criterion goes."""
+    if isinstance(criterion, AllOf | AnyOf):
+        return 1 + max(_nesting(child) for child in criterion.criteria)
+    if isinstance(criterion, Not):
+        return 1 + _nesting(criterion.criterion)
+    return 0
+
 
 class Question(_Model):
-    """A feasibility question: the criteria of a trial's cohort."""
+    """A feasibility question: the criteria of a trial's cohort (all_of/any_of/not nest at
+    most 32 deep)."""
 
     schema_: Literal["concierge.criteria/1"] = Field(default="concierge.criteria/1", alias="schema")
     title: str | None = None
     description: str | None = None
     #: The index date (its end, UTC). None: the evaluation time.
-    index_date: date | None = None
+    index_date: date | None = Field(
+        default=None,
+        ge=FIRST_INDEX_DATE,
+        le=LAST_INDEX_DATE,
+        description="The date criteria are evaluated at (its end, UTC), 1800-01-01 to "
+        "2199-12-31; none: the time of asking",
+    )
     inclusion: Annotated[list[InclusionStep], Field(min_length=1)]
     exclusion: list[ExclusionStep] = Field(default_factory=list)
     #: Whether an exclusion step that is UNKNOWN keeps the patient (default) or excludes them.
     exclusion_unknown: Literal["keep", "exclude"] = "keep"
+
+    @model_validator(mode="after")
+    def _not_too_deep(self) -> Question:
+        steps: list[tuple[str, int, list[AnyCriterion]]] = [
+            *(("inclusion", n, list(step.any_of)) for n, step in enumerate(self.inclusion)),
+            *(("exclusion", n, list(step.all_of)) for n, step in enumerate(self.exclusion)),
+        ]
+        for kind, n, criteria in steps:
+            deepest = max(_nesting(criterion) for criterion in criteria)
+            if deepest > MAX_NESTING:
+                raise ValueError(
+                    f"{kind} step {n} nests all_of/any_of/not {deepest} deep; at most {MAX_NESTING}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _anchors(self) -> Question:
@@ -665,9 +769,7 @@ class Question(_Model):
             if evaluation_time.tzinfo is None:
                 return evaluation_time.replace(tzinfo=UTC)
             return evaluation_time.astimezone(UTC)
-        return datetime.combine(self.index_date + timedelta(days=1), time(), UTC) - timedelta(
-            microseconds=1
-        )
+        return datetime.combine(self.index_date, time.max, UTC)  # the day's last instant
 
     def to_json(self) -> str:
         # None is meaningful (an open window end), so it is written out
@@ -793,6 +895,9 @@ def json_schema() -> dict[str, Any]:
 
 
 __all__ = [
+    "FIRST_INDEX_DATE",
+    "LAST_INDEX_DATE",
+    "MAX_NESTING",
     "SCHEMA",
     "AgeCriterion",
     "AllOf",

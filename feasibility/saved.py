@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from confluent_kafka import Message, Producer
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.contracts.trials import TRIAL_ID_PATTERN, TrialRecord, TrialTerms
+from core.db import NO_NUL
 from infra.mirror import ReaderStatus, TopicMirror
 
 from .criteria import Question
@@ -26,12 +27,25 @@ from .criteria import Question
 log = logging.getLogger(__name__)
 
 
+#: A site code as the recruitment store keeps it (``recruitment.models``: 128 characters).
+SiteCode = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_NUL)]
+#: A recruiter, a Practitioner reference key as the recruitment store keeps it (512).
+RecruiterKey = Annotated[str, Field(min_length=1, max_length=512, pattern=NO_NUL)]
+
+
 class TrialCreate(TrialTerms[Question]):
-    """What a sponsor sends to register (or change) a saved question."""
+    """What a sponsor sends to register (or change) a saved question. Its texts are what the
+    recruitment store can keep: a record it could not would stop its consumer, which retries a
+    batch the database refuses and then gives up."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=TRIAL_ID_PATTERN, description="Slug, e.g. t2dm-sglt2-001")
+    title: str = Field(min_length=1, max_length=300, pattern=NO_NUL)
+    recruiting_sites: list[SiteCode] = Field(default_factory=list, description="ODS codes")
+    site_targets: dict[SiteCode, int] = Field(default_factory=dict)
+    #: Site ODS code -> Practitioner reference key of the site's named recruiter.
+    recruiters: dict[SiteCode, RecruiterKey] = Field(default_factory=dict)
 
 
 #: A saved question as kept on the trials topic, its criteria read as a :class:`Question`.

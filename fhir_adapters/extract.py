@@ -51,6 +51,7 @@ from .primitives import (
     get_list,
     get_object,
     get_string,
+    no_nul,
     parse_instant,
     read_codeable_concept,
     read_coding,
@@ -286,7 +287,9 @@ def _identity(resource: Mapping[str, Any], path: str) -> IdentityRecord:
         family = family or get_string(name, "family", f"{path}.name[{index}]")
         givens = get_list(name, "given", f"{path}.name[{index}]")
         if given is None and givens and isinstance(givens[0], str):
-            given = " ".join(g for g in givens if isinstance(g, str))
+            given = no_nul(
+                " ".join(g for g in givens if isinstance(g, str)), f"{path}.name[{index}].given"
+            )
     addresses: list[dict[str, Any]] = []
     postcode = None
     for index, address in enumerate(get_list(resource, "address", path)):

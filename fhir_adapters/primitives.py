@@ -49,6 +49,18 @@ def id_problem(value: object) -> str:
     return f"invalid id {shown} (1-64 of A-Z a-z 0-9 - .)"
 
 
+#: FHIR strings SHOULD NOT carry control characters, and the stores (PostgreSQL: the vault, the
+#: recruitment database the facts reach) cannot keep U+0000: it is refused in every string read,
+#: so the resource is dead-lettered with the reason instead of failing the batch.
+NUL_MESSAGE = "contains U+0000 (NUL), which FHIR strings should not and the stores cannot carry"
+
+
+def no_nul(value: str, expression: str) -> str:
+    if "\x00" in value:
+        raise InvalidElement(expression, NUL_MESSAGE)
+    return value
+
+
 CODE_RE = re.compile(r"^[^\s]+( [^\s]+)*\Z")
 URI_RE = re.compile(r"^\S*\Z")
 DATE_RE = re.compile(r"^(?P<y>[0-9]{4})(-(?P<m>0[1-9]|1[0-2])(-(?P<d>0[1-9]|[12][0-9]|3[01]))?)?\Z")
@@ -93,7 +105,7 @@ def get_string(parent: Mapping[str, Any], name: str, path: str) -> str | None:
         raise InvalidElement(f"{path}.{name}", f"expected a string, got {_type_name(value)}")
     if not value.strip():
         raise InvalidElement(f"{path}.{name}", "string must not be empty or only whitespace")
-    return value
+    return no_nul(value, f"{path}.{name}")
 
 
 def get_code(
@@ -102,7 +114,7 @@ def get_code(
     value = parent.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not CODE_RE.match(value):
+    if not isinstance(value, str) or not CODE_RE.match(no_nul(value, f"{path}.{name}")):
         raise InvalidElement(f"{path}.{name}", f"invalid code {value!r}")
     if allowed is not None and value not in allowed:
         raise InvalidElement(
@@ -116,8 +128,9 @@ def get_uri(parent: Mapping[str, Any], name: str, path: str) -> str | None:
     value = parent.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or not URI_RE.match(value):
-        raise InvalidElement(f"{path}.{name}", f"invalid uri {value!r}")
+    where = f"{path}.{name}"
+    if not isinstance(value, str) or not value or not URI_RE.match(no_nul(value, where)):
+        raise InvalidElement(where, f"invalid uri {value!r}")
     return value
 
 

@@ -34,13 +34,17 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
 import orjson
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.http import FHIR_JSON, OperationOutcome, outcome_responses
 
 from .extract import FhirVersion
 from .outcome import Issue, operation_outcome
@@ -48,9 +52,116 @@ from .pipeline import EXCERPT_BYTES, Excerpt, Ingestor, Outcome, loads
 from .primitives import id_problem, is_id
 from .sinks import DeliveryFailed
 
-FHIR_JSON = "application/fhir+json"
-
 T = TypeVar("T")
+
+
+class FhirJSONResponse(JSONResponse):
+    """What the FHIR endpoint answers: FHIR JSON (its routes' response class, so the OpenAPI
+    document names the media type they really answer)."""
+
+    media_type = FHIR_JSON
+
+
+class EntryResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description="`201 Created`, `200 OK` or `422 Unprocessable Entity`")
+    location: str | None = Field(default=None, description="`Type/id/_history/seq`, escaped")
+    outcome: OperationOutcome | None = None
+
+
+class BatchEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    response: EntryResponse
+
+
+class BatchResponse(BaseModel):
+    """The answer to ``POST /fhir``: one entry per resource, in order."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resourceType: Literal["Bundle"]  # the FHIR element's name
+    type: Literal["batch-response"]
+    entry: list[BatchEntry]
+    meta: dict[str, Any] | None = Field(
+        default=None, description="A `subscription-gap` tag when a notification skipped events"
+    )
+
+
+#: What the FHIR routes read: JSON under either media type (the body is parsed as JSON whatever
+#: its Content-Type; ``fhirVersion=4`` or ``5`` in it picks the FHIR release).
+_RESOURCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {
+        "resourceType": {"type": "string", "description": "The type in the URL"},
+        "id": {"type": "string", "description": "PUT: the id in the URL"},
+    },
+    "additionalProperties": True,
+}
+_DOCUMENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {
+        "resourceType": {
+            "type": "string",
+            "description": "`Bundle` (any type, Subscription notifications included), or a "
+            "single resource",
+        },
+        "type": {"type": "string"},
+        "entry": {"type": "array", "items": {"type": "object"}},
+    },
+    "additionalProperties": True,
+}
+
+
+#: An example of what a source sends (for the documentation; schemathesis sends it too).
+_PATIENT_EXAMPLE: dict[str, Any] = {
+    "resourceType": "Patient",
+    "id": "example-patient",
+    "meta": {"versionId": "1", "lastUpdated": "2024-05-01T09:30:00Z"},
+    "gender": "female",
+    "birthDate": "1961-07-14",
+}
+
+
+def _fhir_body(schema: dict[str, Any], description: str, example: Any) -> dict[str, Any]:
+    media = {"schema": schema, "examples": {"example": {"value": example}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {FHIR_JSON: media, "application/json": media},
+        }
+    }
+
+
+#: A resource type and id in a URL (checked at the edge: the FHIR id type, no dot segments).
+ResourceType = Annotated[str, Path(examples=["Patient"])]
+ResourceId = Annotated[str, Path(examples=["example-patient"])]
+
+
+_LOCATION = {
+    "Location": {
+        "description": "`Type/id/_history/seq` of the version stored",
+        "required": False,
+        "schema": {"type": "string"},
+    }
+}
+_STORED: dict[int | str, dict[str, Any]] = {
+    201: {
+        "model": OperationOutcome,
+        "description": "Stored as a new resource (an `information` issue says what happened)",
+        "headers": _LOCATION,
+    },
+    200: {
+        "model": OperationOutcome,
+        "description": "A new version stored, or the same content already stored (unchanged), "
+        "or a type the product does not use (skipped)",
+        "headers": _LOCATION,
+    },
+}
 
 
 class IngestBusy(RuntimeError):
@@ -312,6 +423,11 @@ def _too_large_for_broker(
     return refuse
 
 
+#: The body's media type, read for its ``fhirVersion``; described by the request body in the
+#: OpenAPI document, not as a parameter of its own.
+ContentType = Annotated[str | None, Header(include_in_schema=False)]
+
+
 def _own_source() -> None:
     """No source system from the caller: the ingestor writes as its own."""
     return None
@@ -330,7 +446,23 @@ def build_router(
     names, so a source reaches only its own resources; None: the ingestor's own). Single
     resources are limited to ``max_resource_bytes``, ``POST /fhir`` bodies to
     ``max_body_bytes``. The type and id in a URL are checked before anything else."""
-    router = APIRouter(prefix="/fhir", tags=["FHIR ingest"], dependencies=list(dependencies))
+    router = APIRouter(
+        prefix="/fhir",
+        tags=["FHIR ingest"],
+        dependencies=list(dependencies),
+        default_response_class=FhirJSONResponse,
+        responses=outcome_responses(
+            401,
+            403,
+            503,
+            descriptions={
+                403: "Not a source token, or one that names no source system",
+                503: "The broker did not acknowledge in time, or ingest was busy, or the "
+                "token cannot be checked now: nothing was stored; `Retry-After` says when "
+                "to ask again",
+            },
+        ),
+    )
     Service = Annotated[IngestService, Depends(get_service)]
     Source = Annotated[str | None, Depends(get_source or _own_source)]
 
@@ -338,12 +470,39 @@ def build_router(
         "",
         summary="Ingest a Bundle (collection, transaction, batch, searchset, history "
         "or a Subscription notification)",
+        responses={
+            200: {
+                "model": BatchResponse,
+                "description": "A `batch-response` Bundle: each entry's outcome (invalid "
+                "entries are dead-lettered and answered `422` in their entry)",
+            },
+            **outcome_responses(
+                400,
+                413,
+                descriptions={
+                    400: "The body is not JSON, or not a Bundle or resource that can be read "
+                    "(dead-lettered)",
+                    413: "The body is over `CONCIERGE_MAX_BODY_BYTES`, a single resource over "
+                    "`CONCIERGE_MAX_RESOURCE_BYTES`, or a message is larger than the broker "
+                    "accepts (dead-lettered, nothing stored)",
+                },
+            ),
+        },
+        openapi_extra=_fhir_body(
+            _DOCUMENT_SCHEMA,
+            "A Bundle, or a single resource",
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"fullUrl": "urn:uuid:example-patient", "resource": _PATIENT_EXAMPLE}],
+            },
+        ),
     )
     async def post_bundle(
         request: Request,
         service: Service,
         source: Source,
-        content_type: Annotated[str | None, Header()] = None,
+        content_type: ContentType = None,
     ) -> Response:
         origin = "http:POST /fhir"
         body = await _read_body(request, max_body_bytes)
@@ -365,24 +524,55 @@ def build_router(
             source,
         )
 
-    @router.post("/{resource_type}", summary="Create a resource")
+    single_refusals = outcome_responses(
+        400,
+        413,
+        422,
+        descriptions={
+            400: "The type or id in the URL is not one, the body is not JSON or not a "
+            "resource, or its type or id does not match the URL (dead-lettered)",
+            413: "The body is over `CONCIERGE_MAX_RESOURCE_BYTES`, or larger than the broker "
+            "accepts (dead-lettered, nothing stored)",
+            422: "The resource is not valid FHIR, or its patient cannot be resolved "
+            "(dead-lettered: the OperationOutcome says why)",
+        },
+    )
+
+    @router.post(
+        "/{resource_type}",
+        summary="Create a resource",
+        status_code=201,
+        responses={**_STORED, **single_refusals},
+        openapi_extra=_fhir_body(
+            _RESOURCE_SCHEMA, "A resource of the type in the URL", _PATIENT_EXAMPLE
+        ),
+    )
     async def create(
-        resource_type: str,
+        resource_type: ResourceType,
         request: Request,
         service: Service,
         source: Source,
-        content_type: Annotated[str | None, Header()] = None,
+        content_type: ContentType = None,
     ) -> Response:
         return await _one(request, service, source, resource_type, None, content_type, "POST")
 
-    @router.put("/{resource_type}/{resource_id}", summary="Create or update a resource")
+    @router.put(
+        "/{resource_type}/{resource_id}",
+        summary="Create or update a resource",
+        responses={**_STORED, **single_refusals},
+        openapi_extra=_fhir_body(
+            _RESOURCE_SCHEMA,
+            "A resource of the type in the URL, with the id in the URL",
+            _PATIENT_EXAMPLE,
+        ),
+    )
     async def update(
-        resource_type: str,
-        resource_id: str,
+        resource_type: ResourceType,
+        resource_id: ResourceId,
         request: Request,
         service: Service,
         source: Source,
-        content_type: Annotated[str | None, Header()] = None,
+        content_type: ContentType = None,
     ) -> Response:
         return await _one(request, service, source, resource_type, resource_id, content_type, "PUT")
 
@@ -431,9 +621,22 @@ def build_router(
             source,
         )
 
-    @router.delete("/{resource_type}/{resource_id}", summary="Delete (retract) a resource")
+    @router.delete(
+        "/{resource_type}/{resource_id}",
+        summary="Delete (retract) a resource",
+        responses={
+            200: {
+                "model": OperationOutcome,
+                "description": "Retracted (or nothing of this source system's by that id)",
+            },
+            **outcome_responses(
+                400,
+                descriptions={400: "The type or id in the URL is not one (dead-lettered)"},
+            ),
+        },
+    )
     async def delete(
-        resource_type: str, resource_id: str, service: Service, source: Source
+        resource_type: ResourceType, resource_id: ResourceId, service: Service, source: Source
     ) -> Response:
         origin = f"http:DELETE /fhir/{resource_type}/{resource_id}"
         problem = _path_problem(resource_type, resource_id)

@@ -14,12 +14,14 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.auth import Principal, require_role
+from core.db import NO_NUL
+from core.http import problem_responses
 from feasibility.criteria import CriteriaError, Question, json_pointer, json_schema
 from feasibility.disclosure.budget import BudgetExceeded, LockedOut
 from feasibility.expansion import ExpansionError, compile_question, report_of
@@ -41,6 +43,15 @@ Sponsor = Annotated[Principal, require_role("sponsor")]
 #: Takes the request, returns the recruitment service (its ``sessions`` read the recruitment
 #: store), or None when recruitment is not running.
 RecruitmentProvider = Callable[[Request], RecruitmentService | None]
+
+#: A request body FastAPI parses as JSON under either media type (it reads any ``+json``).
+_ALSO_FHIR_JSON: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "application/fhir+json": {"schema": {"type": "object", "additionalProperties": True}}
+        }
+    }
+}
 
 EXAMPLE = {
     "schema": "concierge.criteria/1",
@@ -106,6 +117,31 @@ class CriteriaRoute(APIRoute):
         return pointing
 
 
+#: A definitional Group (docs/examples/fhir/t2dm-group.json has a longer one).
+GROUP_EXAMPLE = {
+    "resourceType": "Group",
+    "type": "person",
+    "membership": "definitional",
+    "characteristic": [
+        {
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "439401001"}]},
+            "valueCodeableConcept": {
+                "coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11.9"}]
+            },
+            "exclude": False,
+        },
+        {
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "397669002"}]},
+            "valueRange": {
+                "low": {"value": 18, "system": "http://unitsofmeasure.org", "code": "a"},
+                "high": {"value": 80, "system": "http://unitsofmeasure.org", "code": "a"},
+            },
+            "exclude": False,
+        },
+    ],
+}
+
+
 def _service(request: Request) -> FeasibilityService:
     service: FeasibilityService | None = getattr(request.app.state, "feasibility", None)
     if service is None:
@@ -127,12 +163,14 @@ def not_current(request: Request, exc: NotCurrent) -> HTTPException:
     )
 
 
-NOT_CURRENT: dict[int | str, dict[str, Any]] = {
-    503: {
-        "description": "A view the answer needs is behind, disconnected or inconsistent; "
-        "`detail.waiting_for` says which, `Retry-After` when to ask again"
-    }
-}
+NOT_CURRENT = problem_responses(
+    503,
+    descriptions={
+        503: "A view the answer needs is behind, disconnected or inconsistent; "
+        "`detail.waiting_for` says which, `Retry-After` when to ask again (also while the "
+        "service starts, or when the token cannot be checked)"
+    },
+)
 
 
 def over_budget(request: Request, exc: BudgetExceeded) -> HTTPException:
@@ -146,12 +184,16 @@ def over_budget(request: Request, exc: BudgetExceeded) -> HTTPException:
     )
 
 
-OVER_BUDGET: dict[int | str, dict[str, Any]] = {
-    429: {
-        "description": "The organisation's query budget is spent, or it is locked out pending "
-        "an administrator's review; `Retry-After` says when to ask again"
-    }
-}
+OVER_BUDGET = problem_responses(
+    429,
+    descriptions={
+        429: "The organisation's query budget is spent, or it is locked out pending an "
+        "administrator's review; `Retry-After` says when to ask again"
+    },
+)
+#: Every sponsor and admin route: no or a bad token, another role, the token check or the
+#: service not available yet.
+AUTHENTICATED = problem_responses(401, 403, 503)
 
 
 def _answer(
@@ -198,7 +240,10 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     service or None (by default: ``request.app.state.recruitment``, as ``concierge.api``
     keeps it)."""
     router = APIRouter(
-        prefix="/v1/feasibility", tags=["feasibility (sponsors)"], route_class=CriteriaRoute
+        prefix="/v1/feasibility",
+        tags=["feasibility (sponsors)"],
+        route_class=CriteriaRoute,
+        responses=AUTHENTICATED,
     )
     recruitment_provider = recruitment or _recruitment_from_app
 
@@ -212,7 +257,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "is exactly the organisation's last answer to the same question (a republication); "
         "429 once the budget is spent or the organisation is locked out. 503 while the "
         "snapshot is behind the facts topic.",
-        responses={**NOT_CURRENT, **OVER_BUDGET},
+        responses={**problem_responses(422), **NOT_CURRENT, **OVER_BUDGET},
     )
     def ask(
         request: Request,
@@ -231,13 +276,21 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         description="The Group's characteristics become funnel steps (see "
         "feasibility/fhir_group.py for the codes understood); answered and charged like "
         "/ask.",
-        responses={**NOT_CURRENT, **OVER_BUDGET},
+        responses={**problem_responses(422), **NOT_CURRENT, **OVER_BUDGET},
+        # FastAPI reads any JSON media type (a FHIR client sends application/fhir+json)
+        openapi_extra=_ALSO_FHIR_JSON,
     )
     def ask_group(
         request: Request,
         principal: Sponsor,
         service: Service,
-        group: Annotated[dict[str, Any], Body(description="A FHIR R5 Group resource")],
+        group: Annotated[
+            dict[str, Any],
+            Body(
+                description="A FHIR R5 Group resource",
+                openapi_examples={"t2dm": {"value": GROUP_EXAMPLE}},
+            ),
+        ],
     ) -> dict[str, Any]:
         try:
             question = question_from_group(group)
@@ -245,7 +298,11 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
         return _answer(request, service, question, principal.org, "ad hoc (FHIR Group)")
 
-    @router.post("/check", summary="Validate criteria and render them readably (no data read)")
+    @router.post(
+        "/check",
+        summary="Validate criteria and render them readably (no data read)",
+        responses=problem_responses(422),
+    )
     def check(principal: Sponsor, question: Question) -> dict[str, Any]:
         return {"valid": True, "text": render(question), "steps": len(question.steps)}
 
@@ -277,7 +334,15 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "one question against the sponsor's query budget: the stream evaluates it and it "
         "recruits at its sites. 429 once the budget is spent or the organisation is locked "
         "out; 503 while the registry of saved questions is behind.",
-        responses={**NOT_CURRENT, **OVER_BUDGET},
+        responses={
+            **problem_responses(
+                409,
+                422,
+                descriptions={409: "The saved question's id is another organisation's"},
+            ),
+            **NOT_CURRENT,
+            **OVER_BUDGET,
+        },
     )
     def register(
         request: Request,
@@ -315,7 +380,11 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
                 status.HTTP_404_NOT_FOUND, f"no saved question {trial_id}"
             ) from None
 
-    @router.get("/saved-questions/{trial_id}", summary="One of your saved questions")
+    @router.get(
+        "/saved-questions/{trial_id}",
+        summary="One of your saved questions",
+        responses=problem_responses(404),
+    )
     def get_saved(trial_id: str, principal: Sponsor, service: Service) -> TrialPublic:
         return TrialPublic.of(_get(service, trial_id, principal.org))
 
@@ -324,6 +393,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         summary="Retire a saved question",
         description="Free, and allowed to a locked-out organisation: it stops the question's "
         "evaluation and recruitment and answers no count.",
+        responses=problem_responses(404),
     )
     def retire(trial_id: str, principal: Sponsor, service: Service) -> TrialPublic:
         _get(service, trial_id, principal.org)
@@ -340,7 +410,13 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         "invitation state, under the same disclosure control (`available: false` when "
         "recruitment is not running). 503 while the cohort view or the snapshot is behind, "
         "or the snapshot has not reached the stream's position.",
-        responses={**NOT_CURRENT, **OVER_BUDGET},
+        responses={
+            **problem_responses(
+                404, 409, descriptions={409: "The saved question is retired: no answer"}
+            ),
+            **NOT_CURRENT,
+            **OVER_BUDGET,
+        },
     )
     def live_answer(
         trial_id: str, request: Request, principal: Sponsor, service: Service
@@ -378,7 +454,9 @@ Admin = Annotated[Principal, require_role("admin")]
 def build_admin_router() -> APIRouter:
     """Site operations (role admin): exact, unprotected numbers for the people who run the
     service, never for sponsors; every request is audited like any other."""
-    router = APIRouter(prefix="/v1/admin", tags=["operations (site admins)"])
+    router = APIRouter(
+        prefix="/v1/admin", tags=["operations (site admins)"], responses=AUTHENTICATED
+    )
 
     @router.get("/saved-questions/{trial_id}/live", summary="Exact live cohort size")
     def live_size(trial_id: str, principal: Admin, service: Service) -> dict[str, Any]:
@@ -391,7 +469,9 @@ def build_admin_router() -> APIRouter:
         }
 
     @router.post("/budgets/{org}/unlock", summary="Lift a sponsor's query lockout")
-    def unlock(org: str, principal: Admin, service: Service) -> dict[str, Any]:
+    def unlock(
+        org: Annotated[str, Path(pattern=NO_NUL)], principal: Admin, service: Service
+    ) -> dict[str, Any]:
         service.budget.unlock(org)
         status_: dict[str, Any] = service.budget.status(org).to_dict()
         return status_

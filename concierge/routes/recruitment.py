@@ -23,13 +23,15 @@ from datetime import date, datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from core.auth import CurrentPrincipal, Principal, require_role
+from core.db import NO_NUL
+from core.http import problem_responses
 from recruitment.access import ClinicianScope
 from recruitment.lifecycle import ACTIONS, IllegalTransition, InvitationState, allowed_next
 from recruitment.models import Candidate, Invitation, InvitationEvent, Trial
@@ -144,8 +146,12 @@ class Page(BaseModel, Generic[T]):
     offset: int
 
 
+#: An invitation id as it reaches the recruitment database (PostgreSQL keeps no U+0000).
+InvitationId = Annotated[str, Path(pattern=NO_NUL)]
+
+
 class ActionRequest(BaseModel):
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
     #: Act only if the invitation is still at this version (optimistic concurrency).
     version: int | None = Field(default=None, ge=1)
 
@@ -240,7 +246,19 @@ def build_router(
         return identities(request)
 
     router = APIRouter(
-        prefix="/v1/clinician", tags=["clinician"], dependencies=[require_role("clinician")]
+        prefix="/v1/clinician",
+        tags=["clinician"],
+        dependencies=[require_role("clinician")],
+        responses=problem_responses(
+            401,
+            403,
+            503,
+            descriptions={
+                403: "Not a clinician's token, or one that names no practitioner",
+                503: "Recruitment is not running in this API, or the token cannot be checked "
+                "now; `Retry-After` says when to ask again",
+            },
+        ),
     )
 
     def read_identities(request: Request, pseudonyms: Sequence[str]) -> dict[str, Any]:
@@ -256,12 +274,14 @@ def build_router(
     def scope(session: Session, principal: Principal) -> ClinicianScope:
         return ClinicianScope.resolve(session, _practitioner(principal), principal.sites)
 
-    @router.get("/candidates", response_model=Page[CandidatePublic])
+    @router.get(
+        "/candidates", response_model=Page[CandidatePublic], responses=problem_responses(422)
+    )
     def list_candidates(
         request: Request,
         principal: CurrentPrincipal,
-        trial: str | None = None,
-        status_: Annotated[str | None, Query(alias="status")] = None,
+        trial: Annotated[str | None, Query(pattern=NO_NUL)] = None,
+        status_: Annotated[str | None, Query(alias="status", pattern=NO_NUL)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger overflows SQL
     ) -> Page[CandidatePublic]:
@@ -309,11 +329,13 @@ def build_router(
         ]
         return Page(items=items, count=int(count or 0), limit=limit, offset=offset)
 
-    @router.get("/invitations", response_model=Page[InvitationPublic])
+    @router.get(
+        "/invitations", response_model=Page[InvitationPublic], responses=problem_responses(422)
+    )
     def list_invitations(
         request: Request,
         principal: CurrentPrincipal,
-        trial: str | None = None,
+        trial: Annotated[str | None, Query(pattern=NO_NUL)] = None,
         state: InvitationState | None = None,
         active: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -362,9 +384,13 @@ def build_router(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no invitation {invitation_id} for you")
         return invitation
 
-    @router.get("/invitations/{invitation_id}", response_model=InvitationPublic)
+    @router.get(
+        "/invitations/{invitation_id}",
+        response_model=InvitationPublic,
+        responses=problem_responses(404),
+    )
     def get_invitation(
-        request: Request, principal: CurrentPrincipal, invitation_id: str
+        request: Request, principal: CurrentPrincipal, invitation_id: InvitationId
     ) -> InvitationPublic:
         """One invitation, with the patient's identity and the invitation's history."""
         svc = get_service(request)
@@ -428,6 +454,15 @@ def build_router(
             response_model=InvitationPublic,
             name=f"invitation_{action.replace('-', '_')}",
             summary=f"Move an invitation to {target.value}",
+            responses=problem_responses(
+                404,
+                409,
+                422,
+                descriptions={
+                    409: "The invitation's state does not allow the action, or it changed "
+                    "meanwhile (`version`): `detail` names its state and the next ones allowed"
+                },
+            ),
         )
     return router
 
@@ -439,7 +474,7 @@ def _action_endpoint(act: ActFunction, action: str) -> Callable[..., InvitationP
     def endpoint(
         request: Request,
         principal: CurrentPrincipal,
-        invitation_id: str,
+        invitation_id: InvitationId,
         body: Annotated[ActionRequest | None, Body()] = None,
     ) -> InvitationPublic:
         return act(request, principal, invitation_id, action, body)

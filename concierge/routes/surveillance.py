@@ -18,6 +18,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Res
 from pydantic import BaseModel, Field
 
 from core.auth import Principal, require_role
+from core.http import problem_responses
 from surveillance_stream.monitor import MonitorError, SignalMonitor, UnknownSignal
 from surveillance_stream.signals import REGULATOR_ACTIONS, IllegalTransition
 
@@ -72,12 +73,27 @@ def build_router() -> APIRouter:
     # the role is checked first, before the monitor's availability: anonymous callers get 401
     # and other roles 403 whatever the monitor's state
     prefix, tag = "/v1/surveillance", "surveillance (regulators)"
-    router = APIRouter(prefix=prefix, tags=[tag], dependencies=[require_role("regulator")])
+    errors = problem_responses(
+        401,
+        403,
+        503,
+        descriptions={
+            503: "Device surveillance is not running in this API, the monitor is behind or "
+            "cannot read its topics, or the token cannot be checked now; `Retry-After` says "
+            "when to ask again"
+        },
+    )
+    router = APIRouter(
+        prefix=prefix, tags=[tag], dependencies=[require_role("regulator")], responses=errors
+    )
     protect = _protector()
     # the monitor's status is also the site operators': on a router of its own, since the
     # other routes admit regulators only
     operations = APIRouter(
-        prefix=prefix, tags=[tag], dependencies=[require_role("regulator", "admin")]
+        prefix=prefix,
+        tags=[tag],
+        dependencies=[require_role("regulator", "admin")],
+        responses=errors,
     )
 
     @operations.get(
@@ -98,6 +114,7 @@ def build_router() -> APIRouter:
         summary="Every live (device node, outcome), ranked by strength",
         description="Strength is the Poisson MaxSPRT log-likelihood ratio over its critical "
         "value (1 or more: at or over the signalling boundary); signalling rows come first.",
+        responses=problem_responses(422),
     )
     def signals(
         monitor: Monitor,
@@ -116,7 +133,11 @@ def build_router() -> APIRouter:
             "signals": rows,
         }
 
-    @router.get("/signals/{signal_id}", summary="A signal: statistics, lifecycle, reproduction")
+    @router.get(
+        "/signals/{signal_id}",
+        summary="A signal: statistics, lifecycle, reproduction",
+        responses=problem_responses(404),
+    )
     def signal(signal_id: str, monitor: Monitor, principal: Regulator) -> dict[str, Any]:
         found: dict[str, Any] = _call(monitor.detail, signal_id)
         return found
@@ -124,6 +145,7 @@ def build_router() -> APIRouter:
     @router.get(
         "/signals/{signal_id}/history",
         summary="Observed vs expected, cumulative by implant quarter, with the boundary",
+        responses=problem_responses(404),
     )
     def history(signal_id: str, monitor: Monitor, principal: Regulator) -> dict[str, Any]:
         found: dict[str, Any] = _call(monitor.history, signal_id)
@@ -132,6 +154,7 @@ def build_router() -> APIRouter:
     @router.get(
         "/signals/{signal_id}/breakdown",
         summary="The signal's outcome by manufacturer, model, lot or site",
+        responses=problem_responses(404, 422),
     )
     def breakdown(
         signal_id: str,
@@ -145,6 +168,7 @@ def build_router() -> APIRouter:
     @router.get(
         "/signals/{signal_id}/provenance",
         summary="The pseudonymised facts and source resource versions behind the outcome count",
+        responses=problem_responses(404, 422),
     )
     def provenance(
         signal_id: str,
@@ -164,7 +188,9 @@ def build_router() -> APIRouter:
     @router.post(
         "/signals/{signal_id}/actions",
         summary="A lifecycle action: review, confirm, dismiss, close, reopen",
-        responses={409: {"description": "The signal's state does not allow the action"}},
+        responses=problem_responses(
+            404, 409, 422, descriptions={409: "The signal's state does not allow the action"}
+        ),
     )
     def action(
         signal_id: str,

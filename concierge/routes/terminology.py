@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, sta
 
 from core.auth import Principal, require_role
 from core.codes import SNOMED, UnknownSystem, canonical_system
+from core.http import problem_responses
 from feasibility.atlas import ACCEPTABLE, AtlasImportError, import_atlas
 from feasibility.expansion import ExpansionError, compile_question
 from terminology.expand import Terminology
@@ -45,12 +46,17 @@ def _snomed_only(system: str) -> None:
 
 
 def _no_release(exc: NoRelease) -> HTTPException:
-    # a part not set up at this site: 503 without Retry-After (asking again will not help)
+    # a part not set up at this site: 503 (with the problem handler's Retry-After, as every 503;
+    # asking again helps only once a release is loaded)
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1/terminology", tags=["terminology"])
+    router = APIRouter(
+        prefix="/v1/terminology",
+        tags=["terminology"],
+        responses=problem_responses(401, 403, 503),
+    )
 
     @router.get(
         "/search",
@@ -59,6 +65,9 @@ def build_router() -> APIRouter:
         "`q` (or the concept whose id `q` is), with the preferred term, semantic tag and how "
         "many descendants each has: what `<<` would take in. Ranked: preferred-term matches "
         "first, then shorter terms.",
+        responses=problem_responses(
+            422, descriptions={422: "`q` or `limit` out of range, or a system other than SNOMED CT"}
+        ),
     )
     def search(
         principal: Sponsor,
@@ -86,6 +95,14 @@ def build_router() -> APIRouter:
     @router.get(
         "/{system}/{code}",
         summary="One concept with its parents and children",
+        responses=problem_responses(
+            404,
+            422,
+            descriptions={
+                404: "No concept by that id in the loaded release",
+                422: "A system other than SNOMED CT",
+            },
+        ),
     )
     def concept(principal: Sponsor, terms: Terms, system: str, code: str) -> dict[str, Any]:
         _snomed_only(system)
@@ -104,7 +121,11 @@ def build_router() -> APIRouter:
 
 def build_import_router() -> APIRouter:
     """``POST /v1/feasibility/import/atlas``: an ATLAS cohort definition as criteria."""
-    router = APIRouter(prefix="/v1/feasibility/import", tags=["feasibility (sponsors)"])
+    router = APIRouter(
+        prefix="/v1/feasibility/import",
+        tags=["feasibility (sponsors)"],
+        responses=problem_responses(401, 403, 503),
+    )
 
     @router.post(
         "/atlas",
@@ -116,6 +137,14 @@ def build_import_router() -> APIRouter:
         "translate, unless its kind is listed in `accept` ("
         + ", ".join(f"`{k}`: {v}" for k, v in ACCEPTABLE.items())
         + "). Reads no patient data and costs no query budget.",
+        responses=problem_responses(
+            422,
+            descriptions={
+                422: "Not a cohort definition, a part that changes the meaning does not "
+                "translate (`detail`: `message` and `report`), or the translated criteria "
+                "cannot be expanded here (`detail`: `message`, `errors`, `criteria`, `report`)"
+            },
+        ),
     )
     def atlas(
         request: Request,

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, status
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,6 +29,7 @@ from concierge.routes.feasibility import (
     over_budget,
 )
 from core.contracts.invitations import RecruitmentBySite
+from core.http import problem_responses
 from feasibility.criteria import Question
 from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.expansion import compile_question
@@ -43,29 +44,51 @@ log = logging.getLogger(__name__)
 
 HISTORY_UNAVAILABLE = "this API keeps no history of answers"
 
-#: The statuses every workspace route may answer besides 200, as problem+json (the other
-#: sponsor routes document only their 429 and 503; these say the rest too).
-DOCUMENTED: dict[int | str, dict[str, Any]] = {
-    401: {"description": "No bearer token, or one that is not valid here"},
-    403: {"description": "The token's role is not `sponsor`"},
-}
+#: The statuses every workspace route may answer besides 200, as problem+json (the router adds
+#: 503: a view behind, or the token check unavailable).
+DOCUMENTED: dict[int | str, dict[str, Any]] = problem_responses(
+    401, 403, descriptions={403: "The token's role is not `sponsor`"}
+)
 TRIAL_ROUTE: dict[int | str, dict[str, Any]] = {
     **DOCUMENTED,
-    404: {"description": "No saved question with this id for your organisation"},
-    409: {"description": "The saved question is retired"},
+    **problem_responses(
+        404,
+        409,
+        descriptions={
+            404: "No saved question with this id for your organisation",
+            409: "The saved question is retired",
+        },
+    ),
 }
 ASKED: dict[int | str, dict[str, Any]] = {
     **DOCUMENTED,
-    422: {
-        "description": "The criteria are not valid, or an ECL/ValueSet entry does not expand; "
-        "each error has `pointer`, a JSON pointer into the body as sent"
-    },
+    **problem_responses(
+        422,
+        descriptions={
+            422: "The criteria are not valid, or an ECL/ValueSet entry does not expand; "
+            "each error has `pointer`, a JSON pointer into the body as sent"
+        },
+    ),
 }
 PAST: dict[int | str, dict[str, Any]] = {
     **DOCUMENTED,
-    404: {"description": "No such answer of your organisation"},
-    503: {"description": "This API keeps no history of answers"},
+    **problem_responses(
+        404,
+        503,
+        descriptions={
+            404: "No such answer of your organisation",
+            503: "This API keeps no history of answers, or the token check is unavailable",
+        },
+    ),
 }
+#: An answer's id as the history store keeps it (an SQL integer): a larger one is none.
+AnswerId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+class CsvResponse(PlainTextResponse):
+    """CSV text, so the document says ``text/csv`` as the answer does."""
+
+    media_type = "text/csv"
 
 
 def _workspace(service: FeasibilityService) -> Workspace:
@@ -109,7 +132,10 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
 
     provider = recruitment or _recruitment_from_app
     router = APIRouter(
-        prefix="/v1/feasibility", tags=["sponsor workspace"], route_class=CriteriaRoute
+        prefix="/v1/feasibility",
+        tags=["sponsor workspace"],
+        route_class=CriteriaRoute,
+        responses=problem_responses(401, 403, 503),
     )
 
     def recruitment_sets(request: Request, trial_id: str) -> RecruitmentBySite | None:
@@ -249,21 +275,20 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         return found
 
     @router.get("/history/{answer_id}", summary="One past answer, as it was sent", responses=PAST)
-    def past_answer(answer_id: int, principal: Sponsor, service: Service) -> dict[str, Any]:
+    def past_answer(answer_id: AnswerId, principal: Sponsor, service: Service) -> dict[str, Any]:
         past = _past(service, principal.org, answer_id)
         return {**past.summary(), "criteria": past.question, "answer": past.body}
 
     @router.get(
         "/history/{answer_id}/export.csv",
         summary="A past answer as CSV (one row per published cell)",
-        response_class=PlainTextResponse,
+        response_class=CsvResponse,
         responses=PAST,
     )
-    def export_csv(answer_id: int, principal: Sponsor, service: Service) -> PlainTextResponse:
+    def export_csv(answer_id: AnswerId, principal: Sponsor, service: Service) -> CsvResponse:
         past = _past(service, principal.org, answer_id)
-        return PlainTextResponse(
+        return CsvResponse(
             to_csv(past),
-            media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="answer-{answer_id}.csv"'},
         )
 
@@ -273,7 +298,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         response_class=HTMLResponse,
         responses=PAST,
     )
-    def export_report(answer_id: int, principal: Sponsor, service: Service) -> HTMLResponse:
+    def export_report(answer_id: AnswerId, principal: Sponsor, service: Service) -> HTMLResponse:
         past = _past(service, principal.org, answer_id)
         return HTMLResponse(
             report_html(past),

@@ -14,6 +14,7 @@ from core.audit import AuditLog, audit_table
 from core.auth import CurrentPrincipal, TokenError, issue, require_role, verify
 from core.http import install_audit, install_problem_details
 from core.settings import get_settings
+from tests.recruitment_helpers import BACKENDS, fresh_database
 
 KEY = b"k" * 32
 
@@ -142,3 +143,25 @@ def test_roles_problem_details_and_audit_per_request(tmp_path: Path) -> None:
         ("regulator", "GET /v1/secret"),
     ]
     assert app.state.audit.verify().ok
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nul_in_the_path_is_audited_escaped(backend: str, tmp_path: Path) -> None:
+    """PostgreSQL keeps no U+0000 in text: a request to ``/v1/...%00...`` failed its audit
+    record, and so answered 500 whatever the route said. The NUL is recorded as ``%00``."""
+    with fresh_database(backend, tmp_path, migrate=False) as url:
+        app = FastAPI()
+        app.state.token_key = KEY
+        app.state.audit = AuditLog(url)
+        install_problem_details(app)
+        install_audit(app)
+
+        @app.get("/v1/things/{thing}")
+        def thing(thing: str) -> dict[str, str]:
+            return {"thing": thing}
+
+        response = TestClient(app).get("/v1/things/a%00b")
+        assert response.status_code == 200
+        assert [r["action"] for r in app.state.audit.records()] == ["GET /v1/things/a%00b"]
+        assert app.state.audit.verify().ok
+        app.state.audit.engine.dispose()

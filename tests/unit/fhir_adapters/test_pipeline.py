@@ -19,6 +19,7 @@ from fhir_adapters.pseudonym import Pseudonymiser
 from fhir_adapters.sinks import DEADLETTER_MAX_BYTES, DeadLetter, DeliveryFailed, MemorySink
 from fhir_adapters.vault import MemoryVault, SqlVault, Vault
 from tests.adapter_helpers import public_key
+from tests.recruitment_helpers import BACKENDS, fresh_database
 from tests.samples import synthea_r4
 
 SOURCE = "urn:test"
@@ -1091,3 +1092,48 @@ def test_malformed_notification_headers_do_not_raise(
         assert ingestor.stats.gaps == []
     ingestor.commit()
     vault.close()
+
+
+# --- text the stores cannot keep ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resource", "expression"),
+    [
+        (patient(name=[{"family": "Test\u0000person"}]), "Patient.name[0].family"),
+        (patient(name=[{"family": "T", "given": ["A\u0000"]}]), "Patient.name[0].given"),
+        (
+            patient(identifier=[{"system": NHS_SYSTEM, "value": "943476\u00005919"}]),
+            "Patient.identifier[0].value",
+        ),
+        (
+            observation(code={"coding": [{"system": LOINC, "code": "2345\u00007"}]}),
+            "Observation.code.coding[0].code",
+        ),
+        (
+            observation(code={"coding": [{"system": "http://loinc\u0000.org", "code": "2345-7"}]}),
+            "Observation.code.coding[0].system",
+        ),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nul_in_a_string_the_product_reads_is_dead_lettered_not_a_failed_batch(
+    backend: str, tmp_path: Path, resource: dict[str, Any], expression: str
+) -> None:
+    """Seen probing the API's contract: a Patient named with U+0000 reached the identity vault,
+    which PostgreSQL refused at commit, so ``POST /fhir`` answered 500 and the batch aborted.
+    It is dead-lettered with the reason, on any vault."""
+    with fresh_database(backend, tmp_path, migrate=False) as url:
+        vault = SqlVault(url)
+        try:
+            ingestor = make(vault)
+            assert one(ingestor, patient("pat1")).status == "accepted"
+            outcome = one(ingestor, resource)
+            ingestor.commit()  # nothing the vault cannot keep reached it
+            assert outcome.status == "dead_lettered"
+            assert outcome.outcome is not None
+            issue = outcome.outcome["issue"][-1]
+            assert issue["expression"] == [expression]
+            assert "U+0000" in issue["diagnostics"]
+        finally:
+            vault.close()

@@ -235,3 +235,32 @@ def test_two_concurrent_approvals_exactly_one_wins(api: Api) -> None:
     for thread in threads:
         thread.join()
     assert sorted(statuses) == [200, 409, 409, 409]
+
+
+def test_a_nul_in_what_reaches_the_database_is_a_422_and_is_audited(api: Api) -> None:
+    """Seen probing the API's contract on PostgreSQL, which keeps no U+0000 in text: a NUL in a
+    query, an invitation id or a note answered 500 from the driver, and one in the path broke
+    the audit record too. Each is refused with a 422 naming the parameter, and audited."""
+    gp = api.token(GP1)
+    invitation = api.client.get("/v1/clinician/invitations", headers=gp).json()["items"][0]
+    refused = {
+        "GET /v1/clinician/candidates?trial=t%001": ["query", "trial"],
+        "GET /v1/clinician/candidates?status=%00": ["query", "status"],
+        "GET /v1/clinician/invitations?trial=%00": ["query", "trial"],
+        "GET /v1/clinician/invitations/x%00y": ["path", "invitation_id"],
+        "POST /v1/clinician/invitations/x%00y/approve": ["path", "invitation_id"],
+        f"POST /v1/clinician/invitations/{invitation['id']}/approve": ["body", "note"],
+    }
+    for request, loc in refused.items():
+        method, url = request.split(" ")
+        response = api.client.request(
+            method, url, headers=gp, json={"note": "a\u0000b"} if method == "POST" else None
+        )
+        assert response.status_code == 422, (request, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["detail"][0]["loc"] == loc, request
+    actions = [r["action"] for r in api.audit()]
+    assert "GET /v1/clinician/invitations/x%00y" in actions  # the NUL kept escaped
+    assert api.app.state.audit.verify().ok
+    still = api.client.get(f"/v1/clinician/invitations/{invitation['id']}", headers=gp).json()
+    assert still["state"] == invitation["state"]  # nothing was done

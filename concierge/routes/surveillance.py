@@ -259,7 +259,10 @@ def _scan_and_report_routes(router: APIRouter) -> None:
         summary="A signal's report to file: statistics with their inputs, charts, adjustment, "
         "multiplicity, provenance summary, lifecycle and reproduce commands",
         response_class=Response,
-        responses={200: {"content": {"text/html": {}, "application/pdf": {}}}},
+        responses={
+            200: {"content": {"text/html": {}, "application/pdf": {}}},
+            **problem_responses(404),
+        },
     )
     def report(
         signal_id: str,
@@ -315,7 +318,9 @@ def _subscription_routes(router: APIRouter) -> None:
         "/subscriptions",
         summary="Subscribe to notifications of signal moves (detect, lapse, each action)",
         status_code=status.HTTP_201_CREATED,
-        responses={422: {"description": "An address, level or action that cannot be kept"}},
+        responses=problem_responses(
+            422, descriptions={422: "An address, level or action that cannot be kept"}
+        ),
     )
     def subscribe(
         request: Request, principal: Regulator, body: Annotated[SubscriptionCreate, Body()]
@@ -341,6 +346,7 @@ def _subscription_routes(router: APIRouter) -> None:
         "/subscriptions/{subscription_id}",
         summary="End one of your subscriptions",
         status_code=status.HTTP_204_NO_CONTENT,
+        responses=problem_responses(404),
     )
     def unsubscribe(subscription_id: str, request: Request, principal: Regulator) -> Response:
         if not _notices(request).unsubscribe(subscription_id, principal.sub):

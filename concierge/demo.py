@@ -38,8 +38,11 @@ MAX_BACKOFF_SECONDS = 30.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class Stopped(Exception):
-    """A stop signal arrived (SIGTERM, SIGINT or SIGHUP)."""
+class Stopped(BaseException):
+    """A stop signal arrived (SIGTERM, SIGINT or SIGHUP). A BaseException, as KeyboardInterrupt
+    is: the demo's ``except Exception`` around optional reads (invitations, signals) must not
+    swallow it (a SIGTERM that arrived in one was shown as 'invitations unavailable (Stopped)'
+    and the demo went on running)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -706,7 +709,11 @@ def _run(
             f"{sponsor_token}"
         )
 
+    reports = 0
+
     def report(sent: int) -> None:
+        nonlocal reports
+        reports += 1
         state = api.json(
             "GET", f"{worker_url}/state/digest", "stream worker state", wait=0, headers=site_admin
         )
@@ -772,5 +779,7 @@ def _run(
             report(sent)
             if not approved:
                 approved = _approve_one(api, api_url, public_url, settings, trial["id"])
+    if reports == 0:  # a run whose time ran out before the first report still says where it is
+        report(sent)
     api.close()
     return 0

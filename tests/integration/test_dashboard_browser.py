@@ -138,10 +138,14 @@ def test_regulator_dashboard_shows_the_faulty_signal(
             timeout=60,
             what="the observed vs expected chart",
         )
-        text = page_text(driver)
-        assert f"{node} · {outcome}" in text  # the detail view's heading
-        for section in ("Observed vs expected", "Disproportionality", "Drill-down", "Provenance"):
-            assert section in text
+        # Streamlit draws the detail top-down: the chart can be there before the sections below
+        sections = ("Observed vs expected", "Disproportionality", "Drill-down", "Provenance")
+        wait_for(
+            lambda: all(section in page_text(driver) for section in sections),
+            timeout=60,
+            what=f"the detail's sections {sections}",
+        )
+        assert f"{node} · {outcome}" in page_text(driver)  # the detail view's heading
         assert "signal=" in driver.current_url  # the choice is in the URL, to share
         time.sleep(1)  # let Vega finish drawing before the picture
         chart = driver.find_elements(By.CSS_SELECTOR, CHART)[0]

@@ -283,7 +283,9 @@ def test_broker_outage_answers_503_in_bounded_time_and_a_retry_publishes_once(
         [(took, (status, outcome, headers))] = results
         assert status == 503, outcome
         assert headers["retry-after"] == "2"
-        assert took < timeout + 1.0, took
+        # the bound is 5 s; a loaded machine (two test workers and the chaos suite)
+        # took 3.3 s with a 2 s ingest timeout
+        assert took < timeout + 3.0, took
         print(f"outage: 503 after {took:.2f} s; healthz max {max(timings):.3f} s")
         # Blocked behind the failing publish, a /healthz would take about the whole timeout
         # (the report: 19.9 s); well under half of it shows the loop stayed free. Not an

@@ -101,7 +101,7 @@ def serve_jwks(keys: list[ProviderKey]) -> Iterator[JwksServer]:
             self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
-            pass
+            """Quiet: http.server writes every request to stderr, which is the test's output."""
 
     served.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=served.server.serve_forever, daemon=True)

@@ -14,11 +14,10 @@ Mount with ``app.include_router(build_page_router())``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+
+from .strict_page import content_security_policy, page_headers
 
 #: Seconds between refreshes of the lists.
 REFRESH_SECONDS = 5
@@ -281,30 +280,10 @@ PAGE = (
 )
 
 
-def _sha256(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
 #: Only this page's own script and style run; the page talks to this origin only.
-CONTENT_SECURITY_POLICY = "; ".join(
-    (
-        "default-src 'none'",
-        f"script-src {_sha256(_SCRIPT)}",
-        f"style-src {_sha256(_STYLE)}",
-        "connect-src 'self'",
-        "img-src 'self'",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    )
-)
+CONTENT_SECURITY_POLICY = content_security_policy(_SCRIPT, _STYLE, img_src="'self'")
 
-HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
+HEADERS = page_headers(CONTENT_SECURITY_POLICY)
 
 
 def build_page_router() -> APIRouter:

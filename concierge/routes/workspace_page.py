@@ -24,12 +24,12 @@ Mount with ``app.include_router(build_page_router())``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+
+from .strict_page import content_security_policy, page_headers
 
 #: The page's style, script and body: plain files beside this module (package data), so they
 #: read as what they are; nothing is fetched at run time.
@@ -45,10 +45,6 @@ _SCRIPT = (_ASSETS / "page.js").read_text(encoding="utf-8")
 _BODY = (_ASSETS / "body.html").read_text(encoding="utf-8")
 
 
-def _sha256(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
 _SCRIPT_TEXT = _SCRIPT.replace("__REFRESH__", str(REFRESH_SECONDS))
 PAGE = (
     "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -59,25 +55,9 @@ PAGE = (
 #: Only this page's own script and style run; the page talks to this origin only. Element
 #: styles set from the script (showing a hidden section) go through the CSSOM, which a style
 #: hash allows.
-CONTENT_SECURITY_POLICY = "; ".join(
-    (
-        "default-src 'none'",
-        f"script-src {_sha256(_SCRIPT_TEXT)}",
-        f"style-src {_sha256(_STYLE)}",
-        "connect-src 'self'",
-        "img-src 'self' data:",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    )
-)
+CONTENT_SECURITY_POLICY = content_security_policy(_SCRIPT_TEXT, _STYLE, img_src="'self' data:")
 
-HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
+HEADERS = page_headers(CONTENT_SECURITY_POLICY)
 
 
 def build_page_router() -> APIRouter:

@@ -5,6 +5,7 @@
 #   BENCH_ADHOC_PATIENTS=200000 bash benchmarks/run.sh   # a smaller ad hoc snapshot (building the
 #                                          # default 1,000,000 takes ~25 min on 2 cores)
 #   BENCH_SKIP_INGEST=1 ...                # skip the ingest benchmark (already run)
+#   BENCH_SCALING_SIZES=100000,300000 ...  # population sizes of the scaling benchmark
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -58,3 +59,12 @@ python -m benchmarks.bench_clinician_api --invitations "$invitations" --duration
 echo "== surveillance null/power simulation: tree scan with alpha spending vs per-pair MaxSPRT"
 nice -n 10 python -m benchmarks.bench_surveillance_sim \
   --null-replications "$sim_null" --power-replications "$sim_power"
+echo "== cost as the population grows: ad hoc answer time and memory, stream state per patient"
+if [ "$quick" = 1 ]; then
+  python -m benchmarks.bench_scaling --sizes 20000,100000 --stream-sizes 5000,20000 --repeats 5
+else
+  # snapshots are built once and kept in $CONCIERGE_HOME (3M patients: over an hour)
+  python -m benchmarks.bench_scaling --sizes "${BENCH_SCALING_SIZES:-100000,300000,1000000,3000000}"
+fi
+echo "== summary: every figure, its baseline, ratio and target (also benchmarks/results/summary.md)"
+python -m benchmarks.summary

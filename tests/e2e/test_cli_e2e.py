@@ -155,3 +155,23 @@ def test_sigterm_stops_every_process_the_demo_started(
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
+        # On a failure above, the demo's children (own sessions, so not in its process group)
+        # would outlive the test and hold the broker's topics and ports: stop what the registry
+        # names.
+        _kill_registered(home / "logs" / "demo-processes.json")
+
+
+def _kill_registered(registry: Path) -> None:
+    import contextlib
+    import signal
+
+    try:
+        roles = json.loads(registry.read_text())["roles"]
+    except (OSError, ValueError, KeyError):
+        return
+    for info in roles.values():
+        pid = info.get("pid")
+        if isinstance(pid, int) and info.get("owned", True):
+            # each child leads its own process group: that takes its own children too
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)

@@ -74,8 +74,19 @@ class OutboxWriter:
     def inbox_link(self) -> str:
         return f"{self.base_url}/v1/clinician/invitations"
 
-    def alert(self, session: Session, invitation: Invitation, trial: Trial, now: datetime) -> int:
-        """The immediate alert for a new candidate; returns how many channels it was queued on."""
+    def alert(
+        self,
+        session: Session,
+        invitation: Invitation,
+        trial: Trial,
+        now: datetime,
+        *,
+        fresh: bool = False,
+    ) -> int:
+        """The immediate alert for a new candidate; returns how many channels it was queued on.
+
+        ``fresh``: the invitation is new in this transaction, so no alert of it can be queued yet;
+        the dedupe look-up is skipped (the unique dedupe key still refuses a duplicate)."""
         link = self.page_link()
         title = f"{trial.title} ({trial.id})" if trial.title else trial.id
         subject = f"Trial candidate to review: {trial.id}"
@@ -105,6 +116,7 @@ class OutboxWriter:
             dedupe=f"alert:{invitation.id}",
             invitation_id=invitation.id,
             now=now,
+            fresh=fresh,
         )
 
     def reminder(self, session: Session, invitation: Invitation, now: datetime) -> int:
@@ -200,6 +212,7 @@ class OutboxWriter:
         dedupe: str,
         invitation_id: str | None,
         now: datetime,
+        fresh: bool = False,
     ) -> int:
         targets: list[tuple[str, str]] = []
         if self.email:
@@ -211,8 +224,12 @@ class OutboxWriter:
         queued = 0
         for channel, recipient in targets:
             key = f"{dedupe}:{channel}"
-            exists = session.scalar(
-                sa.select(OutboxMessage.id).where(OutboxMessage.dedupe_key == key)
+            exists = (
+                None
+                if fresh
+                else session.scalar(
+                    sa.select(OutboxMessage.id).where(OutboxMessage.dedupe_key == key)
+                )
             )
             if exists is None:
                 message_id = str(uuid.uuid4())

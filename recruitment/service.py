@@ -114,8 +114,19 @@ class ConcurrentChange(RuntimeError):
 class AlertWriter(Protocol):
     """Writes notifications to the outbox (see :class:`recruitment.notify.OutboxWriter`)."""
 
-    def alert(self, session: Session, invitation: Invitation, trial: Trial, now: datetime) -> int:
-        """Enqueue the new-candidate alert; return how many channels it was queued on."""
+    def alert(
+        self,
+        session: Session,
+        invitation: Invitation,
+        trial: Trial,
+        now: datetime,
+        *,
+        fresh: bool = False,
+    ) -> int:
+        """Enqueue the new-candidate alert; return how many channels it was queued on.
+
+        ``fresh``: the invitation was created in this transaction, so no alert of it can exist
+        yet and the dedupe look-up is skipped (the unique dedupe key still guards it)."""
         ...
 
 
@@ -139,10 +150,26 @@ class SqlDirectory:
         self.session = session
         self._recruiters: dict[str, list[str]] = {}
         self._active: dict[str, bool] = {}
+        #: rows read in bulk, held so that ``session.get`` finds them in the identity map
+        self._rows: list[Practitioner] = []
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the given practitioners in a few queries (not one each)."""
+        wanted = sorted({k for k in keys if k not in self._active})
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            rows = self.session.scalars(sa.select(Practitioner).where(Practitioner.key.in_(chunk)))
+            for row in rows:
+                self._rows.append(row)
+                self._active[row.key] = row.active and not row.retracted
+            for key in chunk:
+                self._active.setdefault(key, False)
 
     def is_active_practitioner(self, key: str) -> bool:
         if key not in self._active:
             row = self.session.get(Practitioner, key)
+            if row is not None:
+                self._rows.append(row)
             self._active[key] = row is not None and row.active and not row.retracted
         return self._active[key]
 
@@ -343,20 +370,210 @@ class UnitOfWork:
     (trial, cohort, facts, reference) and invitation moves, records what they touched, and
     re-evaluates it on :meth:`finish`, before the caller commits."""
 
-    def __init__(self, service: RecruitmentService, session: Session) -> None:
+    def __init__(
+        self, service: RecruitmentService, session: Session, batched: bool = True
+    ) -> None:
         self.service = service
         self.session = session
         self.policy = service.policy
         self.now = service.clock()
         self.touched = _Touched()
         self._arrival: int | None = None
+        #: Batch-shaped (the default): what the rules read is fetched a batch at a time and then
+        #: kept in memory, updated as this unit of work changes it (every change of a cached row
+        #: goes through this class); inserts are flushed together. ``False`` is the row-at-a-time
+        #: path (a query per read, a flush per insert), kept as the reference the batched path
+        #: is tested against. The database confirms either way: its unique indexes (one open
+        #: invitation per patient, one candidate per trial and patient) refuse a wrong decision,
+        #: which fails the whole batch, and capacity is counted under the trial's row lock.
+        self.batched = batched
+        self._trials: dict[str, Trial | None] = {}
+        self._trial_views: dict[str, TrialView] = {}
+        self._memberships: dict[tuple[str, str], CohortMembership | None] = {}
+        self._by_key: dict[tuple[str, str], Candidate | None] = {}
+        self._profiles: dict[str, PatientProfile | None] = {}
+        self._invitations: dict[str, list[Invitation]] = {}
+        self._open_holds: dict[str, list[HoldRecord]] = {}
+        self._usage: dict[tuple[str, str | None], int] = {}
+        self._locked: set[str] = set()
+        self._directory: SqlDirectory | None = None
+
+    # ------------------------------------------------------------------ batch reads
+
+    def prefetch_cohort(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Read, for a batch of cohort records (``(trial, patient)`` keys), their memberships,
+        candidates and trials in a few set-based queries."""
+        if not self.batched:
+            return
+        wanted = sorted({k for k in keys if k not in self._memberships})
+        if not wanted:
+            return
+        trial_ids = sorted({t for t, _ in wanted})
+        for trial_id in trial_ids:
+            self._trial(trial_id)
+        patients = sorted({p for _, p in wanted})
+        for start in range(0, len(patients), _CHUNK):
+            chunk = patients[start : start + _CHUNK]
+            for membership in self.session.scalars(
+                sa.select(CohortMembership).where(
+                    CohortMembership.trial_id.in_(trial_ids), CohortMembership.patient.in_(chunk)
+                )
+            ):
+                self._memberships[(membership.trial_id, membership.patient)] = membership
+            for candidate in self.session.scalars(
+                sa.select(Candidate).where(
+                    Candidate.trial_id.in_(trial_ids), Candidate.patient.in_(chunk)
+                )
+            ):
+                self._by_key[(candidate.trial_id, candidate.patient)] = candidate
+        for key in wanted:
+            self._memberships.setdefault(key, None)
+            self._by_key.setdefault(key, None)
+
+    def _prefetch_rules(self, candidates: Sequence[Candidate]) -> None:
+        """Read what the rules and routing need for these candidates in a few queries: the
+        patients' profiles and every invitation of theirs, the candidates' open holds, and the
+        practitioners their GPs name."""
+        if not self.batched or not candidates:
+            return
+        s = self.session
+        patients = sorted({c.patient for c in candidates if c.patient not in self._profiles})
+        for start in range(0, len(patients), _CHUNK):
+            chunk = patients[start : start + _CHUNK]
+            for profile in s.scalars(
+                sa.select(PatientProfile).where(PatientProfile.pseudonym.in_(chunk))
+            ):
+                self._profiles[profile.pseudonym] = profile
+            for patient in chunk:
+                self._profiles.setdefault(patient, None)
+        patients = sorted({c.patient for c in candidates if c.patient not in self._invitations})
+        for start in range(0, len(patients), _CHUNK):
+            chunk = patients[start : start + _CHUNK]
+            found: dict[str, list[Invitation]] = {p: [] for p in chunk}
+            for invitation in s.scalars(
+                sa.select(Invitation)
+                .where(Invitation.patient.in_(chunk))
+                .order_by(Invitation.created_at, Invitation.id)
+            ):
+                found[invitation.patient].append(invitation)
+            self._invitations.update(found)
+        ids = sorted({c.id for c in candidates if c.id not in self._open_holds})
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            holds: dict[str, list[HoldRecord]] = {i: [] for i in chunk}
+            for record in s.scalars(
+                sa.select(HoldRecord)
+                .where(HoldRecord.candidate_id.in_(chunk), HoldRecord.released_at.is_(None))
+                .order_by(HoldRecord.id)
+            ):
+                holds[record.candidate_id].append(record)
+            self._open_holds.update(holds)
+        gps = {
+            key
+            for c in candidates
+            if (profile := self._profiles.get(c.patient)) is not None
+            for key in profile.general_practitioners
+        }
+        self.directory().prefetch(gps)
+
+    def directory(self) -> SqlDirectory:
+        """The practitioner directory; a fresh one whenever reference data changed."""
+        if self._directory is None or not self.batched:
+            self._directory = SqlDirectory(self.session)
+        return self._directory
+
+    def _trial(self, trial_id: str) -> Trial | None:
+        if self.batched and trial_id in self._trials:
+            return self._trials[trial_id]
+        trial = self.session.get(Trial, trial_id)
+        if self.batched:
+            self._trials[trial_id] = trial
+        return trial
+
+    def _membership(self, trial_id: str, patient: str) -> CohortMembership | None:
+        key = (trial_id, patient)
+        if self.batched and key in self._memberships:
+            return self._memberships[key]
+        membership = self.session.get(CohortMembership, key)
+        if self.batched:
+            self._memberships[key] = membership
+        return membership
+
+    def _patient_profile(self, patient: str) -> PatientProfile | None:
+        if self.batched and patient in self._profiles:
+            return self._profiles[patient]
+        profile = self.session.get(PatientProfile, patient)
+        if self.batched:
+            self._profiles[patient] = profile
+        return profile
+
+    def _patient_invitations(self, patient: str) -> list[Invitation]:
+        if self.batched and patient in self._invitations:
+            return self._invitations[patient]
+        found = list(
+            self.session.scalars(
+                sa.select(Invitation)
+                .where(Invitation.patient == patient)
+                .order_by(Invitation.created_at, Invitation.id)
+            )
+        )
+        if self.batched:
+            self._invitations[patient] = found
+        return found
+
+    def _holds_open(self, candidate_id: str) -> list[HoldRecord]:
+        if self.batched and candidate_id in self._open_holds:
+            return self._open_holds[candidate_id]
+        found = list(
+            self.session.scalars(
+                sa.select(HoldRecord)
+                .where(HoldRecord.candidate_id == candidate_id, HoldRecord.released_at.is_(None))
+                .order_by(HoldRecord.id)
+            )
+        )
+        if self.batched:
+            self._open_holds[candidate_id] = found
+        return found
+
+    def _usage_of(self, trial_id: str, site: str | None = None) -> int:
+        key = (trial_id, site)
+        if self.batched and key in self._usage:
+            return self._usage[key]
+        used = self._used(trial_id, site)
+        if self.batched:
+            self._usage[key] = used
+        return used
+
+    def _counted(self, invitation: Invitation, before: bool, after: bool) -> None:
+        """An invitation started or stopped counting toward its trial's and site's capacity."""
+        if before == after:
+            return
+        delta = 1 if after else -1
+        for key in ((invitation.trial_id, None), (invitation.trial_id, invitation.site)):
+            if key in self._usage:
+                self._usage[key] += delta
+
+    def _trial_view(self, trial: Trial) -> TrialView:
+        view = self._trial_views.get(trial.id) if self.batched else None
+        if view is None:
+            view = TrialView(
+                id=trial.id,
+                status=trial.status,
+                recruiting_sites=frozenset(ts.site for ts in trial.sites),
+                target=trial.target,
+                site_targets={ts.site: ts.target for ts in trial.sites if ts.target is not None},
+            )
+            if self.batched:
+                self._trial_views[trial.id] = view
+        return view
 
     # ------------------------------------------------------------------ trials
 
     def trial(self, trial_id: str, record: OpaqueTrialRecord | None) -> bool:
         """Apply a trial record (None: a tombstone, the trial is gone). False when stale."""
         s = self.session
-        trial = s.get(Trial, trial_id)
+        trial = self._trial(trial_id)
+        self._trial_views.pop(trial_id, None)
         if record is None:
             if trial is None or trial.status == "retired":
                 return False
@@ -369,6 +586,7 @@ class UnitOfWork:
         if trial is None:
             trial = Trial(id=record.id, version=record.version, status=record.status)
             s.add(trial)
+            self._trials[trial_id] = trial
         old_sites = {ts.site for ts in trial.sites}
         trial.version = record.version
         trial.title = record.title
@@ -383,6 +601,7 @@ class UnitOfWork:
             self._trial_site(existing.get(site), trial.id, site, record) for site in sites
         ]
         s.flush()
+        self._trial_views.pop(trial.id, None)
         if record.status in ENDED_STATUSES:
             self._trial_ended(trial, f"trial {record.status}")
         else:
@@ -427,13 +646,15 @@ class UnitOfWork:
     def cohort(self, trial_id: str, patient: str, record: CohortRecord | None) -> bool:
         """Apply a cohort record (None: a tombstone, ``member: false``). False when stale."""
         s = self.session
-        membership = s.get(CohortMembership, (trial_id, patient))
+        membership = self._membership(trial_id, patient)
         if record is not None:
             if membership is not None and record.change <= membership.change:
                 return False
             if membership is None:
                 membership = CohortMembership(trial_id=trial_id, patient=patient)
                 s.add(membership)
+                if self.batched:
+                    self._memberships[(trial_id, patient)] = membership
             membership.change = record.change
             membership.member = record.member
             membership.site = record.site
@@ -446,7 +667,7 @@ class UnitOfWork:
                 return False
             membership.member = False
             membership.updated_at = self.now
-        trial = s.get(Trial, trial_id)
+        trial = self._trial(trial_id)
         if trial is None:
             return True  # kept; candidates are made when the trial arrives
         site = membership.site
@@ -478,7 +699,11 @@ class UnitOfWork:
                 updated_at=self.now,
             )
             self.session.add(candidate)
-            self.session.flush()
+            if self.batched:  # flushed with the batch; the unique (trial, patient) index checks
+                self._by_key[(trial.id, patient)] = candidate
+                self._open_holds[candidate.id] = []
+            else:
+                self.session.flush()
         elif candidate.status == C.WITHDRAWN:
             candidate.status = C.HELD
             candidate.site = site
@@ -595,7 +820,7 @@ class UnitOfWork:
                 self.touched.candidates.add(candidate.id)
 
     def _profile(self, patient: str) -> PatientProfile:
-        profile = self.session.get(PatientProfile, patient)
+        profile = self._patient_profile(patient)
         if profile is None:
             profile = PatientProfile(
                 pseudonym=patient,
@@ -606,6 +831,8 @@ class UnitOfWork:
                 updated_at=self.now,
             )
             self.session.add(profile)
+            if self.batched:
+                self._profiles[patient] = profile
         return profile
 
     # ------------------------------------------------------------------ reference data
@@ -649,6 +876,7 @@ class UnitOfWork:
         else:
             return False
         self.touched.reference_changed = True
+        self._directory = None
         return True
 
     def _reference_row(self, model: type[_Ref], record: ReferenceRecord) -> _Ref | None:
@@ -682,16 +910,26 @@ class UnitOfWork:
         row.active = False
         row.updated_at = self.now
         self.touched.reference_changed = True
+        self._directory = None
         return True
 
     # ------------------------------------------------------------------ invitations
 
     def move(
-        self, invitation: Invitation, target: InvitationState, actor: str, note: str | None
+        self,
+        invitation: Invitation,
+        target: InvitationState,
+        actor: str,
+        note: str | None,
+        flush: bool = True,
     ) -> None:
-        """The one place an invitation changes state (checked, recorded, candidate updated)."""
+        """The one place an invitation changes state (checked, recorded, candidate updated).
+
+        ``flush``: write it now (so an optimistic-version conflict is raised here); the batched
+        path passes False for invitations it created itself, flushed with the batch."""
         current = InvitationState(invitation.state)
         check_transition(current, target)
+        self._counted(invitation, _counts(current), _counts(target))
         invitation.state = target.value
         invitation.active = target in ACTIVE
         invitation.state_changed_at = self.now
@@ -731,7 +969,8 @@ class UnitOfWork:
             # A slot, or the patient's one open invitation, is free: look again.
             self.touched.trials.add(invitation.trial_id)
             self.touched.patients.add(invitation.patient)
-        self.session.flush()
+        if flush or not self.batched:
+            self.session.flush()
 
     def _create_invitation(self, candidate: Candidate, practitioner: str, trial: Trial) -> None:
         invitation = Invitation(
@@ -757,16 +996,26 @@ class UnitOfWork:
                 note=candidate.routing_reason,
             )
         )
-        self.session.flush()
+        if self.batched:
+            # In memory at once: the patient's next candidate in this batch sees it (active
+            # invitation, yearly cap), and so do the trial's and site's counts.
+            if candidate.patient in self._invitations:
+                self._invitations[candidate.patient].append(invitation)
+            self._counted(invitation, False, True)
+        else:
+            self.session.flush()
         queued = 0
         if self.service.alerts is not None:
-            queued = self.service.alerts.alert(self.session, invitation, trial, self.now)
+            queued = self.service.alerts.alert(
+                self.session, invitation, trial, self.now, fresh=self.batched
+            )
         if queued == 0:
             self.move(
                 invitation,
                 S.SENT_TO_CLINICIAN,
                 "system:recruitment",
                 "no notification channel for this clinician: shown in the app only",
+                flush=False,
             )
 
     # ------------------------------------------------------------------ evaluation
@@ -793,7 +1042,8 @@ class UnitOfWork:
             candidates = self._candidates(
                 Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
             )
-            directory = SqlDirectory(self.session)
+            self._prefetch_rules(candidates)
+            directory = self.directory()
             for candidate in candidates:
                 self.evaluate(candidate, directory)
 
@@ -802,25 +1052,36 @@ class UnitOfWork:
         if candidate.status not in OPEN_STATUSES:
             return
         s = self.session
-        trial = s.get(Trial, candidate.trial_id)
+        trial = self._trial(candidate.trial_id)
         if trial is None:  # pragma: no cover - candidates are only made for known trials
             return
-        holds = self._holds(candidate, trial)
-        if not holds and (trial.target is not None or self._site_target(trial, candidate.site)):
-            # Capacity: lock the trial row (PostgreSQL) and count again under the lock.
-            s.execute(sa.select(Trial.id).where(Trial.id == trial.id).with_for_update()).all()
+        capacity = trial.target is not None or self._site_target(trial, candidate.site)
+        if self.batched:
+            if capacity and trial.id not in self._locked:
+                # Capacity: lock the trial row (PostgreSQL) once, count under the lock, then
+                # keep the counts in memory as this unit of work invites and closes.
+                s.execute(sa.select(Trial.id).where(Trial.id == trial.id).with_for_update()).all()
+                self._locked.add(trial.id)
+                for key in [k for k in self._usage if k[0] == trial.id]:
+                    del self._usage[key]
             holds = self._holds(candidate, trial)
+        else:
+            holds = self._holds(candidate, trial)
+            if not holds and capacity:
+                # Capacity: lock the trial row (PostgreSQL) and count again under the lock.
+                s.execute(sa.select(Trial.id).where(Trial.id == trial.id).with_for_update()).all()
+                holds = self._holds(candidate, trial)
         if holds:
             status = C.EXCLUDED if excludes(holds) else C.HELD
             self._set_status(candidate, status, holds)
             return
-        profile = s.get(PatientProfile, candidate.patient)
+        profile = self._patient_profile(candidate.patient)
         site_row = next((ts for ts in trial.sites if ts.site == candidate.site), None)
         found = route(
             candidate.site,
             list(profile.general_practitioners) if profile else [],
             site_row.recruiter if site_row else None,
-            directory or SqlDirectory(s),
+            directory or self.directory(),
         )
         candidate.routing_via = found.via.value
         candidate.routing_reason = found.reason
@@ -850,8 +1111,7 @@ class UnitOfWork:
         return candidate.status != before
 
     def _holds(self, candidate: Candidate, trial: Trial) -> tuple[Hold, ...]:
-        s = self.session
-        profile = s.get(PatientProfile, candidate.patient)
+        profile = self._patient_profile(candidate.patient)
         patient = PatientView(
             known=bool(profile and profile.known),
             research_opt_out=bool(profile and profile.research_opt_out),
@@ -866,22 +1126,12 @@ class UnitOfWork:
                 state_changed_at=i.state_changed_at,
                 reached_patient=i.contacted_at is not None,
             )
-            for i in s.scalars(
-                sa.select(Invitation)
-                .where(Invitation.patient == candidate.patient)
-                .order_by(Invitation.created_at)
-            )
+            for i in self._patient_invitations(candidate.patient)
         ]
-        view = TrialView(
-            id=trial.id,
-            status=trial.status,
-            recruiting_sites=frozenset(ts.site for ts in trial.sites),
-            target=trial.target,
-            site_targets={ts.site: ts.target for ts in trial.sites if ts.target is not None},
-        )
+        view = self._trial_view(trial)
         usage = Usage(
-            trial=self._used(trial.id) if trial.target is not None else 0,
-            site=self._used(trial.id, candidate.site)
+            trial=self._usage_of(trial.id) if trial.target is not None else 0,
+            site=self._usage_of(trial.id, candidate.site)
             if self._site_target(trial, candidate.site)
             else 0,
         )
@@ -913,28 +1163,28 @@ class UnitOfWork:
         candidate.status = status.value
         candidate.updated_at = self.now
         wanted = {(h.rule.value, h.reason): h for h in holds}
-        open_records = self.session.scalars(
-            sa.select(HoldRecord).where(
-                HoldRecord.candidate_id == candidate.id, HoldRecord.released_at.is_(None)
-            )
-        )
+        open_records = self._holds_open(candidate.id)
+        kept: list[HoldRecord] = []
         for record in open_records:
             if (record.rule, record.reason) in wanted:
                 wanted.pop((record.rule, record.reason))
+                kept.append(record)
             else:
                 record.released_at = self.now
         for hold in wanted.values():
-            self.session.add(
-                HoldRecord(
-                    candidate_id=candidate.id,
-                    trial_id=candidate.trial_id,
-                    patient=candidate.patient,
-                    rule=hold.rule.value,
-                    reason=hold.reason,
-                    until=hold.until,
-                    opened_at=self.now,
-                )
+            record = HoldRecord(
+                candidate_id=candidate.id,
+                trial_id=candidate.trial_id,
+                patient=candidate.patient,
+                rule=hold.rule.value,
+                reason=hold.reason,
+                until=hold.until,
+                opened_at=self.now,
             )
+            self.session.add(record)
+            kept.append(record)
+        if self.batched:
+            self._open_holds[candidate.id] = kept
         candidate.held_reasons = [h.as_dict() for h in holds]
         if status in (C.HELD, C.EXCLUDED):
             # Not routed (any more); a closed or withdrawn candidate keeps its routing as history.
@@ -945,9 +1195,15 @@ class UnitOfWork:
     # ------------------------------------------------------------------ queries
 
     def _candidate(self, trial_id: str, patient: str) -> Candidate | None:
-        return self.session.scalars(
+        key = (trial_id, patient)
+        if self.batched and key in self._by_key:
+            return self._by_key[key]
+        found = self.session.scalars(
             sa.select(Candidate).where(Candidate.trial_id == trial_id, Candidate.patient == patient)
         ).first()
+        if self.batched:
+            self._by_key[key] = found
+        return found
 
     def _candidates(self, *where: sa.ColumnElement[bool]) -> list[Candidate]:
         return list(
@@ -971,6 +1227,11 @@ class UnitOfWork:
                 .with_for_update()
             )
         )
+
+
+def _counts(state: InvitationState) -> bool:
+    """Whether an invitation in this state takes a place of its trial's capacity."""
+    return state in ACTIVE or state is S.ENROLLED
 
 
 def _fact_data(kind: str, envelope: ResourceFacts) -> dict[str, Any]:

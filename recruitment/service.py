@@ -129,6 +129,19 @@ class AlertWriter(Protocol):
         yet and the dedupe look-up is skipped (the unique dedupe key still guards it)."""
         ...
 
+    def alert_rows(
+        self,
+        session: Session,
+        invitation_id: str,
+        site: str,
+        practitioner: str,
+        trial: Trial,
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """The same alert as outbox column values (one row per channel), written by the caller
+        together with others; the invitation is new, so none of them exists yet."""
+        ...
+
 
 class EligibilityCheck(Protocol):
     """Re-checks a candidate's eligibility now (time-window criteria age as time passes).
@@ -392,11 +405,18 @@ class UnitOfWork:
         self._memberships: dict[tuple[str, str], CohortMembership | None] = {}
         self._by_key: dict[tuple[str, str], Candidate | None] = {}
         self._profiles: dict[str, PatientProfile | None] = {}
-        self._invitations: dict[str, list[Invitation]] = {}
+        #: per patient, every invitation of theirs as the rules read it (oldest first)
+        self._invitations: dict[str, list[PastInvitation]] = {}
+        #: invitations made by this unit of work, their events and alerts: written in bulk
+        self._new_invitations: list[dict[str, Any]] = []
+        self._new_events: list[dict[str, Any]] = []
+        self._new_outbox: list[dict[str, Any]] = []
         self._open_holds: dict[str, list[HoldRecord]] = {}
         self._usage: dict[tuple[str, str | None], int] = {}
         self._locked: set[str] = set()
         self._directory: SqlDirectory | None = None
+        #: reference rows changed and not yet flushed (routing reads them with queries)
+        self._reference_dirty = False
 
     # ------------------------------------------------------------------ batch reads
 
@@ -449,13 +469,13 @@ class UnitOfWork:
         patients = sorted({c.patient for c in candidates if c.patient not in self._invitations})
         for start in range(0, len(patients), _CHUNK):
             chunk = patients[start : start + _CHUNK]
-            found: dict[str, list[Invitation]] = {p: [] for p in chunk}
+            found: dict[str, list[PastInvitation]] = {p: [] for p in chunk}
             for invitation in s.scalars(
                 sa.select(Invitation)
                 .where(Invitation.patient.in_(chunk))
                 .order_by(Invitation.created_at, Invitation.id)
             ):
-                found[invitation.patient].append(invitation)
+                found[invitation.patient].append(_past(invitation))
             self._invitations.update(found)
         ids = sorted({c.id for c in candidates if c.id not in self._open_holds})
         for start in range(0, len(ids), _CHUNK):
@@ -507,16 +527,18 @@ class UnitOfWork:
             self._profiles[patient] = profile
         return profile
 
-    def _patient_invitations(self, patient: str) -> list[Invitation]:
+    def _patient_invitations(self, patient: str) -> list[PastInvitation]:
         if self.batched and patient in self._invitations:
             return self._invitations[patient]
-        found = list(
-            self.session.scalars(
+        self._write_pending()
+        found = [
+            _past(i)
+            for i in self.session.scalars(
                 sa.select(Invitation)
                 .where(Invitation.patient == patient)
                 .order_by(Invitation.created_at, Invitation.id)
             )
-        )
+        ]
         if self.batched:
             self._invitations[patient] = found
         return found
@@ -544,12 +566,12 @@ class UnitOfWork:
             self._usage[key] = used
         return used
 
-    def _counted(self, invitation: Invitation, before: bool, after: bool) -> None:
+    def _counted(self, trial_id: str, site: str, before: bool, after: bool) -> None:
         """An invitation started or stopped counting toward its trial's and site's capacity."""
         if before == after:
             return
         delta = 1 if after else -1
-        for key in ((invitation.trial_id, None), (invitation.trial_id, invitation.site)):
+        for key in ((trial_id, None), (trial_id, site)):
             if key in self._usage:
                 self._usage[key] += delta
 
@@ -877,6 +899,7 @@ class UnitOfWork:
             return False
         self.touched.reference_changed = True
         self._directory = None
+        self._reference_dirty = True
         return True
 
     def _reference_row(self, model: type[_Ref], record: ReferenceRecord) -> _Ref | None:
@@ -911,6 +934,7 @@ class UnitOfWork:
         row.updated_at = self.now
         self.touched.reference_changed = True
         self._directory = None
+        self._reference_dirty = True
         return True
 
     # ------------------------------------------------------------------ invitations
@@ -921,15 +945,13 @@ class UnitOfWork:
         target: InvitationState,
         actor: str,
         note: str | None,
-        flush: bool = True,
     ) -> None:
         """The one place an invitation changes state (checked, recorded, candidate updated).
 
-        ``flush``: write it now (so an optimistic-version conflict is raised here); the batched
-        path passes False for invitations it created itself, flushed with the batch."""
+        Written at once, so an optimistic-version conflict is raised here."""
         current = InvitationState(invitation.state)
         check_transition(current, target)
-        self._counted(invitation, _counts(current), _counts(target))
+        self._counted(invitation.trial_id, invitation.site, _counts(current), _counts(target))
         invitation.state = target.value
         invitation.active = target in ACTIVE
         invitation.state_changed_at = self.now
@@ -937,6 +959,9 @@ class UnitOfWork:
             invitation.contacted_at = self.now
         if target in FINAL:
             invitation.closed_at = self.now
+        cached = self._invitations.get(invitation.patient) if self.batched else None
+        if cached is not None:
+            cached[:] = [_past(invitation) if i.id == invitation.id else i for i in cached]
         self.session.add(
             InvitationEvent(
                 invitation_id=invitation.id,
@@ -969,10 +994,12 @@ class UnitOfWork:
             # A slot, or the patient's one open invitation, is free: look again.
             self.touched.trials.add(invitation.trial_id)
             self.touched.patients.add(invitation.patient)
-        if flush or not self.batched:
-            self.session.flush()
+        self.session.flush()
 
     def _create_invitation(self, candidate: Candidate, practitioner: str, trial: Trial) -> None:
+        if self.batched:
+            self._create_invitation_row(candidate, practitioner, trial)
+            return
         invitation = Invitation(
             id=RecruitmentService.new_id(),
             candidate_id=candidate.id,
@@ -996,27 +1023,80 @@ class UnitOfWork:
                 note=candidate.routing_reason,
             )
         )
-        if self.batched:
-            # In memory at once: the patient's next candidate in this batch sees it (active
-            # invitation, yearly cap), and so do the trial's and site's counts.
-            if candidate.patient in self._invitations:
-                self._invitations[candidate.patient].append(invitation)
-            self._counted(invitation, False, True)
-        else:
-            self.session.flush()
+        self.session.flush()
         queued = 0
         if self.service.alerts is not None:
-            queued = self.service.alerts.alert(
-                self.session, invitation, trial, self.now, fresh=self.batched
-            )
+            queued = self.service.alerts.alert(self.session, invitation, trial, self.now)
         if queued == 0:
-            self.move(
-                invitation,
-                S.SENT_TO_CLINICIAN,
-                "system:recruitment",
-                "no notification channel for this clinician: shown in the app only",
-                flush=False,
+            self.move(invitation, S.SENT_TO_CLINICIAN, "system:recruitment", _NO_CHANNEL)
+
+    def _create_invitation_row(
+        self, candidate: Candidate, practitioner: str, trial: Trial
+    ) -> None:
+        """The batched path's invitation: the same rows as :meth:`_create_invitation` writes
+        (its event, its alert, or straight to ``sent_to_clinician`` when no channel takes the
+        alert), as column values written in bulk by :meth:`_write_pending`; the rules of the
+        rest of the batch see it at once."""
+        invitation_id = RecruitmentService.new_id()
+        outbox: list[dict[str, Any]] = []
+        if self.service.alerts is not None:
+            outbox = self.service.alerts.alert_rows(
+                self.session, invitation_id, candidate.site, practitioner, trial, self.now
             )
+        row: dict[str, Any] = {
+            "id": invitation_id,
+            "candidate_id": candidate.id,
+            "trial_id": candidate.trial_id,
+            "patient": candidate.patient,
+            "site": candidate.site,
+            "practitioner": practitioner,
+            "state": S.PROPOSED.value,
+            "active": True,
+            "version": 1,
+            "created_at": self.now,
+            "state_changed_at": self.now,
+            "contacted_at": None,
+            "closed_at": None,
+        }
+        events = [_event(invitation_id, self.now, None, S.PROPOSED, candidate.routing_reason)]
+        if not outbox:
+            # as move() would: checked, recorded, and a second version (an update) of the row
+            check_transition(S.PROPOSED, S.SENT_TO_CLINICIAN)
+            row["state"] = S.SENT_TO_CLINICIAN.value
+            row["version"] = 2
+            events.append(_event(invitation_id, self.now, S.PROPOSED, S.SENT_TO_CLINICIAN))
+        self._new_invitations.append(row)
+        self._new_events.extend(events)
+        self._new_outbox.extend(outbox)
+        cached = self._invitations.get(candidate.patient)
+        if cached is not None:
+            cached.append(
+                PastInvitation(
+                    id=invitation_id,
+                    trial=candidate.trial_id,
+                    state=InvitationState(row["state"]),
+                    created_at=self.now,
+                    state_changed_at=self.now,
+                    reached_patient=False,
+                )
+            )
+        self._counted(candidate.trial_id, candidate.site, False, True)
+
+    def _write_pending(self) -> None:
+        """Write the invitations, events and alerts made in memory: the session's own changes
+        first (their candidates), then one multi-row insert per table. The database checks
+        them here (one open invitation per patient, unique alert keys): a refusal fails the
+        unit of work, and with it the consumer's batch."""
+        if not self._new_invitations:
+            return
+        invitations, events, outbox = self._new_invitations, self._new_events, self._new_outbox
+        self._new_invitations, self._new_events, self._new_outbox = [], [], []
+        s = self.session
+        s.flush()
+        s.execute(sa.insert(Invitation.__table__), invitations)
+        s.execute(sa.insert(InvitationEvent.__table__), events)
+        if outbox:
+            s.execute(sa.insert(OutboxMessage.__table__), outbox)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -1039,13 +1119,57 @@ class UnitOfWork:
                     conditions.append(column.in_(ordered[start : start + _CHUNK]))
             if touched.reference_changed:
                 conditions.append(Candidate.status == C.UNROUTED)
-            candidates = self._candidates(
-                Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
+            if not self.batched:
+                candidates = self._candidates(
+                    Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
+                )
+                directory = self.directory()
+                for candidate in candidates:
+                    self.evaluate(candidate, directory)
+                continue
+            if self._reference_dirty:  # routing reads the reference tables: write them first
+                self.session.flush()
+                self._reference_dirty = False
+            # Without autoflush: the batch's new candidates are inserted once, with the status
+            # the rules give them, by _write_pending (not inserted, then updated).
+            with self.session.no_autoflush:
+                candidates = self._open_candidates(touched, conditions)
+                self._prefetch_rules(candidates)
+                directory = self.directory()
+                for candidate in candidates:
+                    self.evaluate(candidate, directory)
+        self._write_pending()
+
+    def _open_candidates(
+        self, touched: _Touched, conditions: list[sa.ColumnElement[bool]]
+    ) -> list[Candidate]:
+        """The open candidates ``touched`` names, as :meth:`finish`'s query finds them after a
+        flush, read without one: the stored rows it matches, or whose id it names (a status
+        changed in memory), and the unit of work's new candidates; the status that counts is
+        the one in memory."""
+        ids = sorted(touched.candidates)
+        named = [
+            Candidate.id.in_(ids[start : start + _CHUNK]) for start in range(0, len(ids), _CHUNK)
+        ]
+        found = {
+            c.id: c
+            for c in self._candidates(
+                sa.or_(sa.and_(Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)),
+                       *named)  # fmt: skip
             )
-            self._prefetch_rules(candidates)
-            directory = self.directory()
-            for candidate in candidates:
-                self.evaluate(candidate, directory)
+        }
+        for new in self.session.new:
+            if isinstance(new, Candidate) and (
+                new.patient in touched.patients
+                or new.trial_id in touched.trials
+                or new.id in touched.candidates
+                or (touched.reference_changed and new.status == C.UNROUTED)
+            ):
+                found[new.id] = new
+        return sorted(
+            (c for c in found.values() if c.status in OPEN_STATUSES),
+            key=lambda c: (c.arrival, c.id),
+        )
 
     def evaluate(self, candidate: Candidate, directory: SqlDirectory | None = None) -> None:
         """Apply the rules to one open candidate; invite it if nothing holds it back."""
@@ -1117,17 +1241,7 @@ class UnitOfWork:
             research_opt_out=bool(profile and profile.research_opt_out),
             deceased=bool(profile and profile.deceased),
         )
-        invitations = [
-            PastInvitation(
-                id=i.id,
-                trial=i.trial_id,
-                state=InvitationState(i.state),
-                created_at=i.created_at,
-                state_changed_at=i.state_changed_at,
-                reached_patient=i.contacted_at is not None,
-            )
-            for i in self._patient_invitations(candidate.patient)
-        ]
+        invitations = self._patient_invitations(candidate.patient)
         view = self._trial_view(trial)
         usage = Usage(
             trial=self._usage_of(trial.id) if trial.target is not None else 0,
@@ -1144,6 +1258,7 @@ class UnitOfWork:
         return any(ts.site == site and ts.target is not None for ts in trial.sites)
 
     def _used(self, trial_id: str, site: str | None = None) -> int:
+        self._write_pending()
         query = (
             sa.select(sa.func.count())
             .select_from(Invitation)
@@ -1213,6 +1328,7 @@ class UnitOfWork:
         )
 
     def _active_invitation(self, candidate_id: str) -> Invitation | None:
+        self._write_pending()
         return self.session.scalars(
             sa.select(Invitation).where(
                 Invitation.candidate_id == candidate_id, Invitation.active.is_(True)
@@ -1220,6 +1336,7 @@ class UnitOfWork:
         ).first()
 
     def _active_invitations(self, patient: str) -> list[Invitation]:
+        self._write_pending()
         return list(
             self.session.scalars(
                 sa.select(Invitation)
@@ -1227,6 +1344,39 @@ class UnitOfWork:
                 .with_for_update()
             )
         )
+
+
+_NO_CHANNEL = "no notification channel for this clinician: shown in the app only"
+
+
+def _past(invitation: Invitation) -> PastInvitation:
+    """An invitation as the rules read it."""
+    return PastInvitation(
+        id=invitation.id,
+        trial=invitation.trial_id,
+        state=InvitationState(invitation.state),
+        created_at=invitation.created_at,
+        state_changed_at=invitation.state_changed_at,
+        reached_patient=invitation.contacted_at is not None,
+    )
+
+
+def _event(
+    invitation_id: str,
+    at: datetime,
+    source: InvitationState | None,
+    target: InvitationState,
+    note: str | None = _NO_CHANNEL,
+) -> dict[str, Any]:
+    """An invitation event of the routing itself (actor ``system:recruitment``), as values."""
+    return {
+        "invitation_id": invitation_id,
+        "at": at,
+        "actor": "system:recruitment",
+        "from_state": source.value if source else None,
+        "to_state": target.value,
+        "note": note,
+    }
 
 
 def _counts(state: InvitationState) -> bool:

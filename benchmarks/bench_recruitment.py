@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from confluent_kafka import Consumer, Producer
 
 from benchmarks.bench_stream import cpu_seconds
@@ -319,6 +320,64 @@ def run_baseline(bootstrap: str, topic: str, expected: int) -> dict[str, Any]:
     return {"wall_s": wall, "per_s": decoded / wall}
 
 
+def in_process(options: argparse.Namespace, url: str, profiler: Any = None) -> dict[str, Any]:
+    """Routing without Kafka (a profiling aid): the same set-up and cohort records applied through
+    the consumer's unit of work, ``--batch-size`` records per transaction, on a migrated database
+    at ``url``. Returns candidates per second over the cohort records alone."""
+    from core.contracts.cohorts import CohortRecord
+    from core.contracts.trials import OpaqueTrialRecord
+    from recruitment.db import upgrade
+    from recruitment.notify import EMAIL, MemoryChannel
+    from recruitment.runtime import build_runtime
+    from recruitment.settings import RecruitmentSettings
+
+    upgrade(url)
+    settings = RecruitmentSettings(url=url, app_base_url="https://concierge.example")
+    runtime = build_runtime(settings, url=url, channels={EMAIL: MemoryChannel()})
+    service = runtime.service
+    try:
+        with runtime.sessions.begin() as session:
+            work = service.unit_of_work(session)
+            for record in reference_records(options.sites, options.gps):
+                work.reference(record)
+            trial = OpaqueTrialRecord.model_validate(trial_record(options.sites))
+            work.trial(trial.id, trial)
+            for i in range(options.events):
+                work.facts(patient_envelope(i, options.sites, options.gps))
+            work.finish()
+        records = [
+            CohortRecord.model_validate(cohort_record(i, options.sites))
+            for i in range(options.events)
+        ]
+        batch = options.batch_size or 500
+        if profiler is not None:
+            profiler.enable()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for start in range(0, len(records), batch):
+            chunk = records[start : start + batch]
+            with runtime.sessions.begin() as session:
+                work = service.unit_of_work(session)
+                if hasattr(work, "prefetch_cohort"):  # the per-row path has none
+                    work.prefetch_cohort([(r.trial, r.patient) for r in chunk])
+                for record in chunk:
+                    work.cohort(record.trial, record.patient, record)
+                work.finish()
+        wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+        if profiler is not None:
+            profiler.disable()
+        with runtime.sessions() as session:
+            from recruitment.models import Invitation
+
+            invited = session.scalar(sa.select(sa.func.count()).select_from(Invitation))
+    finally:
+        runtime.close()
+    if invited != options.events:
+        raise RuntimeError(f"{invited} invitations for {options.events} cohort records")
+    return {"wall_s": wall, "per_s": options.events / wall, "cpu_s": cpu,
+            "per_cpu_s": options.events / cpu}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=20000, help="cohort-entry events")
@@ -328,9 +387,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="consumer batch (default: the product's setting)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--in-process", action="store_true",
+                        help="no Kafka: apply the records through the unit of work directly "
+                        "(a profiling aid; prints, writes no result)")  # fmt: skip
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="with --in-process: write a cProfile of the cohort part here")  # fmt: skip
     options = parser.parse_args()
     if options.quick:
         options.events = min(options.events, 2000)
+    if options.in_process:
+        home = Path(tempfile.mkdtemp(prefix="bench-recruitment-"))
+        url = f"sqlite:///{home / 'recruitment.sqlite'}"
+        if options.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            found = in_process(options, url, profiler)
+            profiler.dump_stats(options.profile)
+        else:
+            found = in_process(options, url)
+        print(json.dumps(found))
+        return
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     cohort = cohort_messages(options.events, options.sites)
     ours: list[dict[str, Any]] = []

@@ -318,6 +318,7 @@ class RecruitmentConsumer:
         next_offsets: dict[tuple[str, int], int] = {}
         with self.service.sessions.begin() as session:
             work = self.service.unit_of_work(session)
+            work.prefetch_cohort(self._cohort_keys(messages))
             for message in messages:
                 topic, partition, offset = (
                     message.topic(),
@@ -378,6 +379,22 @@ class RecruitmentConsumer:
         raise MessageError(f"no handler for {kind}")  # pragma: no cover - topics are fixed
 
     # -- helpers --
+    def _cohort_keys(self, messages: Sequence[Message]) -> list[tuple[str, str]]:
+        """The ``(trial, patient)`` keys of a batch's cohort records, read ahead in bulk."""
+        keys: list[tuple[str, str]] = []
+        for message in messages:
+            if self.topics.get(message.topic() or "") != "cohort":
+                continue
+            raw = message.key()
+            key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            try:
+                parts = split_cohort_key(key or "")
+            except MessageError:
+                continue  # skipped when applied, with the reason
+            if parts is not None:
+                keys.append((parts[0], parts[1]))
+        return keys
+
     def _readable(self, message: Message) -> bool:
         error = message.error()
         if error is None:

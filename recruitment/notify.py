@@ -74,8 +74,35 @@ class OutboxWriter:
     def inbox_link(self) -> str:
         return f"{self.base_url}/v1/clinician/invitations"
 
-    def alert(self, session: Session, invitation: Invitation, trial: Trial, now: datetime) -> int:
-        """The immediate alert for a new candidate; returns how many channels it was queued on."""
+    def alert(
+        self,
+        session: Session,
+        invitation: Invitation,
+        trial: Trial,
+        now: datetime,
+        *,
+        fresh: bool = False,
+    ) -> int:
+        """The immediate alert for a new candidate; returns how many channels it was queued on.
+
+        ``fresh``: the invitation is new in this transaction, so no alert of it can be queued yet;
+        the dedupe look-up is skipped (the unique dedupe key still refuses a duplicate)."""
+        rows = self.alert_rows(
+            session, invitation.id, invitation.site, invitation.practitioner, trial, now
+        )
+        return self._store(session, rows, fresh)
+
+    def alert_rows(
+        self,
+        session: Session,
+        invitation_id: str,
+        site: str,
+        practitioner: str,
+        trial: Trial,
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """The alert's outbox rows (one per channel), as column values, for a caller that writes
+        many at once (the batched routing path: the invitation is new, so none exists yet)."""
         link = self.page_link()
         title = f"{trial.title} ({trial.id})" if trial.title else trial.id
         subject = f"Trial candidate to review: {trial.id}"
@@ -83,27 +110,27 @@ class OutboxWriter:
             "A patient registered with you, or at a site where you recruit, may be eligible for a "
             "clinical trial.\n\n"
             f"Trial: {title}\n"
-            f"Site: {invitation.site}\n"
-            f"Invitation: {invitation.id}\n\n"
+            f"Site: {site}\n"
+            f"Invitation: {invitation_id}\n\n"
             f"Review it here: {link}\n\n"
             "This message contains no patient details; sign in to see who it concerns.\n"
         )
         payload = {
-            "invitation": invitation.id,
+            "invitation": invitation_id,
             "trial": trial.id,
-            "site": invitation.site,
+            "site": site,
             "link": link,
-            "api": self.invitation_link(invitation.id),
+            "api": self.invitation_link(invitation_id),
         }
-        return self._enqueue(
+        return self._rows(
             session,
             kind="alert",
-            practitioner=invitation.practitioner,
+            practitioner=practitioner,
             subject=subject,
             body=body,
             payload=payload,
-            dedupe=f"alert:{invitation.id}",
-            invitation_id=invitation.id,
+            dedupe=f"alert:{invitation_id}",
+            invitation_id=invitation_id,
             now=now,
         )
 
@@ -201,6 +228,47 @@ class OutboxWriter:
         invitation_id: str | None,
         now: datetime,
     ) -> int:
+        rows = self._rows(
+            session,
+            kind=kind,
+            practitioner=practitioner,
+            subject=subject,
+            body=body,
+            payload=payload,
+            dedupe=dedupe,
+            invitation_id=invitation_id,
+            now=now,
+        )
+        return self._store(session, rows, fresh=False)
+
+    @staticmethod
+    def _store(session: Session, rows: list[dict[str, Any]], fresh: bool) -> int:
+        """Add the rows not queued yet (by dedupe key); how many channels they cover."""
+        for row in rows:
+            exists = (
+                None
+                if fresh
+                else session.scalar(
+                    sa.select(OutboxMessage.id).where(OutboxMessage.dedupe_key == row["dedupe_key"])
+                )
+            )
+            if exists is None:
+                session.add(OutboxMessage(**row))
+        return len(rows)
+
+    def _rows(
+        self,
+        session: Session,
+        *,
+        kind: str,
+        practitioner: str,
+        subject: str,
+        body: str,
+        payload: dict[str, Any],
+        dedupe: str,
+        invitation_id: str | None,
+        now: datetime,
+    ) -> list[dict[str, Any]]:
         targets: list[tuple[str, str]] = []
         if self.email:
             address = self.email_for(session, practitioner)
@@ -208,44 +276,41 @@ class OutboxWriter:
                 targets.append((EMAIL, address))
         if self.webhook:
             targets.append((WEBHOOK, practitioner))
-        queued = 0
+        rows: list[dict[str, Any]] = []
         for channel, recipient in targets:
-            key = f"{dedupe}:{channel}"
-            exists = session.scalar(
-                sa.select(OutboxMessage.id).where(OutboxMessage.dedupe_key == key)
+            message_id = str(uuid.uuid4())
+            rows.append(
+                {
+                    "id": message_id,
+                    "kind": kind,
+                    "channel": channel,
+                    "recipient": recipient,
+                    "practitioner": practitioner,
+                    "subject": subject,
+                    "body": body,
+                    "payload": {
+                        "schema": SCHEMA,
+                        "id": message_id,
+                        "kind": kind,
+                        "practitioner": practitioner,
+                        "subject": subject,
+                        "text": body,
+                        "created_at": now.isoformat(),
+                        **payload,
+                    },
+                    "dedupe_key": f"{dedupe}:{channel}",
+                    "invitation_id": invitation_id,
+                    "created_at": now,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "delivered_at": None,
+                    "failed_at": None,
+                    "last_error": None,
+                }
             )
-            if exists is None:
-                message_id = str(uuid.uuid4())
-                session.add(
-                    OutboxMessage(
-                        id=message_id,
-                        kind=kind,
-                        channel=channel,
-                        recipient=recipient,
-                        practitioner=practitioner,
-                        subject=subject,
-                        body=body,
-                        payload={
-                            "schema": SCHEMA,
-                            "id": message_id,
-                            "kind": kind,
-                            "practitioner": practitioner,
-                            "subject": subject,
-                            "text": body,
-                            "created_at": now.isoformat(),
-                            **payload,
-                        },
-                        dedupe_key=key,
-                        invitation_id=invitation_id,
-                        created_at=now,
-                        attempts=0,
-                        next_attempt_at=now,
-                    )
-                )
-            queued += 1
         if not targets:
             log.warning("no notification channel for practitioner %s (%s)", practitioner, kind)
-        return queued
+        return rows
 
 
 # --------------------------------------------------------------------------- channels

@@ -114,8 +114,32 @@ class ConcurrentChange(RuntimeError):
 class AlertWriter(Protocol):
     """Writes notifications to the outbox (see :class:`recruitment.notify.OutboxWriter`)."""
 
-    def alert(self, session: Session, invitation: Invitation, trial: Trial, now: datetime) -> int:
-        """Enqueue the new-candidate alert; return how many channels it was queued on."""
+    def alert(
+        self,
+        session: Session,
+        invitation: Invitation,
+        trial: Trial,
+        now: datetime,
+        *,
+        fresh: bool = False,
+    ) -> int:
+        """Enqueue the new-candidate alert; return how many channels it was queued on.
+
+        ``fresh``: the invitation was created in this transaction, so no alert of it can exist
+        yet and the dedupe look-up is skipped (the unique dedupe key still guards it)."""
+        ...
+
+    def alert_rows(
+        self,
+        session: Session,
+        invitation_id: str,
+        site: str,
+        practitioner: str,
+        trial: Trial,
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """The same alert as outbox column values (one row per channel), written by the caller
+        together with others; the invitation is new, so none of them exists yet."""
         ...
 
 
@@ -139,10 +163,26 @@ class SqlDirectory:
         self.session = session
         self._recruiters: dict[str, list[str]] = {}
         self._active: dict[str, bool] = {}
+        #: rows read in bulk, held so that ``session.get`` finds them in the identity map
+        self._rows: list[Practitioner] = []
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the given practitioners in a few queries (not one each)."""
+        wanted = sorted({k for k in keys if k not in self._active})
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = wanted[start : start + _CHUNK]
+            rows = self.session.scalars(sa.select(Practitioner).where(Practitioner.key.in_(chunk)))
+            for row in rows:
+                self._rows.append(row)
+                self._active[row.key] = row.active and not row.retracted
+            for key in chunk:
+                self._active.setdefault(key, False)
 
     def is_active_practitioner(self, key: str) -> bool:
         if key not in self._active:
             row = self.session.get(Practitioner, key)
+            if row is not None:
+                self._rows.append(row)
             self._active[key] = row is not None and row.active and not row.retracted
         return self._active[key]
 
@@ -343,20 +383,219 @@ class UnitOfWork:
     (trial, cohort, facts, reference) and invitation moves, records what they touched, and
     re-evaluates it on :meth:`finish`, before the caller commits."""
 
-    def __init__(self, service: RecruitmentService, session: Session) -> None:
+    def __init__(
+        self, service: RecruitmentService, session: Session, batched: bool = True
+    ) -> None:
         self.service = service
         self.session = session
         self.policy = service.policy
         self.now = service.clock()
         self.touched = _Touched()
         self._arrival: int | None = None
+        #: Batch-shaped (the default): what the rules read is fetched a batch at a time and then
+        #: kept in memory, updated as this unit of work changes it (every change of a cached row
+        #: goes through this class); inserts are flushed together. ``False`` is the row-at-a-time
+        #: path (a query per read, a flush per insert), kept as the reference the batched path
+        #: is tested against. The database confirms either way: its unique indexes (one open
+        #: invitation per patient, one candidate per trial and patient) refuse a wrong decision,
+        #: which fails the whole batch, and capacity is counted under the trial's row lock.
+        self.batched = batched
+        self._trials: dict[str, Trial | None] = {}
+        self._trial_views: dict[str, TrialView] = {}
+        self._memberships: dict[tuple[str, str], CohortMembership | None] = {}
+        self._by_key: dict[tuple[str, str], Candidate | None] = {}
+        self._profiles: dict[str, PatientProfile | None] = {}
+        #: per patient, every invitation of theirs as the rules read it (oldest first)
+        self._invitations: dict[str, list[PastInvitation]] = {}
+        #: invitations made by this unit of work, their events and alerts: written in bulk
+        self._new_invitations: list[dict[str, Any]] = []
+        self._new_events: list[dict[str, Any]] = []
+        self._new_outbox: list[dict[str, Any]] = []
+        self._open_holds: dict[str, list[HoldRecord]] = {}
+        self._usage: dict[tuple[str, str | None], int] = {}
+        self._locked: set[str] = set()
+        self._directory: SqlDirectory | None = None
+        #: reference rows changed and not yet flushed (routing reads them with queries)
+        self._reference_dirty = False
+
+    # ------------------------------------------------------------------ batch reads
+
+    def prefetch_cohort(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Read, for a batch of cohort records (``(trial, patient)`` keys), their memberships,
+        candidates and trials in a few set-based queries."""
+        if not self.batched:
+            return
+        wanted = sorted({k for k in keys if k not in self._memberships})
+        if not wanted:
+            return
+        trial_ids = sorted({t for t, _ in wanted})
+        for trial_id in trial_ids:
+            self._trial(trial_id)
+        patients = sorted({p for _, p in wanted})
+        for start in range(0, len(patients), _CHUNK):
+            chunk = patients[start : start + _CHUNK]
+            for membership in self.session.scalars(
+                sa.select(CohortMembership).where(
+                    CohortMembership.trial_id.in_(trial_ids), CohortMembership.patient.in_(chunk)
+                )
+            ):
+                self._memberships[(membership.trial_id, membership.patient)] = membership
+            for candidate in self.session.scalars(
+                sa.select(Candidate).where(
+                    Candidate.trial_id.in_(trial_ids), Candidate.patient.in_(chunk)
+                )
+            ):
+                self._by_key[(candidate.trial_id, candidate.patient)] = candidate
+        for key in wanted:
+            self._memberships.setdefault(key, None)
+            self._by_key.setdefault(key, None)
+
+    def _prefetch_rules(self, candidates: Sequence[Candidate]) -> None:
+        """Read what the rules and routing need for these candidates in a few queries: the
+        patients' profiles and every invitation of theirs, the candidates' open holds, and the
+        practitioners their GPs name."""
+        if not self.batched or not candidates:
+            return
+        s = self.session
+        patients = sorted({c.patient for c in candidates if c.patient not in self._profiles})
+        for start in range(0, len(patients), _CHUNK):
+            chunk = patients[start : start + _CHUNK]
+            for profile in s.scalars(
+                sa.select(PatientProfile).where(PatientProfile.pseudonym.in_(chunk))
+            ):
+                self._profiles[profile.pseudonym] = profile
+            for patient in chunk:
+                self._profiles.setdefault(patient, None)
+        patients = sorted({c.patient for c in candidates if c.patient not in self._invitations})
+        for start in range(0, len(patients), _CHUNK):
+            chunk = patients[start : start + _CHUNK]
+            found: dict[str, list[PastInvitation]] = {p: [] for p in chunk}
+            for invitation in s.scalars(
+                sa.select(Invitation)
+                .where(Invitation.patient.in_(chunk))
+                .order_by(Invitation.created_at, Invitation.id)
+            ):
+                found[invitation.patient].append(_past(invitation))
+            self._invitations.update(found)
+        ids = sorted({c.id for c in candidates if c.id not in self._open_holds})
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            holds: dict[str, list[HoldRecord]] = {i: [] for i in chunk}
+            for record in s.scalars(
+                sa.select(HoldRecord)
+                .where(HoldRecord.candidate_id.in_(chunk), HoldRecord.released_at.is_(None))
+                .order_by(HoldRecord.id)
+            ):
+                holds[record.candidate_id].append(record)
+            self._open_holds.update(holds)
+        gps = {
+            key
+            for c in candidates
+            if (profile := self._profiles.get(c.patient)) is not None
+            for key in profile.general_practitioners
+        }
+        self.directory().prefetch(gps)
+
+    def directory(self) -> SqlDirectory:
+        """The practitioner directory; a fresh one whenever reference data changed."""
+        if self._directory is None or not self.batched:
+            self._directory = SqlDirectory(self.session)
+        return self._directory
+
+    def _trial(self, trial_id: str) -> Trial | None:
+        if self.batched and trial_id in self._trials:
+            return self._trials[trial_id]
+        trial = self.session.get(Trial, trial_id)
+        if self.batched:
+            self._trials[trial_id] = trial
+        return trial
+
+    def _membership(self, trial_id: str, patient: str) -> CohortMembership | None:
+        key = (trial_id, patient)
+        if self.batched and key in self._memberships:
+            return self._memberships[key]
+        membership = self.session.get(CohortMembership, key)
+        if self.batched:
+            self._memberships[key] = membership
+        return membership
+
+    def _patient_profile(self, patient: str) -> PatientProfile | None:
+        if self.batched and patient in self._profiles:
+            return self._profiles[patient]
+        profile = self.session.get(PatientProfile, patient)
+        if self.batched:
+            self._profiles[patient] = profile
+        return profile
+
+    def _patient_invitations(self, patient: str) -> list[PastInvitation]:
+        if self.batched and patient in self._invitations:
+            return self._invitations[patient]
+        self._write_pending()
+        found = [
+            _past(i)
+            for i in self.session.scalars(
+                sa.select(Invitation)
+                .where(Invitation.patient == patient)
+                .order_by(Invitation.created_at, Invitation.id)
+            )
+        ]
+        if self.batched:
+            self._invitations[patient] = found
+        return found
+
+    def _holds_open(self, candidate_id: str) -> list[HoldRecord]:
+        if self.batched and candidate_id in self._open_holds:
+            return self._open_holds[candidate_id]
+        found = list(
+            self.session.scalars(
+                sa.select(HoldRecord)
+                .where(HoldRecord.candidate_id == candidate_id, HoldRecord.released_at.is_(None))
+                .order_by(HoldRecord.id)
+            )
+        )
+        if self.batched:
+            self._open_holds[candidate_id] = found
+        return found
+
+    def _usage_of(self, trial_id: str, site: str | None = None) -> int:
+        key = (trial_id, site)
+        if self.batched and key in self._usage:
+            return self._usage[key]
+        used = self._used(trial_id, site)
+        if self.batched:
+            self._usage[key] = used
+        return used
+
+    def _counted(self, trial_id: str, site: str, before: bool, after: bool) -> None:
+        """An invitation started or stopped counting toward its trial's and site's capacity."""
+        if before == after:
+            return
+        delta = 1 if after else -1
+        for key in ((trial_id, None), (trial_id, site)):
+            if key in self._usage:
+                self._usage[key] += delta
+
+    def _trial_view(self, trial: Trial) -> TrialView:
+        view = self._trial_views.get(trial.id) if self.batched else None
+        if view is None:
+            view = TrialView(
+                id=trial.id,
+                status=trial.status,
+                recruiting_sites=frozenset(ts.site for ts in trial.sites),
+                target=trial.target,
+                site_targets={ts.site: ts.target for ts in trial.sites if ts.target is not None},
+            )
+            if self.batched:
+                self._trial_views[trial.id] = view
+        return view
 
     # ------------------------------------------------------------------ trials
 
     def trial(self, trial_id: str, record: OpaqueTrialRecord | None) -> bool:
         """Apply a trial record (None: a tombstone, the trial is gone). False when stale."""
         s = self.session
-        trial = s.get(Trial, trial_id)
+        trial = self._trial(trial_id)
+        self._trial_views.pop(trial_id, None)
         if record is None:
             if trial is None or trial.status == "retired":
                 return False
@@ -369,6 +608,7 @@ class UnitOfWork:
         if trial is None:
             trial = Trial(id=record.id, version=record.version, status=record.status)
             s.add(trial)
+            self._trials[trial_id] = trial
         old_sites = {ts.site for ts in trial.sites}
         trial.version = record.version
         trial.title = record.title
@@ -383,6 +623,7 @@ class UnitOfWork:
             self._trial_site(existing.get(site), trial.id, site, record) for site in sites
         ]
         s.flush()
+        self._trial_views.pop(trial.id, None)
         if record.status in ENDED_STATUSES:
             self._trial_ended(trial, f"trial {record.status}")
         else:
@@ -427,13 +668,15 @@ class UnitOfWork:
     def cohort(self, trial_id: str, patient: str, record: CohortRecord | None) -> bool:
         """Apply a cohort record (None: a tombstone, ``member: false``). False when stale."""
         s = self.session
-        membership = s.get(CohortMembership, (trial_id, patient))
+        membership = self._membership(trial_id, patient)
         if record is not None:
             if membership is not None and record.change <= membership.change:
                 return False
             if membership is None:
                 membership = CohortMembership(trial_id=trial_id, patient=patient)
                 s.add(membership)
+                if self.batched:
+                    self._memberships[(trial_id, patient)] = membership
             membership.change = record.change
             membership.member = record.member
             membership.site = record.site
@@ -446,7 +689,7 @@ class UnitOfWork:
                 return False
             membership.member = False
             membership.updated_at = self.now
-        trial = s.get(Trial, trial_id)
+        trial = self._trial(trial_id)
         if trial is None:
             return True  # kept; candidates are made when the trial arrives
         site = membership.site
@@ -478,7 +721,11 @@ class UnitOfWork:
                 updated_at=self.now,
             )
             self.session.add(candidate)
-            self.session.flush()
+            if self.batched:  # flushed with the batch; the unique (trial, patient) index checks
+                self._by_key[(trial.id, patient)] = candidate
+                self._open_holds[candidate.id] = []
+            else:
+                self.session.flush()
         elif candidate.status == C.WITHDRAWN:
             candidate.status = C.HELD
             candidate.site = site
@@ -595,7 +842,7 @@ class UnitOfWork:
                 self.touched.candidates.add(candidate.id)
 
     def _profile(self, patient: str) -> PatientProfile:
-        profile = self.session.get(PatientProfile, patient)
+        profile = self._patient_profile(patient)
         if profile is None:
             profile = PatientProfile(
                 pseudonym=patient,
@@ -606,6 +853,8 @@ class UnitOfWork:
                 updated_at=self.now,
             )
             self.session.add(profile)
+            if self.batched:
+                self._profiles[patient] = profile
         return profile
 
     # ------------------------------------------------------------------ reference data
@@ -649,6 +898,8 @@ class UnitOfWork:
         else:
             return False
         self.touched.reference_changed = True
+        self._directory = None
+        self._reference_dirty = True
         return True
 
     def _reference_row(self, model: type[_Ref], record: ReferenceRecord) -> _Ref | None:
@@ -682,16 +933,25 @@ class UnitOfWork:
         row.active = False
         row.updated_at = self.now
         self.touched.reference_changed = True
+        self._directory = None
+        self._reference_dirty = True
         return True
 
     # ------------------------------------------------------------------ invitations
 
     def move(
-        self, invitation: Invitation, target: InvitationState, actor: str, note: str | None
+        self,
+        invitation: Invitation,
+        target: InvitationState,
+        actor: str,
+        note: str | None,
     ) -> None:
-        """The one place an invitation changes state (checked, recorded, candidate updated)."""
+        """The one place an invitation changes state (checked, recorded, candidate updated).
+
+        Written at once, so an optimistic-version conflict is raised here."""
         current = InvitationState(invitation.state)
         check_transition(current, target)
+        self._counted(invitation.trial_id, invitation.site, _counts(current), _counts(target))
         invitation.state = target.value
         invitation.active = target in ACTIVE
         invitation.state_changed_at = self.now
@@ -699,6 +959,9 @@ class UnitOfWork:
             invitation.contacted_at = self.now
         if target in FINAL:
             invitation.closed_at = self.now
+        cached = self._invitations.get(invitation.patient) if self.batched else None
+        if cached is not None:
+            cached[:] = [_past(invitation) if i.id == invitation.id else i for i in cached]
         self.session.add(
             InvitationEvent(
                 invitation_id=invitation.id,
@@ -734,6 +997,9 @@ class UnitOfWork:
         self.session.flush()
 
     def _create_invitation(self, candidate: Candidate, practitioner: str, trial: Trial) -> None:
+        if self.batched:
+            self._create_invitation_row(candidate, practitioner, trial)
+            return
         invitation = Invitation(
             id=RecruitmentService.new_id(),
             candidate_id=candidate.id,
@@ -762,12 +1028,75 @@ class UnitOfWork:
         if self.service.alerts is not None:
             queued = self.service.alerts.alert(self.session, invitation, trial, self.now)
         if queued == 0:
-            self.move(
-                invitation,
-                S.SENT_TO_CLINICIAN,
-                "system:recruitment",
-                "no notification channel for this clinician: shown in the app only",
+            self.move(invitation, S.SENT_TO_CLINICIAN, "system:recruitment", _NO_CHANNEL)
+
+    def _create_invitation_row(
+        self, candidate: Candidate, practitioner: str, trial: Trial
+    ) -> None:
+        """The batched path's invitation: the same rows as :meth:`_create_invitation` writes
+        (its event, its alert, or straight to ``sent_to_clinician`` when no channel takes the
+        alert), as column values written in bulk by :meth:`_write_pending`; the rules of the
+        rest of the batch see it at once."""
+        invitation_id = RecruitmentService.new_id()
+        outbox: list[dict[str, Any]] = []
+        if self.service.alerts is not None:
+            outbox = self.service.alerts.alert_rows(
+                self.session, invitation_id, candidate.site, practitioner, trial, self.now
             )
+        row: dict[str, Any] = {
+            "id": invitation_id,
+            "candidate_id": candidate.id,
+            "trial_id": candidate.trial_id,
+            "patient": candidate.patient,
+            "site": candidate.site,
+            "practitioner": practitioner,
+            "state": S.PROPOSED.value,
+            "active": True,
+            "version": 1,
+            "created_at": self.now,
+            "state_changed_at": self.now,
+            "contacted_at": None,
+            "closed_at": None,
+        }
+        events = [_event(invitation_id, self.now, None, S.PROPOSED, candidate.routing_reason)]
+        if not outbox:
+            # as move() would: checked, recorded, and a second version (an update) of the row
+            check_transition(S.PROPOSED, S.SENT_TO_CLINICIAN)
+            row["state"] = S.SENT_TO_CLINICIAN.value
+            row["version"] = 2
+            events.append(_event(invitation_id, self.now, S.PROPOSED, S.SENT_TO_CLINICIAN))
+        self._new_invitations.append(row)
+        self._new_events.extend(events)
+        self._new_outbox.extend(outbox)
+        cached = self._invitations.get(candidate.patient)
+        if cached is not None:
+            cached.append(
+                PastInvitation(
+                    id=invitation_id,
+                    trial=candidate.trial_id,
+                    state=InvitationState(row["state"]),
+                    created_at=self.now,
+                    state_changed_at=self.now,
+                    reached_patient=False,
+                )
+            )
+        self._counted(candidate.trial_id, candidate.site, False, True)
+
+    def _write_pending(self) -> None:
+        """Write the invitations, events and alerts made in memory: the session's own changes
+        first (their candidates), then one multi-row insert per table. The database checks
+        them here (one open invitation per patient, unique alert keys): a refusal fails the
+        unit of work, and with it the consumer's batch."""
+        if not self._new_invitations:
+            return
+        invitations, events, outbox = self._new_invitations, self._new_events, self._new_outbox
+        self._new_invitations, self._new_events, self._new_outbox = [], [], []
+        s = self.session
+        s.flush()
+        s.execute(sa.insert(Invitation.__table__), invitations)
+        s.execute(sa.insert(InvitationEvent.__table__), events)
+        if outbox:
+            s.execute(sa.insert(OutboxMessage.__table__), outbox)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -790,37 +1119,93 @@ class UnitOfWork:
                     conditions.append(column.in_(ordered[start : start + _CHUNK]))
             if touched.reference_changed:
                 conditions.append(Candidate.status == C.UNROUTED)
-            candidates = self._candidates(
-                Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
+            if not self.batched:
+                candidates = self._candidates(
+                    Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)
+                )
+                directory = self.directory()
+                for candidate in candidates:
+                    self.evaluate(candidate, directory)
+                continue
+            if self._reference_dirty:  # routing reads the reference tables: write them first
+                self.session.flush()
+                self._reference_dirty = False
+            # Without autoflush: the batch's new candidates are inserted once, with the status
+            # the rules give them, by _write_pending (not inserted, then updated).
+            with self.session.no_autoflush:
+                candidates = self._open_candidates(touched, conditions)
+                self._prefetch_rules(candidates)
+                directory = self.directory()
+                for candidate in candidates:
+                    self.evaluate(candidate, directory)
+        self._write_pending()
+
+    def _open_candidates(
+        self, touched: _Touched, conditions: list[sa.ColumnElement[bool]]
+    ) -> list[Candidate]:
+        """The open candidates ``touched`` names, as :meth:`finish`'s query finds them after a
+        flush, read without one: the stored rows it matches, or whose id it names (a status
+        changed in memory), and the unit of work's new candidates; the status that counts is
+        the one in memory."""
+        ids = sorted(touched.candidates)
+        named = [
+            Candidate.id.in_(ids[start : start + _CHUNK]) for start in range(0, len(ids), _CHUNK)
+        ]
+        found = {
+            c.id: c
+            for c in self._candidates(
+                sa.or_(sa.and_(Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)),
+                       *named)  # fmt: skip
             )
-            directory = SqlDirectory(self.session)
-            for candidate in candidates:
-                self.evaluate(candidate, directory)
+        }
+        for new in self.session.new:
+            if isinstance(new, Candidate) and (
+                new.patient in touched.patients
+                or new.trial_id in touched.trials
+                or new.id in touched.candidates
+                or (touched.reference_changed and new.status == C.UNROUTED)
+            ):
+                found[new.id] = new
+        return sorted(
+            (c for c in found.values() if c.status in OPEN_STATUSES),
+            key=lambda c: (c.arrival, c.id),
+        )
 
     def evaluate(self, candidate: Candidate, directory: SqlDirectory | None = None) -> None:
         """Apply the rules to one open candidate; invite it if nothing holds it back."""
         if candidate.status not in OPEN_STATUSES:
             return
         s = self.session
-        trial = s.get(Trial, candidate.trial_id)
+        trial = self._trial(candidate.trial_id)
         if trial is None:  # pragma: no cover - candidates are only made for known trials
             return
-        holds = self._holds(candidate, trial)
-        if not holds and (trial.target is not None or self._site_target(trial, candidate.site)):
-            # Capacity: lock the trial row (PostgreSQL) and count again under the lock.
-            s.execute(sa.select(Trial.id).where(Trial.id == trial.id).with_for_update()).all()
+        capacity = trial.target is not None or self._site_target(trial, candidate.site)
+        if self.batched:
+            if capacity and trial.id not in self._locked:
+                # Capacity: lock the trial row (PostgreSQL) once, count under the lock, then
+                # keep the counts in memory as this unit of work invites and closes.
+                s.execute(sa.select(Trial.id).where(Trial.id == trial.id).with_for_update()).all()
+                self._locked.add(trial.id)
+                for key in [k for k in self._usage if k[0] == trial.id]:
+                    del self._usage[key]
             holds = self._holds(candidate, trial)
+        else:
+            holds = self._holds(candidate, trial)
+            if not holds and capacity:
+                # Capacity: lock the trial row (PostgreSQL) and count again under the lock.
+                s.execute(sa.select(Trial.id).where(Trial.id == trial.id).with_for_update()).all()
+                holds = self._holds(candidate, trial)
         if holds:
             status = C.EXCLUDED if excludes(holds) else C.HELD
             self._set_status(candidate, status, holds)
             return
-        profile = s.get(PatientProfile, candidate.patient)
+        profile = self._patient_profile(candidate.patient)
         site_row = next((ts for ts in trial.sites if ts.site == candidate.site), None)
         found = route(
             candidate.site,
             list(profile.general_practitioners) if profile else [],
             site_row.recruiter if site_row else None,
-            directory or SqlDirectory(s),
+            directory or self.directory(),
         )
         candidate.routing_via = found.via.value
         candidate.routing_reason = found.reason
@@ -850,38 +1235,17 @@ class UnitOfWork:
         return candidate.status != before
 
     def _holds(self, candidate: Candidate, trial: Trial) -> tuple[Hold, ...]:
-        s = self.session
-        profile = s.get(PatientProfile, candidate.patient)
+        profile = self._patient_profile(candidate.patient)
         patient = PatientView(
             known=bool(profile and profile.known),
             research_opt_out=bool(profile and profile.research_opt_out),
             deceased=bool(profile and profile.deceased),
         )
-        invitations = [
-            PastInvitation(
-                id=i.id,
-                trial=i.trial_id,
-                state=InvitationState(i.state),
-                created_at=i.created_at,
-                state_changed_at=i.state_changed_at,
-                reached_patient=i.contacted_at is not None,
-            )
-            for i in s.scalars(
-                sa.select(Invitation)
-                .where(Invitation.patient == candidate.patient)
-                .order_by(Invitation.created_at)
-            )
-        ]
-        view = TrialView(
-            id=trial.id,
-            status=trial.status,
-            recruiting_sites=frozenset(ts.site for ts in trial.sites),
-            target=trial.target,
-            site_targets={ts.site: ts.target for ts in trial.sites if ts.target is not None},
-        )
+        invitations = self._patient_invitations(candidate.patient)
+        view = self._trial_view(trial)
         usage = Usage(
-            trial=self._used(trial.id) if trial.target is not None else 0,
-            site=self._used(trial.id, candidate.site)
+            trial=self._usage_of(trial.id) if trial.target is not None else 0,
+            site=self._usage_of(trial.id, candidate.site)
             if self._site_target(trial, candidate.site)
             else 0,
         )
@@ -894,6 +1258,7 @@ class UnitOfWork:
         return any(ts.site == site and ts.target is not None for ts in trial.sites)
 
     def _used(self, trial_id: str, site: str | None = None) -> int:
+        self._write_pending()
         query = (
             sa.select(sa.func.count())
             .select_from(Invitation)
@@ -913,28 +1278,28 @@ class UnitOfWork:
         candidate.status = status.value
         candidate.updated_at = self.now
         wanted = {(h.rule.value, h.reason): h for h in holds}
-        open_records = self.session.scalars(
-            sa.select(HoldRecord).where(
-                HoldRecord.candidate_id == candidate.id, HoldRecord.released_at.is_(None)
-            )
-        )
+        open_records = self._holds_open(candidate.id)
+        kept: list[HoldRecord] = []
         for record in open_records:
             if (record.rule, record.reason) in wanted:
                 wanted.pop((record.rule, record.reason))
+                kept.append(record)
             else:
                 record.released_at = self.now
         for hold in wanted.values():
-            self.session.add(
-                HoldRecord(
-                    candidate_id=candidate.id,
-                    trial_id=candidate.trial_id,
-                    patient=candidate.patient,
-                    rule=hold.rule.value,
-                    reason=hold.reason,
-                    until=hold.until,
-                    opened_at=self.now,
-                )
+            record = HoldRecord(
+                candidate_id=candidate.id,
+                trial_id=candidate.trial_id,
+                patient=candidate.patient,
+                rule=hold.rule.value,
+                reason=hold.reason,
+                until=hold.until,
+                opened_at=self.now,
             )
+            self.session.add(record)
+            kept.append(record)
+        if self.batched:
+            self._open_holds[candidate.id] = kept
         candidate.held_reasons = [h.as_dict() for h in holds]
         if status in (C.HELD, C.EXCLUDED):
             # Not routed (any more); a closed or withdrawn candidate keeps its routing as history.
@@ -945,9 +1310,15 @@ class UnitOfWork:
     # ------------------------------------------------------------------ queries
 
     def _candidate(self, trial_id: str, patient: str) -> Candidate | None:
-        return self.session.scalars(
+        key = (trial_id, patient)
+        if self.batched and key in self._by_key:
+            return self._by_key[key]
+        found = self.session.scalars(
             sa.select(Candidate).where(Candidate.trial_id == trial_id, Candidate.patient == patient)
         ).first()
+        if self.batched:
+            self._by_key[key] = found
+        return found
 
     def _candidates(self, *where: sa.ColumnElement[bool]) -> list[Candidate]:
         return list(
@@ -957,6 +1328,7 @@ class UnitOfWork:
         )
 
     def _active_invitation(self, candidate_id: str) -> Invitation | None:
+        self._write_pending()
         return self.session.scalars(
             sa.select(Invitation).where(
                 Invitation.candidate_id == candidate_id, Invitation.active.is_(True)
@@ -964,6 +1336,7 @@ class UnitOfWork:
         ).first()
 
     def _active_invitations(self, patient: str) -> list[Invitation]:
+        self._write_pending()
         return list(
             self.session.scalars(
                 sa.select(Invitation)
@@ -971,6 +1344,44 @@ class UnitOfWork:
                 .with_for_update()
             )
         )
+
+
+_NO_CHANNEL = "no notification channel for this clinician: shown in the app only"
+
+
+def _past(invitation: Invitation) -> PastInvitation:
+    """An invitation as the rules read it."""
+    return PastInvitation(
+        id=invitation.id,
+        trial=invitation.trial_id,
+        state=InvitationState(invitation.state),
+        created_at=invitation.created_at,
+        state_changed_at=invitation.state_changed_at,
+        reached_patient=invitation.contacted_at is not None,
+    )
+
+
+def _event(
+    invitation_id: str,
+    at: datetime,
+    source: InvitationState | None,
+    target: InvitationState,
+    note: str | None = _NO_CHANNEL,
+) -> dict[str, Any]:
+    """An invitation event of the routing itself (actor ``system:recruitment``), as values."""
+    return {
+        "invitation_id": invitation_id,
+        "at": at,
+        "actor": "system:recruitment",
+        "from_state": source.value if source else None,
+        "to_state": target.value,
+        "note": note,
+    }
+
+
+def _counts(state: InvitationState) -> bool:
+    """Whether an invitation in this state takes a place of its trial's capacity."""
+    return state in ACTIVE or state is S.ENROLLED
 
 
 def _fact_data(kind: str, envelope: ResourceFacts) -> dict[str, Any]:

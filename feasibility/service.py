@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -187,50 +187,52 @@ def unconvertible_results(
     out: dict[int, Cell] = {}
     fresh: list[NewPublication] = []
     used = registry if policy.overlap_control else None
-    for i, step in enumerate(question.steps):
-        column = pl.col(f"s{i}")
-        exclusion = isinstance(step, ExclusionStep)
-        tops = step.all_of if isinstance(step, ExclusionStep) else step.any_of
-        if any(
-            isinstance(c, ObservationCriterion) and c.value is not None and c.value.unit
-            for top in tops
-            for c in walk_criterion(top)
-        ):
-            skipped = population.filter(remaining & (pl.col(f"u{i}") > 0))
-            results = int(skipped.get_column(f"u{i}").sum())
-            patients = skipped.height
-            fresh_cell = (
-                Cell(None, policy.withheld_display, True)
-                if policy.is_small(results) or policy.is_small(patients)
-                else Cell(policy.rounded(results), str(policy.rounded(results)), False)
-            )
-            if used is None:
-                out[i] = fresh_cell
-            else:
-                pids = skipped.get_column("pid")
-                if pids.len() and int(pids.max()) >= RESULT_SETS:  # type: ignore[arg-type]
-                    raise ValueError("patient ids reach the result sets' namespace")
-                bits = FrozenBitMap(pids.cast(pl.UInt32).to_numpy() + RESULT_SETS)
-                with used.lock:
+    # one step across every API process: the lookups and the recording (registry.lock)
+    guard: AbstractContextManager[Any] = used.lock if used is not None else nullcontext()
+    with guard:
+        for i, step in enumerate(question.steps):
+            column = pl.col(f"s{i}")
+            exclusion = isinstance(step, ExclusionStep)
+            tops = step.all_of if isinstance(step, ExclusionStep) else step.any_of
+            if any(
+                isinstance(c, ObservationCriterion) and c.value is not None and c.value.unit
+                for top in tops
+                for c in walk_criterion(top)
+            ):
+                skipped = population.filter(remaining & (pl.col(f"u{i}") > 0))
+                results = int(skipped.get_column(f"u{i}").sum())
+                patients = skipped.height
+                fresh_cell = (
+                    Cell(None, policy.withheld_display, True)
+                    if policy.is_small(results) or policy.is_small(patients)
+                    else Cell(policy.rounded(results), str(policy.rounded(results)), False)
+                )
+                if used is None:
+                    out[i] = fresh_cell
+                else:
+                    pids = skipped.get_column("pid")
+                    if pids.len() and int(pids.max()) >= RESULT_SETS:  # type: ignore[arg-type]
+                        raise ValueError("patient ids reach the result sets' namespace")
+                    bits = FrozenBitMap(pids.cast(pl.UInt32).to_numpy() + RESULT_SETS)
                     if not fresh:
                         used.refresh()
                     match = used.match(bits, policy.threshold)
-                if match is not None:
-                    entry = match.entry
-                    out[i] = Cell(entry.value, current_display(entry.display), entry.hidden)
-                    if not match.exact:  # the near set is published as a copy, like a cell's
-                        fresh.append(NewPublication(bits, entry.value, entry.display,
-                                                    entry.hidden, entry.id))  # fmt: skip
-                else:
-                    out[i] = fresh_cell
-                    fresh.append(NewPublication(bits, fresh_cell.value, fresh_cell.display,
-                                                fresh_cell.suppressed, None))  # fmt: skip
-        passed = (column == 0) if exclusion else (column == 1)
-        if exclusion and question.exclusion_unknown == "keep":
-            passed = passed | column.is_null()
-        remaining = remaining & passed
-    if used is not None and fresh:
-        used.record(fresh, org, fingerprint, overlap_hits=0)
+                    if match is not None:
+                        entry = match.entry
+                        out[i] = Cell(entry.value, current_display(entry.display), entry.hidden)
+                        if not match.exact:  # the near set is published as a copy, like a cell's
+                            fresh.append(NewPublication(bits, entry.value, entry.display,
+                                                        entry.hidden, entry.id))  # fmt: skip
+                    else:
+                        out[i] = fresh_cell
+                        fresh.append(NewPublication(bits, fresh_cell.value, fresh_cell.display,
+                                                    fresh_cell.suppressed, None))  # fmt: skip
+            passed = (column == 0) if exclusion else (column == 1)
+            if exclusion and question.exclusion_unknown == "keep":
+                passed = passed | column.is_null()
+            remaining = remaining & passed
+        if used is not None and fresh:
+            used.record(fresh, org, fingerprint, overlap_hits=0)
     return out
 
 

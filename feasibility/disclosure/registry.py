@@ -6,7 +6,6 @@ organisation's last answer to each question. See ``docs/explanation/disclosure-c
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from pyroaring import AbstractBitMap, FrozenBitMap
+
+from core.db import ProcessLock
 
 from .policy import WITHHELD
 from .tables import (
@@ -79,8 +80,11 @@ class PublicationRegistry:
     (``dc_relations``); answers in which overlap control fired are a third
     (``dc_overlap_events``, read by :class:`QueryBudget`). An in-memory index by cardinality is
     loaded at start and topped up from the tables before each answer, so several processes
-    sharing a database see each other's publications (lookups and recording are serialised per
-    process; see the limitations in the threat-model document).
+    sharing a database see each other's publications. :attr:`lock` is held across those
+    processes (:class:`~core.db.ProcessLock`): an answer's refresh, lookups and recording
+    happen while no other process records, so two answers given at once by two API processes
+    cannot both publish near sets without seeing each other, and publication ids are committed
+    in order (the refresh's ``id >`` the last one loaded misses none).
 
     ``PublicationRegistry("sqlite://")`` is an in-memory registry for tests. ``target`` may also
     be an existing SQLAlchemy engine (e.g. to share one in-memory database with a
@@ -92,7 +96,7 @@ class PublicationRegistry:
     ) -> None:
         self.engine = open_engine(target)
         self.clock = clock
-        self.lock = threading.RLock()
+        self.lock = ProcessLock(self.engine, "disclosure-registry")
         self._exact: dict[FrozenBitMap, Publication] = {}
         self._fresh: dict[int, list[Publication]] = {}
         self._by_id: dict[int, Publication] = {}
@@ -215,10 +219,8 @@ class PublicationRegistry:
         reference is an existing publication id, or ``("new", i)`` for ``rows[i]``), an overlap
         event, and (when given) ``answer`` as the last one ``org`` got for ``fingerprint``, in
         one transaction."""
-        t = publications_table
         now = self.clock()
         created = datetime.fromtimestamp(now, UTC)
-        entries: list[Publication] = []
         params = [
             {
                 "org": org,
@@ -233,7 +235,26 @@ class PublicationRegistry:
             }
             for row in rows
         ]
-        with self.lock, self.engine.begin() as conn:
+        with self.lock:
+            # what other processes recorded first, so that this answer's ids follow theirs
+            self.refresh()
+            self._insert(rows, params, org, fingerprint, overlap_hits, relations, answer, now)
+
+    def _insert(
+        self,
+        rows: Sequence[NewPublication],
+        params: list[dict[str, Any]],
+        org: str,
+        fingerprint: str,
+        overlap_hits: int,
+        relations: Sequence[tuple[PublicationRef, Sequence[PublicationRef]]],
+        answer: Mapping[str, Any] | None,
+        now: float,
+    ) -> None:
+        t = publications_table
+        created = datetime.fromtimestamp(now, UTC)
+        entries: list[Publication] = []
+        with self.engine.begin() as conn:
             if params:
                 inserted = conn.execute(
                     t.insert().returning(t.c.id, sort_by_parameter_order=True), params

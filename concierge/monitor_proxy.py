@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 from fastapi import FastAPI, Request, Response
 
-from core.http import RETRY_AFTER_HEADER, problem
+from core.http import problem
 from infra.mirror import ReaderStatus
 
 PREFIX = "/v1/surveillance"
@@ -130,7 +130,7 @@ def install(app: FastAPI, url: str, timeout: float = 30.0) -> None:
                 "Service Unavailable",
                 f"the signal monitor service does not answer ({type(exc).__name__}); "
                 "try again shortly",
-                headers={RETRY_AFTER_HEADER: str(RETRY_AFTER_SECONDS)},
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS}
         return Response(answer.content, status_code=answer.status_code, headers=kept)

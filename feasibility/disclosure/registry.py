@@ -22,6 +22,7 @@ from .tables import (
     answers_table,
     open_engine,
     overlap_events_table,
+    patient_numbers_table,
     publications_table,
     relations_table,
 )
@@ -105,6 +106,7 @@ class PublicationRegistry:
         self._count = 0
         self._last_id = 0
         self._last_relation = 0
+        self._numbers: dict[str, int] = {}
         self.refresh()
 
     def __len__(self) -> int:
@@ -142,6 +144,32 @@ class PublicationRegistry:
             for relation in conn.execute(query):
                 self._last_relation = max(self._last_relation, relation.id)
                 self._index_relation((relation.parent, tuple(json.loads(relation.children))))
+
+    def numbers(self, patients: Sequence[str]) -> list[int]:
+        """The registry's number of each patient pseudonym, the same in every process on the
+        database (given on first sight, kept for good): bitmaps matched and recorded here
+        must be of these, since a snapshot's own ids differ between processes and restarts."""
+        missing = [p for p in dict.fromkeys(patients) if p not in self._numbers]
+        if missing:
+            t = patient_numbers_table
+            with self.lock:
+                for start in range(0, len(missing), 5000):
+                    chunk = missing[start : start + 5000]
+                    with self.engine.begin() as conn:
+                        known = {
+                            row.patient
+                            for row in conn.execute(
+                                sa.select(t.c.patient).where(t.c.patient.in_(chunk))
+                            )
+                        }
+                        new = [{"patient": p} for p in chunk if p not in known]
+                        if new:  # under the lock: no other process inserts meanwhile
+                            conn.execute(t.insert(), new)
+                        for row in conn.execute(
+                            sa.select(t.c.patient, t.c.number).where(t.c.patient.in_(chunk))
+                        ):
+                            self._numbers[row.patient] = int(row.number)
+        return [self._numbers[p] for p in patients]
 
     def _index_relation(self, relation: tuple[int, tuple[int, ...]]) -> None:
         if relation in self._relations:

@@ -126,7 +126,9 @@ def main() -> None:
     print(f"preparing {options.probes} probe patients", file=sys.stderr)
     probes = probe_patients(options.probes, seed=7)
     worker = spawn([sys.executable, "-m", "concierge", "worker"], env, home / "worker.log")
-    api = spawn([sys.executable, "-m", "concierge", "api"], env, home / "api.log")
+    # the monitor inside the API, as in the demo (a cluster runs `concierge monitor`)
+    api_env = {**env, "CONCIERGE_SURVEILLANCE_MONITOR": "true"}
+    api = spawn([sys.executable, "-m", "concierge", "api"], api_env, home / "api.log")
     base = f"http://127.0.0.1:{api_port}"
     regulator = {"Authorization": f"Bearer {issue(KEY.encode(), 'regulator', 'bench')}"}
     # the monitor's exact patient count is for site admins (regulators see it rounded)

@@ -238,7 +238,8 @@ def create_app(
 ) -> FastAPI:
     """The API with the services given; each one left None is built at start-up from
     ``settings`` when its switch is on (``feasibility_feed``, ``recruitment_api``,
-    ``surveillance_monitor``), and stopped at shutdown."""
+    ``surveillance_monitor``), and stopped at shutdown. With ``surveillance_monitor_url`` set,
+    ``/v1/surveillance`` is forwarded to the monitor service (:mod:`concierge.monitor_proxy`)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -266,7 +267,11 @@ def create_app(
             app.state.terminology = found or build_terminology(settings)
         if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
             app.state.recruitment, app.state.identities = build_recruitment(settings)
-        if getattr(app.state, "surveillance", None) is None and settings.surveillance_monitor:
+        if (
+            getattr(app.state, "surveillance", None) is None
+            and settings.surveillance_monitor
+            and not settings.surveillance_monitor_url
+        ):
             app.state.surveillance = build_surveillance(settings, app.state.audit)
         attach_signal_notices(app)
         if getattr(app.state, "audit_anchors", None) is None and settings.audit_anchor_seconds:
@@ -375,6 +380,11 @@ def create_app(
     app.include_router(build_import_router())
 
     app.include_router(surveillance_router())
+    if surveillance is None and settings.surveillance_monitor_url:
+        # the monitor is a service of its own: /v1/surveillance is forwarded to it
+        from concierge import monitor_proxy
+
+        monitor_proxy.install(app, settings.surveillance_monitor_url)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     def healthz() -> dict[str, Any]:

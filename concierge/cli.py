@@ -13,6 +13,8 @@ VERBS: dict[str, str] = {
     "topics": "concierge.commands.infra:topics",
     "ingest": "concierge.commands.ingest:ingest",
     "api": "concierge.commands.api:api",
+    "monitor": "concierge.commands.monitor:monitor",
+    "deadletter": "concierge.commands.deadletter:deadletter",
     "dashboard": "concierge.commands.dashboard:dashboard",
     "worker": "concierge.commands.worker:worker",
     "generate": "concierge.commands.generate:generate",

@@ -599,7 +599,10 @@ def _run(
     subprocess.run([*concierge, "topics", "create"], env=env, check=True)
 
     children.spawn("worker", [*concierge, "worker"], logs / "worker.log", env)
-    children.spawn("api", [*concierge, "api"], logs / "api.log", env)
+    # one process serves everything in the demo: the signal monitor runs inside the API
+    # (a cluster runs it as `concierge monitor`, docs/how-to/deploy-cluster.md)
+    api_env = {"CONCIERGE_SURVEILLANCE_MONITOR": "true", **env}
+    children.spawn("api", [*concierge, "api"], logs / "api.log", api_env)
     # clinicians' alerts go by e-mail to a local SMTP server (aiosmtpd; messages in its log)
     smtp_port = _free_port()
     children.spawn(

@@ -36,7 +36,10 @@ def readers(app: FastAPI) -> Iterator[tuple[str, Any]]:
             reader = getattr(feasibility, attribute, None)
             if reader is not None:
                 yield name, reader
-    monitor = getattr(app.state, "surveillance", None)
+    # the monitor in this process, or the monitor service's own readiness (monitor_proxy)
+    monitor = getattr(app.state, "surveillance", None) or getattr(
+        app.state, "surveillance_remote", None
+    )
     if monitor is not None:
         yield "signals", monitor
 

@@ -212,6 +212,65 @@ def _migration_lock(schema: Schema, url: str) -> Iterator[None]:
     yield
 
 
+class ProcessLock:
+    """A re-entrant lock held across every process that shares ``engine``'s database: threads
+    of this process take turns on an ``RLock``; the outermost holder also takes PostgreSQL's
+    session advisory lock ``name`` (on a connection of its own, released by the server if the
+    process dies), or an exclusive ``flock`` on ``<database>.<name>.lock`` next to a SQLite
+    file (SQLite is shared only by processes on one host). An in-memory SQLite database belongs
+    to one process: the ``RLock`` alone.
+
+    For a read-decide-write that spans several transactions (the disclosure registry's
+    refresh, match and record; the query budget's check and charge), where a row lock or
+    ``BEGIN IMMEDIATE`` would cover only one of them."""
+
+    def __init__(self, engine: sa.Engine, name: str) -> None:
+        import threading
+
+        self.engine = engine
+        self.name = name
+        self._local = threading.RLock()
+        self._depth = 0
+        self._held: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> ProcessLock:
+        self._local.acquire()
+        try:
+            if self._depth == 0:
+                self._held = self._acquire()
+        except BaseException:
+            self._local.release()
+            raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._held is not None:
+                held, self._held = self._held, None
+                held.close()
+        finally:
+            self._local.release()
+
+    def _acquire(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        backend = self.engine.url.get_backend_name()
+        if backend == "postgresql":
+            key = zlib.crc32(f"concierge:{self.name}".encode())
+            conn = stack.enter_context(self.engine.connect())
+            # autocommit: the advisory lock is the session's, not a transaction's
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            stack.callback(conn.execute, sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        elif backend == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            path = Path(f"{self.engine.url.database}.{self.name}.lock")
+            handle = stack.enter_context(path.open("a"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+        return stack
+
+
 def run_environment(
     context: Any, metadata: sa.MetaData | None, default_url: str | None = None
 ) -> None:
@@ -265,6 +324,7 @@ def run_environment(
 __all__ = [
     "NO_NUL",
     "READ_ONLY",
+    "ProcessLock",
     "Schema",
     "SchemaNotReady",
     "alembic_config",

@@ -193,9 +193,16 @@ class Settings(BaseSettings):
     #: Whether the API serves clinicians (the recruitment database, migrated on start).
     recruitment_api: bool = True
 
-    #: Whether the API runs the device-signal monitor (run exactly one per deployment: it is the
-    #: only writer of the signals topic).
-    surveillance_monitor: bool = True
+    #: Whether this API process runs the device-signal monitor in-process (the single-process
+    #: demo). Off by default: the monitor is its own service (``concierge monitor``), exactly
+    #: one per deployment since it is the only writer of the signals topic.
+    surveillance_monitor: bool = False
+
+    #: The monitor service's base URL (``concierge monitor``): API processes forward
+    #: ``/v1/surveillance`` to it and report its readiness as their ``signals`` view. Empty:
+    #: this API serves no signals (503) unless ``surveillance_monitor`` runs one in-process.
+    surveillance_monitor_url: str = ""
+    monitor_port: Port = 8010
 
     # --- services ---
     api_host: str = "127.0.0.1"

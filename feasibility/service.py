@@ -18,11 +18,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
 from pyroaring import BitMap, FrozenBitMap
 
@@ -168,6 +169,7 @@ def unconvertible_results(
     registry: PublicationRegistry | None = None,
     org: str = "",
     fingerprint: str = "",
+    numbering: Callable[[BitMap], BitMap] | None = None,
 ) -> dict[int, Cell]:
     """Per funnel step whose criteria convert units (index into ``question.steps``): the
     results its criteria skipped because their unit does not convert (the step frame's
@@ -187,50 +189,55 @@ def unconvertible_results(
     out: dict[int, Cell] = {}
     fresh: list[NewPublication] = []
     used = registry if policy.overlap_control else None
-    for i, step in enumerate(question.steps):
-        column = pl.col(f"s{i}")
-        exclusion = isinstance(step, ExclusionStep)
-        tops = step.all_of if isinstance(step, ExclusionStep) else step.any_of
-        if any(
-            isinstance(c, ObservationCriterion) and c.value is not None and c.value.unit
-            for top in tops
-            for c in walk_criterion(top)
-        ):
-            skipped = population.filter(remaining & (pl.col(f"u{i}") > 0))
-            results = int(skipped.get_column(f"u{i}").sum())
-            patients = skipped.height
-            fresh_cell = (
-                Cell(None, policy.withheld_display, True)
-                if policy.is_small(results) or policy.is_small(patients)
-                else Cell(policy.rounded(results), str(policy.rounded(results)), False)
-            )
-            if used is None:
-                out[i] = fresh_cell
-            else:
-                pids = skipped.get_column("pid")
-                if pids.len() and int(pids.max()) >= RESULT_SETS:  # type: ignore[arg-type]
-                    raise ValueError("patient ids reach the result sets' namespace")
-                bits = FrozenBitMap(pids.cast(pl.UInt32).to_numpy() + RESULT_SETS)
-                with used.lock:
+    # one step across every API process: the lookups and the recording (registry.lock)
+    guard: AbstractContextManager[Any] = used.lock if used is not None else nullcontext()
+    with guard:
+        for i, step in enumerate(question.steps):
+            column = pl.col(f"s{i}")
+            exclusion = isinstance(step, ExclusionStep)
+            tops = step.all_of if isinstance(step, ExclusionStep) else step.any_of
+            if any(
+                isinstance(c, ObservationCriterion) and c.value is not None and c.value.unit
+                for top in tops
+                for c in walk_criterion(top)
+            ):
+                skipped = population.filter(remaining & (pl.col(f"u{i}") > 0))
+                results = int(skipped.get_column(f"u{i}").sum())
+                patients = skipped.height
+                fresh_cell = (
+                    Cell(None, policy.withheld_display, True)
+                    if policy.is_small(results) or policy.is_small(patients)
+                    else Cell(policy.rounded(results), str(policy.rounded(results)), False)
+                )
+                if used is None:
+                    out[i] = fresh_cell
+                else:
+                    pids = skipped.get_column("pid")
+                    if pids.len() and int(pids.max()) >= RESULT_SETS:  # type: ignore[arg-type]
+                        raise ValueError("patient ids reach the result sets' namespace")
+                    ids = BitMap(pids.cast(pl.UInt32).to_numpy())
+                    if numbering is not None:  # the registry's numbers (registry_bits)
+                        ids = numbering(ids)
+                    bits = FrozenBitMap(np.asarray(ids.to_array(), dtype=np.uint32) + RESULT_SETS)
                     if not fresh:
                         used.refresh()
                     match = used.match(bits, policy.threshold)
-                if match is not None:
-                    entry = match.entry
-                    out[i] = Cell(entry.value, current_display(entry.display), entry.hidden)
-                    if not match.exact:  # the near set is published as a copy, like a cell's
-                        fresh.append(NewPublication(bits, entry.value, entry.display,
-                                                    entry.hidden, entry.id))  # fmt: skip
-                else:
-                    out[i] = fresh_cell
-                    fresh.append(NewPublication(bits, fresh_cell.value, fresh_cell.display,
-                                                fresh_cell.suppressed, None))  # fmt: skip
-        passed = (column == 0) if exclusion else (column == 1)
-        if exclusion and question.exclusion_unknown == "keep":
-            passed = passed | column.is_null()
-        remaining = remaining & passed
-    if used is not None and fresh:
-        used.record(fresh, org, fingerprint, overlap_hits=0)
+                    if match is not None:
+                        entry = match.entry
+                        out[i] = Cell(entry.value, current_display(entry.display), entry.hidden)
+                        if not match.exact:  # the near set is published as a copy, like a cell's
+                            fresh.append(NewPublication(bits, entry.value, entry.display,
+                                                        entry.hidden, entry.id))  # fmt: skip
+                    else:
+                        out[i] = fresh_cell
+                        fresh.append(NewPublication(bits, fresh_cell.value, fresh_cell.display,
+                                                    fresh_cell.suppressed, None))  # fmt: skip
+            passed = (column == 0) if exclusion else (column == 1)
+            if exclusion and question.exclusion_unknown == "keep":
+                passed = passed | column.is_null()
+            remaining = remaining & passed
+        if used is not None and fresh:
+            used.record(fresh, org, fingerprint, overlap_hits=0)
     return out
 
 
@@ -323,6 +330,35 @@ class FeasibilityService:
     #: Arrival rates and forecasts wait for this much cohort history (hours;
     #: ``CONCIERGE_DC_RATE_MIN_HISTORY_HOURS``); before it they say how long is left.
     rate_min_history_hours: float = 24.0
+    #: The registry's number of each snapshot id (index: pid), grown as patients appear.
+    _shared_numbers: list[int] = field(default_factory=list, init=False, repr=False)
+    _shared_table: np.ndarray[Any, Any] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.uint32), init=False, repr=False
+    )
+
+    def registry_bits(self, bits: BitMap) -> BitMap:
+        """``bits`` (snapshot ids) as the registry's numbers of the same patients
+        (:meth:`PublicationRegistry.numbers`): every API process on the database puts a
+        patient in the same bit, so overlap control matches sets published by another process
+        (or before a restart, which renumbers the snapshot). What :func:`protect` records."""
+        numbers = self._number_patients()
+        table = self._shared_table
+        if len(table) != len(numbers):  # converted once per growth, not once per set
+            table = self._shared_table = np.asarray(numbers, dtype=np.uint32)
+        return BitMap(table[np.asarray(bits.to_array(), dtype=np.int64)])
+
+    def _number_patients(self) -> list[int]:
+        """:attr:`_shared_numbers` for every patient the snapshot has now."""
+        with self.lock:
+            count = self.snapshot.patient_count
+            known = len(self._shared_numbers)
+            new = [self.snapshot.pseudonym_of(pid) for pid in range(known, count)]
+        if new:
+            numbers = self.registry.numbers(new)
+            with self.lock:
+                if len(self._shared_numbers) == known:
+                    self._shared_numbers.extend(numbers)
+        return self._shared_numbers
 
     @contextmanager
     def charged(self, org: str, charge: bool = True) -> Iterator[Charge]:
@@ -412,7 +448,9 @@ class FeasibilityService:
         at, steps, snapshot_at = live.at, live.steps, live.snapshot_at
         assert self.cohorts is not None
         fp = fingerprint(question)
-        protected, audit = protect(live.sets, self.policy, self.registry, org, fp)
+        protected, audit = protect(
+            live.sets, self.policy, self.registry, org, fp, self.registry_bits
+        )
         charge.settle(audit)
         body = {
             "question": fp,
@@ -432,7 +470,9 @@ class FeasibilityService:
             "criteria_version_evaluated": self.cohorts.evaluated_version(trial.id),
             **_with_unconvertible(
                 protected.to_dict(),
-                unconvertible_results(question, steps, self.policy, self.registry, org, fp),
+                unconvertible_results(
+                    question, steps, self.policy, self.registry, org, fp, self.registry_bits
+                ),
             ),
             "sites": describe_sites(protected.by_site, self.sites),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -567,7 +607,7 @@ class FeasibilityService:
         sets = answer_sets(question, steps, self.sites)
         evaluated = time.perf_counter()
         fp = fingerprint(question)
-        protected, audit = protect(sets, self.policy, self.registry, org, fp)
+        protected, audit = protect(sets, self.policy, self.registry, org, fp, self.registry_bits)
         charge.settle(audit)
         body = {
             "question": fp,
@@ -578,7 +618,9 @@ class FeasibilityService:
             "as_of": self.as_of(),
             **_with_unconvertible(
                 protected.to_dict(),
-                unconvertible_results(question, steps, self.policy, self.registry, org, fp),
+                unconvertible_results(
+                    question, steps, self.policy, self.registry, org, fp, self.registry_bits
+                ),
             ),
             "sites": describe_sites(protected.by_site, self.sites),
             "engine": self.engine.name,

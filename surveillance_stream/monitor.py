@@ -10,8 +10,10 @@ move it (``detect``/``lapse``), regulators move it further (:meth:`SignalMonitor
 is an event on the signals topic (keyed by signal id, kept forever: the lifecycle's history, read
 back on start) and an audit record.
 
-Exactly one monitor should run per deployment (it is the signals topic's single writer); the API
-runs it when ``CONCIERGE_SURVEILLANCE_MONITOR`` is true (the default).
+Exactly one monitor should run per deployment (it is the signals topic's single writer):
+``concierge monitor`` runs it as a service of its own, which API processes forward
+``/v1/surveillance`` to; a single API process runs it itself when
+``CONCIERGE_SURVEILLANCE_MONITOR`` is true (the demo).
 
 Levels: live signals are kept for ``CONCIERGE_SIGNAL_LEVELS`` (default ``manufacturer,model,lot``);
 any node of any level, and any site, can still be assessed on request (breakdowns).

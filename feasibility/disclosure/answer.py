@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pyroaring import BitMap
@@ -60,6 +60,28 @@ class AnswerSets:
     funnel: Sequence[FunnelStepSets]
     extra: Mapping[str, BitMap] = field(default_factory=dict)
     breakdowns: Sequence[Breakdown] = ()
+
+    def renumbered(self, number: Callable[[BitMap], BitMap]) -> AnswerSets:
+        """The same answer with every set's patients renumbered by ``number`` (one-to-one, so
+        sizes and relations are unchanged): the publication registry's numbers."""
+        return replace(
+            self,
+            cohort=number(self.cohort),
+            by_site={k: number(v) for k, v in self.by_site.items()},
+            by_region={k: number(v) for k, v in self.by_region.items()},
+            funnel=[
+                replace(
+                    step,
+                    entered=number(step.entered),
+                    passed=number(step.passed),
+                    failed=number(step.failed),
+                    unknown=number(step.unknown),
+                    remaining=number(step.remaining),
+                )
+                for step in self.funnel
+            ],
+            extra={k: number(v) for k, v in self.extra.items()},
+        )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ lifts it. See ``docs/explanation/disclosure-control.md``.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+
+from core.db import ProcessLock
 
 from .settings import DisclosureSettings
 from .tables import budget_locks_table, budget_queries_table, open_engine, overlap_events_table
@@ -90,7 +91,8 @@ class QueryBudget:
         self.window = seconds
         self.lockout_after = lockout_after
         self.clock = clock
-        self._lock = threading.Lock()
+        # a charge's check and insert are one step across every process on the database
+        self._lock = ProcessLock(self.engine, "disclosure-budget")
 
     @classmethod
     def from_env(

@@ -4,9 +4,12 @@ recorded in the publication registry. The rules: ``docs/explanation/disclosure-c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
+
+from pyroaring import BitMap
 
 from .answer import (
     FUNNEL_FIELDS,
@@ -27,6 +30,7 @@ def protect(
     registry: PublicationRegistry | None,
     org: str,
     fingerprint: str,
+    numbering: Callable[[BitMap], BitMap] | None = None,
 ) -> tuple[ProtectedAnswer, ProtectionAudit]:
     """The sponsor's view of ``answer`` under ``policy``, and the audit bookkeeping.
 
@@ -38,8 +42,11 @@ def protect(
     """
     if policy.overlap_control and registry is None:
         raise ValueError("overlap control is on: protect() needs a PublicationRegistry")
-    plan = ProtectionPlan(answer, policy)
     used = registry if policy.overlap_control else None
+    if used is not None and numbering is not None:
+        # the registry's patient numbers, shared by every process on its database
+        answer = answer.renumbered(numbering)
+    plan = ProtectionPlan(answer, policy)
     guard: AbstractContextManager[Any] = used.lock if used is not None else nullcontext()
     with guard:
         if used is not None:

@@ -6,7 +6,6 @@ organisation's last answer to each question. See ``docs/explanation/disclosure-c
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,11 +15,14 @@ from typing import Any
 import sqlalchemy as sa
 from pyroaring import AbstractBitMap, FrozenBitMap
 
+from core.db import ProcessLock
+
 from .policy import WITHHELD
 from .tables import (
     answers_table,
     open_engine,
     overlap_events_table,
+    patient_numbers_table,
     publications_table,
     relations_table,
 )
@@ -79,8 +81,11 @@ class PublicationRegistry:
     (``dc_relations``); answers in which overlap control fired are a third
     (``dc_overlap_events``, read by :class:`QueryBudget`). An in-memory index by cardinality is
     loaded at start and topped up from the tables before each answer, so several processes
-    sharing a database see each other's publications (lookups and recording are serialised per
-    process; see the limitations in the threat-model document).
+    sharing a database see each other's publications. :attr:`lock` is held across those
+    processes (:class:`~core.db.ProcessLock`): an answer's refresh, lookups and recording
+    happen while no other process records, so two answers given at once by two API processes
+    cannot both publish near sets without seeing each other, and publication ids are committed
+    in order (the refresh's ``id >`` the last one loaded misses none).
 
     ``PublicationRegistry("sqlite://")`` is an in-memory registry for tests. ``target`` may also
     be an existing SQLAlchemy engine (e.g. to share one in-memory database with a
@@ -92,7 +97,7 @@ class PublicationRegistry:
     ) -> None:
         self.engine = open_engine(target)
         self.clock = clock
-        self.lock = threading.RLock()
+        self.lock = ProcessLock(self.engine, "disclosure-registry")
         self._exact: dict[FrozenBitMap, Publication] = {}
         self._fresh: dict[int, list[Publication]] = {}
         self._by_id: dict[int, Publication] = {}
@@ -101,6 +106,7 @@ class PublicationRegistry:
         self._count = 0
         self._last_id = 0
         self._last_relation = 0
+        self._numbers: dict[str, int] = {}
         self.refresh()
 
     def __len__(self) -> int:
@@ -138,6 +144,32 @@ class PublicationRegistry:
             for relation in conn.execute(query):
                 self._last_relation = max(self._last_relation, relation.id)
                 self._index_relation((relation.parent, tuple(json.loads(relation.children))))
+
+    def numbers(self, patients: Sequence[str]) -> list[int]:
+        """The registry's number of each patient pseudonym, the same in every process on the
+        database (given on first sight, kept for good): bitmaps matched and recorded here
+        must be of these, since a snapshot's own ids differ between processes and restarts."""
+        missing = [p for p in dict.fromkeys(patients) if p not in self._numbers]
+        if missing:
+            t = patient_numbers_table
+            with self.lock:
+                for start in range(0, len(missing), 5000):
+                    chunk = missing[start : start + 5000]
+                    with self.engine.begin() as conn:
+                        known = {
+                            row.patient
+                            for row in conn.execute(
+                                sa.select(t.c.patient).where(t.c.patient.in_(chunk))
+                            )
+                        }
+                        new = [{"patient": p} for p in chunk if p not in known]
+                        if new:  # under the lock: no other process inserts meanwhile
+                            conn.execute(t.insert(), new)
+                        for row in conn.execute(
+                            sa.select(t.c.patient, t.c.number).where(t.c.patient.in_(chunk))
+                        ):
+                            self._numbers[row.patient] = int(row.number)
+        return [self._numbers[p] for p in patients]
 
     def _index_relation(self, relation: tuple[int, tuple[int, ...]]) -> None:
         if relation in self._relations:
@@ -215,10 +247,8 @@ class PublicationRegistry:
         reference is an existing publication id, or ``("new", i)`` for ``rows[i]``), an overlap
         event, and (when given) ``answer`` as the last one ``org`` got for ``fingerprint``, in
         one transaction."""
-        t = publications_table
         now = self.clock()
         created = datetime.fromtimestamp(now, UTC)
-        entries: list[Publication] = []
         params = [
             {
                 "org": org,
@@ -233,7 +263,26 @@ class PublicationRegistry:
             }
             for row in rows
         ]
-        with self.lock, self.engine.begin() as conn:
+        with self.lock:
+            # what other processes recorded first, so that this answer's ids follow theirs
+            self.refresh()
+            self._insert(rows, params, org, fingerprint, overlap_hits, relations, answer, now)
+
+    def _insert(
+        self,
+        rows: Sequence[NewPublication],
+        params: list[dict[str, Any]],
+        org: str,
+        fingerprint: str,
+        overlap_hits: int,
+        relations: Sequence[tuple[PublicationRef, Sequence[PublicationRef]]],
+        answer: Mapping[str, Any] | None,
+        now: float,
+    ) -> None:
+        t = publications_table
+        created = datetime.fromtimestamp(now, UTC)
+        entries: list[Publication] = []
+        with self.engine.begin() as conn:
             if params:
                 inserted = conn.execute(
                     t.insert().returning(t.c.id, sort_by_parameter_order=True), params

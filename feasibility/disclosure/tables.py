@@ -66,6 +66,15 @@ answers_table = sa.Table(
 )
 
 
+# one number per patient pseudonym, shared by every process on the database (migration 0003):
+# the registry's bitmaps are of these numbers. Pseudonyms: as sensitive as the bitmaps.
+patient_numbers_table = sa.Table(
+    "dc_patient_numbers",
+    metadata,
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("patient", sa.String(128), nullable=False, unique=True),
+)
+
 budget_queries_table = sa.Table(
     "dc_budget_queries",
     metadata,

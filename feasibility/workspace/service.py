@@ -94,7 +94,9 @@ class Workspace:
         sets = with_extra(base.sets, extra, breakdowns)
         service = self.service
         # one fingerprint per output: re-reading an unchanged output is a free republication
-        protected, audit = protect(sets, service.policy, service.registry, org, f"{fp}:{output}")
+        protected, audit = protect(
+            sets, service.policy, service.registry, org, f"{fp}:{output}", service.registry_bits
+        )
         charge.settle(audit)
         return protected, audit, fp
 

@@ -121,6 +121,8 @@ class ApiProcess:
     log_path: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: ``api``, or ``monitor`` for the signal monitor's service
+    verb: str = "api"
 
     @property
     def url(self) -> str:
@@ -129,8 +131,9 @@ class ApiProcess:
     def start(self, timeout: float = 60) -> ApiProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "concierge", "api", "--port", str(self.port)],
-            env=self.env,
+            [sys.executable, "-m", "concierge", self.verb, "--port", str(self.port)],
+            # the monitor in-process unless the test says otherwise (the demo's mode)
+            env={"CONCIERGE_SURVEILLANCE_MONITOR": "true", **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

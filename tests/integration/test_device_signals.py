@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture
 def settings(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Settings:
     return Settings(
+        surveillance_monitor=True,  # the monitor in this API process (as in the demo)
         kafka_bootstrap_servers=kafka_bootstrap,
         topic_prefix=topic_prefix,
         home=tmp_path / "home",

@@ -282,6 +282,8 @@ def create_app(
         progress.stop()
         if getattr(app.state, "surveillance", None) is not None:
             app.state.surveillance.stop()
+        if getattr(app.state, "surveillance_proxy", None) is not None:
+            await app.state.surveillance_proxy.aclose()
         app.state.ingest.ingestor.commit()
         app.state.ingest.ingestor.vault.close()
         feasibility_service: FeasibilityService | None = app.state.feasibility

@@ -105,6 +105,7 @@ def install(app: FastAPI, url: str, timeout: float = 30.0) -> None:
     base = url.rstrip("/")
     client = httpx.AsyncClient(base_url=base, timeout=timeout)
     app.state.surveillance_remote = RemoteMonitor(base)
+    app.state.surveillance_proxy = client  # closed at shutdown (concierge.api)
 
     @app.middleware("http")
     async def forward(

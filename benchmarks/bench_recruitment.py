@@ -23,15 +23,16 @@ them as recruitment does (key split, record validated), first message to last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from recruitment.contracts import decode_cohort, split_cohort_key
 SOURCE = "urn:bench:ehr"
 TRIAL = "bench-recruitment-trial"
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-TARGET_PER_HOUR = 100_000
+TARGET_PER_HOUR = 5_000 * 3600  # issue 16: >= 5,000 candidates/s
 
 
 def key(resource_type: str, resource_id: str) -> str:
@@ -174,8 +175,8 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[str, bytes]]) -> No
         raise RuntimeError(f"could not publish to {topic}")
 
 
-def counts(db: Path) -> dict[str, int]:
-    """Rows the consumer has committed, read with a plain read-only connection (WAL)."""
+def counts(db: sa.Engine) -> dict[str, int]:
+    """Rows the consumer has committed (SQLite: read beside the writer, WAL)."""
     queries = {
         "profiles": "SELECT count(*) FROM patient_profiles",
         "practitioners": "SELECT count(*) FROM practitioners",
@@ -190,33 +191,44 @@ def counts(db: Path) -> dict[str, int]:
         "skipped": "SELECT count(*) FROM skipped_messages",
     }
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    except sqlite3.OperationalError:
+        with db.connect() as conn:
+            return {name: int(conn.execute(sa.text(q)).scalar_one()) for name, q in queries.items()}
+    except sa.exc.DBAPIError:  # not there, or not migrated yet
         return {}
-    try:
-        return {name: int(conn.execute(q).fetchone()[0]) for name, q in queries.items()}
-    except sqlite3.OperationalError:  # not migrated yet
-        return {}
-    finally:
-        conn.close()
 
 
-def invitations(db: Path) -> int:
+def invitations(db: sa.Engine) -> int:
     """The one light query polled while routing runs."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return int(conn.execute("SELECT count(*) FROM invitations").fetchone()[0])
-    finally:
-        conn.close()
+    with db.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM invitations")).scalar_one())
 
 
-def routing_counts(db: Path) -> dict[str, int]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = conn.execute("SELECT routing_via, count(*) FROM candidates GROUP BY routing_via")
+def routing_counts(db: sa.Engine) -> dict[str, int]:
+    with db.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT routing_via, count(*) FROM candidates GROUP BY routing_via")
+        )
         return {str(via): int(n) for via, n in rows}
+
+
+@contextlib.contextmanager
+def database(choice: str, home: Path) -> Iterator[str]:
+    """The consumer's database URL: a SQLite file in ``home``, or a fresh schema of the
+    PostgreSQL database at ``choice`` (dropped afterwards)."""
+    if choice == "sqlite":
+        yield f"sqlite:///{home / 'recruitment.sqlite'}"
+        return
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(choice)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    separator = "&" if "?" in choice else "?"
+    try:
+        yield f"{choice}{separator}options=-csearch_path%3D{schema}"
     finally:
-        conn.close()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 def wait_until(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes],
@@ -232,15 +244,15 @@ def wait_until(predicate: Any, timeout: float, what: str, proc: subprocess.Popen
 
 
 def run_recruitment(bootstrap: str, options: argparse.Namespace, cohort: list[Any],
-                    prefix: str, home: Path) -> dict[str, Any]:  # fmt: skip
+                    prefix: str, home: Path, url: str) -> dict[str, Any]:  # fmt: skip
     """Set up, start ``concierge recruitment run``, publish the cohort events, time the routing."""
     ensure_topics(bootstrap, prefix)
     produce(bootstrap, prefix + REFERENCE, reference_messages(options.sites, options.gps))
     produce(bootstrap, prefix + TRIALS, [trial_message(options.sites)])
     produce(bootstrap, prefix + FACTS, facts_messages(options.events, options.sites, options.gps))
-    db = home / "recruitment.sqlite"
+    db = sa.create_engine(url)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CONCIERGE_TOPIC_PREFIX": prefix,
-           "CONCIERGE_HOME": str(home), "CONCIERGE_RECRUITMENT_URL": f"sqlite:///{db}",
+           "CONCIERGE_HOME": str(home), "CONCIERGE_RECRUITMENT_URL": url,
            "CONCIERGE_RECRUITMENT_CONSUMER_GROUP": prefix + "recruitment"}  # fmt: skip
     cmd = [sys.executable, "-m", "concierge", "recruitment", "run", "--no-scheduler",
            "--log-level", "WARNING"]  # fmt: skip
@@ -282,6 +294,7 @@ def run_recruitment(bootstrap: str, options: argparse.Namespace, cohort: list[An
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        db.dispose()
     expected = options.events
     ok = (final["candidates"] == final["invited"] == final["proposed"] == final["alerts"]
           == expected and final["skipped"] == 0)  # fmt: skip
@@ -338,8 +351,8 @@ def in_process(options: argparse.Namespace, url: str, profiler: Any = None) -> d
     try:
         with runtime.sessions.begin() as session:
             work = service.unit_of_work(session)
-            for record in reference_records(options.sites, options.gps):
-                work.reference(record)
+            for reference in reference_records(options.sites, options.gps):
+                work.reference(reference)
             trial = OpaqueTrialRecord.model_validate(trial_record(options.sites))
             work.trial(trial.id, trial)
             for i in range(options.events):
@@ -391,7 +404,10 @@ def main() -> None:
                         help="no Kafka: apply the records through the unit of work directly "
                         "(a profiling aid; prints, writes no result)")  # fmt: skip
     parser.add_argument("--profile", type=Path, default=None,
-                        help="with --in-process: write a cProfile of the cohort part here")  # fmt: skip
+                        help="with --in-process: cProfile file")  # fmt: skip
+    parser.add_argument("--database", default="sqlite",
+                        help="sqlite (a file of the run's own) or a PostgreSQL URL; the consumer "
+                        "gets a fresh schema in it")  # fmt: skip
     options = parser.parse_args()
     if options.quick:
         options.events = min(options.events, 2000)
@@ -418,7 +434,8 @@ def main() -> None:
         print(
             f"run {repeat + 1}: {options.events} cohort events, topics {prefix}*", file=sys.stderr
         )
-        run = run_recruitment(bootstrap, options, cohort, prefix, home)
+        with database(options.database, home) as url:
+            run = run_recruitment(bootstrap, options, cohort, prefix, home, url)
         base = run_baseline(bootstrap, prefix + COHORT, options.events)
         ours.append(run)
         baselines.append(base)
@@ -429,8 +446,10 @@ def main() -> None:
     baseline = summary([b["per_s"] for b in baselines])["median"]
     parameters = {"events": options.events, "sites": options.sites, "gps": options.gps,
                   "trials": 1, "batch_size": options.batch_size or "default (500)",
-                  "database": "sqlite", "repeats": options.repeats}  # fmt: skip
+                  "database": "sqlite" if options.database == "sqlite" else "postgresql",
+                  "repeats": options.repeats}  # fmt: skip
     last = ours[-1]
+    backend = "SQLite" if options.database == "sqlite" else "PostgreSQL"
     extra = {
         "per_hour": round(value * 3600),
         "baseline_per_hour": round(baseline * 3600),
@@ -444,10 +463,16 @@ def main() -> None:
         "final_state": last["final"],
         "routing_via": last["routing_via"],
         "measured": "first cohort event published -> last invitation committed (proposed, alert "
-        "queued); consumer = `concierge recruitment run --no-scheduler` on SQLite",
+        f"queued); consumer = `concierge recruitment run --no-scheduler` on {backend}",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    command = "python -m benchmarks.bench_recruitment " + " ".join(sys.argv[1:])
-    result = write_result("recruitment_routed_per_second", value, "candidates/second", baseline,
+    # the PostgreSQL URL holds a password: the command names the backend only
+    args = ["$POSTGRES_URL" if a == options.database != "sqlite" else a for a in sys.argv[1:]]
+    command = "python -m benchmarks.bench_recruitment " + " ".join(args)
+    name = "recruitment_routed_per_second"
+    if options.database != "sqlite":
+        name += "_postgres"
+    result = write_result(name, value, "candidates/second", baseline,
                           parameters, command.strip(), extra)  # fmt: skip
     print(json.dumps({k: result[k] for k in ("name", "value", "unit", "baseline", "ratio")}
                      | {"per_hour": extra["per_hour"]}))  # fmt: skip

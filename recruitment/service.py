@@ -50,6 +50,7 @@ from .lifecycle import (
     check_transition,
 )
 from .models import (
+    Base,
     Candidate,
     CohortMembership,
     FactVersion,
@@ -383,9 +384,7 @@ class UnitOfWork:
     (trial, cohort, facts, reference) and invitation moves, records what they touched, and
     re-evaluates it on :meth:`finish`, before the caller commits."""
 
-    def __init__(
-        self, service: RecruitmentService, session: Session, batched: bool = True
-    ) -> None:
+    def __init__(self, service: RecruitmentService, session: Session, batched: bool = True) -> None:
         self.service = service
         self.session = session
         self.policy = service.policy
@@ -488,12 +487,8 @@ class UnitOfWork:
             ):
                 holds[record.candidate_id].append(record)
             self._open_holds.update(holds)
-        gps = {
-            key
-            for c in candidates
-            if (profile := self._profiles.get(c.patient)) is not None
-            for key in profile.general_practitioners
-        }
+        profiles = (self._profiles.get(c.patient) for c in candidates)
+        gps = {key for p in profiles if p is not None for key in p.general_practitioners}
         self.directory().prefetch(gps)
 
     def directory(self) -> SqlDirectory:
@@ -1030,9 +1025,7 @@ class UnitOfWork:
         if queued == 0:
             self.move(invitation, S.SENT_TO_CLINICIAN, "system:recruitment", _NO_CHANNEL)
 
-    def _create_invitation_row(
-        self, candidate: Candidate, practitioner: str, trial: Trial
-    ) -> None:
+    def _create_invitation_row(self, candidate: Candidate, practitioner: str, trial: Trial) -> None:
         """The batched path's invitation: the same rows as :meth:`_create_invitation` writes
         (its event, its alert, or straight to ``sent_to_clinician`` when no channel takes the
         alert), as column values written in bulk by :meth:`_write_pending`; the rules of the
@@ -1093,10 +1086,11 @@ class UnitOfWork:
         self._new_invitations, self._new_events, self._new_outbox = [], [], []
         s = self.session
         s.flush()
-        s.execute(sa.insert(Invitation.__table__), invitations)
-        s.execute(sa.insert(InvitationEvent.__table__), events)
+        tables = Base.metadata.tables  # Core inserts: the rows are plain values, no objects
+        s.execute(sa.insert(tables[Invitation.__tablename__]), invitations)
+        s.execute(sa.insert(tables[InvitationEvent.__tablename__]), events)
         if outbox:
-            s.execute(sa.insert(OutboxMessage.__table__), outbox)
+            s.execute(sa.insert(tables[OutboxMessage.__tablename__]), outbox)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -1154,8 +1148,10 @@ class UnitOfWork:
         found = {
             c.id: c
             for c in self._candidates(
-                sa.or_(sa.and_(Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)),
-                       *named)  # fmt: skip
+                sa.or_(
+                    sa.and_(Candidate.status.in_(list(OPEN_STATUSES)), sa.or_(*conditions)),
+                    *named,
+                )
             )
         }
         for new in self.session.new:

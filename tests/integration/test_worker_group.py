@@ -190,10 +190,14 @@ def test_three_workers_share_partitions_through_a_sigkill_and_a_join(
 
     # each worker's state covers exactly its partitions, folded to the topic's end
     for worker in everyone:
-        body = worker.get("/readyz")
+        body = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")
         assert body["ready"] is True, body
     # the restarted and the added worker took partitions over from others' processing; what
     # each recovery read (from a checkpoint or from offset 0) is on /readyz
-    recoveries = [r for w in (b, d) for r in w.get("/readyz")["rebuilds"]]
+    recoveries = [
+        r
+        for w in (b, d)
+        for r in w.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")["rebuilds"]
+    ]
     assert recoveries, "the restarted and the added worker recovered no partition"
     assert all(r["checkpoint"] in ("loaded", "no checkpoint") for r in recoveries), recoveries

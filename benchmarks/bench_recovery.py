@@ -124,11 +124,16 @@ def main() -> None:
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     facts, per_copy, _ = population(bootstrap, options.base, options.seed, options.base)
     logs = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
-    sizes = []
+    sizes: list[dict[str, Any]] = []
     for patients in options.patients:
         copies = max(1, round(patients / options.base))
         print(f"== {patients} patients", file=sys.stderr)
         sizes.append(one_size(bootstrap, facts, per_copy, copies, options, logs))
+        # written after every size: a run stopped early keeps the sizes it measured
+        write(sizes, options)
+
+
+def write(sizes: list[dict[str, Any]], options: Any) -> None:
     last = sizes[-1]
     command = "python -m benchmarks.bench_recovery " + " ".join(sys.argv[1:])
     result = write_result(
@@ -136,7 +141,7 @@ def main() -> None:
         last["checkpoint"]["seconds_to_ready"],
         "seconds",
         last["offset_0"]["seconds_to_ready"],
-        {"patients": options.patients, "base_population": options.base,
+        {"patients": [size["patients"] for size in sizes], "base_population": options.base,
          "checkpoint_interval_s": options.interval, "device_counters": options.device_counters,
          "trials": 0},
         command,
@@ -146,7 +151,7 @@ def main() -> None:
         higher_is_better=False,
     )  # fmt: skip
     print(json.dumps({k: result[k] for k in ("name", "value", "unit", "baseline", "ratio")}))
-    for size in sizes:
+    for size in sizes[-1:]:
         print(json.dumps({"patients": size["patients"],
                           "checkpoint_s": size["checkpoint"]["seconds_to_ready"],
                           "offset_0_s": size["offset_0"]["seconds_to_ready"]}))  # fmt: skip

@@ -52,14 +52,20 @@ def wait_applied(worker: Worker, total: int, timeout: float) -> float:
 def one_size(
     bootstrap: str, facts: list[Any], per_copy: int, copies: int, options: Any, logs: Path
 ) -> dict[str, Any]:
-    prefix = f"bench-recovery-{uuid.uuid4().hex[:6]}."
-    ensure_topics(bootstrap, prefix)
-    register(bootstrap, prefix, [])
     total = per_copy * copies
-    print(f"  {copies} copies: {total} envelopes to {prefix}", file=sys.stderr)
-    started = time.monotonic()
-    replay(bootstrap, prefix, list(clone(facts, copies)))
-    produced = time.monotonic() - started
+    if options.reuse:
+        # topics, group offsets and the worker's home of an earlier run with this population
+        prefix, produced = options.reuse, 0.0
+        logs = Path(options.reuse_logs)
+        print(f"  reusing {prefix} ({total} envelopes) in {logs}", file=sys.stderr)
+    else:
+        prefix = f"bench-recovery-{uuid.uuid4().hex[:6]}."
+        ensure_topics(bootstrap, prefix)
+        register(bootstrap, prefix, [])
+        print(f"  {copies} copies: {total} envelopes to {prefix}", file=sys.stderr)
+        started = time.monotonic()
+        replay(bootstrap, prefix, list(clone(facts, copies)))
+        produced = time.monotonic() - started
     devices = "true" if options.device_counters else "false"
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "CONCIERGE_TOPIC_PREFIX": prefix,
            "CONCIERGE_STREAM_CHECKPOINT_SECONDS": str(options.interval),
@@ -67,13 +73,14 @@ def one_size(
     worker = Worker(logs / prefix, env)
     worker.start()
     try:
-        fold = wait_applied(worker, total, 7200)
+        fold = 0.0 if options.reuse else wait_applied(worker, total, 7200)
         print(f"  folded in {fold:.0f} s (produced in {produced:.0f} s)", file=sys.stderr)
         # steady operation: new patients trickle in for longer than the checkpoint interval
         extra = list(itertools.islice(clone(facts, copies + 1), len(facts) * copies, None))
         trickle_until = time.monotonic() + options.interval + 10
         sent = 0
-        for key, value in itertools.cycle(extra[:2000]):
+        fresh = extra[2000:4000] if options.reuse else extra[:2000]  # new to the worker
+        for key, value in itertools.cycle(fresh):
             if time.monotonic() > trickle_until:
                 break
             replay(bootstrap, prefix, [(key, value)])
@@ -120,6 +127,12 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=20.0, help="checkpoint interval, s")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device-counters", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        default="",
+        help="topic prefix of an earlier run of one size (its history is not produced again)",
+    )
+    parser.add_argument("--reuse-logs", default="", help="that run's log directory")
     options = parser.parse_args()
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
     facts, per_copy, _ = population(bootstrap, options.base, options.seed, options.base)

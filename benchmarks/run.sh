@@ -59,6 +59,14 @@ python -m benchmarks.bench_clinician_api --invitations "$invitations" --duration
 echo "== surveillance null/power simulation: tree scan with alpha spending vs per-pair MaxSPRT"
 nice -n 10 python -m benchmarks.bench_surveillance_sim \
   --null-replications "$sim_null" --power-replications "$sim_power"
+echo "== worker recovery: restart to ready from a local checkpoint vs from offset 0 (100k and 300k patients)"
+if [ "$quick" = 1 ]; then
+  python -m benchmarks.bench_recovery --patients 20000 --interval 10
+else
+  python -m benchmarks.bench_recovery --patients 100000 300000
+fi
+echo "== scale-out: facts/s and CPU-s per fact with 1 and 2 workers in one group on the same topic"
+python -m benchmarks.bench_scale_workers --patients "$patients_stream" --repeats "$repeats"
 echo "== cost as the population grows: ad hoc answer time and memory, stream state per patient"
 if [ "$quick" = 1 ]; then
   python -m benchmarks.bench_scaling --sizes 20000,100000 --stream-sizes 5000,20000 --repeats 5

@@ -226,6 +226,11 @@ class Settings(BaseSettings):
     #: The worker's consumer-group session timeout: how long the partitions of a worker that
     #: died wait before another (or the restarted one) gets them.
     stream_session_timeout_seconds: float = Field(default=10.0, ge=6.0, le=300.0)
+    #: How often the worker writes a local checkpoint of each partition's patient state (the
+    #: state and the facts offset it reflects, in RocksDB under the worker's data directory), so
+    #: that a restart replays only the facts after it; 0: never (a restart reads every partition
+    #: from offset 0).
+    stream_checkpoint_seconds: float = Field(default=30.0, ge=0, le=3600, allow_inf_nan=False)
 
     @field_validator("token_key")
     @classmethod

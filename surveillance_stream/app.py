@@ -6,7 +6,8 @@ the same worker and every table write made while handling them goes to partition
 changelog.
 
 * **Patient state** (:mod:`.store`) is backed by the facts topic itself: a worker assigned a
-  partition rebuilds it by reading the partition, then folds new envelopes as they come.
+  partition loads its local checkpoint (:mod:`.checkpoint`) and folds the facts after it, or
+  rebuilds it by reading the partition from offset 0, then folds new envelopes as they come.
 * **Live cohorts** (:mod:`.cohorts`) live in a Faust table whose changelog is the public cohort
   topic: writing a membership record publishes the cohort event.
 * **Stream time** comes from ticks the worker sends to the control topic of each partition it
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -43,14 +45,18 @@ from infra.mirror import ReaderHealth, ReaderStatus
 from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
 from . import patient_state
+from .checkpoint import CheckpointRefused, Checkpoints, Identity, key_fingerprint
 from .cohorts import LiveCohorts
 from .status_pages import PROBLEM, AuditUnavailable, PageAccess, Refusal
 from .store import (
+    Entries,
     PatientStore,
     canonical,
+    fold_tail,
     read_messages,
     read_partition,
     read_table_partition,
+    watermarks,
 )
 
 if TYPE_CHECKING:
@@ -161,7 +167,13 @@ class StreamApp:
         #: (partition, trial) -> the version sent to that partition since the last assignment
         self._trials_sent: dict[tuple[int, str], int] = {}
         #: What each rebuild read, and each gap handled from the log (for /readyz).
-        self.rebuilds: list[dict[str, int]] = []
+        self.rebuilds: list[dict[str, Any]] = []
+        #: Local checkpoints of patient state (None when CONCIERGE_STREAM_CHECKPOINT_SECONDS is
+        #: 0); per partition, when the next one is due (loop time) and the last one written.
+        self.checkpoints: Checkpoints | None = None
+        self.checkpoint_dir = datadir / "patient-state"
+        self._checkpoint_due: dict[int, float] = {}
+        self.checkpoint_log: list[dict[str, Any]] = []
         self.gaps: list[dict[str, int]] = []
         self._offsets_client: Consumer | None = None
         #: Readiness: the facts topic's end, measured on a thread of its own, against the
@@ -299,6 +311,11 @@ class StreamApp:
             for hook in self.on_forget:
                 hook(partition)
             self.store.drop(partition)
+            self._checkpoint_due.pop(partition, None)
+            if self.checkpoints is not None:
+                # the checkpoint stays on disk: if the partition comes back, only the facts
+                # after it are read (another member's effects of them are durable)
+                self.checkpoints.close(partition)
             self.folded_to.pop(partition, None)
             self.cohorts.facts_offset.pop(partition, None)
             log.info("partition %s revoked: its patient state was dropped", partition)
@@ -375,39 +392,34 @@ class StreamApp:
             # (the chaos suite saw 53 delivered first with effects only durable to 40), and the
             # messages between would then be folded without ever producing their effects.
             committed = await self._committed(partition)
-            patients: dict[str, Any] = {}
-            read = 0
-            end = 0
-            if committed > 0:
-                patients, read, end = await loop.run_in_executor(
-                    None,
-                    read_partition,
-                    self.settings.kafka_bootstrap_servers,
-                    self.facts_name,
-                    partition,
-                    committed,
-                )
-                if end < committed:
-                    raise RecoveryError(
-                        f"partition {partition}: the facts topic ends at {end}, before the "
-                        f"group's committed offset {committed}"
-                    )
+            patients, read, end, changed, record = await loop.run_in_executor(
+                None, self._load_partition, partition, committed
+            )
             await self._verify_published(partition)
-            self.store.install(partition, patients)
+            self.store.install(partition, patients, changed)
+            self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
             self.folded_to[partition] = end
             self.cohorts.facts_offset[partition] = end
             gc.freeze()
             self.cohorts.recover(partition)
             for hook in self.on_recover:
                 hook(partition)
-            self.rebuilds.append(
-                {"partition": partition, "patients": len(patients), "envelopes": read, "to": end}
-            )
+            record |= {
+                "partition": partition,
+                "patients": len(patients),
+                "envelopes": read,
+                "to": end,
+                "seconds": round(loop.time() - started, 3),
+            }
+            self.rebuilds.append(record)
             log.info(
-                "partition %s rebuilt: %s patients from %s envelopes (to offset %s) in %.1f s",
+                "partition %s rebuilt: %s patients, %s envelopes read from offset %s (%s) to "
+                "offset %s in %.1f s",
                 partition,
                 len(patients),
                 read,
+                record["from"],
+                record["checkpoint"],
                 end,
                 loop.time() - started,
             )
@@ -438,6 +450,133 @@ class StreamApp:
                 target,
             )
         self._verified.add(partition)
+
+    def _identity(self) -> Identity:
+        """What a checkpoint of this worker's facts must have been made from: the topic's name
+        and id (asked of the broker: a topic deleted and created again has a new id), the
+        partition count and the pseudonym key's fingerprint."""
+        from confluent_kafka import TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        topic_id: str | None = None
+        try:
+            admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+            futures = admin.describe_topics(TopicCollection([self.facts_name]), request_timeout=10)
+            description = futures[self.facts_name].result(timeout=15)
+            topic_id = str(description.topic_id)
+        except Exception as exc:  # the offset checks below still catch a recreated topic
+            log.warning("the facts topic's id could not be read (%s)", exc)
+        key = self.settings.pseudonym_key.get_secret_value().encode()
+        return Identity(self.facts_name, PARTITIONS, key_fingerprint(key), topic_id)
+
+    def _load_partition(
+        self, partition: int, committed: int
+    ) -> tuple[dict[str, Entries], int, int, set[str] | None, dict[str, Any]]:
+        """The partition's patient state up to the group's committed offset (on a thread):
+        from the local checkpoint and the facts after it, or, when there is none or it cannot
+        be used (said loudly), from offset 0. ``(patients, envelopes read, end, patients
+        changed since the checkpoint (None: all), what /readyz shows of it)``."""
+        bootstrap = self.settings.kafka_bootstrap_servers
+        refused: str | None = "checkpoints off"
+        if self.settings.stream_checkpoint_seconds > 0:
+            if self.checkpoints is None:
+                self.checkpoints = Checkpoints(self.checkpoint_dir, self._identity())
+            try:
+                loaded = self.checkpoints.load(partition)
+                low, high = watermarks(bootstrap, self.facts_name, partition)
+                if loaded.offset > high:
+                    raise CheckpointRefused(
+                        f"offset {loaded.offset} is past the topic's end {high} (topic created "
+                        "again?)"
+                    )
+                if loaded.offset > committed:
+                    raise CheckpointRefused(
+                        f"offset {loaded.offset} is past the group's committed offset {committed}"
+                    )
+                if loaded.offset < low:
+                    raise CheckpointRefused(
+                        f"offset {loaded.offset} is before the topic's first offset {low}"
+                    )
+            except CheckpointRefused as exc:
+                refused = str(exc)
+                if refused != "no checkpoint":
+                    log.warning(
+                        "partition %s: local checkpoint refused (%s); rebuilding from offset 0",
+                        partition,
+                        refused,
+                    )
+                self.checkpoints.discard(partition)
+            else:
+                patients = loaded.patients
+                read, changed = fold_tail(
+                    bootstrap, self.facts_name, partition, patients, loaded.offset, committed
+                )
+                return (
+                    patients,
+                    read,
+                    committed,
+                    changed,
+                    {
+                        "from": loaded.offset,
+                        "checkpoint": "loaded",
+                        "checkpoint_age_seconds": round(time.time() - loaded.written_at, 1),
+                    },
+                )
+        patients, read, end = {}, 0, 0
+        if committed > 0:
+            patients, read, end = read_partition(bootstrap, self.facts_name, partition, committed)
+            if end < committed:
+                raise RecoveryError(
+                    f"partition {partition}: the facts topic ends at {end}, before the "
+                    f"group's committed offset {committed}"
+                )
+        return patients, read, end, None, {"from": 0, "checkpoint": refused}
+
+    async def maybe_checkpoint(self, partition: int, offset: int, tp: Any) -> None:
+        """Write the partition's checkpoint at ``offset`` (the facts message about to be
+        handled) when one is due: first commit the group's offsets (Faust flushes every table
+        and sent message before it commits), then check with the coordinator that the committed
+        offset is exactly ``offset``, so the checkpoint never reflects a message whose effects
+        are not durable. One write batch: the patients changed since the last checkpoint and
+        the offset (:mod:`.checkpoint`)."""
+        if self.checkpoints is None or partition not in self._verified:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._checkpoint_due.get(partition)
+        if due is None or loop.time() < due or self.folded_to.get(partition, 0) > offset:
+            return
+        changed = self.store.changed.get(partition)
+        if not changed:
+            self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
+            return
+        started = loop.time()
+        await self.app.consumer.commit({tp})
+        committed = await self._committed(partition)
+        if committed != offset:
+            # another commit was under way, or this one did not cover the offset: later
+            self._checkpoint_due[partition] = loop.time() + 1.0
+            return
+        count = len(changed)
+        batch = self.checkpoints.encode(partition, offset, self.store.patients(partition), changed)
+        self.store.changed[partition] = set()
+        try:
+            await loop.run_in_executor(None, self.checkpoints.write, partition, batch)
+        except Exception:
+            # the checkpoint on disk is still the previous one (a batch is all or nothing)
+            self.store.changed[partition] = changed | self.store.changed[partition]
+            log.exception("partition %s: writing the local checkpoint failed", partition)
+            self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
+            return
+        self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
+        self.checkpoint_log.append(
+            {
+                "partition": partition,
+                "offset": offset,
+                "patients": count,
+                "seconds": round(loop.time() - started, 3),
+            }
+        )
+        del self.checkpoint_log[:-24]
 
     # ------------------------------------------------------------------ handling
 
@@ -509,6 +648,7 @@ class StreamApp:
                 is_facts = message.topic == self.facts_name
                 await self.ensure_partition(message.partition, message.offset if is_facts else None)
                 if is_facts:
+                    await self.maybe_checkpoint(message.partition, message.offset, message.tp)
                     self.handle_facts(message.partition, message.offset, event.value)
                 else:
                     self.handle_control(message.partition, event.value)
@@ -546,6 +686,8 @@ class StreamApp:
                     {k: v for k, v in r.items() if k != "patients"} for r in self.rebuilds[-12:]
                 ],
                 "gaps": self.gaps[-12:],
+                # the local checkpoints written lately: partition, offset, patients, seconds
+                "checkpoints": self.checkpoint_log[-12:],
             }
             if status.ready:
                 return web.json(body)

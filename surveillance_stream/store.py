@@ -10,9 +10,10 @@ beginning, then goes on from its committed offset; envelopes it sees twice chang
 State lives in memory, per partition: ``partition -> patient -> resource key -> entry``, and
 for the patients evaluated since, their patient view (:class:`core.patient_view.PatientFold`,
 updated per event; the entries stay the state and its digest).
-Rebuilding reads with a plain Kafka consumer (tens of thousands of envelopes a second); a
-national deployment adds periodic local checkpoints (state plus the offset it covers) so a
-restart reads only the tail, and more partitions spread the state over more workers.
+Rebuilding reads with a plain Kafka consumer (tens of thousands of envelopes a second). The
+worker keeps local checkpoints (:mod:`.checkpoint`: the state plus the offset it reflects), so a
+restart loads the checkpoint and folds only the tail after it (:func:`fold_tail`); more
+partitions spread the state over more workers.
 """
 
 from __future__ import annotations
@@ -72,19 +73,28 @@ class PatientStore:
         #: of each patient whose view was asked for since the partition was installed; made on
         #: first use, so a rebuild parses nothing
         self._folds: dict[int, dict[str, PatientFold]] = {}
+        #: per partition, the patients changed since its last local checkpoint (all of them
+        #: after a rebuild from offset 0: :mod:`.checkpoint`)
+        self.changed: dict[int, set[str]] = {}
 
     def ready(self, partition: int) -> bool:
         return partition in self.partitions
 
-    def install(self, partition: int, patients: dict[str, Entries]) -> None:
+    def install(
+        self, partition: int, patients: dict[str, Entries], changed: set[str] | None = None
+    ) -> None:
+        """Hold ``patients`` as the partition's state; ``changed``: the patients that differ
+        from the partition's local checkpoint (default: all of them)."""
         self.partitions[partition] = patients
         self._resources[partition] = sum(len(e) for e in patients.values())
         self._folds.pop(partition, None)
+        self.changed[partition] = set(patients) if changed is None else changed
 
     def drop(self, partition: int) -> None:
         self.partitions.pop(partition, None)
         self._resources.pop(partition, None)
         self._folds.pop(partition, None)
+        self.changed.pop(partition, None)
 
     def view(self, partition: int, patient: str) -> PatientView:
         """The patient's view (:mod:`core.patient_view`), kept current per event: the one fold
@@ -112,6 +122,9 @@ class PatientStore:
         applied = old is None or int(old["seq"]) < int(new["seq"])
         if applied:
             entries[key] = new
+            changed = self.changed.get(partition)
+            if changed is not None:
+                changed.add(patient)
             if old is None:
                 self._resources[partition] = self._resources.get(partition, 0) + 1
             fold = self._folds.get(partition, {}).get(patient)
@@ -245,6 +258,40 @@ def read_partition(
             store.apply(partition, envelope)
             read += 1
     return store.patients(partition), read, high
+
+
+def fold_tail(
+    bootstrap: str,
+    topic: str,
+    partition: int,
+    patients: dict[str, Entries],
+    start: int,
+    end: int,
+    timeout: float = 600.0,
+) -> tuple[int, set[str]]:
+    """Fold the messages of ``partition`` in ``[start, end)`` into ``patients`` (a checkpoint's
+    state, which reflects everything before ``start``): ``(envelopes read, patients changed)``."""
+    store = PatientStore()
+    store.install(partition, patients, changed=set())
+    read = 0
+    for _offset, _key, value in _partition_messages(
+        bootstrap, topic, partition, start, end, timeout
+    ):
+        if value is None:
+            continue
+        for envelope in envelopes_of(value):
+            store.apply(partition, envelope)
+            read += 1
+    return read, store.changed[partition]
+
+
+def watermarks(bootstrap: str, topic: str, partition: int) -> tuple[int, int]:
+    """The partition's first offset and end offset now."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "concierge-rebuild-unused"})
+    try:
+        return _watermarks(consumer, topic, partition)
+    finally:
+        consumer.close()
 
 
 def read_messages(

@@ -172,9 +172,13 @@ def synthetic_envelopes(count: int, seed: int) -> list[ResourceFacts]:
     return out
 
 
+@pytest.mark.parametrize("checkpoint_seconds", ["0", "0.2"], ids=["no-checkpoints", "checkpoints"])
 def test_sigkill_mid_stream_loses_and_doubles_nothing(
-    settings: Settings, worker: WorkerProcess
+    settings: Settings, worker: WorkerProcess, checkpoint_seconds: str
 ) -> None:
+    """With checkpoints every 0.2 s per partition the kill lands among checkpoint writes
+    (commit, offset check, batch write), and the restart loads what the last one left."""
+    worker.env["CONCIERGE_STREAM_CHECKPOINT_SECONDS"] = checkpoint_seconds
     envelopes = synthetic_envelopes(24_000, seed=7)
     want = patient_state.digest(patient_state.fold(envelopes).items())
     producer = Producer(
@@ -192,7 +196,9 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
             producer.produce(topic, key=envelope.patient.encode(), value=envelope.to_json())
             if index % 500 == 0:
                 producer.poll(0)
-                time.sleep(0.1)  # ~5k/s: the stream is still flowing when the worker dies
+                # ~5k/s (~1.7k/s with a checkpoint every 0.2 s, which slows the worker): the
+                # stream is still flowing when the worker dies
+                time.sleep(0.1 if checkpoint_seconds == "0" else 0.3)
         producer.flush(30)
         done.set()
 
@@ -208,6 +214,61 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
     assert done.is_set()
     got = worker.wait_until(lambda d: d == want, timeout=180)
     assert got["entries"] == len({e.key for e in envelopes})
+    if checkpoint_seconds != "0":
+        rebuilds = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")[
+            "rebuilds"
+        ]
+        assert any(r["checkpoint"] == "loaded" for r in rebuilds), rebuilds
+
+
+def produce_envelopes(settings: Settings, envelopes: list[ResourceFacts], pace: float) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 5})
+    for index, envelope in enumerate(envelopes):
+        producer.produce(
+            settings.topic(FACTS), key=envelope.patient.encode(), value=envelope.to_json()
+        )
+        if pace and index % 100 == 0:
+            producer.poll(0)
+            time.sleep(pace)
+    producer.flush(30)
+
+
+def test_a_restart_loads_the_checkpoint_and_a_foreign_one_is_refused_loudly(
+    settings: Settings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    worker.env["CONCIERGE_STREAM_CHECKPOINT_SECONDS"] = "1"
+    envelopes = synthetic_envelopes(12_000, seed=21)
+    produce_envelopes(settings, envelopes[:6000], 0)
+    worker.start()
+    want = patient_state.digest(patient_state.fold(envelopes[:6000]).items())
+    worker.wait_until(lambda d: d == want, timeout=120)
+    # facts keep coming for a few seconds: every partition writes checkpoints
+    produce_envelopes(settings, envelopes[6000:9000], 0.15)
+    want = patient_state.digest(patient_state.fold(envelopes[:9000]).items())
+    worker.wait_until(lambda d: d == want, timeout=120)
+    written = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")["checkpoints"]
+    assert {c["partition"] for c in written} == set(range(6)), written
+
+    worker.stop()
+    produce_envelopes(settings, envelopes[9000:], 0)  # the tail, while the worker is down
+    worker.start()
+    want = patient_state.digest(patient_state.fold(envelopes).items())
+    worker.wait_until(lambda d: d == want, timeout=120)
+    rebuilds = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")["rebuilds"]
+    assert [r["checkpoint"] for r in rebuilds] == ["loaded"] * 6, rebuilds
+    assert all(r["from"] > 0 for r in rebuilds), rebuilds
+    # only what came after each checkpoint was read, not the whole history
+    assert sum(r["envelopes"] for r in rebuilds) < 6000, rebuilds
+
+    # a checkpoint made under another pseudonym key is refused, loudly, and the state is
+    # rebuilt from offset 0
+    worker.stop()
+    worker.env["CONCIERGE_PSEUDONYM_KEY"] = "another-pseudonym-key-0123456789abcdef0123"
+    worker.start()
+    worker.wait_until(lambda d: d == want, timeout=120)
+    rebuilds = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")["rebuilds"]
+    assert all("pseudonym key" in r["checkpoint"] and r["from"] == 0 for r in rebuilds), rebuilds
+    assert "local checkpoint refused (made with another pseudonym key)" in worker.tail(200)
 
 
 def test_no_stuck_stream_errors_for_the_changelog_topics(

@@ -96,9 +96,9 @@ def test_state_reaches_the_first_message_with_fausts_map_empty(settings: Setting
     asyncio.run(stream.ensure_partition(PARTITION, facts_offset=offsets[900]))
     assert stream.folded_to[PARTITION] == offsets[900]
     assert state_digest(stream) == fold(envelopes[:900])
-    assert stream.rebuilds == [
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in stream.rebuilds] == [
         {"partition": PARTITION, "patients": len({e.patient for e in envelopes[:600]}),
-         "envelopes": 600, "to": offsets[600]}
+         "envelopes": 600, "to": offsets[600], "from": 0, "checkpoint": "no checkpoint"}
     ]  # fmt: skip
     assert stream.gaps == [{"partition": PARTITION, "from": offsets[600], "to": offsets[900]}]
     assert sum(handled) == 300  # the gap's messages had their effects (hooks), one each
@@ -181,3 +181,60 @@ def test_a_rebuild_puts_back_what_the_cohort_table_lacks_of_its_topic(
     # p-1 .. p-4 missing, as after the reported restart
     asyncio.run(stream.ensure_partition(PARTITION, facts_offset=None))
     assert {k: store.get(k) for k in [*records, "t1|p-gone"]} == {**records, "t1|p-gone": None}
+
+
+def checkpoint_at(settings: Settings, envelopes: list[ResourceFacts], offset: int) -> None:
+    """A worker's checkpoint of PARTITION reflecting the messages before ``offset`` (written
+    as the worker writes it, from a state folded to there)."""
+    stream = create_app(settings)
+    stream._load_partition(PARTITION, 0)  # opens the checkpoints with the worker's identity
+    assert stream.checkpoints is not None
+    state = patient_state.fold(envelopes)
+    patients: dict[str, dict[str, object]] = {}
+    for key, entry in state.items():
+        patient, resource = patient_state.split_key(key)
+        patients.setdefault(patient, {})[resource] = entry
+    batch = stream.checkpoints.encode(PARTITION, offset, patients, set(patients))
+    stream.checkpoints.write(PARTITION, batch)
+    stream.checkpoints.close_all()
+
+
+def test_a_checkpoint_is_loaded_and_only_the_tail_is_read(settings: Settings) -> None:
+    envelopes = synthetic_envelopes(1_000, seed=9)
+    offsets = produce(settings, envelopes)
+    checkpoint_at(settings, envelopes[:400], offsets[400])
+    stream = create_app(settings)
+    commit(settings, stream, offsets[700])
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=offsets[700]))
+    assert state_digest(stream) == fold(envelopes[:700])
+    (record,) = stream.rebuilds
+    assert record["checkpoint"] == "loaded" and record["from"] == offsets[400]
+    assert record["envelopes"] == 300 and record["to"] == offsets[700]
+    # the patients changed in the tail are the ones the next checkpoint writes
+    before, after = patient_state.fold(envelopes[:400]), patient_state.fold(envelopes[:700])
+    moved = {patient_state.split_key(k)[0] for k in after if before.get(k) != after[k]}
+    assert moved and stream.store.changed[PARTITION] == moved
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "committed", "reason"),
+    [
+        (1_500, 700, "past the topic's end"),  # the topic was deleted and created again
+        (800, 700, "past the group's committed offset"),
+    ],
+)
+def test_a_checkpoint_past_the_topic_or_the_group_is_refused_and_rebuilt_from_0(
+    settings: Settings, checkpoint: int, committed: int, reason: str
+) -> None:
+    envelopes = synthetic_envelopes(1_000, seed=10)
+    offsets = produce(settings, envelopes)
+    checkpoint_at(settings, envelopes, offsets[0] + checkpoint)
+    stream = create_app(settings)
+    commit(settings, stream, offsets[committed])
+    asyncio.run(stream.ensure_partition(PARTITION, facts_offset=offsets[committed]))
+    assert state_digest(stream) == fold(envelopes[:committed])
+    (record,) = stream.rebuilds
+    assert reason in record["checkpoint"] and record["from"] == 0
+    assert record["envelopes"] == committed
+    # the refused checkpoint is gone; every patient goes into the next one
+    assert stream.store.changed[PARTITION] == set(stream.store.patients(PARTITION))

@@ -130,6 +130,14 @@ TARGETS: dict[str, Target] = {
     "stream_memory_per_patient": Target(
         "<= 1 KB of stream state per patient", _at_most(("value",), 1024), "16"
     ),
+    "recovery": Target(
+        "restart from a checkpoint faster than from offset 0 (and flat as history grows)",
+        _below(("ratio",), 1.0),
+        "15",
+    ),
+    "scale_workers": Target(
+        "2 workers > 1 worker in facts/s (on 2 cores)", _at_least(("ratio",), 1.0), "15"
+    ),
     "freshness_live_count_p99": Target("p99 < 1 s", _below(("value",), 1.0), ""),
     "freshness_signal_statistic_p99": Target("p99 < 1 s", _below(("value",), 1.0), ""),
     "terminology_search_p99": Target("p99 < 50 ms", _below(("value",), 50.0), "13"),

@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     surveillance_monitor: bool = True
 
     # --- services ---
+    #: How every service logs: ``text`` (one line for a person) or ``json`` (one JSON object
+    #: per line for a log collector; concierge/logs.py).
+    log_format: Literal["text", "json"] = "text"
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
     worker_web_port: Port = 6066

@@ -189,6 +189,8 @@ class StreamApp:
         self.devices: DeviceContributions | None = None
         #: Admin tokens and audit records for the state pages (:mod:`.status_pages`).
         self.access = PageAccess(settings)
+        #: ``/metrics``' registry, made at the first scrape (:mod:`.metrics`)
+        self._metrics: Any = None
         self._register()
         for extension in extensions or ():
             extension(self)
@@ -550,6 +552,18 @@ class StreamApp:
             if status.ready:
                 return web.json(body)
             return web.json(body, status=503, headers={"Retry-After": "2"})
+
+        @app.page("/metrics", name="metrics")
+        async def metrics(web: Any, request: Any) -> Any:
+            # lag, throughput, partitions held: no pseudonym, no count of patients (.metrics)
+            from infra.metrics import CONTENT_TYPE, scrape
+
+            from .metrics import registry_for
+
+            if self._metrics is None:
+                self._metrics = registry_for(self)
+            body = scrape(self._metrics)
+            return web.bytes(body, headers={"Content-Type": CONTENT_TYPE})
 
         @self.admin_page("/state/digest")
         def state_digest(request: Any) -> tuple[Any, dict[str, Any]]:

@@ -40,5 +40,13 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     settings = load_configuration().settings  # every section checked before starting
     if web_port is not None:
         settings = settings.model_copy(update={"worker_web_port": web_port})
+    from concierge.logs import faust_logging_config
+
     stream = create_app(settings, store)
-    Worker(stream.app, loglevel=loglevel).execute_from_commandline()
+    Worker(
+        stream.app,
+        loglevel=loglevel,
+        logging_config=faust_logging_config(settings.log_format, loglevel),
+        # JSON logs: no start-up banner (a table on stdout, not a log record)
+        quiet=settings.log_format == "json",
+    ).execute_from_commandline()

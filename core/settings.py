@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     )
     #: Prepended to every topic name; tests use it to get topics of their own.
     topic_prefix: str = ""
+    #: Replicas of each topic the product creates (``concierge topics create``, the worker's
+    #: own table topics): 1 on one broker, 3 on a cluster of three or more.
+    topic_replication_factor: int = Field(default=1, ge=1, le=16)
     #: Where local state lives (broker data, identity vault, worker tables).
     home: Path = Field(default_factory=_default_home)
 

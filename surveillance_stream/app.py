@@ -111,7 +111,7 @@ class StreamApp:
             store=store or "memory://",
             datadir=str(datadir),
             topic_partitions=PARTITIONS,
-            topic_replication_factor=1,
+            topic_replication_factor=settings.topic_replication_factor,
             consumer_auto_offset_reset="earliest",
             processing_guarantee="at_least_once",
             web_port=settings.worker_web_port,

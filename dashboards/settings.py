@@ -1,9 +1,10 @@
 """The regulator dashboard's section of the configuration.
 
 ``CONCIERGE_API_URL`` (the API it reads), ``CONCIERGE_DASHBOARD_TOKEN`` (a regulator token),
-``CONCIERGE_DASHBOARD_PORT``, ``CONCIERGE_DASHBOARD_BIND``, ``CONCIERGE_DASHBOARD_REFRESH_SECONDS`` and
-``CONCIERGE_DASHBOARD_ROWS``. A wrong value is an error, never a silent default; the tree that
-validates every section at start-up is :mod:`concierge.configuration`.
+``CONCIERGE_DASHBOARD_PORT``, ``CONCIERGE_DASHBOARD_BIND``,
+``CONCIERGE_DASHBOARD_REFRESH_SECONDS`` and ``CONCIERGE_DASHBOARD_ROWS``. A wrong value is an
+error, never a silent default; the tree that validates every section at start-up is
+:mod:`concierge.configuration`.
 """
 
 from __future__ import annotations

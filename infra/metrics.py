@@ -27,7 +27,7 @@ from infra.mirror import ReaderStatus
 
 log = logging.getLogger(__name__)
 
-#: The ``Content-Type`` of a scrape (Prometheus text format 0.0.4).
+#: The ``Content-Type`` of a scrape (Prometheus' text format, as prometheus-client writes it).
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Buckets of the latency histograms, in seconds: 5 ms to 30 s (answers over a large snapshot
 #: and ingest of a large Bundle take seconds; probes take milliseconds).

@@ -5,8 +5,8 @@ with the default ``memory://`` store) and the API's columnar snapshot
 
 A synthetic population is generated and ingested through the real adapters (publishing to the
 broker, as ``bench_stream`` does); its facts messages are then folded, each view in a fresh
-child process, and the growth of the child's resident set (``/proc/self/statm``) is divided by
-the patients. Baseline, from the same run: the bytes of the facts messages themselves (what the
+child process, and the growth of the child's resident set (``/proc/self/statm``) over the second
+half of the patients is divided by them (the slope, without the libraries' fixed cost). Baseline, from the same run: the bytes of the facts messages themselves (what the
 log holds per patient). ``docs/how-to/deploy-cluster.md`` extrapolates from these figures.
 
     python -m benchmarks.bench_memory --patients 3000
@@ -34,40 +34,49 @@ def rss() -> int:
 
 
 def fold(part: str, facts_path: Path) -> dict[str, Any]:
-    """In this (child) process: fold the facts into one view; bytes of resident set it grew."""
+    """In this (child) process: fold the facts into one view, half of them first; the resident
+    set's growth over the second half, per patient of that half (the slope: libraries loaded,
+    thread pools and the first arenas are paid before it, not per patient)."""
     from core.contracts.facts import envelopes_of
+    from feasibility.snapshot import ColumnarSnapshot
+    from surveillance_stream.store import PatientStore
 
     facts: list[tuple[str, bytes]] = pickle.loads(facts_path.read_bytes())
     values = [value for _, value in facts]
     del facts
-    before = rss()
+    half = len(values) // 2
+    store = PatientStore()
+    snapshot = ColumnarSnapshot()
+
+    def fold_range(start: int, stop: int) -> set[str]:
+        patients: set[str] = set()
+        for offset in range(start, stop):
+            for envelope in envelopes_of(values[offset]):
+                patients.add(str(envelope["patient"]))
+                if part == "worker":
+                    store.apply(offset % 6, envelope)
+                else:
+                    snapshot.apply(envelope, offset % 6, offset)
+        if part == "snapshot":
+            snapshot.frames()  # built as an answer builds them
+        return patients
+
+    start = rss()
+    first = fold_range(0, half)
+    middle = rss()
+    second = fold_range(half, len(values)) - first
+    end = rss()
     extra: dict[str, Any] = {}
-    if part == "worker":
-        from surveillance_stream.store import PatientStore
-
-        store = PatientStore()
-        for offset, value in enumerate(values):
-            for envelope in envelopes_of(value):
-                store.apply(offset % 6, envelope)
-        held: Any = store
-    else:
-        import threading
-
-        from feasibility.snapshot import ColumnarSnapshot
-
-        snapshot = ColumnarSnapshot()
-        lock = threading.Lock()
-        for offset, value in enumerate(values):
-            for envelope in envelopes_of(value):
-                snapshot.apply(envelope, offset % 6, offset)
-        snapshot.frames()  # built as the first answer builds them
-        with lock:
-            rows, size = snapshot.size()
+    if part == "snapshot":
+        rows, size = snapshot.size()
         extra = {"rows": sum(rows.values()), "estimated_frame_bytes": size}
-        held = snapshot
-    grown = rss() - before
-    assert held is not None
-    return {"bytes": grown, **extra}
+    return {
+        "bytes_per_patient": (end - middle) / max(1, len(second)),
+        "first_half_bytes": middle - start,
+        "second_half_bytes": end - middle,
+        "second_half_patients": len(second),
+        **extra,
+    }
 
 
 def main() -> None:
@@ -97,13 +106,21 @@ def main() -> None:
         path.write_bytes(pickle.dumps(facts))
         for part in ("worker", "snapshot"):
             out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.bench_memory", "--part", part, "--facts", str(path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_memory",
+                    "--part",
+                    part,
+                    "--facts",
+                    str(path),
+                ],
                 check=True,
                 capture_output=True,
                 text=True,
             )
             parts[part] = json.loads(out.stdout.strip().splitlines()[-1])
-    per_patient = {part: found["bytes"] / args.patients for part, found in parts.items()}
+    per_patient = {part: found["bytes_per_patient"] for part, found in parts.items()}
     load = os.getloadavg()
     result = write_result(
         "memory_per_patient",
@@ -119,6 +136,7 @@ def main() -> None:
             "api_snapshot_rows": parts["snapshot"].get("rows"),
             "api_snapshot_estimated_frame_bytes": parts["snapshot"].get("estimated_frame_bytes"),
             "facts_bytes_per_patient": round(log_bytes / args.patients),
+            "measured": parts,
             "envelopes_per_patient": round(envelopes / args.patients, 2),
             "load_average": [round(x, 2) for x in load],
         },

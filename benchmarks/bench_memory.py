@@ -6,10 +6,11 @@ with the default ``memory://`` store) and the API's columnar snapshot
 A synthetic population is generated and ingested through the real adapters (publishing to the
 broker, as ``bench_stream`` does); its facts messages are then folded, each view in a fresh
 child process, and the growth of the child's resident set (``/proc/self/statm``) over the second
-half of the patients is divided by them (the slope, without the libraries' fixed cost). Baseline, from the same run: the bytes of the facts messages themselves (what the
-log holds per patient). ``docs/how-to/deploy-cluster.md`` extrapolates from these figures.
+half of the patients is divided by them (the slope, without the libraries' fixed cost).
+Baseline, from the same run: the bytes of the facts messages themselves (what the log holds per
+patient). ``docs/how-to/deploy-cluster.md`` extrapolates from these figures.
 
-    python -m benchmarks.bench_memory --patients 3000
+    python -m benchmarks.bench_memory --patients 4000
 """
 
 from __future__ import annotations

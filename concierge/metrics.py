@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infra import metrics as m
@@ -210,8 +211,6 @@ def signal_family(service: str, monitor: Any) -> Metric:
 
 def install(app: FastAPI) -> ApiMetrics:
     """``GET /metrics`` and the timing middleware on the API."""
-    from fastapi.responses import Response
-
     metrics = ApiMetrics(app)
     app.state.metrics = metrics
     app.add_middleware(_Middleware, metrics=metrics)

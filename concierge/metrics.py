@@ -238,6 +238,21 @@ class _Middleware:
         await self._app(scope, receive, send)
 
 
+def monitor_registry(monitor: Any, service: str = "monitor") -> CollectorRegistry:
+    """A registry for a process that runs the signal monitor on its own (``concierge
+    monitor``): its readers' lag per partition, readiness and messages consumed, and the signals
+    assessed and signalling. Serve it with :class:`infra.status_http.StatusServer`'s
+    ``metrics``."""
+    registry = CollectorRegistry(auto_describe=True)
+
+    def readers() -> Iterator[ReaderSample]:
+        yield ReaderSample("signals", monitor.readiness(), consumed_of(monitor))
+
+    registry.register(ReaderCollector(service, readers))
+    registry.register(FunctionCollector(service, lambda name: [signal_family(name, monitor)]))
+    return registry
+
+
 def recruitment_registry(consumer: RecruitmentConsumer) -> CollectorRegistry:
     """The recruitment service's registry: its group consumer's lag per partition, readiness
     and messages consumed (all its topics together), and messages it could not apply."""
@@ -263,4 +278,11 @@ def recruitment_registry(consumer: RecruitmentConsumer) -> CollectorRegistry:
     return registry
 
 
-__all__ = ["ANSWER_ROUTES", "ApiMetrics", "install", "recruitment_registry", "signal_family"]
+__all__ = [
+    "ANSWER_ROUTES",
+    "ApiMetrics",
+    "install",
+    "monitor_registry",
+    "recruitment_registry",
+    "signal_family",
+]

@@ -534,6 +534,11 @@ class StreamApp:
             # liveness and processing counters only: no pseudonym, no count of patients
             return web.json(self.health_summary())
 
+        @app.page("/healthz", name="healthz")
+        async def healthz(web: Any, request: Any) -> Any:
+            # the liveness probe every service answers under this name (/health has counters)
+            return web.json({"ok": True})
+
         @app.task
         async def start_health() -> None:
             self.health.start()

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
 #: The pages that need no token: liveness and readiness, no patient data.
-OPEN_PAGES = ("/health", "/readyz", "/metrics")
+OPEN_PAGES = ("/health", "/healthz", "/readyz", "/metrics")
 #: Attempts at writing one audit record (another process, the API, appends to the same log).
 AUDIT_ATTEMPTS = 3
 

@@ -394,3 +394,9 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist(ingested: Stack) 
         "concierge_deadletters_total",
     ):
         assert family in queried, family
+
+
+def test_every_service_answers_its_liveness_probe(stack: Stack) -> None:
+    for service in ("api", "worker", "recruitment"):
+        response = httpx.get(stack.url(service) + "/healthz", timeout=5)
+        assert response.status_code == 200 and response.json() == {"ok": True}, service

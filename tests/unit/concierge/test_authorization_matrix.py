@@ -446,6 +446,7 @@ def admin_only() -> dict[str, Outcome]:
 #: (``/readyz`` answers 503 here: no broker), every state page is for site admins only.
 WORKER_PAGES: dict[str, dict[str, Outcome]] = {
     "/health": dict.fromkeys(CALLERS, OK),
+    "/healthz": dict.fromkeys(CALLERS, OK),
     "/readyz": dict.fromkeys(CALLERS, Outcome.PROBE),
     "/metrics": dict.fromkeys(CALLERS, OK),
     "/state/digest": admin_only(),

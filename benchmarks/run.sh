@@ -47,6 +47,7 @@ echo "== signal freshness at 1k resources/s (AdverseEvent at /fhir to the regula
 python -m benchmarks.bench_signal_freshness --rate 1000 --probes "$probes"
 echo "== recruitment: candidates routed/s from $cohort_events cohort events (consumer vs consume-and-decode)"
 python -m benchmarks.bench_recruitment --events "$cohort_events"
+python -m benchmarks.bench_memory --patients 4000
 echo "== terminology: UK-size SNOMED CT release load, concept search p99, ad hoc over a 5,000-code ECL expansion"
 if [ "$quick" = 1 ]; then
   python -m benchmarks.bench_terminology --concepts 40000 --is-a-rows 140000 --queries 500 \

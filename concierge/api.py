@@ -323,6 +323,9 @@ def create_app(
     from concierge import readiness
 
     readiness.install(app)
+    from concierge import metrics
+
+    metrics.install(app)  # /metrics, and every request timed by its route template
 
     def get_ingest(request: Request) -> IngestService:
         service: IngestService = request.app.state.ingest

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     )
     #: Prepended to every topic name; tests use it to get topics of their own.
     topic_prefix: str = ""
+    #: Replicas of each topic the product creates (``concierge topics create``, the worker's
+    #: own table topics): 1 on one broker, 3 on a cluster of three or more.
+    topic_replication_factor: int = Field(default=1, ge=1, le=16)
     #: Where local state lives (broker data, identity vault, worker tables).
     home: Path = Field(default_factory=_default_home)
 
@@ -205,6 +208,9 @@ class Settings(BaseSettings):
     monitor_port: Port = 8010
 
     # --- services ---
+    #: How every service logs: ``text`` (one line for a person) or ``json`` (one JSON object
+    #: per line for a log collector; concierge/logs.py).
+    log_format: Literal["text", "json"] = "text"
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
     worker_web_port: Port = 6066

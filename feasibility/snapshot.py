@@ -504,6 +504,16 @@ class ColumnarSnapshot:
     def patient_count(self) -> int:
         return len(self._patients)
 
+    def size(self) -> tuple[dict[str, int], int]:
+        """Rows per fact table (kept, buffered and not yet compacted away) and the estimated
+        bytes of the tables' frames, for ``/metrics``; called under the snapshot's lock."""
+        rows: dict[str, int] = {}
+        size = self._patients_frame.estimated_size()
+        for name, table in self._tables.items():
+            rows[name] = table.main.height + table.tail_rows + len(table.buffer)
+            size += table.main.estimated_size() + sum(f.estimated_size() for f in table.tail)
+        return rows, int(size)
+
     # ------------------------------------------------------------------ input
 
     def apply(

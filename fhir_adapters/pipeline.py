@@ -264,6 +264,14 @@ def _is_older(
     return False
 
 
+def _loggable_type(resource_type: str) -> str:
+    """A resource type as a log may show it: a type FHIR defines, else not the input's text."""
+    if resource_type == "(unparsed)":
+        return resource_type
+    known = model_class(resource_type, "R4") or model_class(resource_type, "R5")
+    return resource_type if known is not None else "(type FHIR does not define)"
+
+
 class Ingestor:
     def __init__(
         self,
@@ -495,11 +503,14 @@ class Ingestor:
             letter["payload_sha256"] = excerpt.sha256
             value = orjson.dumps(letter)
         self.sink.dead_letter(DeadLetter(key=origin, value=value))
+        # The origin (a URL naming the resource, a file name) and the diagnostics (a parser's
+        # message may quote a value, a birth date) stay in the letter: the log gets the type
+        # and the issue codes only (logs carry pseudonyms and counts, never input).
         log.info(
-            "dead-lettered %s from %s: %s",
-            resource_type,
-            origin,
-            issues[0].diagnostics if issues else "",
+            "dead-lettered a %s resource (issues: %s); its OperationOutcome is on the "
+            "dead-letter topic",
+            _loggable_type(resource_type),
+            ",".join(sorted({issue.code for issue in issues})) or "none",
         )
         return self._count(
             Outcome(

@@ -17,6 +17,7 @@ order within the patient is kept, and consumers read either shape with
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -125,6 +126,8 @@ class KafkaSink:
         self.deadletter_topic = prefix + DEADLETTER
         self._errors: list[str] = []
         self.sent = 0
+        #: messages handed to the producer, per topic (``/metrics``' produced messages)
+        self.sent_by_topic: Counter[str] = Counter()
         self._batches: dict[str, list[bytes]] = {}
         self._batch_bytes: dict[str, int] = {}
         self._kinds: set[FailureKind] = set()
@@ -148,6 +151,7 @@ class KafkaSink:
                 err = exc.args[0]
                 raise DeliveryFailed(f"{topic}: {err.str()}", failure_kind(err)) from None
         self.sent += 1
+        self.sent_by_topic[topic] += 1
         if self.sent % 1000 == 0:
             self._producer.poll(0)
 

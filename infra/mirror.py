@@ -78,12 +78,18 @@ class ReaderStatus:
     error: str | None
     #: next offset per partition of each topic read
     topics: dict[str, dict[int, int]] = field(default_factory=dict)
+    #: messages behind the latest measured high watermark, per partition of each topic (the
+    #: parts of ``lag``; empty when never measured): what ``/metrics`` shows per partition
+    lags: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body["positions"] = {str(p): o for p, o in sorted(self.positions.items())}
         body["topics"] = {
             t: {str(p): o for p, o in sorted(parts.items())} for t, parts in self.topics.items()
+        }
+        body["lags"] = {
+            t: {str(p): n for p, n in sorted(parts.items())} for t, parts in self.lags.items()
         }
         if self.staleness_seconds is not None:
             body["staleness_seconds"] = round(self.staleness_seconds, 3)
@@ -100,7 +106,11 @@ class Mark:
 
     def behind(self, positions: Mapping[Key, int]) -> int:
         """Messages between ``positions`` and these high watermarks."""
-        return sum(max(0, high - self.position(k, positions)) for k, high in self.highs.items())
+        return sum(self.behind_by_partition(positions).values())
+
+    def behind_by_partition(self, positions: Mapping[Key, int]) -> dict[Key, int]:
+        """:meth:`behind`, per partition measured."""
+        return {k: max(0, high - self.position(k, positions)) for k, high in self.highs.items()}
 
     def position(self, key: Key, positions: Mapping[Key, int]) -> int:
         # nothing below the low watermark exists: a reader that has read nothing there yet
@@ -119,6 +129,8 @@ class Verdict:
     down_since: float | None
     #: monotonic time of the latest measurement (None: never measured)
     measured_at: float | None
+    #: ``lag`` per partition (empty when never measured)
+    lags: dict[Key, int] = field(default_factory=dict)
 
 
 class Freshness:
@@ -199,6 +211,7 @@ class Freshness:
             positions=effective,
             down_since=down_since,
             measured_at=None if latest is None else latest.at,
+            lags={} if latest is None else latest.behind_by_partition(positions),
         )
 
 
@@ -412,6 +425,9 @@ class ReaderHealth:
         topics: dict[str, dict[int, int]] = {}
         for (topic, partition), offset in sorted(verdict.positions.items()):
             topics.setdefault(topic, {})[partition] = offset
+        lags: dict[str, dict[int, int]] = {}
+        for (topic, partition), behind in sorted(verdict.lags.items()):
+            lags.setdefault(topic, {})[partition] = behind
         return ReaderStatus(
             name=self.name,
             ready=verdict.connected and verdict.caught_up and waiting is None,
@@ -423,6 +439,7 @@ class ReaderHealth:
             waiting_for=reason,
             error=error,
             topics=topics,
+            lags=lags,
         )
 
 

@@ -1,5 +1,6 @@
-"""A minimal status endpoint for processes that serve no other HTTP: ``/healthz`` and
-``/readyz`` on a loopback port, answered from a callable (the recruitment service uses it).
+"""A minimal status endpoint for processes that serve no other HTTP: ``/healthz``, ``/readyz``
+and (given a registry) ``/metrics`` on a port of the host's loopback unless told otherwise,
+answered from a callable (the recruitment service uses it).
 
 The standard library's threading HTTP server is enough for two probe routes; a web framework
 would be a second server stack in a process that otherwise has none.
@@ -12,17 +13,25 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
 
 class StatusServer:
     """Serves ``GET /healthz`` (200 while the process runs) and ``GET /readyz`` (200 when
-    ``readiness()["ready"]``, else 503 with ``Retry-After``) on ``host:port``."""
+    ``readiness()["ready"]``, else 503 with ``Retry-After``) on ``host:port``; with
+    ``metrics``, ``GET /metrics`` in Prometheus' text format."""
 
     def __init__(
-        self, readiness: Callable[[], dict[str, Any]], port: int, host: str = "127.0.0.1"
+        self,
+        readiness: Callable[[], dict[str, Any]],
+        port: int,
+        host: str = "127.0.0.1",
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         outer = self
 
@@ -36,6 +45,15 @@ class StatusServer:
                     except Exception as exc:  # a probe that fails says so, never 200
                         body = {"ready": False, "waiting_for": f"readiness failed: {exc!r}"}
                     self._send(200 if body.get("ready") else 503, body)
+                elif self.path == "/metrics" and outer.metrics is not None:
+                    from infra.metrics import CONTENT_TYPE, scrape
+
+                    data = scrape(outer.metrics)
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                 else:
                     self._send(404, {"error": "not found"})
 
@@ -53,6 +71,8 @@ class StatusServer:
                 return
 
         self.readiness = readiness
+        self.metrics = metrics
+        self.host = host
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(
@@ -65,7 +85,8 @@ class StatusServer:
 
     def start(self) -> StatusServer:
         self._thread.start()
-        log.info("status on http://127.0.0.1:%s (/healthz, /readyz)", self.port)
+        pages = "/healthz, /readyz" + (", /metrics" if self.metrics is not None else "")
+        log.info("status on http://%s:%s (%s)", self.host, self.port, pages)
         return self
 
     def stop(self) -> None:

@@ -52,6 +52,21 @@ class RecruitmentSettings(BaseSettings):
     #: takes its partitions back at once instead of waiting out the session timeout.
     instance_id: str | None = None
     batch_size: int = Field(default=500, ge=1)
+    #: Port of ``concierge recruitment run``'s ``/healthz``, ``/readyz`` and ``/metrics``
+    #: (0: none), and the address it listens on (loopback unless opened on purpose: the pages
+    #: carry no patient data, see docs/how-to/deploy-cluster.md).
+    status_port: int = Field(default=6067, ge=0, le=65535)
+    status_bind: str = "127.0.0.1"
+
+    @field_validator("status_bind")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(value.strip().strip("[]")))
+        except ValueError:
+            raise ValueError("must be an IP address, e.g. 127.0.0.1, ::1 or 0.0.0.0") from None
 
     # --- notifications ---
     #: The public address of the API that links in notifications point to (the clinician page,

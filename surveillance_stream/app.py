@@ -117,7 +117,7 @@ class StreamApp:
             store=store or "memory://",
             datadir=str(datadir),
             topic_partitions=PARTITIONS,
-            topic_replication_factor=1,
+            topic_replication_factor=settings.topic_replication_factor,
             consumer_auto_offset_reset="earliest",
             processing_guarantee="at_least_once",
             web_port=settings.worker_web_port,
@@ -201,6 +201,8 @@ class StreamApp:
         self.devices: DeviceContributions | None = None
         #: Admin tokens and audit records for the state pages (:mod:`.status_pages`).
         self.access = PageAccess(settings)
+        #: ``/metrics``' registry, made at the first scrape (:mod:`.metrics`)
+        self._metrics: Any = None
         self._register()
         for extension in extensions or ():
             extension(self)
@@ -672,6 +674,11 @@ class StreamApp:
             # liveness and processing counters only: no pseudonym, no count of patients
             return web.json(self.health_summary())
 
+        @app.page("/healthz", name="healthz")
+        async def healthz(web: Any, request: Any) -> Any:
+            # the liveness probe every service answers under this name (/health has counters)
+            return web.json({"ok": True})
+
         @app.task
         async def start_health() -> None:
             self.health.start()
@@ -692,6 +699,18 @@ class StreamApp:
             if status.ready:
                 return web.json(body)
             return web.json(body, status=503, headers={"Retry-After": "2"})
+
+        @app.page("/metrics", name="metrics")
+        async def metrics(web: Any, request: Any) -> Any:
+            # lag, throughput, partitions held: no pseudonym, no count of patients (.metrics)
+            from infra.metrics import CONTENT_TYPE, scrape
+
+            from .metrics import registry_for
+
+            if self._metrics is None:
+                self._metrics = registry_for(self)
+            body = scrape(self._metrics)
+            return web.bytes(body, headers={"Content-Type": CONTENT_TYPE})
 
         @self.admin_page("/state/digest")
         def state_digest(request: Any) -> tuple[Any, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Who may read the worker's status pages, and the audit record of every read.
 
-The worker's web port serves two probes anyone on the host may call, ``/health`` (liveness and
-processing counters) and ``/readyz`` (readiness, and what it waits for): neither carries a
+The worker's web port serves three pages anyone on the host may call, ``/health`` (liveness
+and processing counters), ``/readyz`` (readiness, and what it waits for) and ``/metrics``
+(Prometheus: lag per partition, messages in and out; :mod:`.metrics`): none carries a
 pseudonym, a fact or a count of patients. Every other page (``/state/digest``,
 ``/state/patients/{pseudonym}``, ``/state/cohorts``, ``/state/devices``) shows patient-level
 data or exact counts, so it needs an admin bearer token (``concierge token create --role admin``,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
 #: The pages that need no token: liveness and readiness, no patient data.
-OPEN_PAGES = ("/health", "/readyz")
+OPEN_PAGES = ("/health", "/healthz", "/readyz", "/metrics")
 #: Attempts at writing one audit record (another process, the API, appends to the same log).
 AUDIT_ATTEMPTS = 3
 

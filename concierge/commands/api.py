@@ -19,12 +19,12 @@ def api(host: str | None, port: int | None) -> None:
     settings = load_configuration().settings  # every section checked before serving
     host = host or settings.api_host
     port = port or settings.api_port
-    # Our own loggers at INFO (catch-up progress, readiness changes); uvicorn's at warning.
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("concierge", "feasibility", "surveillance_stream", "fhir_adapters", "infra"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    from concierge.logs import PRODUCT_LOGGERS, configure_logging
+
+    # Our own loggers at INFO (catch-up progress, readiness changes); uvicorn's at warning,
+    # through the same handler (log_config=None below), so its lines take CONCIERGE_LOG_FORMAT
+    # too. Its access log stays off: paths name resources.
+    configure_logging(settings.log_format, logging.WARNING, PRODUCT_LOGGERS)
     logging.getLogger("concierge.api").info(
         "concierge api on http://%s:%s (docs /docs, readiness /readyz, liveness /healthz)",
         host,
@@ -36,4 +36,6 @@ def api(host: str | None, port: int | None) -> None:
         host=host,
         port=port,
         log_level="warning",
+        log_config=None,
+        access_log=False,
     )

@@ -39,7 +39,7 @@ def issue_regulator_token(org: str) -> str:
     return issue(keys, "regulator", org, ttl_seconds=ISSUED_TOKEN_DAYS * 24 * 3600)
 
 
-def streamlit_command(path: Path, port: int) -> list[str]:
+def streamlit_command(path: Path, port: int, bind: str = "127.0.0.1") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -51,7 +51,7 @@ def streamlit_command(path: Path, port: int) -> list[str]:
         "--server.port",
         str(port),
         "--server.address",
-        "127.0.0.1",
+        bind,
         "--browser.gatherUsageStats",
         "false",
         # a regulator sees the page, not Streamlit's developer menu (Deploy, Rerun, Stop)
@@ -81,7 +81,8 @@ def dashboard_env(
     "--port",
     type=int,
     default=None,
-    help=f"Port (default CONCIERGE_DASHBOARD_PORT or {DEFAULT_PORT}); it binds 127.0.0.1.",
+    help=f"Port (default CONCIERGE_DASHBOARD_PORT or {DEFAULT_PORT}); it binds "
+    "CONCIERGE_DASHBOARD_BIND (127.0.0.1 by default).",
 )
 @click.option(
     "--api-url",
@@ -123,8 +124,9 @@ def dashboard(
     token = token or (section.token.get_secret_value() if section.token else None)
     token = token or issue_regulator_token(org)
     env = dashboard_env(api_url, token, refresh)
-    command = streamlit_command(app_path(), port)
-    click.echo(f"Regulator dashboard: http://127.0.0.1:{port} (reading {api_url})")
+    command = streamlit_command(app_path(), port, section.bind)
+    shown = "127.0.0.1" if section.bind in ("0.0.0.0", "::") else section.bind
+    click.echo(f"Regulator dashboard: http://{shown}:{port} (reading {api_url})")
     sys.stdout.flush()
     sys.stderr.flush()
     # Become Streamlit, so a signal to this process (Ctrl-C, a supervisor's SIGTERM) reaches it.

@@ -88,7 +88,11 @@ def create_topics() -> None:
     from infra.topics_admin import ensure_topics
 
     settings = get_settings()
-    created = ensure_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
+    created = ensure_topics(
+        settings.kafka_bootstrap_servers,
+        settings.topic_prefix,
+        replication_factor=settings.topic_replication_factor,
+    )
     click.echo(
         f"created {len(created)} topics"
         + (f": {', '.join(created)}" if created else " (all existed)")

@@ -53,10 +53,9 @@ def migrate(url: str | None) -> None:
 @click.option(
     "--status-port",
     type=click.IntRange(0, 65535),
-    default=6067,
-    show_default=True,
-    envvar="CONCIERGE_RECRUITMENT_STATUS_PORT",
-    help="Loopback port of /healthz and /readyz (0: none).",
+    default=None,
+    help="Port of /healthz, /readyz and /metrics (default CONCIERGE_RECRUITMENT_STATUS_PORT or "
+    "6067; 0: none), on CONCIERGE_RECRUITMENT_STATUS_BIND (127.0.0.1 by default).",
 )
 def run(
     migrate: bool,
@@ -64,20 +63,21 @@ def run(
     batch_size: int | None,
     idle_exit: float | None,
     log_level: str,
-    status_port: int,
+    status_port: int | None,
 ) -> None:
     """Consume trials, cohorts, facts and reference data; route candidates; notify clinicians."""
+    from concierge.logs import configure_logging
     from recruitment.consumer import RecruitmentConsumer
     from recruitment.db import upgrade
     from recruitment.runtime import build_runtime
     from recruitment.scheduler import start_scheduler, stop_scheduler
 
     configuration = load_configuration()  # every section checked before starting
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     settings = configuration.settings
+    configure_logging(settings.log_format, log_level.upper())
     recruitment_settings = configuration.recruitment
+    if status_port is None:
+        status_port = recruitment_settings.status_port
     url = recruitment_settings.resolved_url(settings.home)
     if migrate:
         upgrade(url)
@@ -103,9 +103,15 @@ def run(
     jobs = start_scheduler(runtime) if scheduler else None
     status = None
     if status_port:
+        from concierge.metrics import recruitment_registry
         from infra.status_http import StatusServer
 
-        status = StatusServer(lambda: consumer.readiness().to_dict(), status_port).start()
+        status = StatusServer(
+            lambda: consumer.readiness().to_dict(),
+            status_port,
+            host=recruitment_settings.status_bind,
+            metrics=recruitment_registry(consumer),
+        ).start()
     try:
         consumer.run(stop, idle_exit=idle_exit)
     finally:

@@ -27,10 +27,10 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     Patient state is rebuilt from the facts topic on start; cohort membership survives restarts
     in the cohort topic (the table's changelog). Several workers with the same
     CONCIERGE_WORKER_ID share the partitions between them. Status pages on the web port, bound
-    to CONCIERGE_WORKER_WEB_BIND (127.0.0.1 by default): /health and /readyz (503 until every
-    assigned partition is rebuilt and caught up) for anyone; /state/digest,
-    /state/patients/{pseudonym}, /state/cohorts and /state/devices for an admin bearer token
-    only, each request audited.
+    to CONCIERGE_WORKER_WEB_BIND (127.0.0.1 by default): /health, /readyz (503 until every
+    assigned partition is rebuilt and caught up) and /metrics (Prometheus) for anyone;
+    /state/digest, /state/patients/{pseudonym}, /state/cohorts and /state/devices for an admin
+    bearer token only, each request audited.
     """
     from faust.worker import Worker
 
@@ -40,5 +40,13 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     settings = load_configuration().settings  # every section checked before starting
     if web_port is not None:
         settings = settings.model_copy(update={"worker_web_port": web_port})
+    from concierge.logs import faust_logging_config
+
     stream = create_app(settings, store)
-    Worker(stream.app, loglevel=loglevel).execute_from_commandline()
+    Worker(
+        stream.app,
+        loglevel=loglevel,
+        logging_config=faust_logging_config(settings.log_format, loglevel),
+        # JSON logs: no start-up banner (a table on stdout, not a log record)
+        quiet=settings.log_format == "json",
+    ).execute_from_commandline()

@@ -163,6 +163,8 @@ def invitation_action() -> Rule:
 MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): public(),
     ("GET", "/readyz"): public(),
+    # Prometheus metrics: labels are route templates, topics, partitions (concierge/metrics.py)
+    ("GET", "/metrics"): public(),
     # the clinician page (concierge/routes/clinician_page.py): static, no patient data; its
     # script calls the API
     ("GET", "/clinician"): public(),
@@ -444,7 +446,9 @@ def admin_only() -> dict[str, Outcome]:
 #: (``/readyz`` answers 503 here: no broker), every state page is for site admins only.
 WORKER_PAGES: dict[str, dict[str, Outcome]] = {
     "/health": dict.fromkeys(CALLERS, OK),
+    "/healthz": dict.fromkeys(CALLERS, OK),
     "/readyz": dict.fromkeys(CALLERS, Outcome.PROBE),
+    "/metrics": dict.fromkeys(CALLERS, OK),
     "/state/digest": admin_only(),
     "/state/patients/{patient}": admin_only(),
     "/state/cohorts": admin_only(),

@@ -24,7 +24,7 @@ from core.http import FHIR_JSON, PROBLEM, RETRY_AFTER_SECONDS, install_problem_d
 from feasibility.criteria import json_schema, parse_question
 from tests.api_world import settings_for
 
-PUBLIC = {("get", "/healthz"), ("get", "/readyz")}
+PUBLIC = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics")}
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 OUTCOME_REF = {"$ref": "#/components/schemas/OperationOutcome"}
 

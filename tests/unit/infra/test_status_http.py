@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[3]
 #: patient data before it is served on the status port.
 READINESS_FIELDS = {
     "name", "ready", "connected", "caught_up", "lag", "staleness_seconds", "positions",
-    "waiting_for", "error", "topics",
+    "waiting_for", "error", "topics", "lags",
 }  # fmt: skip
 
 
@@ -108,7 +108,30 @@ def test_the_recruitment_service_serves_its_status_on_loopback_only(tmp_path: Pa
         assert answer.status_code == 503 and set(answer.json()) == READINESS_FIELDS
         assert not re.search(r"p-[0-9a-f]{32}", answer.text)  # no pseudonym
         assert httpx.get(f"{base}/healthz").json() == {"ok": True}
+        metrics = httpx.get(f"{base}/metrics", timeout=2)
+        assert metrics.status_code == 200
+        assert 'concierge_reader_ready{reader="recruitment",service="recruitment"} 0.0' in (
+            metrics.text
+        )
         assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_metrics_are_served_only_with_a_registry() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    Counter("concierge_probe_test", "a counter", registry=registry).inc(3)
+    with_metrics = StatusServer(lambda: status(True).to_dict(), 0, metrics=registry).start()
+    without = StatusServer(lambda: status(True).to_dict(), 0).start()
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{with_metrics.port}/metrics")
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/plain; version=")
+        assert "concierge_probe_test_total 3.0" in answer.text
+        assert httpx.get(f"http://127.0.0.1:{without.port}/metrics").status_code == 404
+    finally:
+        with_metrics.stop()
+        without.stop()

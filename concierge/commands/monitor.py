@@ -48,11 +48,11 @@ def monitor(host: str | None, port: int | None) -> None:
     settings = load_configuration().settings  # every section checked before serving
     host = host or settings.api_host
     port = port or settings.monitor_port
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for name in ("concierge", "surveillance_stream", "infra", "recruitment"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    from concierge.logs import PRODUCT_LOGGERS, configure_logging
+
+    # the API's logging: CONCIERGE_LOG_FORMAT, product loggers at INFO, uvicorn's through the
+    # same handler, its access log off (paths name resources)
+    configure_logging(settings.log_format, logging.WARNING, PRODUCT_LOGGERS)
     logging.getLogger("concierge.monitor").info(
         "concierge monitor on http://%s:%s (readiness /readyz)", host, port
     )
@@ -62,4 +62,6 @@ def monitor(host: str | None, port: int | None) -> None:
         host=host,
         port=port,
         log_level="warning",
+        log_config=None,
+        access_log=False,
     )

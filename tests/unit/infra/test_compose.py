@@ -175,6 +175,8 @@ def test_every_services_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert url.startswith("postgresql+psycopg://"), (name, url)
             assert settings.log_format == "json"
             assert not settings.surveillance_monitor, "the monitor is a service of its own"
+            if service.get("command") == ["api"]:  # every API process forwards to the monitor
+                assert settings.surveillance_monitor_url == "http://monitor:8010", name
 
 
 def test_prometheus_scrapes_every_service_with_metrics() -> None:
@@ -190,7 +192,7 @@ def test_prometheus_scrapes_every_service_with_metrics() -> None:
     assert env["CONCIERGE_WORKER_WEB_BIND"] == "0.0.0.0"
     assert env["CONCIERGE_RECRUITMENT_STATUS_BIND"] == "0.0.0.0"
     expected = {f"worker-{i}:6066" for i in (1, 2, 3)} | {"api-1:8000", "api-2:8000"}
-    expected.add("recruitment:6067")
+    expected |= {"recruitment:6067", "monitor:8010"}
     assert targets == expected
     assert {t.split(":")[0] for t in targets} <= set(document["services"])
 

@@ -363,6 +363,8 @@ def bench_adhoc(
             "uk_release_expansion_ms": expand_uk_ms and round(expand_uk_ms, 1),
             "uk_release_expansion": uk,
             "baseline_is": "the same question with the expanded codes listed by hand",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "snapshot_tiled": meta.get("tiled"),
         },
         higher_is_better=False,
     )

@@ -8,6 +8,8 @@ are kept in the organisation's history.
 
 from __future__ import annotations
 
+import io
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ from typing import Any
 import orjson
 import polars as pl
 import pytest
+from pypdf import PdfReader
 
 from concierge.commands.generate import bundle
 from core.contracts.invitations import RecruitmentBySite
@@ -25,9 +28,11 @@ from feasibility.disclosure.budget import QueryBudget
 from feasibility.disclosure.policy import DisclosurePolicy
 from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
+from feasibility.render import render
 from feasibility.saved import TrialCreate
 from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
+from feasibility.workspace.export import cells, report_html, report_pdf
 from feasibility.workspace.history import AnswerHistory, CohortHistory
 from feasibility.workspace.outputs import AGE_BANDS, SEXES, keep_expressions
 from feasibility.workspace.service import Workspace
@@ -277,3 +282,58 @@ def test_rates_and_forecasts_wait_for_enough_history(service: FeasibilityService
     service.rate_min_history_hours = 24.0
     body, _ = Workspace(service, history).forecast("Acme", record, None)
     assert body["history"]["available"] and body["forecast"]["forecast"]
+
+
+def _pdf_text(pdf: bytes) -> tuple[int, str]:
+    """Pages and text of a PDF, read back by pypdf (not by the library that wrote it)."""
+    reader = PdfReader(io.BytesIO(pdf))
+    return len(reader.pages), "\n".join(page.extract_text() or "" for page in reader.pages)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_pdf_report_has_the_criteria_the_funnel_and_the_rules_on_one_page(
+    service: FeasibilityService,
+) -> None:
+    service.answer(QUESTION, "Acme")
+    assert service.answers is not None
+    past = service.answers.list("Acme")[0]
+    assert past.kind == "ad hoc" and past.body["funnel"]
+    assert past.summary()["links"]["pdf"] == f"/v1/feasibility/history/{past.id}/report.pdf"
+    pdf = report_pdf(past)
+    assert pdf.startswith(b"%PDF-")
+    pages, text = _pdf_text(pdf)
+    assert pages == 1
+    flat = _words(text)
+    for heading in ("Criteria", "Funnel", "Sites", "Disclosure rules in force"):
+        assert heading in flat, heading
+    # the criteria in words, as the HTML report and the page put them
+    for line in render(QUESTION).splitlines():
+        if line.strip():
+            assert _words(line) in flat, line
+    # every funnel step, with its remaining count as shown to the sponsor
+    for row in past.body["funnel"]:
+        assert _words(str(row["label"])) in flat, row["label"]
+    for rule in past.body["rules"]:
+        assert _words(str(rule))[:40] in flat, rule
+
+
+def test_pdf_report_shows_withheld_cells_as_withheld(service: FeasibilityService) -> None:
+    body, _ = Workspace(service).profile("Acme", QUESTION)
+    assert service.answers is not None
+    past = service.answers.list("Acme")[0]
+    assert past.kind == "profile"
+    # nobody under 18 can be shown: those cells are withheld in the answer ...
+    withheld = [c for _, c in cells(body["profile"]) if c["suppressed"]]
+    assert withheld and all(body["profile"]["age_by_sex"][s]["0-17"]["suppressed"] for s in SEXES)
+    pages, text = _pdf_text(report_pdf(past))
+    flat = _words(text)
+    # ... and in the PDF: as many "withheld" as the HTML report has, never a number for them
+    html = re.sub(r"<style>.*?</style>", "", report_html(past), flags=re.S)
+    html_text = _words(re.sub(r"<[^>]+>", " ", html))
+    assert flat.count("withheld") == html_text.count("withheld") >= len(withheld)
+    for sex in SEXES:
+        assert re.search(rf"profile / age_by_sex / {sex} / 0-17 withheld", flat), sex
+    assert pages == 1

@@ -177,7 +177,11 @@ def attack_all(
     every_set: dict[str, BitMap] = {}
     for name in order:
         extra, breakdowns = built[name]
-        full = with_extra(sets, extra, breakdowns)
+        # the bands the criteria leave empty are structural, as the workspace marks them
+        empty = (
+            {f"profile:{s}:{b}" for s in SEXES for b in empty_bands} if name == "profile" else set()
+        )
+        full = with_extra(sets, extra, breakdowns, empty)
         protected, _ = protect(full, policy, registry, "Acme", f"q:{name}")
         prefix = f"{name}/"
         these = truths(sets, prefix)
@@ -277,9 +281,10 @@ def test_profile_bands_the_criteria_leave_empty(
 ) -> None:
     """Seen on the sponsor page: a profile row with one age band shown and the others withheld,
     the question's age criterion leaving some of them empty (nobody under 18 in an adults-only
-    question). The reader knows those are 0, so they protect nothing; a withheld zero is
-    never the only partner of a small cell (the rest of the row is not small), and no
-    withheld cell is determined with them known."""
+    question). The reader knows those are 0; withheld as zeros, they made the plan withhold a
+    real band beside them, which the reader then worked out (a large count, so no small group
+    was told, but a withheld cell was determined). The workspace marks them structural, shown
+    as 0: no withheld cell is determined with them known."""
     attack_all(scenario, policy, order, empty_bands=(empty,))
 
 

@@ -32,7 +32,7 @@ from feasibility.render import render
 from feasibility.saved import TrialCreate
 from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
-from feasibility.workspace.export import cells, report_html, report_pdf
+from feasibility.workspace.export import report_html, report_pdf
 from feasibility.workspace.history import AnswerHistory, CohortHistory
 from feasibility.workspace.outputs import AGE_BANDS, SEXES, keep_expressions
 from feasibility.workspace.service import Workspace
@@ -105,8 +105,10 @@ def test_profile_cells_are_protected_and_add_up_where_shown(service: Feasibility
         shown_or_withheld(profile["by_sex"][sex])
         for cell in profile["age_by_sex"][sex].values():
             shown_or_withheld(cell)
-    # adults only: nobody under 18 can be shown as a number
-    assert all(profile["age_by_sex"][s]["0-17"]["suppressed"] for s in SEXES)
+    # adults only: the question says nobody is under 18, so that band is a known 0, shown as
+    # one (withheld, it would only make the plan withhold a real band beside it)
+    zero = {"value": 0, "display": "0", "suppressed": False}
+    assert all(profile["age_by_sex"][s]["0-17"] == zero for s in SEXES)
     assert audit["budget"] == {"charged": True, "used": 1}
     again, audit = workspace.profile("Acme", QUESTION)  # unchanged: a free republication
     assert again["profile"] == profile and audit["budget"]["charged"] is False
@@ -325,15 +327,20 @@ def test_pdf_report_shows_withheld_cells_as_withheld(service: FeasibilityService
     assert service.answers is not None
     past = service.answers.list("Acme")[0]
     assert past.kind == "profile"
-    # nobody under 18 can be shown: those cells are withheld in the answer ...
-    withheld = [c for _, c in cells(body["profile"]) if c["suppressed"]]
-    assert withheld and all(body["profile"]["age_by_sex"][s]["0-17"]["suppressed"] for s in SEXES)
+    # small bands (few patients of sex "other" or "unknown" in 600) are withheld ...
+    withheld = [
+        (sex, band)
+        for sex, bands in body["profile"]["age_by_sex"].items()
+        for band, cell in bands.items()
+        if cell["suppressed"]
+    ]
+    assert withheld
     pages, text = _pdf_text(report_pdf(past))
     flat = _words(text)
     # ... and in the PDF: as many "withheld" as the HTML report has, never a number for them
     html = re.sub(r"<style>.*?</style>", "", report_html(past), flags=re.S)
     html_text = _words(re.sub(r"<[^>]+>", " ", html))
     assert flat.count("withheld") == html_text.count("withheld") >= len(withheld)
-    for sex in SEXES:
-        assert re.search(rf"profile / age_by_sex / {sex} / 0-17 withheld", flat), sex
+    for sex, band in withheld:
+        assert f"profile / age_by_sex / {sex} / {band} withheld" in flat, (sex, band)
     assert pages == 1

@@ -19,13 +19,16 @@ import orjson
 import polars as pl
 import pytest
 from pypdf import PdfReader
+from pyroaring import BitMap
 
 from concierge.commands.generate import bundle
 from core.contracts.invitations import RecruitmentBySite
 from core.settings import Settings
 from feasibility.criteria import parse_question
+from feasibility.disclosure.answer import AnswerSets, Breakdown, FunnelStepSets
 from feasibility.disclosure.budget import QueryBudget
 from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.protection import protect
 from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
 from feasibility.render import render
@@ -34,7 +37,13 @@ from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
 from feasibility.workspace.export import report_html, report_pdf
 from feasibility.workspace.history import AnswerHistory, CohortHistory
-from feasibility.workspace.outputs import AGE_BANDS, SEXES, keep_expressions
+from feasibility.workspace.outputs import (
+    AGE_BANDS,
+    SEXES,
+    keep_expressions,
+    profile_structural,
+    with_extra,
+)
 from feasibility.workspace.service import Workspace
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import MemorySink
@@ -344,3 +353,42 @@ def test_pdf_report_shows_withheld_cells_as_withheld(service: FeasibilityService
     for sex, band in withheld:
         assert f"profile / age_by_sex / {sex} / {band} withheld" in flat, (sex, band)
     assert pages == 1
+
+
+def test_a_band_the_criteria_leave_empty_is_a_known_zero_not_a_reason_to_withhold() -> None:
+    """Seen on the sponsor page: an adults-only question's profile showed one band of a row and
+    withheld the others. Its 0-17 band is empty; withheld as a zero, it made the plan withhold a
+    real band beside it (here female 18-29, 40 patients), which a reader who knows 0-17 is
+    empty works out as 150 - 60 - 50. Marked structural, it is shown as 0 and nothing else is
+    withheld."""
+    counts = {"female": (0, 40, 60, 50), "male": (0, 45, 55, 35)}
+    bands = ("0-17", "18-29", "30-39", "40-49")
+    ids = iter(range(1000))
+    extra: dict[str, Any] = {}
+    breakdowns = []
+    for sex, row in counts.items():
+        for band, n in zip(bands, row, strict=True):
+            extra[f"profile:{sex}:{band}"] = BitMap(next(ids) for _ in range(n))
+        extra[f"profile:sex:{sex}"] = BitMap().union(*(extra[f"profile:{sex}:{b}"] for b in bands))
+        breakdowns.append(
+            Breakdown(f"profile:sex:{sex}", tuple(f"profile:{sex}:{b}" for b in bands))
+        )
+    breakdowns.append(Breakdown("total", ("profile:sex:female", "profile:sex:male")))
+    cohort = extra["profile:sex:female"] | extra["profile:sex:male"]
+    step = FunnelStepSets("population", "population", cohort, cohort, BitMap(), BitMap(), cohort)
+    sets = AnswerSets(cohort, {"A": cohort}, {"A": "R"}, {"R": cohort}, [step])
+    policy = DisclosurePolicy(rounding=1)
+
+    def shown(structural: frozenset[str]) -> dict[str, str]:
+        full = with_extra(sets, extra, breakdowns, structural)
+        protected, _ = protect(full, policy, PublicationRegistry("sqlite://"), "Acme", "q")
+        return {k: c.display for k, c in protected.extra.items()}
+
+    before = shown(frozenset())
+    assert before["profile:female:0-17"] == "withheld"
+    assert before["profile:female:18-29"] == "withheld"  # 40: derivable by a reader
+    empty = frozenset(f"profile:{s}:0-17" for s in counts)
+    after = shown(empty)
+    assert after["profile:female:0-17"] == after["profile:male:0-17"] == "0"
+    assert "withheld" not in after.values()
+    assert profile_structural(QUESTION) == frozenset(f"profile:{s}:0-17" for s in SEXES)

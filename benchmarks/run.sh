@@ -4,6 +4,8 @@
 #   bash benchmarks/run.sh --quick         # smaller sizes (minutes, for a smoke run)
 #   BENCH_ADHOC_PATIENTS=200000 bash benchmarks/run.sh   # a smaller ad hoc snapshot (building the
 #                                          # default 1,000,000 takes ~25 min on 2 cores)
+#   BENCH_TILE_COPIES=20 ...               # on a loaded machine: the ad hoc snapshot as 20
+#                                          # copies of a 1/20 one (benchmarks/tile_snapshot.py)
 #   BENCH_SKIP_INGEST=1 ...                # skip the ingest benchmark (already run)
 #   BENCH_SCALING_SIZES=100000,300000 ...  # population sizes of the scaling benchmark
 set -euo pipefail
@@ -34,8 +36,17 @@ python -m benchmarks.bench_ingest --patients 2000 --repeats "$repeats"
 }
 echo "== ad hoc feasibility answer over $patients_adhoc patients (engine vs hand-written polars)"
 snapshot="$CONCIERGE_HOME/snapshot-$patients_adhoc"
+if [ ! -d "$snapshot" ] && [ -n "${BENCH_TILE_COPIES:-}" ]; then
+  part=$((patients_adhoc / BENCH_TILE_COPIES))
+  [ -d "$CONCIERGE_HOME/snapshot-$part" ] || \
+    python -m benchmarks.build_snapshot "$CONCIERGE_HOME/snapshot-$part" --patients "$part" --seed 42
+  python -m benchmarks.tile_snapshot "$CONCIERGE_HOME/snapshot-$part" "$snapshot" \
+    --copies "$BENCH_TILE_COPIES"
+fi
 [ -d "$snapshot" ] || python -m benchmarks.build_snapshot "$snapshot" --patients "$patients_adhoc" --seed 42
 python -m benchmarks.bench_adhoc "$snapshot" --repeats 30 --at 2026-01-01  # the generator's as-of
+echo "== sponsor workspace over $patients_adhoc patients: sites, impact, profile (vs the plain ad hoc answer)"
+python -m benchmarks.bench_workspace "$snapshot" --repeats "$((repeats * 13 + 1))" --at 2026-01-01
 echo "== stream throughput with 10 live saved questions (worker vs consume-and-decode)"
 python -m benchmarks.bench_stream --patients "$patients_stream" --trials 10 --repeats "$repeats"
 echo "== live-count freshness at 1k resources/s (API vs Kafka arrival)"

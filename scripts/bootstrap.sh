@@ -18,6 +18,11 @@ _concierge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
       apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
     fi
   done
+  # WeasyPrint (the sponsor's PDF reports) loads Pango and a font through fontconfig at run time
+  if ! ldconfig -p 2>/dev/null | grep -q 'libpangoft2-1.0.so.0' || ! fc-list 2>/dev/null | grep -q .; then
+    echo "bootstrap: Pango or fonts are missing (PDF reports need them); installing them from Debian's packages" >&2
+    apt-get update -qq && apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core fontconfig >/dev/null
+  fi
   # The versions installed are requirements.lock's (every dependency pinned, with hashes;
   # `bash scripts/lock.sh` refreshes it), so a fresh machine gets what CI tested. A change to the
   # lock or to pyproject.toml changes the stamp, and the next run installs again.

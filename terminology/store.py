@@ -46,6 +46,11 @@ _TAG = re.compile(r"\(([^()]*)\)\s*$")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def search_words(text: str) -> list[str]:
+    """The words a search looks for (lower case), each as the start of a word."""
+    return _WORD.findall(text.lower())
+
+
 class NoRelease(LookupError):
     """No SNOMED CT release is loaded in this store."""
 
@@ -539,7 +544,7 @@ class TerminologyStore:
         text = text.strip()
         if text.isdigit():
             return self.summaries([int(text)])
-        words = _WORD.findall(text.lower())
+        words = search_words(text)
         if not words:
             return []
         query = " AND ".join(f'"{w}"*' for w in words)
@@ -571,4 +576,5 @@ __all__ = [
     "NoRelease",
     "ReleaseInfo",
     "TerminologyStore",
+    "search_words",
 ]

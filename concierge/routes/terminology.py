@@ -8,6 +8,7 @@ data, not patient data: nothing here reads a fact.
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from core.auth import Principal, require_role
 from core.codes import SNOMED, UnknownSystem, canonical_system
@@ -15,12 +16,14 @@ from core.http import problem_responses
 from feasibility.atlas import ACCEPTABLE, AtlasImportError, import_atlas
 from feasibility.expansion import ExpansionError, compile_question
 from terminology.expand import Terminology
-from terminology.store import NoRelease
+from terminology.store import NoRelease, search_words
 
 Sponsor = Annotated[Principal, require_role("sponsor")]
 
 
-def _terminology(request: Request) -> Terminology:
+async def _terminology(request: Request) -> Terminology:
+    # async: it reads the app's state only, so it runs on the event loop (FastAPI hands a plain
+    # function to a worker thread and back, a cost on every request)
     found = getattr(request.app.state, "terminology", None)
     if found is None:
         service = getattr(request.app.state, "feasibility", None)
@@ -51,6 +54,25 @@ def _no_release(exc: NoRelease) -> HTTPException:
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
 
 
+def cheap_search(text: str) -> bool:
+    """Whether a search for ``text`` reads only short lists from the index: an id, or words of
+    two letters or more (the index keeps prefixes of 2, 3 and 4 letters). A one-letter word
+    reads the list of every word it starts (over 100 ms of CPU on a UK-size release)."""
+    text = text.strip()
+    if text.isdigit():
+        return True
+    words = search_words(text)
+    return bool(words) and all(len(w) >= 2 for w in words)
+
+
+def _search(terms: Terminology, q: str, limit: int) -> dict[str, Any]:
+    info = terms.store.current()
+    if info is None:
+        raise _no_release(NoRelease("no SNOMED CT release is loaded at this site"))
+    found = terms.store.search(q, limit)
+    return {"release": info.version, "results": [c.to_dict() for c in found]}
+
+
 def build_router() -> APIRouter:
     router = APIRouter(
         prefix="/v1/terminology",
@@ -69,7 +91,7 @@ def build_router() -> APIRouter:
             422, descriptions={422: "`q` or `limit` out of range, or a system other than SNOMED CT"}
         ),
     )
-    def search(
+    async def search(
         principal: Sponsor,
         terms: Terms,
         q: Annotated[str, Query(min_length=1, max_length=200)],
@@ -77,11 +99,12 @@ def build_router() -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> dict[str, Any]:
         _snomed_only(system)
-        info = terms.store.current()
-        if info is None:
-            raise _no_release(NoRelease("no SNOMED CT release is loaded at this site"))
-        found = terms.store.search(q, limit)
-        return {"release": info.version, "results": [c.to_dict() for c in found]}
+        if cheap_search(q):
+            # a few milliseconds of SQLite: done here rather than handed to a worker thread and
+            # back, two thread switches that on a loaded machine took longer than the search
+            # (benchmarks/README.md, terminology_search_p99)
+            return _search(terms, q, limit)
+        return await run_in_threadpool(_search, terms, q, limit)
 
     @router.get("/status", summary="The loaded release and ValueSets")
     def release_status(principal: Sponsor, terms: Terms) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, status
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from concierge.routes.feasibility import (
@@ -35,7 +35,7 @@ from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.expansion import compile_question
 from feasibility.saved import NotYours, SavedTrial
 from feasibility.service import FeasibilityService, NotCurrent
-from feasibility.workspace.export import report_html, to_csv
+from feasibility.workspace.export import report_html, report_pdf, to_csv
 from feasibility.workspace.history import AnswerHistory
 from feasibility.workspace.service import Workspace
 from recruitment.funnel import recruitment_by_site
@@ -89,6 +89,21 @@ class CsvResponse(PlainTextResponse):
     """CSV text, so the document says ``text/csv`` as the answer does."""
 
     media_type = "text/csv"
+
+
+class PdfResponse(Response):
+    """A PDF document, so the document says ``application/pdf`` as the answer does."""
+
+    media_type = "application/pdf"
+
+
+#: The PDF report's 200 as the OpenAPI document gives it: bytes, not JSON.
+PDF_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The report as a one-page PDF (A4)",
+        "content": {"application/pdf": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 def _workspace(service: FeasibilityService) -> Workspace:
@@ -303,6 +318,21 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
         return HTMLResponse(
             report_html(past),
             headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+        )
+
+    @router.get(
+        "/history/{answer_id}/report.pdf",
+        summary="A past answer as a one-page PDF report (criteria in words, funnel, sites, rules)",
+        description="The HTML report laid out on one A4 page by WeasyPrint, offline (the "
+        "report fetches nothing); withheld cells read `withheld`, as on the page.",
+        response_class=PdfResponse,
+        responses={**PAST, **PDF_CONTENT},
+    )
+    def export_pdf(answer_id: AnswerId, principal: Sponsor, service: Service) -> PdfResponse:
+        past = _past(service, principal.org, answer_id)
+        return PdfResponse(
+            report_pdf(past),
+            headers={"Content-Disposition": f'attachment; filename="answer-{answer_id}.pdf"'},
         )
 
     return router

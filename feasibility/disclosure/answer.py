@@ -60,6 +60,11 @@ class AnswerSets:
     funnel: Sequence[FunnelStepSets]
     extra: Mapping[str, BitMap] = field(default_factory=dict)
     breakdowns: Sequence[Breakdown] = ()
+    #: Extra cells empty by definition: the question itself tells a reader that nobody can be
+    #: in them (an age band outside the question's age limits). Shown as 0, like the funnel's
+    #: structural zeros, and so never relied on to protect another cell (a withheld zero the
+    #: reader knows protects nothing). A named cell that is not empty is an ordinary cell.
+    structural: frozenset[str] = frozenset()
 
     def renumbered(self, number: Callable[[BitMap], BitMap]) -> AnswerSets:
         """The same answer with every set's patients renumbered by ``number`` (one-to-one, so

@@ -250,7 +250,9 @@ class ProtectionPlan:
         for name in sorted(answer.extra):
             if name in by_name or name.startswith(("virtual:", "external:")):
                 raise _partition_error(f"extra cell {name!r} has a reserved name")
-            c = self._cell(name, answer.extra[name])
+            empty_by_definition = name in answer.structural and not answer.extra[name]
+            kind = "structural" if empty_by_definition else "real"
+            c = self._cell(name, answer.extra[name], kind)
             by_name[name] = c
             earlier = first_of_unit.setdefault(self.cell_unit[c], c)
             if earlier != c:

@@ -97,20 +97,34 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-_STYLE = """
-@page { size: A4; margin: 12mm; }
-body { font: 10pt system-ui, sans-serif; color: #1d2733; max-width: 190mm; margin: auto; }
-h1 { font-size: 14pt; margin: 0 0 2mm; } h2 { font-size: 11pt; margin: 4mm 0 1mm; }
-table { border-collapse: collapse; width: 100%; font-size: 8.5pt; }
-th, td { border-bottom: 1px solid #d8dee4; padding: 1mm 2mm; text-align: left; }
-th { background: #eef2f5; } .withheld { color: #8a5a00; font-style: italic; }
-pre { white-space: pre-wrap; font-size: 8.5pt; background: #f4f6f8; padding: 2mm; }
-.muted { color: #5f6b77; }
+def _style(scale: float = 1.0) -> str:
+    """The report's CSS, its type and spacing at ``scale`` (the PDF shrinks to fit one page)."""
+
+    def pt(size: float) -> str:
+        return f"{size * scale:.2f}pt"
+
+    def mm(size: float) -> str:
+        return f"{size * scale:.2f}mm"
+
+    return f"""
+@page {{ size: A4; margin: 12mm; }}
+body {{ font: {pt(10)} system-ui, sans-serif; color: #1d2733; max-width: 190mm; margin: auto; }}
+h1 {{ font-size: {pt(14)}; margin: 0 0 {mm(2)}; }}
+h2 {{ font-size: {pt(11)}; margin: {mm(4)} 0 {mm(1)}; }}
+table {{ border-collapse: collapse; width: 100%; font-size: {pt(8.5)}; }}
+th, td {{ border-bottom: 1px solid #d8dee4; padding: {mm(1)} {mm(2)}; text-align: left; }}
+th {{ background: #eef2f5; }} .withheld {{ color: #8a5a00; font-style: italic; }}
+pre {{ white-space: pre-wrap; font-size: {pt(8.5)}; background: #f4f6f8; padding: {mm(2)}; }}
+ul {{ margin: {mm(1)} 0; }} .muted {{ color: #5f6b77; }}
 """
 
 
-def report_html(past: PastAnswer) -> str:
-    """A one-page report of a past answer (print it to PDF from the browser)."""
+#: Type scales the PDF tries, largest first, until the report fits one A4 page.
+PDF_SCALES = (1.0, 0.85, 0.72, 0.6)
+
+
+def report_html(past: PastAnswer, scale: float = 1.0) -> str:
+    """A one-page report of a past answer (:func:`report_pdf` lays it out as a PDF)."""
     body = past.body
     given = datetime.fromtimestamp(past.at).astimezone().isoformat(timespec="seconds")
     saved = f", saved question {escape(past.trial)}" if past.trial else ""
@@ -183,10 +197,32 @@ def report_html(past: PastAnswer) -> str:
         parts.append("<ul>" + "".join(f"<li>{escape(str(n))}</li>" for n in notes) + "</ul>")
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>{escape(past.title or 'answer')}</title><style>{_STYLE}</style></head><body>"
-        + "".join(parts)
-        + "</body></html>"
+        f"<title>{escape(past.title or 'answer')}</title>"
+        f"<style>{_style(scale)}</style></head><body>" + "".join(parts) + "</body></html>"
     )
 
 
-__all__ = ["CSV_COLUMNS", "cells", "report_html", "to_csv"]
+def _no_fetch(url: str, *args: Any, **kwargs: Any) -> Any:
+    """WeasyPrint's URL fetcher for the report: it fetches nothing (the report is one
+    self-contained document, offline; a URL in it would be a defect, not a request to make)."""
+    raise ValueError(f"the report fetches nothing ({url[:60]!r})")
+
+
+def report_pdf(past: PastAnswer) -> bytes:
+    """The report of :func:`report_html` as a PDF, laid out by WeasyPrint: the same HTML at the
+    largest type scale of :data:`PDF_SCALES` that fits one A4 page (an answer with very many
+    sites that does not fit even at the smallest continues on a second page)."""
+    # imported here: WeasyPrint loads Pango through cffi at import, which only this export needs
+    from weasyprint import HTML
+
+    document = None
+    for scale in PDF_SCALES:
+        document = HTML(string=report_html(past, scale), url_fetcher=_no_fetch).render()
+        if len(document.pages) == 1:
+            break
+    assert document is not None
+    pdf: bytes = document.write_pdf()
+    return pdf
+
+
+__all__ = ["CSV_COLUMNS", "PDF_SCALES", "cells", "report_html", "report_pdf", "to_csv"]

@@ -214,6 +214,7 @@ class PastAnswer:
             "links": {
                 "csv": f"/v1/feasibility/history/{self.id}/export.csv",
                 "report": f"/v1/feasibility/history/{self.id}/report.html",
+                "pdf": f"/v1/feasibility/history/{self.id}/report.pdf",
             },
         }
 

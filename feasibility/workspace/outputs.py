@@ -13,7 +13,7 @@ enrolled:SITE`` and ``...:total``; ``series:YYYY-MM-DD``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -23,7 +23,7 @@ from pyroaring import BitMap
 
 from core.contracts.invitations import RECRUITMENT_KINDS
 
-from ..criteria import ExclusionStep, Question, step_label
+from ..criteria import AgeCriterion, ExclusionStep, Question, step_label
 from ..disclosure.answer import AnswerSets, Breakdown, Cell, ProtectedAnswer
 
 #: Age bands of the profile: label, first and last year of age (None: no upper bound).
@@ -56,7 +56,10 @@ def ratio(numerator: Cell, denominator: Cell, scale: float = 1.0) -> dict[str, A
 
 
 def with_extra(
-    sets: AnswerSets, extra: Mapping[str, BitMap], breakdowns: Sequence[Breakdown]
+    sets: AnswerSets,
+    extra: Mapping[str, BitMap],
+    breakdowns: Sequence[Breakdown],
+    structural: Iterable[str] = (),
 ) -> AnswerSets:
     return AnswerSets(
         cohort=sets.cohort,
@@ -66,6 +69,7 @@ def with_extra(
         funnel=sets.funnel,
         extra={**sets.extra, **extra},
         breakdowns=[*sets.breakdowns, *breakdowns],
+        structural=sets.structural | frozenset(structural),
     )
 
 
@@ -109,6 +113,38 @@ def profile_sets(
         breakdowns.append(Breakdown(f"profile:sex:{sex}", tuple(bands)))
     breakdowns.append(Breakdown("total", tuple(f"profile:sex:{s}" for s in SEXES)))
     return extra, breakdowns
+
+
+def age_limits(question: Question) -> tuple[int | None, int | None]:
+    """The youngest and oldest age every member has, as the question itself says: from the
+    inclusion steps that are a single age criterion (None: no such limit)."""
+    low: int | None = None
+    high: int | None = None
+    for step in question.inclusion:
+        if len(step.any_of) != 1 or not isinstance(step.any_of[0], AgeCriterion):
+            continue
+        age = step.any_of[0]
+        if age.min is not None:
+            low = age.min if low is None else max(low, age.min)
+        if age.max is not None:
+            high = age.max if high is None else min(high, age.max)
+    return low, high
+
+
+def profile_structural(question: Question) -> frozenset[str]:
+    """The profile's age bands the question's age limits leave empty, for every sex: a reader
+    of the criteria knows they are 0 (``0-17`` of an adults-only question). They are shown as
+    0 rather than withheld: a withheld zero everyone knows would only make the plan withhold a
+    real band beside it, which a reader then works out (seen on the sponsor page: one band
+    shown, the others of its row withheld)."""
+    low, high = age_limits(question)
+    empty = [
+        label
+        for label, band_low, band_high in AGE_BANDS
+        if (low is not None and band_high is not None and band_high < low)
+        or (high is not None and band_low > high)
+    ]
+    return frozenset(f"profile:{sex}:{label}" for sex in SEXES for label in empty)
 
 
 def profile_layout(protected: ProtectedAnswer) -> dict[str, Any]:
@@ -264,11 +300,13 @@ __all__ = [
     "RECRUITMENT_KINDS",
     "SEXES",
     "SiteSets",
+    "age_limits",
     "impact_layout",
     "impact_sets",
     "keep_expressions",
     "profile_layout",
     "profile_sets",
+    "profile_structural",
     "ratio",
     "series_sets",
     "site_selection_sets",

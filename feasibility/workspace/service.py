@@ -34,6 +34,7 @@ from .outputs import (
     impact_sets,
     profile_layout,
     profile_sets,
+    profile_structural,
     ratio,
     series_sets,
     site_selection_sets,
@@ -89,9 +90,10 @@ class Workspace:
         org: str,
         output: str,
         charge: Charge,
+        structural: frozenset[str] = frozenset(),
     ) -> tuple[ProtectedAnswer, ProtectionAudit, str]:
         fp = fingerprint(base.question)
-        sets = with_extra(base.sets, extra, breakdowns)
+        sets = with_extra(base.sets, extra, breakdowns, structural)
         service = self.service
         # one fingerprint per output: re-reading an unchanged output is a free republication
         protected, audit = protect(
@@ -166,7 +168,10 @@ class Workspace:
                 patients = self.service.snapshot.frames().patients
             day = base.question.index_instant(base.at).date()
             extra, breakdowns = profile_sets(base.sets, patients, day)
-            protected, audit, fp = self._protect(base, extra, breakdowns, org, "profile", charge)
+            empty = profile_structural(base.question)
+            protected, audit, fp = self._protect(
+                base, extra, breakdowns, org, "profile", charge, empty
+            )
             body = self._head(base, protected, fp, "profile")
             body["profile"] = profile_layout(protected)
             body["age_on"] = day.isoformat()

@@ -59,13 +59,19 @@ def keep_of(c: Criterion, p: int) -> bool:
 
 
 def outputs(
-    world: World, criteria: Sequence[Criterion], sets: AnswerSets, seed: int
+    world: World,
+    criteria: Sequence[Criterion],
+    sets: AnswerSets,
+    seed: int,
+    empty_bands: Sequence[str] = (),
 ) -> dict[str, tuple[dict[str, BitMap], list[Breakdown]]]:
     """Each output's extra sets and the breakdowns a reader knows, as the workspace builds
-    them (random attributes; a few patients without a birth date)."""
+    them (random attributes; a few patients without a birth date; nobody in ``empty_bands``,
+    as an age criterion leaves a band empty)."""
     rng = random.Random(seed)
     sex = [rng.choice(SEXES) for _ in range(world.size)]
-    band = [rng.choice([*BANDS, *BANDS, None]) for _ in range(world.size)]
+    held = [b for b in BANDS if b not in empty_bands]
+    band = [rng.choice([*held, *held, None]) for _ in range(world.size)]
     profile: dict[str, BitMap] = {}
     pb: list[Breakdown] = []
     for s in SEXES:
@@ -155,21 +161,27 @@ def own(cell: Cell, n: int, policy: DisclosurePolicy) -> bool:
     return cell.value == policy.rounded(n) and not policy.is_small(n)
 
 
-def attack_all(scenario: Any, policy: DisclosurePolicy, order: list[str]) -> None:
+def attack_all(
+    scenario: Any, policy: DisclosurePolicy, order: list[str], empty_bands: Sequence[str] = ()
+) -> None:
     world, criteria, seed = scenario
     sets = ask(world, criteria)
     if not sets.cohort:
         event("empty cohort")
         return
     registry = PublicationRegistry("sqlite://")
-    built = outputs(world, criteria, sets, seed)
+    built = outputs(world, criteria, sets, seed, empty_bands)
     published: dict[str, Cell] = {}
     sizes: dict[str, int] = {}
     relations: list[Relation] = []
     every_set: dict[str, BitMap] = {}
     for name in order:
         extra, breakdowns = built[name]
-        full = with_extra(sets, extra, breakdowns)
+        # the bands the criteria leave empty are structural, as the workspace marks them
+        empty = (
+            {f"profile:{s}:{b}" for s in SEXES for b in empty_bands} if name == "profile" else set()
+        )
+        full = with_extra(sets, extra, breakdowns, empty)
         protected, _ = protect(full, policy, registry, "Acme", f"q:{name}")
         prefix = f"{name}/"
         these = truths(sets, prefix)
@@ -219,7 +231,10 @@ def attack_all(scenario: Any, policy: DisclosurePolicy, order: list[str]) -> Non
     for name in sizes:
         if name not in published:
             published[name] = Cell(None, "withheld", True)
-    derived = solve(published, relations, {k: 0 for k in sizes if tolerated(k, sizes)})
+    # the bands the criteria leave empty: the reader knows they are 0 (withheld as zeros)
+    known = {k: 0 for k in sizes if tolerated(k, sizes)}
+    known.update({f"profile/profile:{s}:{b}": 0 for s in SEXES for b in empty_bands})
+    derived = solve(published, relations, known)
     for name, value in derived.determined.items():
         if tolerated(name, sizes):
             continue
@@ -252,6 +267,25 @@ def test_workspace_outputs_with_criteria_that_drop_few(
     """Criteria that drop only a few patients: the cohort without one of them is within the
     threshold of the cohort, and must not be both shown."""
     attack_all(scenario, policy, ["impact", "profile", "sites", "series"])
+
+
+@attack(10)
+@given(
+    scenarios(max_steps=3),
+    exact_policies,
+    st.permutations(["profile", "impact", "sites", "series"]),
+    st.sampled_from(BANDS),
+)
+def test_profile_bands_the_criteria_leave_empty(
+    scenario: Any, policy: DisclosurePolicy, order: list[str], empty: str
+) -> None:
+    """Seen on the sponsor page: a profile row with one age band shown and the others withheld,
+    the question's age criterion leaving some of them empty (nobody under 18 in an adults-only
+    question). The reader knows those are 0; withheld as zeros, they made the plan withhold a
+    real band beside them, which the reader then worked out (a large count, so no small group
+    was told, but a withheld cell was determined). The workspace marks them structural, shown
+    as 0: no withheld cell is determined with them known."""
+    attack_all(scenario, policy, order, empty_bands=(empty,))
 
 
 def test_the_checker_finds_a_derivable_cell() -> None:

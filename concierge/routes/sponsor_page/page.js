@@ -200,14 +200,17 @@ function cellText(cell) {
   return cell.suppressed ? el("span", { class: "withheld-text", text: "withheld" }) : el("span", { text: cell.display });
 }
 function series(points, label) {
-  const width = 560, height = 150, left = 40, bottom = 20;
+  // the caption has a strip of its own above the plot (top), so no point is drawn under it
+  const width = 560, height = 170, left = 40, bottom = 20, top = 28;
   const root = svgRoot(width, height, label);
   const shown = points.filter(p => !p.suppressed);
   const max = Math.max(1, ...shown.map(p => p.value));
   const x = (i) => left + (points.length > 1 ? i * (width - left - 10) / (points.length - 1) : (width - left) / 2);
-  const y = (v) => height - bottom - v * (height - bottom - 10) / max;
+  const y = (v) => height - bottom - v * (height - bottom - top) / max;
+  root.append(sv("text", { x: left, y: 12, class: "muted" }, "hatched: withheld day"));
+  root.append(sv("line", { x1: left, y1: y(max), x2: width - 5, y2: y(max), class: "grid" }));
   root.append(sv("line", { x1: left, y1: height - bottom, x2: width - 5, y2: height - bottom, class: "axis" }));
-  root.append(sv("text", { x: 0, y: 14 }, String(max)));
+  root.append(sv("text", { x: 0, y: y(max) + 4 }, String(max)));
   let d = "", pen = false;
   points.forEach((p, i) => {
     if (p.suppressed) {
@@ -222,7 +225,6 @@ function series(points, label) {
     root.append(sv("text", { x: left, y: height - 4 }, points[0].day));
     root.append(sv("text", { x: width - 80, y: height - 4 }, points[points.length - 1].day));
   }
-  root.append(sv("text", { x: left + 4, y: 24, class: "muted" }, "hatched: withheld day"));
   return root;
 }
 

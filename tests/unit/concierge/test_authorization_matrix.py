@@ -210,6 +210,9 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/feasibility/history/{answer_id}/report.html"): _with(
         only("sponsor"), params={"answer_id": "1"}
     ),
+    ("GET", "/v1/feasibility/history/{answer_id}/report.pdf"): _with(
+        only("sponsor"), params={"answer_id": "1"}
+    ),
     # the sponsor page: static, no data; its script calls the API with the sponsor's token
     ("GET", "/sponsor"): public(),
     # -- sponsors: terminology (reference data, no patient data)

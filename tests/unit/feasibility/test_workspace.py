@@ -8,6 +8,8 @@ are kept in the organisation's history.
 
 from __future__ import annotations
 
+import io
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,20 +18,32 @@ from typing import Any
 import orjson
 import polars as pl
 import pytest
+from pypdf import PdfReader
+from pyroaring import BitMap
 
 from concierge.commands.generate import bundle
 from core.contracts.invitations import RecruitmentBySite
 from core.settings import Settings
 from feasibility.criteria import parse_question
+from feasibility.disclosure.answer import AnswerSets, Breakdown, FunnelStepSets
 from feasibility.disclosure.budget import QueryBudget
 from feasibility.disclosure.policy import DisclosurePolicy
+from feasibility.disclosure.protection import protect
 from feasibility.disclosure.registry import PublicationRegistry
 from feasibility.engines.polars_engine import PolarsEngine
+from feasibility.render import render
 from feasibility.saved import TrialCreate
 from feasibility.service import FeasibilityService
 from feasibility.snapshot import ColumnarSnapshot
+from feasibility.workspace.export import report_html, report_pdf
 from feasibility.workspace.history import AnswerHistory, CohortHistory
-from feasibility.workspace.outputs import AGE_BANDS, SEXES, keep_expressions
+from feasibility.workspace.outputs import (
+    AGE_BANDS,
+    SEXES,
+    keep_expressions,
+    profile_structural,
+    with_extra,
+)
 from feasibility.workspace.service import Workspace
 from fhir_adapters.service import build_ingestor
 from fhir_adapters.sinks import MemorySink
@@ -100,8 +114,10 @@ def test_profile_cells_are_protected_and_add_up_where_shown(service: Feasibility
         shown_or_withheld(profile["by_sex"][sex])
         for cell in profile["age_by_sex"][sex].values():
             shown_or_withheld(cell)
-    # adults only: nobody under 18 can be shown as a number
-    assert all(profile["age_by_sex"][s]["0-17"]["suppressed"] for s in SEXES)
+    # adults only: the question says nobody is under 18, so that band is a known 0, shown as
+    # one (withheld, it would only make the plan withhold a real band beside it)
+    zero = {"value": 0, "display": "0", "suppressed": False}
+    assert all(profile["age_by_sex"][s]["0-17"] == zero for s in SEXES)
     assert audit["budget"] == {"charged": True, "used": 1}
     again, audit = workspace.profile("Acme", QUESTION)  # unchanged: a free republication
     assert again["profile"] == profile and audit["budget"]["charged"] is False
@@ -277,3 +293,102 @@ def test_rates_and_forecasts_wait_for_enough_history(service: FeasibilityService
     service.rate_min_history_hours = 24.0
     body, _ = Workspace(service, history).forecast("Acme", record, None)
     assert body["history"]["available"] and body["forecast"]["forecast"]
+
+
+def _pdf_text(pdf: bytes) -> tuple[int, str]:
+    """Pages and text of a PDF, read back by pypdf (not by the library that wrote it)."""
+    reader = PdfReader(io.BytesIO(pdf))
+    return len(reader.pages), "\n".join(page.extract_text() or "" for page in reader.pages)
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_pdf_report_has_the_criteria_the_funnel_and_the_rules_on_one_page(
+    service: FeasibilityService,
+) -> None:
+    service.answer(QUESTION, "Acme")
+    assert service.answers is not None
+    past = service.answers.list("Acme")[0]
+    assert past.kind == "ad hoc" and past.body["funnel"]
+    assert past.summary()["links"]["pdf"] == f"/v1/feasibility/history/{past.id}/report.pdf"
+    pdf = report_pdf(past)
+    assert pdf.startswith(b"%PDF-")
+    pages, text = _pdf_text(pdf)
+    assert pages == 1
+    flat = _words(text)
+    for heading in ("Criteria", "Funnel", "Sites", "Disclosure rules in force"):
+        assert heading in flat, heading
+    # the criteria in words, as the HTML report and the page put them
+    for line in render(QUESTION).splitlines():
+        if line.strip():
+            assert _words(line) in flat, line
+    # every funnel step, with its remaining count as shown to the sponsor
+    for row in past.body["funnel"]:
+        assert _words(str(row["label"])) in flat, row["label"]
+    for rule in past.body["rules"]:
+        assert _words(str(rule))[:40] in flat, rule
+
+
+def test_pdf_report_shows_withheld_cells_as_withheld(service: FeasibilityService) -> None:
+    body, _ = Workspace(service).profile("Acme", QUESTION)
+    assert service.answers is not None
+    past = service.answers.list("Acme")[0]
+    assert past.kind == "profile"
+    # small bands (few patients of sex "other" or "unknown" in 600) are withheld ...
+    withheld = [
+        (sex, band)
+        for sex, bands in body["profile"]["age_by_sex"].items()
+        for band, cell in bands.items()
+        if cell["suppressed"]
+    ]
+    assert withheld
+    pages, text = _pdf_text(report_pdf(past))
+    flat = _words(text)
+    # ... and in the PDF: as many "withheld" as the HTML report has, never a number for them
+    html = re.sub(r"<style>.*?</style>", "", report_html(past), flags=re.S)
+    html_text = _words(re.sub(r"<[^>]+>", " ", html))
+    assert flat.count("withheld") == html_text.count("withheld") >= len(withheld)
+    for sex, band in withheld:
+        assert f"profile / age_by_sex / {sex} / {band} withheld" in flat, (sex, band)
+    assert pages == 1
+
+
+def test_a_band_the_criteria_leave_empty_is_a_known_zero_not_a_reason_to_withhold() -> None:
+    """Seen on the sponsor page: an adults-only question's profile showed one band of a row and
+    withheld the others. Its 0-17 band is empty; withheld as a zero, it made the plan withhold a
+    real band beside it (here female 18-29, 40 patients), which a reader who knows 0-17 is
+    empty works out as 150 - 60 - 50. Marked structural, it is shown as 0 and nothing else is
+    withheld."""
+    counts = {"female": (0, 40, 60, 50), "male": (0, 45, 55, 35)}
+    bands = ("0-17", "18-29", "30-39", "40-49")
+    ids = iter(range(1000))
+    extra: dict[str, Any] = {}
+    breakdowns = []
+    for sex, row in counts.items():
+        for band, n in zip(bands, row, strict=True):
+            extra[f"profile:{sex}:{band}"] = BitMap(next(ids) for _ in range(n))
+        extra[f"profile:sex:{sex}"] = BitMap().union(*(extra[f"profile:{sex}:{b}"] for b in bands))
+        breakdowns.append(
+            Breakdown(f"profile:sex:{sex}", tuple(f"profile:{sex}:{b}" for b in bands))
+        )
+    breakdowns.append(Breakdown("total", ("profile:sex:female", "profile:sex:male")))
+    cohort = extra["profile:sex:female"] | extra["profile:sex:male"]
+    step = FunnelStepSets("population", "population", cohort, cohort, BitMap(), BitMap(), cohort)
+    sets = AnswerSets(cohort, {"A": cohort}, {"A": "R"}, {"R": cohort}, [step])
+    policy = DisclosurePolicy(rounding=1)
+
+    def shown(structural: frozenset[str]) -> dict[str, str]:
+        full = with_extra(sets, extra, breakdowns, structural)
+        protected, _ = protect(full, policy, PublicationRegistry("sqlite://"), "Acme", "q")
+        return {k: c.display for k, c in protected.extra.items()}
+
+    before = shown(frozenset())
+    assert before["profile:female:0-17"] == "withheld"
+    assert before["profile:female:18-29"] == "withheld"  # 40: derivable by a reader
+    empty = frozenset(f"profile:{s}:0-17" for s in counts)
+    after = shown(empty)
+    assert after["profile:female:0-17"] == after["profile:male:0-17"] == "0"
+    assert "withheld" not in after.values()
+    assert profile_structural(QUESTION) == frozenset(f"profile:{s}:0-17" for s in SEXES)

@@ -23,6 +23,7 @@ VERBS: dict[str, str] = {
     "token": "concierge.commands.admin:token",
     "audit": "concierge.commands.admin:audit",
     "terminology": "concierge.commands.terminology:terminology",
+    "hub": "concierge.commands.federation:hub",
 }
 
 

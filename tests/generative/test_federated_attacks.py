@@ -30,12 +30,12 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from pyroaring import BitMap
 
-from federation.combine import combine, parse_reply
-from federation.node import protected_reply
 from feasibility.disclosure.answer import FUNNEL_FIELDS, Cell
 from feasibility.disclosure.policy import DisclosurePolicy
 from feasibility.disclosure.protection import protect
 from feasibility.disclosure.registry import PublicationRegistry
+from federation.combine import combine, parse_reply
+from federation.node import protected_reply
 from tests.generative.test_disclosure_attacks import (
     Criterion,
     Relation,
@@ -65,9 +65,7 @@ def node_world(rng: random.Random, node: str, size: int) -> World:
     )
 
 
-def questions_at(
-    rng: random.Random, world: World, group: BitMap
-) -> dict[str, list[Criterion]]:
+def questions_at(rng: random.Random, world: World, group: BitMap) -> dict[str, list[Criterion]]:
     """Each kind of question as criteria over one node's population."""
     base = [make_criterion(rng, world, i, rng.uniform(0.5, 0.95), 0.0) for i in range(2)]
     other = [make_criterion(rng, world, 9, rng.uniform(0.3, 0.9), 0.03)]

@@ -105,6 +105,8 @@ class Hub:
     deadline_seconds: float = 5.0
     #: Every reply body the hub received, as bytes (for tests that scan what crossed).
     received: list[bytes] | None = None
+    #: The HTTP transport (None: httpx's own; unit tests pass a mock one).
+    transport: httpx.AsyncBaseTransport | None = None
 
     def _chosen(self, nodes: Sequence[str] | None) -> dict[str, NodeRecord]:
         registered = self.directory.all()
@@ -162,7 +164,7 @@ class Hub:
         replies: dict[str, dict[str, Any]] = {}
         missing: list[Missing] = []
         timeout = httpx.Timeout(self.deadline_seconds)
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, transport=self.transport) as client:
             tasks = {
                 asyncio.create_task(self._ask_one(client, r, path, body, org, role)): name
                 for name, r in chosen.items()
@@ -220,9 +222,18 @@ class Hub:
         asked, replies, missing, elapsed = await self._fan_out(
             "/v1/federation/exact", question, admin, "admin", nodes
         )
+        usable: dict[str, dict[str, Any]] = {}
+        for name, reply in replies.items():
+            try:
+                combine_exact([name], {name: reply}, [])
+            except (ReplyError, KeyError, TypeError, ValueError) as exc:
+                missing.append(Missing(name, f"unusable reply ({exc})"))
+            else:
+                usable[name] = reply
+        missing.sort(key=lambda m: m.node)
         return {
             "hub": self.id,
-            **combine_exact(asked, replies, missing),
+            **combine_exact(asked, usable, missing),
             "elapsed_ms": round(elapsed * 1000, 1),
         }
 

@@ -12,12 +12,13 @@ middleware, with the hub, the organisation and the mode). See ``docs/explanation
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Request, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from concierge.routes.feasibility import EXAMPLE, not_current, over_budget
 from core.auth import Principal, require_role
+from core.auth import _bearer as bearer  # the same scheme in the OpenAPI document
 from core.http import problem_responses
 from feasibility.criteria import CriteriaError, Question, parse_question
 from feasibility.disclosure.budget import BudgetExceeded
@@ -29,9 +30,20 @@ from federation.settings import NAME_PATTERN
 from federation.tokens import REPLY_HEADER, HubQuestion, SignatureError, sign_reply
 
 
-def _node(request: Request) -> Node:
+def _site_caller(request: Request, token: str) -> bool:
+    """Whether ``token`` is one of this site's own tokens; if so the audit names its holder
+    (who is then refused: these routes take only the hub's signed questions)."""
+    try:
+        request.state.principal = request.app.state.token_verifier.verify(token)
+    except Exception:  # any refusal: it is not a site token either, the caller stays unnamed
+        return False
+    return True
+
+
+def _node(request: Request, token: str) -> Node:
     node: Node | None = getattr(request.app.state, "federation_node", None)
     if node is None:
+        _site_caller(request, token)
         raise HTTPException(status.HTTP_404_NOT_FOUND, "this API is not a federation node")
     return node
 
@@ -43,16 +55,32 @@ def _service(request: Request) -> FeasibilityService:
     return service
 
 
-async def _hub_question(request: Request, node: Node) -> tuple[HubQuestion, bytes]:
+def _token(request: Request) -> str:
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a hub's signed question is required")
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a hub's signed question is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return header.removeprefix("Bearer ")
+
+
+async def _hub_question(request: Request, node: Node, token: str) -> tuple[HubQuestion, bytes]:
     body = await request.body()
     try:
-        asked = node.verify(header.removeprefix("Bearer "), body)
+        asked = node.verify(token, body)
     except SignatureError as exc:
         request.state.audit_detail = {"federation": {"refused": "signature"}}
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc)) from None
+        if _site_caller(request, token):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "this route takes only the hub's signed questions"
+            ) from None
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            str(exc),
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ) from None
     # the audit record names the hub, the sponsor it asks for and the question's token id
     request.state.principal = Principal(
         sub=f"hub:{asked.hub}",
@@ -83,6 +111,7 @@ def _signed(node: Node, asked: HubQuestion, reply: dict[str, Any]) -> Response:
 
 
 REFUSALS = problem_responses(
+    400,
     401,
     403,
     404,
@@ -99,7 +128,13 @@ REFUSALS = problem_responses(
 
 def build_node_router() -> APIRouter:
     """The node's routes: answered only to the hub, under this node's disclosure control."""
-    router = APIRouter(prefix="/v1/federation", tags=["federation (node)"])
+    # the bearer scheme documents the Authorization header; the hub's token is checked by
+    # _hub_question (an EdDSA JWT of the hub, not one of this site's tokens)
+    router = APIRouter(
+        prefix="/v1/federation",
+        tags=["federation (node)"],
+        dependencies=[Depends(bearer)],
+    )
 
     @router.post(
         "/ask",
@@ -117,8 +152,9 @@ def build_node_router() -> APIRouter:
         },
     )
     async def ask(request: Request) -> Response:
-        node = _node(request)
-        asked, body = await _hub_question(request, node)
+        token = _token(request)
+        node = _node(request, token)
+        asked, body = await _hub_question(request, node, token)
         service = _service(request)
         if asked.role != "sponsor":
             raise HTTPException(status.HTTP_403_FORBIDDEN, "a sponsor's question only")
@@ -150,8 +186,9 @@ def build_node_router() -> APIRouter:
         },
     )
     async def exact(request: Request) -> Response:
-        node = _node(request)
-        asked, body = await _hub_question(request, node)
+        token = _token(request)
+        node = _node(request, token)
+        asked, body = await _hub_question(request, node, token)
         if asked.role != "admin" or not node.allow_exact:
             request.state.audit_detail = {"federation": {"hub": asked.hub, "refused": "exact"}}
             raise HTTPException(status.HTTP_403_FORBIDDEN, "exact counts are not allowed here")

@@ -312,6 +312,14 @@ def test_a_question_not_signed_by_the_hub_is_refused(federation: dict[str, Any])
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     assert response.status_code == 401
+    # one of the node's own site tokens is no hub question: refused, and its holder audited
+    site_key = node["settings"].token_key.get_secret_value().encode()
+    response = httpx.post(
+        f"{node['url']}/v1/federation/ask",
+        content=body,
+        headers={"Authorization": f"Bearer {issue(site_key, 'sponsor', 'Acme')}"},
+    )
+    assert response.status_code == 403, response.text
     # the hub's own key, but for another node, or another body
     hub_key = federation["hub"].key
     for audience, signed in (("south", body), ("north", b"{}")):

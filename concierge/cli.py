@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "audit": "concierge.commands.admin:audit",
     "terminology": "concierge.commands.terminology:terminology",
     "hub": "concierge.commands.federation:hub",
+    "concept-map": "concierge.commands.federation:concept_map",
 }
 
 

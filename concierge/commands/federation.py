@@ -73,3 +73,30 @@ def register(node_id: str, url: str, public_key: Path, controller: str) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"registered": node_id, "url": url}))
+
+
+@click.group("concept-map")
+def concept_map() -> None:
+    """The site's OMOP vocabulary, for HDR UK Cohort Discovery queries (concept ids)."""
+
+
+def concept_map_path() -> Path:
+    from core.settings import get_settings
+
+    return Path(get_settings().home) / "omop" / "concepts.json"
+
+
+@concept_map.command("load")
+@click.argument("concept_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def concept_map_load(concept_csv: Path) -> None:
+    """Load Athena's CONCEPT.csv (tab-separated) into the site's concept map
+    (omop/concepts.json under CONCIERGE_HOME)."""
+    from federation.bunny import ConceptMap
+
+    try:
+        concepts = ConceptMap.from_athena(concept_csv)
+    except (ValueError, KeyError) as exc:
+        raise click.ClickException(str(exc)) from None
+    target = concept_map_path()
+    concepts.save(target)
+    click.echo(json.dumps({"concepts": len(concepts.concepts), "path": str(target)}))

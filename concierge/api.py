@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     # Imported where they are built, at start-up: an app for one side loads only that side.
     from concierge.routes.recruitment import VaultIdentities
     from feasibility.service import FeasibilityService
+    from federation.node import Node
     from infra.audit_anchors import AnchorPublisher
     from recruitment.runtime import Runtime
     from recruitment.service import RecruitmentService
@@ -235,11 +236,14 @@ def create_app(
     recruitment: Runtime | None = None,
     recruitment_identities: VaultIdentities | None = None,
     surveillance: SignalMonitor | None = None,
+    federation_node: Node | None = None,
 ) -> FastAPI:
     """The API with the services given; each one left None is built at start-up from
     ``settings`` when its switch is on (``feasibility_feed``, ``recruitment_api``,
     ``surveillance_monitor``), and stopped at shutdown. With ``surveillance_monitor_url`` set,
-    ``/v1/surveillance`` is forwarded to the monitor service (:mod:`concierge.monitor_proxy`)."""
+    ``/v1/surveillance`` is forwarded to the monitor service (:mod:`concierge.monitor_proxy`).
+    ``federation_node``: this API as a node of a hub (by default from ``CONCIERGE_NODE_*``; None
+    when ``CONCIERGE_NODE_ID`` is unset)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -311,6 +315,14 @@ def create_app(
     app.state.recruitment = recruitment
     app.state.identities = recruitment_identities
     app.state.surveillance = surveillance
+    if federation_node is None:
+        from federation.node import Node
+        from federation.settings import NodeSettings
+
+        node_settings = NodeSettings()
+        if node_settings.enabled():
+            federation_node = Node.from_settings(node_settings)
+    app.state.federation_node = federation_node
     from core.auth import TokenVerifier
 
     # this site's keys, the identity provider if one is set, and the revocation list
@@ -390,6 +402,9 @@ def create_app(
         from concierge import monitor_proxy
 
         monitor_proxy.install(app, settings.surveillance_monitor_url)
+    from concierge.routes.federation import build_node_router
+
+    app.include_router(build_node_router())
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     def healthz() -> dict[str, Any]:

@@ -25,6 +25,8 @@ VERBS: dict[str, str] = {
     "token": "concierge.commands.admin:token",
     "audit": "concierge.commands.admin:audit",
     "terminology": "concierge.commands.terminology:terminology",
+    "hub": "concierge.commands.federation:hub",
+    "concept-map": "concierge.commands.federation:concept_map",
 }
 
 

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings
 from core.settings import ConfigurationError, Settings, describe, get_settings
 from dashboards.settings import DashboardSettings
 from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
+from federation.settings import HubSettings, NodeSettings
 from infra.settings import BrokerSettings
 from recruitment.settings import RecruitmentSettings, get_recruitment_settings
 from surveillance_stream.settings import SurveillanceSettings
@@ -31,6 +32,8 @@ SECTIONS: tuple[type[BaseSettings], ...] = (
     DashboardSettings,
     DisclosureSettings,
     TerminologySettings,
+    NodeSettings,
+    HubSettings,
 )
 
 
@@ -53,6 +56,10 @@ class Configuration(BaseModel):
     disclosure: DisclosureSettings
     #: ``CONCIERGE_TERMINOLOGY_*``: the terminology store and expansions (``terminology.settings``).
     terminology: TerminologySettings
+    #: ``CONCIERGE_NODE_*``: this API as a node of a federation hub (``federation.settings``).
+    node: NodeSettings
+    #: ``CONCIERGE_HUB_*``: ``concierge hub`` (``federation.settings``).
+    hub: HubSettings
 
 
 def load_configuration() -> Configuration:
@@ -72,6 +79,8 @@ def load_configuration() -> Configuration:
         ("broker", BrokerSettings),
         ("dashboard", DashboardSettings),
         ("terminology", TerminologySettings),
+        ("node", NodeSettings),
+        ("hub", HubSettings),
     ):
         try:
             loaded[name] = build()

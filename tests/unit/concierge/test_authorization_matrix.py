@@ -221,6 +221,10 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/terminology/{system}/{code}"): _with(
         only("sponsor"), params={"system": "snomed", "code": "73211009"}
     ),
+    # -- a federation hub's signed questions: this app is no node, so nobody reaches them (a
+    # node refuses every site token with 403: tests/integration/test_federation.py)
+    ("POST", "/v1/federation/ask"): only(body=CRITERIA, **dict.fromkeys(CALLERS[1:], HIDDEN)),
+    ("POST", "/v1/federation/exact"): only(body=CRITERIA, **dict.fromkeys(CALLERS[1:], HIDDEN)),
     # -- site admins
     ("GET", "/v1/admin/saved-questions/{trial_id}/live"): only("admin"),
     ("POST", "/v1/admin/budgets/{org}/unlock"): only("admin"),
@@ -780,7 +784,9 @@ def protected() -> Iterator[tuple[str, str, Rule, str]]:
     for (method, template), rule in MATRIX.items():
         if rule.expect["anonymous"] is not UNAUTHENTICATED:
             continue
-        caller = next(c for c in CALLER_CLAIMS if rule.expect[c] in (ALLOWED, OK))
+        caller = next((c for c in CALLER_CLAIMS if rule.expect[c] in (ALLOWED, OK)), None)
+        if caller is None:  # no site token is admitted (a federation hub's signed questions)
+            continue
         yield method, template, rule, caller
 
 

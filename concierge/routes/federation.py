@@ -1,0 +1,318 @@
+"""Federation over HTTP: the node's routes (``/v1/federation``, questions signed by the hub)
+and the hub's (``/v1/hub``, sponsors' and administrators' tokens of the hub's own site).
+
+A node answers only questions signed by its hub for it (``federation.tokens``), through the same
+service, disclosure control, registry and budget as its own sponsors' questions, charged to the
+sponsor under the hub's name; each question is audited in the node's own trail (the audit
+middleware, with the hub, the organisation and the mode). See ``docs/explanation/federation.md``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from concierge.routes.feasibility import EXAMPLE, not_current, over_budget
+from core.auth import Principal, require_role
+from core.auth import _bearer as bearer  # the same scheme in the OpenAPI document
+from core.http import problem_responses
+from feasibility.criteria import CriteriaError, Question, parse_question
+from feasibility.disclosure.budget import BudgetExceeded
+from feasibility.expansion import ExpansionError, compile_question
+from feasibility.service import FeasibilityService, NotCurrent, answer_sets
+from federation.hub import Hub, NodeRecord, UnknownNodes
+from federation.node import Node, exact_reply, protected_reply
+from federation.settings import NAME_PATTERN
+from federation.tokens import REPLY_HEADER, HubQuestion, SignatureError, sign_reply
+
+
+def _site_caller(request: Request, token: str) -> bool:
+    """Whether ``token`` is one of this site's own tokens; if so the audit names its holder
+    (who is then refused: these routes take only the hub's signed questions)."""
+    try:
+        request.state.principal = request.app.state.token_verifier.verify(token)
+    except Exception:  # any refusal: it is not a site token either, the caller stays unnamed
+        return False
+    return True
+
+
+def _node(request: Request, token: str) -> Node:
+    node: Node | None = getattr(request.app.state, "federation_node", None)
+    if node is None:
+        _site_caller(request, token)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "this API is not a federation node")
+    return node
+
+
+def _service(request: Request) -> FeasibilityService:
+    service: FeasibilityService | None = getattr(request.app.state, "feasibility", None)
+    if service is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "feasibility is starting up")
+    return service
+
+
+def _token(request: Request) -> str:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a hub's signed question is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return header.removeprefix("Bearer ")
+
+
+async def _hub_question(request: Request, node: Node, token: str) -> tuple[HubQuestion, bytes]:
+    body = await request.body()
+    try:
+        asked = node.verify(token, body)
+    except SignatureError as exc:
+        request.state.audit_detail = {"federation": {"refused": "signature"}}
+        if _site_caller(request, token):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, "this route takes only the hub's signed questions"
+            ) from None
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            str(exc),
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ) from None
+    # the audit record names the hub, the sponsor it asks for and the question's token id
+    request.state.principal = Principal(
+        sub=f"hub:{asked.hub}",
+        role=asked.role,
+        org=node.org_of(asked),
+        exp=asked.exp,
+        jti=asked.jti,
+    )
+    return asked, body
+
+
+def _question(body: bytes, service: FeasibilityService) -> Question:
+    try:
+        question = parse_question(body)
+        return compile_question(question, service.terminology).question
+    except CriteriaError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    except ExpansionError as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, [e["msg"] for e in exc.errors]
+        ) from None
+
+
+def _signed(node: Node, asked: HubQuestion, reply: dict[str, Any]) -> Response:
+    content = json.dumps(reply, sort_keys=True).encode()
+    signature = sign_reply(node.key, node.id, asked.hub, content, asked.jti)
+    return Response(content, media_type="application/json", headers={REPLY_HEADER: signature})
+
+
+REFUSALS = problem_responses(
+    400,
+    401,
+    403,
+    404,
+    422,
+    429,
+    503,
+    descriptions={
+        401: "The question is not signed by this node's hub for this node",
+        403: "The node's policy refuses the question (exact counts not allowed)",
+        404: "This API is not a federation node",
+    },
+)
+
+
+def build_node_router() -> APIRouter:
+    """The node's routes: answered only to the hub, under this node's disclosure control."""
+    # the bearer scheme documents the Authorization header; the hub's token is checked by
+    # _hub_question (an EdDSA JWT of the hub, not one of this site's tokens)
+    router = APIRouter(
+        prefix="/v1/federation",
+        tags=["federation (node)"],
+        dependencies=[Depends(bearer)],
+    )
+
+    @router.post(
+        "/ask",
+        summary="The hub's question: this node's protected answer",
+        description="Criteria JSON as `/v1/feasibility/ask` takes it, signed by the hub "
+        "(Authorization: Bearer, an EdDSA JWT for this node with the body's SHA-256). The "
+        "answer is this node's own protected cells only, signed by the node "
+        f"(`{REPLY_HEADER}`); charged to the sponsor under the hub's name.",
+        responses=REFUSALS,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": {"type": "object"}}},
+                "required": True,
+            }
+        },
+    )
+    async def ask(request: Request) -> Response:
+        token = _token(request)
+        node = _node(request, token)
+        asked, body = await _hub_question(request, node, token)
+        service = _service(request)
+        if asked.role != "sponsor":
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "a sponsor's question only")
+        question = _question(body, service)
+        org = node.org_of(asked)
+        try:
+            answer, audit = await run_in_threadpool(service.answer, question, org, "federated")
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
+        except BudgetExceeded as exc:
+            raise over_budget(request, exc) from None
+        request.state.audit_detail = {
+            **audit,
+            "federation": {"hub": asked.hub, "mode": "protected"},
+        }
+        return _signed(node, asked, protected_reply(node.id, answer))
+
+    @router.post(
+        "/exact",
+        summary="The hub administrators' question: exact counts, where this node allows them",
+        description="Only for a question the hub signed with the role admin, and only when "
+        "this node sets CONCIERGE_NODE_ALLOW_EXACT; never charged, always audited.",
+        responses=REFUSALS,
+        openapi_extra={
+            "requestBody": {
+                "content": {"application/json": {"schema": {"type": "object"}}},
+                "required": True,
+            }
+        },
+    )
+    async def exact(request: Request) -> Response:
+        token = _token(request)
+        node = _node(request, token)
+        asked, body = await _hub_question(request, node, token)
+        if asked.role != "admin" or not node.allow_exact:
+            request.state.audit_detail = {"federation": {"hub": asked.hub, "refused": "exact"}}
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "exact counts are not allowed here")
+        service = _service(request)
+        question = _question(body, service)
+
+        def evaluate() -> dict[str, Any]:
+            service.require("facts", "sites")
+            at = service.clock()
+            sets = answer_sets(question, service.evaluate(question, at), service.sites)
+            return exact_reply(node.id, sets, at.isoformat())
+
+        try:
+            reply = await run_in_threadpool(evaluate)
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
+        request.state.audit_detail = {"federation": {"hub": asked.hub, "mode": "exact"}}
+        return _signed(node, asked, reply)
+
+    return router
+
+
+# ----------------------------------------------------------------------------------- the hub
+
+Sponsor = Annotated[Principal, require_role("sponsor")]
+Admin = Annotated[Principal, require_role("admin")]
+
+
+def _hub(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+class FederatedQuestion(BaseModel):
+    """A sponsor's question to the hub: criteria, and optionally which nodes to ask."""
+
+    criteria: dict[str, Any] = Field(examples=[EXAMPLE])
+    #: None: every registered node.
+    nodes: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
+
+
+class NodeRegistration(BaseModel):
+    id: Annotated[str, Field(pattern=NAME_PATTERN)]
+    url: str
+    public_key: str
+    controller: str = ""
+
+
+def build_hub_router() -> APIRouter:
+    """The hub's routes: no patient data behind them, only the nodes' protected answers."""
+    router = APIRouter(prefix="/v1/hub", tags=["federation (hub)"])
+
+    def checked(criteria: dict[str, Any]) -> dict[str, Any]:
+        try:
+            parse_question(criteria)  # refused here rather than by every node
+        except CriteriaError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        return criteria
+
+    @router.post(
+        "/ask",
+        summary="Ask every node (or those named): the combined protected answer",
+        description="Each node answers under its own disclosure control; combined counts are "
+        "sums of the nodes' shown counts, withheld when any part is. Nodes that did not "
+        "answer by the deadline, refused or failed are in `nodes_missing` and the answer is "
+        "`partial`.",
+        responses=problem_responses(401, 403, 422),
+    )
+    async def ask(
+        request: Request, principal: Sponsor, question: Annotated[FederatedQuestion, Body()]
+    ) -> dict[str, Any]:
+        hub = _hub(request)
+        try:
+            answer = await hub.ask(checked(question.criteria), principal.org, question.nodes)
+        except UnknownNodes as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        request.state.audit_detail = {
+            "nodes_answered": answer["nodes_answered"],
+            "nodes_missing": [m["node"] for m in answer["nodes_missing"]],
+        }
+        return answer
+
+    @router.post(
+        "/exact",
+        summary="Exact counts from the nodes that allow them (hub administrators only)",
+        responses=problem_responses(401, 403, 422),
+    )
+    async def exact(
+        request: Request, principal: Admin, question: Annotated[FederatedQuestion, Body()]
+    ) -> dict[str, Any]:
+        hub = _hub(request)
+        try:
+            return await hub.ask_exact(checked(question.criteria), principal.sub, question.nodes)
+        except UnknownNodes as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+    @router.get("/nodes", summary="The registered nodes")
+    def nodes(request: Request, principal: Admin) -> list[dict[str, str]]:
+        return [
+            {"id": r.id, "url": r.url, "controller": r.controller}
+            for r in _hub(request).directory.all().values()
+        ]
+
+    @router.put(
+        "/nodes/{node_id}",
+        summary="Register a node (or change its URL or key)",
+        responses=problem_responses(422),
+    )
+    def register(
+        node_id: str, request: Request, principal: Admin, node: NodeRegistration
+    ) -> dict[str, str]:
+        if node.id != node_id:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, "the id differs from the path"
+            )
+        try:
+            record = _hub(request).directory.register(
+                NodeRecord(node.id, node.url, node.public_key, node.controller)
+            )
+        except (ValueError, SignatureError) as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        return {"id": record.id, "url": record.url, "controller": record.controller}
+
+    return router
+
+
+__all__ = ["build_hub_router", "build_node_router"]

@@ -1,0 +1,114 @@
+"""A node's side: what of its answer may go to the hub, and the exact counts for the hub's
+administrators.
+
+:func:`protected_reply` keeps, of the node's own sponsor answer, only the published cells
+(already under the node's disclosure control) and a coarse ``as_of``; everything else the
+single-node answer carries for its own sponsors (the question's fingerprint is kept: it is a
+digest of the criteria the hub sent) is dropped by a whitelist, so a field added to answers later
+does not leak to the hub by default. The snapshot's exact patient count and topic offsets are
+not sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from feasibility.disclosure.answer import FUNNEL_FIELDS, AnswerSets
+
+from .settings import NodeSettings
+from .tokens import HubQuestion, load_private_file, load_public_file, verify_question
+
+#: The keys of a cell the hub may see.
+_CELL = ("value", "display", "suppressed")
+#: Of ``as_of``, only how current the node's data is.
+_AS_OF = ("max_ingested_at", "caught_up", "ready")
+
+
+def _cell(cell: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: cell[k] for k in _CELL}
+
+
+def protected_reply(node: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the node's protected answer ``body`` that goes to the hub."""
+    as_of = body.get("as_of", {})
+    return {
+        "node": node,
+        "mode": "protected",
+        "question": body.get("question"),
+        "evaluated_at": body.get("evaluated_at"),
+        "total": _cell(body["total"]),
+        "by_region": {k: _cell(v) for k, v in body["by_region"].items()},
+        "by_site": {k: _cell(v) for k, v in body["by_site"].items()},
+        "funnel": [
+            {"label": s["label"], "kind": s["kind"], **{f: _cell(s[f]) for f in FUNNEL_FIELDS}}
+            for s in body["funnel"]
+        ],
+        "rules": list(body.get("rules", [])),
+        "policy": dict(body.get("policy", {})),
+        "as_of": {k: as_of[k] for k in _AS_OF if k in as_of},
+    }
+
+
+def exact_reply(node: str, sets: AnswerSets, evaluated_at: str) -> dict[str, Any]:
+    """Exact counts (no disclosure control) for a hub administrator: sizes of sets only."""
+    return {
+        "node": node,
+        "mode": "exact",
+        "evaluated_at": evaluated_at,
+        "total": len(sets.cohort),
+        "by_region": {k: len(v) for k, v in sorted(sets.by_region.items())},
+        "by_site": {k: len(v) for k, v in sorted(sets.by_site.items())},
+        "funnel": [
+            {"label": s.label, "kind": s.kind, **{f: len(getattr(s, f)) for f in FUNNEL_FIELDS}}
+            for s in sets.funnel
+        ],
+    }
+
+
+class NodeNotConfigured(RuntimeError):
+    """The node's keys are not set: it answers no hub."""
+
+
+@dataclass
+class Node:
+    """This API as a node of one hub: its name and key, the hub's name and public key."""
+
+    id: str
+    key: Ed25519PrivateKey
+    hub: str
+    hub_key: Ed25519PublicKey
+    allow_exact: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: NodeSettings) -> Node:
+        if settings.id is None:
+            raise NodeNotConfigured("CONCIERGE_NODE_ID is not set")
+        if settings.key_file is None or settings.hub_public_key_file is None:
+            raise NodeNotConfigured(
+                "a node needs CONCIERGE_NODE_KEY_FILE and CONCIERGE_NODE_HUB_PUBLIC_KEY_FILE"
+            )
+        return cls(
+            id=settings.id,
+            key=load_private_file(Path(settings.key_file)),
+            hub=settings.hub_id,
+            hub_key=load_public_file(Path(settings.hub_public_key_file)),
+            allow_exact=settings.allow_exact,
+        )
+
+    def verify(self, token: str, body: bytes) -> HubQuestion:
+        """The hub's question, checked (:class:`~federation.tokens.SignatureError`)."""
+        return verify_question(token, self.hub_key, self.hub, self.id, body)
+
+    def org_of(self, question: HubQuestion) -> str:
+        """The organisation the node charges and records for a hub question: the sponsor as the
+        hub names it, under the hub's name (a hub's sponsors never share a budget with this
+        node's own sponsors of the same name)."""
+        return f"{question.hub}/{question.org}"
+
+
+__all__ = ["Node", "NodeNotConfigured", "exact_reply", "protected_reply"]

@@ -248,7 +248,7 @@ class Run:
                         )
                     elif isinstance(value, list):
                         value = repr(value)
-                    values.append((column.key, plain(value)))
+                    values.append((column.key, repr(plain(value))))
                 return tuple(values)
 
             return {

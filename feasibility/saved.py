@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.contracts.trials import TRIAL_ID_PATTERN, TrialRecord, TrialTerms
 from core.db import NO_NUL
+from infra.kafka_log import routed
 from infra.mirror import ReaderStatus, TopicMirror
 
 from .criteria import Question
@@ -145,7 +146,9 @@ class SavedQuestions:
     def _publish(self, record: SavedTrial) -> None:
         if self._producer is None:
             self._producer = Producer(
-                {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "acks": "all"}
+                routed(
+                    {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "acks": "all"}
+                )
             )
         errors: list[str] = []
         self._producer.produce(

@@ -25,6 +25,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from core.contracts.facts import BATCH_SCHEMA, ReferenceRecord, ResourceFacts
+from infra.kafka_log import routed
 from infra.topics import DEADLETTER, FACTS, REFERENCE
 
 #: A patient's batch is published early once it holds this many envelopes or bytes.
@@ -120,7 +121,7 @@ class KafkaSink:
             "message.timeout.ms": max(1, int(timeout_seconds * 1000)),
         }
         config.update(extra or {})
-        self._producer = Producer(config)
+        self._producer = Producer(routed(config))
         self.facts_topic = prefix + FACTS
         self.reference_topic = prefix + REFERENCE
         self.deadletter_topic = prefix + DEADLETTER

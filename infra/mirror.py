@@ -45,6 +45,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from infra.kafka_log import routed
+
 log = logging.getLogger(__name__)
 
 #: A partition of a topic: ``(topic, partition)``.
@@ -592,7 +594,7 @@ class TopicMirror:
             **_RECONNECT,
         }
         settings.update(self.config)
-        consumer = Consumer(settings)
+        consumer = Consumer(routed(settings))
         self.consumers += 1
         with self._lock:
             self._partitions = []  # assigned afresh, at the saved positions

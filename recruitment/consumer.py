@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from sqlalchemy.orm import Session
 
+from infra.kafka_log import routed
 from infra.mirror import Key, ReaderHealth, ReaderStatus
 from infra.topics import COHORT, FACTS, REFERENCE, TRIALS
 
@@ -128,7 +129,7 @@ class RecruitmentConsumer:
         self.assigned = False
 
     def _consumer(self) -> Consumer:
-        consumer = Consumer(self.settings)
+        consumer = Consumer(routed(self.settings))
         consumer.subscribe(
             list(self.topics),
             on_assign=self._on_assign,

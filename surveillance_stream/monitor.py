@@ -34,6 +34,7 @@ import orjson
 from confluent_kafka import Message, Producer
 
 from core.contracts.signals import SignalEvent
+from infra.kafka_log import routed
 from infra.mirror import ReaderStatus, TopicMirror
 from surveillance_stream.devices import (
     EXPOSED,
@@ -357,7 +358,13 @@ class SignalMonitor:
             self._prepared = True
         if self._producer is None:
             self._producer = Producer(
-                {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 1}
+                routed(
+                    {
+                        "bootstrap.servers": self.bootstrap,
+                        "enable.idempotence": True,
+                        "linger.ms": 1,
+                    }
+                )
             )
         if not self.restored:
             # the monitor is the signals topic's single writer: it reads the history to its end

@@ -46,6 +46,8 @@ PATIENT_ID = "pat-secret-4711"
 CONDITION_ID = "cond-secret-0815"
 DEAD_ID = "dead-secret-2342"
 IDENTIFIERS = (NHS_NUMBER, FAMILY, PATIENT_ID, CONDITION_ID, DEAD_ID)
+#: Every service the test starts, each a real process with /readyz, /healthz and /metrics.
+SERVICES = ("api", "worker", "recruitment", "monitor")
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Stack:
     api: str
     worker: str
     recruitment: str
+    monitor: str
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def source(self) -> dict[str, str]:
@@ -91,14 +94,19 @@ class Stack:
         return {"Authorization": f"Bearer {token}"}
 
     def url(self, service: str) -> str:
-        return {"api": self.api, "worker": self.worker, "recruitment": self.recruitment}[service]
+        return {
+            "api": self.api,
+            "worker": self.worker,
+            "recruitment": self.recruitment,
+            "monitor": self.monitor,
+        }[service]
 
     def ready_path(self, service: str) -> str:
         return "/readyz"
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        pending = dict.fromkeys(("api", "worker", "recruitment"), "not asked")
+        pending = dict.fromkeys(SERVICES, "not asked")
         while pending and time.monotonic() < deadline:
             for name in list(pending):
                 proc = self.procs[name].proc
@@ -143,6 +151,9 @@ def _env(bootstrap: str, prefix: str, home: Path, ports: dict[str, int]) -> dict
         "CONCIERGE_API_PORT": str(ports["api"]),
         "CONCIERGE_WORKER_WEB_PORT": str(ports["worker"]),
         "CONCIERGE_RECRUITMENT_STATUS_PORT": str(ports["recruitment"]),
+        # the signal monitor is a service of its own, as deployed: the API forwards to it
+        "CONCIERGE_MONITOR_PORT": str(ports["monitor"]),
+        "CONCIERGE_SURVEILLANCE_MONITOR_URL": f"http://127.0.0.1:{ports['monitor']}",
         "CONCIERGE_RECRUITMENT_EMAIL_ENABLED": "false",
         "CONCIERGE_STREAM_TRIAL_SYNC_SECONDS": "0.5",
         "CONCIERGE_AUDIT_ANCHOR_SECONDS": "0",
@@ -155,13 +166,14 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     root = tmp_path_factory.mktemp("metrics-stack")
     prefix = f"t-metrics-{uuid.uuid4().hex[:8]}."
     ensure_topics(kafka_bootstrap, prefix)
-    ports = {"api": free_port(), "worker": free_port(), "recruitment": free_port()}
+    ports = {name: free_port() for name in SERVICES}
     env = _env(kafka_bootstrap, prefix, root / "home", ports)
     stack = Stack(
         prefix,
         api=f"http://127.0.0.1:{ports['api']}",
         worker=f"http://127.0.0.1:{ports['worker']}",
         recruitment=f"http://127.0.0.1:{ports['recruitment']}",
+        monitor=f"http://127.0.0.1:{ports['monitor']}",
     )
     stack.procs = {
         "api": Proc("api", ["api"], root / "api.log"),
@@ -169,6 +181,7 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "recruitment": Proc(
             "recruitment", ["recruitment", "run", "--log-level", "INFO"], root / "recruitment.log"
         ),
+        "monitor": Proc("monitor", ["monitor"], root / "monitor.log"),
     }
     try:
         for proc in stack.procs.values():
@@ -299,7 +312,8 @@ def test_lag_per_partition_goes_to_zero_on_every_service(ingested: Stack) -> Non
     assert _value(api, "concierge_deadletters_total", service="api") == 1
     assert _value(api, "concierge_snapshot_rows", table="conditions") >= 1
     assert "concierge_snapshot_bytes" in api  # frames are built at the first answer (below)
-    assert "concierge_signals" in api
+    monitor = ingested.scrape("monitor")  # the signal monitor's own service
+    assert "concierge_signals" in monitor
     assert "concierge_saved_questions" in api
 
 
@@ -347,7 +361,7 @@ def test_a_request_moves_its_route_templates_histogram(ingested: Stack) -> None:
 
 
 def test_no_identifier_in_any_label(ingested: Stack) -> None:
-    for service in ("api", "worker", "recruitment"):
+    for service in SERVICES:
         text = ingested.text(service)
         for identifier in IDENTIFIERS:
             assert identifier not in text, (service, identifier)
@@ -382,7 +396,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist(ingested: Stack) 
         name for expr in expressions for name in re.findall(r"\b(concierge_[a-z_]+)\b", expr)
     }
     scraped: set[str] = set()
-    for service in ("api", "worker", "recruitment"):
+    for service in SERVICES:
         scraped |= set(ingested.scrape(service))
     missing = queried - scraped
     assert not missing, f"the dashboard queries metrics no service exposes: {sorted(missing)}"
@@ -397,6 +411,6 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist(ingested: Stack) 
 
 
 def test_every_service_answers_its_liveness_probe(stack: Stack) -> None:
-    for service in ("api", "worker", "recruitment"):
+    for service in SERVICES:
         response = httpx.get(stack.url(service) + "/healthz", timeout=5)
         assert response.status_code == 200 and response.json() == {"ok": True}, service

@@ -38,7 +38,10 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def _writer(url: str, process: int, start: Any) -> None:
     log = AuditLog(url, AuditKeys(KEY))
-    start.wait(60)  # every process ready: they begin together
+    # every process imported and connected: they begin together (a spawned process takes
+    # seconds to import; with an event set at once, the first one up could write all its
+    # records before the last one started, and nothing would overlap)
+    start.wait(120)
 
     errors: list[BaseException] = []
 
@@ -63,11 +66,10 @@ def _writer(url: str, process: int, start: Any) -> None:
 @pytest.mark.slow
 def test_processes_and_threads_appending_at_once_keep_one_chain(url: str) -> None:
     context = multiprocessing.get_context("spawn")
-    start = context.Event()
+    start = context.Barrier(PROCESSES)
     processes = [context.Process(target=_writer, args=(url, p, start)) for p in range(PROCESSES)]
     for process in processes:
         process.start()
-    start.set()
     for process in processes:
         process.join(180)
     assert [p.exitcode for p in processes] == [0] * PROCESSES

@@ -193,7 +193,14 @@ def test_a_sponsor_builds_asks_registers_and_watches_the_live_count(
             shown = _count(driver, "live-count")
             return shown if shown and shown != "withheld" else None
 
-        first = wait_for(live, 90, what="the live count")
+        try:
+            first = wait_for(live, 90, what="the live count")
+        except pytest.fail.Exception:
+            # say why: the page's status line carries the API's reason, the worker its log
+            pytest.fail(
+                f"no live count after 90 s; the page said {_count(driver, 'status')!r} and "
+                f"{_count(driver, 'error')!r}; the worker's log ends:\n{worker.tail()}"
+            )
         assert int(first) % 5 == 0
         wait_for(lambda: "Site selection" in page_text(driver), 30, what="the ranking")
         wait_for(

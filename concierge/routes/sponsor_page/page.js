@@ -322,7 +322,11 @@ async function poll() {
       showSites(await api("GET", "/v1/feasibility/saved-questions/" + saved + "/sites"));
     }
     slow += 1; status("live, updated " + new Date().toLocaleTimeString()); showError("");
-  } catch (e) { status(e.status === 503 ? "waiting for the stream..." : ""); if (e.status !== 503) showError(e.message); }
+  } catch (e) {
+    // a 503 says which view is behind and why: show it, so a wait that does not end is explained
+    status(e.status === 503 ? "waiting for the stream (" + e.message.replace(/^503 /, "") + ")" : "");
+    if (e.status !== 503) showError(e.message);
+  }
   timer = setTimeout(poll, REFRESH_MS);
 }
 // Open a saved question (#saved=ID): its criteria are answered as the builder's would be, and

@@ -4,7 +4,8 @@ Every view the API answers from is a topic reader (:class:`infra.mirror.TopicMir
 that reports the same :class:`infra.mirror.ReaderStatus`): the facts snapshot, the saved
 questions, the live cohorts, the sites, the signal monitor. ``GET /readyz`` answers 200 only
 when each of them is connected and has caught up; otherwise 503 with ``Retry-After`` and, per
-view, why not.
+view, why not. The one exception is a monitor running as its own service: it is shown (and
+listed under ``degraded`` when not ready) but does not hold this process's readiness.
 ``GET /healthz`` stays the liveness probe (the process answers at all).
 """
 
@@ -52,14 +53,33 @@ def status_of(reader: Any) -> dict[str, Any]:
     return status
 
 
+def _elsewhere(app: FastAPI) -> set[str]:
+    """Views this process only forwards to another service (the monitor service): shown, but
+    never a reason for this process to be taken out of rotation. Every API process forwards to
+    the same monitor, so refusing traffic would stop feasibility and recruitment answers, which
+    do not need it; the forwarded routes answer 503 with ``Retry-After`` themselves."""
+    if getattr(app.state, "surveillance", None) is None and (
+        getattr(app.state, "surveillance_remote", None) is not None
+    ):
+        return {"signals"}
+    return set()
+
+
 def report(app: FastAPI) -> tuple[bool, dict[str, Any]]:
     views = {name: status_of(reader) for name, reader in readers(app)}
     starting = getattr(app.state, "starting", False)
-    waiting = [f"{name}: {v.get('waiting_for') or 'not ready'}" for name, v in views.items()
-               if not v.get("ready")]  # fmt: skip
+    elsewhere = _elsewhere(app)
+    behind = {name: f"{name}: {v.get('waiting_for') or 'not ready'}"
+              for name, v in views.items() if not v.get("ready")}  # fmt: skip
+    waiting = [reason for name, reason in behind.items() if name not in elsewhere]
     if starting:
         waiting.insert(0, "the API is starting")
-    body: dict[str, Any] = {"ready": not waiting, "waiting_for": waiting, "views": views}
+    body: dict[str, Any] = {
+        "ready": not waiting,
+        "waiting_for": waiting,
+        "degraded": [reason for name, reason in behind.items() if name in elsewhere],
+        "views": views,
+    }
     anchors = getattr(app.state, "audit_anchors", None)
     if anchors is not None:
         # shown, never a reason to refuse traffic: requests are audited in the database either
@@ -73,6 +93,11 @@ class Readiness(BaseModel):
 
     ready: bool
     waiting_for: list[str] = Field(description="What readiness waits for, in words")
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Views served by another service (the signal monitor) that are not ready: "
+        "their routes answer 503, the rest of the API is unaffected and stays ready",
+    )
     views: dict[str, dict[str, Any]] = Field(description="Each topic reader's status, by name")
     audit_anchors: dict[str, Any] | None = Field(
         default=None, description="The audit anchor publisher's state (never a reason to wait)"

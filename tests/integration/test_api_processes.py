@@ -187,21 +187,26 @@ def test_two_api_processes_share_disclosure_control_and_one_audit_chain(
         assert verified.returncode == 0, verified.stderr
         assert "OK" in verified.stderr
 
-        # the monitor stops: readiness says so, and signals are refused, not made up
+        # the monitor stops: readiness says so, and signals are refused, not made up; the API
+        # processes stay in rotation (every one forwards to the same monitor, and feasibility
+        # does not need it), their /readyz naming the monitor under "degraded"
         monitor.stop()
         for api in apis:
             # an API asks the monitor's /readyz at most once a second (RemoteMonitor's cache):
             # within a few seconds of the monitor stopping, readiness must say so
             deadline = time.monotonic() + 5
-            response = httpx.get(f"{api.url}/readyz", timeout=10)
-            while response.status_code != 503 and time.monotonic() < deadline:
+            body = httpx.get(f"{api.url}/readyz", timeout=10).json()
+            while body["views"]["signals"]["ready"] and time.monotonic() < deadline:
                 time.sleep(0.2)
-                response = httpx.get(f"{api.url}/readyz", timeout=10)
-            assert response.status_code == 503
-            assert response.json()["views"]["signals"]["ready"] is False
+                body = httpx.get(f"{api.url}/readyz", timeout=10).json()
+            assert body["views"]["signals"]["ready"] is False
+            assert body["ready"] is True and body["waiting_for"] == []
+            assert [d.split(":")[0] for d in body["degraded"]] == ["signals"]
             refused = httpx.get(f"{api.url}/v1/surveillance/signals", headers=regulator)
             assert refused.status_code == 503
             assert "Retry-After" in refused.headers
+            asked = httpx.post(f"{api.url}/v1/feasibility/ask", json=CRITERIA, headers=honest)
+            assert asked.is_success, asked.text
     finally:
         for api in apis:
             api.stop()

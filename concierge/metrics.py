@@ -77,9 +77,26 @@ class ApiMetrics:
             buckets=m.LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._deadletters: m.TopicSize | None = None
         self.registry.register(ReaderCollector(service, self._readers))
         self.registry.register(FunctionCollector(service, self._ingest))
         self.registry.register(FunctionCollector(service, self._views))
+
+    def _deadletter_size(self) -> m.TopicSize | None:
+        """The dead-letter topic's size, asked of the broker this API ingests to (made on the
+        first scrape that needs it; none when the ingest does not go to Kafka)."""
+        if self._deadletters is None:
+            settings = getattr(self.app.state, "settings", None)
+            ingest = getattr(self.app.state, "ingest", None)
+            sink = getattr(getattr(ingest, "ingestor", None), "sink", None)
+            if settings is None or type(sink).__name__ != "KafkaSink":
+                return None
+            from infra.topics import DEADLETTER
+
+            self._deadletters = m.TopicSize(
+                settings.kafka_bootstrap_servers, settings.topic(DEADLETTER)
+            )
+        return self._deadletters
 
     # -- at scrape time --
 
@@ -112,6 +129,18 @@ class ApiMetrics:
                 "path",
             ),
         ]
+        size = self._deadletter_size()
+        if size is not None:
+            families.append(
+                m.topic_size(
+                    m.TOPIC_MESSAGES,
+                    "Messages a topic holds now (high minus low watermark): for the dead-letter "
+                    "topic, every process's letters not yet expired, where "
+                    "concierge_deadletters_total counts this process's only",
+                    service,
+                    [size],
+                )
+            )
         sent = getattr(ingest.ingestor.sink, "sent_by_topic", None)
         if sent is not None:
             families.append(

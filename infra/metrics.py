@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from infra.kafka_log import routed
 from infra.mirror import ReaderStatus
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ SNAPSHOT_BYTES = "concierge_snapshot_bytes"
 SAVED_QUESTIONS = "concierge_saved_questions"
 SIGNALS = "concierge_signals"
 PARTITIONS_HELD = "concierge_worker_partitions"
+TOPIC_MESSAGES = "concierge_topic_messages"
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,102 @@ class FunctionCollector(Collector):
         yield from families
 
 
+class TopicSize:
+    """Messages a topic holds (high minus low watermark, summed over partitions), asked of the
+    broker every ``every`` seconds by a thread of its own, so that a scrape never waits on the
+    broker. A process's own counters only see what that process did; this is the deployment's
+    figure (for the dead-letter topic: every process's letters not yet expired). ``None`` until
+    the first answer and whenever the last one is older than three periods (the broker cannot
+    be asked): the family is then left out of the scrape rather than shown stale."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, every: float = 15.0, timeout: float = 5.0
+    ) -> None:
+        import threading
+
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.every = every
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._value: tuple[float, int] | None = None  # (monotonic time, size)
+
+    def __call__(self) -> int | None:
+        import threading
+        import time
+
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"size-{self.topic}", daemon=True
+                )
+                self._thread.start()
+            value = self._value
+        if value is None or time.monotonic() - value[0] > 3 * self.every:
+            return None
+        return value[1]
+
+    def _run(self) -> None:
+        import time
+
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(
+            routed(
+                {
+                    "bootstrap.servers": self.bootstrap,
+                    "group.id": "concierge-topic-size-unused",  # never joined
+                    "enable.auto.commit": False,
+                    "allow.auto.create.topics": False,  # asking the size never makes the topic
+                }
+            )
+        )
+        try:
+            while not self._stop.is_set():
+                try:
+                    size = self._ask(consumer)
+                except Exception as exc:
+                    log.warning("size of %s unknown: %s", self.topic, type(exc).__name__)
+                else:
+                    with self._lock:
+                        self._value = (time.monotonic(), size)
+                self._stop.wait(self.every)
+        finally:
+            consumer.close()
+
+    def _ask(self, consumer: Any) -> int:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        metadata = consumer.list_topics(self.topic, timeout=self.timeout)
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            raise KafkaException(f"topic {self.topic} is not available")
+        total = 0
+        for partition in topic.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=self.timeout, cached=False
+            )
+            total += max(0, int(high) - int(low))
+        return total
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout * 2)
+
+
+def topic_size(name: str, documentation: str, service: str, sizes: Iterable[TopicSize]) -> Metric:
+    """A gauge family with one sample per topic whose size is known now."""
+    family = GaugeMetricFamily(name, documentation, labels=["service", "topic"])
+    for size in sizes:
+        value = size()
+        if value is not None:
+            family.add_metric([service, size.topic], float(value))
+    return family
+
+
 def counter(
     name: str, documentation: str, service: str, by: Mapping[str, Any], label: str
 ) -> Metric:
@@ -163,10 +261,13 @@ __all__ = [
     "SNAPSHOT_BYTES",
     "SNAPSHOT_ROWS",
     "STALENESS",
+    "TOPIC_MESSAGES",
     "FunctionCollector",
     "ReaderCollector",
     "ReaderSample",
+    "TopicSize",
     "counter",
     "gauge",
     "scrape",
+    "topic_size",
 ]

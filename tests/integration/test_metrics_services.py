@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.auth import issue
-from infra.topics import COHORT, FACTS
+from infra.topics import COHORT, DEADLETTER, FACTS
 from infra.topics_admin import ensure_topics
 from tests.faults import free_port
 
@@ -310,6 +310,15 @@ def test_lag_per_partition_goes_to_zero_on_every_service(ingested: Stack) -> Non
     assert _value(worker, "concierge_worker_partitions") == 6
     assert _value(api, "concierge_ingested_resources_total", outcome="accepted") >= 3
     assert _value(api, "concierge_deadletters_total", service="api") == 1
+    # the deployment's figure, from the broker: the topic holds that one letter (asked at most
+    # every 15 s, so an earlier scrape may still show the size it found then)
+    letters = ingested.prefix + DEADLETTER
+    deadline = time.monotonic() + 30
+    while _value(api, "concierge_topic_messages", topic=letters) < 1:
+        assert time.monotonic() < deadline, api.get("concierge_topic_messages")
+        time.sleep(1)
+        api = ingested.scrape("api")
+    assert _value(api, "concierge_topic_messages", topic=letters) == 1
     assert _value(api, "concierge_snapshot_rows", table="conditions") >= 1
     assert "concierge_snapshot_bytes" in api  # frames are built at the first answer (below)
     monitor = ingested.scrape("monitor")  # the signal monitor's own service

@@ -82,23 +82,29 @@ def configure_logging(
     logging.captureWarnings(True)
 
 
-def faust_logging_config(log_format: str, level: str) -> dict[str, Any] | None:
-    """The ``logging_config`` for Faust's worker (``mode``'s dictConfig): None for text (its own
-    coloured form), else every record through :class:`JsonFormatter` on stderr."""
-    if log_format != "json":
-        return None
+def faust_logging_config(log_format: str, level: str) -> dict[str, Any]:
+    """The ``logging_config`` for Faust's worker (``mode``'s dictConfig): every record on stderr
+    in ``log_format`` at ``level``, and the product's own loggers at INFO when ``level`` is
+    quieter, as :func:`configure_logging` does for the other services (a worker at the default
+    ``warning`` still says when it rebuilt a partition, loaded a checkpoint, caught up)."""
+    threshold = logging.getLevelName(level.upper())
+    product = min(logging.INFO, threshold if isinstance(threshold, int) else logging.WARNING)
+    formatter: dict[str, Any] = (
+        {"()": f"{__name__}.JsonFormatter"} if log_format == "json" else {"format": TEXT_FORMAT}
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "formatters": {"default": formatter},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
-                "formatter": "json",
+                "formatter": "default",
                 "stream": "ext://sys.stderr",
             }
         },
         "root": {"level": level.upper(), "handlers": ["default"]},
+        "loggers": {name: {"level": logging.getLevelName(product)} for name in PRODUCT_LOGGERS},
     }
 
 

@@ -32,12 +32,15 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     /state/digest, /state/patients/{pseudonym}, /state/cohorts and /state/devices for an admin
     bearer token only, each request audited.
     """
+    from concierge.configuration import load_configuration
+
+    # every section checked before Faust is even imported: a bad value is one line at once,
+    # not after seconds of imports (a loaded machine took over a minute)
+    settings = load_configuration().settings
     from faust.worker import Worker
 
-    from concierge.configuration import load_configuration
     from surveillance_stream.app import create_app
 
-    settings = load_configuration().settings  # every section checked before starting
     if web_port is not None:
         settings = settings.model_copy(update={"worker_web_port": web_port})
     from concierge.logs import faust_logging_config

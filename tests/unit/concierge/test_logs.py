@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
+
+import pytest
 
 from concierge.logs import JsonFormatter, faust_logging_config
 
@@ -34,8 +37,28 @@ def test_an_exception_is_its_type_and_frames_not_its_message() -> None:
     assert "Quixotic" not in line and "1961" not in line
 
 
-def test_faust_gets_the_json_formatter_only_in_json_mode() -> None:
-    assert faust_logging_config("text", "info") is None
-    config = faust_logging_config("json", "info")
-    assert config is not None
-    assert config["formatters"]["json"]["()"] == "concierge.logs.JsonFormatter"
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_worker_at_warning_still_logs_the_products_info_lines(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Faust's own chatter stays at the level asked for; the product's lines (a partition
+    rebuilt, a checkpoint loaded) come through at INFO, in the format asked for."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    levels = {name: logging.getLogger(name).level for name in ("faust", "surveillance_stream")}
+    try:
+        logging.config.dictConfig(faust_logging_config(log_format, "warning"))
+        logging.getLogger("faust.tables").info("faust chatter")
+        logging.getLogger("surveillance_stream.store").info("partition 3 rebuilt")
+        logging.getLogger("faust.tables").warning("faust warning")
+        lines = capsys.readouterr().err.splitlines()
+    finally:
+        root.handlers[:], root.level = saved
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert len(lines) == 2, lines
+    assert "partition 3 rebuilt" in lines[0] and "faust warning" in lines[1]
+    if log_format == "json":
+        assert [json.loads(line)["level"] for line in lines] == ["INFO", "WARNING"]
+    else:
+        assert " INFO surveillance_stream.store: partition 3 rebuilt" in lines[0]

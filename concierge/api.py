@@ -19,6 +19,7 @@ from core.audit import AuditKeys, AuditLog
 from core.http import install_audit, install_problem_details
 from core.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
+from infra.kafka_log import routed
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,13 @@ class HighWatermarks:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "concierge-watermarks-unused",  # never joined
-                "enable.auto.commit": False,
-            }
+            routed(
+                {
+                    "bootstrap.servers": bootstrap,
+                    "group.id": "concierge-watermarks-unused",  # never joined
+                    "enable.auto.commit": False,
+                }
+            )
         )
         self._partitions: list[int] = []
 

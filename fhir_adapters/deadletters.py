@@ -27,6 +27,8 @@ from typing import Any, Literal
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from infra.kafka_log import routed
+
 from .pipeline import Ingestor, Outcome
 from .sinks import DeadLetter, FactSink
 
@@ -161,12 +163,14 @@ def read_letters(bootstrap: str, topic: str, timeout: float = 10.0) -> Iterator[
     """Every letter on ``topic`` up to the high watermarks at the start, in partition and
     offset order; ``KafkaException`` when the broker or the topic cannot be reached."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "concierge-deadletter-reader",  # assigned, never joined or committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
+        routed(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "concierge-deadletter-reader",  # assigned, never joined or committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
     )
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)

@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from core.audit import AuditLog
 from core.contracts.audit import AuditAnchor
+from infra.kafka_log import routed
 
 from .topics import AUDIT_ANCHORS, TOPICS
 from .topics_admin import ensure_topics
@@ -158,16 +159,18 @@ class AnchorPublisher:
         anchor = self.audit.sign_anchor(head, _now(), self.publisher)
         if self._producer is None:
             self._producer = Producer(
-                {
-                    "bootstrap.servers": self.bootstrap,
-                    "acks": "all",
-                    # a message not acknowledged within the timeout fails (and is retried at the
-                    # next tick with the head as it is then) instead of waiting in librdkafka
-                    "message.timeout.ms": max(1000, int(self.timeout * 1000)),
-                    "linger.ms": 0,
-                    "reconnect.backoff.ms": 100,
-                    "reconnect.backoff.max.ms": 1000,
-                }
+                routed(
+                    {
+                        "bootstrap.servers": self.bootstrap,
+                        "acks": "all",
+                        # a message not acknowledged within the timeout fails (and is retried at the
+                        # next tick with the head as it is then) instead of waiting in librdkafka
+                        "message.timeout.ms": max(1000, int(self.timeout * 1000)),
+                        "linger.ms": 0,
+                        "reconnect.backoff.ms": 100,
+                        "reconnect.backoff.max.ms": 1000,
+                    }
+                )
             )
         errors: list[str] = []
 
@@ -245,13 +248,15 @@ def read_anchors(bootstrap: str, topic: str, timeout: float = 10.0) -> Iterator[
     :class:`AnchorTopicMissing` when the topic does not exist; :class:`AnchorsUnavailable` when
     the broker does not answer, or no progress is made for ``timeout`` seconds."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "concierge-audit-verify-unused",  # assigned, never joined or committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-            **_QUIET,
-        }
+        routed(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "concierge-audit-verify-unused",  # assigned, never joined or committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+                **_QUIET,
+            }
+        )
     )
     try:
         try:
@@ -318,7 +323,7 @@ def topic_problems(bootstrap: str, topic: str, timeout: float = 10.0) -> list[st
     """What about the anchors topic itself defeats the anchors: compaction (only each chain's
     latest anchor would be kept), a finite retention (old anchors vanish), or messages already
     gone from the start of a partition (deleted records)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, **_QUIET})
+    admin = AdminClient(routed({"bootstrap.servers": bootstrap, **_QUIET}))
     problems: list[str] = []
     try:
         # all topics: asking for one by name would create it on a broker that auto-creates
@@ -342,7 +347,9 @@ def topic_problems(bootstrap: str, topic: str, timeout: float = 10.0) -> list[st
                 f"the anchors topic {topic} does not keep anchors forever ({name}={value})"
             )
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "concierge-audit-verify-unused", **_QUIET}
+        routed(
+            {"bootstrap.servers": bootstrap, "group.id": "concierge-audit-verify-unused", **_QUIET}
+        )
     )
     try:
         for partition in sorted(metadata.partitions):

@@ -41,6 +41,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from core.contracts.facts import envelopes_of
 from core.settings import Settings
+from infra.kafka_log import routed
 from infra.mirror import ReaderHealth, ReaderStatus
 from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 
@@ -363,11 +364,13 @@ class StreamApp:
             # A plain client with the worker's group id: committed() is an OffsetFetch request
             # to the coordinator; the client never subscribes, so it never joins the group.
             self._offsets_client = Consumer(
-                {
-                    "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                    "group.id": self.app.conf.id,
-                    "enable.auto.commit": False,
-                }
+                routed(
+                    {
+                        "bootstrap.servers": self.settings.kafka_bootstrap_servers,
+                        "group.id": self.app.conf.id,
+                        "enable.auto.commit": False,
+                    }
+                )
             )
 
     def _committed_sync(self, partition: int) -> int:
@@ -462,7 +465,9 @@ class StreamApp:
 
         topic_id: str | None = None
         try:
-            admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+            admin = AdminClient(
+                routed({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+            )
             futures = admin.describe_topics(TopicCollection([self.facts_name]), request_timeout=10)
             description = futures[self.facts_name].result(timeout=15)
             topic_id = str(description.topic_id)

@@ -29,6 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from core.contracts.facts import envelopes_of
 from core.patient_view import PatientFold, PatientView
+from infra.kafka_log import routed
 
 from . import patient_state
 
@@ -187,12 +188,14 @@ def _partition_messages(
     None (a fetch returns more than asked for: what lies past ``end`` is not yielded). The one
     reader of a partition's range that the rebuild, the gap replay and the table check share."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "concierge-rebuild-unused",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 52_428_800,
-        }
+        routed(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "concierge-rebuild-unused",
+                "enable.auto.commit": False,
+                "fetch.max.bytes": 52_428_800,
+            }
+        )
     )
     try:
         low, high = _watermarks(consumer, topic, partition)
@@ -226,7 +229,9 @@ def _partition_messages(
 
 def partition_end(bootstrap: str, topic: str, partition: int) -> int:
     """The partition's end offset (high watermark) now."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "concierge-rebuild-unused"})
+    consumer = Consumer(
+        routed({"bootstrap.servers": bootstrap, "group.id": "concierge-rebuild-unused"})
+    )
     try:
         return _watermarks(consumer, topic, partition)[1]
     finally:
@@ -287,7 +292,9 @@ def fold_tail(
 
 def watermarks(bootstrap: str, topic: str, partition: int) -> tuple[int, int]:
     """The partition's first offset and end offset now."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "concierge-rebuild-unused"})
+    consumer = Consumer(
+        routed({"bootstrap.servers": bootstrap, "group.id": "concierge-rebuild-unused"})
+    )
     try:
         return _watermarks(consumer, topic, partition)
     finally:

@@ -19,7 +19,9 @@ _concierge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     fi
   done
   # WeasyPrint (the sponsor's PDF reports) loads Pango and a font through fontconfig at run time
-  if ! ldconfig -p 2>/dev/null | grep -q 'libpangoft2-1.0.so.0' || ! fc-list 2>/dev/null | grep -q .; then
+  # (grep reads to the end, not -q: under pipefail an early exit would fail the pipe by SIGPIPE
+  # and the check would say "missing" on a machine that has them)
+  if ! ldconfig -p 2>/dev/null | grep 'libpangoft2-1.0.so.0' >/dev/null || ! fc-list 2>/dev/null | grep . >/dev/null; then
     echo "bootstrap: Pango or fonts are missing (PDF reports need them); installing them from Debian's packages" >&2
     apt-get update -qq && apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core fontconfig >/dev/null
   fi

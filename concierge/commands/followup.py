@@ -55,8 +55,13 @@ def followup(log_level: str, status_port: int | None) -> None:
     )
     bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
     consumer = FollowupConsumer(sessions, engine, bootstrap, prefix, batch_size=section.batch_size)
-    relay = Relay(sessions, bootstrap, prefix,
-                  replication_factor=settings.topic_replication_factor)  # fmt: skip
+    relay = Relay(
+        sessions,
+        bootstrap,
+        prefix,
+        transactional_id=f"{prefix}concierge-followup-relay",
+        replication_factor=settings.topic_replication_factor,
+    )
     consumer.start()
     relay.start()
     stop = threading.Event()

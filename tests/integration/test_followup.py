@@ -7,6 +7,11 @@ beside the follow-up ones); the trials' topics are read back from the broker.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +30,7 @@ from followup.engine import FollowupEngine
 from followup.pseudonym import trial_pseudonym
 from followup.relay import Relay, trial_topic
 from followup.service import FollowupService
-from followup.tables import SafetyEvent
+from followup.tables import SafetyEvent, TrialCursor
 from recruitment.models import OutboxMessage
 from tests.followup_helpers import (
     NHS,
@@ -205,7 +210,9 @@ def test_a_research_opt_out_withdraws_and_safety_events_notify_once(
     consumer.start()
     with running(consumer.run):
         ingest(ingestor, adverse_event("ae-1", "q1"))
-        ingest(ingestor, adverse_event("ae-1", "q1") | {"meta": {"versionId": "2"}})
+        # a corrected version that is still serious: no second safety event
+        corrected = adverse_event("ae-1", "q1") | {"meta": {"versionId": "2"}}
+        ingest(ingestor, corrected | {"date": "2026-02-04T10:00:00Z"})
         wait_for(lambda: consumer.total.safety >= 1, FEED_SECONDS, "the safety event")
         # a research opt-out (a second Consent, deny) withdraws at once
         ingest(
@@ -231,3 +238,87 @@ def test_a_research_opt_out_withdraws_and_safety_events_notify_once(
     assert [e["type"] for e in feed] == ["started", "fact", "safety", "retraction", "fact",
                                          "withdrawn"]  # fmt: skip
     assert feed[-1]["reason"] == "research opt-out"
+
+
+def _start_service(settings: Settings, database: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "CONCIERGE_TOPIC_PREFIX": settings.topic_prefix,
+        "CONCIERGE_HOME": str(settings.home),
+        "CONCIERGE_RECRUITMENT_URL": database,
+        "CONCIERGE_FOLLOWUP_SECRET": SECRET.decode(),
+        "CONCIERGE_FOLLOWUP_STATUS_PORT": "0",
+        "CONCIERGE_FOLLOWUP_BATCH_SIZE": "5",  # small batches: kills land between them too
+    }
+    log = (tmp_path / "followup.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "concierge", "followup", "--log-level", "WARNING"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_serious_adverse_event_notifies_exactly_once_across_sigkills(
+    settings: Settings, sessions: sessionmaker[Session], database: str, tmp_path: Path
+) -> None:
+    """``concierge followup`` is SIGKILLed three times while serious adverse events arrive; each
+    event is notified exactly once, and the trial's topic holds the feed exactly once, in
+    order."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    FollowupService(sessions).put_plan("TK", plan(), "dm")
+    people = [(f"k{i}", f"90000001{i:02d}") for i in range(4)]
+    ingest(ingestor, *(patient(pid, nhs) for pid, nhs in people))
+    for pid, nhs in people:
+        enrol(sessions, "TK", site_pseudonym(ingestor, pid, nhs))
+    ingest(ingestor, *(consent(f"c-{pid}", pid, ["TK"]) for pid, _ in people))
+    events = 40
+    rng = random.Random(20261207)
+    service = _start_service(settings, database, tmp_path)
+    kills = 0
+    try:
+        for n in range(events):
+            pid = people[n % len(people)][0]
+            ingest(ingestor, adverse_event(f"sae-{n}", pid),
+                   condition(f"cond-{n}", pid, "44054006"))  # fmt: skip
+            time.sleep(rng.uniform(0.02, 0.15))
+            if n in (8, 20, 31):
+                time.sleep(rng.uniform(0.0, 0.5))
+                service.send_signal(signal.SIGKILL)
+                service.wait(30)
+                kills += 1
+                service = _start_service(settings, database, tmp_path)
+
+        def safety_rows() -> int:
+            with sessions() as session:
+                return int(session.scalar(sa.select(sa.func.count()).select_from(SafetyEvent)) or 0)
+
+        wait_for(lambda: safety_rows() == events, 120, f"{events} safety events")
+        with sessions() as session:
+            written = session.scalar(
+                sa.select(TrialCursor.written).where(TrialCursor.trial_id == "TK")
+            )
+        assert written is not None
+        topic = trial_topic("TK", prefix)
+        wait_for(lambda: len(read_topic(bootstrap, topic)) >= written, 120, "the relay")
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+    ingestor.vault.close()
+    assert kills == 3
+    with sessions() as session:
+        notified = session.scalars(
+            sa.select(OutboxMessage.dedupe_key).where(OutboxMessage.kind == "safety")
+        ).all()
+        safety = session.scalars(sa.select(SafetyEvent.key)).all()
+    expected = {f"{SOURCE}|AdverseEvent|sae-{n}" for n in range(events)}
+    assert sorted(safety) == sorted(expected)  # one each
+    assert len(notified) == events == len(set(notified))
+    records = read_topic(bootstrap, topic)
+    assert [r.seq for r in records] == list(range(1, written + 1)), "each entry once, in order"
+    assert [r.body for r in records] == FollowupService(sessions).feed("TK", 0, 1000)["entries"]
+    facts = [r.body["resource"]["id"] for r in records if r.body["type"] == "fact"]
+    assert sorted(facts) == sorted({*(f"sae-{n}" for n in range(events)),
+                                    *(f"cond-{n}" for n in range(events))})  # fmt: skip

@@ -76,7 +76,7 @@ class Arm(BaseModel):
 
 
 def build_router() -> APIRouter:
-    errors = problem_responses(401, 403, 404, 503)
+    errors = problem_responses(401, 403, 404, 422, 503)
     router = APIRouter(prefix="/v1/followup", tags=["follow-up (trial team)"], responses=errors)
 
     @router.put(

@@ -107,7 +107,12 @@ class FollowupConsumer:
     def poll(self) -> int:
         """Read and apply one batch; how many messages it held."""
         try:
-            messages = self.consumer.consume(self.batch_size, self.poll_timeout)
+            # wait for the first message only; then take what is already fetched, without
+            # waiting for a full batch (a trickle must not wait out the poll timeout)
+            first = self.consumer.poll(self.poll_timeout)
+            messages = [] if first is None else [first]
+            if first is not None and self.batch_size > 1:
+                messages += self.consumer.consume(self.batch_size - 1, 0)
         except KafkaException as exc:
             self.health.record(f"KafkaException: {exc}")
             time.sleep(0.5)

@@ -186,11 +186,19 @@ def main() -> None:
         time.sleep(3)  # let the load settle
         ours: list[float] = []
         floor: list[float] = []
+        retried = 0
         with httpx.Client(base_url=base, timeout=30) as client:
             for i in range(options.probes):
                 pid = probes[i % len(probes)]
                 body = orjson.dumps(serious(i, pid))
-                response = client.put(f"/fhir/AdverseEvent/probe-{i}", content=body, headers=FHIR)
+                for _attempt in range(10):  # a loaded ingestor answers 503: the probe retries
+                    response = client.put(
+                        f"/fhir/AdverseEvent/probe-{i}", content=body, headers=FHIR
+                    )
+                    if response.status_code != 503:
+                        break
+                    retried += 1
+                    time.sleep(float(response.headers.get("Retry-After", "1")))
                 accepted = time.monotonic()
                 if response.status_code not in (200, 201):
                     raise RuntimeError(f"probe rejected: {response.status_code} {response.text}")
@@ -221,7 +229,7 @@ def main() -> None:
         load_average = os.getloadavg()
         parameters = {"target_rate": options.rate, "achieved_rate": round(achieved, 1),
                       "probes": len(ours), "senders": options.senders,
-                      "notifications_queued": queued,
+                      "notifications_queued": queued, "probe_retries_503": retried,
                       "load_average_1_5_15": [round(x, 2) for x in load_average]}  # fmt: skip
         extra = {"p50": statistics.median(ours), "p95": percentile(ours, 0.95), "p99": p99,
                  "max": max(ours), "baseline_p50": statistics.median(floor),

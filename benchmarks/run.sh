@@ -56,6 +56,8 @@ python -m benchmarks.bench_stream --patients "$patients_stream" --trials 0 --rep
   --dense-implants --name stream_devices
 echo "== signal freshness at 1k resources/s (AdverseEvent at /fhir to the regulator API vs Kafka arrival)"
 python -m benchmarks.bench_signal_freshness --rate 1000 --probes "$probes"
+echo "== follow-up safety events at 1k resources/s (serious AdverseEvent at /fhir to the outbox vs Kafka arrival)"
+python -m benchmarks.bench_followup --rate 1000 --probes "$probes"
 echo "== recruitment: candidates routed/s from $cohort_events cohort events (consumer vs consume-and-decode)"
 python -m benchmarks.bench_recruitment --events "$cohort_events"
 python -m benchmarks.bench_memory --patients 4000

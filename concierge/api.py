@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from concierge.routes.recruitment import VaultIdentities
     from feasibility.service import FeasibilityService
     from federation.node import Node
+    from followup.export import Exports
+    from followup.service import FollowupService
     from infra.audit_anchors import AnchorPublisher
     from recruitment.runtime import Runtime
     from recruitment.service import RecruitmentService
@@ -175,6 +177,18 @@ def build_recruitment(settings: Settings) -> tuple[Runtime, VaultIdentities]:
     return runtime, identities
 
 
+def build_followup(settings: Settings, runtime: Runtime) -> tuple[FollowupService, Exports]:
+    """The trial team's follow-up reads: the follow-up tables in the recruitment database
+    (migrated on start), and the feed's exports under ``CONCIERGE_HOME``."""
+    from followup.db import ensure
+    from followup.export import Exports
+    from followup.service import FollowupService
+
+    ensure(runtime.engine)
+    service = FollowupService(runtime.sessions)
+    return service, Exports(service, settings.home / "followup-exports")
+
+
 def build_surveillance(settings: Settings, audit: AuditLog) -> SignalMonitor:
     """The regulator side: the signal monitor over the device-contribution topic."""
     from infra.topics import DEVICES, SIGNALS, TOPICS
@@ -281,6 +295,10 @@ def create_app(
         ):
             app.state.surveillance = build_surveillance(settings, app.state.audit)
         attach_signal_notices(app)
+        if getattr(app.state, "followup", None) is None and app.state.recruitment is not None:
+            app.state.followup, app.state.followup_exports = build_followup(
+                settings, app.state.recruitment
+            )
         if getattr(app.state, "audit_anchors", None) is None and settings.audit_anchor_seconds:
             app.state.audit_anchors = build_audit_anchors(settings, app.state.audit)
         app.state.starting = False
@@ -400,6 +418,10 @@ def create_app(
     app.include_router(build_import_router())
 
     app.include_router(surveillance_router())
+
+    from concierge.routes.followup import build_router as followup_router
+
+    app.include_router(followup_router())
     if surveillance is None and settings.surveillance_monitor_url:
         # the monitor is a service of its own: /v1/surveillance is forwarded to it
         from concierge import monitor_proxy

@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "demo": "concierge.demo:demo",
     "feasibility": "concierge.commands.feasibility:feasibility",
     "recruitment": "concierge.commands.recruitment:recruitment",
+    "followup": "concierge.commands.followup:followup",
     "token": "concierge.commands.admin:token",
     "audit": "concierge.commands.admin:audit",
     "terminology": "concierge.commands.terminology:terminology",

@@ -18,6 +18,7 @@ from core.settings import ConfigurationError, Settings, describe, get_settings
 from dashboards.settings import DashboardSettings
 from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
 from federation.settings import HubSettings, NodeSettings
+from followup.settings import FollowupSettings
 from infra.settings import BrokerSettings
 from recruitment.settings import RecruitmentSettings, get_recruitment_settings
 from surveillance_stream.settings import SurveillanceSettings
@@ -34,6 +35,7 @@ SECTIONS: tuple[type[BaseSettings], ...] = (
     TerminologySettings,
     NodeSettings,
     HubSettings,
+    FollowupSettings,
 )
 
 
@@ -60,6 +62,8 @@ class Configuration(BaseModel):
     node: NodeSettings
     #: ``CONCIERGE_HUB_*``: ``concierge hub`` (``federation.settings``).
     hub: HubSettings
+    #: ``CONCIERGE_FOLLOWUP_*``: ``concierge followup`` (``followup.settings``).
+    followup: FollowupSettings
 
 
 def load_configuration() -> Configuration:
@@ -81,6 +85,7 @@ def load_configuration() -> Configuration:
         ("terminology", TerminologySettings),
         ("node", NodeSettings),
         ("hub", HubSettings),
+        ("followup", FollowupSettings),
     ):
         try:
             loaded[name] = build()

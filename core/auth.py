@@ -28,7 +28,9 @@ answers 503, never "not revoked". :class:`TokenVerifier` is the whole check; the
 ``app.state.token_verifier``.
 
 Roles: ``sponsor`` (aggregate feasibility only), ``clinician`` (their own patients), ``regulator``
-(device-safety signals), ``source`` (pushes FHIR), ``admin``.
+(device-safety signals), ``source`` (pushes FHIR), ``admin``; the trial team, each for the
+trials its token names: ``trial_data_manager`` (a trial's follow-up plan, feed and export),
+``statistician`` (endpoint counts per arm), ``safety_contact`` (safety events).
 """
 
 from __future__ import annotations
@@ -54,8 +56,28 @@ if TYPE_CHECKING:
     from core.revocation import RevocationList
     from core.settings import Settings
 
-Role = Literal["sponsor", "clinician", "regulator", "source", "admin"]
-ROLES: tuple[str, ...] = ("sponsor", "clinician", "regulator", "source", "admin")
+Role = Literal[
+    "sponsor",
+    "clinician",
+    "regulator",
+    "source",
+    "admin",
+    "trial_data_manager",
+    "statistician",
+    "safety_contact",
+]
+ROLES: tuple[str, ...] = (
+    "sponsor",
+    "clinician",
+    "regulator",
+    "source",
+    "admin",
+    "trial_data_manager",
+    "statistician",
+    "safety_contact",
+)
+#: The trial team's roles: each token names the trials it serves (``trials``).
+TRIAL_ROLES: tuple[str, ...] = ("trial_data_manager", "statistician", "safety_contact")
 ALGORITHM = "HS256"
 #: Claims every token must carry; one without any of them is refused.
 REQUIRED_CLAIMS = ("sub", "role", "org", "exp", "iat", "jti", "aud", "iss")
@@ -77,6 +99,8 @@ class Principal(BaseModel):
     #: Sources: the source system whose resources the holder writes and retracts (the first
     #: part of every resource key it reaches).
     source_system: str | None = None
+    #: The trial team (data manager, statistician, safety contact): the trials they serve.
+    trials: tuple[str, ...] = ()
     exp: int
     jti: str
 
@@ -86,6 +110,10 @@ class Principal(BaseModel):
             raise ValueError("a source token names its source system (source_system)")
         if self.role != "source" and self.source_system is not None:
             raise ValueError("only a source token names a source system")
+        if self.role in TRIAL_ROLES and not self.trials:
+            raise ValueError(f"a {self.role} token names the trials it serves (trials)")
+        if self.role not in TRIAL_ROLES and self.trials:
+            raise ValueError("only a trial team token names trials")
         if self.source_system is not None and "|" in self.source_system:
             raise ValueError("a source system may not contain '|' (it is part of resource keys)")
         return self
@@ -157,6 +185,7 @@ def issue(
     ttl_seconds: int = 30 * 24 * 3600,
     *,
     source_system: str | None = None,
+    trials: tuple[str, ...] = (),
     audience: str | None = None,
     issuer: str | None = None,
     not_before: int | None = None,
@@ -182,6 +211,7 @@ def issue(
             practitioner=practitioner,
             sites=sites,
             source_system=source_system,
+            trials=trials,
             exp=now + ttl_seconds,
             jti=str(uuid.uuid4()),
         )

@@ -770,14 +770,20 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
     scope = () if r5 else get_codeable_concept(resource, "scope", path)
     category = get_codeable_concepts(resource, "category", path)
     purposes: list[str] = []
+    trials: list[str] = []
+    start: datetime | None = None
+    end: datetime | None = None
     if r5:
         decision = get_code(resource, "decision", path, frozenset({"deny", "permit"}))
+        start, end = read_period(resource.get("period"), f"{path}.period")
         provisions = get_list(resource, "provision", path)
         for index, item in enumerate(provisions):
             if isinstance(item, dict):
-                purposes.extend(
-                    c.code for c in _codings_list(item, "purpose", f"{path}.provision[{index}]")
-                )
+                ipath = f"{path}.provision[{index}]"
+                purposes.extend(c.code for c in _codings_list(item, "purpose", ipath))
+                trials.extend(_consent_trials(item, ipath))
+                if start is None and end is None:
+                    start, end = read_period(item.get("period"), f"{ipath}.period")
     else:
         decision = None
         provision = get_object(resource, "provision", path)
@@ -788,6 +794,8 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
             purposes.extend(
                 c.code for c in _codings_list(provision, "purpose", f"{path}.provision")
             )
+            trials.extend(_consent_trials(provision, f"{path}.provision"))
+            start, end = read_period(provision.get("period"), f"{path}.provision.period")
     research = any(c.code == "research" for c in scope + category) or any(
         p in RESEARCH_PURPOSES for p in purposes
     )
@@ -799,6 +807,13 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
         status=status,
         research_opt_out=research and decision == "deny" and status == "active",
         date=when,
+        follow_up_trials=(
+            tuple(dict.fromkeys(trials))
+            if research and decision == "permit" and status == "active"
+            else ()
+        ),
+        period_start=start,
+        period_end=end,
     )
     return Extracted(
         "Consent",
@@ -807,6 +822,37 @@ def extract_consent(resource: Mapping[str, Any], ctx: ExtractionContext) -> Extr
         facts=(fact,),
         entered_in_error=status == "entered-in-error",
     )
+
+
+def _consent_trials(provision: Mapping[str, Any], path: str) -> list[str]:
+    """The trials a consent provision names: ``provision.data[].reference`` pointing at a
+    ResearchStudy (its id, or its identifier's value when the reference is logical)."""
+    found: list[str] = []
+    for index, item in enumerate(get_list(provision, "data", path)):
+        dpath = f"{path}.data[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidElement(dpath, "expected an object")
+        value = item.get("reference")
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise InvalidElement(f"{dpath}.reference", "expected a Reference object")
+        literal = read_reference(value, f"{dpath}.reference")
+        if literal is not None:
+            kind, _, ident = literal.rpartition("/")
+            if kind.rpartition("/")[2] == "ResearchStudy" and ident:
+                found.append(ident)
+            continue
+        if value.get("type") == "ResearchStudy":
+            identifier = get_object(value, "identifier", f"{dpath}.reference")
+            token = (
+                get_string(identifier, "value", f"{dpath}.reference.identifier")
+                if identifier is not None
+                else None
+            )
+            if token:
+                found.append(token.strip())
+    return found
 
 
 def _codings_list(parent: Mapping[str, Any], name: str, path: str) -> tuple[Coding, ...]:

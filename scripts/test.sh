@@ -45,7 +45,7 @@ ruff format --check .
 echo "== import layers (lint-imports: contracts in pyproject.toml)"
 lint-imports --no-cache
 echo "== mypy"
-mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology federation
+mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology federation followup
 echo "== pytest"
 mkdir -p test-artifacts
 # Both cores: test files are spread over CONCIERGE_TEST_WORKERS pytest-xdist workers, a file

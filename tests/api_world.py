@@ -203,6 +203,8 @@ class World:
         practitioner: str | None = None,
         sites: tuple[str, ...] = (),
         source_system: str | None = None,
+        trials: tuple[str, ...] = (),
+        subject: str | None = None,
     ) -> dict[str, str]:
         """A bearer header; a ``source`` writes as :data:`SOURCE` (the world's own EHR, whose
         resources were ingested) unless it names another source system."""
@@ -215,6 +217,8 @@ class World:
             practitioner=practitioner,
             sites=sites,
             source_system=source_system,
+            trials=trials,
+            subject=subject,
         )
         return {"Authorization": f"Bearer {token}"}
 

@@ -19,7 +19,18 @@ def token() -> None:
 @click.option(
     "--role",
     required=True,
-    type=click.Choice(["sponsor", "clinician", "regulator", "source", "admin"]),
+    type=click.Choice(
+        [
+            "sponsor",
+            "clinician",
+            "regulator",
+            "source",
+            "admin",
+            "trial_data_manager",
+            "statistician",
+            "safety_contact",
+        ]
+    ),
 )
 @click.option("--org", required=True, help="Organisation the holder acts for.")
 @click.option("--subject", help="Holder's id (default role:org).")
@@ -29,6 +40,12 @@ def token() -> None:
     "--source-system",
     help="Sources (required): the source system whose resources the holder writes and "
     "retracts, e.g. the CONCIERGE_SOURCE_SYSTEM its files are ingested under.",
+)
+@click.option(
+    "--trial",
+    "trials",
+    multiple=True,
+    help="Trial team roles (required): a trial the holder serves; repeatable.",
 )
 @click.option("--days", default=30, show_default=True, help="Validity in days.")
 @click.option(
@@ -41,6 +58,7 @@ def create(
     practitioner: str | None,
     sites: tuple[str, ...],
     source_system: str | None,
+    trials: tuple[str, ...],
     days: int,
     as_json: bool,
 ) -> None:
@@ -69,6 +87,7 @@ def create(
             sites,
             days * 24 * 3600,
             source_system=source_system,
+            trials=trials,
         )
     except TokenError as exc:
         raise click.UsageError(str(exc)) from None

@@ -184,6 +184,13 @@ class ConsentFact(_Frozen):
     #: True when this consent records a research opt-out (scope research, provision deny).
     research_opt_out: bool
     date: datetime | None = None
+    #: Trials (ResearchStudy ids, or identifier values) an active research consent *permits*
+    #: following the patient up for (``provision.data`` naming the ResearchStudy): empty for
+    #: anything else. Read by :mod:`followup`.
+    follow_up_trials: tuple[str, ...] = ()
+    #: The provision's period (R4 ``provision.period``; R5 ``period`` or ``provision.period``).
+    period_start: datetime | None = None
+    period_end: datetime | None = None
 
 
 Fact = Annotated[

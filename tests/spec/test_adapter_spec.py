@@ -676,7 +676,44 @@ def consent_r4(rid: str, status: str, decision: str, scope: str = "research") ->
     }
 
 
+FOLLOW_UP_CONSENT = {
+    **consent_r4("c-follow-up", "active", "permit"),
+    "provision": {
+        "type": "permit",
+        "period": {"start": "2026-01-01T00:00:00Z", "end": "2029-01-01T00:00:00Z"},
+        "data": [
+            {"meaning": "related", "reference": {"reference": "ResearchStudy/T1"}},
+            {"meaning": "related", "reference": {"type": "ResearchStudy",
+                                                 "identifier": {"value": "T2"}}},
+            {"meaning": "related", "reference": {"reference": "Observation/not-a-trial"}},
+        ],
+    },
+}  # fmt: skip
+
 ROWS += [
+    Row(
+        "consent-r4-follow-up-names-its-trials-and-period",
+        FOLLOW_UP_CONSENT,
+        ConsentFact(
+            status="active",
+            research_opt_out=False,
+            date=utc(2024, 3, 1, 10),
+            follow_up_trials=("T1", "T2"),
+            period_start=utc(2026, 1, 1),
+            period_end=utc(2029, 1, 1),
+        ),
+    ),
+    Row(
+        "consent-r4-inactive-follow-up-permits-nothing",
+        {**FOLLOW_UP_CONSENT, "status": "inactive"},
+        ConsentFact(
+            status="inactive",
+            research_opt_out=False,
+            date=utc(2024, 3, 1, 10),
+            period_start=utc(2026, 1, 1),
+            period_end=utc(2029, 1, 1),
+        ),
+    ),
     Row(
         "consent-r4-research-opt-out",
         consent_r4("c-optout", "active", "deny"),

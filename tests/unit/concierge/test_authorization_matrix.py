@@ -102,7 +102,23 @@ CALLERS = (
     "regulator",
     "source",
     "admin",
+    "data_manager",
+    "statistician",
+    "safety_contact",
 )
+#: The trial team's callers and their roles (each token names the matrix trial).
+TRIAL_TEAM: dict[str, Role] = {
+    "data_manager": "trial_data_manager",
+    "statistician": "statistician",
+    "safety_contact": "safety_contact",
+}
+
+
+def role_of(caller: str) -> str:
+    """The role an audit record names for ``caller``."""
+    if caller == "anonymous":
+        return "anonymous"
+    return TRIAL_TEAM.get(caller, caller.split("_")[-1])
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,13 @@ BUNDLE = {
     "resourceType": "Bundle",
     "type": "collection",
     "entry": [{"resource": {**PRACTITIONER, "id": "matrix-pr-2"}}],
+}
+
+
+FOLLOWUP_PLAN = {
+    "scope": ["condition", "adverse_event"],
+    "outcomes": [{"name": "SAE", "kind": "serious_adverse_event"}],
+    "safety_contact": {"channel": "email", "address": "safety@matrix.example"},
 }
 
 
@@ -244,6 +267,20 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/clinician/invitations/{invitation_id}/enrolled"): invitation_action(),
     ("POST", "/v1/clinician/invitations/{invitation_id}/screen-failed"): invitation_action(),
     ("POST", "/v1/clinician/invitations/{invitation_id}/withdraw"): invitation_action(),
+    # -- the trial team: follow-up of enrolled participants (concierge/routes/followup.py); a
+    # token serves only the trials it names (another trial is 404)
+    ("PUT", "/v1/followup/trials/{trial_id}/plan"): only("data_manager", body=FOLLOWUP_PLAN),
+    ("GET", "/v1/followup/trials/{trial_id}/plan"): only(
+        "data_manager", "statistician", "safety_contact"
+    ),
+    # the matrix invitation is not enrolled: 404 for the data manager
+    ("PUT", "/v1/followup/enrolments/{invitation_id}/arm"): only("data_manager", body={"arm": "A"}),
+    ("GET", "/v1/followup/trials/{trial_id}/feed"): only("data_manager"),
+    ("POST", "/v1/followup/trials/{trial_id}/$export"): only("data_manager"),
+    ("GET", "/v1/followup/exports/{job_id}"): only("data_manager"),
+    ("GET", "/v1/followup/exports/{job_id}/{name}"): only("data_manager"),
+    ("GET", "/v1/followup/trials/{trial_id}/safety-events"): only("safety_contact"),
+    ("GET", "/v1/followup/trials/{trial_id}/endpoints"): only("statistician"),
     # regulators: device-safety surveillance
     # the monitor's status: its patient count is exact for admins only (see below)
     ("GET", "/v1/surveillance/status"): only("regulator", "admin"),
@@ -319,6 +356,8 @@ def caller_headers(world: World, caller: str) -> dict[str, str]:
         return world.headers("clinician", "Practice A", practitioner=GP_A, sites=(SITE_A,))
     if caller == "other_clinician":
         return world.headers("clinician", "Practice B", practitioner=GP_B, sites=(SITE_B,))
+    if caller in TRIAL_TEAM:
+        return world.headers(TRIAL_TEAM[caller], "Matrix Trials", trials=(TRIAL,))
     org = {"sponsor": SPONSOR_ORG, "regulator": "MHRA", "source": "EHR A", "admin": "Site A"}
     return world.headers(caller, org[caller])  # type: ignore[arg-type]
 
@@ -331,6 +370,8 @@ def fill(world: World, template: str, rule: Rule) -> str:
         "resource_type": "Practitioner",
         "resource_id": "matrix-pr",
         "signal_id": "matrix-signal",
+        "job_id": "0" * 32,
+        "name": "feed-0001.ndjson",
         **rule.params,
     }
     return template.format(**params)
@@ -397,7 +438,7 @@ def test_route_answers_each_caller_as_the_matrix_says(
         assert records, f"{where}: no audit record"
         record = records[-1]
         assert record["action"] == f"{method} {path}", where
-        assert record["role"] == ("anonymous" if caller == "anonymous" else caller.split("_")[-1])
+        assert record["role"] == role_of(caller)
         assert record["detail"]["status"] == response.status_code, where
     read = [p for r in records for p in r["detail"].get("pseudonyms_read", [])]
 
@@ -555,7 +596,7 @@ def test_worker_page_answers_each_caller_as_the_table_says(
         assert len(records) == 1, f"{where}: {len(records)} audit records"
         record = records[0]
         assert record["action"] == f"GET {path}"
-        assert record["role"] == ("anonymous" if caller == "anonymous" else caller.split("_")[-1])
+        assert record["role"] == role_of(caller)
         assert record["detail"]["status"] == response.status_code
         assert record["detail"]["service"] == "worker"
         read = record["detail"].get("pseudonyms_read", [])
@@ -767,6 +808,9 @@ CALLER_CLAIMS: dict[str, tuple[Role, str, dict[str, Any]]] = {
     "regulator": ("regulator", "MHRA", {}),
     "source": ("source", "EHR A", {"source_system": SOURCE}),
     "admin": ("admin", "Site A", {}),
+    "data_manager": ("trial_data_manager", "Matrix Trials", {"trials": (TRIAL,)}),
+    "statistician": ("statistician", "Matrix Trials", {"trials": (TRIAL,)}),
+    "safety_contact": ("safety_contact", "Matrix Trials", {"trials": (TRIAL,)}),
 }
 
 

@@ -71,6 +71,7 @@ def test_every_wrong_variable_of_every_section_in_one_line(
         "CONCIERGE_TERMINOLOGY_MAX_EXPANSION": "0",
         "CONCIERGE_TERMINOLOGY_STORE_URL": "postgresql://db/terms",
         "CONCIERGE_TERMINOLOGY_LANGUAGE_REFSETS": "gb,us",
+        "CONCIERGE_FOLLOWUP_RELAY_INTERVAL_SECONDS": "never",
     }
     for name, value in wrong.items():
         monkeypatch.setenv(name, value)
@@ -113,6 +114,15 @@ def test_a_secret_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
         get_settings()
     assert str(caught.value) == (
         "bad configuration: CONCIERGE_TOKEN_KEY: must be at least 32 bytes (RFC 7518 3.2)"
+    )
+
+
+def test_the_follow_up_secret_is_checked_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONCIERGE_FOLLOWUP_SECRET", "hunter2-is-too-short")
+    with pytest.raises(ConfigurationError) as caught:
+        load_configuration()
+    assert str(caught.value) == (
+        "bad configuration: CONCIERGE_FOLLOWUP_SECRET: must be at least 32 bytes"
     )
 
 
@@ -159,6 +169,7 @@ def start(args: list[str], bad: dict[str, str], tmp_path: Path) -> subprocess.Co
         (["worker"], "CONCIERGE_WORKER_WEB_BIND", "everywhere"),
         (["recruitment", "run", "--status-port", "0"], "CONCIERGE_RECRUITMENT_YEARLY_CAP", "0"),
         (["dashboard"], "CONCIERGE_DASHBOARD_ROWS", "lots"),
+        (["followup"], "CONCIERGE_FOLLOWUP_BATCH_SIZE", "0"),
         (["broker", "status"], "CONCIERGE_BROKER_PORT", "ninety"),
     ],
 )

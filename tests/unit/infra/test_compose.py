@@ -91,6 +91,7 @@ def test_every_service_of_the_product_runs() -> None:
     assert sorted(n for n, c in commands.items() if c[0] == "api") == ["api-1", "api-2"]
     assert [n for n, c in commands.items() if c == ("monitor",)] == ["monitor"]
     assert [n for n, c in commands.items() if c[:2] == ("recruitment", "run")] == ["recruitment"]
+    assert [n for n, c in commands.items() if c == ("followup",)] == ["followup"]
     assert [n for n, c in commands.items() if c[0] == "dashboard"] == ["dashboard"]
     assert [n for n, c in commands.items() if c == ("topics", "create")] == ["topics"]
     others = compose()["services"]

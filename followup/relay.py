@@ -14,6 +14,7 @@ by the trial pseudonym, and each carries its feed ``seq`` in the ``seq`` header.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -32,12 +33,23 @@ from .tables import FeedEntry, TrialCursor
 
 log = logging.getLogger(__name__)
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: Characters a trial id keeps in its topic's name; every other one (``_`` included, the escape)
+#: becomes ``_`` and its code point in six hex digits.
+_KEPT = re.compile(r"[A-Za-z0-9.-]")
+#: Kafka's limit is 249 characters; the prefix and the fixed parts need some of them.
+_LONGEST = 180
 
 
 def trial_topic(trial_id: str, prefix: str = "") -> str:
-    """``<prefix>concierge.followup.<trial>.v1``; characters Kafka does not allow become ``_``."""
-    return f"{prefix}concierge.followup.{_UNSAFE.sub('_', trial_id)[:180]}.v1"
+    """``<prefix>concierge.followup.<trial>.v1``. One trial, one topic, and never two trials on
+    one topic (their feeds would mix): the name is an injective escape of the id (``A:B`` and
+    ``A_B`` differ), and a long one is cut and completed by ``_h`` and a digest of the whole id
+    (an escape is ``_`` and six hex digits, so ``_h`` marks a cut name and nothing else)."""
+    escaped = "".join(c if _KEPT.fullmatch(c) else f"_{ord(c):06x}" for c in trial_id)
+    if len(escaped) > _LONGEST:
+        digest = hashlib.sha256(trial_id.encode()).hexdigest()[:32]
+        escaped = f"{escaped[: _LONGEST - 34]}_h{digest}"
+    return f"{prefix}concierge.followup.{escaped}.v1"
 
 
 def seq_of(message: Message) -> int:

@@ -31,7 +31,7 @@ import orjson
 import sqlalchemy as sa
 from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -179,8 +179,10 @@ Cursor = Annotated[
 ]
 
 
-class JSONResponseFast(ORJSONResponse):
-    """``orjson`` bodies, timestamps written with ``Z`` as pydantic writes them."""
+class JSONResponseFast(JSONResponse):
+    """``orjson`` bodies, timestamps written with ``Z`` as pydantic writes them (FastAPI's own
+    ``ORJSONResponse`` is deprecated in the release we pin, in favour of pydantic serialising a
+    response model: that still builds a model per row, which is what these lists avoid)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_UTC_Z)

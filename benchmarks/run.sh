@@ -70,6 +70,8 @@ else
 fi
 echo "== clinician API p99, 16 clients over $invitations invitations (clinician endpoints vs /healthz)"
 python -m benchmarks.bench_clinician_api --invitations "$invitations" --duration "$load_seconds"
+echo "== saved question's live answer p99, 16 sponsor clients (GET .../answer vs /healthz)"
+python -m benchmarks.bench_saved_answer --patients "$invitations" --duration "$load_seconds"
 echo "== surveillance null/power simulation: tree scan with alpha spending vs per-pair MaxSPRT"
 nice -n 10 python -m benchmarks.bench_surveillance_sim \
   --null-replications "$sim_null" --power-replications "$sim_power"

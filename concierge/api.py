@@ -316,6 +316,8 @@ def create_app(
             feasibility_service.stop()
         if getattr(app.state, "recruitment", None) is not None:
             app.state.recruitment.close()
+        if getattr(app.state, "audit_writer", None) is not None:
+            app.state.audit_writer.close()  # every queued record committed before the anchor
         if getattr(app.state, "audit_anchors", None) is not None:
             app.state.audit_anchors.stop()  # last: the head after every other record
 

@@ -11,6 +11,7 @@ document against the running API with schemathesis.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
@@ -20,8 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.audit import AuditWriter
 
 PROBLEM = "application/problem+json"
 FHIR_JSON = "application/fhir+json"
@@ -259,6 +261,15 @@ def install_problem_schema(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def audit_writer(app: FastAPI) -> AuditWriter:
+    """The app's audit writer, for the audit log in ``app.state.audit`` (made on first use,
+    and again if the log was replaced)."""
+    writer: AuditWriter | None = getattr(app.state, "audit_writer", None)
+    if writer is None or writer.log is not app.state.audit:
+        writer = app.state.audit_writer = AuditWriter(app.state.audit)
+    return writer
+
+
 def install_audit(app: FastAPI) -> None:
     """One audit record per /v1 request: who, what, and the outcome."""
 
@@ -276,18 +287,19 @@ def install_audit(app: FastAPI) -> None:
             if principal is not None:  # the token's id: what `concierge token revoke` takes
                 detail["jti"] = principal.jti
             detail.update(getattr(request.state, "audit_detail", {}))
-            # the audit write is a SQL transaction: off the event loop, so other requests go
-            # on meanwhile; it completes before this response is sent (no unaudited answer)
             # the path as decoded, but a NUL kept escaped: PostgreSQL keeps no U+0000 in text
             path = request.url.path.replace("\x00", "%00")
-            await run_in_threadpool(
-                request.app.state.audit.append,
+            # handed to the audit writer's thread, which commits whatever has queued in one
+            # transaction (core.audit.AuditWriter); the response waits for its record to be
+            # committed (no unaudited answer) without holding a thread of the pool meanwhile
+            committed = audit_writer(request.app).submit(
                 actor=principal.sub if principal else "anonymous",
                 role=principal.role if principal else "anonymous",
                 org=principal.org if principal else "",
                 action=f"{request.method} {path}",
                 detail=detail,
             )
+            await asyncio.wrap_future(committed)
         return response
 
 
@@ -301,6 +313,7 @@ __all__ = [
     "OperationOutcome",
     "OutcomeIssue",
     "Problem",
+    "audit_writer",
     "install_audit",
     "install_problem_details",
     "install_problem_schema",

@@ -3,7 +3,11 @@
 * ``GET /v1/clinician/candidates`` and ``GET /v1/clinician/invitations``: the clinician's own
   patients (see :mod:`recruitment.access`), each with the patient's identity (name, NHS number,
   date of birth, phone) read from the identity vault for exactly those patients; the pseudonyms
-  read go into the request's audit record.
+  read go into the request's audit record. Pages are by key, not offset: each page's ``next``
+  is an opaque cursor (the last row's sort key) that ``after`` takes for the page after it, so
+  a deep page costs what the first does and rows arriving meanwhile neither repeat nor vanish.
+  Reads are written with ``orjson`` straight from the rows (the response models stay the
+  OpenAPI document's description of them; ``tests/contract`` holds the two together).
 * ``GET /v1/clinician/invitations/{id}``: one invitation with its history.
 * ``POST /v1/clinician/invitations/{id}/{action}`` for ``approve``, ``reject``, ``contacted``,
   ``interested``, ``declined``, ``no-response``, ``consented``, ``enrolled``, ``screen-failed``,
@@ -17,13 +21,17 @@ verification, problem details and the audit middleware (:mod:`core.http`).
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Annotated, Any, Generic, Protocol, TypeVar
 
+import orjson
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -141,9 +149,13 @@ T = TypeVar("T")
 
 class Page(BaseModel, Generic[T]):
     items: list[T]
+    #: Every row the filters match, on every page.
     count: int
     limit: int
-    offset: int
+    #: The cursor of the next page (pass it as ``after``); null on the last page.
+    next: str | None = Field(
+        default=None, description="Pass as `after` for the next page; null on the last page"
+    )
 
 
 #: An invitation id as it reaches the recruitment database (PostgreSQL keeps no U+0000).
@@ -156,10 +168,76 @@ class ActionRequest(BaseModel):
     version: int | None = Field(default=None, ge=1)
 
 
+#: A page cursor as the API hands it out: URL-safe base64 of a small JSON array.
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,400}$"
+Cursor = Annotated[
+    str | None,
+    Query(
+        pattern=CURSOR_PATTERN,
+        description="The `next` of the previous page: the page after it (keyset pagination)",
+    ),
+]
+
+
+class JSONResponseFast(JSONResponse):
+    """``orjson`` bodies, timestamps written with ``Z`` as pydantic writes them (FastAPI's own
+    ``ORJSONResponse`` is deprecated in the release we pin, in favour of pydantic serialising a
+    response model: that still builds a model per row, which is what these lists avoid)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_UTC_Z)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
-def _identity(record: Mapping[str, Any] | None) -> PatientIdentity | None:
+def _encode_cursor(*key: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(list(key))).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, kinds: tuple[type, ...]) -> list[Any]:
+    """The sort key a cursor carries, checked against ``kinds``; a 422 naming ``after`` if it
+    is not one this API handed out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = orjson.loads(raw)
+        if not isinstance(key, list) or len(key) != len(kinds):
+            raise ValueError("wrong shape")
+        out: list[Any] = []
+        for value, kind in zip(key, kinds, strict=True):
+            if kind is datetime:
+                parsed = datetime.fromisoformat(value)
+                if parsed.tzinfo is None:
+                    raise ValueError("naive time")
+                out.append(parsed)
+            elif kind is int:
+                if type(value) is not int or not -(2**63) <= value < 2**63:
+                    raise ValueError("not an integer")
+                out.append(value)
+            else:
+                if not isinstance(value, str) or "\x00" in value:
+                    raise ValueError("not a text")
+                out.append(value)
+        return out
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise RequestValidationError(
+            [
+                {
+                    "type": "cursor",
+                    "loc": ["query", "after"],
+                    "msg": "not a cursor of this list: pass the `next` of a page as it was given",
+                    "input": cursor,
+                }
+            ]
+        ) from None
+
+
+def _time(value: datetime) -> str:
+    """A timestamp as pydantic writes it (``Z`` for UTC)."""
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _identity_dict(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if record is None:
         return None
     given, family = record.get("given"), record.get("family")
@@ -167,12 +245,12 @@ def _identity(record: Mapping[str, Any] | None) -> PatientIdentity | None:
     birth = record.get("birth_date")
     if isinstance(birth, date):
         birth = birth.isoformat()
-    return PatientIdentity(
-        name=name,
-        nhs_number=record.get("nhs_number"),
-        birth_date=birth,
-        phone=record.get("phone"),
-    )
+    return {
+        "name": name,
+        "nhs_number": record.get("nhs_number"),
+        "birth_date": birth,
+        "phone": record.get("phone"),
+    }
 
 
 def _actions(state: str) -> list[str]:
@@ -207,6 +285,40 @@ def _invitation_public(
         if history is not None
         else None,
     )
+
+
+def _invitation_dict(
+    invitation: Invitation,
+    trial_title: str | None,
+    identity: dict[str, Any] | None = None,
+    history: Sequence[InvitationEvent] | None = None,
+) -> dict[str, Any]:
+    """What :func:`_invitation_public` gives, as plain data for ``orjson`` (no model built)."""
+    return {
+        "id": invitation.id,
+        "trial": invitation.trial_id,
+        "trial_title": trial_title,
+        "site": invitation.site,
+        "state": invitation.state,
+        "version": invitation.version,
+        "practitioner": invitation.practitioner,
+        "allowed_actions": _actions(invitation.state),
+        "created_at": _time(invitation.created_at),
+        "state_changed_at": _time(invitation.state_changed_at),
+        "patient": identity,
+        "history": [
+            {
+                "at": _time(e.at),
+                "actor": e.actor,
+                "from_state": e.from_state,
+                "to_state": e.to_state,
+                "note": e.note,
+            }
+            for e in history
+        ]
+        if history is not None
+        else None,
+    }
 
 
 def _practitioner(principal: Principal) -> str:
@@ -268,14 +380,17 @@ def build_router(
         many = getattr(source, "get_identities", None)
         if callable(many):  # one query for the page, not one per patient
             found = many(wanted)
-            return {p: _identity(found.get(p)) for p in wanted}
-        return {p: _identity(source.get_identity(p)) for p in wanted}
+            return {p: _identity_dict(found.get(p)) for p in wanted}
+        return {p: _identity_dict(source.get_identity(p)) for p in wanted}
 
     def scope(session: Session, principal: Principal) -> ClinicianScope:
         return ClinicianScope.resolve(session, _practitioner(principal), principal.sites)
 
     @router.get(
-        "/candidates", response_model=Page[CandidatePublic], responses=problem_responses(422)
+        "/candidates",
+        response_model=Page[CandidatePublic],
+        response_class=JSONResponseFast,
+        responses=problem_responses(422),
     )
     def list_candidates(
         request: Request,
@@ -283,9 +398,10 @@ def build_router(
         trial: Annotated[str | None, Query(pattern=NO_NUL)] = None,
         status_: Annotated[str | None, Query(alias="status", pattern=NO_NUL)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger overflows SQL
-    ) -> Page[CandidatePublic]:
-        """Your patients who are candidates for a trial (opted-out patients never are)."""
+        after: Cursor = None,
+    ) -> Response:
+        """Your patients who are candidates for a trial (opted-out patients never are), in
+        order of arrival; `next` is the cursor of the page after this one."""
         svc = get_service(request)
         with svc.read_sessions() as session:
             visible = scope(session, principal).clause(
@@ -297,6 +413,14 @@ def build_router(
             if status_:
                 where.append(Candidate.status == status_)
             count = session.scalar(sa.select(sa.func.count()).select_from(Candidate).where(*where))
+            if after is not None:
+                arrival, last_id = _decode_cursor(after, (int, str))
+                where.append(
+                    sa.or_(
+                        Candidate.arrival > arrival,
+                        sa.and_(Candidate.arrival == arrival, Candidate.id > last_id),
+                    )
+                )
             rows = session.execute(
                 sa.select(Candidate, Trial.title, Invitation.id)
                 .join(Trial, Trial.id == Candidate.trial_id)
@@ -306,31 +430,42 @@ def build_router(
                 )
                 .where(*where)
                 .order_by(Candidate.arrival, Candidate.id)
-                .limit(limit)
-                .offset(offset)
+                .limit(limit + 1)
             ).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
         people = read_identities(request, [c.patient for c, _, _ in rows])
         items = [
-            CandidatePublic(
-                id=c.id,
-                trial=c.trial_id,
-                trial_title=title,
-                site=c.site,
-                status=c.status,
-                routed_to=c.routed_to,
-                routing_reason=c.routing_reason,
-                held_reasons=[HoldPublic(**h) for h in c.held_reasons],
-                invitation=invitation_id,
-                created_at=c.created_at,
-                updated_at=c.updated_at,
-                patient=people[c.patient],
-            )
+            {
+                "id": c.id,
+                "trial": c.trial_id,
+                "trial_title": title,
+                "site": c.site,
+                "status": c.status,
+                "routed_to": c.routed_to,
+                "routing_reason": c.routing_reason,
+                "held_reasons": [
+                    {"rule": h["rule"], "reason": h["reason"], "until": h.get("until")}
+                    for h in c.held_reasons
+                ],
+                "invitation": invitation_id,
+                "created_at": _time(c.created_at),
+                "updated_at": _time(c.updated_at),
+                "patient": people[c.patient],
+            }
             for c, title, invitation_id in rows
         ]
-        return Page(items=items, count=int(count or 0), limit=limit, offset=offset)
+        last = rows[-1][0] if rows else None
+        cursor = _encode_cursor(last.arrival, last.id) if more and last is not None else None
+        return JSONResponseFast(
+            {"items": items, "count": int(count or 0), "limit": limit, "next": cursor}
+        )
 
     @router.get(
-        "/invitations", response_model=Page[InvitationPublic], responses=problem_responses(422)
+        "/invitations",
+        response_model=Page[InvitationPublic],
+        response_class=JSONResponseFast,
+        responses=problem_responses(422),
     )
     def list_invitations(
         request: Request,
@@ -339,9 +474,10 @@ def build_router(
         state: InvitationState | None = None,
         active: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,  # larger overflows SQL
-    ) -> Page[InvitationPublic]:
-        """Your patients' invitations, newest first."""
+        after: Cursor = None,
+    ) -> Response:
+        """Your patients' invitations, newest first; `next` is the cursor of the page after
+        this one."""
         svc = get_service(request)
         with svc.read_sessions() as session:
             where = [
@@ -356,17 +492,34 @@ def build_router(
             if active is not None:
                 where.append(Invitation.active.is_(active))
             count = session.scalar(sa.select(sa.func.count()).select_from(Invitation).where(*where))
+            if after is not None:
+                created, last_id = _decode_cursor(after, (datetime, str))
+                where.append(
+                    sa.or_(
+                        Invitation.created_at < created,
+                        sa.and_(Invitation.created_at == created, Invitation.id > last_id),
+                    )
+                )
             rows = session.execute(
                 sa.select(Invitation, Trial.title)
                 .join(Trial, Trial.id == Invitation.trial_id)
                 .where(*where)
                 .order_by(Invitation.created_at.desc(), Invitation.id)
-                .limit(limit)
-                .offset(offset)
+                .limit(limit + 1)
             ).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
         people = read_identities(request, [i.patient for i, _ in rows])
-        items = [_invitation_public(i, title, people[i.patient]) for i, title in rows]
-        return Page(items=items, count=int(count or 0), limit=limit, offset=offset)
+        items = [_invitation_dict(i, title, people[i.patient]) for i, title in rows]
+        last = rows[-1][0] if rows else None
+        cursor = (
+            _encode_cursor(last.created_at.isoformat(), last.id)
+            if more and last is not None
+            else None
+        )
+        return JSONResponseFast(
+            {"items": items, "count": int(count or 0), "limit": limit, "next": cursor}
+        )
 
     def visible_invitation(
         session: Session, principal: Principal, invitation_id: str, lock: bool = False
@@ -387,11 +540,12 @@ def build_router(
     @router.get(
         "/invitations/{invitation_id}",
         response_model=InvitationPublic,
+        response_class=JSONResponseFast,
         responses=problem_responses(404),
     )
     def get_invitation(
         request: Request, principal: CurrentPrincipal, invitation_id: InvitationId
-    ) -> InvitationPublic:
+    ) -> Response:
         """One invitation, with the patient's identity and the invitation's history."""
         svc = get_service(request)
         with svc.read_sessions() as session:
@@ -399,7 +553,9 @@ def build_router(
             title = session.scalar(sa.select(Trial.title).where(Trial.id == invitation.trial_id))
             history = list(invitation.events)
         people = read_identities(request, [invitation.patient])
-        return _invitation_public(invitation, title, people[invitation.patient], history)
+        return JSONResponseFast(
+            _invitation_dict(invitation, title, people[invitation.patient], history)
+        )
 
     def act(
         request: Request,

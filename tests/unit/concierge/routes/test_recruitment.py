@@ -264,3 +264,46 @@ def test_a_nul_in_what_reaches_the_database_is_a_422_and_is_audited(api: Api) ->
     assert api.app.state.audit.verify().ok
     still = api.client.get(f"/v1/clinician/invitations/{invitation['id']}", headers=gp).json()
     assert still["state"] == invitation["state"]  # nothing was done
+
+
+@pytest.mark.parametrize("path", ["/v1/clinician/invitations", "/v1/clinician/candidates"])
+def test_pages_by_cursor_cover_the_list_once_each_and_audit_every_page(api: Api, path: str) -> None:
+    whole = api.client.get(path, headers=api.token(GP1)).json()
+    assert whole["next"] is None and len(whole["items"]) == whole["count"] == 2
+    seen: list[str] = []
+    after: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 1} | ({"after": after} if after else {})
+        body = api.client.get(path, headers=api.token(GP1), params=params).json()
+        assert body["count"] == 2 and body["limit"] == 1
+        seen.extend(item["id"] for item in body["items"])
+        pages += 1
+        after = body["next"]
+        if after is None:
+            break
+    assert seen == [item["id"] for item in whole["items"]]  # same order, nothing twice
+    assert pages == 2
+    reads = [r for r in api.audit() if r["action"] == f"GET {path}"]
+    assert [len(r["detail"]["pseudonyms_read"]) for r in reads[-2:]] == [1, 1]
+    assert api.app.state.audit.verify().ok
+
+
+@pytest.mark.parametrize(
+    ("path", "cursor"),
+    [
+        ("/v1/clinician/invitations", "bm90LWpzb24"),  # base64 of "not-json"
+        ("/v1/clinician/invitations", "WzEsIngiXQ"),  # [1, "x"]: a candidates cursor
+        ("/v1/clinician/candidates", "WyJ4IiwieCJd"),  # ["x", "x"]
+        ("/v1/clinician/candidates", "WzEsMiwzXQ"),  # [1, 2, 3]
+        ("/v1/clinician/candidates", "!!"),  # not base64url at all
+    ],
+)
+def test_a_cursor_this_api_did_not_hand_out_is_a_422_naming_after(
+    api: Api, path: str, cursor: str
+) -> None:
+    response = api.client.get(path, headers=api.token(GP1), params={"after": cursor})
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert [e["loc"] for e in response.json()["detail"]] == [["query", "after"]]
+    assert api.identities.reads == []

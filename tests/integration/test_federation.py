@@ -402,12 +402,20 @@ def test_a_node_killed_mid_question_gives_a_partial_answer_naming_it(
         log.close()
 
 
-def test_nothing_patient_level_reaches_the_hub(federation: dict[str, Any]) -> None:
-    """Runs last in this module: every body the hub received in all the tests above."""
-    received: list[bytes] = federation["hub"].received
+#: The fields of a protected reply (ad hoc or live) and of its ``as_of`` the hub may see.
+REPLY_FIELDS = {
+    "node", "mode", "question", "evaluated_at", "total", "by_region", "by_site", "funnel",
+    "rules", "policy", "as_of", "trial", "version", "kind",
+}  # fmt: skip
+AS_OF_FIELDS = {"max_ingested_at", "caught_up", "ready", "stream_time", "cohort_caught_up"}
+
+
+def assert_nothing_patient_level(received: list[bytes], nodes: dict[str, dict[str, Any]]) -> None:
+    """No pseudonym, identity, pseudonym key or patient-level field in any body the hub
+    received from ``nodes`` (each with its ``app``, ``config`` and ``settings``)."""
     assert received, "the hub received nothing"
     secrets: set[str] = set()
-    for node in federation["nodes"].values():
+    for node in nodes.values():
         secrets |= identities(node["config"])
         snapshot = node["app"].state.feasibility.snapshot
         secrets |= {snapshot.pseudonym_of(pid) for pid in range(snapshot.watermark()["patients"])}
@@ -422,11 +430,16 @@ def test_nothing_patient_level_reaches_the_hub(federation: dict[str, Any]) -> No
         reply = json.loads(text)
         if reply.get("mode") == "protected":
             # only published cells and the coarse as_of
-            assert set(reply) <= {
-                "node", "mode", "question", "evaluated_at", "total", "by_region", "by_site",
-                "funnel", "rules", "policy", "as_of",
-            }  # fmt: skip
-            assert set(reply["as_of"]) <= {"max_ingested_at", "caught_up", "ready"}
+            assert set(reply) <= REPLY_FIELDS, set(reply) - REPLY_FIELDS
+            assert set(reply["as_of"]) <= AS_OF_FIELDS, reply["as_of"]
+        elif "trial" in reply and "mode" not in reply:
+            # a registration's or a retirement's acknowledgement
+            assert set(reply) <= {"node", "trial", "version", "status", "detail"}, reply
+
+
+def test_nothing_patient_level_reaches_the_hub(federation: dict[str, Any]) -> None:
+    """Runs last in this module: every body the hub received in all the tests above."""
+    assert_nothing_patient_level(federation["hub"].received, federation["nodes"])
 
 
 def test_a_node_answers_cohort_discovery_through_the_polling_mode(

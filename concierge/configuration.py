@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings
 from core.settings import ConfigurationError, Settings, describe, get_settings
 from dashboards.settings import DashboardSettings
 from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
-from federation.settings import HubSettings, NodeSettings
+from federation.settings import BunnySettings, HubSettings, NodeSettings
 from infra.settings import BrokerSettings
 from recruitment.settings import RecruitmentSettings, get_recruitment_settings
 from surveillance_stream.settings import SurveillanceSettings
@@ -34,6 +34,7 @@ SECTIONS: tuple[type[BaseSettings], ...] = (
     TerminologySettings,
     NodeSettings,
     HubSettings,
+    BunnySettings,
 )
 
 
@@ -60,6 +61,8 @@ class Configuration(BaseModel):
     node: NodeSettings
     #: ``CONCIERGE_HUB_*``: ``concierge hub`` (``federation.settings``).
     hub: HubSettings
+    #: ``CONCIERGE_BUNNY_*``: ``concierge node poll`` (``federation.settings``).
+    bunny: BunnySettings
 
 
 def load_configuration() -> Configuration:
@@ -81,6 +84,7 @@ def load_configuration() -> Configuration:
         ("terminology", TerminologySettings),
         ("node", NodeSettings),
         ("hub", HubSettings),
+        ("bunny", BunnySettings),
     ):
         try:
             loaded[name] = build()

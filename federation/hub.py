@@ -22,7 +22,15 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .combine import Missing, NodeAnswer, ReplyError, combine, combine_exact, parse_reply
+from .combine import (
+    Missing,
+    NodeAnswer,
+    ReplyError,
+    combine,
+    combine_exact,
+    combine_recruitment,
+    parse_reply,
+)
 from .saved import HubSavedQuestion, HubSavedQuestions
 from .tokens import (
     REPLY_HEADER,
@@ -352,7 +360,9 @@ class Hub:
             try:
                 if reply.get("trial") != trial_id:
                     raise ReplyError("the reply is for another saved question")
-                answers.append(parse_reply(name, reply))
+                answer = parse_reply(name, reply)
+                combine_recruitment(replies, [name])  # its recruitment cells are checked too
+                answers.append(answer)
             except ReplyError as exc:
                 missing.append(Missing(name, f"unusable reply ({exc})"))
         missing.extend(Missing(n, "no longer registered at the hub") for n in gone)
@@ -369,6 +379,7 @@ class Hub:
             "kind": "saved (live at each node)",
             "versions": {a.node: replies[a.node].get("version") for a in answers},
             **combined,
+            "recruitment": combine_recruitment(replies, [a.node for a in answers]),
             "elapsed_ms": round(elapsed * 1000, 1),
         }
 

@@ -55,10 +55,35 @@ def protected_reply(node: str, body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def live_reply(node: str, trial: str, version: int, body: Mapping[str, Any]) -> dict[str, Any]:
+def recruitment_reply(block: Mapping[str, Any]) -> dict[str, Any]:
+    """Of the node's protected ``recruitment`` block (invited patients per invitation state,
+    under its disclosure control), the cells only; candidates never leave the node."""
+    if not block.get("available"):
+        return {"available": False}
+    return {
+        "available": True,
+        "total": _cell(block["total"]),
+        "by_state": {k: _cell(v) for k, v in block["by_state"].items()},
+    }
+
+
+def live_reply(
+    node: str,
+    trial: str,
+    version: int,
+    body: Mapping[str, Any],
+    recruitment: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The part of the node's protected *live* answer to a saved question that goes to the hub:
-    the same cells as :func:`protected_reply`, and which saved question and version."""
-    return {**protected_reply(node, body), "trial": trial, "version": version, "kind": "saved"}
+    the same cells as :func:`protected_reply`, which saved question and version, and the
+    protected cells of its recruitment funnel (:func:`recruitment_reply`)."""
+    return {
+        **protected_reply(node, body),
+        "trial": trial,
+        "version": version,
+        "kind": "saved",
+        "recruitment": recruitment_reply(recruitment or {"available": False}),
+    }
 
 
 def exact_reply(node: str, sets: AnswerSets, evaluated_at: str) -> dict[str, Any]:
@@ -118,4 +143,11 @@ class Node:
         return f"{question.hub}/{question.org}"
 
 
-__all__ = ["Node", "NodeNotConfigured", "exact_reply", "live_reply", "protected_reply"]
+__all__ = [
+    "Node",
+    "NodeNotConfigured",
+    "exact_reply",
+    "live_reply",
+    "protected_reply",
+    "recruitment_reply",
+]

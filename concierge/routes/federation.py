@@ -16,7 +16,12 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, 
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, ValidationError
 
-from concierge.routes.feasibility import EXAMPLE, not_current, over_budget
+from concierge.routes.feasibility import (
+    EXAMPLE,
+    not_current,
+    over_budget,
+    recruitment_block,
+)
 from core.auth import Principal, require_role
 from core.auth import _bearer as bearer  # the same scheme in the OpenAPI document
 from core.contracts.trials import TRIAL_ID_PATTERN
@@ -316,13 +321,16 @@ def build_node_router() -> APIRouter:
             raise not_current(request, exc) from None
         except BudgetExceeded as exc:
             raise over_budget(request, exc) from None
+        # invited patients per invitation state at this node, under its disclosure control
+        block, block_audit = await run_in_threadpool(recruitment_block, request, service, trial_id)
         request.state.audit_detail = {
             **audit,
             "trial": trial_id,
             "version": record.version,
+            "recruitment": block_audit,
             "federation": {"hub": asked.hub, "mode": "live"},
         }
-        return _signed(node, asked, live_reply(node.id, trial_id, record.version, answer))
+        return _signed(node, asked, live_reply(node.id, trial_id, record.version, answer, block))
 
     @router.post(
         "/saved-questions/{trial_id}/retire",

@@ -405,7 +405,7 @@ def test_a_node_killed_mid_question_gives_a_partial_answer_naming_it(
 #: The fields of a protected reply (ad hoc or live) and of its ``as_of`` the hub may see.
 REPLY_FIELDS = {
     "node", "mode", "question", "evaluated_at", "total", "by_region", "by_site", "funnel",
-    "rules", "policy", "as_of", "trial", "version", "kind",
+    "rules", "policy", "as_of", "trial", "version", "kind", "recruitment",
 }  # fmt: skip
 AS_OF_FIELDS = {"max_ingested_at", "caught_up", "ready", "stream_time", "cohort_caught_up"}
 
@@ -432,6 +432,8 @@ def assert_nothing_patient_level(received: list[bytes], nodes: dict[str, dict[st
             # only published cells and the coarse as_of
             assert set(reply) <= REPLY_FIELDS, set(reply) - REPLY_FIELDS
             assert set(reply["as_of"]) <= AS_OF_FIELDS, reply["as_of"]
+            # of recruitment, only the protected cells per invitation state
+            assert set(reply.get("recruitment", {})) <= {"available", "total", "by_state"}
         elif "trial" in reply and "mode" not in reply:
             # a registration's or a retirement's acknowledgement
             assert set(reply) <= {"node", "trial", "version", "status", "detail"}, reply

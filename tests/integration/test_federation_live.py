@@ -231,6 +231,8 @@ def test_a_hub_saved_question_stays_live_while_three_nodes_stream(live: dict[str
     moved, grown = second["answer"], second["exact"]
     assert all(grown[n] > exact[n] for n in nodes), (exact, grown)
     check_cells(moved, grown)
+    # recruitment does not run at these nodes: the funnel of invitation states says so
+    assert moved["recruitment"] == {"available": False, "nodes_without": sorted(POPULATIONS)}
     assert all(moved["as_of"][n]["stream_time"] > stream_times[n] for n in nodes)
     if not moved["total"]["suppressed"] and not answer["total"]["suppressed"]:
         assert moved["total"]["value"] > answer["total"]["value"]

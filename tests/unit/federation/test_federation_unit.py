@@ -332,9 +332,37 @@ def test_a_hub_saved_question_is_live_at_each_node_and_partial_when_one_is_not(
     nodes.behaviours.update(south="ok")
     whole = asyncio.run(hub.answer_saved("t2dm-fed", "Acme"))
     assert whole["partial"] is False and whole["total"] == shown(60)
+    assert whole["recruitment"] == {
+        "available": False, "nodes_without": ["north", "south", "west"],
+    }  # fmt: skip
     assert whole["versions"] == {"north": 1, "south": 1, "west": 1}
 
     retired = asyncio.run(hub.retire_saved("t2dm-fed", "Acme"))
     assert retired["status"] == "retired" and retired["retired_at"] == ["north", "south", "west"]
     with pytest.raises(RetiredQuestion):
         asyncio.run(hub.answer_saved("t2dm-fed", "Acme"))
+
+
+def test_the_funnel_of_invitation_states_adds_only_what_every_node_shows() -> None:
+    from federation.combine import combine_recruitment
+
+    def block(invited: dict[str, Any], consented: dict[str, Any]) -> dict[str, Any]:
+        total = add_cells([invited, consented])
+        return {"available": True, "total": total,
+                "by_state": {"invited": invited, "consented": consented}}  # fmt: skip
+
+    replies = {
+        "north": {"recruitment": block(shown(20), shown(10))},
+        "south": {"recruitment": block(shown(15), W)},
+        "west": {"recruitment": {"available": False}},
+    }
+    funnel = combine_recruitment(replies, ["north", "south", "west"])
+    assert funnel["nodes"] == ["north", "south"] and funnel["nodes_without"] == ["west"]
+    assert funnel["by_state"] == {"consented": W, "invited": shown(35)}
+    assert funnel["total"] == W  # south's total is withheld, so the sum is
+    assert funnel["notes"][0].startswith("recruitment is not running at west")
+    only_north = combine_recruitment(replies, ["north"])
+    assert only_north["total"] == shown(30) and only_north["nodes_without"] == []
+    bad = {"north": {"recruitment": {"available": True, "total": {"value": 3}, "by_state": {}}}}
+    with pytest.raises(ReplyError):
+        combine_recruitment(bad, ["north"])

@@ -54,7 +54,9 @@ def restart(directory: Path, log: list[dict[str, Any]], cache: int) -> PatientSt
     return store
 
 
-STEP = st.tuples(st.sampled_from("abcdefgh"), st.sampled_from(["k1", "k2", "k3"]), st.integers(1, 12))
+STEP = st.tuples(
+    st.sampled_from("abcdefgh"), st.sampled_from(["k1", "k2", "k3"]), st.integers(1, 12)
+)
 
 
 @settings(max_examples=60, deadline=None)

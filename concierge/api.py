@@ -9,8 +9,8 @@ See ``docs/explanation/architecture.md``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -246,29 +246,20 @@ def attach_signal_notices(app: FastAPI) -> None:
     monitor.listeners.append(notices.notify)
 
 
-def create_app(
-    settings: Settings | None = None,
-    ingest_service: IngestService | None = None,
-    feasibility: FeasibilityService | None = None,
-    recruitment: Runtime | None = None,
-    recruitment_identities: VaultIdentities | None = None,
-    surveillance: SignalMonitor | None = None,
-    federation_node: Node | None = None,
-) -> FastAPI:
-    """The API with the services given; each one left None is built at start-up from
-    ``settings`` when its switch is on (``feasibility_feed``, ``recruitment_api``,
-    ``surveillance_monitor``), and stopped at shutdown. With ``surveillance_monitor_url`` set,
-    ``/v1/surveillance`` is forwarded to the monitor service (:mod:`concierge.monitor_proxy`).
-    ``federation_node``: this API as a node of a hub (by default from ``CONCIERGE_NODE_*``; None
-    when ``CONCIERGE_NODE_ID`` is unset)."""
-    settings = settings or get_settings()
+def _lifespan(
+    settings: Settings, monitor: bool
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The start-up and shutdown both services share: each service left None on
+    ``app.state`` is built when its setting turns it on and stopped at shutdown. ``monitor``:
+    the monitor service's (``concierge monitor``): no ingest, no sponsor side, no terminology;
+    the signal monitor in-process, and the recruitment database for signal notifications."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from concierge.readiness import ProgressLogger
 
         app.state.starting = True
-        if getattr(app.state, "ingest", None) is None:
+        if getattr(app.state, "ingest", None) is None and not monitor:
             from fhir_adapters.service import build_ingestor
             from fhir_adapters.sinks import KafkaSink
 
@@ -283,7 +274,7 @@ def create_app(
             )
         if getattr(app.state, "feasibility", None) is None and settings.feasibility_feed:
             app.state.feasibility = build_feasibility(settings)
-        if getattr(app.state, "terminology", None) is None:
+        if getattr(app.state, "terminology", None) is None and not monitor:
             found = getattr(app.state.feasibility, "terminology", None)
             app.state.terminology = found or build_terminology(settings)
         if getattr(app.state, "recruitment", None) is None and settings.recruitment_api:
@@ -309,8 +300,9 @@ def create_app(
             app.state.surveillance.stop()
         if getattr(app.state, "surveillance_proxy", None) is not None:
             await app.state.surveillance_proxy.aclose()
-        app.state.ingest.ingestor.commit()
-        app.state.ingest.ingestor.vault.close()
+        if getattr(app.state, "ingest", None) is not None:
+            app.state.ingest.ingestor.commit()
+            app.state.ingest.ingestor.vault.close()
         feasibility_service: FeasibilityService | None = app.state.feasibility
         if feasibility_service is not None:
             feasibility_service.stop()
@@ -321,31 +313,29 @@ def create_app(
         if getattr(app.state, "audit_anchors", None) is not None:
             app.state.audit_anchors.stop()  # last: the head after every other record
 
+    return lifespan
+
+
+def _service_app(settings: Settings, monitor: bool, summary: str) -> FastAPI:
+    """What every HTTP service of the product has, the API and the monitor alike: the shared
+    start-up (:func:`_lifespan`), offline docs, token verification, the audit log and its
+    middleware, problem details, ``/readyz``, ``/metrics`` and ``/healthz``."""
     app = FastAPI(
-        title="Trial concierge",
+        title="Trial concierge" + (" signal monitor" if monitor else ""),
         version="0.1.0",
-        summary="Clinical trial feasibility and recruitment concierge with a streaming "
-        "device-safety surveillance core.",
-        lifespan=lifespan,
+        summary=summary,
+        lifespan=_lifespan(settings, monitor),
         docs_url=None,  # served from installed files instead of a CDN (concierge.docs_offline)
         redoc_url=None,
     )
     from concierge.docs_offline import install_offline_docs
 
     install_offline_docs(app)
-    app.state.ingest = ingest_service
-    app.state.feasibility = feasibility
-    app.state.recruitment = recruitment
-    app.state.identities = recruitment_identities
-    app.state.surveillance = surveillance
-    if federation_node is None:
-        from federation.node import Node
-        from federation.settings import NodeSettings
-
-        node_settings = NodeSettings()
-        if node_settings.enabled():
-            federation_node = Node.from_settings(node_settings)
-    app.state.federation_node = federation_node
+    app.state.ingest = None
+    app.state.feasibility = None
+    app.state.recruitment = None
+    app.state.identities = None
+    app.state.surveillance = None
     from core.auth import TokenVerifier
 
     # this site's keys, the identity provider if one is set, and the revocation list
@@ -360,7 +350,51 @@ def create_app(
     readiness.install(app)
     from concierge import metrics
 
-    metrics.install(app)  # /metrics, and every request timed by its route template
+    # /metrics, and every request timed by its route template
+    metrics.install(app, "monitor" if monitor else "api")
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True}
+
+    return app
+
+
+def create_app(
+    settings: Settings | None = None,
+    ingest_service: IngestService | None = None,
+    feasibility: FeasibilityService | None = None,
+    recruitment: Runtime | None = None,
+    recruitment_identities: VaultIdentities | None = None,
+    surveillance: SignalMonitor | None = None,
+    federation_node: Node | None = None,
+) -> FastAPI:
+    """The API with the services given; each one left None is built at start-up from
+    ``settings`` when its switch is on (``feasibility_feed``, ``recruitment_api``,
+    ``surveillance_monitor``), and stopped at shutdown. With ``surveillance_monitor_url`` set,
+    ``/v1/surveillance`` is forwarded to the monitor service (:mod:`concierge.monitor_proxy`).
+    ``federation_node``: this API as a node of a hub (by default from ``CONCIERGE_NODE_*``; None
+    when ``CONCIERGE_NODE_ID`` is unset)."""
+    settings = settings or get_settings()
+    app = _service_app(
+        settings,
+        monitor=False,
+        summary="Clinical trial feasibility and recruitment concierge with a streaming "
+        "device-safety surveillance core.",
+    )
+    app.state.ingest = ingest_service
+    app.state.feasibility = feasibility
+    app.state.recruitment = recruitment
+    app.state.identities = recruitment_identities
+    app.state.surveillance = surveillance
+    if federation_node is None:
+        from federation.node import Node
+        from federation.settings import NodeSettings
+
+        node_settings = NodeSettings()
+        if node_settings.enabled():
+            federation_node = Node.from_settings(node_settings)
+    app.state.federation_node = federation_node
 
     def get_ingest(request: Request) -> IngestService:
         service: IngestService = request.app.state.ingest
@@ -432,9 +466,35 @@ def create_app(
     from concierge.routes.federation import build_node_router
 
     app.include_router(build_node_router())
+    return app
 
-    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
-    def healthz() -> dict[str, Any]:
-        return {"ok": True}
 
+def create_monitor_app(
+    settings: Settings | None = None,
+    surveillance: SignalMonitor | None = None,
+    recruitment: Runtime | None = None,
+) -> FastAPI:
+    """The signal monitor's service (``concierge monitor``, one per deployment: it is the
+    signals topic's single writer): the same start-up as the API (:func:`_service_app`) with
+    the monitor in-process, serving only ``/v1/surveillance`` (the same routes, roles and audit
+    as the API's), ``/readyz``, ``/metrics`` and ``/healthz``. No ingest, facts snapshot,
+    terminology or other routes are built. Signal notifications are queued from here when the
+    recruitment database is configured (``recruitment_api``)."""
+    settings = (settings or get_settings()).model_copy(
+        update={
+            "surveillance_monitor": True,
+            "surveillance_monitor_url": "",
+            "feasibility_feed": False,
+        }
+    )
+    app = _service_app(
+        settings,
+        monitor=True,
+        summary="The device-signal monitor: signals, their history and regulators' actions.",
+    )
+    app.state.surveillance = surveillance
+    app.state.recruitment = recruitment
+    from concierge.routes.surveillance import build_router as surveillance_router
+
+    app.include_router(surveillance_router())
     return app

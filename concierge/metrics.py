@@ -238,9 +238,10 @@ def signal_family(service: str, monitor: Any) -> Metric:
     return family
 
 
-def install(app: FastAPI) -> ApiMetrics:
-    """``GET /metrics`` and the timing middleware on the API."""
-    metrics = ApiMetrics(app)
+def install(app: FastAPI, service: str = "api") -> ApiMetrics:
+    """``GET /metrics`` and the timing middleware on the API (or the monitor service, whose
+    samples carry ``service="monitor"``)."""
+    metrics = ApiMetrics(app, service)
     app.state.metrics = metrics
     app.add_middleware(_Middleware, metrics=metrics)
 

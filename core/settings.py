@@ -237,6 +237,10 @@ class Settings(BaseSettings):
     #: that a restart replays only the facts after it; 0: never (a restart reads every partition
     #: from offset 0).
     stream_checkpoint_seconds: float = Field(default=30.0, ge=0, le=3600, allow_inf_nan=False)
+    #: How many patients' state the worker keeps in memory beyond those changed since the
+    #: last checkpoint, across its partitions (the rest is read from the local checkpoint when
+    #: needed); 0: every patient stays in memory. Only with checkpoints on.
+    stream_state_cache_patients: int = Field(default=50_000, ge=0)
 
     @field_validator("token_key")
     @classmethod

@@ -50,6 +50,7 @@ from .checkpoint import CheckpointRefused, Checkpoints, Identity, key_fingerprin
 from .cohorts import LiveCohorts
 from .status_pages import PROBLEM, AuditUnavailable, PageAccess, Refusal
 from .store import (
+    Backing,
     Entries,
     PatientStore,
     canonical,
@@ -158,7 +159,7 @@ class StreamApp:
         self.trials_table = self.app.Table(
             "trials", default=None, key_type=str, partitions=PARTITIONS
         )
-        self.store = PatientStore()
+        self.store = PatientStore(settings.stream_state_cache_patients)
         self.cohorts = LiveCohorts(self.store, self.cohort_table, self.trials_table)
         self._rebuilding: dict[int, asyncio.Future[None]] = {}
         #: Partitions whose state was checked against the stream's position since the last
@@ -397,11 +398,11 @@ class StreamApp:
             # (the chaos suite saw 53 delivered first with effects only durable to 40), and the
             # messages between would then be folded without ever producing their effects.
             committed = await self._committed(partition)
-            patients, read, end, changed, record = await loop.run_in_executor(
+            patients, read, end, changed, record, backing = await loop.run_in_executor(
                 None, self._load_partition, partition, committed
             )
             await self._verify_published(partition)
-            self.store.install(partition, patients, changed)
+            self.store.install(partition, patients, changed, backing)
             self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
             self.folded_to[partition] = end
             self.cohorts.facts_offset[partition] = end
@@ -478,18 +479,23 @@ class StreamApp:
 
     def _load_partition(
         self, partition: int, committed: int
-    ) -> tuple[dict[str, Entries], int, int, set[str] | None, dict[str, Any]]:
+    ) -> tuple[dict[str, Entries], int, int, set[str] | None, dict[str, Any], Backing | None]:
         """The partition's patient state up to the group's committed offset (on a thread):
         from the local checkpoint and the facts after it, or, when there is none or it cannot
-        be used (said loudly), from offset 0. ``(patients, envelopes read, end, patients
-        changed since the checkpoint (None: all), what /readyz shows of it)``."""
+        be used (said loudly), from offset 0. ``(patients in memory, envelopes read, end,
+        patients changed since the checkpoint (None: all), what /readyz shows of it, the
+        checkpoint the other patients are read from (None: all are in memory))``.
+
+        From a checkpoint only its metadata is read here, and the patients the facts after it
+        touch: the rest stay on disk until something needs them, so the restart's cost
+        follows the tail, not the history."""
         bootstrap = self.settings.kafka_bootstrap_servers
         refused: str | None = "checkpoints off"
         if self.settings.stream_checkpoint_seconds > 0:
             if self.checkpoints is None:
                 self.checkpoints = Checkpoints(self.checkpoint_dir, self._identity())
             try:
-                loaded = self.checkpoints.load(partition)
+                loaded = self.checkpoints.open(partition)
                 low, high = watermarks(bootstrap, self.facts_name, partition)
                 if loaded.offset > high:
                     raise CheckpointRefused(
@@ -514,9 +520,8 @@ class StreamApp:
                     )
                 self.checkpoints.discard(partition)
             else:
-                patients = loaded.patients
-                read, changed = fold_tail(
-                    bootstrap, self.facts_name, partition, patients, loaded.offset, committed
+                patients, read, changed = fold_tail(
+                    bootstrap, self.facts_name, partition, loaded.reader, loaded.offset, committed
                 )
                 return (
                     patients,
@@ -528,6 +533,7 @@ class StreamApp:
                         "checkpoint": "loaded",
                         "checkpoint_age_seconds": round(time.time() - loaded.written_at, 1),
                     },
+                    loaded.reader,
                 )
         patients, read, end = {}, 0, 0
         if committed > 0:
@@ -537,7 +543,12 @@ class StreamApp:
                     f"partition {partition}: the facts topic ends at {end}, before the "
                     f"group's committed offset {committed}"
                 )
-        return patients, read, end, None, {"from": 0, "checkpoint": refused}
+        # the next checkpoint writes every patient to the (discarded, so empty) database; once
+        # it is on disk the store may drop patients from memory
+        backing: Backing | None = None
+        if self.checkpoints is not None and refused != "checkpoints off":
+            backing = self.checkpoints.reader(partition)
+        return patients, read, end, None, {"from": 0, "checkpoint": refused}, backing
 
     async def maybe_checkpoint(self, partition: int, offset: int, tp: Any) -> None:
         """Write the partition's checkpoint at ``offset`` (the facts message about to be
@@ -564,16 +575,18 @@ class StreamApp:
             self._checkpoint_due[partition] = loop.time() + 1.0
             return
         count = len(changed)
+        # the changed patients stay in memory until the batch is on disk (write-behind)
+        changed = self.store.begin_checkpoint(partition)
         batch = self.checkpoints.encode(partition, offset, self.store.patients(partition), changed)
-        self.store.changed[partition] = set()
         try:
             await loop.run_in_executor(None, self.checkpoints.write, partition, batch)
         except Exception:
             # the checkpoint on disk is still the previous one (a batch is all or nothing)
-            self.store.changed[partition] = changed | self.store.changed[partition]
+            self.store.end_checkpoint(partition, written=False)
             log.exception("partition %s: writing the local checkpoint failed", partition)
             self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
             return
+        self.store.end_checkpoint(partition, written=True)
         self._checkpoint_due[partition] = loop.time() + self.settings.stream_checkpoint_seconds
         self.checkpoint_log.append(
             {

@@ -17,6 +17,12 @@ The worker writes a checkpoint only at an offset the consumer group has committe
 contributions) is then durable, so a restart folds the tail up to the committed offset without
 effects, as a rebuild from offset 0 does.
 
+A restart does not read the checkpoint whole: it checks ``meta`` (:meth:`Checkpoints.open`) and
+the store reads each patient when it is first needed (:class:`PartitionReader`), so recovery
+reads the patients the facts after the checkpoint touch, however large the history. Between
+checkpoints the store keeps the changed patients in memory (write-behind) and may drop the others
+(they equal the checkpoint): the database always holds the state at ``meta``'s offset, whole.
+
 A checkpoint is refused, and the partition rebuilt from offset 0, when it is missing, cannot be
 opened or decoded, was made from another topic (name or id: a topic deleted and created again),
 partition count or pseudonym key, or names an offset past the topic's end or the group's committed
@@ -30,7 +36,7 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +105,42 @@ class Loaded:
     written_at: float
 
 
+class PartitionReader:
+    """One partition's checkpoint read patient by patient (:class:`.store.Backing`): what the
+    store reads through when a patient is not in memory. Reads see every batch written
+    before them (RocksDB reads are consistent with completed writes)."""
+
+    def __init__(self, checkpoints: Checkpoints, partition: int) -> None:
+        self._checkpoints = checkpoints
+        self.partition = partition
+
+    def get(self, patient: str) -> dict[str, dict[str, Any]] | None:
+        raw = self._checkpoints._db(self.partition).get(PATIENT + patient.encode())
+        if raw is None:
+            return None
+        entries = orjson.loads(raw)
+        if not isinstance(entries, dict):
+            # a damaged value: nothing to guess from, and a silent empty state would be wrong
+            raise CheckpointRefused("a patient's entries are not an object")
+        return entries
+
+    def patients(self) -> Iterator[str]:
+        """Every patient of the checkpoint, in key order (keys only: nothing is decoded)."""
+        for key in self._checkpoints._db(self.partition).keys(from_key=PATIENT):
+            if not isinstance(key, bytes) or not key.startswith(PATIENT):
+                break
+            yield key[len(PATIENT) :].decode()
+
+
+@dataclass
+class Opened:
+    """A checked checkpoint, read lazily: the offset it reflects and its reader."""
+
+    reader: PartitionReader
+    offset: int
+    written_at: float
+
+
 class CheckpointRefused(Exception):
     """A checkpoint that cannot be used; the message says why (no patient data in it)."""
 
@@ -130,23 +172,55 @@ class Checkpoints:
             self._dbs[partition] = db
         return db
 
+    def _meta(self, partition: int) -> dict[str, Any]:
+        """The partition's checked metadata (raises :class:`CheckpointRefused`, or RocksDB's
+        and orjson's own errors for the caller to wrap)."""
+        db = self._db(partition)
+        raw = db.get(META)
+        if raw is None:
+            raise CheckpointRefused("no checkpoint metadata")
+        meta = orjson.loads(raw)
+        if not isinstance(meta, dict):
+            raise CheckpointRefused("checkpoint metadata is not an object")
+        reason = self.identity.mismatch(partition, meta)
+        if reason is not None:
+            raise CheckpointRefused(reason)
+        return meta
+
+    def open(self, partition: int) -> Opened:
+        """The partition's checkpoint, checked against the identity, without reading its
+        patients (the restart path: the store reads each when it is first needed).
+        :class:`CheckpointRefused` as :meth:`load`."""
+        if not self.path(partition).exists():
+            raise CheckpointRefused("no checkpoint")
+        try:
+            meta = self._meta(partition)
+        except CheckpointRefused:
+            raise
+        except Exception as exc:  # RocksDB's corruption and I/O errors, undecodable JSON
+            self.close(partition)
+            raise CheckpointRefused(f"unreadable ({type(exc).__name__}: {exc})") from exc
+        return Opened(
+            PartitionReader(self, partition),
+            int(meta["offset"]),
+            float(meta.get("written_at") or 0.0),
+        )
+
+    def reader(self, partition: int) -> PartitionReader:
+        """A reader of the partition's database as it stands (empty after :meth:`discard`),
+        for a partition rebuilt from offset 0 whose next checkpoints go there."""
+        return PartitionReader(self, partition)
+
     def load(self, partition: int) -> Loaded:
-        """The partition's checkpoint, checked against the identity; :class:`CheckpointRefused`
+        """The partition's whole checkpoint in memory (for tests and checks; a restart uses
+        :meth:`open`), checked against the identity; :class:`CheckpointRefused`
         when there is none or it cannot be used (the caller checks the offset against the
         topic and the group)."""
         if not self.path(partition).exists():
             raise CheckpointRefused("no checkpoint")
         try:
             db = self._db(partition)
-            raw = db.get(META)
-            if raw is None:
-                raise CheckpointRefused("no checkpoint metadata")
-            meta = orjson.loads(raw)
-            if not isinstance(meta, dict):
-                raise CheckpointRefused("checkpoint metadata is not an object")
-            reason = self.identity.mismatch(partition, meta)
-            if reason is not None:
-                raise CheckpointRefused(reason)
+            meta = self._meta(partition)
             patients: dict[str, dict[str, dict[str, Any]]] = {}
             for key, value in db.items(from_key=PATIENT):
                 if not isinstance(key, bytes) or not key.startswith(PATIENT):

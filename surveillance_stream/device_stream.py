@@ -137,19 +137,22 @@ class DeviceContributions:
         """After the partition's patient state is rebuilt: which patients may contribute (the
         facts after the committed offset are handled again, recomputing theirs).
 
-        The set is taken from the rebuilt patient state (any resource that can make an
-        exposure), not only from the table: the table is restored by Faust from its changelog,
-        and a patient missing from it here would have later retractions of their outcomes
-        skipped by the gate (found by the device integration test: the counters kept a dozen
-        retracted outcome keys). The table's patients are added too, so a patient whose devices
-        were all retracted still gets the tombstone recomputed.
+        The set is the table's patients of the partition, as :meth:`on_changes` keeps it while
+        running (a patient is in it exactly while it has a published contribution). The table
+        is complete here: the worker restores it from its topic before this hook runs
+        (``StreamApp._verify_published``), so a patient Faust's own table recovery missed (the
+        device integration test once saw the counters keep a dozen retracted outcome keys) is
+        back. The patients held in memory with a resource that can make an exposure are added
+        (a superset only costs evaluations); the patients only in the local checkpoint are not
+        read: a restart reads what the facts after the checkpoint touch, not the history
+        (:mod:`.store`).
         """
         exposed = {
             str(patient)
             for patient, value in list(self.table.items())
             if value and value.get("partition") == partition
         }
-        for patient, entries in self.store.patients(partition).items():
+        for patient, entries in list(self.store.partitions.get(partition, {}).items()):
             if any(_may_expose(entry) for entry in entries.values()):
                 exposed.add(patient)
         self.exposed[partition] = exposed

@@ -5,11 +5,14 @@ from __future__ import annotations
 import click
 
 
-@click.command()
-@click.option("--host", default=None, help="Bind address (default CONCIERGE_API_HOST).")
-@click.option("--port", type=int, default=None, help="Port (default CONCIERGE_API_PORT).")
-def api(host: str | None, port: int | None) -> None:
-    """Serve the API: POST/PUT/DELETE /fhir for sources, OpenAPI docs at /docs."""
+def serve(factory: str, name: str, host: str | None, port: int | None, default_port: str) -> None:
+    """Start one of the product's HTTP services (``concierge api``, ``concierge monitor``): the
+    configuration checked whole first (a bad value is one line and exit 2), logging as
+    ``CONCIERGE_LOG_FORMAT`` says, then uvicorn on the application ``factory`` builds.
+
+    Our own loggers at INFO (catch-up progress, readiness changes); uvicorn's at warning,
+    through the same handler (``log_config=None``), so its lines take the same format. Its
+    access log stays off: paths name resources."""
     import logging
 
     import uvicorn
@@ -18,20 +21,18 @@ def api(host: str | None, port: int | None) -> None:
 
     settings = load_configuration().settings  # every section checked before serving
     host = host or settings.api_host
-    port = port or settings.api_port
+    port = port or int(getattr(settings, default_port))
     from concierge.logs import PRODUCT_LOGGERS, configure_logging
 
-    # Our own loggers at INFO (catch-up progress, readiness changes); uvicorn's at warning,
-    # through the same handler (log_config=None below), so its lines take CONCIERGE_LOG_FORMAT
-    # too. Its access log stays off: paths name resources.
     configure_logging(settings.log_format, logging.WARNING, PRODUCT_LOGGERS)
-    logging.getLogger("concierge.api").info(
-        "concierge api on http://%s:%s (docs /docs, readiness /readyz, liveness /healthz)",
+    logging.getLogger(f"concierge.{name}").info(
+        "concierge %s on http://%s:%s (readiness /readyz, liveness /healthz, metrics /metrics)",
+        name,
         host,
         port,
     )
     uvicorn.run(
-        "concierge.api:create_app",
+        factory,
         factory=True,
         host=host,
         port=port,
@@ -39,3 +40,11 @@ def api(host: str | None, port: int | None) -> None:
         log_config=None,
         access_log=False,
     )
+
+
+@click.command()
+@click.option("--host", default=None, help="Bind address (default CONCIERGE_API_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default CONCIERGE_API_PORT).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the API: POST/PUT/DELETE /fhir for sources, OpenAPI docs at /docs."""
+    serve("concierge.api:create_app", "api", host, port, "api_port")

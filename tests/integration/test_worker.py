@@ -179,6 +179,9 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
     """With checkpoints every 0.2 s per partition the kill lands among checkpoint writes
     (commit, offset check, batch write), and the restart loads what the last one left."""
     worker.env["CONCIERGE_STREAM_CHECKPOINT_SECONDS"] = checkpoint_seconds
+    # a few patients per partition in memory beyond the changed ones: the others are read
+    # from the checkpoint, before and after the kill
+    worker.env["CONCIERGE_STREAM_STATE_CACHE_PATIENTS"] = "60"
     envelopes = synthetic_envelopes(24_000, seed=7)
     want = patient_state.digest(patient_state.fold(envelopes).items())
     producer = Producer(
@@ -237,6 +240,7 @@ def test_a_restart_loads_the_checkpoint_and_a_foreign_one_is_refused_loudly(
     settings: Settings, worker: WorkerProcess, tmp_path: Path
 ) -> None:
     worker.env["CONCIERGE_STREAM_CHECKPOINT_SECONDS"] = "1"
+    worker.env["CONCIERGE_STREAM_STATE_CACHE_PATIENTS"] = "60"  # most patients read lazily
     envelopes = synthetic_envelopes(12_000, seed=21)
     produce_envelopes(settings, envelopes[:6000], 0)
     worker.start()

@@ -37,7 +37,8 @@ from core.contracts.cohorts import (
 )
 from core.patient_view import PatientView
 from feasibility.criteria import parse_question
-from feasibility.engines.incremental import CompiledQuestion, fact_tokens
+from feasibility.engines.incremental import ALWAYS_RELEVANT, CompiledQuestion, fact_tokens
+from feasibility.terminology import prefix_covers, range_covers
 
 from .store import Change, PatientStore
 
@@ -46,6 +47,82 @@ log = logging.getLogger(__name__)
 
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+#: Fact kinds no question's answer reads (see ``CompiledQuestion.relevant``).
+_NEVER_RELEVANT = frozenset({"consent", "adverse_event"})
+
+
+class RelevanceIndex:
+    """Which of a partition's active trials a set of changed facts can change: the same answer
+    as asking every trial's ``CompiledQuestion.relevant`` about every fact, from an index.
+
+    Exact code tokens (codes, concepts, expanded ECL and value sets) map to the trials that
+    name them; prefix and range terms are grouped by their system (the token's head), so a
+    fact's token is compared only with the terms of its own system. A fact of a kind every
+    question reads (``ALWAYS_RELEVANT``: demographics decide the population, the site, the
+    region and the age, which is why an age criterion needs no code) selects every trial; a
+    device exposure selects the trials that name devices by manufacturer or model. Criteria
+    that move with time alone (windows, birthdays) are the timers' business, not this index's.
+    ``tests/generative/test_cohort_index.py`` checks the indexed keeper against one that
+    evaluates every trial on every change."""
+
+    def __init__(self, trials: list[tuple[str, CompiledQuestion, int]]) -> None:
+        self.trials = trials
+        self.exact: dict[str, list[int]] = {}
+        prefixes: dict[str, list[tuple[str, int]]] = {}
+        ranges: dict[str, list[tuple[str, str, int]]] = {}
+        self.by_device_name: list[int] = []
+        for i, (_, compiled, _) in enumerate(trials):
+            matcher = compiled.matcher
+            for tok in matcher.exact:
+                self.exact.setdefault(tok, []).append(i)
+            for head, prefix in matcher.prefixes:
+                prefixes.setdefault(head, []).append((prefix, i))
+            for head, lo, hi in matcher.ranges:
+                ranges.setdefault(head, []).append((lo, hi, i))
+            if compiled.devices_by_name:
+                self.by_device_name.append(i)
+        #: prefix and range terms grouped by their token head (``"<system>|"``)
+        self.prefixes = list(prefixes.items())
+        self.ranges = list(ranges.items())
+
+    def select(self, facts: Iterable[Mapping[str, Any]]) -> list[tuple[str, CompiledQuestion, int]]:
+        """The trials (in their order) that any of ``facts`` is relevant to."""
+        chosen: set[int] = set()
+        found: set[str] = set()
+        every = len(self.trials)
+        for fact in facts:
+            kind = fact.get("kind")
+            if kind in ALWAYS_RELEVANT:
+                return self.trials
+            if kind in _NEVER_RELEVANT:
+                continue
+            if kind == "device_exposure":
+                chosen.update(self.by_device_name)
+            found |= fact_tokens(fact)
+        for tok in found:
+            hits = self.exact.get(tok)
+            if hits:
+                chosen.update(hits)
+            if len(chosen) == every:
+                return self.trials
+            # a handful of systems: compared like CompiledQuestion's matcher, head by head
+            for head, terms in self.prefixes:
+                if tok.startswith(head):
+                    value = tok[len(head) :]
+                    for prefix, i in terms:
+                        if i not in chosen and prefix_covers(prefix, value):
+                            chosen.add(i)
+            for head, spans in self.ranges:
+                if tok.startswith(head):
+                    value = tok[len(head) :]
+                    for lo, hi, i in spans:
+                        if i not in chosen and range_covers(lo, hi, value):
+                            chosen.add(i)
+        if len(chosen) == every:
+            return self.trials
+        return [self.trials[i] for i in sorted(chosen)]
 
 
 class LiveCohorts:
@@ -71,6 +148,8 @@ class LiveCohorts:
         #: a trial message is handled, and on recovery and every check after a rebalance
         #: (:meth:`invalidate`), when Faust may have restored the trials table from its changelog
         self._active: dict[int, list[tuple[str, CompiledQuestion, int]]] = {}
+        #: per partition, the relevance index of its active trials (dropped with ``_active``)
+        self._index: dict[int, RelevanceIndex] = {}
         self.skipped = 0
         self.evaluations = 0
         self.writes = 0
@@ -98,6 +177,17 @@ class LiveCohorts:
     def invalidate(self, partition: int) -> None:
         """Read the partition's trials from the table again at the next event."""
         self._active.pop(partition, None)
+        self._index.pop(partition, None)
+
+    def relevant_trials(
+        self, partition: int, facts: list[Mapping[str, Any]]
+    ) -> list[tuple[str, CompiledQuestion, int]]:
+        """The partition's active trials that any of ``facts`` (old and new versions of the
+        changed resources) can change, from the partition's :class:`RelevanceIndex`."""
+        index = self._index.get(partition)
+        if index is None or partition not in self._active:
+            index = self._index[partition] = RelevanceIndex(self.active_trials(partition))
+        return index.select(facts)
 
     def compiled(self, spec: Mapping[str, Any]) -> CompiledQuestion:
         key = (spec["id"], int(spec["version"]))
@@ -230,18 +320,15 @@ class LiveCohorts:
                     known |= fact_tokens(fact)
         else:
             self._tokens.pop(patient, None)
-        trials = self.active_trials(partition)
-        if not trials:
+        if not self.active_trials(partition):
             return
         facts: list[Mapping[str, Any]] = []
         for change in changes:
             facts.extend(change.new.get("facts") or ())
             if change.old is not None:
                 facts.extend(change.old.get("facts") or ())
-        for trial, compiled, version in trials:
-            if any(compiled.relevant(fact) for fact in facts) and not self._gated(
-                partition, patient, trial, compiled
-            ):
+        for trial, compiled, version in self.relevant_trials(partition, facts):
+            if not self._gated(partition, patient, trial, compiled):
                 self._evaluate(partition, patient, trial, compiled, version)
 
     def on_tick(self, partition: int, t: float, facts_offset: int | None = None) -> None:

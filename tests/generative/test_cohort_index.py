@@ -4,9 +4,10 @@
 :class:`~surveillance_stream.cohorts.RelevanceIndex` selects. Here the same random sequence of
 facts (inserts, updates, retractions, of every kind the engines' strategies make, consent and
 adverse events included), ticks of stream time and trial registrations is fed to it and to
-keepers that select every active trial for every change: one with the first-step gate (its
-cohort table must be the same, write for write, after every event) and one without it (the
-same members after every event; it also keeps records of patients the gate turns away).
+keepers that select every active trial for every change: one with each trial's own first-step
+gate (its cohort table must be the same, write for write, after every event; so the index's
+gate, which asks all trials at once, is checked too) and one without a gate (the same members
+after every event; it also keeps records of patients the gate turns away).
 """
 
 from __future__ import annotations
@@ -36,16 +37,26 @@ PARTITIONS = 2
 
 
 class EveryQuestion(LiveCohorts):
-    """Evaluates every active trial for every change (the definition the index must meet)."""
+    """Evaluates every active trial for every change (the definition the index must meet),
+    asking each trial's own first-step gate rather than the index's."""
 
-    def relevant_trials(
-        self, partition: int, facts: list[Any]
-    ) -> list[tuple[str, CompiledQuestion, int]]:
-        return self.active_trials(partition)
+    def relevant_trials(self, partition: int, facts: list[Any]) -> list[int]:
+        return list(range(len(self.active_trials(partition))))
+
+    def may_pass(self, partition: int, patient: str) -> set[int]:
+        tokens = self.tokens(partition, patient)
+        return {
+            i
+            for i, (_, compiled, _) in enumerate(self.active_trials(partition))
+            if compiled.may_pass_first_step(tokens)
+        }
 
 
 class EveryQuestionUngated(EveryQuestion):
     """... and never skips a patient whose first inclusion step cannot pass."""
+
+    def may_pass(self, partition: int, patient: str) -> set[int]:
+        return set(range(len(self.active_trials(partition))))
 
     def _gated(self, partition: int, patient: str, trial: str, compiled: CompiledQuestion) -> bool:
         return False

@@ -39,6 +39,8 @@ def write_result(
             "python": sys.version.split()[0],
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
+            # the machine is shared: 1, 5 and 15-minute load averages when the figure was written
+            "load_average": [round(x, 2) for x in os.getloadavg()],
         },
         **(extra or {}),
     }

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 from core.contracts.facts import Coding
@@ -241,8 +242,15 @@ def read_coding(value: object, expression: str) -> Coding | None:
     display = get_string(value, "display", expression)
     if code is None:
         return None
-    # Every field was checked above: skip re-validation on this hot path.
-    return Coding.model_construct(system=system or "", code=code, display=display)
+    return _coding(system or "", code, display)
+
+
+@lru_cache(maxsize=65_536)
+def _coding(system: str, code: str, display: str | None) -> Coding:
+    """One shared (frozen, so shareable) Coding per checked triple: the same few thousand
+    codes recur across every resource of a population, and building the model was a tenth of
+    ingest. Every field was checked by the caller: no re-validation on this hot path."""
+    return Coding.model_construct(system=system, code=code, display=display)
 
 
 def read_codeable_concept(value: object, expression: str) -> tuple[Coding, ...]:

@@ -37,7 +37,8 @@ from core.contracts.cohorts import (
 )
 from core.patient_view import PatientView
 from feasibility.criteria import parse_question
-from feasibility.engines.incremental import CompiledQuestion, fact_tokens
+from feasibility.engines.incremental import ALWAYS_RELEVANT, CompiledQuestion, fact_tokens
+from feasibility.terminology import prefix_covers, range_covers
 
 from .store import Change, PatientStore
 
@@ -46,6 +47,103 @@ log = logging.getLogger(__name__)
 
 def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+#: Fact kinds no question's answer reads (see ``CompiledQuestion.relevant``).
+_NEVER_RELEVANT = frozenset({"consent", "adverse_event"})
+
+
+class _TokenIndex:
+    """Which of several code matchers (``CompiledQuestion``'s ``_Matcher``: exact tokens,
+    prefix and range terms) a set of tokens hits, in one pass over the tokens rather than one
+    pass per matcher. Exact tokens are a dictionary lookup; prefix and range terms are grouped
+    by their head (``"<system>|"``), a handful of systems, and compared as the matcher does."""
+
+    def __init__(self, matchers: list[Any]) -> None:
+        self.exact: dict[str, list[int]] = {}
+        prefixes: dict[str, list[tuple[str, int]]] = {}
+        ranges: dict[str, list[tuple[str, str, int]]] = {}
+        for i, matcher in enumerate(matchers):
+            if matcher is None:
+                continue
+            for tok in matcher.exact:
+                self.exact.setdefault(tok, []).append(i)
+            for head, prefix in matcher.prefixes:
+                prefixes.setdefault(head, []).append((prefix, i))
+            for head, lo, hi in matcher.ranges:
+                ranges.setdefault(head, []).append((lo, hi, i))
+        self.prefixes = list(prefixes.items())
+        self.ranges = list(ranges.items())
+        self.size = len(matchers)
+
+    def hits(self, found: Iterable[str], chosen: set[int]) -> set[int]:
+        """Add to ``chosen`` the matchers any token of ``found`` hits; return it."""
+        exact, prefixes, ranges, every = self.exact, self.prefixes, self.ranges, self.size
+        for tok in found:
+            hit = exact.get(tok)
+            if hit:
+                chosen.update(hit)
+            if len(chosen) == every:
+                return chosen
+            for head, terms in prefixes:
+                if tok.startswith(head):
+                    value = tok[len(head) :]
+                    for prefix, i in terms:
+                        if i not in chosen and prefix_covers(prefix, value):
+                            chosen.add(i)
+            for head, spans in ranges:
+                if tok.startswith(head):
+                    value = tok[len(head) :]
+                    for lo, hi, i in spans:
+                        if i not in chosen and range_covers(lo, hi, value):
+                            chosen.add(i)
+        return chosen
+
+
+class RelevanceIndex:
+    """Which of a partition's active trials a set of changed facts can change: the same answer
+    as asking every trial's ``CompiledQuestion.relevant`` about every fact, from an index; and
+    which of them a patient's tokens may pass the first inclusion step of (the same answer as
+    ``CompiledQuestion.may_pass_first_step``, for all trials in one pass).
+
+    Exact code tokens (codes, concepts, expanded ECL and value sets) map to the trials that
+    name them; prefix and range terms are grouped by their system. A fact of a kind every
+    question reads (``ALWAYS_RELEVANT``: demographics decide the population, the site, the
+    region and the age, which is why an age criterion needs no code) selects every trial; a
+    device exposure selects the trials that name devices by manufacturer or model. Criteria
+    that move with time alone (windows, birthdays) are the timers' business, not this index's.
+    ``tests/generative/test_cohort_index.py`` checks the indexed keeper against one that
+    evaluates every trial on every change."""
+
+    def __init__(self, trials: list[tuple[str, CompiledQuestion, int]]) -> None:
+        self.trials = trials
+        self.codes = _TokenIndex([compiled.matcher for _, compiled, _ in trials])
+        self.gates = _TokenIndex([compiled.gate for _, compiled, _ in trials])
+        #: trials without a first-step gate (every patient may pass their first step)
+        self.ungated = {i for i, (_, compiled, _) in enumerate(trials) if compiled.gate is None}
+        self.by_device_name = [i for i, (_, c, _) in enumerate(trials) if c.devices_by_name]
+
+    def select(self, facts: Iterable[Mapping[str, Any]]) -> list[int]:
+        """The positions (in order) of the trials that any of ``facts`` is relevant to."""
+        every = len(self.trials)
+        chosen: set[int] = set()
+        found: set[str] = set()
+        for fact in facts:
+            kind = fact.get("kind")
+            if kind in ALWAYS_RELEVANT:
+                return list(range(every))
+            if kind in _NEVER_RELEVANT:
+                continue
+            if kind == "device_exposure":
+                chosen.update(self.by_device_name)
+            found |= fact_tokens(fact)
+        self.codes.hits(found, chosen)
+        return sorted(chosen)
+
+    def may_pass(self, patient_tokens: set[str]) -> set[int]:
+        """The positions of the trials whose first inclusion step a patient with these tokens
+        may pass (``CompiledQuestion.may_pass_first_step`` of each)."""
+        return self.gates.hits(patient_tokens, set(self.ungated))
 
 
 class LiveCohorts:
@@ -71,6 +169,8 @@ class LiveCohorts:
         #: a trial message is handled, and on recovery and every check after a rebalance
         #: (:meth:`invalidate`), when Faust may have restored the trials table from its changelog
         self._active: dict[int, list[tuple[str, CompiledQuestion, int]]] = {}
+        #: per partition, the relevance index of its active trials (dropped with ``_active``)
+        self._index: dict[int, RelevanceIndex] = {}
         self.skipped = 0
         self.evaluations = 0
         self.writes = 0
@@ -98,6 +198,23 @@ class LiveCohorts:
     def invalidate(self, partition: int) -> None:
         """Read the partition's trials from the table again at the next event."""
         self._active.pop(partition, None)
+        self._index.pop(partition, None)
+
+    def index(self, partition: int) -> RelevanceIndex:
+        found = self._index.get(partition)
+        if found is None or partition not in self._active:
+            found = self._index[partition] = RelevanceIndex(self.active_trials(partition))
+        return found
+
+    def relevant_trials(self, partition: int, facts: list[Mapping[str, Any]]) -> list[int]:
+        """Positions in :meth:`active_trials` of the trials that any of ``facts`` (old and new
+        versions of the changed resources) can change, from the partition's index."""
+        return self.index(partition).select(facts)
+
+    def may_pass(self, partition: int, patient: str) -> set[int]:
+        """Positions in :meth:`active_trials` of the trials whose first inclusion step the
+        patient may pass, from the partition's index (see :meth:`_gated`)."""
+        return self.index(partition).may_pass(self.tokens(partition, patient))
 
     def compiled(self, spec: Mapping[str, Any]) -> CompiledQuestion:
         key = (spec["id"], int(spec["version"]))
@@ -238,11 +355,20 @@ class LiveCohorts:
             facts.extend(change.new.get("facts") or ())
             if change.old is not None:
                 facts.extend(change.old.get("facts") or ())
-        for trial, compiled, version in trials:
-            if any(compiled.relevant(fact) for fact in facts) and not self._gated(
-                partition, patient, trial, compiled
-            ):
-                self._evaluate(partition, patient, trial, compiled, version)
+        selected = self.relevant_trials(partition, facts)
+        if not selected:
+            return
+        # the first-step gate of every selected trial at once (what _gated asks trial by trial)
+        passing: set[int] | None = None
+        for i in selected:
+            trial, compiled, version = trials[i]
+            if compiled.gate is not None:
+                if passing is None:
+                    passing = self.may_pass(partition, patient)
+                if i not in passing and record_key(trial, patient) not in self.table:
+                    self.skipped += 1
+                    continue
+            self._evaluate(partition, patient, trial, compiled, version)
 
     def on_tick(self, partition: int, t: float, facts_offset: int | None = None) -> None:
         current = self.stream_time.get(partition)

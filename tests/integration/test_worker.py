@@ -216,6 +216,12 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
     thread.join(60)
     assert done.is_set()
     got = worker.wait_until(lambda d: d == want, timeout=180)
+    # the restarted worker committed its offsets, each after a complete flush of its
+    # changelog writes, and measured that flush on its own (/health's commit_flush)
+    flushed = worker.wait_until(
+        lambda h: h["commit_flush"]["flushes"] > 0, timeout=30, path="/health"
+    )["commit_flush"]
+    assert flushed["seconds"] > 0 and flushed["longest_ms"] > 0
     assert got["entries"] == len({e.key for e in envelopes})
     if checkpoint_seconds != "0":
         rebuilds = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")[

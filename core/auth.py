@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from urllib.parse import unquote, urlparse
 
 import jwt
@@ -66,16 +66,7 @@ Role = Literal[
     "statistician",
     "safety_contact",
 ]
-ROLES: tuple[str, ...] = (
-    "sponsor",
-    "clinician",
-    "regulator",
-    "source",
-    "admin",
-    "trial_data_manager",
-    "statistician",
-    "safety_contact",
-)
+ROLES: tuple[str, ...] = get_args(Role)  # the one list, in the Literal above
 #: The trial team's roles: each token names the trials it serves (``trials``).
 TRIAL_ROLES: tuple[str, ...] = ("trial_data_manager", "statistician", "safety_contact")
 ALGORITHM = "HS256"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,12 @@ class Children:
         self.logs: dict[str, Path] = {}
         self.registry = registry
         self.extra: dict[str, int] = {}
+        #: What :meth:`stop` does last, after every child has exited (stopping the broker the
+        #: demo started: the worker and API must not see it go first).
+        self.finally_: list[tuple[str, Callable[[], object]]] = []
+
+    def on_stop(self, role: str, action: Callable[[], object]) -> None:
+        self.finally_.append((role, action))
 
     def spawn(
         self, role: str, command: list[str], log_path: Path, env: dict[str, str]
@@ -114,6 +121,12 @@ class Children:
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+        for role, action in self.finally_:
+            click.echo(f"stopping the {role}")
+            try:
+                action()
+            except Exception as error:  # the rest of the clean-up still runs
+                click.echo(f"could not stop the {role}: {error}", err=True)
         if self.registry is not None:
             self.registry.unlink(missing_ok=True)
 
@@ -545,6 +558,19 @@ def demo_population(patients: int, seed: int, as_of: Any) -> Any:
     )
 
 
+def reset_home(home: Path) -> None:
+    """What ``--reset`` removes besides the broker's data: the vault, the databases and the
+    worker's local state (Faust's tables and the patient-state checkpoints, made from the topics
+    the reset deletes: a worker would refuse them and rebuild from offset 0, loudly). Logs stay."""
+    for stale in (
+        home / "identity-vault.sqlite",
+        home / "recruitment.sqlite",
+        home / "feasibility.sqlite",
+    ):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(home / "worker", ignore_errors=True)
+
+
 def _run(
     settings: Any,
     children: Children,
@@ -580,12 +606,13 @@ def _run(
         settings.kafka_bootstrap_servers
     )
     if reset:
-        for stale in (
-            home / "identity-vault.sqlite",
-            home / "recruitment.sqlite",
-            home / "feasibility.sqlite",
-        ):
-            stale.unlink(missing_ok=True)
+        reset_home(home)
+    # a broker the demo starts is stopped when the demo ends; one already running is left alone
+    owns_broker = not external and (reset or not broker_answers(local.bootstrap))
+    if owns_broker:
+        children.on_stop(
+            "broker", lambda: subprocess.run([*concierge, "broker", "stop"], env=env, check=False)
+        )
     if external:
         click.echo(f"Using the Kafka cluster at {settings.kafka_bootstrap_servers}.")
     elif reset:

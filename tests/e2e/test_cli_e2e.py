@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.broker import answers
 from tests.integration.test_ingest_kafka import SAMPLES
 from tests.integration.worker_proc import free_port
 
@@ -65,16 +66,35 @@ def test_ingest_command_prints_summary_json(
     assert "Observation" in human.stdout
 
 
-def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+def _share_kafka_release(home: Path) -> None:
+    """The new home uses the Kafka release the test broker already runs (a link, not a second
+    download from Maven Central)."""
+    shared = Path(os.environ.get("CONCIERGE_HOME", "")) / "kafka"
+    releases = [p for p in shared.glob("*") if (p / "lib").is_dir()] if shared.is_dir() else []
+    assert releases, f"no Kafka release under {shared}: run the tests through scripts/test.sh"
+    (home / "kafka").mkdir(parents=True)
+    for release in releases:
+        (home / "kafka" / release.name).symlink_to(release)
+
+
+def test_demo_comes_up_and_streams(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """As on a fresh machine: no broker answers, so the demo starts its own (on its own ports)
+    and stops it again when it ends, with every other process it started."""
     api_port, worker_port, dashboard_port = free_port(), free_port(), free_port()
+    broker_port, controller_port = free_port(), free_port()
+    home = tmp_path / "home"
+    _share_kafka_release(home)
     env = _env(
-        kafka_bootstrap,
-        topic_prefix,
-        tmp_path / "home",
+        f"127.0.0.1:{broker_port}",
+        "",
+        home,
         CONCIERGE_API_PORT=str(api_port),
         CONCIERGE_WORKER_WEB_PORT=str(worker_port),
         CONCIERGE_DASHBOARD_PORT=str(dashboard_port),
+        CONCIERGE_BROKER_PORT=str(broker_port),
+        CONCIERGE_CONTROLLER_PORT=str(controller_port),
     )
+    env.pop("CONCIERGE_TOPIC_PREFIX")
     run = subprocess.run(
         [
             sys.executable,
@@ -103,6 +123,9 @@ def test_demo_comes_up_and_streams(kafka_bootstrap: str, topic_prefix: str, tmp_
     for port in (api_port, dashboard_port):  # everything the demo started is stopped again
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+    assert "stopping the broker" in run.stdout, run.stdout
+    assert not answers(f"127.0.0.1:{broker_port}"), "the demo left its broker running"
+    assert not (home / "kafka" / f"broker-{broker_port}" / "broker.pid").exists()
 
 
 def test_sigterm_stops_every_process_the_demo_started(

@@ -243,3 +243,19 @@ def test_a_stop_signal_during_an_optional_read_stops_the_demo(
     monkeypatch.setattr(recruitment.runtime, "build_runtime", interrupted)
     with pytest.raises(demo.Stopped):
         demo._invitations("t-1")
+
+
+def test_reset_removes_the_worker_state_and_databases_and_keeps_the_logs(tmp_path: Path) -> None:
+    from concierge.demo import reset_home
+
+    checkpoint = tmp_path / "worker" / "concierge-stream" / "patient-state" / "p0" / "CURRENT"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("x")
+    for name in ("identity-vault.sqlite", "recruitment.sqlite", "feasibility.sqlite"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "worker.log").write_text("kept")
+    reset_home(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+    assert (tmp_path / "logs" / "worker.log").read_text() == "kept"
+    reset_home(tmp_path)  # nothing to remove is not an error

@@ -46,10 +46,16 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     from concierge.logs import faust_logging_config
 
     stream = create_app(settings, store)
-    Worker(
+    runner = Worker(
         stream.app,
         loglevel=loglevel,
         logging_config=faust_logging_config(settings.log_format, loglevel),
         # JSON logs: no start-up banner (a table on stdout, not a log record)
         quiet=settings.log_format == "json",
-    ).execute_from_commandline()
+    )
+    # No terminal spinner: when it is on, Faust sets the root log handler's level to the
+    # worker's ``--loglevel`` after our logging configuration is applied, which swallowed the
+    # product's INFO lines (a partition rebuilt, a checkpoint loaded) at the default
+    # ``warning``, and it writes cursor escape codes into log files.
+    runner.spinner = None
+    runner.execute_from_commandline()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import time
@@ -279,6 +280,13 @@ def test_a_restart_loads_the_checkpoint_and_a_foreign_one_is_refused_loudly(
     rebuilds = worker.wait_until(lambda b: b.get("ready") is True, 60, path="/readyz")["rebuilds"]
     assert all("pseudonym key" in r["checkpoint"] and r["from"] == 0 for r in rebuilds), rebuilds
     assert "local checkpoint refused (made with another pseudonym key)" in worker.tail(200)
+    # the worker runs at --loglevel warning, yet says (at INFO) what each rebuild read: Faust's
+    # terminal spinner used to raise the log handler to the worker's level and swallow these
+    log = worker.log_path.read_text(errors="replace")
+    assert re.search(r" INFO surveillance_stream\.app: partition \d rebuilt: .* \(loaded\)", log), (
+        worker.tail(60)
+    )
+    assert "\x1b[?25" not in log  # and no spinner escape codes in a log file
 
 
 def test_no_stuck_stream_errors_for_the_changelog_topics(

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import unquote, urlparse
 
 import jwt
@@ -50,25 +50,13 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError, model_validator
 
+from core.roles import ROLES, TRIAL_ROLES, Role
 from core.settings import DEFAULT_KEY_ID, KEY_ID_RE
 
 if TYPE_CHECKING:
     from core.revocation import RevocationList
     from core.settings import Settings
 
-Role = Literal[
-    "sponsor",
-    "clinician",
-    "regulator",
-    "source",
-    "admin",
-    "trial_data_manager",
-    "statistician",
-    "safety_contact",
-]
-ROLES: tuple[str, ...] = get_args(Role)  # the one list, in the Literal above
-#: The trial team's roles: each token names the trials it serves (``trials``).
-TRIAL_ROLES: tuple[str, ...] = ("trial_data_manager", "statistician", "safety_contact")
 ALGORITHM = "HS256"
 #: Claims every token must carry; one without any of them is refused.
 REQUIRED_CLAIMS = ("sub", "role", "org", "exp", "iat", "jti", "aud", "iss")

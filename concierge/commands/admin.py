@@ -6,6 +6,7 @@ import json
 
 import click
 
+from core.roles import ROLES
 from core.settings import get_settings
 
 
@@ -19,18 +20,7 @@ def token() -> None:
 @click.option(
     "--role",
     required=True,
-    type=click.Choice(
-        [
-            "sponsor",
-            "clinician",
-            "regulator",
-            "source",
-            "admin",
-            "trial_data_manager",
-            "statistician",
-            "safety_contact",
-        ]
-    ),
+    type=click.Choice(ROLES),
 )
 @click.option("--org", required=True, help="Organisation the holder acts for.")
 @click.option("--subject", help="Holder's id (default role:org).")

@@ -398,3 +398,19 @@ def test_the_cli_issues_a_source_token_only_for_a_named_source_system(
         assert [json.loads(line)["jti"] for line in listed.output.splitlines()] == [principal.jti]
     finally:
         get_settings.cache_clear()
+
+
+def test_the_cli_offers_every_role_the_api_knows_without_loading_the_api() -> None:
+    """``concierge token create --role`` reads the one list of roles (core.roles), and the CLI
+    module does not import FastAPI to get it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, concierge.commands.admin as a, core.auth as auth\n"
+        "choices = next(p.type.choices for p in a.create.params if p.name == 'role')\n"
+        "assert tuple(choices) == auth.ROLES, choices\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    alone = "import sys, concierge.commands.admin\nassert 'fastapi' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", alone], check=True)

@@ -210,6 +210,8 @@ def settled(live: dict[str, Any], timeout: float) -> dict[str, Any]:
                 last = {"as_of": answer["as_of"]}
             else:
                 exact = {n: int(b["size"]) for n, b in before.items() if b is not None}
+                shown = {n: c["display"] for n, c in answer["by_node"].items()}
+                print(f"settled: exact {exact}, shown {shown}")
                 return {"answer": answer, "exact": exact}
         else:
             last = {n: (live_size(node), batch_size(node)) for n, node in nodes.items()}

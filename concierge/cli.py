@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "terminology": "concierge.commands.terminology:terminology",
     "hub": "concierge.commands.federation:hub",
     "concept-map": "concierge.commands.federation:concept_map",
+    "node": "concierge.commands.federation:node",
 }
 
 

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings
 from core.settings import ConfigurationError, Settings, describe, get_settings
 from dashboards.settings import DashboardSettings
 from feasibility.disclosure.settings import DisclosureSettings, DisclosureSettingsError
-from federation.settings import HubSettings, NodeSettings
+from federation.settings import BunnySettings, HubSettings, NodeSettings
 from followup.settings import FollowupSettings
 from infra.settings import BrokerSettings
 from recruitment.settings import RecruitmentSettings, get_recruitment_settings
@@ -36,6 +36,7 @@ SECTIONS: tuple[type[BaseSettings], ...] = (
     NodeSettings,
     HubSettings,
     FollowupSettings,
+    BunnySettings,
 )
 
 
@@ -64,6 +65,8 @@ class Configuration(BaseModel):
     hub: HubSettings
     #: ``CONCIERGE_FOLLOWUP_*``: ``concierge followup`` (``followup.settings``).
     followup: FollowupSettings
+    #: ``CONCIERGE_BUNNY_*``: ``concierge node poll`` (``federation.settings``).
+    bunny: BunnySettings
 
 
 def load_configuration() -> Configuration:
@@ -86,6 +89,7 @@ def load_configuration() -> Configuration:
         ("node", NodeSettings),
         ("hub", HubSettings),
         ("followup", FollowupSettings),
+        ("bunny", BunnySettings),
     ):
         try:
             loaded[name] = build()

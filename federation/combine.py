@@ -201,6 +201,54 @@ def combine(
     }
 
 
+def combine_recruitment(
+    replies: Mapping[str, Mapping[str, Any]], answered: Sequence[str]
+) -> dict[str, Any]:
+    """The sponsor's funnel of invitation states across nodes: each node's protected cells per
+    state (recruitment stays at the node; only these cells leave it), added as any combined
+    cell is (shown only when every part is). Nodes without recruitment running are named in
+    ``nodes_without``; the funnel is then over the others, and says so."""
+    with_recruitment: dict[str, dict[str, Any]] = {}
+    without: list[str] = []
+    for node in sorted(answered):
+        block = replies[node].get("recruitment")
+        if not isinstance(block, Mapping) or block.get("available") is not True:
+            without.append(node)
+            continue
+        states = block.get("by_state")
+        if not isinstance(states, Mapping):
+            raise ReplyError(f"{node}: recruitment/by_state must be an object")
+        with_recruitment[node] = {
+            "total": _checked_cell(block.get("total"), f"{node}/recruitment/total"),
+            "by_state": {
+                str(k): _checked_cell(v, f"{node}/recruitment/by_state/{k}")
+                for k, v in states.items()
+            },
+        }
+    if not with_recruitment:
+        return {"available": False, "nodes_without": without}
+    blocks = list(with_recruitment.values())
+    names = sorted({k for b in blocks for k in b["by_state"]})
+    by_state = {
+        name: add_cells([b["by_state"].get(name, _withheld()) for b in blocks]) for name in names
+    }
+    notes = [
+        n
+        for n in (withheld_among(_as_cells(by_state), "invitation state", "invitation states"),)
+        if n is not None
+    ]
+    if without:
+        notes.insert(0, f"recruitment is not running at {', '.join(without)}: not counted")
+    return {
+        "available": True,
+        "nodes": sorted(with_recruitment),
+        "nodes_without": without,
+        "total": add_cells([b["total"] for b in blocks]),
+        "by_state": by_state,
+        "notes": notes,
+    }
+
+
 def _as_cells(cells: Mapping[str, CellDict]) -> dict[str, Cell]:
     return {k: Cell(v["value"], v["display"], bool(v["suppressed"])) for k, v in cells.items()}
 
@@ -268,5 +316,6 @@ __all__ = [
     "add_cells",
     "combine",
     "combine_exact",
+    "combine_recruitment",
     "parse_reply",
 ]

@@ -22,7 +22,16 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .combine import Missing, NodeAnswer, ReplyError, combine, combine_exact, parse_reply
+from .combine import (
+    Missing,
+    NodeAnswer,
+    ReplyError,
+    combine,
+    combine_exact,
+    combine_recruitment,
+    parse_reply,
+)
+from .saved import HubSavedQuestion, HubSavedQuestions
 from .tokens import (
     REPLY_HEADER,
     HubRole,
@@ -107,6 +116,17 @@ class Hub:
     received: list[bytes] | None = None
     #: The HTTP transport (None: httpx's own; unit tests pass a mock one).
     transport: httpx.AsyncBaseTransport | None = None
+    #: Saved questions registered here (None: ``saved.json`` beside the node directory).
+    saved: HubSavedQuestions | None = None
+
+    def __post_init__(self) -> None:
+        if self.saved is None:
+            self.saved = HubSavedQuestions(self.directory.path.parent / "saved.json")
+
+    @property
+    def saved_questions(self) -> HubSavedQuestions:
+        assert self.saved is not None
+        return self.saved
 
     def _chosen(self, nodes: Sequence[str] | None) -> dict[str, NodeRecord]:
         registered = self.directory.all()
@@ -125,6 +145,7 @@ class Hub:
         body: bytes,
         org: str,
         role: HubRole,
+        reasons: Mapping[int, str],
     ) -> dict[str, Any]:
         token, jti = sign_question(self.key, self.id, record.id, org, role, body)
         response = await client.post(
@@ -135,7 +156,9 @@ class Hub:
         if self.received is not None:
             self.received.append(response.content)
         if response.status_code != 200:
-            reason = _REFUSALS.get(response.status_code, f"failed (HTTP {response.status_code})")
+            reason = reasons.get(response.status_code) or _REFUSALS.get(
+                response.status_code, f"failed (HTTP {response.status_code})"
+            )
             raise _NodeFailed(reason)
         signature = response.headers.get(REPLY_HEADER)
         if signature is None:
@@ -156,9 +179,10 @@ class Hub:
 
     async def _fan_out(
         self, path: str, question: Mapping[str, Any], org: str, role: HubRole,
-        nodes: Sequence[str] | None,
+        nodes: Sequence[str] | None, reasons: Mapping[int, str] | None = None,
     ) -> tuple[list[str], dict[str, dict[str, Any]], list[Missing], float]:  # fmt: skip
         chosen = self._chosen(nodes)
+        reasons = reasons or {}
         body = json.dumps(question, sort_keys=True).encode()
         started = time.perf_counter()
         replies: dict[str, dict[str, Any]] = {}
@@ -166,7 +190,7 @@ class Hub:
         timeout = httpx.Timeout(self.deadline_seconds)
         async with httpx.AsyncClient(timeout=timeout, transport=self.transport) as client:
             tasks = {
-                asyncio.create_task(self._ask_one(client, r, path, body, org, role)): name
+                asyncio.create_task(self._ask_one(client, r, path, body, org, role, reasons)): name
                 for name, r in chosen.items()
             }
             done, pending = (
@@ -237,9 +261,142 @@ class Hub:
             "elapsed_ms": round(elapsed * 1000, 1),
         }
 
+    # ------------------------------------------------------------ saved questions, live
+
+    async def _register_at(
+        self, record: HubSavedQuestion, nodes: Sequence[str]
+    ) -> tuple[dict[str, int], list[Missing]]:
+        """Register ``record`` at ``nodes``: each node's version, and the nodes that did not."""
+        registered: dict[str, int] = {}
+        if not nodes:
+            return registered, []
+        body = {"id": record.id, "title": record.title, "criteria": record.criteria}
+        _, replies, missing, _ = await self._fan_out(
+            "/v1/federation/saved-questions", body, record.org, "sponsor", nodes,
+            _SAVED_REFUSALS,
+        )  # fmt: skip
+        for name, reply in replies.items():
+            version = reply.get("version")
+            if (
+                reply.get("node") != name
+                or reply.get("trial") != record.id
+                or not (isinstance(version, int) and not isinstance(version, bool) and version > 0)
+            ):
+                missing.append(Missing(name, "unusable reply to the registration"))
+            else:
+                registered[name] = version
+        return registered, sorted(missing, key=lambda m: m.node)
+
+    async def register_saved(
+        self,
+        trial_id: str,
+        title: str,
+        criteria: Mapping[str, Any],
+        org: str,
+        nodes: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """Register ``org``'s saved question at every node (or those named): it is then live at
+        each; a node that did not take it is named and tried again at the next answer."""
+        store = self.saved_questions
+        store.check_free(trial_id, org)
+        chosen = list(self._chosen(nodes))
+        record = HubSavedQuestion(trial_id, org, title, dict(criteria), chosen)
+        registered, missing = await self._register_at(record, chosen)
+        record.registered = registered
+        record.pending = {m.node: m.reason for m in missing}
+        store.put(record)
+        return {"hub": self.id, **record.public()}
+
+    async def retire_saved(self, trial_id: str, org: str) -> dict[str, Any]:
+        """Retire ``org``'s saved question at the hub and at every node it is registered at."""
+        store = self.saved_questions
+        record = store.get(trial_id, org)
+        record.status = "retired"
+        store.put(record)
+        nodes = [n for n in record.registered if n in self.directory.all()]
+        _, replies, missing, _ = await self._fan_out(
+            f"/v1/federation/saved-questions/{trial_id}/retire",
+            {"trial": trial_id},
+            org,
+            "sponsor",
+            nodes,
+            _SAVED_REFUSALS,
+        )
+        return {
+            "hub": self.id,
+            **record.public(),
+            "retired_at": sorted(replies),
+            "nodes_missing": [m.to_dict() for m in missing],
+        }
+
+    async def answer_saved(self, trial_id: str, org: str) -> dict[str, Any]:
+        """The live answer to ``org``'s saved question: the combination of each node's protected
+        live answer, each node's ``as_of`` shown. Nodes where it is not registered (tried again
+        first), behind, down or refusing are named in ``nodes_missing`` and the answer is
+        ``partial``."""
+        store = self.saved_questions
+        record = store.get(trial_id, org)
+        if record.status != "active":
+            raise RetiredQuestion(f"saved question {trial_id} is retired")
+        directory = self.directory.all()
+        gone = [n for n in record.nodes if n not in directory]
+        retry = [n for n in record.nodes if n not in record.registered and n in directory]
+        if retry:
+            registered, still = await self._register_at(record, retry)
+            record.registered.update(registered)
+            record.pending = {m.node: m.reason for m in still}
+            store.put(record)
+        live = [n for n in record.nodes if n in record.registered and n in directory]
+        _, replies, missing, elapsed = await self._fan_out(
+            f"/v1/federation/saved-questions/{trial_id}/answer",
+            {"trial": trial_id},
+            org,
+            "sponsor",
+            live,
+            _SAVED_REFUSALS,
+        )
+        answers: list[NodeAnswer] = []
+        for name, reply in replies.items():
+            try:
+                if reply.get("trial") != trial_id:
+                    raise ReplyError("the reply is for another saved question")
+                answer = parse_reply(name, reply)
+                combine_recruitment(replies, [name])  # its recruitment cells are checked too
+                answers.append(answer)
+            except ReplyError as exc:
+                missing.append(Missing(name, f"unusable reply ({exc})"))
+        missing.extend(Missing(n, "no longer registered at the hub") for n in gone)
+        missing.extend(
+            Missing(n, f"the saved question is not registered there ({record.pending.get(n)})")
+            for n in record.nodes
+            if n not in record.registered and n in directory
+        )
+        missing.sort(key=lambda m: m.node)
+        combined = combine(record.nodes, answers, missing)
+        return {
+            "hub": self.id,
+            "trial": trial_id,
+            "kind": "saved (live at each node)",
+            "versions": {a.node: replies[a.node].get("version") for a in answers},
+            **combined,
+            "recruitment": combine_recruitment(replies, [a.node for a in answers]),
+            "elapsed_ms": round(elapsed * 1000, 1),
+        }
+
+
+class RetiredQuestion(RuntimeError):
+    """The saved question is retired: no answer."""
+
+
+#: What a node's refusal means for a saved question (beside :data:`_REFUSALS`).
+_SAVED_REFUSALS = {
+    404: "the saved question is not registered at the node, or the node is no federation node",
+    409: "refused: the id is another organisation's at the node, or the question is retired there",
+}
+
 
 class _NodeFailed(RuntimeError):
     """A node answered, but not with a usable answer: the reason, in words."""
 
 
-__all__ = ["Hub", "NodeDirectory", "NodeRecord", "UnknownNodes"]
+__all__ = ["Hub", "NodeDirectory", "NodeRecord", "RetiredQuestion", "UnknownNodes"]

@@ -25,8 +25,9 @@ from .tokens import HubQuestion, load_private_file, load_public_file, verify_que
 
 #: The keys of a cell the hub may see.
 _CELL = ("value", "display", "suppressed")
-#: Of ``as_of``, only how current the node's data is.
-_AS_OF = ("max_ingested_at", "caught_up", "ready")
+#: Of ``as_of``, only how current the node's data is (for a live answer also the stream's
+#: time and whether the cohort view is caught up; never topic offsets or patient counts).
+_AS_OF = ("max_ingested_at", "caught_up", "ready", "stream_time", "cohort_caught_up")
 
 
 def _cell(cell: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,6 +52,37 @@ def protected_reply(node: str, body: Mapping[str, Any]) -> dict[str, Any]:
         "rules": list(body.get("rules", [])),
         "policy": dict(body.get("policy", {})),
         "as_of": {k: as_of[k] for k in _AS_OF if k in as_of},
+    }
+
+
+def recruitment_reply(block: Mapping[str, Any]) -> dict[str, Any]:
+    """Of the node's protected ``recruitment`` block (invited patients per invitation state,
+    under its disclosure control), the cells only; candidates never leave the node."""
+    if not block.get("available"):
+        return {"available": False}
+    return {
+        "available": True,
+        "total": _cell(block["total"]),
+        "by_state": {k: _cell(v) for k, v in block["by_state"].items()},
+    }
+
+
+def live_reply(
+    node: str,
+    trial: str,
+    version: int,
+    body: Mapping[str, Any],
+    recruitment: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The part of the node's protected *live* answer to a saved question that goes to the hub:
+    the same cells as :func:`protected_reply`, which saved question and version, and the
+    protected cells of its recruitment funnel (:func:`recruitment_reply`)."""
+    return {
+        **protected_reply(node, body),
+        "trial": trial,
+        "version": version,
+        "kind": "saved",
+        "recruitment": recruitment_reply(recruitment or {"available": False}),
     }
 
 
@@ -111,4 +143,11 @@ class Node:
         return f"{question.hub}/{question.org}"
 
 
-__all__ = ["Node", "NodeNotConfigured", "exact_reply", "protected_reply"]
+__all__ = [
+    "Node",
+    "NodeNotConfigured",
+    "exact_reply",
+    "live_reply",
+    "protected_reply",
+    "recruitment_reply",
+]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Node and hub names: they appear in token audiences, URLs and answers.
@@ -55,4 +55,23 @@ class HubSettings(BaseSettings):
     port: int = Field(default=8100, ge=1, le=65535)
 
 
-__all__ = ["NAME_PATTERN", "HubSettings", "NodeSettings"]
+class BunnySettings(BaseSettings):
+    """``concierge node poll``: the HDR UK Cohort Discovery task API this node polls."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CONCIERGE_BUNNY_", extra="ignore", env_ignore_empty=True
+    )
+
+    #: The task API's base URL (``GET {url}/task/nextjob/{collection}``). None: not polling.
+    task_api_url: str | None = Field(default=None, pattern=r"^https?://")
+    #: The collection (data set) id this node answers for at the task API.
+    collection: str | None = Field(default=None, min_length=1)
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    #: Seconds between polls when the task API has no task (or is unreachable).
+    poll_seconds: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
+    #: Seconds one request to the task API may take.
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300, allow_inf_nan=False)
+
+
+__all__ = ["NAME_PATTERN", "BunnySettings", "HubSettings", "NodeSettings"]

@@ -5,6 +5,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+if [[ "${1:-}" == "--federated" ]]; then  # three nodes and a hub: scripts/demo-federated.sh
+    shift
+    exec bash scripts/demo-federated.sh "$@"
+fi
 source scripts/bootstrap.sh
 export CONCIERGE_HOME="${CONCIERGE_HOME:-$root/var/demo-home}"
 # exec: this shell becomes the demo, so every signal sent to this script's pid reaches it

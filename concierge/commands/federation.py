@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -100,3 +101,143 @@ def concept_map_load(concept_csv: Path) -> None:
     target = concept_map_path()
     concepts.save(target)
     click.echo(json.dumps({"concepts": len(concepts.concepts), "path": str(target)}))
+
+
+@click.group()
+def node() -> None:
+    """This site as a federation node: answering HDR UK Cohort Discovery's task API."""
+
+
+@node.command("poll")
+@click.option("--url", default=None, help="The task API (default CONCIERGE_BUNNY_TASK_API_URL).")
+@click.option(
+    "--collection", default=None, help="The collection id (default CONCIERGE_BUNNY_COLLECTION)."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01, max=3600),
+    default=None,
+    help="Seconds between polls when there is no task (default CONCIERGE_BUNNY_POLL_SECONDS).",
+)
+@click.option("--once", is_flag=True, help="Answer the tasks waiting now, then exit.")
+@click.option(
+    "--ready-timeout",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for this site's data to be current before the first poll.",
+)
+def poll(
+    url: str | None,
+    collection: str | None,
+    interval: float | None,
+    once: bool,
+    ready_timeout: float,
+) -> None:
+    """Poll the Cohort Discovery task API: translate each availability query through the site's
+    concept map, answer it under this site's disclosure control (charged to bunny/<owner>),
+    post the result back, and audit it. Runs until SIGTERM or Ctrl-C (or, with --once, until
+    the task API has no task)."""
+    import logging
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    from concierge.api import build_feasibility
+    from concierge.configuration import load_configuration
+    from core.audit import AuditKeys, AuditLog
+    from feasibility.criteria import Question
+    from feasibility.service import NotCurrent
+    from federation.bunny import ConceptMap, TaskPoller
+
+    log = logging.getLogger("concierge.node.poll")
+    configuration = load_configuration()
+    bunny = configuration.bunny
+    base = url or bunny.task_api_url
+    collection = collection or bunny.collection
+    if not base or not base.startswith(("http://", "https://")):
+        raise click.UsageError("the task API's URL: --url or CONCIERGE_BUNNY_TASK_API_URL")
+    if not collection:
+        raise click.UsageError("the collection: --collection or CONCIERGE_BUNNY_COLLECTION")
+    concepts_file = concept_map_path()
+    if not concepts_file.exists():
+        raise click.UsageError(f"no concept map at {concepts_file}: run concierge concept-map load")
+    settings = configuration.settings
+    service = build_feasibility(settings)
+    audit = AuditLog(settings.resolved_audit_url(), AuditKeys.from_settings(settings))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            try:
+                service.require("facts", "sites")
+                break
+            except NotCurrent as exc:
+                if time.monotonic() > deadline or stop.is_set():
+                    raise click.ClickException(f"this site's data is not current: {exc}") from None
+                stop.wait(0.5)
+
+        details: dict[str, Any] = {}
+
+        def answer(question: Question, org: str) -> dict[str, Any]:
+            details["org"] = org
+            body, detail = service.answer(question, org, "cohort discovery")
+            details["last"] = detail
+            total: dict[str, Any] = body["total"]
+            return total
+
+        poller = TaskPoller(
+            base,
+            collection,
+            ConceptMap.open(concepts_file),
+            answer,
+            username=bunny.username,
+            password=bunny.password.get_secret_value(),
+            timeout_seconds=bunny.timeout_seconds,
+        )
+        wait = interval if interval is not None else bunny.poll_seconds
+        # A plain loop rather than a scheduler (APScheduler is not a dependency): one task at a
+        # time, the next poll at once after a task, after ``wait`` when there was none.
+        while not stop.is_set():
+            details.clear()
+            try:
+                posted = poller.poll_once()
+            except httpx.HTTPError as exc:
+                if once:
+                    raise click.ClickException(f"the task API failed: {exc}") from None
+                log.warning("the task API failed (%s); polling again later", type(exc).__name__)
+                stop.wait(wait)
+                continue
+            if posted is None:
+                if once:
+                    break
+                stop.wait(wait)
+                continue
+            audit.append(
+                actor=f"bunny:{base}",
+                role="sponsor",
+                org=details.get("org", "bunny"),
+                action=f"POST bunny/task/{posted['uuid']}",
+                detail={
+                    "collection": collection,
+                    "status": posted["status"],
+                    "message": posted["message"],
+                    **details.get("last", {}),
+                },
+            )
+            click.echo(
+                json.dumps(
+                    {
+                        "uuid": posted["uuid"],
+                        "status": posted["status"],
+                        "count": posted["queryResult"]["count"],
+                        "message": posted["message"],
+                    }
+                )
+            )
+    finally:
+        service.stop()

@@ -235,6 +235,14 @@ def _recruitment_block(
     return block, audit.to_dict()
 
 
+def recruitment_block(
+    request: Request, service: FeasibilityService, trial_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``recruitment`` block of this API's own recruitment service (the federation node's
+    live answer carries its cells to the hub)."""
+    return _recruitment_block(request, _recruitment_from_app, service, trial_id)
+
+
 def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     """The sponsor router. ``recruitment`` takes the request and returns the recruitment
     service or None (by default: ``request.app.state.recruitment``, as ``concierge.api``
@@ -479,4 +487,4 @@ def build_admin_router() -> APIRouter:
     return router
 
 
-__all__ = ["build_admin_router", "build_router"]
+__all__ = ["build_admin_router", "build_router", "recruitment_block"]

@@ -14,18 +14,26 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from concierge.routes.feasibility import EXAMPLE, not_current, over_budget
+from concierge.routes.feasibility import (
+    EXAMPLE,
+    not_current,
+    over_budget,
+    recruitment_block,
+)
 from core.auth import Principal, require_role
 from core.auth import _bearer as bearer  # the same scheme in the OpenAPI document
+from core.contracts.trials import TRIAL_ID_PATTERN
 from core.http import problem_responses
 from feasibility.criteria import CriteriaError, Question, parse_question
 from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.expansion import ExpansionError, compile_question
+from feasibility.saved import NotYours, SavedQuestions, SavedTrial, TrialCreate
 from feasibility.service import FeasibilityService, NotCurrent, answer_sets
-from federation.hub import Hub, NodeRecord, UnknownNodes
-from federation.node import Node, exact_reply, protected_reply
+from federation.hub import Hub, NodeRecord, RetiredQuestion, UnknownNodes
+from federation.node import Node, exact_reply, live_reply, protected_reply
+from federation.saved import NotTheirs
 from federation.settings import NAME_PATTERN
 from federation.tokens import REPLY_HEADER, HubQuestion, SignatureError, sign_reply
 
@@ -208,6 +216,139 @@ def build_node_router() -> APIRouter:
         request.state.audit_detail = {"federation": {"hub": asked.hub, "mode": "exact"}}
         return _signed(node, asked, reply)
 
+    # ------------------------------------------------------- saved questions, live at this node
+
+    async def sponsor_question(request: Request) -> tuple[Node, HubQuestion, bytes]:
+        token = _token(request)
+        node = _node(request, token)
+        asked, body = await _hub_question(request, node, token)
+        if asked.role != "sponsor":
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "a sponsor's question only")
+        return node, asked, body
+
+    def registry(service: FeasibilityService) -> SavedQuestions:
+        if service.saved is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "saved questions unavailable")
+        return service.saved
+
+    def own(service: FeasibilityService, trial_id: str, org: str, body: bytes) -> SavedTrial:
+        try:
+            named = json.loads(body).get("trial")
+        except (ValueError, AttributeError):
+            named = None
+        if named != trial_id:  # the path is not signed, the body is: they must agree
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, "the signed body names another question"
+            )
+        try:
+            return registry(service).get(trial_id, org)
+        except (KeyError, NotYours):
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, f"no saved question {trial_id}"
+            ) from None
+
+    saved_body = {
+        "requestBody": {
+            "content": {"application/json": {"schema": {"type": "object"}}},
+            "required": True,
+        }
+    }
+
+    @router.post(
+        "/saved-questions",
+        summary="The hub's saved question: registered here, kept live by this node's stream",
+        description="A saved question as `/v1/feasibility/saved-questions` takes it (id, "
+        "title, criteria), signed by the hub; registered for the sponsor under the hub's name "
+        "and charged to it. The reply (signed) is the version registered.",
+        responses={**REFUSALS, **problem_responses(409)},
+        openapi_extra=saved_body,
+    )
+    async def register_saved(request: Request) -> Response:
+        node, asked, body = await sponsor_question(request)
+        service = _service(request)
+        registry(service)
+        try:
+            trial = TrialCreate.model_validate_json(body)
+            compiled = compile_question(trial.criteria, service.terminology, prefix=("criteria",))
+        except ValidationError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                [{"loc": e["loc"], "msg": e["msg"]} for e in exc.errors()],
+            ) from None
+        except ExpansionError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, [e["msg"] for e in exc.errors]
+            ) from None
+        trial = trial.model_copy(update={"criteria": compiled.question})
+        org = node.org_of(asked)
+        try:
+            record, audit = await run_in_threadpool(service.register, trial, org)
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
+        except BudgetExceeded as exc:
+            raise over_budget(request, exc) from None
+        except NotYours as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        request.state.audit_detail = {**audit, "federation": {"hub": asked.hub, "mode": "saved"}}
+        reply = {"node": node.id, "trial": record.id, "version": record.version}
+        return _signed(node, asked, {**reply, "status": record.status})
+
+    @router.post(
+        "/saved-questions/{trial_id}/answer",
+        summary="The hub's saved question: this node's protected live answer",
+        description='Signed body `{"trial": trial_id}`. The cohort as this node\'s stream '
+        "keeps it, under this node's disclosure control and budget (as "
+        "`/v1/feasibility/saved-questions/{id}/answer`); 503 with `Retry-After` while this "
+        "node's views are behind.",
+        responses={**REFUSALS, **problem_responses(409)},
+        openapi_extra=saved_body,
+    )
+    async def saved_answer(trial_id: str, request: Request) -> Response:
+        node, asked, body = await sponsor_question(request)
+        service = _service(request)
+        org = node.org_of(asked)
+        record = own(service, trial_id, org, body)
+        if record.status != "active":
+            raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
+        try:
+            if service.cohorts is None:
+                answer, audit = await run_in_threadpool(
+                    service.answer, record.criteria, org, "saved"
+                )
+            else:
+                answer, audit = await run_in_threadpool(service.answer_live, record, org)
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
+        except BudgetExceeded as exc:
+            raise over_budget(request, exc) from None
+        # invited patients per invitation state at this node, under its disclosure control
+        block, block_audit = await run_in_threadpool(recruitment_block, request, service, trial_id)
+        request.state.audit_detail = {
+            **audit,
+            "trial": trial_id,
+            "version": record.version,
+            "recruitment": block_audit,
+            "federation": {"hub": asked.hub, "mode": "live"},
+        }
+        return _signed(node, asked, live_reply(node.id, trial_id, record.version, answer, block))
+
+    @router.post(
+        "/saved-questions/{trial_id}/retire",
+        summary="The hub's saved question retired here",
+        description='Signed body `{"trial": trial_id}`; free.',
+        responses=REFUSALS,
+        openapi_extra=saved_body,
+    )
+    async def retire_saved(trial_id: str, request: Request) -> Response:
+        node, asked, body = await sponsor_question(request)
+        service = _service(request)
+        org = node.org_of(asked)
+        own(service, trial_id, org, body)
+        record = await run_in_threadpool(registry(service).retire, trial_id, org)
+        request.state.audit_detail = {"trial": trial_id, "federation": {"hub": asked.hub}}
+        reply = {"node": node.id, "trial": record.id, "version": record.version}
+        return _signed(node, asked, {**reply, "status": record.status})
+
     return router
 
 
@@ -225,6 +366,17 @@ def _hub(request: Request) -> Hub:
 class FederatedQuestion(BaseModel):
     """A sponsor's question to the hub: criteria, and optionally which nodes to ask."""
 
+    criteria: dict[str, Any] = Field(examples=[EXAMPLE])
+    #: None: every registered node.
+    nodes: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
+
+
+class HubSavedCreate(BaseModel):
+    """A sponsor's saved question at the hub: as a node takes it, and optionally which nodes.
+    Recruiting sites are each node's own business (recruitment stays at the node)."""
+
+    id: str = Field(pattern=TRIAL_ID_PATTERN)
+    title: str = Field(min_length=1, max_length=300)
     criteria: dict[str, Any] = Field(examples=[EXAMPLE])
     #: None: every registered node.
     nodes: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
@@ -284,6 +436,82 @@ def build_hub_router() -> APIRouter:
             return await hub.ask_exact(checked(question.criteria), principal.sub, question.nodes)
         except UnknownNodes as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+
+    @router.post(
+        "/saved-questions",
+        status_code=status.HTTP_201_CREATED,
+        summary="Register a saved question at every node (or those named): live at each",
+        description="Each node registers it in its own registry, charged to the sponsor under "
+        "the hub's name, and keeps its cohort live on its own stream. Nodes that did not take "
+        "it are in `not_registered` and are tried again at the next answer. 409 if the id is "
+        "another organisation's at the hub.",
+        responses=problem_responses(401, 403, 409, 422),
+    )
+    async def register_saved(
+        request: Request, principal: Sponsor, saved: Annotated[HubSavedCreate, Body()]
+    ) -> dict[str, Any]:
+        hub = _hub(request)
+        try:
+            TrialCreate.model_validate(
+                {"id": saved.id, "title": saved.title, "criteria": saved.criteria}
+            )
+        except ValidationError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                [{"loc": e["loc"], "msg": e["msg"]} for e in exc.errors()],
+            ) from None
+        try:
+            record = await hub.register_saved(
+                saved.id, saved.title, saved.criteria, principal.org, saved.nodes
+            )
+        except UnknownNodes as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+        except NotTheirs as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        request.state.audit_detail = {
+            "trial": saved.id,
+            "registered": sorted(record["registered"]),
+            "not_registered": [m["node"] for m in record["not_registered"]],
+        }
+        return record
+
+    @router.get("/saved-questions", summary="Your saved questions at the hub")
+    def list_saved(request: Request, principal: Sponsor) -> list[dict[str, Any]]:
+        return [r.public() for r in _hub(request).saved_questions.of(principal.org)]
+
+    @router.get(
+        "/saved-questions/{trial_id}/answer",
+        summary="The live answer: the combination of each node's protected live answer",
+        description="Each node answers from its own stream under its own disclosure control "
+        "and budget; combined cells as for `/v1/hub/ask`; each node's `as_of` (its stream "
+        "time) is shown. A node behind, down, refusing or where the question is not "
+        "registered is named in `nodes_missing` and the answer is `partial`.",
+        responses=problem_responses(401, 403, 404, 409),
+    )
+    async def saved_answer(trial_id: str, request: Request, principal: Sponsor) -> dict[str, Any]:
+        try:
+            answer = await _hub(request).answer_saved(trial_id, principal.org)
+        except NotTheirs as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        except RetiredQuestion as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        request.state.audit_detail = {
+            "trial": trial_id,
+            "nodes_answered": answer["nodes_answered"],
+            "nodes_missing": [m["node"] for m in answer["nodes_missing"]],
+        }
+        return answer
+
+    @router.delete(
+        "/saved-questions/{trial_id}",
+        summary="Retire a saved question at the hub and at every node",
+        responses=problem_responses(401, 403, 404),
+    )
+    async def retire_saved(trial_id: str, request: Request, principal: Sponsor) -> dict[str, Any]:
+        try:
+            return await _hub(request).retire_saved(trial_id, principal.org)
+        except NotTheirs as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 
     @router.get("/nodes", summary="The registered nodes")
     def nodes(request: Request, principal: Admin) -> list[dict[str, str]]:

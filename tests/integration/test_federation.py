@@ -407,12 +407,20 @@ def test_a_node_killed_mid_question_gives_a_partial_answer_naming_it(
         log.close()
 
 
-def test_nothing_patient_level_reaches_the_hub(federation: dict[str, Any]) -> None:
-    """Runs last in this module: every body the hub received in all the tests above."""
-    received: list[bytes] = federation["hub"].received
+#: The fields of a protected reply (ad hoc or live) and of its ``as_of`` the hub may see.
+REPLY_FIELDS = {
+    "node", "mode", "question", "evaluated_at", "total", "by_region", "by_site", "funnel",
+    "rules", "policy", "as_of", "trial", "version", "kind", "recruitment",
+}  # fmt: skip
+AS_OF_FIELDS = {"max_ingested_at", "caught_up", "ready", "stream_time", "cohort_caught_up"}
+
+
+def assert_nothing_patient_level(received: list[bytes], nodes: dict[str, dict[str, Any]]) -> None:
+    """No pseudonym, identity, pseudonym key or patient-level field in any body the hub
+    received from ``nodes`` (each with its ``app``, ``config`` and ``settings``)."""
     assert received, "the hub received nothing"
     secrets: set[str] = set()
-    for node in federation["nodes"].values():
+    for node in nodes.values():
         secrets |= identities(node["config"])
         snapshot = node["app"].state.feasibility.snapshot
         secrets |= {snapshot.pseudonym_of(pid) for pid in range(snapshot.watermark()["patients"])}
@@ -427,42 +435,45 @@ def test_nothing_patient_level_reaches_the_hub(federation: dict[str, Any]) -> No
         reply = json.loads(text)
         if reply.get("mode") == "protected":
             # only published cells and the coarse as_of
-            assert set(reply) <= {
-                "node", "mode", "question", "evaluated_at", "total", "by_region", "by_site",
-                "funnel", "rules", "policy", "as_of",
-            }  # fmt: skip
-            assert set(reply["as_of"]) <= {"max_ingested_at", "caught_up", "ready"}
+            assert set(reply) <= REPLY_FIELDS, set(reply) - REPLY_FIELDS
+            assert set(reply["as_of"]) <= AS_OF_FIELDS, reply["as_of"]
+            # of recruitment, only the protected cells per invitation state
+            assert set(reply.get("recruitment", {})) <= {"available", "total", "by_state"}
+        elif "trial" in reply and "mode" not in reply:
+            # a registration's or a retirement's acknowledgement
+            assert set(reply) <= {"node", "trial", "version", "status", "detail"}, reply
 
 
-def test_a_node_answers_cohort_discovery_through_the_polling_mode(
-    federation: dict[str, Any],
-) -> None:
-    """A stand-in for the Cohort Discovery task API hands out one availability query (type 2
-    diabetes by its OMOP concept, men only: ``groups_oper`` AND) and takes the result back; the
-    node polls it, translates through the hand-made Athena file, answers under its own
-    disclosure control and posts the count in Bunny's shape."""
+def test_nothing_patient_level_reaches_the_hub(federation: dict[str, Any]) -> None:
+    """Runs last in this module: every body the hub received in all the tests above."""
+    assert_nothing_patient_level(federation["hub"].received, federation["nodes"])
+
+
+#: The stand-in task API's credentials (HTTP basic).
+TASK_API_USER, TASK_API_PASSWORD = "node", "secret"
+T2DM_QUERY: dict[str, Any] = {
+    "uuid": "rq-42",
+    "owner": "user1",
+    "collection": "RQ-CC-7",
+    "protocol_version": "v2",
+    "char_salt": "s",
+    "cohort": {
+        "groups": [
+            {"rules": [{"varname": "OMOP", "varcat": "Condition", "type": "TEXT",
+                        "oper": "=", "value": "1567956"}], "rules_oper": "AND"},
+        ],
+        "groups_oper": "AND",
+    },
+}  # fmt: skip
+
+
+def task_api(tasks: list[dict[str, Any]], posted: list[tuple[str, Any]]) -> Any:
+    """A stand-in for the Cohort Discovery task API on a thread: hands out ``tasks`` (last
+    first) for collection RQ-CC-7 and keeps what is posted back; ``.url``, ``.shutdown()``."""
     import base64
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from federation.bunny import ConceptMap, TaskPoller
-
-    query = {
-        "uuid": "rq-42",
-        "owner": "user1",
-        "collection": "RQ-CC-7",
-        "protocol_version": "v2",
-        "char_salt": "s",
-        "cohort": {
-            "groups": [
-                {"rules": [{"varname": "OMOP", "varcat": "Condition", "type": "TEXT",
-                            "oper": "=", "value": "1567956"}], "rules_oper": "AND"},
-            ],
-            "groups_oper": "AND",
-        },
-    }  # fmt: skip
-    tasks = [query]
-    posted: list[tuple[str, Any]] = []
-    auth = "Basic " + base64.b64encode(b"node:secret").decode()
+    auth = "Basic " + base64.b64encode(f"{TASK_API_USER}:{TASK_API_PASSWORD}".encode()).decode()
 
     class TaskApi(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:  # quiet: the test reads what it needs
@@ -489,9 +500,35 @@ def test_a_node_answers_cohort_discovery_through_the_polling_mode(
             self.send_response(200)
             self.end_headers()
 
-    server = ThreadingHTTPServer(("127.0.0.1", port()), TaskApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    class Server(ThreadingHTTPServer):
+        url = ""
+        thread: threading.Thread
+
+        def shutdown(self) -> None:
+            super().shutdown()
+            self.thread.join(10)
+            self.server_close()
+
+    server = Server(("127.0.0.1", port()), TaskApi)
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server.thread.start()
+    return server
+
+
+def test_a_node_answers_cohort_discovery_through_the_polling_mode(
+    federation: dict[str, Any],
+) -> None:
+    """A stand-in for the Cohort Discovery task API hands out one availability query (type 2
+    diabetes by its OMOP concept, men only: ``groups_oper`` AND) and takes the result back; the
+    node polls it, translates through the hand-made Athena file, answers under its own
+    disclosure control and posts the count in Bunny's shape."""
+    from federation.bunny import ConceptMap, TaskPoller
+
+    query = dict(T2DM_QUERY)
+    tasks = [query]
+    posted: list[tuple[str, Any]] = []
+    server = task_api(tasks, posted)
     north = federation["nodes"]["north"]
     service = north["app"].state.feasibility
     concepts = ConceptMap.from_athena(
@@ -499,18 +536,17 @@ def test_a_node_answers_cohort_discovery_through_the_polling_mode(
     )
     try:
         poller = TaskPoller(
-            f"http://127.0.0.1:{server.server_address[1]}",
+            server.url,
             "RQ-CC-7",
             concepts,
             lambda question, org: service.answer(question, org, "cohort discovery")[0]["total"],
-            username="node",
-            password="secret",
+            username=TASK_API_USER,
+            password=TASK_API_PASSWORD,
         )
         sent = poller.poll_once()
         assert poller.poll_once() is None  # nothing more to do: 204
     finally:
         server.shutdown()
-        thread.join(10)
     assert sent is not None and [p for p, _ in posted] == ["/task/result/rq-42/RQ-CC-7"]
     assert posted[0][1] == sent
     assert sent["status"] == "ok" and sent["uuid"] == "rq-42"
@@ -519,3 +555,76 @@ def test_a_node_answers_cohort_discovery_through_the_polling_mode(
     count = sent["queryResult"]["count"]
     assert count == 0 if true < 10 else abs(count - true) <= 2 or count == 0
     assert sent["queryResult"]["datasetCount"] == 1
+
+
+def test_concierge_node_poll_answers_the_task_api_end_to_end(
+    federation: dict[str, Any], tmp_path: Path
+) -> None:
+    """``concierge node poll --once`` in its own process, over north's topics with its own home
+    (concept map, registry, budget, audit trail): it answers the translatable query under
+    disclosure control, posts an error for one it cannot translate (a time constraint), and
+    audits both."""
+    import subprocess
+
+    untranslatable = json.loads(json.dumps(T2DM_QUERY))
+    untranslatable["uuid"] = "rq-43"
+    untranslatable["cohort"]["groups"][0]["rules"][0]["time"] = "|1:TIME:M"
+    tasks = [untranslatable, dict(T2DM_QUERY)]  # handed out last first
+    posted: list[tuple[str, Any]] = []
+    server = task_api(tasks, posted)
+    north = federation["nodes"]["north"]
+    home = tmp_path / "poller-home"
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": federation["kafka"],
+        "CONCIERGE_TOPIC_PREFIX": north["settings"].topic_prefix,
+        "CONCIERGE_HOME": str(home),
+        "CONCIERGE_AUDIT_ANCHOR_SECONDS": "0",
+        "CONCIERGE_BUNNY_USERNAME": TASK_API_USER,
+        "CONCIERGE_BUNNY_PASSWORD": TASK_API_PASSWORD,
+        "CONCIERGE_BUNNY_COLLECTION": "RQ-CC-7",
+    }
+    concepts = Path(__file__).resolve().parents[1] / "fixtures" / "omop" / "CONCEPT.csv"
+    try:
+        loaded = subprocess.run(
+            [sys.executable, "-m", "concierge", "concept-map", "load", str(concepts)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert loaded.returncode == 0, loaded.stderr
+        # without a URL: one line, status 2
+        missing = subprocess.run(
+            [sys.executable, "-m", "concierge", "node", "poll", "--once"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert missing.returncode == 2 and "CONCIERGE_BUNNY_TASK_API_URL" in missing.stderr
+        run = subprocess.run(
+            [sys.executable, "-m", "concierge", "node", "poll", "--once", "--url", server.url,
+             "--ready-timeout", "120"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [(x["uuid"], x["status"]) for x in lines] == [("rq-42", "ok"), ("rq-43", "error")]
+    assert [p for p, _ in posted] == [
+        "/task/result/rq-42/RQ-CC-7",
+        "/task/result/rq-43/RQ-CC-7",
+    ]
+    ok, error = posted[0][1], posted[1][1]
+    true = exact_at(north, T2DM)["total"]
+    count = ok["queryResult"]["count"]
+    assert count == 0 if true < 10 else abs(count - true) <= 2
+    assert ok["status"] == "ok" and ok["queryResult"]["datasetCount"] == 1
+    assert error["status"] == "error" and "/cohort/groups/0/rules/0/time" in error["message"]
+    assert error["queryResult"] == {"count": 0, "datasetCount": 0, "files": []}
+    # the poller's own audit trail, in its home
+    from core.audit import AuditKeys, AuditLog
+    from core.settings import Settings as Site
+
+    site = Site(home=home)
+    trail = list(AuditLog(site.resolved_audit_url(), AuditKeys.from_settings(site)).records())
+    actions = [r["action"] for r in trail]
+    assert "POST bunny/task/rq-42" in actions and "POST bunny/task/rq-43" in actions
+    answered = next(r for r in trail if r["action"] == "POST bunny/task/rq-42")
+    assert answered["org"] == "bunny/user1"

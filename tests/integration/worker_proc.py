@@ -31,6 +31,9 @@ class WorkerProcess:
             "CONCIERGE_HOME": str(home),
             "CONCIERGE_WORKER_WEB_PORT": str(self.port),
             "CONCIERGE_TOKEN_KEY": TOKEN_KEY,
+            # A crash in native code (librdkafka, a C extension) prints every Python thread's
+            # stack into the log: a worker that died with SIGSEGV once left an empty log.
+            "PYTHONFAULTHANDLER": "1",
         }
         self.admin = {"Authorization": f"Bearer {issue(TOKEN_KEY.encode(), 'admin', 'site-ops')}"}
         self.log_path = log_path
@@ -68,7 +71,7 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+                raise AssertionError(f"worker exited before {path} said so:\n{self.report()}")
             try:
                 last = self.get(path)
                 if predicate(last):
@@ -91,6 +94,24 @@ class WorkerProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def report(self, lines: int = 200) -> str:
+        """How the process ended (or that it runs) and the last ``lines`` of its log: what a
+        failing test prints about its worker."""
+        code = None if self.proc is None else self.proc.poll()
+        if self.proc is None:
+            state = "not started"
+        elif code is None:
+            state = f"running (pid {self.proc.pid})"
+        elif code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "unknown"
+            state = f"exited by signal {name} ({code})"
+        else:
+            state = f"exited with {code}"
+        return f"--- worker {self.home.name}: {state}; log {self.log_path}:\n{self.tail(lines)}"
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -248,6 +248,16 @@ MATRIX: dict[tuple[str, str], Rule] = {
     # node refuses every site token with 403: tests/integration/test_federation.py)
     ("POST", "/v1/federation/ask"): only(body=CRITERIA, **dict.fromkeys(CALLERS[1:], HIDDEN)),
     ("POST", "/v1/federation/exact"): only(body=CRITERIA, **dict.fromkeys(CALLERS[1:], HIDDEN)),
+    ("POST", "/v1/federation/saved-questions"): only(
+        body={"id": "fed-trial", "title": "T", "criteria": CRITERIA},
+        **dict.fromkeys(CALLERS[1:], HIDDEN),
+    ),
+    ("POST", "/v1/federation/saved-questions/{trial_id}/answer"): only(
+        body={"trial": TRIAL}, **dict.fromkeys(CALLERS[1:], HIDDEN)
+    ),
+    ("POST", "/v1/federation/saved-questions/{trial_id}/retire"): only(
+        body={"trial": TRIAL}, **dict.fromkeys(CALLERS[1:], HIDDEN)
+    ),
     # -- site admins
     ("GET", "/v1/admin/saved-questions/{trial_id}/live"): only("admin"),
     ("POST", "/v1/admin/budgets/{org}/unlock"): only("admin"),

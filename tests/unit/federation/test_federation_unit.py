@@ -241,3 +241,128 @@ def test_a_bad_federation_setting_is_one_line(monkeypatch: pytest.MonkeyPatch) -
     message = str(caught.value)
     assert "\n" not in message
     assert "CONCIERGE_HUB_DEADLINE_SECONDS" in message and "CONCIERGE_NODE_ID" in message
+
+
+class FakeSavedNodes(FakeNodes):
+    """Nodes that register saved questions and answer them live: ``down`` refuses to connect,
+    ``behind`` answers 503, ``ok`` answers; the behaviour can change between calls."""
+
+    def __init__(self, tmp_path: Path, behaviours: dict[str, str]) -> None:
+        super().__init__(tmp_path, behaviours)
+        self.versions: dict[str, int] = {}
+        self.paths: list[tuple[str, str]] = []
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        name = request.url.host
+        asked = verify_question(
+            request.headers["Authorization"].removeprefix("Bearer "),
+            load_public(self.hub_public),
+            "hub",
+            name,
+            request.content,
+        )
+        assert asked.org == "Acme"
+        behaviour = self.behaviours[name]
+        self.paths.append((name, request.url.path))
+        if behaviour == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if behaviour == "behind":
+            return httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": "behind"})
+        body = json.loads(request.content)
+        if request.url.path == "/v1/federation/saved-questions":
+            self.versions[name] = self.versions.get(name, 0) + 1
+            out: dict[str, Any] = {
+                "node": name,
+                "trial": body["id"],
+                "version": self.versions[name],
+            }
+        elif request.url.path.endswith("/retire"):
+            out = {"node": name, "trial": body["trial"], "status": "retired"}
+        else:
+            assert request.url.path == f"/v1/federation/saved-questions/{body['trial']}/answer"
+            out = {
+                **reply(name, shown(20)),
+                "trial": body["trial"],
+                "version": self.versions[name],
+                "as_of": {"stream_time": f"2026-01-01T00:00:0{len(name)}+00:00"},
+            }
+        content = json.dumps(out).encode()
+        signature = sign_reply(load_private(self.keys[name][0]), name, "hub", content, asked.jti)
+        return httpx.Response(200, content=content, headers={REPLY_HEADER: signature})
+
+
+def test_a_hub_saved_question_is_live_at_each_node_and_partial_when_one_is_not(
+    tmp_path: Path,
+) -> None:
+    from federation.hub import RetiredQuestion
+    from federation.saved import NotTheirs
+
+    nodes = FakeSavedNodes(tmp_path, {"north": "ok", "south": "ok", "west": "down"})
+    hub = nodes.hub
+    registered = asyncio.run(hub.register_saved("t2dm-fed", "T2DM", {"title": "q"}, "Acme"))
+    assert registered["registered"] == {"north": 1, "south": 1}
+    assert [m["node"] for m in registered["not_registered"]] == ["west"]
+    with pytest.raises(NotTheirs):  # the id is Acme's at the hub
+        asyncio.run(hub.register_saved("t2dm-fed", "T2DM", {"title": "q"}, "Other"))
+    with pytest.raises(NotTheirs):
+        asyncio.run(hub.answer_saved("t2dm-fed", "Other"))
+
+    # west still down: the answer is partial and names it; the others are combined
+    answer = asyncio.run(hub.answer_saved("t2dm-fed", "Acme"))
+    assert answer["partial"] is True and answer["nodes_answered"] == ["north", "south"]
+    assert [m["node"] for m in answer["nodes_missing"]] == ["west"]
+    assert "not registered there" in answer["nodes_missing"][0]["reason"]
+    assert answer["total"] == shown(40)
+    assert set(answer["as_of"]) == {"north", "south"}
+    assert answer["as_of"]["north"] == {"stream_time": "2026-01-01T00:00:05+00:00"}
+
+    # west comes back: registered at the next answer, then answers; south falls behind
+    nodes.behaviours.update(west="ok", south="behind")
+    answer = asyncio.run(hub.answer_saved("t2dm-fed", "Acme"))
+    assert ("west", "/v1/federation/saved-questions") in nodes.paths
+    assert answer["nodes_answered"] == ["north", "west"]
+    assert answer["nodes_missing"] == [
+        {"node": "south", "reason": "not current: the node's data is behind"}
+    ]
+    assert answer["total"] == shown(40) and answer["partial"] is True
+    assert hub.saved_questions.get("t2dm-fed", "Acme").registered == {
+        "north": 1, "south": 1, "west": 1,
+    }  # fmt: skip
+
+    nodes.behaviours.update(south="ok")
+    whole = asyncio.run(hub.answer_saved("t2dm-fed", "Acme"))
+    assert whole["partial"] is False and whole["total"] == shown(60)
+    assert whole["recruitment"] == {
+        "available": False, "nodes_without": ["north", "south", "west"],
+    }  # fmt: skip
+    assert whole["versions"] == {"north": 1, "south": 1, "west": 1}
+
+    retired = asyncio.run(hub.retire_saved("t2dm-fed", "Acme"))
+    assert retired["status"] == "retired" and retired["retired_at"] == ["north", "south", "west"]
+    with pytest.raises(RetiredQuestion):
+        asyncio.run(hub.answer_saved("t2dm-fed", "Acme"))
+
+
+def test_the_funnel_of_invitation_states_adds_only_what_every_node_shows() -> None:
+    from federation.combine import combine_recruitment
+
+    def block(invited: dict[str, Any], consented: dict[str, Any]) -> dict[str, Any]:
+        total = add_cells([invited, consented])
+        return {"available": True, "total": total,
+                "by_state": {"invited": invited, "consented": consented}}  # fmt: skip
+
+    replies = {
+        "north": {"recruitment": block(shown(20), shown(10))},
+        "south": {"recruitment": block(shown(15), W)},
+        "west": {"recruitment": {"available": False}},
+    }
+    funnel = combine_recruitment(replies, ["north", "south", "west"])
+    assert funnel["nodes"] == ["north", "south"] and funnel["nodes_without"] == ["west"]
+    assert funnel["by_state"] == {"consented": W, "invited": shown(35)}
+    assert funnel["total"] == W  # south's total is withheld, so the sum is
+    assert funnel["notes"][0].startswith("recruitment is not running at west")
+    only_north = combine_recruitment(replies, ["north"])
+    assert only_north["total"] == shown(30) and only_north["nodes_without"] == []
+    bad = {"north": {"recruitment": {"available": True, "total": {"value": 3}, "by_state": {}}}}
+    with pytest.raises(ReplyError):
+        combine_recruitment(bad, ["north"])

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from concierge.commands.generate import bundle
@@ -125,6 +126,12 @@ def test_failover_recovers_from_standby_checkpoints(
         return True if owned_by_b <= have else standby
 
     wait_for(a_has_standbys, 90, "standby checkpoints of b's partitions on a", workers)
+    # /metrics has the standby lag of each followed partition
+    scraped = httpx.get(f"{a.url}/metrics", timeout=5).text
+    for partition in owned_by_b:
+        assert f'concierge_standby_lag_messages{{partition="{partition}",service="worker"}}' in (
+            scraped
+        ), scraped
     # a follows exactly the partitions it does not own
     assert {int(p) for p in standby_of(a)} == owned_by_b
     assert not set(standby_of(b)) & {str(p) for p in held(b) or []}

@@ -69,6 +69,8 @@ class Followed:
     held: list[tuple[int, bytes | None]] = field(default_factory=list)
     paused: bool = False
     due: float = 0.0
+    #: the next offset the consumer must deliver (-1: the first delivery sets it)
+    seen: int = -1
     #: the checkpoint's state when following started: "loaded", or why it was refused
     started_from: str = "loaded"
 
@@ -225,8 +227,18 @@ class Standby:
                 if partition is None or offset is None:
                     continue
                 followed = self._followed.get(partition)
-                if followed is None or offset < followed.position:
-                    continue  # released meanwhile, or read twice
+                if followed is None:
+                    continue  # released meanwhile
+                expected = followed.position if followed.seen < 0 else followed.seen
+                if offset < expected:
+                    continue  # read twice
+                if offset > expected:
+                    # the facts topic is neither compacted nor written in transactions, so its
+                    # offsets have no holes: messages were not delivered, and a fold without
+                    # them would be silently wrong. Followed again from the checkpoint on disk.
+                    self._restart(partition, f"offsets {expected} to {offset - 1} not delivered")
+                    continue
+                followed.seen = offset + 1
                 if followed.held or offset >= followed.target:
                     followed.held.append((offset, value))
                 else:
@@ -242,6 +254,16 @@ class Standby:
                     self._consumer.pause([TopicPartition(self.topic, partition)])
                     followed.paused = True
                 self._maybe_write(partition, followed)
+
+    def _restart(self, partition: int, reason: str) -> None:
+        """Stop following ``partition`` as it stands; the next step follows it again from its
+        checkpoint on disk (what was folded since is read again)."""
+        self._followed.pop(partition, None)
+        self.errors.append(f"partition {partition}: {reason}; following again from the checkpoint")
+        del self.errors[:-20]
+        log.warning(
+            "standby: partition %s: %s; following it again from its checkpoint", partition, reason
+        )
 
     def _sync_assignment(self) -> None:
         """Unassign the partitions released, open and assign the ones newly wanted."""

@@ -116,6 +116,18 @@ def test_a_standby_resumes_from_the_checkpoint_and_writes_nothing_uncommitted(
     assert status["checkpoint"] == 7
     assert (status["behind_committed"], status["behind_end"]) == (0, 3)
     assert standby.release(PARTITION) == 7
+    # a hole in the offsets delivered is not folded over: followed again from the checkpoint
+    standby.follow({PARTITION})
+    assert standby._open(PARTITION, 0, 10, 9) == 7
+    standby._take((PARTITION, offset, messages[offset]) for offset in (7, 9))
+    status = standby.status()
+    assert status["partitions"] == {} and status["waiting"] == [PARTITION]
+    assert "offsets 8 to 8 not delivered" in status["errors"][-1]
+    assert checkpoints.load(PARTITION).offset == 7
+    assert standby._open(PARTITION, 0, 10, 9) == 7
+    standby._take((PARTITION, offset, messages[offset]) for offset in range(7, 10))
+    assert standby.release(PARTITION) == 9
+    assert checkpoints.load(PARTITION).patients["a"]["Condition/1"]["seq"] == 9
     # a checkpoint past the group's committed offset is refused and followed from the start
     standby.follow({PARTITION})
     assert standby._open(PARTITION, 0, 10, 5) == 0

@@ -241,6 +241,11 @@ class Settings(BaseSettings):
     #: last checkpoint, across its partitions (the rest is read from the local checkpoint when
     #: needed); 0: every patient stays in memory. Only with checkpoints on.
     stream_state_cache_patients: int = Field(default=50_000, ge=0)
+    #: Whether the worker keeps standby checkpoints of the facts partitions it does not own
+    #: (``surveillance_stream.standby``): a plain consumer folds them, without effects, into the
+    #: same local checkpoints at offsets the group has committed, so a partition that fails over
+    #: to this worker reads only the tail. Needs checkpoints on.
+    stream_standby: bool = False
 
     @field_validator("token_key")
     @classmethod
@@ -293,6 +298,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tokens_agree(self) -> Settings:
+        if self.stream_standby and self.stream_checkpoint_seconds == 0:
+            raise ValueError(
+                "CONCIERGE_STREAM_STANDBY needs CONCIERGE_STREAM_CHECKPOINT_SECONDS above 0 "
+                "(standbys are local checkpoints)"
+            )
         if self.token_keys is not None and "token_key" in self.model_fields_set:
             raise ValueError(
                 "set CONCIERGE_TOKEN_KEYS or CONCIERGE_TOKEN_KEY, not both (list the single key "

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 from . import patient_state
 from .checkpoint import CheckpointRefused, Checkpoints, Identity, key_fingerprint
 from .cohorts import LiveCohorts
+from .standby import Standby
 from .status_pages import PROBLEM, AuditUnavailable, PageAccess, Refusal
 from .store import (
     Backing,
@@ -213,6 +215,19 @@ class StreamApp:
         self.checkpoint_log: list[dict[str, Any]] = []
         self.gaps: list[dict[str, int]] = []
         self._offsets_client: Consumer | None = None
+        self._checkpoints_lock = threading.Lock()
+        #: Standby checkpoints of the facts partitions this worker does not own
+        #: (CONCIERGE_STREAM_STANDBY; :mod:`.standby`), started at the first assignment.
+        self.standby: Standby | None = None
+        if settings.stream_standby and settings.stream_checkpoint_seconds > 0:
+            self.standby = Standby(
+                settings.kafka_bootstrap_servers,
+                self.facts_name,
+                app_id,
+                self._checkpoints_or_new,
+                settings.stream_checkpoint_seconds,
+                settings.stream_state_cache_patients,
+            )
         #: Readiness: the facts topic's end, measured on a thread of its own, against the
         #: state's positions (the same rule as every topic reader's, infra/mirror.py).
         self.health = ReaderHealth(
@@ -358,6 +373,11 @@ class StreamApp:
             self.folded_to.pop(partition, None)
             self.cohorts.facts_offset.pop(partition, None)
             log.info("partition %s revoked: its patient state was dropped", partition)
+        if self.standby is not None:
+            # follow every partition this worker does not own; an assigned one is handed over
+            # by _recover (Standby.release), which waits for a fold or write under way
+            self.standby.follow(set(range(PARTITIONS)) - facts_partitions)
+            self.standby.start()
 
     async def _committed(self, partition: int) -> int:
         """The facts offset this group resumes from on ``partition``, from the group
@@ -433,6 +453,10 @@ class StreamApp:
             # (the chaos suite saw 53 delivered first with effects only durable to 40), and the
             # messages between would then be folded without ever producing their effects.
             committed = await self._committed(partition)
+            standby: int | None = None
+            if self.standby is not None:
+                # the standby stops following the partition before its checkpoint is opened
+                standby = await loop.run_in_executor(None, self.standby.release, partition)
             patients, read, end, changed, record, backing = await loop.run_in_executor(
                 None, self._load_partition, partition, committed
             )
@@ -447,6 +471,9 @@ class StreamApp:
                 hook(partition)
             record |= {
                 "partition": partition,
+                # the offset of the standby checkpoint this worker kept of the partition (None:
+                # it followed none; "from" says whether the recovery started from it)
+                "standby": standby,
                 "patients": len(patients),
                 "envelopes": read,
                 "to": end,
@@ -510,6 +537,14 @@ class StreamApp:
         key = self.settings.pseudonym_key.get_secret_value().encode()
         return Identity(self.facts_name, PARTITIONS, key_fingerprint(key), topic_id)
 
+    def _checkpoints_or_new(self) -> Checkpoints:
+        """The worker's checkpoints, made at first use (on a thread: the topic's id is asked of
+        the broker); one object for the worker's own partitions and the standby's."""
+        with self._checkpoints_lock:
+            if self.checkpoints is None:
+                self.checkpoints = Checkpoints(self.checkpoint_dir, self._identity())
+            return self.checkpoints
+
     def _load_partition(
         self, partition: int, committed: int
     ) -> tuple[dict[str, Entries], int, int, set[str] | None, dict[str, Any], Backing | None]:
@@ -525,8 +560,7 @@ class StreamApp:
         bootstrap = self.settings.kafka_bootstrap_servers
         refused: str | None = "checkpoints off"
         if self.settings.stream_checkpoint_seconds > 0:
-            if self.checkpoints is None:
-                self.checkpoints = Checkpoints(self.checkpoint_dir, self._identity())
+            self.checkpoints = self._checkpoints_or_new()
             try:
                 loaded = self.checkpoints.open(partition)
                 low, high = watermarks(bootstrap, self.facts_name, partition)
@@ -746,6 +780,8 @@ class StreamApp:
                 "gaps": self.gaps[-12:],
                 # the local checkpoints written lately: partition, offset, patients, seconds
                 "checkpoints": self.checkpoint_log[-12:],
+                # the standby checkpoints of unowned partitions and how far behind they are
+                "standby": None if self.standby is None else self.standby.status(),
             }
             if status.ready:
                 return web.json(body)
@@ -799,6 +835,7 @@ class StreamApp:
             "partitions": sorted(self.store.partitions),
             "devices": None if self.devices is None else self.devices.progress(),
             "commit_flush": self.flush_times.summary(),
+            "standby": None if self.standby is None else self.standby.status(),
             "cohorts": {
                 "evaluations": self.cohorts.evaluations,
                 "skipped_by_first_step": self.cohorts.skipped,

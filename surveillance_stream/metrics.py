@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from infra import metrics as m
 from infra.metrics import FunctionCollector, ReaderCollector, ReaderSample
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .app import StreamApp
 
 SERVICE = "worker"
+#: Per facts partition this worker keeps a standby checkpoint of (CONCIERGE_STREAM_STANDBY):
+#: how many messages the checkpoint is behind the topic's end (:mod:`.standby`).
+STANDBY_LAG = "concierge_standby_lag_messages"
 
 
 def registry_for(stream: StreamApp) -> CollectorRegistry:
@@ -46,7 +49,17 @@ def registry_for(stream: StreamApp) -> CollectorRegistry:
             for spec in list(stream.trials_table.values())
             if spec and spec.get("status") == "active"
         )
+        standby = GaugeMetricFamily(
+            STANDBY_LAG,
+            "Messages a standby checkpoint of a partition this worker does not own is behind "
+            "the facts topic's end, by partition",
+            labels=["service", "partition"],
+        )
+        if stream.standby is not None:
+            for partition, status in stream.standby.status()["partitions"].items():
+                standby.add_metric([service, partition], float(status["behind_end"]))
         return [
+            standby,
             m.counter(m.PRODUCED, "Messages produced, by topic", service, sent, "topic"),
             m.counter(
                 m.SKIPPED,

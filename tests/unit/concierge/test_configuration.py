@@ -196,3 +196,30 @@ def test_the_worker_pages_bind_loopback_unless_told_otherwise(
     monkeypatch.setenv("CONCIERGE_WORKER_WEB_BIND", "everywhere")
     with pytest.raises(ValidationError, match="must be an IP address"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (
+            {"CONCIERGE_STREAM_STANDBY": "true", "CONCIERGE_STREAM_CHECKPOINT_SECONDS": "0"},
+            "CONCIERGE_STREAM_STANDBY needs CONCIERGE_STREAM_CHECKPOINT_SECONDS above 0",
+        ),
+        ({"CONCIERGE_STREAM_STANDBY": "perhaps"}, "CONCIERGE_STREAM_STANDBY='perhaps': "),
+    ],
+)
+def test_standby_checkpoints_need_checkpoints_and_a_boolean(
+    tmp_path: Path, bad: dict[str, str], says: str
+) -> None:
+    done = start(["worker"], bad, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("concierge: bad configuration: ") and says in line, line
+
+
+def test_standby_checkpoints_are_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONCIERGE_STREAM_STANDBY", raising=False)
+    assert Settings().stream_standby is False
+    monkeypatch.setenv("CONCIERGE_STREAM_STANDBY", "true")
+    assert load_configuration().settings.stream_standby is True

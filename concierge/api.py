@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from feasibility.service import FeasibilityService
     from federation.node import Node
     from followup.export import Exports
+    from followup.progress import ConsumerProgress
     from followup.service import FollowupService
     from infra.audit_anchors import AnchorPublisher
     from recruitment.runtime import Runtime
@@ -189,6 +190,22 @@ def build_followup(settings: Settings, runtime: Runtime) -> tuple[FollowupServic
     return service, Exports(service, settings.home / "followup-exports")
 
 
+def build_followup_progress(settings: Settings, runtime: Runtime) -> ConsumerProgress:
+    """How current the follow-up tables are: the consumer's committed offsets against the facts
+    topic's high watermarks, measured by this process (``followup.progress``)."""
+    from followup.progress import ConsumerProgress
+    from followup.settings import get_followup_settings
+
+    section = get_followup_settings()
+    return ConsumerProgress(
+        runtime.sessions,
+        settings.kafka_bootstrap_servers,
+        settings.topic_prefix,
+        max_lag_seconds=section.max_lag_seconds,
+        down_after_seconds=section.down_after_seconds,
+    ).start()
+
+
 def build_surveillance(settings: Settings, audit: AuditLog) -> SignalMonitor:
     """The regulator side: the signal monitor over the device-contribution topic."""
     from infra.topics import DEVICES, SIGNALS, TOPICS
@@ -290,6 +307,12 @@ def _lifespan(
             app.state.followup, app.state.followup_exports = build_followup(
                 settings, app.state.recruitment
             )
+        if (
+            getattr(app.state, "followup_progress", None) is None
+            and getattr(app.state, "followup", None) is not None
+            and app.state.recruitment is not None
+        ):
+            app.state.followup_progress = build_followup_progress(settings, app.state.recruitment)
         if getattr(app.state, "audit_anchors", None) is None and settings.audit_anchor_seconds:
             app.state.audit_anchors = build_audit_anchors(settings, app.state.audit)
         app.state.starting = False
@@ -306,6 +329,10 @@ def _lifespan(
         feasibility_service: FeasibilityService | None = app.state.feasibility
         if feasibility_service is not None:
             feasibility_service.stop()
+        if getattr(app.state, "followup_progress", None) is not None:
+            stop_progress = getattr(app.state.followup_progress, "stop", None)
+            if stop_progress is not None:
+                stop_progress()
         if getattr(app.state, "recruitment", None) is not None:
             app.state.recruitment.close()
         if getattr(app.state, "audit_writer", None) is not None:

@@ -5,9 +5,12 @@ rebalances). Each batch is applied in **one database transaction** together with
 of every partition it read (``followup_offsets``); on start it seeks to those offsets. So a
 SIGKILL at any moment either lost the whole batch (read again: nothing was written) or committed
 it with its offsets (never read again): the feed, the safety events and the outbox rows exist
-exactly once. A message that cannot be read is recorded in recruitment's ``skipped_messages``
-with the reason, never dropped silently. Readiness is the one rule of every reader
-(:class:`infra.mirror.ReaderHealth`).
+exactly once. Every offset row says when it was committed, and the loop writes a heartbeat
+(``followup_consumer_beats``) about every ``beat_seconds``, idle or not, with the positions it
+reached past transaction markers, so the API can tell how far behind the consumer is, and
+whether it runs at all, from the database alone (:mod:`followup.progress`). A message that
+cannot be read is recorded in recruitment's ``skipped_messages`` with the reason, never dropped
+silently. Readiness is the one rule of every reader (:class:`infra.mirror.ReaderHealth`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,7 +34,7 @@ from infra.topics import FACTS
 from recruitment.models import SkippedMessage, utcnow
 
 from .engine import FollowupEngine, Outcome
-from .tables import FollowupOffset
+from .tables import ConsumerBeat, FollowupOffset
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,14 @@ class FollowupConsumer:
         batch_size: int = 500,
         poll_timeout: float = 0.5,
         config: dict[str, Any] | None = None,
+        name: str = "concierge-followup",
+        beat_seconds: float = 1.0,
     ) -> None:
         self.sessions = sessions
+        self.name = name
+        self.beat_seconds = beat_seconds
+        self._beaten = float("-inf")
+        self._stored: dict[int, int] = {}  # next offsets the database holds, per partition
         self.engine = engine
         self.topic = prefix + FACTS
         self.batch_size = batch_size
@@ -95,6 +105,8 @@ class FollowupConsumer:
         with self._lock:
             self._partitions = [(self.topic, p) for p in partitions]
             self._positions = {(self.topic, p): stored.get(p, 0) for p in partitions}
+            self._stored = dict(stored)
+        self.beat(started=True)
         self.health.start()
         log.info("follow-up consumer assigned %d partitions (%d resumed)", len(partitions),
                  len(stored))  # fmt: skip
@@ -134,6 +146,43 @@ class FollowupConsumer:
             return 0
         return len(readable)
 
+    def beat(self, *, started: bool = False) -> None:
+        """The heartbeat, in a transaction of its own, with the positions the consumer reached
+        past transaction markers (every message before them is applied: ``_advance``)."""
+        now = utcnow()
+        with self._lock:
+            ahead = {p: o for (_, p), o in self._positions.items() if o > self._stored.get(p, -1)}
+        with self.sessions.begin() as session:
+            self._write_beat(session, now, started)
+            self._write_offsets(session, ahead, now)
+        self._committed(ahead)
+        self._beaten = time.monotonic()
+
+    def _write_beat(self, session: Session, now: datetime, started: bool = False) -> None:
+        row = session.get(ConsumerBeat, self.name)
+        if row is None:
+            session.add(ConsumerBeat(name=self.name, started_at=now, beat_at=now))
+        else:
+            row.beat_at = now
+            if started:
+                row.started_at = now
+
+    def _write_offsets(self, session: Session, offsets: dict[int, int], now: datetime) -> None:
+        for partition, next_offset in offsets.items():
+            row = session.get(FollowupOffset, (self.topic, partition))
+            if row is None:
+                session.add(FollowupOffset(topic=self.topic, kafka_partition=partition,
+                                           next_offset=next_offset, committed_at=now))  # fmt: skip
+            else:
+                row.next_offset, row.committed_at = next_offset, now
+
+    def _committed(self, offsets: dict[int, int]) -> None:
+        with self._lock:
+            for partition, next_offset in offsets.items():
+                key = (self.topic, partition)
+                self._positions[key] = max(self._positions.get(key, 0), next_offset)
+                self._stored[partition] = next_offset
+
     def process(self, messages: Sequence[Message]) -> Outcome:
         out = Outcome()
         offsets: dict[int, int] = {}
@@ -154,16 +203,11 @@ class FollowupConsumer:
                                                at=utcnow()))  # fmt: skip
                     continue
                 self.engine.apply(session, envelopes, out)
-            for partition, next_offset in offsets.items():
-                row = session.get(FollowupOffset, (self.topic, partition))
-                if row is None:
-                    session.add(FollowupOffset(topic=self.topic, kafka_partition=partition,
-                                               next_offset=next_offset))  # fmt: skip
-                else:
-                    row.next_offset = next_offset
-        with self._lock:
-            for partition, next_offset in offsets.items():
-                self._positions[(self.topic, partition)] = next_offset
+            now = utcnow()
+            self._write_offsets(session, offsets, now)
+            self._write_beat(session, now)
+        self._committed(offsets)
+        self._beaten = time.monotonic()
         self.messages += len(messages)
         self.total.feed += out.feed
         self.total.safety += out.safety
@@ -202,6 +246,11 @@ class FollowupConsumer:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.poll()
+            if time.monotonic() - self._beaten >= self.beat_seconds:
+                try:
+                    self.beat()
+                except Exception:  # the database is away: no beat says so to every reader
+                    log.exception("follow-up heartbeat failed")
 
     def close(self) -> None:
         self.health.stop()

@@ -34,6 +34,8 @@ class Job:
     done: bool = False
     error: str | None = None
     files: list[str] = field(default_factory=list)
+    #: how current the follow-up tables were at kick-off (``followup.progress.Standing.body``)
+    standing: dict[str, Any] = field(default_factory=dict)
 
 
 class Exports:
@@ -44,9 +46,16 @@ class Exports:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def kick_off(self, trial_id: str, owner: str, request: str, since: int = 0) -> Job:
+    def kick_off(
+        self,
+        trial_id: str,
+        owner: str,
+        request: str,
+        since: int = 0,
+        standing: dict[str, Any] | None = None,
+    ) -> Job:
         job = Job(id=uuid.uuid4().hex, trial_id=trial_id, owner=owner, request=request,
-                  started=datetime.now(UTC))  # fmt: skip
+                  started=datetime.now(UTC), standing=dict(standing or {}))  # fmt: skip
         upto = self.service.feed(trial_id, 0, 1)["written"]
         job.upto = upto
         with self._lock:
@@ -109,5 +118,19 @@ class Exports:
                 {"type": "FollowupEntry", "url": f"{base_url}/{name}"} for name in job.files
             ],
             "error": [],
-            "extension": {"trial": job.trial_id, "upto": job.upto, "entries": job.written},
+            "extension": {
+                "trial": job.trial_id,
+                "upto": job.upto,
+                "entries": job.written,
+                **job.standing,
+            },
         }
+
+    def headers(self, job: Job) -> dict[str, str]:
+        """How current the export's feed was, for its NDJSON files."""
+        out = {"X-Followup-Partial": "true" if job.standing.get("partial") else "false"}
+        if job.standing.get("lag") is not None:
+            out["X-Followup-Lag"] = str(job.standing["lag"])
+        if job.standing.get("as_of"):
+            out["X-Followup-As-Of"] = str(job.standing["as_of"])
+        return out

@@ -142,3 +142,17 @@ class FollowupOffset(Base):
     topic: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
     kafka_partition: Mapped[int] = mapped_column(primary_key=True)
     next_offset: Mapped[int] = mapped_column(sa.BigInteger)
+    #: When the consumer last committed this partition's offset (None: before migration 0002).
+    committed_at: Mapped[datetime | None]
+
+
+class ConsumerBeat(Base):
+    """A follow-up consumer's heartbeat: written every second or so while its loop runs, idle
+    or not, so a reader of the feed can tell a consumer that is down (or never ran) from one
+    with nothing to do (:mod:`followup.progress`)."""
+
+    __tablename__ = "followup_consumer_beats"
+
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    started_at: Mapped[datetime]
+    beat_at: Mapped[datetime]

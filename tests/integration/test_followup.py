@@ -15,11 +15,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from concierge.routes.followup import build_router as followup_router
+from core.auth import issue
 from core.db import make_engine, make_sessionmaker
 from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
@@ -27,6 +32,7 @@ from fhir_adapters.service import build_ingestor
 from followup.consumer import FollowupConsumer
 from followup.db import upgrade
 from followup.engine import FollowupEngine
+from followup.progress import ConsumerProgress
 from followup.pseudonym import trial_pseudonym
 from followup.relay import Relay, trial_topic
 from followup.service import FollowupService
@@ -47,6 +53,7 @@ from tests.followup_helpers import (
 )
 from tests.recruitment_helpers import SOURCE, fresh_database
 
+TOKEN_KEY = b"a-test-token-key-for-follow-up-routes-32b"
 FEED_SECONDS = 15.0  # "within seconds", with room for a loaded shared machine
 
 
@@ -322,3 +329,105 @@ def test_a_serious_adverse_event_notifies_exactly_once_across_sigkills(
     facts = [r.body["resource"]["id"] for r in records if r.body["type"] == "fact"]
     assert sorted(facts) == sorted({*(f"sae-{n}" for n in range(events)),
                                     *(f"cond-{n}" for n in range(events))})  # fmt: skip
+
+
+def _api(sessions: sessionmaker[Session], settings: Settings, progress: ConsumerProgress
+         ) -> TestClient:  # fmt: skip
+    """The follow-up routes on a bare app over the test's database and the real broker."""
+    app = FastAPI()
+    app.include_router(followup_router())
+    app.state.token_key = TOKEN_KEY
+    app.state.followup = FollowupService(sessions)
+    app.state.followup_progress = progress
+    return TestClient(app)
+
+
+def test_the_routes_say_when_the_consumer_is_behind_or_down(
+    settings: Settings, sessions: sessionmaker[Session], database: str, tmp_path: Path
+) -> None:
+    """No silent stale answers: with ``concierge followup`` never started the routes answer 503;
+    running and caught up, complete; SIGSTOPped while facts arrive, ``partial`` with the lag,
+    then 503 once its heartbeat is too old; SIGCONTinued, it catches up and the flag clears."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    FollowupService(sessions).put_plan("TS", plan(), "dm")
+    ingest(ingestor, patient("s1", "9000000041"))
+    enrol(sessions, "TS", site_pseudonym(ingestor, "s1", "9000000041"))
+    ingest(ingestor, consent("cs", "s1", ["TS"]))
+    progress = ConsumerProgress(
+        sessions, bootstrap, prefix, max_lag_seconds=1.0, down_after_seconds=6.0
+    ).start()
+    client = _api(sessions, settings, progress)
+    dm = {"Authorization": "Bearer " + issue(TOKEN_KEY, "trial_data_manager", "Acme",
+                                              trials=("TS",))}  # fmt: skip
+    safety = {"Authorization": "Bearer " + issue(TOKEN_KEY, "safety_contact", "Acme",
+                                                  trials=("TS",))}  # fmt: skip
+    feed, events = "/v1/followup/trials/TS/feed", "/v1/followup/trials/TS/safety-events"
+
+    # -- never started: 503 with Retry-After, and why
+    response = client.get(feed, headers=dm)
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]
+    assert "never run" in response.text
+    assert client.get(events, headers=safety).status_code == 503
+    assert client.post("/v1/followup/trials/TS/$export", headers=dm).status_code == 503
+
+    service = _start_service(settings, database, tmp_path)
+    try:
+
+        def answer(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
+            got = client.get(url, headers=headers)
+            return got.json() if got.status_code == 200 else None
+
+        def complete() -> dict[str, Any] | None:
+            body = answer(feed, dm)
+            return body if body is not None and body["partial"] is False else None
+
+        body = wait_for(complete, FEED_SECONDS, "a complete feed")
+        assert body["lag"] == 0 and body["as_of"] is not None
+        assert [e["type"] for e in body["entries"]] == ["started"]
+        high = body["consumer"]["high_watermarks"]
+        assert high and body["consumer"]["offsets"] == high
+        assert body["consumer"]["committed_at"] is not None
+
+        # -- stopped while facts arrive: partial, with how far behind and as of when
+        service.send_signal(signal.SIGSTOP)
+        ingest(ingestor, adverse_event("ae-s", "s1"), condition("cond-s", "s1", "44054006"))
+
+        def partial() -> dict[str, Any] | None:
+            body = answer(feed, dm)
+            return body if body is not None and body["partial"] and body["lag"] else None
+
+        body = wait_for(partial, FEED_SECONDS, "the feed to say it is partial")
+        assert body["lag"] >= 1 and sum(body["consumer"]["lags"].values()) == body["lag"]
+        assert [e["type"] for e in body["entries"]] == ["started"]  # what it has, flagged
+        stale_as_of = body["as_of"]
+        assert stale_as_of is not None
+        events_body = client.get(events, headers=safety).json()
+        assert events_body["events"] == [] and events_body["partial"] is True
+
+        # -- its heartbeat ages: down, 503 with Retry-After
+        def down() -> bool:
+            got = client.get(feed, headers=dm)
+            return got.status_code == 503 and "down" in got.text
+
+        wait_for(down, FEED_SECONDS, "the feed to say the consumer is down")
+        response = client.get(events, headers=safety)
+        assert response.status_code == 503 and response.headers["Retry-After"]
+
+        # -- resumed: it catches up and the flag clears
+        service.send_signal(signal.SIGCONT)
+        body = wait_for(
+            lambda: (b := complete()) is not None and len(b["entries"]) >= 4 and b,
+            FEED_SECONDS, "the feed to catch up",
+        )  # fmt: skip
+        assert [e["type"] for e in body["entries"]] == ["started", "fact", "safety", "fact"]
+        assert body["lag"] == 0 and body["as_of"] > stale_as_of
+        events_body = client.get(events, headers=safety).json()
+        assert events_body["partial"] is False and len(events_body["events"]) == 1
+    finally:
+        service.send_signal(signal.SIGCONT)
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+        progress.stop()
+        ingestor.vault.close()

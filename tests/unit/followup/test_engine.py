@@ -54,7 +54,7 @@ def test_migrations_create_exactly_the_tables(tmp_path: Path) -> None:
     db.upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(db.SCHEMA, engine) == head_revision(db.SCHEMA) == "0001"
+        assert current_revision(db.SCHEMA, engine) == head_revision(db.SCHEMA) == "0002"
         with engine.connect() as conn:
             context = MigrationContext.configure(
                 conn,

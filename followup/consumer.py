@@ -57,6 +57,7 @@ class FollowupConsumer:
         self.name = name
         self.beat_seconds = beat_seconds
         self._beaten = float("-inf")
+        self._expired = float("-inf")
         self._stored: dict[int, int] = {}  # next offsets the database holds, per partition
         self.engine = engine
         self.topic = prefix + FACTS
@@ -158,6 +159,16 @@ class FollowupConsumer:
         self._committed(ahead)
         self._beaten = time.monotonic()
 
+    def expire(self) -> Outcome:
+        """Withdraw participants whose consent period has ended (``FollowupEngine.expire``), in
+        a transaction of its own."""
+        out = Outcome()
+        with self.sessions.begin() as session:
+            self.engine.expire(session, out)
+        self._expired = time.monotonic()
+        self.total.withdrawn += out.withdrawn
+        return out
+
     def _write_beat(self, session: Session, now: datetime, started: bool = False) -> None:
         row = session.get(ConsumerBeat, self.name)
         if row is None:
@@ -251,6 +262,12 @@ class FollowupConsumer:
                     self.beat()
                 except Exception:  # the database is away: no beat says so to every reader
                     log.exception("follow-up heartbeat failed")
+            if time.monotonic() - self._expired >= self.beat_seconds:
+                try:
+                    self.expire()
+                except Exception:  # tried again on the next round; nothing half-done
+                    log.exception("follow-up consent period timer failed")
+                    self._expired = time.monotonic()
 
     def close(self) -> None:
         self.health.stop()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from followup.progress import ConsumerProgress
 from followup.pseudonym import trial_pseudonym
 from followup.relay import Relay, trial_topic
 from followup.service import FollowupService
-from followup.tables import SafetyEvent, TrialCursor
+from followup.tables import ConsumerBeat, SafetyEvent, TrialCursor
 from recruitment.models import OutboxMessage
 from tests.followup_helpers import (
     NHS,
@@ -247,7 +248,9 @@ def test_a_research_opt_out_withdraws_and_safety_events_notify_once(
     assert feed[-1]["reason"] == "research opt-out"
 
 
-def _start_service(settings: Settings, database: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+def _start_service(
+    settings: Settings, database: str, tmp_path: Path, level: str = "WARNING"
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -260,7 +263,7 @@ def _start_service(settings: Settings, database: str, tmp_path: Path) -> subproc
     }
     log = (tmp_path / "followup.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "concierge", "followup", "--log-level", "WARNING"],
+        [sys.executable, "-m", "concierge", "followup", "--log-level", level],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -431,3 +434,82 @@ def test_the_routes_say_when_the_consumer_is_behind_or_down(
         service.wait(60)
         progress.stop()
         ingestor.vault.close()
+
+
+def test_a_consent_period_that_ends_withdraws_once_across_restarts(
+    settings: Settings, sessions: sessionmaker[Session], database: str, tmp_path: Path
+) -> None:
+    """The end of a consent's period withdraws the participant with no new event of theirs,
+    once: ``concierge followup`` SIGKILLed before the end and again after the withdrawal, the
+    trial's feed and topic hold one ``withdrawn``, and nothing of the participant after it."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    service_api = FollowupService(sessions)
+    service_api.put_plan("TP", plan(), "dm")
+    ingest(ingestor, patient("e1", "9000000058"))
+    e1 = site_pseudonym(ingestor, "e1", "9000000058")
+    enrol(sessions, "TP", e1)
+
+    def heartbeat() -> bool:
+        with sessions() as session:
+            return session.scalar(sa.select(sa.func.count()).select_from(ConsumerBeat)) == 1
+
+    def types() -> list[str]:
+        return [e["type"] for e in service_api.feed("TP", 0, 100)["entries"]]
+
+    def waited(predicate: Any, timeout: float, what: str) -> Any:
+        try:
+            return wait_for(predicate, timeout, what)
+        except AssertionError as exc:  # what the service said, for a failure on a busy machine
+            said = (tmp_path / "followup.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(
+                f"{exc}; feed {types()}; concierge followup said:\n{said}"
+            ) from None
+
+    def start() -> subprocess.Popen[bytes]:
+        return _start_service(settings, database, tmp_path, "INFO")
+
+    service = start()
+    try:
+        wait_for(heartbeat, 60, "concierge followup to run")
+        end = datetime.now(UTC) + timedelta(seconds=6)
+        limited = consent("ce", "e1", ["TP"])
+        limited["provision"]["period"] = {  # type: ignore[index]
+            "start": "2026-01-01T00:00:00Z",
+            "end": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        ingest(ingestor, limited, condition("cond-e1", "e1", "44054006"))
+        waited(lambda: types() == ["started", "fact"], FEED_SECONDS, "follow-up to start")
+        assert datetime.now(UTC) < end, "the machine was too slow for this test's period"
+        service.send_signal(signal.SIGKILL)  # before the end
+        service.wait(30)
+        service = start()
+        waited(
+            lambda: "withdrawn" in types(),
+            FEED_SECONDS * 3,
+            "the period's end (a restart on a busy machine)",
+        )
+        (withdrawn,) = [e for e in service_api.feed("TP", 0, 100)["entries"]
+                        if e["type"] == "withdrawn"]  # fmt: skip
+        assert "period" in withdrawn["reason"]
+        assert datetime.fromisoformat(withdrawn["at"]) >= end.replace(microsecond=0)
+        service.send_signal(signal.SIGKILL)  # after the withdrawal
+        service.wait(30)
+        service = start()
+        ingest(ingestor, condition("cond-e2", "e1", "38341003"))  # after the end: not forwarded
+        topic = trial_topic("TP", prefix)
+        waited(lambda: len(read_topic(bootstrap, topic)) >= 3, FEED_SECONDS, "the relay")
+        progress = ConsumerProgress(sessions, bootstrap, prefix, max_lag_seconds=1.0).start()
+        try:
+            seen: list[Any] = []
+            waited(lambda: seen.append(progress.standing()) or not seen[-1].partial,
+                   FEED_SECONDS * 2, "the consumer to catch up")  # fmt: skip
+        finally:
+            progress.stop()
+        time.sleep(3.0)  # a few more rounds of the timer
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+        ingestor.vault.close()
+    assert types() == ["started", "fact", "withdrawn"]
+    assert [r.body["type"] for r in read_topic(bootstrap, topic)] == types()

@@ -180,14 +180,17 @@ def build_recruitment(settings: Settings) -> tuple[Runtime, VaultIdentities]:
 
 def build_followup(settings: Settings, runtime: Runtime) -> tuple[FollowupService, Exports]:
     """The trial team's follow-up reads: the follow-up tables in the recruitment database
-    (migrated on start), and the feed's exports under ``CONCIERGE_HOME``."""
+    (migrated on start), and the feed's exports (jobs in that database, files under
+    ``CONCIERGE_HOME``)."""
     from followup.db import ensure
     from followup.export import Exports
     from followup.service import FollowupService
 
     ensure(runtime.engine)
     service = FollowupService(runtime.sessions)
-    return service, Exports(service, settings.home / "followup-exports")
+    exports = Exports(service, settings.home / "followup-exports")
+    exports.resume()  # jobs whose process died (their lease ran out) run again here
+    return service, exports
 
 
 def build_followup_progress(settings: Settings, runtime: Runtime) -> ConsumerProgress:

@@ -22,7 +22,11 @@ class FollowupSettings(BaseSettings):
 
     #: The secret every trial's pseudonym key is derived from (HKDF, one key per trial).
     secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
-    consumer_group: str = "concierge-followup"
+    #: The Kafka consumer group several ``concierge followup`` instances share (with ``group``).
+    consumer_group: str = Field(default="concierge-followup", min_length=1, max_length=200)
+    #: Several instances share the facts topic's partitions as a consumer group (offsets stay
+    #: in the database); false: one instance reads every partition.
+    group: bool = False
     batch_size: int = Field(default=500, ge=1)
     #: How often the relay looks for feed entries to publish on the trials' topics.
     relay_interval_seconds: float = Field(default=0.2, gt=0, le=60, allow_inf_nan=False)

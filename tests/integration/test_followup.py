@@ -513,3 +513,56 @@ def test_a_consent_period_that_ends_withdraws_once_across_restarts(
         ingestor.vault.close()
     assert types() == ["started", "fact", "withdrawn"]
     assert [r.body["type"] for r in read_topic(bootstrap, topic)] == types()
+
+
+def test_several_instances_share_the_partitions_exactly_once(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Two consumers in one group (``CONCIERGE_FOLLOWUP_GROUP``) split the facts topic's
+    partitions, each seeking to the database's offsets when given one; when one leaves, the
+    other takes its partitions over from those offsets: every fact reaches the feed once."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    FollowupService(sessions).put_plan("TG", plan(), "dm")
+    people = [(f"g{i}", f"90000002{i:02d}") for i in range(8)]
+    ingest(ingestor, *(patient(pid, nhs) for pid, nhs in people))
+    for pid, nhs in people:
+        enrol(sessions, "TG", site_pseudonym(ingestor, pid, nhs))
+    ingest(ingestor, *(consent(f"c-{pid}", pid, ["TG"]) for pid, _ in people))
+    group = f"{prefix}followup-group"
+
+    def instance(name: str) -> FollowupConsumer:
+        engine = FollowupEngine(SECRET, "https://concierge.example")
+        return FollowupConsumer(sessions, engine, bootstrap, prefix, batch_size=3, name=name,
+                                group=group)  # fmt: skip
+
+    def facts() -> list[str]:
+        entries = FollowupService(sessions).feed("TG", 0, 1000)["entries"]
+        return [e["resource"]["id"] for e in entries if e["type"] == "fact"]
+
+    first, second = instance("a"), instance("b")
+    first.start()
+    second.start()
+    total = len(first.consumer.list_topics(first.topic, timeout=10).topics[first.topic].partitions)
+    with running(first.run):
+        with running(second.run):
+            wait_for(
+                lambda: first.assigned() and second.assigned()
+                and len(first.assigned()) + len(second.assigned()) == total,
+                60, "both instances to hold partitions",
+            )  # fmt: skip
+            assert not set(first.assigned()) & set(second.assigned())
+            for n in range(16):
+                ingest(ingestor, condition(f"cond-{n}", people[n % 8][0], "44054006"))
+            wait_for(lambda: len(facts()) >= 16, 60, "16 facts")
+        second.close()  # leaves the group: the first takes its partitions over
+        wait_for(lambda: len(first.assigned()) == total, 60, "one instance with every partition")
+        for n in range(16, 24):
+            ingest(ingestor, condition(f"cond-{n}", people[n % 8][0], "44054006"))
+        wait_for(lambda: len(facts()) >= 24, 60, "24 facts")
+        time.sleep(2.0)  # anything read twice would show by now
+    first.close()
+    ingestor.vault.close()
+    assert sorted(facts()) == sorted(f"cond-{n}" for n in range(24)), "each fact once"
+    entries = FollowupService(sessions).feed("TG", 0, 1000)["entries"]
+    assert sum(1 for e in entries if e["type"] == "started") == 8

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from feasibility.service import FeasibilityService
     from federation.node import Node
     from followup.export import Exports
+    from followup.progress import ConsumerProgress
     from followup.service import FollowupService
     from infra.audit_anchors import AnchorPublisher
     from recruitment.runtime import Runtime
@@ -179,14 +180,33 @@ def build_recruitment(settings: Settings) -> tuple[Runtime, VaultIdentities]:
 
 def build_followup(settings: Settings, runtime: Runtime) -> tuple[FollowupService, Exports]:
     """The trial team's follow-up reads: the follow-up tables in the recruitment database
-    (migrated on start), and the feed's exports under ``CONCIERGE_HOME``."""
+    (migrated on start), and the feed's exports (jobs in that database, files under
+    ``CONCIERGE_HOME``)."""
     from followup.db import ensure
     from followup.export import Exports
     from followup.service import FollowupService
 
     ensure(runtime.engine)
     service = FollowupService(runtime.sessions)
-    return service, Exports(service, settings.home / "followup-exports")
+    exports = Exports(service, settings.home / "followup-exports")
+    exports.resume()  # jobs whose process died (their lease ran out) run again here
+    return service, exports
+
+
+def build_followup_progress(settings: Settings, runtime: Runtime) -> ConsumerProgress:
+    """How current the follow-up tables are: the consumer's committed offsets against the facts
+    topic's high watermarks, measured by this process (``followup.progress``)."""
+    from followup.progress import ConsumerProgress
+    from followup.settings import get_followup_settings
+
+    section = get_followup_settings()
+    return ConsumerProgress(
+        runtime.sessions,
+        settings.kafka_bootstrap_servers,
+        settings.topic_prefix,
+        max_lag_seconds=section.max_lag_seconds,
+        down_after_seconds=section.down_after_seconds,
+    ).start()
 
 
 def build_surveillance(settings: Settings, audit: AuditLog) -> SignalMonitor:
@@ -290,6 +310,12 @@ def _lifespan(
             app.state.followup, app.state.followup_exports = build_followup(
                 settings, app.state.recruitment
             )
+        if (
+            getattr(app.state, "followup_progress", None) is None
+            and getattr(app.state, "followup", None) is not None
+            and app.state.recruitment is not None
+        ):
+            app.state.followup_progress = build_followup_progress(settings, app.state.recruitment)
         if getattr(app.state, "audit_anchors", None) is None and settings.audit_anchor_seconds:
             app.state.audit_anchors = build_audit_anchors(settings, app.state.audit)
         app.state.starting = False
@@ -306,6 +332,10 @@ def _lifespan(
         feasibility_service: FeasibilityService | None = app.state.feasibility
         if feasibility_service is not None:
             feasibility_service.stop()
+        if getattr(app.state, "followup_progress", None) is not None:
+            stop_progress = getattr(app.state.followup_progress, "stop", None)
+            if stop_progress is not None:
+                stop_progress()
         if getattr(app.state, "recruitment", None) is not None:
             app.state.recruitment.close()
         if getattr(app.state, "audit_writer", None) is not None:

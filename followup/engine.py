@@ -22,6 +22,11 @@ For the envelope's patient:
 Every effect is keyed (feed by the forwarded ``seq``, safety events by id, outbox rows by dedupe
 key), and the consumer commits its offsets in the same transaction, so a replay or a SIGKILL at
 any moment neither loses nor repeats anything.
+
+A consent's period also ends without any new event: :meth:`FollowupEngine.expire`, run by the
+consumer's loop about every second, withdraws every active participant whose consent period
+has ended (the same ``withdrawn`` entry, in one transaction with the participant's state, so a
+restart or a second run finds nothing left to do: once).
 """
 
 from __future__ import annotations
@@ -216,6 +221,37 @@ class FollowupEngine:
             out.withdrawn += 1
         out.trials.add(trial_id)
         return participant
+
+    def expire(self, session: Session, out: Outcome) -> None:
+        """Withdraw, once, each active participant whose consent's period has ended by now
+        (the timer: no new event of the participant is needed)."""
+        now = self.clock()
+        ended = (
+            sa.select(Participant)
+            .join(FollowupConsent, FollowupConsent.patient == Participant.patient)
+            .where(
+                Participant.active.is_(True),
+                FollowupConsent.live.is_(True),
+                FollowupConsent.period_end.is_not(None),
+                FollowupConsent.period_end <= now,
+            )
+            .order_by(Participant.trial_id, Participant.patient)
+            # a second consumer's timer waits here, then finds the row no longer active
+            .with_for_update(of=Participant)
+        )
+        for participant in session.scalars(ended).unique().all():
+            authorised, reason, _ = self.consent_state(
+                session, participant.patient, participant.trial_id, now
+            )
+            if authorised or not participant.active:
+                continue  # another consent still covers now
+            participant.active = False
+            participant.stopped_at = now
+            participant.stop_reason = reason
+            self._feed(session, participant.trial_id, participant.pseudonym, "withdrawn",
+                       {"reason": reason}, now)  # fmt: skip
+            out.withdrawn += 1
+            out.trials.add(participant.trial_id)
 
     # ------------------------------------------------------------------ forwarding
 

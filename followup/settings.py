@@ -22,10 +22,19 @@ class FollowupSettings(BaseSettings):
 
     #: The secret every trial's pseudonym key is derived from (HKDF, one key per trial).
     secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
-    consumer_group: str = "concierge-followup"
+    #: The Kafka consumer group several ``concierge followup`` instances share (with ``group``).
+    consumer_group: str = Field(default="concierge-followup", min_length=1, max_length=200)
+    #: Several instances share the facts topic's partitions as a consumer group (offsets stay
+    #: in the database); false: one instance reads every partition.
+    group: bool = False
     batch_size: int = Field(default=500, ge=1)
     #: How often the relay looks for feed entries to publish on the trials' topics.
     relay_interval_seconds: float = Field(default=0.2, gt=0, le=60, allow_inf_nan=False)
+    #: An answer from the follow-up tables is ``partial`` when the consumer's committed offsets
+    #: have not reached the facts topic's high watermarks measured at most this long ago.
+    max_lag_seconds: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    #: The consumer is down (503) when its newest heartbeat is older than this.
+    down_after_seconds: float = Field(default=15.0, ge=3, le=3600, allow_inf_nan=False)
     #: Port of ``concierge followup``'s ``/healthz`` and ``/readyz`` (0: none), on loopback.
     status_port: int = Field(default=6068, ge=0, le=65535)
 

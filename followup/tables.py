@@ -142,3 +142,43 @@ class FollowupOffset(Base):
     topic: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
     kafka_partition: Mapped[int] = mapped_column(primary_key=True)
     next_offset: Mapped[int] = mapped_column(sa.BigInteger)
+    #: When the consumer last committed this partition's offset (None: before migration 0002).
+    committed_at: Mapped[datetime | None]
+
+
+class ConsumerBeat(Base):
+    """A follow-up consumer's heartbeat: written every second or so while its loop runs, idle
+    or not, so a reader of the feed can tell a consumer that is down (or never ran) from one
+    with nothing to do (:mod:`followup.progress`)."""
+
+    __tablename__ = "followup_consumer_beats"
+
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    started_at: Mapped[datetime]
+    beat_at: Mapped[datetime]
+
+
+class ExportJob(Base):
+    """A ``$export`` job (:mod:`followup.export`): kept here, not in an API process's memory, so
+    its status URL answers after a restart and from any API process of the site."""
+
+    __tablename__ = "followup_exports"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    trial_id: Mapped[str] = mapped_column(sa.String(TRIAL), index=True)
+    #: the requester's token subject: the job is theirs alone
+    owner: Mapped[str] = mapped_column(sa.Text)
+    request: Mapped[str] = mapped_column(sa.Text)
+    started: Mapped[datetime]
+    since: Mapped[int] = mapped_column(sa.BigInteger)
+    #: the feed seq the export ends at (the feed as written at kick-off)
+    upto: Mapped[int] = mapped_column(sa.BigInteger)
+    written: Mapped[int] = mapped_column(sa.BigInteger)
+    #: ``running``, ``done`` or ``failed``
+    state: Mapped[str] = mapped_column(sa.String(16))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    files: Mapped[list[Any]]
+    #: how current the follow-up tables were at kick-off (``followup.progress.Standing.body``)
+    standing: Mapped[dict[str, Any]]
+    #: a running job is its runner's until then; after it, any API process may run it again
+    lease_until: Mapped[datetime]

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from fhir_adapters.synthetic.generator import (
     iter_reference_resources,
 )
 from fhir_adapters.vault import SqlVault
+from followup.progress import Standing
 from infra.mirror import ReaderStatus
 from recruitment.models import Invitation
 from recruitment.runtime import Runtime, build_runtime
@@ -144,6 +146,13 @@ def fed_by_hand(name: str) -> ReaderStatus:
         waiting_for=None,
         error=None,
     )
+
+
+class CurrentByHand:
+    """The follow-up tables' standing when the test writes them itself: complete."""
+
+    def standing(self) -> Standing:
+        return Standing(available=True, partial=False, lag=0, as_of=datetime.now(UTC))
 
 
 class MemorySavedQuestions(SavedQuestions):
@@ -336,6 +345,7 @@ def build_world(
         )
         if services:
             app.state.surveillance = _signal_monitor()
+            app.state.followup_progress = CurrentByHand()
         try:
             with TestClient(app) as client:
                 yield World(app, client, settings, runtime, pseudonym, invitation)

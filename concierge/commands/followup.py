@@ -5,13 +5,16 @@ participants, each trial's feed, safety events queued in recruitment's outbox; o
 same transactions), and a relay publishes each trial's feed on the trial's own topic,
 transactionally. Safety notifications are delivered by ``concierge recruitment run``'s
 dispatcher, like every outbox row. ``/healthz`` and ``/readyz`` on
-``CONCIERGE_FOLLOWUP_STATUS_PORT`` (loopback; 0: none).
+``CONCIERGE_FOLLOWUP_STATUS_PORT`` (loopback; 0: none). One instance reads every partition;
+with ``CONCIERGE_FOLLOWUP_GROUP=true`` several share them as a consumer group.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 from types import FrameType
 
@@ -28,7 +31,15 @@ log = logging.getLogger("concierge.followup")
     default=None,
     help="Port of /healthz and /readyz (default CONCIERGE_FOLLOWUP_STATUS_PORT; 0: none).",
 )
-def followup(log_level: str, status_port: int | None) -> None:
+@click.option(
+    "--relay/--no-relay",
+    default=True,
+    show_default=True,
+    help="Publish the trials' feeds on their topics here. With CONCIERGE_FOLLOWUP_GROUP, run "
+    "the relay in one instance only (--no-relay on the others): relays share one "
+    "transactional id, so a second one fences the first.",
+)
+def followup(log_level: str, status_port: int | None, relay: bool) -> None:
     """Follow enrolled participants up: each trial's feed, safety events, withdrawal."""
     from concierge.configuration import load_configuration
     from concierge.logs import configure_logging
@@ -54,8 +65,17 @@ def followup(log_level: str, status_port: int | None) -> None:
         section.secret.get_secret_value().encode(), configuration.recruitment.app_base_url
     )
     bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
-    consumer = FollowupConsumer(sessions, engine, bootstrap, prefix, batch_size=section.batch_size)
-    relay = Relay(
+    # one per deployment by default; with CONCIERGE_FOLLOWUP_GROUP several share the partitions,
+    # each beating under a name of its own
+    name = (
+        f"{section.consumer_group}:{socket.gethostname()}:{os.getpid()}"
+        if section.group
+        else ("concierge-followup")
+    )
+    consumer = FollowupConsumer(sessions, engine, bootstrap, prefix, batch_size=section.batch_size,
+                                name=name, group=section.consumer_group if section.group else None,
+                                )  # fmt: skip
+    publisher = Relay(
         sessions,
         bootstrap,
         prefix,
@@ -63,7 +83,8 @@ def followup(log_level: str, status_port: int | None) -> None:
         replication_factor=settings.topic_replication_factor,
     )
     consumer.start()
-    relay.start()
+    if relay:
+        publisher.start()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -75,16 +96,18 @@ def followup(log_level: str, status_port: int | None) -> None:
     port = section.status_port if status_port is None else status_port
     status = StatusServer(lambda: consumer.readiness().to_dict(), port).start() if port else None
     relay_thread = threading.Thread(
-        target=relay.run, args=(stop, section.relay_interval_seconds), name="followup-relay"
+        target=publisher.run, args=(stop, section.relay_interval_seconds), name="followup-relay"
     )
-    relay_thread.start()
+    if relay:
+        relay_thread.start()
     log.info("concierge followup: reading %s%s", prefix, "concierge.facts.v1")
     try:
         consumer.run(stop)
     finally:
         stop.set()
-        relay_thread.join()
-        relay.close()
+        if relay:
+            relay_thread.join()
+        publisher.close()
         consumer.close()
         if status is not None:
             status.stop()

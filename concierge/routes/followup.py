@@ -16,6 +16,12 @@ trial is 404, as if it did not exist:
 
 Nothing here carries identity: participants are trial pseudonyms. Every request is audited by
 the API's middleware; feed reads add the trial and the entries read.
+
+Every answer read from what ``concierge followup`` writes (the feed, exports, safety events,
+endpoint counts) says how current it is (``followup.progress``): ``partial``, ``lag`` and
+``as_of`` in the body (headers ``X-Followup-Partial``, ``X-Followup-Lag``,
+``X-Followup-As-Of`` on an export's NDJSON files), and 503 with ``Retry-After`` while the
+consumer is down, has never run, or its lag cannot be measured.
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the dependency aliases at import.
@@ -30,6 +36,7 @@ from core.auth import Principal, require_role
 from core.http import problem_responses
 from followup.export import Exports
 from followup.plans import Plan
+from followup.progress import RETRY_AFTER_SECONDS, Progress, Standing
 from followup.service import FollowupService, NotFound
 
 TRIAL_ID = Path(max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
@@ -64,6 +71,40 @@ def _exports(request: Request) -> Exports:
 
 
 ExportsDep = Annotated[Exports, Depends(_exports)]
+
+
+def _standing(request: Request) -> Standing:
+    """How current the follow-up tables are; 503 with ``Retry-After`` when nobody can say
+    (the consumer is down or never ran, or the facts topic cannot be measured)."""
+    progress: Progress | None = getattr(request.app.state, "followup_progress", None)
+    if progress is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "follow-up is not running in this API",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    found = progress.standing()
+    if not found.available:
+        request.state.audit_detail = {"not_current": found.waiting_for}
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            {
+                "message": "the follow-up tables are not known to be current",
+                "waiting_for": [found.waiting_for],
+                **found.body(),
+            },
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    return found
+
+
+NOT_CURRENT = problem_responses(
+    503,
+    descriptions={
+        503: "The follow-up consumer is down or has never run, or its lag cannot be measured: "
+        "`detail.waiting_for` says which, `Retry-After` when to ask again"
+    },
+)
 
 
 def _serves(principal: Principal, trial_id: str) -> None:
@@ -134,8 +175,10 @@ def build_router() -> APIRouter:
         description="Entries after `after` (a feed `seq`), oldest first: `fact` (a resource "
         "version within the trial's scope, with provenance), `retraction` (a version the trial "
         "held is no longer true), `started`, `withdrawn` (consent withdrawn or a research "
-        "opt-out: nothing of the participant follows), `safety`. Resume from `next`.",
-        responses=problem_responses(422),
+        "opt-out: nothing of the participant follows), `safety`. Resume from `next`. "
+        "`partial: true` when the follow-up consumer is behind the facts topic by more than "
+        "`CONCIERGE_FOLLOWUP_MAX_LAG_SECONDS` (`lag`, `as_of`, `consumer` say how far).",
+        responses={**problem_responses(422), **NOT_CURRENT},
     )
     def feed(
         request: Request,
@@ -146,16 +189,20 @@ def build_router() -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
         _serves(principal, trial_id)
+        standing = _standing(request)
         page = service.feed(trial_id, after, limit)
-        request.state.audit_detail = {"trial": trial_id, "entries": len(page["entries"])}
-        return page
+        request.state.audit_detail = {"trial": trial_id, "entries": len(page["entries"]),
+                                      "partial": standing.partial}  # fmt: skip
+        return {**page, **standing.body()}
 
     @router.post(
         "/trials/{trial_id}/$export",
         status_code=status.HTTP_202_ACCEPTED,
         summary="Kick off an NDJSON export of the trial's feed (Bulk Data shaped)",
-        description="202 with `Content-Location`: the status URL. `_since` is a feed `seq`.",
-        responses=problem_responses(422),
+        description="202 with `Content-Location`: the status URL. `_since` is a feed `seq`. "
+        "The export holds the feed as written when it was kicked off; `partial`, `lag` and "
+        "`as_of` say how current that was (also in the manifest and on each file).",
+        responses={**problem_responses(422), **NOT_CURRENT},
     )
     def export(
         request: Request,
@@ -166,9 +213,10 @@ def build_router() -> APIRouter:
         since: Annotated[int, Query(alias="_since", ge=0, le=2**62)] = 0,
     ) -> dict[str, Any]:
         _serves(principal, trial_id)
-        job = exports.kick_off(trial_id, principal.sub, str(request.url), since)
+        standing = _standing(request)
+        job = exports.kick_off(trial_id, principal.sub, str(request.url), since, standing.body())
         response.headers["Content-Location"] = str(request.url_for("export_status", job_id=job.id))
-        return {"job": job.id}
+        return {"job": job.id, **standing.body()}
 
     @router.get(
         "/exports/{job_id}",
@@ -208,34 +256,50 @@ def build_router() -> APIRouter:
     ) -> FileResponse:
         job = exports.get(job_id, principal.sub)
         found = exports.file(job, name) if job is not None and job.done else None
-        if found is None:
+        if job is None or found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {name}")
-        return FileResponse(found, media_type="application/fhir+ndjson")
+        return FileResponse(found, media_type="application/fhir+ndjson",
+                            headers=exports.headers(job))  # fmt: skip
 
-    @router.get("/trials/{trial_id}/safety-events", summary="The trial's safety events")
+    @router.get(
+        "/trials/{trial_id}/safety-events",
+        summary="The trial's safety events",
+        description="`partial: true` when the follow-up consumer is behind (`lag`, `as_of`).",
+        responses=NOT_CURRENT,
+    )
     def safety_events(
-        principal: SafetyContact, service: Service, trial_id: Annotated[str, TRIAL_ID]
+        request: Request,
+        principal: SafetyContact,
+        service: Service,
+        trial_id: Annotated[str, TRIAL_ID],
     ) -> dict[str, Any]:
         _serves(principal, trial_id)
-        return {"trial": trial_id, "events": service.safety_events(trial_id)}
+        standing = _standing(request)
+        return {"trial": trial_id, "events": service.safety_events(trial_id), **standing.body()}
 
     @router.get(
         "/trials/{trial_id}/endpoints",
         summary="Live counts of the trial's endpoint per arm (statistician)",
         description="Participants followed up per arm and those with the plan's endpoint among "
         "the resource versions the trial holds now; `drill=true` adds, per participant counted, "
-        "the resource versions behind the count.",
+        "the resource versions behind the count. `partial: true` when the follow-up consumer "
+        "is behind (`lag`, `as_of`).",
+        responses=NOT_CURRENT,
     )
     def endpoints(
+        request: Request,
         principal: Statistician,
         service: Service,
         trial_id: Annotated[str, TRIAL_ID],
         drill: bool = False,
     ) -> dict[str, Any]:
         _serves(principal, trial_id)
+        standing = _standing(request)
         try:
-            return service.endpoint_counts(trial_id, drill)
+            counts = service.endpoint_counts(trial_id, drill)
         except NotFound as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        # the tables' own as_of replaces the time of the read: the count is as current as that
+        return {**counts, **standing.body()}
 
     return router

@@ -48,9 +48,10 @@ class Calls:
             "often enough already)",
         ]
         width = max(len(op) for op in operations)
+        cell = max(9, *(len(c) for c in self.callers))
         lines.append(
             f"{'operation':<{width}}  "
-            + " ".join(f"{c:>9}" for c in self.callers)
+            + " ".join(f"{c:>{cell}}" for c in self.callers)
             + "  statuses (all callers)"
         )
         for op in operations:
@@ -59,7 +60,7 @@ class Calls:
             for caller in self.callers:
                 counted = self.counts.get((op, caller), Counter())
                 per_op.update(counted)
-                cells.append(f"{sum(counted.values()):>9}")
+                cells.append(f"{sum(counted.values()):>{cell}}")
             statuses = " ".join(f"{s}x{n}" for s, n in sorted(per_op.items()))
             lines.append(f"{op:<{width}}  " + " ".join(cells) + f"  {statuses}")
         return lines

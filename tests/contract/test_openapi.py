@@ -7,11 +7,13 @@ does reaches another test) is served by uvicorn on a loopback port. For every op
 document the app serves, schemathesis makes requests from the document: its explicit examples,
 the coverage phase's boundary and missing-value cases, then positive and negative fuzzing, with a
 fixed seed. Each request is sent as every caller: no token, and a token (:func:`core.auth.issue`)
-for each role: sponsor, clinician, regulator, source, admin; a caller the operation refuses (401,
+for each role: sponsor, clinician, regulator, source, admin, and the trial team's
+trial_data_manager, statistician and safety_contact (their ``trials`` claim names the world's
+trial); a caller the operation refuses (401,
 403) gets its first ``SCHEMATHESIS_REFUSALS`` cases (default 4), not every one, since the token
 is checked before anything else is read. Where a path names an id, the same
 request is sent again with an id the world holds (its saved question, its invitation, its
-patient), so answers other than 404 are checked too.
+patient, the data manager's follow-up export), so answers other than 404 are checked too.
 
 Every response must pass schemathesis' checks: no server error, a documented status, a
 documented media type, a body that conforms to the documented schema, and the documented
@@ -75,7 +77,23 @@ from tests.faults import free_port
 #: Fuzzed examples per operation (each sent as every caller); a longer run sets more.
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "8"))
 SEED = int(os.environ.get("SCHEMATHESIS_SEED", "20261201"))
-CALLERS = ("none", "sponsor", "clinician", "regulator", "source", "admin")
+CALLERS = (
+    "none",
+    "sponsor",
+    "clinician",
+    "regulator",
+    "source",
+    "admin",
+    "data_manager",
+    "statistician",
+    "safety_contact",
+)
+#: The trial team's callers: their roles, each with a ``trials`` claim naming the world's trial.
+TRIAL_TEAM = {
+    "data_manager": "trial_data_manager",
+    "statistician": "statistician",
+    "safety_contact": "safety_contact",
+}
 #: Cases of an operation sent as a caller the operation refuses (401, 403) before that caller is
 #: left out of its remaining cases; 0 sends every case as every caller. A refusal comes from the
 #: token check, before the body or parameters are read (only an undecodable body, 400, comes
@@ -114,6 +132,7 @@ class Served:
     world: World
     base_url: str
     headers: dict[str, dict[str, str]]
+    export_job: str
     session: requests.Session = field(default_factory=requests.Session)
 
 
@@ -132,6 +151,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             "source": world.headers("source", "Leeds EHR"),
             "admin": world.headers("admin", "Leeds site"),
         }
+        for caller, role in TRIAL_TEAM.items():
+            headers[caller] = world.headers(role, "Acme Trials", trials=(TRIAL,))  # type: ignore[arg-type]
+        # a follow-up export of the data manager's, so its status URL answers beyond 404
+        kick = world.client.post(
+            f"/v1/followup/trials/{TRIAL}/$export", headers=headers["data_manager"]
+        )
+        assert kick.status_code == 202, kick.text
+        export_job = kick.json()["job"]
         port = free_port()
         # the world's client has run the app's start-up already: uvicorn only serves it
         server = uvicorn.Server(
@@ -146,7 +173,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             while not server.started:
                 assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
                 time.sleep(0.05)
-            yield Served(world, f"http://127.0.0.1:{port}", headers)
+            yield Served(world, f"http://127.0.0.1:{port}", headers, export_job)
         finally:
             server.should_exit = True
             thread.join(30)
@@ -167,6 +194,8 @@ def world_ids(operation: APIOperation, served: Served) -> dict[str, str]:
         ids["resource_type"] = "Patient"
     if "{resource_id}" in path:
         ids["resource_id"] = PATIENT_RESOURCE
+    if "{job_id}" in path:
+        ids["job_id"] = served.export_job
     return ids
 
 

@@ -14,12 +14,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from concierge.routes.followup import build_router as followup_router
+from core.auth import issue
 from core.db import make_engine, make_sessionmaker
 from core.settings import Settings
 from fhir_adapters.pipeline import Ingestor
@@ -27,10 +33,11 @@ from fhir_adapters.service import build_ingestor
 from followup.consumer import FollowupConsumer
 from followup.db import upgrade
 from followup.engine import FollowupEngine
+from followup.progress import ConsumerProgress
 from followup.pseudonym import trial_pseudonym
 from followup.relay import Relay, trial_topic
 from followup.service import FollowupService
-from followup.tables import SafetyEvent, TrialCursor
+from followup.tables import ConsumerBeat, SafetyEvent, TrialCursor
 from recruitment.models import OutboxMessage
 from tests.followup_helpers import (
     NHS,
@@ -47,6 +54,7 @@ from tests.followup_helpers import (
 )
 from tests.recruitment_helpers import SOURCE, fresh_database
 
+TOKEN_KEY = b"a-test-token-key-for-follow-up-routes-32b"
 FEED_SECONDS = 15.0  # "within seconds", with room for a loaded shared machine
 
 
@@ -240,7 +248,9 @@ def test_a_research_opt_out_withdraws_and_safety_events_notify_once(
     assert feed[-1]["reason"] == "research opt-out"
 
 
-def _start_service(settings: Settings, database: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+def _start_service(
+    settings: Settings, database: str, tmp_path: Path, level: str = "WARNING"
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -253,7 +263,7 @@ def _start_service(settings: Settings, database: str, tmp_path: Path) -> subproc
     }
     log = (tmp_path / "followup.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "concierge", "followup", "--log-level", "WARNING"],
+        [sys.executable, "-m", "concierge", "followup", "--log-level", level],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -322,3 +332,237 @@ def test_a_serious_adverse_event_notifies_exactly_once_across_sigkills(
     facts = [r.body["resource"]["id"] for r in records if r.body["type"] == "fact"]
     assert sorted(facts) == sorted({*(f"sae-{n}" for n in range(events)),
                                     *(f"cond-{n}" for n in range(events))})  # fmt: skip
+
+
+def _api(sessions: sessionmaker[Session], settings: Settings, progress: ConsumerProgress
+         ) -> TestClient:  # fmt: skip
+    """The follow-up routes on a bare app over the test's database and the real broker."""
+    app = FastAPI()
+    app.include_router(followup_router())
+    app.state.token_key = TOKEN_KEY
+    app.state.followup = FollowupService(sessions)
+    app.state.followup_progress = progress
+    return TestClient(app)
+
+
+def test_the_routes_say_when_the_consumer_is_behind_or_down(
+    settings: Settings, sessions: sessionmaker[Session], database: str, tmp_path: Path
+) -> None:
+    """No silent stale answers: with ``concierge followup`` never started the routes answer 503;
+    running and caught up, complete; SIGSTOPped while facts arrive, ``partial`` with the lag,
+    then 503 once its heartbeat is too old; SIGCONTinued, it catches up and the flag clears."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    FollowupService(sessions).put_plan("TS", plan(), "dm")
+    ingest(ingestor, patient("s1", "9000000041"))
+    enrol(sessions, "TS", site_pseudonym(ingestor, "s1", "9000000041"))
+    ingest(ingestor, consent("cs", "s1", ["TS"]))
+    progress = ConsumerProgress(
+        sessions, bootstrap, prefix, max_lag_seconds=1.0, down_after_seconds=6.0
+    ).start()
+    client = _api(sessions, settings, progress)
+    dm = {"Authorization": "Bearer " + issue(TOKEN_KEY, "trial_data_manager", "Acme",
+                                              trials=("TS",))}  # fmt: skip
+    safety = {"Authorization": "Bearer " + issue(TOKEN_KEY, "safety_contact", "Acme",
+                                                  trials=("TS",))}  # fmt: skip
+    feed, events = "/v1/followup/trials/TS/feed", "/v1/followup/trials/TS/safety-events"
+
+    # -- never started: 503 with Retry-After, and why
+    response = client.get(feed, headers=dm)
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"]
+    assert "never run" in response.text
+    assert client.get(events, headers=safety).status_code == 503
+    assert client.post("/v1/followup/trials/TS/$export", headers=dm).status_code == 503
+
+    service = _start_service(settings, database, tmp_path)
+    try:
+
+        def answer(url: str, headers: dict[str, str]) -> dict[str, Any] | None:
+            got = client.get(url, headers=headers)
+            return got.json() if got.status_code == 200 else None
+
+        def complete() -> dict[str, Any] | None:
+            body = answer(feed, dm)
+            return body if body is not None and body["partial"] is False else None
+
+        body = wait_for(complete, FEED_SECONDS, "a complete feed")
+        assert body["lag"] == 0 and body["as_of"] is not None
+        assert [e["type"] for e in body["entries"]] == ["started"]
+        high = body["consumer"]["high_watermarks"]
+        assert high and body["consumer"]["offsets"] == high
+        assert body["consumer"]["committed_at"] is not None
+
+        # -- stopped while facts arrive: partial, with how far behind and as of when
+        service.send_signal(signal.SIGSTOP)
+        ingest(ingestor, adverse_event("ae-s", "s1"), condition("cond-s", "s1", "44054006"))
+
+        def partial() -> dict[str, Any] | None:
+            body = answer(feed, dm)
+            return body if body is not None and body["partial"] and body["lag"] else None
+
+        body = wait_for(partial, FEED_SECONDS, "the feed to say it is partial")
+        assert body["lag"] >= 1 and sum(body["consumer"]["lags"].values()) == body["lag"]
+        assert [e["type"] for e in body["entries"]] == ["started"]  # what it has, flagged
+        stale_as_of = body["as_of"]
+        assert stale_as_of is not None
+        events_body = client.get(events, headers=safety).json()
+        assert events_body["events"] == [] and events_body["partial"] is True
+
+        # -- its heartbeat ages: down, 503 with Retry-After
+        def down() -> bool:
+            got = client.get(feed, headers=dm)
+            return got.status_code == 503 and "down" in got.text
+
+        wait_for(down, FEED_SECONDS, "the feed to say the consumer is down")
+        response = client.get(events, headers=safety)
+        assert response.status_code == 503 and response.headers["Retry-After"]
+
+        # -- resumed: it catches up and the flag clears
+        service.send_signal(signal.SIGCONT)
+        body = wait_for(
+            lambda: (b := complete()) is not None and len(b["entries"]) >= 4 and b,
+            FEED_SECONDS, "the feed to catch up",
+        )  # fmt: skip
+        assert [e["type"] for e in body["entries"]] == ["started", "fact", "safety", "fact"]
+        assert body["lag"] == 0 and body["as_of"] > stale_as_of
+        events_body = client.get(events, headers=safety).json()
+        assert events_body["partial"] is False and len(events_body["events"]) == 1
+    finally:
+        service.send_signal(signal.SIGCONT)
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+        progress.stop()
+        ingestor.vault.close()
+
+
+def test_a_consent_period_that_ends_withdraws_once_across_restarts(
+    settings: Settings, sessions: sessionmaker[Session], database: str, tmp_path: Path
+) -> None:
+    """The end of a consent's period withdraws the participant with no new event of theirs,
+    once: ``concierge followup`` SIGKILLed before the end and again after the withdrawal, the
+    trial's feed and topic hold one ``withdrawn``, and nothing of the participant after it."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    service_api = FollowupService(sessions)
+    service_api.put_plan("TP", plan(), "dm")
+    ingest(ingestor, patient("e1", "9000000058"))
+    e1 = site_pseudonym(ingestor, "e1", "9000000058")
+    enrol(sessions, "TP", e1)
+
+    def heartbeat() -> bool:
+        with sessions() as session:
+            return session.scalar(sa.select(sa.func.count()).select_from(ConsumerBeat)) == 1
+
+    def types() -> list[str]:
+        return [e["type"] for e in service_api.feed("TP", 0, 100)["entries"]]
+
+    def waited(predicate: Any, timeout: float, what: str) -> Any:
+        try:
+            return wait_for(predicate, timeout, what)
+        except AssertionError as exc:  # what the service said, for a failure on a busy machine
+            said = (tmp_path / "followup.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(
+                f"{exc}; feed {types()}; concierge followup said:\n{said}"
+            ) from None
+
+    def start() -> subprocess.Popen[bytes]:
+        return _start_service(settings, database, tmp_path, "INFO")
+
+    service = start()
+    try:
+        wait_for(heartbeat, 60, "concierge followup to run")
+        end = datetime.now(UTC) + timedelta(seconds=6)
+        limited = consent("ce", "e1", ["TP"])
+        limited["provision"]["period"] = {  # type: ignore[index]
+            "start": "2026-01-01T00:00:00Z",
+            "end": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        ingest(ingestor, limited, condition("cond-e1", "e1", "44054006"))
+        waited(lambda: types() == ["started", "fact"], FEED_SECONDS, "follow-up to start")
+        assert datetime.now(UTC) < end, "the machine was too slow for this test's period"
+        service.send_signal(signal.SIGKILL)  # before the end
+        service.wait(30)
+        service = start()
+        waited(
+            lambda: "withdrawn" in types(),
+            FEED_SECONDS * 3,
+            "the period's end (a restart on a busy machine)",
+        )
+        (withdrawn,) = [e for e in service_api.feed("TP", 0, 100)["entries"]
+                        if e["type"] == "withdrawn"]  # fmt: skip
+        assert "period" in withdrawn["reason"]
+        assert datetime.fromisoformat(withdrawn["at"]) >= end.replace(microsecond=0)
+        service.send_signal(signal.SIGKILL)  # after the withdrawal
+        service.wait(30)
+        service = start()
+        ingest(ingestor, condition("cond-e2", "e1", "38341003"))  # after the end: not forwarded
+        topic = trial_topic("TP", prefix)
+        waited(lambda: len(read_topic(bootstrap, topic)) >= 3, FEED_SECONDS, "the relay")
+        progress = ConsumerProgress(sessions, bootstrap, prefix, max_lag_seconds=1.0).start()
+        try:
+            seen: list[Any] = []
+            waited(lambda: seen.append(progress.standing()) or not seen[-1].partial,
+                   FEED_SECONDS * 2, "the consumer to catch up")  # fmt: skip
+        finally:
+            progress.stop()
+        time.sleep(3.0)  # a few more rounds of the timer
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+        ingestor.vault.close()
+    assert types() == ["started", "fact", "withdrawn"]
+    assert [r.body["type"] for r in read_topic(bootstrap, topic)] == types()
+
+
+def test_several_instances_share_the_partitions_exactly_once(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    """Two consumers in one group (``CONCIERGE_FOLLOWUP_GROUP``) split the facts topic's
+    partitions, each seeking to the database's offsets when given one; when one leaves, the
+    other takes its partitions over from those offsets: every fact reaches the feed once."""
+    ingestor = build_ingestor(settings)
+    bootstrap, prefix = settings.kafka_bootstrap_servers, settings.topic_prefix
+    FollowupService(sessions).put_plan("TG", plan(), "dm")
+    people = [(f"g{i}", f"90000002{i:02d}") for i in range(8)]
+    ingest(ingestor, *(patient(pid, nhs) for pid, nhs in people))
+    for pid, nhs in people:
+        enrol(sessions, "TG", site_pseudonym(ingestor, pid, nhs))
+    ingest(ingestor, *(consent(f"c-{pid}", pid, ["TG"]) for pid, _ in people))
+    group = f"{prefix}followup-group"
+
+    def instance(name: str) -> FollowupConsumer:
+        engine = FollowupEngine(SECRET, "https://concierge.example")
+        return FollowupConsumer(sessions, engine, bootstrap, prefix, batch_size=3, name=name,
+                                group=group)  # fmt: skip
+
+    def facts() -> list[str]:
+        entries = FollowupService(sessions).feed("TG", 0, 1000)["entries"]
+        return [e["resource"]["id"] for e in entries if e["type"] == "fact"]
+
+    first, second = instance("a"), instance("b")
+    first.start()
+    second.start()
+    total = len(first.consumer.list_topics(first.topic, timeout=10).topics[first.topic].partitions)
+    with running(first.run):
+        with running(second.run):
+            wait_for(
+                lambda: first.assigned() and second.assigned()
+                and len(first.assigned()) + len(second.assigned()) == total,
+                60, "both instances to hold partitions",
+            )  # fmt: skip
+            assert not set(first.assigned()) & set(second.assigned())
+            for n in range(16):
+                ingest(ingestor, condition(f"cond-{n}", people[n % 8][0], "44054006"))
+            wait_for(lambda: len(facts()) >= 16, 60, "16 facts")
+        second.close()  # leaves the group: the first takes its partitions over
+        wait_for(lambda: len(first.assigned()) == total, 60, "one instance with every partition")
+        for n in range(16, 24):
+            ingest(ingestor, condition(f"cond-{n}", people[n % 8][0], "44054006"))
+        wait_for(lambda: len(facts()) >= 24, 60, "24 facts")
+        time.sleep(2.0)  # anything read twice would show by now
+    first.close()
+    ingestor.vault.close()
+    assert sorted(facts()) == sorted(f"cond-{n}" for n in range(24)), "each fact once"
+    entries = FollowupService(sessions).feed("TG", 0, 1000)["entries"]
+    assert sum(1 for e in entries if e["type"] == "started") == 8

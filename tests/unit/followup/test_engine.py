@@ -54,7 +54,7 @@ def test_migrations_create_exactly_the_tables(tmp_path: Path) -> None:
     db.upgrade(url)
     engine = make_engine(url)
     try:
-        assert current_revision(db.SCHEMA, engine) == head_revision(db.SCHEMA) == "0001"
+        assert current_revision(db.SCHEMA, engine) == head_revision(db.SCHEMA) == "0003"
         with engine.connect() as conn:
             context = MigrationContext.configure(
                 conn,
@@ -137,6 +137,47 @@ def test_a_consent_period_that_has_not_begun_does_not_authorise(
     run(engine, sessions, envelope("Consent|k1", "p-1", 1, permit("T1", period_start=later)))
     run(engine, sessions, envelope("Condition|c2", "p-1", 1, cond("2")))
     assert feed(sessions) == []
+
+
+def test_a_consent_period_that_ends_withdraws_once_without_a_new_event(
+    sessions: sessionmaker[Session],
+) -> None:
+    FollowupService(sessions).put_plan("T1", plan(), "dm")
+    enrol(sessions, "T1", "p-1")
+    enrol(sessions, "T1", "p-2")
+    now = [NOW]
+    engine = FollowupEngine(SECRET, "https://x.example", clock=lambda: now[0])
+    end = NOW + timedelta(hours=1)
+    run(engine, sessions, envelope("Consent|k1", "p-1", 1, permit("T1", period_end=end)),
+        envelope("Consent|k2", "p-2", 1, permit("T1")),  # no end: stays
+        envelope("Condition|c1", "p-1", 1, cond("1")))  # fmt: skip
+
+    def expire() -> Outcome:
+        out = Outcome()
+        with sessions.begin() as session:
+            engine.expire(session, out)
+        return out
+
+    assert expire().withdrawn == 0  # not ended yet
+    now[0] = end - timedelta(seconds=1)
+    assert expire().withdrawn == 0
+    now[0] = end
+    assert expire().withdrawn == 1
+    now[0] = end + timedelta(minutes=5)
+    assert expire().withdrawn == 0, "once: a second run finds nothing to do"
+    p1 = trial_pseudonym(SECRET, "T1", "p-1")
+    mine = [e for e in feed(sessions) if e["participant"] == p1]
+    assert [e["type"] for e in mine] == ["started", "fact", "withdrawn"]
+    assert "period" in str(mine[-1]["reason"])
+    # the feed is stopped: the participant's next fact is not forwarded, and no second event
+    run(engine, sessions, envelope("Condition|c2", "p-1", 1, cond("2")))
+    assert [e["type"] for e in feed(sessions) if e["participant"] == p1] == [
+        "started", "fact", "withdrawn"
+    ]  # fmt: skip
+    # a new consent covering now starts it again
+    later = end + timedelta(days=365)
+    run(engine, sessions, envelope("Consent|k1", "p-1", 2, permit("T1", period_end=later)))
+    assert [e["type"] for e in feed(sessions) if e["participant"] == p1][-1] == "started"
 
 
 def test_scope_limits_what_is_forwarded_and_patients_give_only_death(

@@ -644,6 +644,15 @@ def _run(
     children.spawn(
         "recruitment", [*concierge, "recruitment", "run"], logs / "recruitment.log", mail_env
     )
+    # follow-up of enrolled participants (per-trial feeds, safety events); without it the
+    # follow-up routes answer 503 "never run", truthfully
+    followup_port = _free_port()
+    children.spawn(
+        "followup",
+        [*concierge, "followup", "--status-port", str(followup_port)],
+        logs / "followup.log",
+        env,
+    )
     dashboard_port = DashboardSettings().port
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     children.spawn(
@@ -662,6 +671,7 @@ def _run(
     click.echo("\nThe concierge is up:")
     click.echo(f"  API and OpenAPI docs    {api_url}/docs")
     click.echo(f"  readiness               {api_url}/readyz, {worker_url}/readyz")
+    click.echo(f"  follow-up service       http://127.0.0.1:{followup_port}/readyz")
     click.echo(f"  FHIR ingest endpoint    {api_url}/fhir")
     click.echo(f"  stream worker state     {worker_url}/state/digest (site admins: bearer token)")
     click.echo(f"  live cohorts (ops)      {worker_url}/state/cohorts (site admins: bearer token)")

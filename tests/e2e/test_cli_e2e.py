@@ -132,7 +132,7 @@ def test_sigterm_stops_every_process_the_demo_started(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     """``kill -TERM`` of a running demo (as an operator, a service manager or scripts/soak.sh
-    would) stops the worker, API, recruitment service, SMTP server and dashboard, not just the
+    would) stops the worker, API, recruitment and follow-up services, SMTP server and dashboard, not just the
     demo itself."""
     import signal
     import time
@@ -164,7 +164,7 @@ def test_sigterm_stops_every_process_the_demo_started(
             assert time.monotonic() < deadline, output.read_text(errors="replace")
             time.sleep(1)
         roles = json.loads((home / "logs" / "demo-processes.json").read_text())["roles"]
-        assert {"worker", "api", "recruitment", "dashboard", "smtp"} <= set(roles)
+        assert {"worker", "api", "recruitment", "followup", "dashboard", "smtp"} <= set(roles)
         pids = [info["pid"] for info in roles.values() if info.get("owned", True)]
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(60) == 0, output.read_text(errors="replace")

@@ -132,8 +132,8 @@ def test_sigterm_stops_every_process_the_demo_started(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     """``kill -TERM`` of a running demo (as an operator, a service manager or scripts/soak.sh
-    would) stops the worker, API, recruitment and follow-up services, SMTP server and dashboard, not just the
-    demo itself."""
+    would) stops the worker, API, recruitment and follow-up services, SMTP server and dashboard,
+    not just the demo itself."""
     import signal
     import time
 

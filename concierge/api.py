@@ -19,6 +19,7 @@ from core.audit import AuditKeys, AuditLog
 from core.http import install_audit, install_problem_details
 from core.settings import Settings, get_settings
 from fhir_adapters.rest import IngestService, build_router
+from fhir_adapters.sinks import DeliveryFailed
 from infra.kafka_log import routed
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,12 @@ def _lifespan(
         if getattr(app.state, "surveillance_proxy", None) is not None:
             await app.state.surveillance_proxy.aclose()
         if getattr(app.state, "ingest", None) is not None:
-            app.state.ingest.ingestor.commit()
+            try:
+                app.state.ingest.ingestor.commit()
+            except DeliveryFailed as failed:
+                # every request commits its own batch, so this is one cut short by the stop:
+                # aborted, nothing of it indexed, its client not answered 2xx
+                log.warning("shutdown: the last ingest batch was not delivered (%s)", failed)
             app.state.ingest.ingestor.vault.close()
         feasibility_service: FeasibilityService | None = app.state.feasibility
         if feasibility_service is not None:

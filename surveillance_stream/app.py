@@ -469,11 +469,12 @@ class StreamApp:
             self.cohorts.recover(partition)
             for hook in self.on_recover:
                 hook(partition)
-            record |= {
-                "partition": partition,
+            if self.standby is not None:
                 # the offset of the standby checkpoint this worker kept of the partition (None:
                 # it followed none; "from" says whether the recovery started from it)
-                "standby": standby,
+                record["standby"] = standby
+            record |= {
+                "partition": partition,
                 "patients": len(patients),
                 "envelopes": read,
                 "to": end,

@@ -10,9 +10,9 @@
 #                                                 # (e.g. `pip freeze` of a venv CI tested)
 #
 # Arguments go to `uv pip compile`. The lock is universal (markers for every platform) and holds
-# a hash for every file, so pip installs exactly what was locked. uv is used only here: the
-# command given by $UV, else `uv` on PATH, else it is installed into the project's .venv (the one
-# bootstrap makes). Bootstrap needs nothing but pip.
+# a hash for every file, so exactly what was locked is installed (bootstrap installs it with the
+# same uv version, which it puts into the project's .venv). uv here is the command given by $UV,
+# else `uv` on PATH, else the one in the project's .venv.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -86,19 +86,31 @@ def test_a_failure_returns_non_zero_without_closing_the_shell(tmp_path: Path) ->
 
 
 def fake_python(tmp_path: Path) -> tuple[Path, Path]:
-    """A ``python`` whose ``-m venv DIR`` makes a venv whose pip only records its arguments."""
+    """A ``python`` whose ``-m venv DIR`` makes a venv whose pip and uv (which that pip
+    installs) only record their arguments."""
     log = tmp_path / "pip.log"
+    uv = tmp_path / "tools" / "fake-uv"
+    uv.write_text(f'#!/bin/sh\necho "uv $*" >> {log}\n')
     pip = tmp_path / "tools" / "fake-pip"
-    pip.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    pip.write_text(
+        f'#!/bin/sh\necho "pip $*" >> {log}\n'
+        f'case "$*" in *uv==*) cp {uv} "$(dirname "$0")/uv";; esac\n'
+    )
     python = tmp_path / "tools" / "fake-python"
     python.write_text(
         "#!/bin/sh\n"
         '[ "$1 $2" = "-m venv" ] || exit 1\n'
         f'mkdir -p "$3/bin" && cp {pip} "$3/bin/pip" && chmod +x "$3/bin/pip"\n'
     )
-    for script in (pip, python):
+    for script in (uv, pip, python):
         script.chmod(0o755)
     return python, log
+
+
+def uv_version(script: str) -> str:
+    found = re.search(r"uv(?:==|_version=)(\d+\.\d+\.\d+)", (ROOT / "scripts" / script).read_text())
+    assert found, script
+    return found.group(1)
 
 
 def test_a_changed_lock_installs_the_locked_versions_then_the_project(tmp_path: Path) -> None:
@@ -110,9 +122,14 @@ def test_a_changed_lock_installs_the_locked_versions_then_the_project(tmp_path: 
     done = run(f"PYTHON={python}; source {root}/scripts/bootstrap.sh; echo status=$?", tmp_path)
     assert "status=0" in done.stdout, done.stderr
     calls = log.read_text().splitlines()
-    assert calls[1:] == [
-        "install -q --require-hashes --no-deps -r requirements.lock",
-        "install -q --no-deps -e .",
+    # uv (the version lock.sh locks with) installs the locked files, then the project
+    version = uv_version("bootstrap.sh")
+    assert version == uv_version("lock.sh")
+    venv_python = "--python .venv/bin/python"
+    assert calls == [
+        f"pip install -q --disable-pip-version-check uv=={version}",
+        f"uv pip install -q {venv_python} --require-hashes --no-deps -r requirements.lock",
+        f"uv pip install -q {venv_python} --no-deps -e .",
     ], calls
     stamps = [p.name for p in (root / ".venv").glob(".installed-*")]
     expected = sha256(b"[project]\nname = 'x'\nx==2 \\\n    --hash=sha256:11\n").hexdigest()[:16]

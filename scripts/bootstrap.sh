@@ -33,11 +33,13 @@ _concierge_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     echo "bootstrap: creating .venv and installing the locked environment (first run takes a minute or two)" >&2
     "$python" -m venv .venv
     # uv installs the same locked files (hashes checked) in seconds where pip took two minutes
-    # of every CI run; the version scripts/lock.sh locks with
+    # of every CI run; the version scripts/lock.sh locks with. --compile-bytecode, as pip does:
+    # compiled at import instead, a dependency's SyntaxWarning (pysbd) became an error under
+    # pytest's filterwarnings = error and failed every test that loads the note rules
     .venv/bin/pip install -q --disable-pip-version-check uv==0.13.9
     # --no-deps: the lock already holds every dependency, some chosen by an override that pip's
     # resolver would refuse (scripts/lock-overrides.txt)
-    .venv/bin/uv pip install -q --python .venv/bin/python --require-hashes --no-deps -r requirements.lock
+    .venv/bin/uv pip install -q --python .venv/bin/python --compile-bytecode --require-hashes --no-deps -r requirements.lock
     # the project itself, editable, with nothing more: its dependencies are all in the lock
     .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
     rm -f .venv/.installed-*

@@ -55,7 +55,9 @@ from tests.followup_helpers import (
 from tests.recruitment_helpers import SOURCE, fresh_database
 
 TOKEN_KEY = b"a-test-token-key-for-follow-up-routes-32b"
-FEED_SECONDS = 15.0  # "within seconds", with room for a loaded shared machine
+#: "Within seconds" on a quiet machine; CI runs this beside the chaos suite on two cores, where
+#: the feed took over 15 s twice (clean-clone CI, stop 26). The latency is bench_followup's figure.
+FEED_SECONDS = 45.0
 
 
 @pytest.fixture

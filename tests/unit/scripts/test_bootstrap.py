@@ -128,7 +128,8 @@ def test_a_changed_lock_installs_the_locked_versions_then_the_project(tmp_path: 
     venv_python = "--python .venv/bin/python"
     assert calls == [
         f"pip install -q --disable-pip-version-check uv=={version}",
-        f"uv pip install -q {venv_python} --require-hashes --no-deps -r requirements.lock",
+        f"uv pip install -q {venv_python} --compile-bytecode --require-hashes --no-deps"
+        " -r requirements.lock",
         f"uv pip install -q {venv_python} --no-deps -e .",
     ], calls
     stamps = [p.name for p in (root / ".venv").glob(".installed-*")]

@@ -224,6 +224,10 @@ class Settings(BaseSettings):
     stream_tick_seconds: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     #: Whether the worker keeps device-counter contributions (device-safety surveillance).
     stream_device_counters: bool = True
+    #: More worker extensions, comma-separated dotted paths ``module:function``; each function
+    #: is called with the worker's StreamApp before it starts and may add agents, tables, pages
+    #: and on_change hooks (the device counters are one such extension).
+    stream_extensions: str = ""
     #: How often the worker checks the trials topic for saved questions its partitions lack.
     stream_trial_sync_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     #: How far the stream's time may trail the wall clock before saved answers say 503 (the
@@ -232,6 +236,10 @@ class Settings(BaseSettings):
     #: The worker's consumer-group session timeout: how long the partitions of a worker that
     #: died wait before another (or the restarted one) gets them.
     stream_session_timeout_seconds: float = Field(default=10.0, ge=6.0, le=300.0)
+    #: How long a facts partition may stand still while messages wait past it (the broker
+    #: answering, no rebuild under way) before the worker calls it stalled: /readyz then says
+    #: so (503), /metrics counts it and the log says once where the stream waits.
+    stream_stall_seconds: float = Field(default=60.0, ge=5.0, le=3600, allow_inf_nan=False)
     #: How often the worker writes a local checkpoint of each partition's patient state (the
     #: state and the facts offset it reflects, in RocksDB under the worker's data directory), so
     #: that a restart replays only the facts after it; 0: never (a restart reads every partition

@@ -49,6 +49,7 @@ from infra.topics import COHORT, CONTROL, FACTS, TRIALS
 from . import patient_state
 from .checkpoint import CheckpointRefused, Checkpoints, Identity, key_fingerprint
 from .cohorts import LiveCohorts
+from .stall import Stall, StallWatch
 from .standby import Standby
 from .status_pages import PROBLEM, AuditUnavailable, PageAccess, Refusal
 from .store import (
@@ -214,6 +215,10 @@ class StreamApp:
         self._checkpoint_due: dict[int, float] = {}
         self.checkpoint_log: list[dict[str, Any]] = []
         self.gaps: list[dict[str, int]] = []
+        #: Facts partitions behind their end whose position has not moved for
+        #: CONCIERGE_STREAM_STALL_SECONDS (:mod:`.stall`), as of the last check.
+        self.stall_watch = StallWatch(settings.stream_stall_seconds)
+        self.stalled: list[Stall] = []
         self._offsets_client: Consumer | None = None
         self._checkpoints_lock = threading.Lock()
         #: Standby checkpoints of the facts partitions this worker does not own
@@ -412,8 +417,120 @@ class StreamApp:
             waiting.append(f"partitions {unverified} not yet rebuilt or checked")
         if self.saved is None or not self.saved.readiness().ready:
             waiting.append("the saved questions are not loaded yet")
+        stalled = [s for s in self.stalled if s.partition in assigned]
+        if stalled:
+            waiting.append(
+                "stalled: "
+                + ", ".join(
+                    f"partition {s.partition} at offset {s.position} has not moved for "
+                    f"{s.seconds:.0f} s with {s.lag} messages waiting"
+                    for s in stalled
+                )
+            )
         positions = {(self.facts_name, p): self.folded_to.get(p, 0) for p in assigned}
         return self.health.status(positions, "; ".join(waiting) or None)
+
+    def check_stalls(self) -> list[Stall]:
+        """Update :attr:`stalled` (:mod:`.stall`); log each newly stalled partition once, with
+        what Faust's consumer holds for it and where the stream's tasks wait. A rebuild under
+        way holds every partition's position still by design (the agent awaits it): no stall
+        is counted then, and the clocks restart when it ends."""
+        assigned = self.assigned(self.facts_name)
+        positions = {p: self.folded_to.get(p, 0) for p in assigned}
+        status = self.health.status({(self.facts_name, p): o for p, o in positions.items()})
+        lags = status.lags.get(self.facts_name, {})
+        watching = status.connected and not self._rebuilding
+        self.stalled = self.stall_watch.observe(time.monotonic(), positions, lags, watching)
+        for stall in self.stall_watch.newly(self.stalled):
+            log.warning(
+                "partition %s stalled: at offset %s with %s messages waiting, no progress for "
+                "%.0f s; %s",
+                stall.partition,
+                stall.position,
+                stall.lag,
+                stall.seconds,
+                self.stall_diagnosis(stall.partition),
+            )
+        for stall in self.stalled:
+            if stall.seconds >= 2 * self.stall_watch.after:
+                self.unstick(stall.partition)
+        return self.stalled
+
+    def unstick(self, partition: int) -> bool:
+        """Resume the facts ``partition`` when Faust's consumer holds it paused with no
+        rebalance or table recovery under way (then nothing of Faust's will resume it: the
+        fetcher skips paused partitions for good). Called once a stall has lasted twice
+        CONCIERGE_STREAM_STALL_SECONDS; a stall of another cause is left as it is, reported
+        by /readyz and the log. Resuming is safe for the state: the stream delivers from the
+        consumer's position, and a gap is folded from the log first (:meth:`ensure_partition`)."""
+        consumer = self.app.consumer
+        recovery = getattr(getattr(self.app, "tables", None), "recovery", None)
+        if getattr(self.app, "rebalancing", False) or getattr(recovery, "in_recovery", False):
+            return False
+        paused = getattr(consumer, "_paused_partitions", None) or set()
+        held = [tp for tp in paused if tp.topic == self.facts_name and tp.partition == partition]
+        if not held:
+            return False
+        consumer.resume_partitions(held)
+        log.warning(
+            "partition %s was left paused by the consumer with no rebalance under way: resumed",
+            partition,
+        )
+        return True
+
+    def stall_diagnosis(self, partition: int) -> str:
+        """What Faust's consumer holds for the facts ``partition`` and the stacks of the
+        stream's tasks (code locations only: no values, so no patient data)."""
+        consumer = self.app.consumer
+        tp = next(
+            (
+                tp
+                for tp in self._safe(consumer.assignment, set())
+                if tp.topic == self.facts_name and tp.partition == partition
+            ),
+            None,
+        )
+        paused = getattr(consumer, "_paused_partitions", None) or set()
+        active = getattr(consumer, "_active_partitions", None) or set()
+        flow = getattr(consumer, "can_resume_flow", None)
+        recovery = getattr(getattr(self.app, "tables", None), "recovery", None)
+        remaining = getattr(recovery, "active_remaining_total", None)
+        facts = {
+            "assigned": tp is not None,
+            "paused": tp in paused,
+            "active": tp in active,
+            "consumer flow": None if flow is None else flow.is_set(),
+            "app flow": self._safe(self.app.flow_control.is_active, None),
+            "rebalancing": getattr(self.app, "rebalancing", None),
+            "highwater": self._safe(lambda: consumer.highwater(tp), None) if tp else None,
+            "table recovery": None
+            if recovery is None
+            else {
+                "in_recovery": getattr(recovery, "in_recovery", None),
+                "active_remaining": None if remaining is None else self._safe(remaining, None),
+            },
+        }
+        lines = [", ".join(f"{k}: {v}" for k, v in facts.items())]
+        for task in asyncio.all_tasks():
+            where = _awaiting(task)
+            ours = ("app.py", "agent.py", "streams.py", "consumer.py")
+            if any(w.startswith(ours) for w in where):
+                lines.append(f"task {task.get_name()} awaits: " + " -> ".join(where))
+        # an agent's task awaits a wrapper that hides its coroutine: each actor's, directly
+        for agent in list(self._safe(lambda: self.app.agents.values(), [])):
+            for actor in list(getattr(agent, "_actors", ())):
+                it = getattr(actor, "it", None)
+                if it is not None:
+                    where = _awaiting(it)
+                    lines.append(f"agent {agent.name} awaits: " + " -> ".join(where))
+        return "\n  ".join(lines)
+
+    @staticmethod
+    def _safe(call: Callable[[], Any], default: Any) -> Any:
+        try:
+            return call()
+        except Exception:
+            return default
 
     def _offsets_client_or_new(self) -> None:
         if self._offsets_client is None:
@@ -727,7 +844,10 @@ class StreamApp:
             sender: Any, /, *args: Any, signal: Any, **kw: Any
         ) -> None:
             assigned = args[0] if args else kw.get("assigned", ())
-            self.on_assigned({tp.partition for tp in assigned if tp.topic == self.facts_name})
+            facts = {tp.partition for tp in assigned if tp.topic == self.facts_name}
+            # one line a rebalance: a stall's log says whether one came before it
+            log.info("facts partitions assigned: %s", sorted(facts))
+            self.on_assigned(facts)
 
         @app.agent(self.inputs, name="patient-state")
         async def patient_state_agent(stream: Any) -> None:
@@ -750,6 +870,10 @@ class StreamApp:
                 body = orjson.dumps({"type": "tick", "time": now})
                 for partition in self.assigned(self.control_name):
                     await self.control_topic.send(key=b"tick", value=body, partition=partition)
+
+        @app.timer(interval=max(1.0, self.settings.stream_stall_seconds / 6))
+        async def stall_watch() -> None:
+            self.check_stalls()
 
         @app.timer(interval=max(0.5, self.settings.stream_trial_sync_seconds))
         async def trial_sync() -> None:
@@ -913,6 +1037,33 @@ class StreamApp:
         return patient_state.digest(self.store.items())
 
 
+def _awaiting(task: Any, limit: int = 16) -> list[str]:
+    """Where a task (or coroutine) waits: its await chain, outermost first, as ``file:line
+    function`` (a suspended task's ``get_stack`` gives one frame only), ending with what it
+    awaits when that is not a coroutine (a future)."""
+    where: list[str] = []
+    awaited: Any = task.get_coro() if isinstance(task, asyncio.Task) else task
+    while awaited is not None and len(where) < limit:
+        frame = next(
+            (f for a in ("cr_frame", "gi_frame", "ag_frame") if (f := getattr(awaited, a, None))),
+            None,
+        )
+        if frame is None:
+            where.append(type(awaited).__name__)
+            break
+        code = frame.f_code
+        where.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}")
+        awaited = next(
+            (
+                n
+                for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                if (n := getattr(awaited, a, None)) is not None
+            ),
+            None,
+        )
+    return where
+
+
 #: Dotted paths of extension functions ``f(stream_app)`` that add agents, tables, pages and
 #: on_change hooks (device counters). Each must be importable on its own.
 DEVICE_EXTENSION = "surveillance_stream.device_stream:"
@@ -933,4 +1084,5 @@ def create_app(settings: Settings, store: str | None = None) -> StreamApp:
         for path in EXTENSIONS
         if settings.stream_device_counters or not path.startswith(DEVICE_EXTENSION)
     ]
+    paths += [p.strip() for p in settings.stream_extensions.split(",") if p.strip()]
     return StreamApp(settings, store, [_load(path) for path in paths])

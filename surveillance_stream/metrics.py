@@ -26,6 +26,8 @@ SERVICE = "worker"
 #: Per facts partition this worker keeps a standby checkpoint of (CONCIERGE_STREAM_STANDBY):
 #: how many messages the checkpoint is behind the topic's end (:mod:`.standby`).
 STANDBY_LAG = "concierge_standby_lag_messages"
+#: Facts partitions held and stalled (:mod:`.stall`).
+STALLED = "concierge_stream_stalled_partitions"
 
 
 def registry_for(stream: StreamApp) -> CollectorRegistry:
@@ -67,6 +69,13 @@ def registry_for(stream: StreamApp) -> CollectorRegistry:
                 service,
                 {"worker": stream.rejected},
                 "reader",
+            ),
+            m.gauge(
+                STALLED,
+                "Facts partitions this worker holds that are behind the topic's end and have not "
+                "moved for CONCIERGE_STREAM_STALL_SECONDS (the log says where the stream waits)",
+                service,
+                len(stream.stalled),
             ),
             m.gauge(
                 m.PARTITIONS_HELD,

@@ -232,7 +232,15 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(
 
 
 def produce_envelopes(settings: Settings, envelopes: list[ResourceFacts], pace: float) -> None:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 5})
+    # idempotent: a retried batch is neither reordered nor repeated (the expected digests fold
+    # the envelopes in list order)
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "linger.ms": 5,
+            "enable.idempotence": True,
+        }
+    )
     for index, envelope in enumerate(envelopes):
         producer.produce(
             settings.topic(FACTS), key=envelope.patient.encode(), value=envelope.to_json()
@@ -315,7 +323,9 @@ def test_the_state_pages_need_an_admin_token_bind_loopback_and_are_audited(
 ) -> None:
     envelopes = synthetic_envelopes(400, seed=3)
     want = patient_state.digest(patient_state.fold(envelopes).items())
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "enable.idempotence": True}
+    )
     for envelope in envelopes:
         producer.produce(
             settings.topic(FACTS), key=envelope.patient.encode(), value=envelope.to_json()

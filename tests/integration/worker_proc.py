@@ -79,7 +79,17 @@ class WorkerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise AssertionError(f"timed out after {timeout} s; last {path}: {last}\n{self.tail()}")
+        raise AssertionError(
+            f"timed out after {timeout} s; last {path}: {last}\n"
+            f"/readyz: {self.readyz()}\n{self.tail(80)}"
+        )
+
+    def readyz(self) -> str:
+        """The worker's /readyz body whatever its status (what it waits for, lag, stalls)."""
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=5).text
+        except httpx.HTTPError as exc:
+            return f"(no answer: {exc})"
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no final commit, no flush."""

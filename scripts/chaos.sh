@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The chaos suite on its own: a broker of its own, the worker, the API and the recruitment service,
 # SIGKILLed at random under load, checked against a batch fold of the log after every recovery.
-#   bash scripts/chaos.sh            # the CI profile: 10 random faults after the named cases
+#   bash scripts/chaos.sh            # the CI profile: 8 random faults (each kind twice) after the named cases
 #   bash scripts/chaos.sh --long     # 50 random faults (about half an hour)
 #   CHAOS_SEED=7 CHAOS_FAULTS=20 bash scripts/chaos.sh
 # Extra arguments go to pytest.

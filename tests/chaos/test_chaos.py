@@ -45,7 +45,8 @@ from .stack import SOURCE, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.chaos]
 
-FAULTS = int(os.environ.get("CHAOS_FAULTS", "10"))
+# 8: each of the four kinds twice (the test suite's run; scripts/chaos.sh --long asks for 50)
+FAULTS = int(os.environ.get("CHAOS_FAULTS", "8"))
 SEED = int(os.environ.get("CHAOS_SEED", "20261201"))
 RATE = float(os.environ.get("CHAOS_RATE", "60"))
 PATIENTS = int(os.environ.get("CHAOS_PATIENTS", str(max(2500, FAULTS * 120))))

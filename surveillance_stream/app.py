@@ -181,6 +181,15 @@ class StreamApp:
             table_cleanup_interval=3600.0,
             stream_wait_empty=True,
             stream_buffer_maxsize=16384,
+            # No Faust table standbys. With Faust's default of one, its assignor caps each
+            # member at ceil(partitions / members) and keeps assignments sticky within that cap,
+            # so a member joining after the others reached the cap got nothing (CI: four workers,
+            # six partitions, held as [4, 5], [], [1, 2], [0, 3]). With none it trims each member
+            # to floor(partitions / members) first, and every member holds at least one. The
+            # tables a new owner needs are restored from their changelogs and checked against
+            # their topics at the rebuild; patient state has its own standbys
+            # (CONCIERGE_STREAM_STANDBY).
+            table_standby_replicas=0,
         )
         #: the commit flush, measured on its own (see FlushTimes)
         self.flush_times = FlushTimes()
@@ -434,7 +443,9 @@ class StreamApp:
         """Update :attr:`stalled` (:mod:`.stall`); log each newly stalled partition once, with
         what Faust's consumer holds for it and where the stream's tasks wait. A rebuild under
         way holds every partition's position still by design (the agent awaits it): no stall
-        is counted then, and the clocks restart when it ends."""
+        is counted then, and the clocks restart when it ends. Faust restoring its tables after a
+        rebalance is counted (a restore that never ends is a reported kind of stall); the log
+        line says whether one is under way."""
         assigned = self.assigned(self.facts_name)
         positions = {p: self.folded_to.get(p, 0) for p in assigned}
         status = self.health.status({(self.facts_name, p): o for p, o in positions.items()})

@@ -34,6 +34,9 @@ class WorkerProcess:
             # A crash in native code (librdkafka, a C extension) prints every Python thread's
             # stack into the log: a worker that died with SIGSEGV once left an empty log.
             "PYTHONFAULTHANDLER": "1",
+            # a stalled partition is logged after 15 s and, if left paused, resumed after 30 s:
+            # inside the tests' waits (the production default is 60 s)
+            "CONCIERGE_STREAM_STALL_SECONDS": "15",
         }
         self.admin = {"Authorization": f"Bearer {issue(TOKEN_KEY.encode(), 'admin', 'site-ops')}"}
         self.log_path = log_path

@@ -144,8 +144,9 @@ TARGETS: dict[str, Target] = {
     "freshness_live_count_p99": Target("p99 < 1 s", _below(("value",), 1.0), ""),
     "freshness_signal_statistic_p99": Target("p99 < 1 s", _below(("value",), 1.0), ""),
     "followup_safety_event_p99": Target(
-        "p99 within seconds (< 5 s) from /fhir to the notification queued",
-        _below(("value",), 5.0),
+        "p99 within seconds (< 5 s) from /fhir to the notification queued, at >= 950 of the "
+        "1,000 resources/s of background asked",
+        _all(_below(("value",), 5.0), _at_least(("parameters", "achieved_rate"), 950.0)),
         "19",
     ),
     "terminology_search_p99": Target("p99 < 50 ms", _below(("value",), 50.0), "13"),

@@ -48,7 +48,9 @@ ruff format --check .
 echo "== import layers (lint-imports: contracts in pyproject.toml)"
 lint-imports --no-cache
 echo "== mypy"
-mypy core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology federation followup
+# mypy's incremental cache outside the checkout: a fresh clone re-checks only what changed (a
+# cold check of the whole tree took 93 s of CI's 30 minutes; a warm one 1.5-3 s)
+mypy --cache-dir "${XDG_CACHE_HOME:-$HOME/.cache}/trial-concierge/mypy" core concierge fhir_adapters feasibility surveillance_stream infra recruitment dashboards terminology federation followup
 echo "== pytest"
 mkdir -p test-artifacts
 # Both cores: test files are spread over CONCIERGE_TEST_WORKERS pytest-xdist workers, a file

@@ -401,14 +401,19 @@ def main() -> int:
     parser.add_argument("--out", default="soak_load", help="result name under results/")
     options = parser.parse_args()
     found = run(options)
+    # the worker's memory bound is its state cache: say which one the services ran with
+    cache = os.environ.get("CONCIERGE_STREAM_STATE_CACHE_PATIENTS")
     command = "python -m benchmarks.bench_soak " + " ".join(sys.argv[1:])
+    if cache is not None:
+        command = f"CONCIERGE_STREAM_STATE_CACHE_PATIENTS={cache} {command}"
     result = write_result(
         options.out,
         found["bounds"]["answer_p99"]["max_s"] or 0.0,
         "seconds (answer p99, worst 10 s interval)",
         options.max_answer_p99,  # the bound: ratio under 1 is within it
         {"minutes": options.minutes, "rate": options.rate, "interval_s": options.interval,
-         "senders": options.senders},
+         "senders": options.senders,
+         "worker_state_cache_patients": int(cache) if cache is not None else 50_000},
         command,
         found,
         higher_is_better=False,

@@ -204,6 +204,13 @@ class Relay:
                 log.warning("relay: %s; retrying", exc)
                 self.published.clear()  # read the tails again: the truth after a failure
                 stop.wait(1.0)
+            except sa.exc.OperationalError as exc:
+                # the database busy or unreachable (SQLite's busy timeout passed while another
+                # process held the write lock: seen in the demo, where it ended this thread and
+                # the feed stopped while the service ran on): wait and read again
+                log.warning("relay: database error (%s); retrying", exc.orig or exc)
+                self.published.clear()
+                stop.wait(1.0)
 
     def close(self) -> None:
         self.producer.flush(10)

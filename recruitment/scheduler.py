@@ -25,6 +25,7 @@ A persistent job store keeps jobs as references to importable functions, so ever
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -141,8 +142,44 @@ def register_jobs(scheduler: BaseScheduler, runtime: Runtime) -> None:
         )
 
 
+class RetryingJobStore(SQLAlchemyJobStore):
+    """APScheduler's SQLAlchemy job store, whose writes after a run wait out a busy database.
+
+    APScheduler catches errors of ``get_due_jobs`` (and retries), but not of ``update_job``
+    after a run nor of ``get_next_run_time``: one ``database is locked`` there (SQLite's busy
+    timeout passed while another process held the write lock) ended the scheduler's thread, and
+    nothing was dispatched again while the service kept running (seen in the demo). These retry
+    a database error with a growing pause, saying so in the log, until it passes."""
+
+    #: the longest pause between attempts, seconds
+    MAX_PAUSE_SECONDS = 10.0
+
+    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+        pause = 0.5
+        while True:
+            try:
+                return call()
+            except sa.exc.OperationalError as exc:
+                log.warning(
+                    "scheduler job store: %s failed (%s); retrying in %.1f s",
+                    what,
+                    exc.orig if exc.orig is not None else exc,
+                    pause,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, self.MAX_PAUSE_SECONDS)
+
+    def update_job(self, job: Any) -> None:
+        self._retrying(
+            f"updating job {job.id}", lambda: super(RetryingJobStore, self).update_job(job)
+        )
+
+    def get_next_run_time(self) -> Any:
+        return self._retrying("reading the next run time", super().get_next_run_time)
+
+
 def build_scheduler(runtime: Runtime) -> BackgroundScheduler:
-    store = SQLAlchemyJobStore(engine=runtime.engine, tablename=SCHEDULER_JOBS_TABLE)
+    store = RetryingJobStore(engine=runtime.engine, tablename=SCHEDULER_JOBS_TABLE)
     return BackgroundScheduler(
         jobstores={"default": store},
         executors={"default": ThreadPoolExecutor(max_workers=2)},

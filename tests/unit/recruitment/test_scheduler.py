@@ -85,3 +85,42 @@ def test_housekeeping_jobs_expire_remind_and_deliver(tmp_path: Path) -> None:
         finally:
             scheduler._runtime = None
             runtime.close()
+
+
+def test_the_job_store_waits_out_a_locked_database_instead_of_ending_the_scheduler(
+    tmp_path: Path,
+) -> None:
+    """The demo's recruitment service lost its scheduler thread to one ``database is locked``
+    from ``update_job`` (APScheduler does not catch it there): another process held SQLite's
+    write lock past the busy timeout. A real lock held by another connection, a busy timeout
+    of 0.2 s: the update waits until the lock is released, and lands."""
+    import sqlite3
+    import threading
+    import time
+
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    path = tmp_path / "jobs.sqlite"
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.2})
+    store = scheduler.RetryingJobStore(engine=engine, tablename="jobs")
+    jobs = scheduler.BackgroundScheduler(jobstores={"default": store})
+    jobs.add_job(print, IntervalTrigger(seconds=60), id="j", args=["x"])
+    jobs.start(paused=True)
+    try:
+        job = jobs.get_job("j")
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as another process would hold it
+        released = threading.Timer(1.5, holder.execute, args=["COMMIT"])
+        released.start()
+        started = time.monotonic()
+        later = job.next_run_time.replace(year=job.next_run_time.year + 1)
+        job._modify(next_run_time=later)
+        store.update_job(job)  # raised OperationalError after 0.2 s before
+        assert time.monotonic() - started >= 1.0
+        assert store.lookup_job("j").next_run_time == later
+        assert store.get_next_run_time() == later
+        released.join()
+        holder.close()
+    finally:
+        jobs.shutdown(wait=False)
+        engine.dispose()

@@ -28,6 +28,7 @@ reached here (``achieved_rate`` says what was).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing
 import os
@@ -157,8 +158,8 @@ def bulk_load(rate: float, stop: Any, sent: Any, env: dict[str, str]) -> None:
         if stop.is_set():
             break
         lines = [orjson.dumps(resource) for resource in record]
-        for _outcome in ingestor.ingest_ndjson_lines(lines, "bulk.ndjson"):
-            pass
+        # the outcomes are not looked at: reading the generator is what ingests
+        collections.deque(ingestor.ingest_ndjson_lines(lines, "bulk.ndjson"), maxlen=0)
         published += len(lines)
         batch += len(lines)
         if batch >= 200:  # durable in batches, as a bulk import commits

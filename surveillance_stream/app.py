@@ -475,7 +475,7 @@ class StreamApp:
         by /readyz and the log. Resuming is safe for the state: the stream delivers from the
         consumer's position, and a gap is folded from the log first (:meth:`ensure_partition`)."""
         consumer = self.app.consumer
-        recovery = getattr(getattr(self.app, "tables", None), "recovery", None)
+        recovery = self._table_recovery()
         if getattr(self.app, "rebalancing", False) or getattr(recovery, "in_recovery", False):
             return False
         paused = getattr(consumer, "_paused_partitions", None) or set()
@@ -504,7 +504,7 @@ class StreamApp:
         paused = getattr(consumer, "_paused_partitions", None) or set()
         active = getattr(consumer, "_active_partitions", None) or set()
         flow = getattr(consumer, "can_resume_flow", None)
-        recovery = getattr(getattr(self.app, "tables", None), "recovery", None)
+        recovery = self._table_recovery()
         remaining = getattr(recovery, "active_remaining_total", None)
         facts = {
             "assigned": tp is not None,
@@ -535,6 +535,10 @@ class StreamApp:
                     where = _awaiting(it)
                     lines.append(f"agent {agent.name} awaits: " + " -> ".join(where))
         return "\n  ".join(lines)
+
+    def _table_recovery(self) -> Any:
+        """Faust's table recovery service (None before the app is set up)."""
+        return getattr(getattr(self.app, "tables", None), "recovery", None)
 
     @staticmethod
     def _safe(call: Callable[[], Any], default: Any) -> Any:

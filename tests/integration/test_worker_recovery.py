@@ -41,8 +41,10 @@ def settings(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Setting
     )
 
 
-def produce(settings: Settings, envelopes: list[ResourceFacts]) -> list[int]:
-    """Each envelope as one message on PARTITION, in order; returns the offsets. Idempotent:
+def produce(
+    settings: Settings, envelopes: list[ResourceFacts], partition: int = PARTITION
+) -> list[int]:
+    """Each envelope as one message on ``partition``, in order; returns the offsets. Idempotent:
     CI once saw a state that matched no prefix of the envelopes, which a retried batch
     reordering or repeating messages would explain (the tests fold the list's prefixes)."""
     producer = Producer(
@@ -59,7 +61,7 @@ def produce(settings: Settings, envelopes: list[ResourceFacts]) -> list[int]:
             settings.topic(FACTS),
             key=envelope.patient.encode(),
             value=envelope.to_json(),
-            partition=PARTITION,
+            partition=partition,
             on_delivery=delivered,
         )
     assert producer.flush(30) == 0

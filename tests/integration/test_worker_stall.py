@@ -11,34 +11,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka import Producer
 
-from core.contracts.facts import ResourceFacts
 from core.settings import Settings
-from infra.topics import FACTS
 from surveillance_stream import patient_state
 
 from .test_worker import synthetic_envelopes
+from .test_worker_recovery import produce
 from .worker_proc import WorkerProcess
 
 pytestmark = [pytest.mark.integration]
 
 PARTITION = 1
 FIRST = 60
-
-
-def produce(settings: Settings, envelopes: list[ResourceFacts]) -> None:
-    producer = Producer(
-        {"bootstrap.servers": settings.kafka_bootstrap_servers, "enable.idempotence": True}
-    )
-    for envelope in envelopes:
-        producer.produce(
-            settings.topic(FACTS),
-            key=envelope.patient.encode(),
-            value=envelope.to_json(),
-            partition=PARTITION,
-        )
-    assert producer.flush(30) == 0
 
 
 def test_a_partition_left_paused_is_reported_stalled_then_resumed(
@@ -54,10 +38,11 @@ def test_a_partition_left_paused_is_reported_stalled_then_resumed(
         "STALL_AFTER": str(FIRST),
     }
     try:
-        produce(settings, envelopes[:FIRST])
+        produce(settings, envelopes[:FIRST], PARTITION)
         worker.start()
         worker.wait_until(lambda h: h.get("messages", 0) >= FIRST, timeout=120, path="/health")
-        produce(settings, envelopes[FIRST:])  # never fetched while the partition is paused
+        # never fetched while the partition is paused
+        produce(settings, envelopes[FIRST:], PARTITION)
 
         # reported: /readyz names the partition, /metrics counts it, the log says where it waits
         deadline, seen = time.monotonic() + 60, None

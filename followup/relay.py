@@ -85,7 +85,7 @@ class Relay:
             "linger.ms": 5,
             **self.config,
         }))  # fmt: skip
-        self.admin = AdminClient({"bootstrap.servers": bootstrap, **self.config})
+        self.admin = AdminClient(routed({"bootstrap.servers": bootstrap, **self.config}))
         #: last seq published per trial, as read from the topics
         self.published: dict[str, int] = {}
         self.sent = 0
@@ -97,6 +97,7 @@ class Relay:
 
     def _ensure_topic(self, trial_id: str) -> str:
         name = trial_topic(trial_id, self.prefix)
+        self.admin.poll(0)  # serves its librdkafka log lines (routed) so they do not pile up
         if name in self.admin.list_topics(timeout=10).topics:
             return name
         futures = self.admin.create_topics([NewTopic(

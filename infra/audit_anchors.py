@@ -323,7 +323,7 @@ def topic_problems(bootstrap: str, topic: str, timeout: float = 10.0) -> list[st
     """What about the anchors topic itself defeats the anchors: compaction (only each chain's
     latest anchor would be kept), a finite retention (old anchors vanish), or messages already
     gone from the start of a partition (deleted records)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, **_QUIET})
+    admin = AdminClient(routed({"bootstrap.servers": bootstrap, **_QUIET}))
     problems: list[str] = []
     try:
         # all topics: asking for one by name would create it on a broker that auto-creates

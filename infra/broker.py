@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
+from infra.kafka_log import routed
 from infra.settings import DEFAULT_VERSION, BrokerSettings
 
 POM = Path(__file__).parent / "kafka" / "pom.xml"
@@ -130,7 +131,7 @@ def fetch(config: BrokerConfig) -> Path:
 def answers(bootstrap: str, timeout: float = 3.0) -> bool:
     try:
         metadata = AdminClient(
-            {"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000, "log_level": 0}
+            routed({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000, "log_level": 0})
         ).list_topics(timeout=timeout)
     except Exception:  # any failure to reach it means "not answering"
         return False
@@ -292,7 +293,9 @@ def status(config: BrokerConfig) -> dict[str, Any]:
     running = answers(config.bootstrap)
     topics = None
     if running:
-        metadata = AdminClient({"bootstrap.servers": config.bootstrap}).list_topics(timeout=5)
+        metadata = AdminClient(routed({"bootstrap.servers": config.bootstrap})).list_topics(
+            timeout=5
+        )
         topics = len([t for t in metadata.topics if not t.startswith("__")])
     return {
         "running": running,

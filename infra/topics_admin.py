@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from .kafka_log import routed
 from .topics import TOPICS, TopicSpec
 
 
@@ -19,7 +20,7 @@ def ensure_topics(
     timeout: float = 30.0,
 ) -> list[str]:
     """Create every topic that does not exist yet; return the names created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(routed({"bootstrap.servers": bootstrap}))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [s for s in specs if prefix + s.name not in existing]
     created: list[str] = []

@@ -661,7 +661,9 @@ class StreamApp:
 
         topic_id: str | None = None
         try:
-            admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+            admin = AdminClient(
+                routed({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+            )
             futures = admin.describe_topics(TopicCollection([self.facts_name]), request_timeout=10)
             description = futures[self.facts_name].result(timeout=15)
             topic_id = str(description.topic_id)

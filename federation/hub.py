@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .combine import (
     parse_reply,
 )
 from .saved import HubSavedQuestion, HubSavedQuestions
+from .sites import NodeSites, combine_sites, parse_sites_reply
 from .tokens import (
     REPLY_HEADER,
     HubRole,
@@ -180,17 +182,26 @@ class Hub:
     async def _fan_out(
         self, path: str, question: Mapping[str, Any], org: str, role: HubRole,
         nodes: Sequence[str] | None, reasons: Mapping[int, str] | None = None,
+        per_node: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> tuple[list[str], dict[str, dict[str, Any]], list[Missing], float]:  # fmt: skip
+        """``per_node``: fields added to the question for one node only (what concerns that
+        node alone, such as its recruiting sites)."""
         chosen = self._chosen(nodes)
         reasons = reasons or {}
-        body = json.dumps(question, sort_keys=True).encode()
+        per_node = per_node or {}
+
+        def body(name: str) -> bytes:
+            return json.dumps({**question, **per_node.get(name, {})}, sort_keys=True).encode()
+
         started = time.perf_counter()
         replies: dict[str, dict[str, Any]] = {}
         missing: list[Missing] = []
         timeout = httpx.Timeout(self.deadline_seconds)
         async with httpx.AsyncClient(timeout=timeout, transport=self.transport) as client:
             tasks = {
-                asyncio.create_task(self._ask_one(client, r, path, body, org, role, reasons)): name
+                asyncio.create_task(
+                    self._ask_one(client, r, path, body(name), org, role, reasons)
+                ): name
                 for name, r in chosen.items()
             }
             done, pending = (
@@ -270,10 +281,14 @@ class Hub:
         registered: dict[str, int] = {}
         if not nodes:
             return registered, []
-        body = {"id": record.id, "title": record.title, "criteria": record.criteria}
+        body: dict[str, Any] = {"id": record.id, "title": record.title, "criteria": record.criteria}
+        if record.target is not None:
+            body["target"] = record.target
+        # each node is told its own recruiting sites only (recruitment stays at the node)
+        per_node = {n: {"recruiting_sites": s} for n, s in record.recruiting_sites.items() if s}
         _, replies, missing, _ = await self._fan_out(
             "/v1/federation/saved-questions", body, record.org, "sponsor", nodes,
-            _SAVED_REFUSALS,
+            _SAVED_REFUSALS, per_node,
         )  # fmt: skip
         for name, reply in replies.items():
             version = reply.get("version")
@@ -294,13 +309,23 @@ class Hub:
         criteria: Mapping[str, Any],
         org: str,
         nodes: Sequence[str] | None = None,
+        target: int | None = None,
+        recruiting_sites: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, Any]:
         """Register ``org``'s saved question at every node (or those named): it is then live at
-        each; a node that did not take it is named and tried again at the next answer."""
+        each; a node that did not take it is named and tried again at the next answer.
+        ``target``: enrolments wanted across nodes; ``recruiting_sites``: per node, its sites
+        that recruit (each node is sent its own only)."""
         store = self.saved_questions
         store.check_free(trial_id, org)
         chosen = list(self._chosen(nodes))
-        record = HubSavedQuestion(trial_id, org, title, dict(criteria), chosen)
+        sites = {n: list(s) for n, s in sorted((recruiting_sites or {}).items())}
+        strays = sorted(set(sites) - set(chosen))
+        if strays:
+            raise UnknownNodes(f"recruiting sites for nodes not asked: {', '.join(strays)}")
+        record = HubSavedQuestion(
+            trial_id, org, title, dict(criteria), chosen, target=target, recruiting_sites=sites
+        )
         registered, missing = await self._register_at(record, chosen)
         record.registered = registered
         record.pending = {m.node: m.reason for m in missing}
@@ -380,6 +405,52 @@ class Hub:
             "versions": {a.node: replies[a.node].get("version") for a in answers},
             **combined,
             "recruitment": combine_recruitment(replies, [a.node for a in answers]),
+            "elapsed_ms": round(elapsed * 1000, 1),
+        }
+
+    async def sites(self, trial_id: str, org: str) -> dict[str, Any]:
+        """Site selection and the accrual forecast for ``org``'s saved question across nodes:
+        each node's protected site selection (charged to the sponsor there), combined by
+        :func:`federation.sites.combine_sites` with the target kept at the hub. Nodes behind,
+        down, refusing or where the question is not registered are named and the answer is
+        ``partial``."""
+        store = self.saved_questions
+        record = store.get(trial_id, org)
+        if record.status != "active":
+            raise RetiredQuestion(f"saved question {trial_id} is retired")
+        directory = self.directory.all()
+        live = [n for n in record.nodes if n in record.registered and n in directory]
+        _, replies, missing, elapsed = await self._fan_out(
+            f"/v1/federation/saved-questions/{trial_id}/sites",
+            {"trial": trial_id},
+            org,
+            "sponsor",
+            live,
+            _SAVED_REFUSALS,
+        )
+        answers: list[NodeSites] = []
+        for name, reply in replies.items():
+            try:
+                answers.append(parse_sites_reply(name, trial_id, reply))
+            except ReplyError as exc:
+                missing.append(Missing(name, f"unusable reply ({exc})"))
+        missing.extend(
+            Missing(n, "no longer registered at the hub")
+            for n in record.nodes
+            if n not in directory
+        )
+        missing.extend(
+            Missing(n, f"the saved question is not registered there ({record.pending.get(n)})")
+            for n in record.nodes
+            if n not in record.registered and n in directory
+        )
+        missing.sort(key=lambda m: m.node)
+        combined = combine_sites(record.nodes, answers, missing, record.target, datetime.now(UTC))
+        return {
+            "hub": self.id,
+            "trial": trial_id,
+            "title": record.title,
+            **combined,
             "elapsed_ms": round(elapsed * 1000, 1),
         }
 

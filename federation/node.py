@@ -18,6 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from core.contracts.invitations import RECRUITMENT_KINDS
 from feasibility.disclosure.answer import FUNNEL_FIELDS, AnswerSets
 
 from .settings import NodeSettings
@@ -86,6 +87,59 @@ def live_reply(
     }
 
 
+def _cell_or_none(cell: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if cell is None else _cell(cell)
+
+
+def sites_reply(node: str, trial: str, version: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Of the node's protected site selection for a saved question (the workspace's ``sites``
+    output, under its disclosure control), what the hub needs to rank sites and forecast
+    across nodes: per site its label, region and published cells (eligible now, new eligible
+    in the window, the recruitment states at recruiting sites); the trial's totals; the window
+    and the rounding the cells were shown at. Rates and projections are left out (the hub
+    recomputes them from these cells with the target across nodes); the cohort history's
+    baseline instant and everything else are dropped by this whitelist."""
+    history = body.get("history", {})
+    policy = body.get("policy", {})
+    sites = []
+    for row in body["sites"]:
+        out: dict[str, Any] = {
+            "site": row["site"],
+            "name": row.get("name"),
+            "region": row.get("region"),
+            "recruiting": bool(row.get("recruiting")),
+            "eligible_now": _cell(row["eligible_now"]),
+            "new_eligible": _cell_or_none(row.get("new_eligible")),
+        }
+        for kind in RECRUITMENT_KINDS:
+            if kind in row:
+                out[kind] = _cell(row[kind])
+        sites.append(out)
+    totals = body.get("totals", {})
+    return {
+        "node": node,
+        "mode": "sites",
+        "trial": trial,
+        "version": version,
+        "evaluated_at": body.get("evaluated_at"),
+        "total": _cell(body["total"]),
+        "history": {
+            "available": bool(history.get("available")),
+            "window_days": history.get("window_days") if history.get("available") else None,
+            "reason": history.get("reason"),
+        },
+        "rounding": int(policy.get("rounding", 1)),
+        "recruitment": {"available": bool(body.get("recruitment", {}).get("available"))},
+        "sites": sites,
+        "totals": {
+            "new_eligible": _cell_or_none(totals.get("new_eligible")),
+            "from": totals.get("from"),
+            **{k: _cell(totals[k]) for k in RECRUITMENT_KINDS if k in totals},
+        },
+        "rules": list(body.get("rules", [])),
+    }
+
+
 def exact_reply(node: str, sets: AnswerSets, evaluated_at: str) -> dict[str, Any]:
     """Exact counts (no disclosure control) for a hub administrator: sizes of sets only."""
     return {
@@ -150,4 +204,5 @@ __all__ = [
     "live_reply",
     "protected_reply",
     "recruitment_reply",
+    "sites_reply",
 ]

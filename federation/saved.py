@@ -39,6 +39,10 @@ class HubSavedQuestion:
     #: node -> why it is not registered there yet (in words).
     pending: dict[str, str] = field(default_factory=dict)
     registered_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    #: Enrolments wanted across nodes (None: no target, no forecast).
+    target: int | None = None
+    #: node -> its sites that recruit for the trial (sent to that node only).
+    recruiting_sites: dict[str, list[str]] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -50,6 +54,8 @@ class HubSavedQuestion:
             "registered": dict(sorted(self.registered.items())),
             "not_registered": [{"node": n, "reason": r} for n, r in sorted(self.pending.items())],
             "registered_at": self.registered_at,
+            "target": self.target,
+            "recruiting_sites": {n: list(s) for n, s in sorted(self.recruiting_sites.items())},
         }
 
 

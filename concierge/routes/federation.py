@@ -18,10 +18,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from concierge.routes.feasibility import (
     EXAMPLE,
+    _recruitment_from_app,
     not_current,
     over_budget,
     recruitment_block,
 )
+from concierge.routes.workspace import recruitment_sets_of
 from core.auth import Principal, require_role
 from core.auth import _bearer as bearer  # the same scheme in the OpenAPI document
 from core.contracts.trials import TRIAL_ID_PATTERN
@@ -29,10 +31,11 @@ from core.http import problem_responses
 from feasibility.criteria import CriteriaError, Question, parse_question
 from feasibility.disclosure.budget import BudgetExceeded
 from feasibility.expansion import ExpansionError, compile_question
-from feasibility.saved import NotYours, SavedQuestions, SavedTrial, TrialCreate
+from feasibility.saved import NotYours, SavedQuestions, SavedTrial, SiteCode, TrialCreate
 from feasibility.service import FeasibilityService, NotCurrent, answer_sets
+from feasibility.workspace.service import Workspace
 from federation.hub import Hub, NodeRecord, RetiredQuestion, UnknownNodes
-from federation.node import Node, exact_reply, live_reply, protected_reply
+from federation.node import Node, exact_reply, live_reply, protected_reply, sites_reply
 from federation.saved import NotTheirs
 from federation.settings import NAME_PATTERN
 from federation.tokens import REPLY_HEADER, HubQuestion, SignatureError, sign_reply
@@ -333,6 +336,43 @@ def build_node_router() -> APIRouter:
         return _signed(node, asked, live_reply(node.id, trial_id, record.version, answer, block))
 
     @router.post(
+        "/saved-questions/{trial_id}/sites",
+        summary="The hub's saved question: this node's protected site selection",
+        description='Signed body `{"trial": trial_id}`. Per site of this node\'s population, '
+        "the published counts of patients eligible now, of new eligible patients over the "
+        "cohort history's window and, at recruiting sites, of each recruitment state; the "
+        "trial's totals, the window and the rounding, under this node's disclosure control and "
+        "budget (as `/v1/feasibility/saved-questions/{id}/sites`). Candidates never leave the "
+        "node; the hub ranks and forecasts across nodes from these cells.",
+        responses={**REFUSALS, **problem_responses(409)},
+        openapi_extra=saved_body,
+    )
+    async def saved_sites(trial_id: str, request: Request) -> Response:
+        node, asked, body = await sponsor_question(request)
+        service = _service(request)
+        org = node.org_of(asked)
+        record = own(service, trial_id, org, body)
+        if record.status != "active":
+            raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
+        found = await run_in_threadpool(
+            recruitment_sets_of, request, _recruitment_from_app, trial_id
+        )
+        workspace = Workspace(service, service.cohort_history)
+        try:
+            answer, audit = await run_in_threadpool(workspace.sites, org, record, found)
+        except NotCurrent as exc:
+            raise not_current(request, exc) from None
+        except BudgetExceeded as exc:
+            raise over_budget(request, exc) from None
+        request.state.audit_detail = {
+            **audit,
+            "trial": trial_id,
+            "version": record.version,
+            "federation": {"hub": asked.hub, "mode": "sites"},
+        }
+        return _signed(node, asked, sites_reply(node.id, trial_id, record.version, answer))
+
+    @router.post(
         "/saved-questions/{trial_id}/retire",
         summary="The hub's saved question retired here",
         description='Signed body `{"trial": trial_id}`; free.',
@@ -380,6 +420,13 @@ class HubSavedCreate(BaseModel):
     criteria: dict[str, Any] = Field(examples=[EXAMPLE])
     #: None: every registered node.
     nodes: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
+    target: int | None = Field(
+        default=None, ge=1, description="Enrolments wanted across nodes (for the forecast)"
+    )
+    recruiting_sites: dict[Annotated[str, Field(pattern=NAME_PATTERN)], list[SiteCode]] = Field(
+        default_factory=dict,
+        description="Per node, its sites that recruit (ODS codes); each node is sent its own",
+    )
 
 
 class NodeRegistration(BaseModel):
@@ -452,9 +499,16 @@ def build_hub_router() -> APIRouter:
     ) -> dict[str, Any]:
         hub = _hub(request)
         try:
-            TrialCreate.model_validate(
-                {"id": saved.id, "title": saved.title, "criteria": saved.criteria}
-            )
+            for sites in [[], *saved.recruiting_sites.values()]:  # as each node will take it
+                TrialCreate.model_validate(
+                    {
+                        "id": saved.id,
+                        "title": saved.title,
+                        "criteria": saved.criteria,
+                        "target": saved.target,
+                        "recruiting_sites": sites,
+                    }
+                )
         except ValidationError as exc:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -462,7 +516,13 @@ def build_hub_router() -> APIRouter:
             ) from None
         try:
             record = await hub.register_saved(
-                saved.id, saved.title, saved.criteria, principal.org, saved.nodes
+                saved.id,
+                saved.title,
+                saved.criteria,
+                principal.org,
+                saved.nodes,
+                target=saved.target,
+                recruiting_sites=saved.recruiting_sites,
             )
         except UnknownNodes as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
@@ -501,6 +561,62 @@ def build_hub_router() -> APIRouter:
             "nodes_missing": [m["node"] for m in answer["nodes_missing"]],
         }
         return answer
+
+    async def sites_of(trial_id: str, request: Request, principal: Principal) -> dict[str, Any]:
+        try:
+            answer = await _hub(request).sites(trial_id, principal.org)
+        except NotTheirs as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        except RetiredQuestion as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        request.state.audit_detail = {
+            "trial": trial_id,
+            "nodes_answered": answer["nodes_answered"],
+            "nodes_missing": [m["node"] for m in answer["nodes_missing"]],
+        }
+        return answer
+
+    @router.get(
+        "/saved-questions/{trial_id}/sites",
+        summary="Site selection across nodes: every node's sites ranked by projected days",
+        description="Each node sends its protected site selection (charged to the sponsor "
+        "there; candidates never leave it). A site's counts are the sums over the nodes that "
+        "name it, withheld when any part is; each site's projected days to the trial's target "
+        "on its own, with enrolments at every node counted; the trial's forecast with arrivals "
+        "from every node (`forecast`). Nodes behind, down or refusing are in `nodes_missing` "
+        "and the answer is `partial`.",
+        responses=problem_responses(401, 403, 404, 409),
+    )
+    async def saved_sites(trial_id: str, request: Request, principal: Sponsor) -> dict[str, Any]:
+        return await sites_of(trial_id, request, principal)
+
+    @router.get(
+        "/saved-questions/{trial_id}/forecast",
+        summary="Accrual forecast across nodes: when the target is reached",
+        description="Patients arrive at every node at once: the rates add (each node's "
+        "posterior from its own arrivals and window) and the conversion is pooled over every "
+        "node's recruiting sites; a node whose arrivals are withheld or whose history is too "
+        "short is left out and named (`left_out`), and the date is then later than with it. "
+        "With each site's projection (see `model`). The same node questions as `sites`.",
+        responses=problem_responses(401, 403, 404, 409),
+    )
+    async def saved_forecast(trial_id: str, request: Request, principal: Sponsor) -> dict[str, Any]:
+        answer = await sites_of(trial_id, request, principal)
+        keep = ("hub", "trial", "title", "partial", "nodes_asked", "nodes_answered")
+        return {
+            **{k: answer[k] for k in keep},
+            "nodes_missing": answer["nodes_missing"],
+            "target": answer["target"],
+            "forecast": answer["forecast"],
+            "sites": [
+                {k: s[k] for k in ("site", "name", "nodes", "recruiting", "projection", "rank")}
+                for s in answer["sites"]
+            ],
+            "model": answer["model"],
+            "rules": answer["rules"],
+            "notes": answer["notes"],
+            "elapsed_ms": answer["elapsed_ms"],
+        }
 
     @router.delete(
         "/saved-questions/{trial_id}",

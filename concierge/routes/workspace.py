@@ -140,6 +140,27 @@ def _answered(request: Request, call: Callable[[], tuple[dict[str, Any], dict[st
     return body
 
 
+def recruitment_sets_of(
+    request: Request, provider: RecruitmentProvider, trial_id: str
+) -> RecruitmentBySite | None:
+    """The trial's patients per recruitment state and site, from the recruitment service
+    ``provider`` gives (None: recruitment is not running in this API); 503 with
+    ``Retry-After`` when its store does not answer."""
+    found = provider(request)
+    if found is None:
+        return None
+    try:
+        with found.sessions() as session:
+            return recruitment_by_site(session, trial_id)
+    except SQLAlchemyError as exc:
+        log.warning("recruitment by site unavailable: %s", type(exc).__name__)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            {"message": "the recruitment store did not answer", "waiting_for": ["recruitment"]},
+            headers={"Retry-After": "2"},
+        ) from None
+
+
 def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     """The workspace router; ``recruitment`` as for :func:`concierge.routes.feasibility.
     build_router` (by default the app's recruitment runtime)."""
@@ -154,19 +175,7 @@ def build_router(recruitment: RecruitmentProvider | None = None) -> APIRouter:
     )
 
     def recruitment_sets(request: Request, trial_id: str) -> RecruitmentBySite | None:
-        found = provider(request)
-        if found is None:
-            return None
-        try:
-            with found.sessions() as session:
-                return recruitment_by_site(session, trial_id)
-        except SQLAlchemyError as exc:
-            log.warning("recruitment by site unavailable: %s", type(exc).__name__)
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                {"message": "the recruitment store did not answer", "waiting_for": ["recruitment"]},
-                headers={"Retry-After": "2"},
-            ) from None
+        return recruitment_sets_of(request, provider, trial_id)
 
     answered = {**NOT_CURRENT, **OVER_BUDGET}
     asked = {**ASKED, **answered}

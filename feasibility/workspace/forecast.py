@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -113,20 +114,72 @@ def forecast(inputs: ForecastInputs, level: float = LEVEL, draws: int = DRAWS) -
         return Forecast(None, None, None, level, "entries are withheld to protect small counts")
     if inputs.window_days <= 0:
         return Forecast(None, None, None, level, "no arrivals observed yet")
-    rng = np.random.default_rng(_seed(inputs, level))
-    n = _around(inputs.entries, inputs.rounding, draws, rng)
-    rate = rng.gamma(n + 0.5, 1.0 / inputs.window_days)
-    known = inputs.enrolled is not None and inputs.candidates is not None
+    part = Part(
+        inputs.entries, inputs.window_days, inputs.enrolled, inputs.candidates, inputs.rounding
+    )
+    return forecast_pooled([part], inputs.remaining, level, draws, _seed(inputs, level))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source's protected counts behind a pooled forecast (a node of a federation, or a
+    site named by several): its arrivals, its conversion (either None: not known) and the
+    rounding its counts were shown at."""
+
+    entries: int
+    window_days: float
+    enrolled: int | None
+    candidates: int | None
+    rounding: int = 1
+
+
+def forecast_pooled(
+    parts: Sequence[Part],
+    remaining: int,
+    level: float = LEVEL,
+    draws: int = DRAWS,
+    seed: int | None = None,
+    conversion: Sequence[Part] | None = None,
+) -> Forecast:
+    """The wait until ``remaining`` more enrolments when patients arrive at several independent
+    sources at once: the rate is the sum of each source's rate (each with its own posterior
+    from its own entries and window), the conversion is pooled over the sources that observed
+    one (enrolled and candidates summed, each drawn within its own rounding). One part is
+    exactly :func:`forecast` (same draws in the same order). ``seed`` None: from the inputs.
+    ``conversion``: the parts whose enrolled and candidates give the conversion, when not the
+    arrivals' own (a site's forecast with the conversion of every recruiting site)."""
+    if remaining <= 0:
+        return Forecast(0.0, 0.0, 0.0, level, "the target is reached")
+    if not parts:
+        return Forecast(None, None, None, level, "no source with arrivals to forecast from")
+    if any(p.window_days <= 0 for p in parts):
+        return Forecast(None, None, None, level, "no arrivals observed yet")
+    if seed is None:
+        inputs = (tuple(parts), remaining, level, None if conversion is None else tuple(conversion))
+        digest = hashlib.sha256(repr(inputs).encode()).digest()
+        seed = int.from_bytes(digest[:8], "big")
+    rng = np.random.default_rng(seed)
+    rate = np.zeros(draws)
+    for part in parts:
+        n = _around(part.entries, part.rounding, draws, rng)
+        rate = rate + rng.gamma(n + 0.5, 1.0 / part.window_days)
+    converting = parts if conversion is None else conversion
+    observed = [p for p in converting if p.enrolled is not None and p.candidates is not None]
+    known = bool(observed)
     if known:
-        assert inputs.enrolled is not None and inputs.candidates is not None
-        m = _around(inputs.candidates, inputs.rounding, draws, rng)
-        k = np.minimum(_around(inputs.enrolled, inputs.rounding, draws, rng), m)
+        m = np.zeros(draws)
+        k = np.zeros(draws)
+        for part in observed:
+            assert part.enrolled is not None and part.candidates is not None
+            m_i = _around(part.candidates, part.rounding, draws, rng)
+            k = k + np.minimum(_around(part.enrolled, part.rounding, draws, rng), m_i)
+            m = m + m_i
         p = rng.beta(k + 0.5, m - k + 0.5)
     else:
         p = rng.beta(0.5, 0.5, draws)
     speed = rate * p
     with np.errstate(divide="ignore"):
-        wait = np.where(speed > 0, rng.gamma(float(inputs.remaining), 1.0, draws) / speed, np.inf)
+        wait = np.where(speed > 0, rng.gamma(float(remaining), 1.0, draws) / speed, np.inf)
     wait = np.where(wait > HORIZON_DAYS, np.inf, wait)
     tail = (1 - level) / 2
     ordered = np.sort(wait)  # quantiles by rank: waits beyond the horizon are infinite
@@ -139,4 +192,13 @@ def forecast(inputs: ForecastInputs, level: float = LEVEL, draws: int = DRAWS) -
     return Forecast(median, low, high, level, reason, known)
 
 
-__all__ = ["DRAWS", "LEVEL", "MODEL", "Forecast", "ForecastInputs", "forecast"]
+__all__ = [
+    "DRAWS",
+    "LEVEL",
+    "MODEL",
+    "Forecast",
+    "ForecastInputs",
+    "Part",
+    "forecast",
+    "forecast_pooled",
+]

@@ -11,6 +11,7 @@ body the hub receives is scanned for pseudonyms, identities and patient-level fi
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from concierge.commands.generate import bundle
 from concierge.hub import create_hub_app
 from core.auth import issue
 from core.settings import Settings
+from feasibility.service import answer_sets
 from federation.hub import Hub, NodeDirectory, NodeRecord
 from federation.node import Node
 from federation.tokens import generate_key, load_private, load_public
@@ -47,6 +49,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 #: Node -> (patients at first, patients streamed later, seed).
 POPULATIONS = {"north": (160, 160, 111), "south": (120, 120, 222), "west": (100, 100, 333)}
 TRIAL = "over-40-federated"
+#: Enrolments the trial wants across nodes.
+TARGET = 30
 #: A cohort large at every node, so that the nodes' cells are shown and the total moves.
 OVER_40: dict[str, Any] = {
     "schema": "concierge.criteria/1",
@@ -71,6 +75,8 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     served: list[Served] = []
     workers: list[WorkerProcess] = []
     started = False
+    # arrival rates from the first minutes of cohort history (the default asks for 24 h)
+    os.environ["CONCIERGE_DC_RATE_MIN_HISTORY_HOURS"] = "0"
     try:
         for name, (first, later, seed) in POPULATIONS.items():
             prefix = f"t-fedlive-{name}-{uuid.uuid4().hex[:8]}."
@@ -144,6 +150,7 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             server.stop()
         for node_ in nodes.values():
             node_["ingestor"].vault.close()
+        os.environ.pop("CONCIERGE_DC_RATE_MIN_HISTORY_HOURS", None)
 
 
 def live_size(node: dict[str, Any]) -> int:
@@ -244,6 +251,60 @@ def check_cells(answer: dict[str, Any], exact: dict[str, int]) -> None:
         assert answer["total"]["value"] == sum(c["value"] for c in answer["by_node"].values())
 
 
+def exact_by_site(node: dict[str, Any]) -> dict[str, int]:
+    """The node's exact count per site now (its own admin's view)."""
+    service = node["app"].state.feasibility
+    record = service.saved.get(TRIAL)
+    sets = answer_sets(record.criteria, service.evaluate(record.criteria, service.clock()),
+                       service.sites)  # fmt: skip
+    return {site: len(members) for site, members in sets.by_site.items()}
+
+
+def check_sites_across_nodes(live: dict[str, Any]) -> None:
+    """Site selection and the forecast across the three nodes, once every node is current:
+    every node's sites in one ranking, each site's cells the (protected) sums of the exact
+    counts of the nodes that name it, the trial's forecast from every node's arrivals."""
+    client, nodes = live["client"], live["nodes"]
+    response = client.get(f"/v1/hub/saved-questions/{TRIAL}/sites", headers=live["sponsor"])
+    assert response.status_code == 200, response.text
+    out = response.json()
+    print(
+        f"sites across nodes: {[(s['site'], s['nodes'], s['eligible_now']) for s in out['sites']]}"
+    )
+    assert out["partial"] is False and out["nodes_answered"] == sorted(POPULATIONS)
+    exact = {name: exact_by_site(node) for name, node in nodes.items()}
+    assert {n for s in out["sites"] for n in s["nodes"]} == set(POPULATIONS)
+    assert {(s["site"], n) for s in out["sites"] for n in s["nodes"]} == {
+        (site, n) for n, by_site in exact.items() for site in by_site
+    }
+    for row in out["sites"]:
+        true = sum(exact[n][row["site"]] for n in row["nodes"])
+        cell = row["eligible_now"]
+        if any(exact[n][row["site"]] < 10 for n in row["nodes"]):
+            assert cell["suppressed"], (row, true)
+        elif not cell["suppressed"]:
+            assert abs(cell["value"] - true) <= 2 * len(row["nodes"]), (row, true)
+    # nobody enrolled (recruitment does not run at these nodes): the whole target remains
+    assert out["target"]["remaining"] == TARGET
+    assert out["target"]["enrolled"] is None
+    # the later patients arrived after the question's baseline: every node's arrivals count
+    trial = out["forecast"]
+    assert trial["from_nodes"] == sorted(POPULATIONS), trial
+    assert trial["forecast"] is True and trial["median_days"] is not None, trial
+    assert trial["conversion_known"] is False  # no enrolment observed: the prior alone
+    ranks = [s["rank"] for s in out["sites"] if s["rank"] is not None]
+    assert ranks == list(range(1, len(ranks) + 1)) and ranks, out["sites"]
+    assert all(out["by_node"][n]["window_days"] > 0 for n in nodes)
+
+    again = client.get(f"/v1/hub/saved-questions/{TRIAL}/forecast", headers=live["sponsor"])
+    assert again.status_code == 200, again.text
+    forecast = again.json()
+    assert forecast["nodes_answered"] == sorted(POPULATIONS)
+    assert forecast["forecast"]["from_nodes"] == sorted(POPULATIONS)
+    assert forecast["forecast"]["forecast"] is True
+    assert [s["site"] for s in forecast["sites"]] and "eligible_now" not in forecast["sites"][0]
+
+
 def test_a_hub_saved_question_stays_live_while_three_nodes_stream(live: dict[str, Any]) -> None:
     with worker_reports(live):
         check_live_across_nodes(live)
@@ -253,7 +314,13 @@ def check_live_across_nodes(live: dict[str, Any]) -> None:
     client, nodes = live["client"], live["nodes"]
     created = client.post(
         "/v1/hub/saved-questions",
-        json={"id": TRIAL, "title": "Over 40 across nodes", "criteria": OVER_40},
+        json={
+            "id": TRIAL,
+            "title": "Over 40 across nodes",
+            "criteria": OVER_40,
+            "target": TARGET,
+            "recruiting_sites": {"north": ["RECRUIT-N"]},
+        },
         headers=live["sponsor"],
     )
     assert created.status_code == 201, created.text
@@ -262,6 +329,9 @@ def check_live_across_nodes(live: dict[str, Any]) -> None:
     for name, node in nodes.items():  # registered in each node's own registry, under the hub
         record = node["app"].state.feasibility.saved.get(TRIAL)
         assert record.sponsor == "hub/Acme Pharma", name
+        assert record.target == TARGET, name
+        # each node is told its own recruiting sites only
+        assert record.recruiting_sites == (["RECRUIT-N"] if name == "north" else []), name
 
     first = settled(live, 180)
     answer, exact = first["answer"], first["exact"]
@@ -293,6 +363,8 @@ def check_live_across_nodes(live: dict[str, Any]) -> None:
     if not moved["total"]["suppressed"] and not answer["total"]["suppressed"]:
         assert moved["total"]["value"] > answer["total"]["value"]
 
+    check_sites_across_nodes(live)
+
     # west's worker stops: west falls behind, and the answer says so, naming it
     nodes["west"]["worker"].stop()
     deadline = time.monotonic() + 60
@@ -314,6 +386,7 @@ def check_live_across_nodes(live: dict[str, Any]) -> None:
         actions = {r["action"] for r in node["app"].state.audit.records()}
         assert "POST /v1/federation/saved-questions" in actions, name
         assert f"POST /v1/federation/saved-questions/{TRIAL}/answer" in actions, name
+        assert f"POST /v1/federation/saved-questions/{TRIAL}/sites" in actions, name
 
     retired = client.delete(f"/v1/hub/saved-questions/{TRIAL}", headers=live["sponsor"])
     assert retired.status_code == 200, retired.text

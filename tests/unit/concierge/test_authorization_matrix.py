@@ -258,6 +258,9 @@ MATRIX: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/federation/saved-questions/{trial_id}/retire"): only(
         body={"trial": TRIAL}, **dict.fromkeys(CALLERS[1:], HIDDEN)
     ),
+    ("POST", "/v1/federation/saved-questions/{trial_id}/sites"): only(
+        body={"trial": TRIAL}, **dict.fromkeys(CALLERS[1:], HIDDEN)
+    ),
     # -- site admins
     ("GET", "/v1/admin/saved-questions/{trial_id}/live"): only("admin"),
     ("POST", "/v1/admin/budgets/{org}/unlock"): only("admin"),

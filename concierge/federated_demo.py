@@ -211,6 +211,22 @@ class Federation:
         answer: dict[str, Any] = response.json()
         return answer
 
+    def hub_call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        """A sponsor's call to the hub (``path`` under ``/v1/hub``)."""
+        hub = self.processes["hub"]
+        response = httpx.request(
+            method,
+            f"{hub.url}/v1/hub{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token('hub')}"},
+            timeout=timeout,
+        )
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
     def stop(self) -> None:
         for process in self.processes.values():
             if process.proc.poll() is None:
@@ -249,6 +265,34 @@ def summary(answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sites_summary(answer: dict[str, Any]) -> str:
+    """Site selection across nodes in a few lines: the ranking, then the trial's forecast."""
+    target = answer["target"]
+    lines = [
+        f"site selection across nodes (target {target['target']}, still needed "
+        f"{target['remaining']}; missing: {[m['node'] for m in answer['nodes_missing']] or 'none'})"
+    ]
+    for row in answer["sites"][:8]:
+        projection = row["projection"]
+        when = (
+            f"{projection['median_days']} days" if projection.get("forecast") else
+            f"no projection ({projection.get('reason')})"
+        )  # fmt: skip
+        lines.append(
+            f"  {row['rank'] or '-'}. {row['site']} ({', '.join(row['nodes'])}): eligible now "
+            f"{row['eligible_now']['display']}; {when}"
+        )
+    trial = answer["forecast"]
+    if trial.get("forecast"):
+        lines.append(
+            f"  trial: target reached around {trial['projected_date']} "
+            f"(90% interval {trial['interval'][0]} to {trial['interval'][1] or 'beyond'})"
+        )
+    else:
+        lines.append(f"  trial: no forecast yet ({trial.get('reason')})")
+    return "\n".join(lines)
+
+
 @click.command()
 @click.option("--scale", type=click.FloatRange(min=0.05, max=20), default=1.0, show_default=True,
               help="Multiply each node's population (900, 600 and 300 patients).")  # fmt: skip
@@ -268,6 +312,14 @@ def main(scale: float, keep: bool) -> None:
         answer = federation.ask_hub(T2DM)
         click.echo(summary(answer))
         click.echo(json.dumps(answer, indent=2))
+        # a saved question at every node, with a target: every node's sites ranked together
+        trial = "t2dm-federated-demo"
+        federation.hub_call(
+            "POST",
+            "/saved-questions",
+            {"id": trial, "title": T2DM["title"], "criteria": T2DM, "target": 60},
+        )
+        click.echo(sites_summary(federation.hub_call("GET", f"/saved-questions/{trial}/sites")))
         if keep:
             for name, process in federation.processes.items():
                 click.echo(f"{name}: {process.url}  (log {process.log})")

@@ -94,7 +94,8 @@ def _cell_or_none(cell: Mapping[str, Any] | None) -> dict[str, Any] | None:
 def sites_reply(node: str, trial: str, version: int, body: Mapping[str, Any]) -> dict[str, Any]:
     """Of the node's protected site selection for a saved question (the workspace's ``sites``
     output, under its disclosure control), what the hub needs to rank sites and forecast
-    across nodes: per site its label, region and published cells (eligible now, new eligible
+    across nodes: per site its code (not its name: as in :func:`protected_reply`, sites go by
+    code only), region and published cells (eligible now, new eligible
     in the window, the recruitment states at recruiting sites); the trial's totals; the window
     and the rounding the cells were shown at. Rates and projections are left out (the hub
     recomputes them from these cells with the target across nodes); the cohort history's
@@ -105,7 +106,6 @@ def sites_reply(node: str, trial: str, version: int, body: Mapping[str, Any]) ->
     for row in body["sites"]:
         out: dict[str, Any] = {
             "site": row["site"],
-            "name": row.get("name"),
             "region": row.get("region"),
             "recruiting": bool(row.get("recruiting")),
             "eligible_now": _cell(row["eligible_now"]),

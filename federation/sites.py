@@ -95,7 +95,6 @@ def parse_sites_reply(node: str, trial: str, reply: Mapping[str, Any]) -> NodeSi
             raise ReplyError(f"sites/{i}: not a site")
         checked: dict[str, Any] = {
             "site": row["site"],
-            "name": row.get("name") if isinstance(row.get("name"), str) else None,
             "region": row.get("region") if isinstance(row.get("region"), str) else None,
             "recruiting": row.get("recruiting") is True,
             "eligible_now": _checked_cell(row.get("eligible_now"), f"sites/{i}/eligible_now"),
@@ -209,7 +208,6 @@ def combine_sites(
     for site, parts in sorted(named.items()):
         row: dict[str, Any] = {
             "site": site,
-            "name": next((r["name"] for _, r in parts if r["name"]), None),
             "region": next((r["region"] for _, r in parts if r["region"]), None),
             "nodes": [a.node for a, _ in parts],
             "recruiting": any(r["recruiting"] for _, r in parts),

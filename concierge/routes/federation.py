@@ -609,7 +609,7 @@ def build_hub_router() -> APIRouter:
             "target": answer["target"],
             "forecast": answer["forecast"],
             "sites": [
-                {k: s[k] for k in ("site", "name", "nodes", "recruiting", "projection", "rank")}
+                {k: s[k] for k in ("site", "nodes", "recruiting", "projection", "rank")}
                 for s in answer["sites"]
             ],
             "model": answer["model"],

@@ -64,6 +64,9 @@ class Federation:
     nodes: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(NODES))
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     processes: dict[str, Process] = field(default_factory=dict)
+    #: Also a ``concierge worker`` per node (live saved questions, cohort history, sites).
+    workers: bool = False
+    worker_processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], port: int) -> Process:
         log = self.root / f"{name}.log"
@@ -77,6 +80,22 @@ class Federation:
         process = Process(name, f"http://127.0.0.1:{port}", proc, env["CONCIERGE_TOKEN_KEY"], log)
         self.processes[name] = process
         return process
+
+    def _spawn_worker(self, name: str, env: dict[str, str]) -> None:
+        """The node's worker: its own home, the node's topic prefix."""
+        log = self.root / f"{name}-worker.log"
+        worker_env = {
+            **env,
+            "CONCIERGE_HOME": str(self.root / name / "worker"),
+            "CONCIERGE_WORKER_WEB_PORT": str(free_port()),
+        }
+        self.worker_processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "concierge", "worker", "--loglevel", "warning"],
+            env={**os.environ, **worker_env},
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def ingest(self, name: str, patients: int, seed: int) -> None:
         """A synthetic population at node ``name``, through its own pseudonym key and vault."""
@@ -150,6 +169,8 @@ class Federation:
                 "CONCIERGE_NODE_HUB_PUBLIC_KEY_FILE": str(keys / "hub.pub"),
             }
             node = self._spawn(name, ["api"], env, free_port())
+            if self.workers:
+                self._spawn_worker(name, env)
             directory.register(NodeRecord(name, node.url, public.decode(), name.title()))
         hub_env = {
             "CONCIERGE_HOME": str(self.root / "hub-home"),
@@ -228,15 +249,16 @@ class Federation:
         return answer
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.proc.poll() is None:
-                os.killpg(process.proc.pid, signal.SIGTERM)
-        for process in self.processes.values():
+        procs = [p.proc for p in self.processes.values()] + list(self.worker_processes.values())
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
             try:
-                process.proc.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(process.proc.pid, signal.SIGKILL)
-                process.proc.wait(10)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
 
     def __enter__(self) -> Federation:
         return self
@@ -270,8 +292,9 @@ def sites_summary(answer: dict[str, Any]) -> str:
     target = answer["target"]
     lines = [
         f"site selection across nodes (target {target['target']}, still needed "
-        f"{target['remaining']}; missing: {[m['node'] for m in answer['nodes_missing']] or 'none'})"
+        f"{target['remaining']}; nodes answered: {', '.join(answer['nodes_answered']) or 'none'})"
     ]
+    lines += [f"  missing {m['node']}: {m['reason']}" for m in answer["nodes_missing"]]
     for row in answer["sites"][:8]:
         projection = row["projection"]
         when = (
@@ -283,6 +306,7 @@ def sites_summary(answer: dict[str, Any]) -> str:
             f"{row['eligible_now']['display']}; {when}"
         )
     trial = answer["forecast"]
+    lines += [f"  left out of the forecast, {x['node']}: {x['reason']}" for x in trial["left_out"]]
     if trial.get("forecast"):
         lines.append(
             f"  trial: target reached around {trial['projected_date']} "
@@ -306,7 +330,7 @@ def main(scale: float, keep: bool) -> None:
     root = Path(settings.home) / "federated-demo" / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     nodes = {n: (max(20, int(p * scale)), s) for n, (p, s) in NODES.items()}
-    with Federation(root, settings.kafka_bootstrap_servers, nodes) as federation:
+    with Federation(root, settings.kafka_bootstrap_servers, nodes, workers=True) as federation:
         click.echo(f"ingesting {nodes} and starting three nodes and a hub (logs in {root}) ...")
         federation.start()
         answer = federation.ask_hub(T2DM)
@@ -319,7 +343,14 @@ def main(scale: float, keep: bool) -> None:
             "/saved-questions",
             {"id": trial, "title": T2DM["title"], "criteria": T2DM, "target": 60},
         )
-        click.echo(sites_summary(federation.hub_call("GET", f"/saved-questions/{trial}/sites")))
+        click.echo("waiting for each node's worker to evaluate the saved question ...")
+        deadline = time.monotonic() + 180
+        while True:
+            sites = federation.hub_call("GET", f"/saved-questions/{trial}/sites")
+            if not sites["partial"] or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        click.echo(sites_summary(sites))
         if keep:
             for name, process in federation.processes.items():
                 click.echo(f"{name}: {process.url}  (log {process.log})")

@@ -44,7 +44,8 @@ from core.contracts.facts import envelopes_of
 from core.settings import Settings
 from infra.kafka_log import routed
 from infra.mirror import ReaderHealth, ReaderStatus
-from infra.topics import COHORT, CONTROL, FACTS, TRIALS
+from infra.topics import COHORT, CONTROL, FACTS, TRIALS, TopicSpec
+from infra.topics_admin import ensure_topics
 
 from . import patient_state
 from .checkpoint import CheckpointRefused, Checkpoints, Identity, key_fingerprint
@@ -335,6 +336,36 @@ class StreamApp:
                 )
 
     # ------------------------------------------------------------------ partitions
+
+    def faust_topics(self) -> list[TopicSpec]:
+        """The topics Faust would create itself for this app: the trials table's changelog
+        (compacted, co-partitioned with the facts and control topics). The published tables'
+        changelogs are the product's own topics (``infra.topics``)."""
+        name = self.trials_table.changelog_topic.get_topic_name()
+        return [TopicSpec(name, PARTITIONS, {"cleanup.policy": "compact"})]
+
+    def declare_topics(self, timeout: float = 15.0) -> list[str]:
+        """Create :meth:`faust_topics` before Faust starts, and wait until the broker lists
+        them; the names created. Left to Faust, the changelog was created only after its
+        consumer subscribed (three workers starting at once on fresh prefixes: "Ignoring
+        missing topic"), the consumer's metadata then gave it 0 partitions for minutes and the
+        first saved question crashed the agent with PartitionsMismatch at every control
+        message, so that node's cohorts never became current. A broker that does not answer
+        here is left to Faust, as before (logged)."""
+        try:
+            return ensure_topics(
+                self.settings.kafka_bootstrap_servers,
+                "",
+                self.faust_topics(),
+                replication_factor=self.app.conf.topic_replication_factor,
+                timeout=timeout,
+            )
+        except (KafkaException, TimeoutError) as exc:
+            log.warning(
+                "could not create the trials changelog before start (%s); Faust will",
+                type(exc).__name__,
+            )
+            return []
 
     def assigned(self, topic: str) -> list[int]:
         try:

@@ -46,6 +46,7 @@ def worker(web_port: int | None, store: str | None, loglevel: str) -> None:
     from concierge.logs import faust_logging_config
 
     stream = create_app(settings, store)
+    stream.declare_topics()
     runner = Worker(
         stream.app,
         loglevel=loglevel,

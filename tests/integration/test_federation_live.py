@@ -103,10 +103,10 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 kafka_bootstrap, prefix, root / f"{name}-worker", root / f"{name}-worker.log"
             )
             worker.env["CONCIERGE_STREAM_TRIAL_SYNC_SECONDS"] = "0.5"
+            # the three workers start at once: each creates its trials changelog before Faust
+            # subscribes (StreamApp.declare_topics; started one at a time before that, as three
+            # at once saw a changelog with 0 partitions and PartitionsMismatch at the first trial)
             workers.append(worker.start())
-            # one worker starting at a time: three creating their changelog topics at once on
-            # a loaded broker have seen a stale topic list (PartitionsMismatch at the first trial)
-            worker.wait_until(lambda h: h["messages"] > 0, timeout=120, path="/health")
             private, public = generate_key()
             node = Node(name, load_private(private), "hub", load_public(hub_public))
             app = create_app(settings, federation_node=node)
@@ -122,6 +122,8 @@ def live(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "later": patients[first:],
                 "worker": worker,
             }
+        for worker in workers:
+            worker.wait_until(lambda h: h["messages"] > 0, timeout=120, path="/health")
         for name, node_ in nodes.items():
             wait_for(
                 lambda u=node_["url"]: httpx.get(f"{u}/readyz").status_code == 200,

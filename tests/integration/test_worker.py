@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from core.audit import AuditLog
 from core.auth import issue
@@ -316,6 +317,18 @@ def test_no_stuck_stream_errors_for_the_changelog_topics(
     time.sleep(20)
     log = worker.log_path.read_text(errors="replace")
     assert "Stream has not started processing" not in log, worker.tail()
+    # The trials table's changelog (Faust's own topic) exists, with the partitions of the
+    # topics it is co-partitioned with, before Faust subscribes. Found in the federated demo:
+    # three workers started at once on fresh prefixes, Faust created the changelog only after
+    # subscribing ("Ignoring missing topic"), its consumer's metadata said 0 partitions for the
+    # next minutes and the first saved question crashed the agent with PartitionsMismatch,
+    # again at every control message: that node never became current.
+    assert "Ignoring missing topic" not in log, worker.tail()
+    assert "not found in cluster metadata" not in log, worker.tail()
+    changelog = f"{settings.topic_prefix}{settings.worker_id}-trials-changelog"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    topic = admin.list_topics(changelog, timeout=10).topics[changelog]
+    assert topic.error is None and len(topic.partitions) == 6
 
 
 def test_the_state_pages_need_an_admin_token_bind_loopback_and_are_audited(

@@ -100,9 +100,11 @@ def parse_sites_reply(node: str, trial: str, reply: Mapping[str, Any]) -> NodeSi
             "eligible_now": _checked_cell(row.get("eligible_now"), f"sites/{i}/eligible_now"),
             "new_eligible": _optional_cell(row.get("new_eligible"), f"sites/{i}/new_eligible"),
         }
-        for kind in RECRUITMENT_KINDS:
-            if kind in row:
-                checked[kind] = _checked_cell(row[kind], f"sites/{i}/{kind}")
+        kinds = [kind for kind in RECRUITMENT_KINDS if kind in row]
+        if kinds and len(kinds) != len(RECRUITMENT_KINDS):
+            raise ReplyError(f"sites/{i}: some recruitment states but not all")
+        for kind in kinds:
+            checked[kind] = _checked_cell(row[kind], f"sites/{i}/{kind}")
         sites.append(checked)
     raw_totals = reply.get("totals")
     if not isinstance(raw_totals, Mapping):
@@ -110,9 +112,11 @@ def parse_sites_reply(node: str, trial: str, reply: Mapping[str, Any]) -> NodeSi
     totals: dict[str, Any] = {
         "new_eligible": _optional_cell(raw_totals.get("new_eligible"), "totals/new_eligible"),
     }
-    for kind in RECRUITMENT_KINDS:
-        if kind in raw_totals:
-            totals[kind] = _checked_cell(raw_totals[kind], f"totals/{kind}")
+    kinds = [kind for kind in RECRUITMENT_KINDS if kind in raw_totals]
+    if kinds and len(kinds) != len(RECRUITMENT_KINDS):
+        raise ReplyError("totals: some recruitment states but not all")
+    for kind in kinds:
+        totals[kind] = _checked_cell(raw_totals[kind], f"totals/{kind}")
     recruitment = reply.get("recruitment")
     rules = reply.get("rules", [])
     return NodeSites(

@@ -187,6 +187,10 @@ def test_the_node_sends_cells_and_the_window_only() -> None:
     forged["sites"][0]["eligible_now"] = {"value": 3, "display": "withheld", "suppressed": True}
     with pytest.raises(ReplyError):
         parse_sites_reply("north", "t1", forged)
+    short = json.loads(text)
+    del short["sites"][0]["limited"]  # a recruiting site with a state missing: not combined
+    with pytest.raises(ReplyError, match="some recruitment states but not all"):
+        parse_sites_reply("north", "t1", short)
 
 
 # ------------------------------------------------------------------ the combination

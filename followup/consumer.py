@@ -267,20 +267,25 @@ class FollowupConsumer:
     def process(self, messages: Sequence[Message]) -> Outcome:
         out = Outcome()
         offsets: dict[int, int] = {}
+        # Parsed before the transaction: it holds the database's write lock (BEGIN IMMEDIATE on
+        # SQLite, shared with recruitment), and validating a catch-up batch took seconds of it.
+        parsed: list[tuple[int, int, list[ResourceFacts] | str]] = []
+        for message in messages:
+            partition, offset = message.partition(), message.offset()
+            assert partition is not None and offset is not None
+            offsets[partition] = offset + 1
+            try:
+                parsed.append((partition, offset, [
+                    ResourceFacts.model_validate(item)
+                    for item in envelopes_of(message.value() or b"")
+                ]))  # fmt: skip
+            except (ValueError, ValidationError) as exc:
+                parsed.append((partition, offset, f"{type(exc).__name__}: {str(exc)[:500]}"))
         with self.sessions.begin() as session:
-            for message in messages:
-                partition, offset = message.partition(), message.offset()
-                assert partition is not None and offset is not None
-                offsets[partition] = offset + 1
-                try:
-                    envelopes = [
-                        ResourceFacts.model_validate(item)
-                        for item in envelopes_of(message.value() or b"")
-                    ]
-                except (ValueError, ValidationError) as exc:
+            for partition, offset, envelopes in parsed:
+                if isinstance(envelopes, str):
                     session.add(SkippedMessage(topic=self.topic, kafka_partition=partition,
-                                               kafka_offset=offset, key=None,
-                                               error=f"{type(exc).__name__}: {str(exc)[:500]}",
+                                               kafka_offset=offset, key=None, error=envelopes,
                                                at=utcnow()))  # fmt: skip
                     continue
                 self.engine.apply(session, envelopes, out)

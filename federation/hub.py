@@ -354,31 +354,50 @@ class Hub:
             "nodes_missing": [m.to_dict() for m in missing],
         }
 
-    async def answer_saved(self, trial_id: str, org: str) -> dict[str, Any]:
-        """The live answer to ``org``'s saved question: the combination of each node's protected
-        live answer, each node's ``as_of`` shown. Nodes where it is not registered (tried again
-        first), behind, down or refusing are named in ``nodes_missing`` and the answer is
-        ``partial``."""
+    async def _ask_saved(
+        self, trial_id: str, org: str, action: str, retry_registration: bool
+    ) -> tuple[HubSavedQuestion, dict[str, dict[str, Any]], list[Missing], list[Missing], float]:
+        """Ask every node where ``org``'s active saved question is registered for ``action``
+        (``answer``, ``sites``): the record, the replies, the nodes that did not answer, the
+        nodes not asked (gone from the directory, or where it is not registered) and the time
+        taken. With ``retry_registration``, nodes where it is not registered yet are tried
+        first."""
         store = self.saved_questions
         record = store.get(trial_id, org)
         if record.status != "active":
             raise RetiredQuestion(f"saved question {trial_id} is retired")
         directory = self.directory.all()
-        gone = [n for n in record.nodes if n not in directory]
         retry = [n for n in record.nodes if n not in record.registered and n in directory]
-        if retry:
+        if retry_registration and retry:
             registered, still = await self._register_at(record, retry)
             record.registered.update(registered)
             record.pending = {m.node: m.reason for m in still}
             store.put(record)
         live = [n for n in record.nodes if n in record.registered and n in directory]
         _, replies, missing, elapsed = await self._fan_out(
-            f"/v1/federation/saved-questions/{trial_id}/answer",
+            f"/v1/federation/saved-questions/{trial_id}/{action}",
             {"trial": trial_id},
             org,
             "sponsor",
             live,
             _SAVED_REFUSALS,
+        )
+        absent = [Missing(n, "no longer registered at the hub") for n in record.nodes
+                  if n not in directory]  # fmt: skip
+        absent += [
+            Missing(n, f"the saved question is not registered there ({record.pending.get(n)})")
+            for n in record.nodes
+            if n not in record.registered and n in directory
+        ]
+        return record, replies, missing, absent, elapsed
+
+    async def answer_saved(self, trial_id: str, org: str) -> dict[str, Any]:
+        """The live answer to ``org``'s saved question: the combination of each node's protected
+        live answer, each node's ``as_of`` shown. Nodes where it is not registered (tried again
+        first), behind, down or refusing are named in ``nodes_missing`` and the answer is
+        ``partial``."""
+        record, replies, missing, absent, elapsed = await self._ask_saved(
+            trial_id, org, "answer", retry_registration=True
         )
         answers: list[NodeAnswer] = []
         for name, reply in replies.items():
@@ -390,13 +409,7 @@ class Hub:
                 answers.append(answer)
             except ReplyError as exc:
                 missing.append(Missing(name, f"unusable reply ({exc})"))
-        missing.extend(Missing(n, "no longer registered at the hub") for n in gone)
-        missing.extend(
-            Missing(n, f"the saved question is not registered there ({record.pending.get(n)})")
-            for n in record.nodes
-            if n not in record.registered and n in directory
-        )
-        missing.sort(key=lambda m: m.node)
+        missing = sorted([*missing, *absent], key=lambda m: m.node)
         combined = combine(record.nodes, answers, missing)
         return {
             "hub": self.id,
@@ -414,19 +427,8 @@ class Hub:
         :func:`federation.sites.combine_sites` with the target kept at the hub. Nodes behind,
         down, refusing or where the question is not registered are named and the answer is
         ``partial``."""
-        store = self.saved_questions
-        record = store.get(trial_id, org)
-        if record.status != "active":
-            raise RetiredQuestion(f"saved question {trial_id} is retired")
-        directory = self.directory.all()
-        live = [n for n in record.nodes if n in record.registered and n in directory]
-        _, replies, missing, elapsed = await self._fan_out(
-            f"/v1/federation/saved-questions/{trial_id}/sites",
-            {"trial": trial_id},
-            org,
-            "sponsor",
-            live,
-            _SAVED_REFUSALS,
+        record, replies, missing, absent, elapsed = await self._ask_saved(
+            trial_id, org, "sites", retry_registration=False
         )
         answers: list[NodeSites] = []
         for name, reply in replies.items():
@@ -434,17 +436,7 @@ class Hub:
                 answers.append(parse_sites_reply(name, trial_id, reply))
             except ReplyError as exc:
                 missing.append(Missing(name, f"unusable reply ({exc})"))
-        missing.extend(
-            Missing(n, "no longer registered at the hub")
-            for n in record.nodes
-            if n not in directory
-        )
-        missing.extend(
-            Missing(n, f"the saved question is not registered there ({record.pending.get(n)})")
-            for n in record.nodes
-            if n not in record.registered and n in directory
-        )
-        missing.sort(key=lambda m: m.node)
+        missing = sorted([*missing, *absent], key=lambda m: m.node)
         combined = combine_sites(record.nodes, answers, missing, record.target, datetime.now(UTC))
         return {
             "hub": self.id,

@@ -250,6 +250,13 @@ def build_node_router() -> APIRouter:
                 status.HTTP_404_NOT_FOUND, f"no saved question {trial_id}"
             ) from None
 
+    def active(service: FeasibilityService, trial_id: str, org: str, body: bytes) -> SavedTrial:
+        """:func:`own`, and 409 if it is retired."""
+        record = own(service, trial_id, org, body)
+        if record.status != "active":
+            raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
+        return record
+
     saved_body = {
         "requestBody": {
             "content": {"application/json": {"schema": {"type": "object"}}},
@@ -310,9 +317,7 @@ def build_node_router() -> APIRouter:
         node, asked, body = await sponsor_question(request)
         service = _service(request)
         org = node.org_of(asked)
-        record = own(service, trial_id, org, body)
-        if record.status != "active":
-            raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
+        record = active(service, trial_id, org, body)
         try:
             if service.cohorts is None:
                 answer, audit = await run_in_threadpool(
@@ -351,9 +356,7 @@ def build_node_router() -> APIRouter:
         node, asked, body = await sponsor_question(request)
         service = _service(request)
         org = node.org_of(asked)
-        record = own(service, trial_id, org, body)
-        if record.status != "active":
-            raise HTTPException(status.HTTP_409_CONFLICT, f"saved question {trial_id} is retired")
+        record = active(service, trial_id, org, body)
         found = await run_in_threadpool(
             recruitment_sets_of, request, _recruitment_from_app, trial_id
         )
